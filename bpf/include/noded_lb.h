@@ -1,0 +1,83 @@
+/* noded service load-balancing maps: the one definition of their key and value
+ * layouts. noded/bpf/structs.py mirrors these structs once; a test checks the
+ * mirror against this object's BTF.
+ *
+ * Addresses are always 16 bytes in network order: IPv6, or IPv4 mapped as
+ * ::ffff:a.b.c.d, so one map serves both families and AF_INET6 sockets that
+ * connect to a mapped IPv4 VIP are translated too.
+ */
+#ifndef NODED_LB_H
+#define NODED_LB_H
+
+#include <linux/types.h>
+
+#define NODED_SVC_MAP_SIZE      262144
+#define NODED_BACKEND_MAP_SIZE  262144
+#define NODED_REVNAT_MAP_SIZE   262144
+#define NODED_AFFINITY_MAP_SIZE 65536
+
+/* noded_backend.flags */
+#define NODED_BACKEND_TERMINATING 0x1
+
+/* A service frontend (slot 0, the master entry) or one of its backend slots. */
+struct noded_svc_key {
+	__u32 addr[4];
+	__u16 port;		/* network order */
+	__u8  proto;		/* IPPROTO_TCP or IPPROTO_UDP */
+	__u8  pad;
+	__u16 slot;		/* 0: master entry; 1..: backend slots */
+	__u16 pad2;
+};
+
+/* Master entry: slots 1..ready hold ready backends, the next `terminating`
+ * slots hold serving-but-terminating ones (used only when none is ready).
+ * Slot entry: backend_id names the backend in that slot. */
+struct noded_svc_val {
+	__u32 backend_id;
+	__u32 svc_id;		/* stable per service port: affinity and reverse translation */
+	__u16 ready;
+	__u16 terminating;
+	__u32 affinity_timeout;	/* seconds; 0: no session affinity */
+	__u32 flags;
+};
+
+/* A backend belongs to exactly one service port: an id in this map is also
+ * proof of membership, which session affinity relies on. */
+struct noded_backend {
+	__u32 addr[4];
+	__u16 port;		/* network order */
+	__u8  proto;
+	__u8  flags;
+};
+
+/* Reverse translation for recvmsg/getpeername: socket + backend -> VIP. */
+struct noded_revnat_key {
+	__u64 cookie;
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct noded_revnat_val {
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad;
+	__u32 svc_id;
+};
+
+/* ClientIP session affinity; the client is the socket's network namespace
+ * (one per pod), as Cilium's socket LB does. */
+struct noded_affinity_key {
+	__u64 netns_cookie;
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct noded_affinity_val {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+#endif

@@ -1,0 +1,5 @@
+import sys
+
+from noded.cli import main
+
+sys.exit(main())

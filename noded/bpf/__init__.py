@@ -1,0 +1,1 @@
+"""BPF: the libbpf binding, the map struct mirrors and the program loader."""

@@ -1,0 +1,216 @@
+"""The libbpf binding (cffi, ABI mode against Debian's libbpf1): every BPF syscall noded makes goes through here."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+import cffi
+import structlog
+
+log = structlog.get_logger("noded.bpf")
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    struct bpf_object; struct bpf_program; struct bpf_map; struct bpf_link;
+    struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
+    int bpf_object__load(struct bpf_object *obj);
+    void bpf_object__close(struct bpf_object *obj);
+    struct bpf_program *bpf_object__next_program(const struct bpf_object *obj, struct bpf_program *prog);
+    const char *bpf_program__name(const struct bpf_program *prog);
+    const char *bpf_program__section_name(const struct bpf_program *prog);
+    struct bpf_map *bpf_object__next_map(const struct bpf_object *obj, const struct bpf_map *map);
+    const char *bpf_map__name(const struct bpf_map *map);
+    int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
+    int bpf_map__fd(const struct bpf_map *map);
+    struct bpf_link *bpf_program__attach_cgroup(const struct bpf_program *prog, int cgroup_fd);
+    int bpf_link__pin(struct bpf_link *link, const char *path);
+    struct bpf_link *bpf_link__open(const char *path);
+    int bpf_link__update_program(struct bpf_link *link, struct bpf_program *prog);
+    int bpf_link__destroy(struct bpf_link *link);
+    int bpf_obj_get(const char *pathname);
+    int bpf_map_update_elem(int fd, const void *key, const void *value, unsigned long long flags);
+    int bpf_map_lookup_elem(int fd, const void *key, void *value);
+    int bpf_map_delete_elem(int fd, const void *key);
+    int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+    typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *args);
+    libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
+    int vsnprintf(char *str, size_t size, const char *format, void *ap);
+    """
+)
+lib = ffi.dlopen("libbpf.so.1")
+libc = ffi.dlopen(None)
+
+_LIBBPF_WARN = 0
+
+
+@ffi.callback("int(int, const char *, void *)")
+def _print(level: int, fmt, args) -> int:  # noqa: ANN001 - cffi pointers
+    if level != _LIBBPF_WARN:
+        return 0
+    buf = ffi.new("char[4096]")
+    libc.vsnprintf(buf, 4096, fmt, args)
+    text = ffi.string(buf).decode(errors="replace").rstrip()
+    if level == _LIBBPF_WARN:
+        log.warning("libbpf", msg=text)
+    return 0
+
+
+lib.libbpf_set_print(_print)
+
+
+class BpfError(OSError):
+    pass
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = -ret if ret != -1 else ffi.errno
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _check_ptr(ptr, what: str):  # noqa: ANN001, ANN202 - cffi pointers
+    if ptr == ffi.NULL:
+        err = ffi.errno or errno.EINVAL
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ptr
+
+
+K = TypeVar("K", bound=ctypes.Structure | ctypes.c_uint32)
+V = TypeVar("V", bound=ctypes.Structure)
+
+BPF_ANY = 0
+
+
+class Map(Generic[K, V]):
+    """A BPF map by fd, with ctypes key and value types."""
+
+    def __init__(self, fd: int, key_type: type[K], value_type: type[V], name: str = "") -> None:
+        self.fd = fd
+        self.key_type = key_type
+        self.value_type = value_type
+        self.name = name
+
+    @classmethod
+    def open_pinned(cls, path: str, key_type: type[K], value_type: type[V]) -> Map[K, V]:
+        fd = _check(lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
+        return cls(fd, key_type, value_type, os.path.basename(path))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def update(self, key: K, value: V) -> None:
+        _check(
+            lib.bpf_map_update_elem(self.fd, ffi.from_buffer(key), ffi.from_buffer(value), BPF_ANY),
+            f"update {self.name}",
+        )
+
+    def lookup(self, key: K) -> V | None:
+        value = self.value_type()
+        if lib.bpf_map_lookup_elem(self.fd, ffi.from_buffer(key), ffi.from_buffer(value)) < 0:
+            if ffi.errno == errno.ENOENT:
+                return None
+            raise BpfError(ffi.errno, f"lookup {self.name}: {os.strerror(ffi.errno)}")
+        return value
+
+    def delete(self, key: K) -> bool:
+        if lib.bpf_map_delete_elem(self.fd, ffi.from_buffer(key)) < 0:
+            if ffi.errno == errno.ENOENT:
+                return False
+            raise BpfError(ffi.errno, f"delete {self.name}: {os.strerror(ffi.errno)}")
+        return True
+
+    def keys(self) -> Iterator[K]:
+        prev = ffi.NULL
+        while True:
+            nxt = self.key_type()
+            if lib.bpf_map_get_next_key(self.fd, prev, ffi.from_buffer(nxt)) < 0:
+                if ffi.errno == errno.ENOENT:
+                    return
+                raise BpfError(ffi.errno, f"iterate {self.name}: {os.strerror(ffi.errno)}")
+            yield nxt
+            prev = ffi.from_buffer(nxt)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+
+class Object:
+    """An opened (then loaded) BPF object file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._obj = _check_ptr(lib.bpf_object__open_file(path.encode(), ffi.NULL), f"open {path}")
+
+    def maps(self) -> Iterator[tuple[str, object]]:
+        m = lib.bpf_object__next_map(self._obj, ffi.NULL)
+        while m != ffi.NULL:
+            yield ffi.string(lib.bpf_map__name(m)).decode(), m
+            m = lib.bpf_object__next_map(self._obj, m)
+
+    def programs(self) -> Iterator[tuple[str, str, object]]:
+        """(name, section, handle) of every program."""
+        p = lib.bpf_object__next_program(self._obj, ffi.NULL)
+        while p != ffi.NULL:
+            name = ffi.string(lib.bpf_program__name(p)).decode()
+            section = ffi.string(lib.bpf_program__section_name(p)).decode()
+            yield name, section, p
+            p = lib.bpf_object__next_program(self._obj, p)
+
+    def pin_maps_under(self, directory: str) -> None:
+        """Reuse maps pinned in directory, or pin new ones there, at load."""
+        for name, m in self.maps():
+            _check(lib.bpf_map__set_pin_path(m, f"{directory}/{name}".encode()), f"pin path {name}")
+
+    def load(self) -> None:
+        _check(lib.bpf_object__load(self._obj), f"load {self.path}")
+
+    def map_fd(self, name: str) -> int:
+        for mname, m in self.maps():
+            if mname == name:
+                return os.dup(_check(lib.bpf_map__fd(m), f"fd of {name}"))
+        raise KeyError(name)
+
+    def close(self) -> None:
+        if self._obj is not None:
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+
+
+def attach_cgroup_pinned(prog, cgroup_path: str, pin_path: str) -> str:  # noqa: ANN001
+    """Attach prog to a cgroup with a BPF link pinned at pin_path.
+
+    An existing pinned link is updated in place (atomic program replacement),
+    so the hook never has a gap across daemon restarts. Returns what happened.
+    """
+    if os.path.exists(pin_path):
+        link = lib.bpf_link__open(pin_path.encode())
+        if link != ffi.NULL:
+            try:
+                _check(lib.bpf_link__update_program(link, prog), f"update link {pin_path}")
+                return "updated"
+            finally:
+                lib.bpf_link__destroy(link)  # closes our fd; the pin keeps the link
+        os.unlink(pin_path)
+    cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link = _check_ptr(lib.bpf_program__attach_cgroup(prog, cg_fd), f"attach to {cgroup_path}")
+    finally:
+        os.close(cg_fd)
+    try:
+        _check(lib.bpf_link__pin(link, pin_path.encode()), f"pin link {pin_path}")
+    except BpfError:
+        lib.bpf_link__destroy(link)
+        raise
+    lib.bpf_link__destroy(link)  # closes our fd; the pin keeps the attachment
+    return "attached"

@@ -1,0 +1,103 @@
+"""Loads the socket-LB object, pins its maps and links under the instance's bpffs path, removes them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib import resources
+
+import structlog
+
+from noded.bpf import structs
+from noded.bpf.libbpf import BpfError, Map, Object, attach_cgroup_pinned
+
+log = structlog.get_logger("noded.bpf")
+
+OBJECT_NAME = "sock_lb.o"
+LINKS_DIR = "links"
+
+
+def object_path() -> str:
+    path = resources.files("noded.bpf").joinpath("obj", OBJECT_NAME)
+    if not path.is_file():
+        raise BpfError(2, f"{path} is missing: run `make bpf`")
+    return str(path)
+
+
+def ensure_bpffs(path: str) -> None:
+    """Mount bpffs at /sys/fs/bpf when nothing is mounted there (as Cilium does)."""
+    root = "/sys/fs/bpf"
+    if path.startswith(root + "/") and not _is_bpffs(root):
+        subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def _is_bpffs(path: str) -> bool:
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == path and line.split()[2] == "bpf" for line in mounts)
+
+
+@dataclass
+class LbMaps:
+    svc: Map[structs.SvcKey, structs.SvcVal]
+    backends: Map
+    revnat: Map[structs.RevNatKey, structs.RevNatVal]
+    affinity: Map[structs.AffinityKey, structs.AffinityVal]
+
+    @classmethod
+    def open_pinned(cls, bpffs: str) -> LbMaps:
+        import ctypes
+
+        return cls(
+            svc=Map.open_pinned(f"{bpffs}/noded_svc", structs.SvcKey, structs.SvcVal),
+            backends=Map.open_pinned(f"{bpffs}/noded_backends", ctypes.c_uint32, structs.Backend),
+            revnat=Map.open_pinned(f"{bpffs}/noded_revnat", structs.RevNatKey, structs.RevNatVal),
+            affinity=Map.open_pinned(f"{bpffs}/noded_affinity", structs.AffinityKey, structs.AffinityVal),
+        )
+
+    def close(self) -> None:
+        for m in (self.svc, self.backends, self.revnat, self.affinity):
+            m.close()
+
+
+def load_and_attach(bpffs: str, cgroup_path: str) -> LbMaps:
+    """Load the programs (reusing pinned maps) and attach them to cgroup_path.
+
+    Pinned links already there are switched to the new programs atomically, so a
+    restart never leaves the hooks detached.
+    """
+    ensure_bpffs(bpffs)
+    os.makedirs(f"{bpffs}/{LINKS_DIR}", exist_ok=True)
+    obj = Object(object_path())
+    try:
+        obj.pin_maps_under(bpffs)
+        obj.load()
+        for name, section, prog in obj.programs():
+            what = attach_cgroup_pinned(prog, cgroup_path, f"{bpffs}/{LINKS_DIR}/{name}")
+            log.info("bpf program attached", program=name, section=section, cgroup=cgroup_path, how=what)
+    finally:
+        obj.close()
+    return LbMaps.open_pinned(bpffs)
+
+
+def attached_programs(bpffs: str) -> list[str]:
+    links = f"{bpffs}/{LINKS_DIR}"
+    return sorted(os.listdir(links)) if os.path.isdir(links) else []
+
+
+def remove(bpffs: str) -> list[str]:
+    """Unpin every link (detaching its program) and map under bpffs; returns what was removed."""
+    removed: list[str] = []
+    if not os.path.isdir(bpffs):
+        return removed
+    for dirpath, _dirs, files in os.walk(bpffs, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(dirpath, name))
+            removed.append(os.path.join(dirpath, name))
+    shutil.rmtree(bpffs, ignore_errors=True)
+    parent = os.path.dirname(bpffs.rstrip("/"))
+    if os.path.basename(parent) == "noded" and os.path.isdir(parent) and not os.listdir(parent):
+        os.rmdir(parent)
+    return removed

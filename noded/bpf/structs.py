@@ -1,0 +1,118 @@
+"""Python mirrors of bpf/include/noded_lb.h, the one place they are defined on this side.
+
+tests/bpf/test_btf_layout.py checks every size and offset here against the
+compiled object's BTF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+
+IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
+PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+
+BACKEND_TERMINATING = 0x1
+
+Addr16 = ctypes.c_uint8 * 16
+
+
+class SvcKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("slot", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint16),
+    ]
+
+
+class SvcVal(ctypes.Structure):
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("svc_id", ctypes.c_uint32),
+        ("ready", ctypes.c_uint16),
+        ("terminating", ctypes.c_uint16),
+        ("affinity_timeout", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class Backend(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+    ]
+
+
+class RevNatKey(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class RevNatVal(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("svc_id", ctypes.c_uint32),
+    ]
+
+
+class AffinityKey(ctypes.Structure):
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("svc_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class AffinityVal(ctypes.Structure):
+    _fields_ = [
+        ("last_used_ns", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+# C struct name -> mirror, for the layout test.
+MIRRORS: dict[str, type[ctypes.Structure]] = {
+    "noded_svc_key": SvcKey,
+    "noded_svc_val": SvcVal,
+    "noded_backend": Backend,
+    "noded_revnat_key": RevNatKey,
+    "noded_revnat_val": RevNatVal,
+    "noded_affinity_key": AffinityKey,
+    "noded_affinity_val": AffinityVal,
+}
+
+
+def pack_addr(ip: str) -> Addr16:
+    """16-byte map address: IPv6 as is, IPv4 mapped to ::ffff:a.b.c.d."""
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 4:
+        addr = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
+    return Addr16.from_buffer_copy(addr.packed)
+
+
+def unpack_addr(raw: Addr16) -> str:
+    addr = ipaddress.IPv6Address(bytes(raw))
+    return str(addr.ipv4_mapped or addr)
+
+
+def net_port(port: int) -> int:
+    """A port in network order, as the u16 field holds it on this host."""
+    return socket.htons(port)
+
+
+def host_port(port: int) -> int:
+    return socket.ntohs(port)

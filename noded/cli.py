@@ -1,0 +1,145 @@
+"""The `noded` command line: run, status, services, cleanup, version, lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from noded import __version__
+from noded.config import ConfigError, NodedConfiguration, load, parse
+
+DEFAULT_CONFIG = "/etc/noded/config.yaml"
+
+
+def _config(path: str | None) -> NodedConfiguration:
+    if path:
+        return load(path)
+    if os.path.exists(DEFAULT_CONFIG):
+        return load(DEFAULT_CONFIG)
+    return parse({})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from noded.daemon import Daemon
+    from noded.observe import setup_logging
+
+    setup_logging(args.log_level, args.json_logs)
+    return Daemon(_config(args.config)).run()
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from noded.bpf.sock_lb import LbMaps
+    from noded.services.ebpf import describe
+
+    cfg = _config(args.config)
+    bpffs = args.bpffs_path or cfg.bpffsPath
+    if not os.path.exists(f"{bpffs}/noded_svc"):
+        print(f"nothing programmed: no maps pinned under {bpffs}", file=sys.stderr)
+        return 1
+    maps = LbMaps.open_pinned(bpffs)
+    try:
+        views = describe(maps)
+    finally:
+        maps.close()
+    if args.output == "json":
+        print(json.dumps([
+            {"frontend": str(v.frontend), "ip": v.frontend.ip, "port": v.frontend.port, "protocol": v.frontend.protocol,
+             "svcId": v.svc_id, "affinityTimeout": v.affinity_timeout,
+             "ready": [f"{a}:{p}" for a, p in v.ready], "terminating": [f"{a}:{p}" for a, p in v.terminating]}
+            for v in views
+        ], indent=2))
+        return 0
+    print(f"{'FRONTEND':<28} {'ID':>6} {'AFFINITY':>8}  BACKENDS")
+    for v in views:
+        backends = [f"{a}:{p}" for a, p in v.ready] + [f"{a}:{p}(terminating)" for a, p in v.terminating]
+        print(f"{str(v.frontend):<28} {v.svc_id:>6} {v.affinity_timeout or '-':>8}  {', '.join(backends) or '(none: rejects)'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from noded.bpf.sock_lb import attached_programs
+
+    cfg = _config(args.config)
+    status_path = os.path.join(os.path.dirname(cfg.api.socket), "status.json")
+    status: dict = {}
+    if os.path.exists(status_path):
+        with open(status_path) as f:
+            status = json.load(f)
+    running = bool(status.get("pid")) and os.path.exists(f"/proc/{status['pid']}")
+    status.update({"running": running, "bpffsPath": cfg.bpffsPath, "attachedPrograms": attached_programs(cfg.bpffsPath)})
+    if args.output == "json":
+        print(json.dumps(status, indent=2))
+    else:
+        for key, value in status.items():
+            print(f"{key + ':':<18} {value}")
+    return 0 if running else 3
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from noded.bpf.sock_lb import remove
+
+    cfg = _config(args.config)
+    roots = [cfg.bpffsPath]
+    if args.all and os.path.isdir("/sys/fs/bpf/noded"):
+        roots = [f"/sys/fs/bpf/noded/{d}" for d in os.listdir("/sys/fs/bpf/noded")]
+    for root in roots:
+        for path in remove(root):
+            print(f"removed {path}")
+    return 0
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    print(f"noded {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noded", description="node networking daemon for Kubernetes")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", "-c")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--json-logs", action="store_true")
+    run.set_defaults(fn=cmd_run)
+
+    for name, fn, helptext in (
+        ("status", cmd_status, "what the daemon is doing"),
+        ("services", cmd_services, "what is programmed, read from the kernel's maps"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--config", "-c")
+        s.add_argument("-o", "--output", choices=["table", "json"], default="table")
+        s.set_defaults(fn=fn)
+    sub.choices["services"].add_argument("--bpffs-path")
+
+    c = sub.add_parser("cleanup", help="remove every kernel object noded made")
+    c.add_argument("--config", "-c")
+    c.add_argument("--all", action="store_true", help="every noded instance on this machine")
+    c.set_defaults(fn=cmd_cleanup)
+
+    v = sub.add_parser("version")
+    v.set_defaults(fn=cmd_version)
+
+    from noded.lab.cli import add_lab_parser
+
+    add_lab_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except ConfigError as e:
+        print(f"noded: config: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"noded: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

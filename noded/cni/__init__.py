@@ -1,0 +1,1 @@
+"""noded-cni: the chained CNI plugin executable."""

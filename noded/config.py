@@ -1,0 +1,197 @@
+"""NodedConfiguration: the config file's schema, defaults and validation (errors name the key)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
+
+import yaml
+
+API_VERSION = "noded.io/v1alpha1"
+KIND = "NodedConfiguration"
+SERVICE_MODES = ("ebpf", "nftables", "iptables", "none")
+
+
+class ConfigError(ValueError):
+    """A config file problem; the message names the key."""
+
+
+@dataclass
+class SourceConfig:
+    directory: str | None = None
+    kubeconfig: str | None = None
+    inCluster: bool = False
+
+    def validate(self, at: str) -> None:
+        chosen = [k for k in ("directory", "kubeconfig") if getattr(self, k)] + (
+            ["inCluster"] if self.inCluster else []
+        )
+        if len(chosen) > 1:
+            raise ConfigError(f"{at}: choose one of directory, kubeconfig, inCluster (got {', '.join(chosen)})")
+
+
+@dataclass
+class ServicesConfig:
+    mode: str = "ebpf"
+    cgroupPath: str = "/sys/fs/cgroup/unified"
+    nodePortAddresses: list[str] = field(default_factory=list)
+    minSyncPeriod: float = 0.0
+    syncPeriod: float = 30.0
+
+    def validate(self, at: str) -> None:
+        if self.mode not in SERVICE_MODES:
+            raise ConfigError(f"{at}.mode: {self.mode!r} is not one of {', '.join(SERVICE_MODES)}")
+        for i, cidr in enumerate(self.nodePortAddresses):
+            _cidr(cidr, f"{at}.nodePortAddresses[{i}]")
+        if self.minSyncPeriod < 0 or self.syncPeriod <= 0:
+            raise ConfigError(f"{at}.syncPeriod/minSyncPeriod: must be positive")
+
+
+@dataclass
+class DnsConfig:
+    listen: list[str] = field(default_factory=lambda: ["169.254.20.10:53"])
+    upstreams: list[str] = field(default_factory=list)
+
+    def validate(self, at: str) -> None:
+        for i, hostport in enumerate(self.listen):
+            _hostport(hostport, f"{at}.listen[{i}]")
+        for i, hostport in enumerate(self.upstreams):
+            _hostport(hostport, f"{at}.upstreams[{i}]", default_port=53)
+
+
+@dataclass
+class CaptureConfig:
+    enabled: bool = True
+
+
+@dataclass
+class ApiConfig:
+    socket: str = "/run/noded/noded.sock"
+
+
+@dataclass
+class NodedConfiguration:
+    apiVersion: str = API_VERSION
+    kind: str = KIND
+    nodeName: str = field(default_factory=socket.gethostname)
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(directory="/etc/noded/manifests"))
+    clusterDomain: str = "cluster.local"
+    clusterCIDRs: list[str] = field(default_factory=lambda: ["10.244.0.0/16"])
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    metricsBindAddress: str = "127.0.0.1:10249"
+    healthzBindAddress: str = "0.0.0.0:10256"
+    bpffsPath: str = ""
+
+    def validate(self, at: str = "") -> None:
+        if self.apiVersion != API_VERSION:
+            raise ConfigError(f"apiVersion: expected {API_VERSION!r}, got {self.apiVersion!r}")
+        if self.kind != KIND:
+            raise ConfigError(f"kind: expected {KIND!r}, got {self.kind!r}")
+        if not self.nodeName:
+            raise ConfigError("nodeName: must not be empty")
+        for i, cidr in enumerate(self.clusterCIDRs):
+            _cidr(cidr, f"clusterCIDRs[{i}]")
+        _hostport(self.metricsBindAddress, "metricsBindAddress")
+        _hostport(self.healthzBindAddress, "healthzBindAddress")
+        if not self.bpffsPath:
+            self.bpffsPath = f"/sys/fs/bpf/noded/{self.nodeName}"
+        if not self.bpffsPath.startswith("/"):
+            raise ConfigError(f"bpffsPath: must be an absolute path, got {self.bpffsPath!r}")
+        if not self.source.directory and not self.source.kubeconfig and not self.source.inCluster:
+            raise ConfigError("source: one of directory, kubeconfig, inCluster is required")
+
+
+def _cidr(value: str, key: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {value!r} is not a CIDR ({e})") from None
+
+
+def _hostport(value: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep:
+        host, port = str(value), str(default_port) if default_port else ""
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        port_num = int(port)
+        if not 0 <= port_num <= 65535:
+            raise ValueError("port out of range")
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not an IP:port") from None
+    return host, port_num
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    return _hostport(value, "address")
+
+
+def _build(cls: type, data: Any, at: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{at or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{at}.{key}" if at else str(key)
+            raise ConfigError(f"{where}: unknown key")
+    obj = cls()
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{at}.{f.name}" if at else f.name
+        setattr(obj, f.name, _coerce(hints[f.name], data[f.name], key))
+    if hasattr(obj, "validate") and at:
+        obj.validate(at)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if is_dataclass(hint):
+        return _build(hint, value, key)
+    text = str(hint)
+    if text.startswith("list"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings")
+        return value
+    if hint is bool or text == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is float or text == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if value is None and "None" in text:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def parse(data: Any) -> NodedConfiguration:
+    config = _build(NodedConfiguration, data if data is not None else {}, "")
+    config.validate()
+    return config
+
+
+def load(path: str) -> NodedConfiguration:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return parse(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,159 @@
+"""`noded run`: wires sources -> model -> sync runner -> service backend, and serves health and metrics.
+
+The dataplane is not written until every source has synced once; stopping
+leaves every kernel object in place so a restart disrupts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import structlog
+
+from noded.config import NodedConfiguration, split_hostport
+from noded.model.tracker import ServiceModel
+from noded.observe import Metrics, serve
+from noded.services.runner import BoundedFrequencyRunner
+
+log = structlog.get_logger("noded.daemon")
+
+
+class ModelSink:
+    """Feeds the model and asks for a sync when it changed."""
+
+    def __init__(self, model: ServiceModel) -> None:
+        self.model = model
+        self.on_change = lambda: None
+        self.synced_sources: set[str] = set()
+        self.all_synced = threading.Event()
+        self.expected: set[str] = set()
+
+    def upsert(self, obj: dict) -> bool:
+        ok = self.model.upsert(obj)
+        self.on_change()
+        return ok
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.model.delete(kind, namespace, name)
+        self.on_change()
+
+    def synced(self, source: str) -> None:
+        self.synced_sources.add(source)
+        log.info("source synced", source=source)
+        if self.expected <= self.synced_sources:
+            self.all_synced.set()
+
+
+def make_source(config: NodedConfiguration, sink: ModelSink):  # noqa: ANN201
+    if config.source.directory:
+        from noded.sources.directory import DirectorySource
+
+        return DirectorySource(config.source.directory, sink)
+    from noded.sources.kube import KubeSource, api_client
+
+    return KubeSource(api_client(config.source.kubeconfig, config.source.inCluster), sink)
+
+
+def make_proxier(config: NodedConfiguration, model: ServiceModel):  # noqa: ANN201
+    mode = config.services.mode
+    if mode == "none":
+        return None
+    if mode == "ebpf":
+        from noded.bpf.sock_lb import load_and_attach
+        from noded.services.ebpf import EbpfProxier
+
+        return EbpfProxier(model, load_and_attach(config.bpffsPath, config.services.cgroupPath))
+    raise SystemExit(f"services.mode: {mode!r} is not implemented yet in this version (ebpf and none are)")
+
+
+class Daemon:
+    def __init__(self, config: NodedConfiguration) -> None:
+        self.config = config
+        self.model = ServiceModel()
+        self.sink = ModelSink(self.model)
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self.proxier = None
+        self.runner: BoundedFrequencyRunner | None = None
+        self.source = None
+        self.started = time.time()
+        self.status_path = os.path.join(os.path.dirname(config.api.socket), "status.json")
+
+    def _sync(self, full: bool) -> None:
+        start = time.perf_counter()
+        n = self.proxier.sync(full) if self.proxier else 0
+        took = time.perf_counter() - start
+        self.metrics.observe_sync(took)
+        if n or full:
+            log.info("services synced", full=full, services=n, seconds=round(took, 4))
+        self._write_status()
+
+    def run(self) -> int:
+        cfg = self.config
+        log.info("noded starting", node=cfg.nodeName, mode=cfg.services.mode, bpffs=cfg.bpffsPath)
+        self.proxier = make_proxier(cfg, self.model)
+        self.source = make_source(cfg, self.sink)
+        self.sink.expected = {self.source.name}
+        self.runner = BoundedFrequencyRunner(
+            "services", self._sync, cfg.services.minSyncPeriod, cfg.services.syncPeriod
+        )
+        self.sink.on_change = self.runner.run
+        self._serve()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        self.source.start()
+        while not self.sink.all_synced.wait(0.2):
+            if self.stopping.is_set():
+                return 0
+        log.info("all sources synced; programming the dataplane")
+        self.runner.start()
+        self.stopping.wait()
+        log.info("noded stopping; kernel state stays for the next start")
+        self.source.stop()
+        self.runner.stop()
+        return 0
+
+    def _serve(self) -> None:
+        self.metrics.gauges.update({
+            "kubeproxy_sync_proxy_rules_service_changes_total": lambda: self.model.service_changes,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
+            "noded_rejected_objects_total": lambda: self.model.rejected,
+            "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
+        })
+
+        def healthz() -> tuple[int, str, str]:
+            ok = self.runner is not None and self.runner.syncs > 0 and self.runner.last_error is None
+            return (200 if ok else 503), "text/plain", ("ok\n" if ok else "not synced\n")
+
+        def livez() -> tuple[int, str, str]:
+            return 200, "text/plain", "ok\n"
+
+        serve(split_hostport(self.config.healthzBindAddress), {"/healthz": healthz, "/livez": livez}, "healthz")
+        serve(split_hostport(self.config.metricsBindAddress),
+              {"/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render())}, "metrics")
+
+    def _write_status(self) -> None:
+        services, slices = self.model.counts()
+        status = {
+            "node": self.config.nodeName,
+            "pid": os.getpid(),
+            "started": self.started,
+            "mode": self.config.services.mode,
+            "sources": {self.source.name: {"synced": self.source.synced, "lastError": self.source.last_error}},
+            "services": services,
+            "endpointSlices": slices,
+            "rejectedObjects": self.model.rejected,
+            "syncs": self.runner.syncs + 1 if self.runner else 0,
+            "lastSync": time.time(),
+            "lastSyncSeconds": self.metrics.sync_durations[-1] if self.metrics.sync_durations else None,
+            "lastSyncError": self.runner.last_error if self.runner else None,
+        }
+        os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
+        tmp = self.status_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(status, f)
+        os.replace(tmp, self.status_path)

@@ -1,0 +1,1 @@
+"""The multi-node lab on network namespaces."""

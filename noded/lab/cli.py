@@ -1,0 +1,90 @@
+"""`noded lab …` verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from noded.lab.cni import CniError
+from noded.lab.lab import Lab, LabError
+
+
+def _labels(text: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--labels: {part!r} is not k=v")
+        out[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    lab = Lab()
+    try:
+        if args.lab_command == "up":
+            state = lab.up(args.nodes, args.mode)
+            for node in state["nodes"].values():
+                print(f"{node['name']}: {node['address']} pods {node['podCIDR']} (netns {node['netns']})")
+        elif args.lab_command == "down":
+            for what in lab.down():
+                print(f"removed {what}")
+        elif args.lab_command == "apply":
+            for what in lab.apply(args.file):
+                print(f"applied {what}")
+        elif args.lab_command == "delete":
+            lab.delete(args.file)
+        elif args.lab_command == "pod":
+            pod = lab.add_pod(args.pod, args.node, args.labels, args.serviceaccount)
+            print(f"{pod['namespace']}/{pod['name']} on {pod['node']}: {', '.join(pod['ips'])}")
+        elif args.lab_command == "exec":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            if not cmd:
+                raise LabError("exec: give a command after --")
+            lab.exec(args.target, cmd)
+        elif args.lab_command == "status":
+            status = lab.status()
+            if args.output == "json":
+                print(json.dumps(status, indent=2))
+            else:
+                for n in status["nodes"]:
+                    print(f"node {n['name']:<8} {n['address']:<14} {n['podCIDR']:<16} noded pid {n['daemonPid']}")
+                for p in status["pods"]:
+                    print(f"pod  {p['namespace']}/{p['name']:<20} {p['node']:<8} {', '.join(p['ips'])}")
+                for s in status["services"]:
+                    print(f"svc  {s['namespace']}/{s['name']:<20} {', '.join(s['clusterIPs'])}")
+        elif args.lab_command == "demo":
+            from noded.lab.demo import demo
+
+            return demo(lab, keep=args.keep, mode=args.mode)
+    except (LabError, CniError) as e:
+        print(f"noded lab: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_lab_parser(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="the multi-node lab on network namespaces")
+    lab.set_defaults(fn=run)
+    verbs = lab.add_subparsers(dest="lab_command", required=True)
+    up = verbs.add_parser("up")
+    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--mode", default="ebpf", choices=["ebpf", "nftables", "iptables"])
+    verbs.add_parser("down")
+    for verb in ("apply", "delete"):
+        v = verbs.add_parser(verb)
+        v.add_argument("-f", "--file", required=True)
+    pod = verbs.add_parser("pod")
+    pod.add_argument("pod", metavar="NAMESPACE/NAME")
+    pod.add_argument("--node", required=True)
+    pod.add_argument("--labels", type=_labels, default={})
+    pod.add_argument("--serviceaccount", default="default")
+    ex = verbs.add_parser("exec")
+    ex.add_argument("target", metavar="NAMESPACE/NAME|node/NODE|external")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    st = verbs.add_parser("status")
+    st.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    demo = verbs.add_parser("demo")
+    demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    demo.add_argument("--mode", default="ebpf", choices=["ebpf"])

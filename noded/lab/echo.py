@@ -1,0 +1,55 @@
+"""A tiny lab workload: answers each TCP line and each UDP datagram with its own name.
+
+HTTP GETs get an HTTP response with the name as body, so `curl` works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import socketserver
+import threading
+
+
+def serve(name: str, tcp_port: int, udp_port: int) -> None:
+    reply = f"{name}\n".encode()
+
+    class Tcp(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                if line.startswith(b"GET "):
+                    while self.rfile.readline().strip():
+                        pass
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                     % (len(reply), reply))
+                    return
+                self.wfile.write(reply)
+
+    class Udp(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            _data, sock = self.request
+            sock.sendto(reply, self.client_address)
+
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    socketserver.ThreadingTCPServer.daemon_threads = True
+    servers: list[socketserver.BaseServer] = [socketserver.ThreadingTCPServer(("0.0.0.0", tcp_port), Tcp)]
+    if udp_port:
+        servers.append(socketserver.UDPServer(("0.0.0.0", udp_port), Udp))
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    print(f"{name} serving tcp/{tcp_port} udp/{udp_port}", flush=True)
+    threading.Event().wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--name", default=socket.gethostname())
+    p.add_argument("--tcp", type=int, default=8080)
+    p.add_argument("--udp", type=int, default=0)
+    args = p.parse_args()
+    serve(args.name, args.tcp, args.udp)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The lab's kernel calls: network namespaces, veths, bridges, addresses, routes (pyroute2), and cgroups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from pyroute2 import NetNS, netns
+
+CGROUP_ROOT = "/sys/fs/cgroup/unified"
+
+
+def exists(name: str) -> bool:
+    return name in netns.listnetns()
+
+
+def create(name: str) -> None:
+    netns.create(name)
+    with NetNS(name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+
+def remove(name: str) -> None:
+    if exists(name):
+        netns.remove(name)
+
+
+def list_ours(prefix: str = "noded-") -> list[str]:
+    return [n for n in netns.listnetns() if n.startswith(prefix)]
+
+
+def add_bridge(ns_name: str, ifname: str) -> None:
+    with NetNS(ns_name) as ns:
+        ns.link("add", ifname=ifname, kind="bridge")
+        ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
+
+
+def connect_to_bridge(bridge_ns: str, bridge: str, host_side: str, peer_ns: str, peer_ifname: str) -> None:
+    """A veth from a port of `bridge` (in bridge_ns) to peer_ifname inside peer_ns."""
+    with NetNS(bridge_ns) as ns:
+        ns.link("add", ifname=host_side, kind="veth", peer={"ifname": peer_ifname, "net_ns_fd": peer_ns})
+        idx = ns.link_lookup(ifname=host_side)[0]
+        ns.link("set", index=idx, master=ns.link_lookup(ifname=bridge)[0])
+        ns.link("set", index=idx, state="up")
+
+
+def set_address(ns_name: str, ifname: str, address: str, prefixlen: int) -> None:
+    with NetNS(ns_name) as ns:
+        idx = ns.link_lookup(ifname=ifname)[0]
+        ns.addr("add", index=idx, address=address, prefixlen=prefixlen)
+        ns.link("set", index=idx, state="up")
+
+
+def add_route(ns_name: str, dst: str, gateway: str) -> None:
+    with NetNS(ns_name) as ns:
+        ns.route("replace", dst=dst, gateway=gateway)
+
+
+def sysctl(ns_name: str, key: str, value: str) -> None:
+    nsenter(ns_name, ["sysctl", "-q", "-w", f"{key}={value}"], check=True)
+
+
+def nsenter_argv(ns_name: str, argv: list[str]) -> list[str]:
+    # Only the network namespace: `ip netns exec` would also remount /sys and hide bpffs and cgroup2.
+    return ["nsenter", f"--net=/run/netns/{ns_name}", "--", *argv]
+
+
+def nsenter(ns_name: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+    return subprocess.run(nsenter_argv(ns_name, argv), **kwargs)
+
+
+# -- cgroups ------------------------------------------------------------------------
+def cgroup_create(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+
+
+def cgroup_join(path: str, pid: int | None = None) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(pid or os.getpid()))
+
+
+def cgroup_remove_tree(path: str) -> None:
+    """Kill what still runs below path, then remove the cgroups bottom-up."""
+    if not os.path.isdir(path):
+        return
+    for dirpath, _dirs, _files in os.walk(path, topdown=False):
+        for _ in range(50):
+            pids = _procs(dirpath)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            time.sleep(0.2)
+            os.rmdir(dirpath)
+
+
+def _procs(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []

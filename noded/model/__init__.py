@@ -1,0 +1,1 @@
+"""The pure, change-tracked model of services and endpoints."""

@@ -1,0 +1,271 @@
+"""Parses Service and EndpointSlice objects (plain dicts, from YAML or the API) into typed, validated values.
+
+One parser for every source. A malformed object raises ManifestError naming the
+object and the field; nothing here has side effects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+DEFAULT_AFFINITY_TIMEOUT = 10800  # kube-proxy's default for ClientIP
+MAX_AFFINITY_TIMEOUT = 86400
+
+
+class ManifestError(ValueError):
+    """A malformed object; the message names it and the field at fault."""
+
+
+@dataclass(frozen=True)
+class ServicePortName:
+    namespace: str
+    name: str
+    port: str  # the port's name ("" when unnamed)
+    protocol: str
+
+    def __str__(self) -> str:
+        suffix = f":{self.port}" if self.port else ""
+        return f"{self.namespace}/{self.name}{suffix}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: ServicePortName
+    cluster_ips: tuple[str, ...]
+    port: int
+    node_port: int
+    type: str
+    affinity_timeout: int  # seconds; 0 when sessionAffinity is None
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    external_traffic_local: bool = False
+    internal_traffic_local: bool = False
+    health_check_node_port: int = 0
+    prefer_close: bool = False
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service: str
+    address_type: str  # IPv4 | IPv6 | FQDN
+    ports: tuple[tuple[str, str, int], ...]  # (name, protocol, port)
+    endpoints: tuple[Endpoint, ...]
+
+
+def object_ref(obj: Any) -> str:
+    """A readable name for an object, however broken it is."""
+    if not isinstance(obj, dict):
+        return f"<{type(obj).__name__}>"
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    ns = meta.get("namespace") or "default"
+    return f"{obj.get('kind', '?')} {ns}/{meta.get('name', '?')}"
+
+
+def _get(d: dict, key: str, typ: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    value = d.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ManifestError(f"{where}.{key}: expected {_type_name(typ)}, got {value!r}")
+    return value
+
+
+def _type_name(typ: type | tuple[type, ...]) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "a boolean"}
+    if isinstance(typ, tuple):
+        return " or ".join(names.get(t, t.__name__) for t in typ)
+    return names.get(typ, typ.__name__)
+
+
+def _port(value: Any, where: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (0 if allow_zero else 1) <= value <= 65535:
+        raise ManifestError(f"{where}: {value!r} is not a port number")
+    return value
+
+
+def _ip(value: Any, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        raise ManifestError(f"{where}: {value!r} is not an IP address") from None
+
+
+def _metadata(obj: Any, kind: str) -> tuple[str, str, dict]:
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{kind}: expected an object, got {type(obj).__name__}")
+    meta = _get(obj, "metadata", dict, kind, {})
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{kind}: metadata.name is missing")
+    namespace = _get(meta, "namespace", str, f"{kind} {name}.metadata", "default")
+    return namespace, name, meta
+
+
+def parse_service(obj: Any) -> list[ServicePort]:
+    """The service ports a Service defines (none for headless and ExternalName services)."""
+    namespace, name, _meta = _metadata(obj, "Service")
+    where = f"Service {namespace}/{name}: spec"
+    spec = _get(obj, "spec", dict, f"Service {namespace}/{name}", {})
+    svc_type = _get(spec, "type", str, where, "ClusterIP")
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise ManifestError(f"{where}.type: {svc_type!r} is not ClusterIP, NodePort, LoadBalancer or ExternalName")
+    cluster_ips = list(_get(spec, "clusterIPs", list, where, []))
+    single = _get(spec, "clusterIP", str, where)
+    if single and not cluster_ips:
+        cluster_ips = [single]
+    if single and cluster_ips and single != cluster_ips[0] and single != "None":
+        raise ManifestError(f"{where}.clusterIP: {single!r} differs from clusterIPs[0] {cluster_ips[0]!r}")
+    headless = cluster_ips[:1] == ["None"]
+    ips: list[str] = []
+    if not headless:
+        ips = [_ip(ip, f"{where}.clusterIPs[{i}]") for i, ip in enumerate(cluster_ips)]
+        if len({ipaddress.ip_address(ip).version for ip in ips}) != len(ips):
+            raise ManifestError(f"{where}.clusterIPs: at most one address per IP family")
+    external_ips = tuple(_ip(ip, f"{where}.externalIPs[{i}]") for i, ip in enumerate(_get(spec, "externalIPs", list, where, [])))
+    status = _get(obj, "status", dict, f"Service {namespace}/{name}", {})
+    lb = _get(status, "loadBalancer", dict, f"{where[:-4]}status", {})
+    lb_ips = tuple(
+        _ip(ing.get("ip"), f"Service {namespace}/{name}: status.loadBalancer.ingress[{i}].ip")
+        for i, ing in enumerate(_get(lb, "ingress", list, "status.loadBalancer", []))
+        if isinstance(ing, dict) and ing.get("ip")
+    )
+    affinity = _get(spec, "sessionAffinity", str, where, "None")
+    if affinity not in ("None", "ClientIP"):
+        raise ManifestError(f"{where}.sessionAffinity: {affinity!r} is not None or ClientIP")
+    timeout = 0
+    if affinity == "ClientIP":
+        cfg = _get(spec, "sessionAffinityConfig", dict, where, {})
+        client = _get(cfg, "clientIP", dict, f"{where}.sessionAffinityConfig", {})
+        timeout = _get(client, "timeoutSeconds", int, f"{where}.sessionAffinityConfig.clientIP", DEFAULT_AFFINITY_TIMEOUT)
+        if not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
+            raise ManifestError(
+                f"{where}.sessionAffinityConfig.clientIP.timeoutSeconds: {timeout} is not in 1..{MAX_AFFINITY_TIMEOUT}"
+            )
+    ext_policy = _get(spec, "externalTrafficPolicy", str, where, "Cluster")
+    int_policy = _get(spec, "internalTrafficPolicy", str, where, "Cluster")
+    for key, value in (("externalTrafficPolicy", ext_policy), ("internalTrafficPolicy", int_policy)):
+        if value not in ("Cluster", "Local"):
+            raise ManifestError(f"{where}.{key}: {value!r} is not Cluster or Local")
+    distribution = _get(spec, "trafficDistribution", str, where, "")
+    hc_port = _get(spec, "healthCheckNodePort", int, where, 0)
+    ports = _get(spec, "ports", list, where, [])
+    if svc_type == "ExternalName" or headless:
+        _check_ports(ports, where)
+        return []
+    return [
+        ServicePort(
+            name=ServicePortName(namespace, name, pname, proto),
+            cluster_ips=tuple(ips),
+            port=port,
+            node_port=node_port,
+            type=svc_type,
+            affinity_timeout=timeout,
+            external_ips=external_ips,
+            load_balancer_ips=lb_ips,
+            external_traffic_local=ext_policy == "Local",
+            internal_traffic_local=int_policy == "Local",
+            health_check_node_port=hc_port,
+            prefer_close=distribution == "PreferClose",
+        )
+        for pname, proto, port, node_port in _check_ports(ports, where)
+    ]
+
+
+def _check_ports(ports: list, where: str) -> list[tuple[str, str, int, int]]:
+    out: list[tuple[str, str, int, int]] = []
+    seen: set[tuple[str, str]] = set()
+    for i, p in enumerate(ports):
+        at = f"{where}.ports[{i}]"
+        if not isinstance(p, dict):
+            raise ManifestError(f"{at}: expected an object, got {p!r}")
+        pname = _get(p, "name", str, at, "")
+        proto = _get(p, "protocol", str, at, "TCP")
+        if proto not in PROTOCOLS:
+            raise ManifestError(f"{at}.protocol: {proto!r} is not TCP, UDP or SCTP")
+        if "port" not in p:
+            raise ManifestError(f"{at}.port: missing")
+        port = _port(p["port"], f"{at}.port")
+        node_port = _port(p.get("nodePort", 0), f"{at}.nodePort", allow_zero=True)
+        if len(ports) > 1 and not pname:
+            raise ManifestError(f"{at}.name: required when a Service has more than one port")
+        if (pname, proto) in seen:
+            raise ManifestError(f"{at}.name: duplicate port {pname!r}/{proto}")
+        seen.add((pname, proto))
+        out.append((pname, proto, port, node_port))
+    return out
+
+
+def parse_endpoint_slice(obj: Any) -> EndpointSlice | None:
+    """The slice's endpoints, or None for a slice that names no Service."""
+    namespace, name, meta = _metadata(obj, "EndpointSlice")
+    where = f"EndpointSlice {namespace}/{name}"
+    labels = _get(meta, "labels", dict, f"{where}.metadata", {})
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service:
+        return None
+    address_type = _get(obj, "addressType", str, where)
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise ManifestError(f"{where}.addressType: {address_type!r} is not IPv4, IPv6 or FQDN")
+    ports: list[tuple[str, str, int]] = []
+    for i, p in enumerate(_get(obj, "ports", list, where, []) or []):
+        at = f"{where}.ports[{i}]"
+        if not isinstance(p, dict):
+            raise ManifestError(f"{at}: expected an object, got {p!r}")
+        proto = _get(p, "protocol", str, at, "TCP")
+        if proto not in PROTOCOLS:
+            raise ManifestError(f"{at}.protocol: {proto!r} is not TCP, UDP or SCTP")
+        ports.append((_get(p, "name", str, at, ""), proto, _port(p.get("port"), f"{at}.port")))
+    endpoints = tuple(
+        _parse_endpoint(ep, f"{where}.endpoints[{i}]", address_type)
+        for i, ep in enumerate(_get(obj, "endpoints", list, where, []) or [])
+    )
+    return EndpointSlice(namespace, name, service, address_type, tuple(ports), endpoints)
+
+
+def _parse_endpoint(ep: Any, at: str, address_type: str) -> Endpoint:
+    if not isinstance(ep, dict):
+        raise ManifestError(f"{at}: expected an object, got {ep!r}")
+    addresses = _get(ep, "addresses", list, at, [])
+    if not addresses:
+        raise ManifestError(f"{at}.addresses: at least one address is required")
+    if address_type == "FQDN":
+        address = str(addresses[0])
+    else:
+        address = _ip(addresses[0], f"{at}.addresses[0]")
+        version = ipaddress.ip_address(address).version
+        if f"IPv{version}" != address_type:
+            raise ManifestError(f"{at}.addresses[0]: {address} is not an {address_type} address")
+    cond = _get(ep, "conditions", dict, at, {})
+    ready = _get(cond, "ready", bool, f"{at}.conditions", True)
+    serving = _get(cond, "serving", bool, f"{at}.conditions", ready)
+    terminating = _get(cond, "terminating", bool, f"{at}.conditions", False)
+    hints = _get(ep, "hints", dict, at, {})
+    zones = tuple(
+        z.get("name") for z in _get(hints, "forZones", list, f"{at}.hints", []) if isinstance(z, dict) and z.get("name")
+    )
+    return Endpoint(
+        address=address,
+        ready=ready,
+        serving=serving,
+        terminating=terminating,
+        node_name=_get(ep, "nodeName", str, at),
+        zone=_get(ep, "zone", str, at),
+        zone_hints=zones,
+    )

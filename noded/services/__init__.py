@@ -1,0 +1,1 @@
+"""Service VIP backends and the sync runner that drives them."""

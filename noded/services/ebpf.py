@@ -1,0 +1,239 @@
+"""eBPF proxier: turns desired frontends into socket-LB map entries, touching only what changed.
+
+Mirrors what it programmed; after a restart it reads the pinned maps back, so
+the first sync rewrites nothing that is already right.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from noded.bpf import structs
+from noded.bpf.sock_lb import LbMaps
+from noded.model.tracker import Backend, Frontend, FrontendState, ServiceKey, ServiceModel
+from noded.services.slots import plan_slots
+
+log = structlog.get_logger("noded.services.ebpf")
+
+SOCKET_LB_PROTOCOLS = ("TCP", "UDP")
+
+
+@dataclass
+class Programmed:
+    """One frontend as it stands in the maps."""
+
+    svc_id: int
+    affinity_timeout: int = 0
+    ready: list[int] = field(default_factory=list)  # backend ids, slot order
+    terminating: list[int] = field(default_factory=list)
+    backends: dict[Backend, tuple[int, bool]] = field(default_factory=dict)  # -> (id, terminating)
+
+
+@dataclass
+class ProgrammedView:
+    """A frontend read back from the maps, for `noded services`."""
+
+    frontend: Frontend
+    svc_id: int
+    affinity_timeout: int
+    ready: list[Backend]
+    terminating: list[Backend]
+
+
+def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
+    return structs.SvcKey(
+        addr=structs.pack_addr(fe.ip),
+        port=structs.net_port(fe.port),
+        proto=structs.IPPROTO[fe.protocol],
+        slot=slot,
+    )
+
+
+def read_maps(maps: LbMaps) -> tuple[dict[Frontend, Programmed], int, int]:
+    """Everything programmed, with the highest service and backend ids in use."""
+    masters: dict[Frontend, structs.SvcVal] = {}
+    slots: dict[Frontend, dict[int, int]] = {}
+    for key, val in maps.svc.items():
+        fe = Frontend(structs.unpack_addr(key.addr), structs.host_port(key.port), structs.PROTO_NAME.get(key.proto, "?"))
+        if key.slot == 0:
+            masters[fe] = val
+        else:
+            slots.setdefault(fe, {})[key.slot] = val.backend_id
+    backends = {int(k.value): v for k, v in maps.backends.items()}
+    out: dict[Frontend, Programmed] = {}
+    for fe, master in masters.items():
+        fe_slots = slots.get(fe, {})
+        ids = [fe_slots.get(i) for i in range(1, master.ready + master.terminating + 1)]
+        p = Programmed(master.svc_id, master.affinity_timeout)
+        p.ready = [i for i in ids[: master.ready] if i is not None]
+        p.terminating = [i for i in ids[master.ready :] if i is not None]
+        for bid in p.ready + p.terminating:
+            be = backends.get(bid)
+            if be is not None:
+                addr = (structs.unpack_addr(be.addr), structs.host_port(be.port))
+                p.backends[addr] = (bid, bool(be.flags & structs.BACKEND_TERMINATING))
+        out[fe] = p
+    max_svc = max((m.svc_id for m in masters.values()), default=0)
+    return out, max_svc, max(backends, default=0)
+
+
+def describe(maps: LbMaps) -> list[ProgrammedView]:
+    programmed, _, _ = read_maps(maps)
+    views = []
+    for fe, p in sorted(programmed.items(), key=lambda kv: (kv[0].ip, kv[0].port, kv[0].protocol)):
+        by_id = {bid: addr for addr, (bid, _t) in p.backends.items()}
+        views.append(
+            ProgrammedView(
+                fe, p.svc_id, p.affinity_timeout, [by_id[i] for i in p.ready if i in by_id],
+                [by_id[i] for i in p.terminating if i in by_id],
+            )
+        )
+    return views
+
+
+class EbpfProxier:
+    """Programs the socket-LB maps from the model, one changed service at a time."""
+
+    name = "ebpf"
+
+    def __init__(self, model: ServiceModel, maps: LbMaps) -> None:
+        self.model = model
+        self.maps = maps
+        programmed, max_svc, max_backend = read_maps(maps)
+        # Adopted at the first full sync; whatever no service claims then is stale.
+        self._unclaimed: dict[Frontend, Programmed] = programmed
+        self._by_service: dict[ServiceKey, dict[Frontend, Programmed]] = {}
+        self._owner: dict[Frontend, ServiceKey] = {}
+        self._next_svc_id = max_svc + 1
+        self._next_backend_id = max_backend + 1
+        self.map_writes = 0
+        if programmed:
+            log.info("recovered programmed frontends from pinned maps", frontends=len(programmed))
+
+    # -- the sync -------------------------------------------------------------
+    def sync(self, full: bool = False) -> int:
+        """Apply the model's pending changes (all services when full); returns services synced."""
+        if full:
+            self.model.mark_all_changed()
+            stale_keys = set(self._by_service)
+        else:
+            stale_keys = set()
+        changed = self.model.take_changes() | stale_keys
+        desired = {key: self._socket_lb_frontends(key) for key in changed}
+        # Removals first, so a VIP that moves between services in one batch is free to take.
+        for key in changed:
+            for fe in set(self._by_service.get(key, {})) - set(desired[key]):
+                self._remove_frontend(key, fe)
+        for key, frontends in desired.items():
+            for fe, state in frontends.items():
+                self._program_frontend(key, fe, state)
+            if not self._by_service.get(key):
+                self._by_service.pop(key, None)
+        if full and self._unclaimed:
+            for fe, p in list(self._unclaimed.items()):
+                log.info("removing stale frontend", frontend=str(fe))
+                self._delete_programmed(fe, p)
+            self._unclaimed.clear()
+        return len(changed)
+
+    def _socket_lb_frontends(self, key: ServiceKey) -> dict[Frontend, FrontendState]:
+        return {fe: st for fe, st in self.model.frontends_of(key).items() if fe.protocol in SOCKET_LB_PROTOCOLS}
+
+    # -- one frontend -----------------------------------------------------------
+    def _program_frontend(self, key: ServiceKey, fe: Frontend, state: FrontendState) -> None:
+        owner = self._owner.get(fe)
+        if owner is not None and owner != key:
+            log.error("frontend claimed by two services", frontend=str(fe), kept=f"{owner[0]}/{owner[1]}",
+                      ignored=f"{key[0]}/{key[1]}")
+            return
+        services = self._by_service.setdefault(key, {})
+        cur = services.get(fe) or self._unclaimed.pop(fe, None)
+        new = cur is None
+        if cur is None:
+            cur = Programmed(self._alloc_svc_id())
+        # 1. backend entries (new ones, and flag changes)
+        want: dict[Backend, bool] = {b: False for b in state.ready}
+        want.update({b: True for b in state.terminating})
+        backends: dict[Backend, tuple[int, bool]] = {}
+        for be, terminating in want.items():
+            old = cur.backends.get(be)
+            if old is not None and old[1] == terminating:
+                backends[be] = old
+                continue
+            bid = old[0] if old is not None else self._alloc_backend_id()
+            self._write_backend(bid, be, fe.protocol, terminating)
+            backends[be] = (bid, terminating)
+        # 2. slots
+        ready = plan_slots(cur.ready, [backends[b][0] for b in state.ready])
+        terminating = plan_slots(cur.terminating, [backends[b][0] for b in state.terminating])
+        old_slots = cur.ready + cur.terminating
+        new_slots = ready + terminating
+        for i, bid in enumerate(new_slots):
+            if i >= len(old_slots) or old_slots[i] != bid:
+                self._write(self.maps.svc, _svc_key(fe, i + 1), structs.SvcVal(backend_id=bid, svc_id=cur.svc_id))
+        # 3. master
+        timeout = state.service.affinity_timeout
+        if new or len(ready) != len(cur.ready) or len(terminating) != len(cur.terminating) or timeout != cur.affinity_timeout:
+            self._write(
+                self.maps.svc,
+                _svc_key(fe, 0),
+                structs.SvcVal(svc_id=cur.svc_id, ready=len(ready), terminating=len(terminating), affinity_timeout=timeout),
+            )
+        # 4. slots past the end, 5. backends no longer wanted
+        for i in range(len(new_slots), len(old_slots)):
+            self._delete(self.maps.svc, _svc_key(fe, i + 1))
+        for be, (bid, _t) in cur.backends.items():
+            if be not in backends:
+                self._delete(self.maps.backends, ctypes.c_uint32(bid))
+        cur.ready, cur.terminating, cur.backends, cur.affinity_timeout = ready, terminating, backends, timeout
+        services[fe] = cur
+        self._owner[fe] = key
+
+    def _remove_frontend(self, key: ServiceKey, fe: Frontend) -> None:
+        p = self._by_service[key].pop(fe)
+        self._owner.pop(fe, None)
+        self._delete_programmed(fe, p)
+
+    def _delete_programmed(self, fe: Frontend, p: Programmed) -> None:
+        self._delete(self.maps.svc, _svc_key(fe, 0))  # the VIP stops translating first
+        for i in range(len(p.ready) + len(p.terminating)):
+            self._delete(self.maps.svc, _svc_key(fe, i + 1))
+        for bid, _t in p.backends.values():
+            self._delete(self.maps.backends, ctypes.c_uint32(bid))
+
+    # -- map writes -------------------------------------------------------------
+    def _write_backend(self, bid: int, be: Backend, protocol: str, terminating: bool) -> None:
+        value = structs.Backend(
+            addr=structs.pack_addr(be[0]),
+            port=structs.net_port(be[1]),
+            proto=structs.IPPROTO[protocol],
+            flags=structs.BACKEND_TERMINATING if terminating else 0,
+        )
+        self._write(self.maps.backends, ctypes.c_uint32(bid), value)
+
+    def _write(self, m, key, value) -> None:  # noqa: ANN001
+        m.update(key, value)
+        self.map_writes += 1
+
+    def _delete(self, m, key) -> None:  # noqa: ANN001
+        m.delete(key)
+        self.map_writes += 1
+
+    def _alloc_svc_id(self) -> int:
+        # Ids are never reused: a stale affinity entry can never point into another service.
+        self._next_svc_id += 1
+        return self._next_svc_id - 1
+
+    def _alloc_backend_id(self) -> int:
+        self._next_backend_id += 1
+        return self._next_backend_id - 1
+
+
+def timed_sync(proxier: EbpfProxier, full: bool) -> tuple[int, float]:
+    start = time.perf_counter()
+    n = proxier.sync(full)
+    return n, time.perf_counter() - start

@@ -1,0 +1,1 @@
+"""Sources of objects: the manifest directory and the Kubernetes API."""

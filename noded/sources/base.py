@@ -1,0 +1,41 @@
+"""What a source feeds: the sink protocol, object keys, and the diff a relist applies."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Namespace")
+
+ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
+
+
+class Sink(Protocol):
+    def upsert(self, obj: dict) -> bool: ...
+
+    def delete(self, kind: str, namespace: str, name: str) -> None: ...
+
+    def synced(self, source: str) -> None: ...
+
+
+def object_key(obj: Any) -> ObjectKey | None:
+    """(kind, namespace, name) of a well-formed object; None when it cannot be keyed."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str):
+        return None
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    kind = obj["kind"]
+    namespace = meta.get("namespace")
+    if kind == "Namespace":
+        namespace = ""  # cluster-scoped
+    elif not isinstance(namespace, str) or not namespace:
+        namespace = "default"
+    return kind, namespace, meta["name"]
+
+def apply_snapshot(sink: Sink, known: dict[ObjectKey, dict], fresh: dict[ObjectKey, dict]) -> None:
+    """Make the sink see `fresh` where it saw `known`: deletes, then changed and new objects."""
+    for key in known.keys() - fresh.keys():
+        sink.delete(*key)
+    for key, obj in fresh.items():
+        if known.get(key) != obj:
+            sink.upsert(obj)
