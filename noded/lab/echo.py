@@ -30,11 +30,17 @@ def serve(name: str, tcp_port: int, udp_port: int) -> None:
             _data, sock = self.request
             sock.sendto(reply, self.client_address)
 
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.daemon_threads = True
-    servers: list[socketserver.BaseServer] = [socketserver.ThreadingTCPServer(("0.0.0.0", tcp_port), Tcp)]
+    class TcpServer(socketserver.ThreadingTCPServer):
+        address_family = socket.AF_INET6  # dual-stack: IPv4 clients arrive as mapped addresses
+        allow_reuse_address = True
+        daemon_threads = True
+
+    class UdpServer(socketserver.UDPServer):
+        address_family = socket.AF_INET6
+
+    servers: list[socketserver.BaseServer] = [TcpServer(("::", tcp_port), Tcp)]
     if udp_port:
-        servers.append(socketserver.UDPServer(("0.0.0.0", udp_port), Udp))
+        servers.append(UdpServer(("::", udp_port), Udp))
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for t in threads:
         t.start()

@@ -1,0 +1,194 @@
+"""A local HTTP server speaking the Kubernetes list/watch protocol, for testing the API source.
+
+Lists with limit/continue pagination and a resourceVersion; watches stream
+chunked JSON events after a resourceVersion, send BOOKMARKs on request, answer
+410 Gone (as an ERROR event, like kube-apiserver) for compacted versions, and
+can drop every open watch or stop answering altogether.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+PATHS = {
+    "/api/v1/services": ("Service", "v1", "ServiceList"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1", "EndpointSliceList"),
+}
+
+
+class FakeApiServer:
+    def __init__(self) -> None:
+        self.rv = 100
+        self.objects: dict[str, dict[tuple[str, str], dict]] = {p: {} for p in PATHS}
+        self.events: dict[str, list[tuple[int, str, dict]]] = {p: [] for p in PATHS}
+        self.compacted = 0
+        self.cond = threading.Condition()
+        self.watch_conns: list[socket.socket] = []
+        self.requests: list[str] = []
+        self._server: ThreadingHTTPServer | None = None
+        self.port = 0
+
+    # -- control ----------------------------------------------------------------------
+    def start(self, port: int = 0) -> None:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                fake._handle(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop answering (the API server is gone); open watches are cut."""
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.drop_watches()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _path(self, kind: str) -> str:
+        return next(p for p, (k, _a, _l) in PATHS.items() if k == kind)
+
+    def put(self, obj: dict) -> None:
+        path = self._path(obj["kind"])
+        with self.cond:
+            self.rv += 1
+            meta = obj.setdefault("metadata", {})
+            meta["resourceVersion"] = str(self.rv)
+            key = (meta.get("namespace", "default"), meta["name"])
+            etype = "MODIFIED" if key in self.objects[path] else "ADDED"
+            self.objects[path][key] = obj
+            self.events[path].append((self.rv, etype, json.loads(json.dumps(obj))))
+            self.cond.notify_all()
+
+    def remove(self, kind: str, namespace: str, name: str) -> None:
+        path = self._path(kind)
+        with self.cond:
+            self.rv += 1
+            obj = self.objects[path].pop((namespace, name))
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            self.events[path].append((self.rv, "DELETED", obj))
+            self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget history: watches from older versions get 410 Gone."""
+        with self.cond:
+            self.compacted = self.rv
+            for p in self.events:
+                self.events[p] = []
+
+    def bookmark(self) -> None:
+        with self.cond:
+            self.rv += 1
+            for p in self.events:
+                self.events[p].append((self.rv, "BOOKMARK", {}))
+            self.cond.notify_all()
+
+    def drop_watches(self) -> None:
+        with self.cond:
+            for conn in self.watch_conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.watch_conns.clear()
+            self.cond.notify_all()
+
+    # -- protocol -----------------------------------------------------------------------
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        url = urlparse(h.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self.requests.append(h.path)
+        if url.path not in PATHS:
+            self._json(h, 404, {"kind": "Status", "code": 404, "message": "not found"})
+        elif q.get("watch") in ("true", "1"):
+            self._watch(h, url.path, q)
+        else:
+            self._list(h, url.path, q)
+
+    def _json(self, h: BaseHTTPRequestHandler, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _list(self, h: BaseHTTPRequestHandler, path: str, q: dict) -> None:
+        kind, api_version, list_kind = PATHS[path]
+        with self.cond:
+            items = sorted(self.objects[path].items())
+            rv = self.rv
+        start = int(q.get("continue") or 0)
+        limit = int(q.get("limit") or 0) or len(items)
+        page = [obj for _k, obj in items[start : start + limit]]
+        meta: dict = {"resourceVersion": str(rv)}
+        if start + limit < len(items):
+            meta["continue"] = str(start + limit)
+        # Items in a list carry no kind, as the real API server's don't.
+        stripped = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in page]
+        self._json(h, 200, {"kind": list_kind, "apiVersion": api_version, "metadata": meta, "items": stripped})
+
+    def _watch(self, h: BaseHTTPRequestHandler, path: str, q: dict) -> None:
+        since = int(q.get("resourceVersion") or 0)
+        bookmarks = q.get("allowWatchBookmarks") == "true"
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+
+        def send(event: dict) -> None:
+            data = (json.dumps(event) + "\n").encode()
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            h.wfile.flush()
+
+        with self.cond:
+            self.watch_conns.append(h.connection)
+        try:
+            if since and since < self.compacted:
+                send({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                   "message": f"too old resource version: {since}", "reason": "Expired",
+                                                   "code": 410}})
+                h.wfile.write(b"0\r\n\r\n")
+                return
+            sent = since
+            while True:
+                with self.cond:
+                    pending = [e for e in self.events[path] if e[0] > sent]
+                    if not pending:
+                        if h.connection not in self.watch_conns:
+                            return
+                        self.cond.wait(0.5)
+                        continue
+                for rv, etype, obj in pending:
+                    sent = rv
+                    if etype == "BOOKMARK":
+                        if bookmarks:
+                            kind, api_version, _ = PATHS[path]
+                            send({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                                                                 "metadata": {"resourceVersion": str(rv)}}})
+                        continue
+                    send({"type": etype, "object": obj})
+        except OSError:
+            return
+        finally:
+            with self.cond:
+                if h.connection in self.watch_conns:
+                    self.watch_conns.remove(h.connection)

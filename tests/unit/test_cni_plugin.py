@@ -1,0 +1,50 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from noded.cni.plugin import CniFailure, run
+
+PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": [{"address": "10.244.1.2/24"}]}
+ENV = {"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/run/netns/x"}
+
+
+def conf(**extra):
+    return json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "noded-cni", **extra})
+
+
+def test_add_passes_prev_result_through():
+    code, out = run({**ENV, "CNI_COMMAND": "ADD"}, conf(prevResult=PREV))
+    assert code == 0 and json.loads(out) == PREV
+
+
+def test_version():
+    code, out = run({"CNI_COMMAND": "VERSION"}, "")
+    assert "1.1.0" in json.loads(out)["supportedVersions"]
+
+
+@pytest.mark.parametrize(("env", "stdin", "code"), [
+    ({**ENV, "CNI_COMMAND": "ADD"}, "{not json", 6),
+    ({**ENV, "CNI_COMMAND": "ADD"}, conf(), 7),                       # no prevResult
+    ({**ENV, "CNI_COMMAND": "ADD"}, conf(cniVersion="9.9.9"), 1),
+    ({"CNI_COMMAND": "ADD"}, conf(prevResult=PREV), 4),               # no CNI_CONTAINERID
+    ({**ENV}, conf(), 4),                                             # no CNI_COMMAND
+])
+def test_errors_carry_spec_codes(env, stdin, code):
+    with pytest.raises(CniFailure) as e:
+        run(env, stdin)
+    assert e.value.code == code
+
+
+def test_binary_prints_error_json_never_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "noded.cni.plugin"], input="{bad", text=True,
+                          env={**ENV, "CNI_COMMAND": "ADD"}, capture_output=True)
+    assert proc.returncode == 1
+    err = json.loads(proc.stdout)
+    assert err["code"] == 6 and "Traceback" not in proc.stderr
+
+
+def test_del_without_netns_succeeds():
+    env = {"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_COMMAND": "DEL"}
+    assert run(env, conf()) == (0, "")

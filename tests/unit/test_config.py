@@ -1,0 +1,63 @@
+import pytest
+
+from noded.config import ConfigError, load, parse
+
+
+def test_defaults_for_every_key():
+    cfg = parse({})
+    assert cfg.services.mode == "ebpf"
+    assert cfg.services.cgroupPath == "/sys/fs/cgroup/unified"
+    assert cfg.dns.listen == ["169.254.20.10:53"]
+    assert cfg.source.directory == "/etc/noded/manifests"
+    assert cfg.bpffsPath == f"/sys/fs/bpf/noded/{cfg.nodeName}"
+    assert cfg.clusterDomain == "cluster.local"
+
+
+def test_full_example_from_design(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("""
+apiVersion: noded.io/v1alpha1
+kind: NodedConfiguration
+nodeName: node1
+source: {directory: /etc/noded/manifests}
+clusterDomain: cluster.local
+clusterCIDRs: [10.244.0.0/16]
+services: {mode: ebpf, cgroupPath: /sys/fs/cgroup/unified, nodePortAddresses: []}
+dns: {listen: ["169.254.20.10:53"], upstreams: []}
+capture: {enabled: true}
+api: {socket: /run/noded/noded.sock}
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 0.0.0.0:10256
+bpffsPath: /sys/fs/bpf/noded/node1
+""")
+    cfg = load(str(path))
+    assert cfg.nodeName == "node1" and cfg.bpffsPath == "/sys/fs/bpf/noded/node1"
+
+
+@pytest.mark.parametrize(
+    ("data", "names"),
+    [
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"services": {"mode": "ipvs"}}, "services.mode"),
+        ({"services": {"cgroupPth": "/x"}}, "services.cgroupPth: unknown key"),
+        ({"clusterCIDRs": ["10.0.0.0/33"]}, "clusterCIDRs[0]"),
+        ({"dns": {"listen": ["nonsense"]}}, "dns.listen[0]"),
+        ({"capture": {"enabled": "yes"}}, "capture.enabled"),
+        ({"metricsBindAddress": "127.0.0.1:99999"}, "metricsBindAddress"),
+        ({"kind": "KubeProxyConfiguration"}, "kind"),
+        ({"source": {"directory": "/a", "kubeconfig": "/b"}}, "source"),
+        ({"services": "ebpf"}, "services: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(data, names):
+    with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        parse(data)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="No such file"):
+        load(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(str(bad))

@@ -1,0 +1,62 @@
+import yaml
+
+from noded.sources.directory import DirectorySource
+from tests.objects import endpoint, service, slice_
+
+
+class Recorder:
+    def __init__(self):
+        self.objects = {}
+        self.log = []
+
+    def upsert(self, obj):
+        key = (obj["kind"], obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
+        self.objects[key] = obj
+        self.log.append(("upsert", key))
+        return True
+
+    def delete(self, kind, namespace, name):
+        self.objects.pop((kind, namespace, name), None)
+        self.log.append(("delete", (kind, namespace, name)))
+
+    def synced(self, source):
+        self.log.append(("synced", source))
+
+
+def test_multi_document_files_changes_and_deletes(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([service("web"), slice_("web", [endpoint("10.244.1.2")])]))
+    sink = Recorder()
+    src = DirectorySource(str(tmp_path), sink)
+    assert src.scan()
+    assert set(sink.objects) == {("Service", "default", "web"), ("EndpointSlice", "default", "web-abc")}
+    sink.log.clear()
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([service("web", "10.96.0.99")]))
+    assert src.scan()
+    assert sink.log == [("delete", ("EndpointSlice", "default", "web-abc")), ("upsert", ("Service", "default", "web"))]
+    assert not src.scan()  # nothing changed, nothing re-read
+    (tmp_path / "a.yaml").unlink()
+    src.scan()
+    assert sink.objects == {}
+
+
+def test_broken_file_keeps_its_last_good_objects_and_others_load(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(service("web")))
+    sink = Recorder()
+    src = DirectorySource(str(tmp_path), sink)
+    src.scan()
+    (tmp_path / "a.yaml").write_text("kind: Service\nmetadata: {name: web\n")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(service("other", "10.96.0.2")))
+    src.scan()
+    assert ("Service", "default", "web") in sink.objects
+    assert ("Service", "default", "other") in sink.objects
+    assert "a.yaml" in src.last_error
+
+
+def test_unkeyable_documents_and_other_kinds_are_skipped(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([{"kind": "Service"}, "just a string",
+                                                         {"kind": "ConfigMap", "metadata": {"name": "x"}},
+                                                         service("web")]))
+    (tmp_path / "notes.txt").write_text("ignored")
+    sink = Recorder()
+    DirectorySource(str(tmp_path), sink).scan()
+    assert list(sink.objects) == [("Service", "default", "web")]

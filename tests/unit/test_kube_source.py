@@ -1,0 +1,152 @@
+"""The Kubernetes API source against a local server speaking the real list/watch protocol."""
+
+import time
+
+import pytest
+from kubernetes import client
+
+from noded.model.tracker import Frontend, ServiceModel
+from noded.sources import kube
+from tests.fakeapi import FakeApiServer
+from tests.objects import endpoint, service, slice_
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+class ModelSink:
+    def __init__(self):
+        self.model = ServiceModel()
+        self.synced_sources = []
+
+    def upsert(self, obj):
+        return self.model.upsert(obj)
+
+    def delete(self, kind, ns, name):
+        self.model.delete(kind, ns, name)
+
+    def synced(self, source):
+        self.synced_sources.append(source)
+
+
+@pytest.fixture
+def api():
+    server = FakeApiServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_source(api, sink):
+    cfg = client.Configuration(host=api.url)
+    src = kube.KubeSource(client.ApiClient(cfg), sink, max_backoff=0.5)
+    src.start()
+    return src
+
+
+def frontends(sink, name):
+    return sink.model.frontends_of(("default", name))
+
+
+def test_list_then_watch_add_modify_delete(api):
+    api.put(service("web"))
+    api.put(slice_("web", [endpoint("10.244.1.2")]))
+    sink = ModelSink()
+    src = start_source(api, sink)
+    try:
+        wait_for(lambda: src.synced)
+        assert sink.synced_sources == ["kubernetes"]
+        fe = Frontend("10.96.0.10", 80, "TCP")
+        assert frontends(sink, "web")[fe].ready == (("10.244.1.2", 8080),)
+        api.put(slice_("web", [endpoint("10.244.1.2"), endpoint("10.244.2.2")]))
+        wait_for(lambda: len(frontends(sink, "web")[fe].ready) == 2)
+        api.remove("Service", "default", "web")
+        wait_for(lambda: frontends(sink, "web") == {})
+        assert any("watch=true" in r and "allowWatchBookmarks=true" in r for r in api.requests)
+    finally:
+        src.stop()
+
+
+def test_paginated_list(api):
+    for i in range(1, 1201):
+        api.put(service(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}"))
+    sink = ModelSink()
+    src = start_source(api, sink)
+    try:
+        wait_for(lambda: src.synced)
+        assert sink.model.counts()[0] == 1200
+        assert sum("continue=" in r for r in api.requests if "services" in r) == 2
+    finally:
+        src.stop()
+
+
+def test_bookmark_moves_resource_version(api):
+    sink = ModelSink()
+    src = start_source(api, sink)
+    try:
+        wait_for(lambda: src.synced)
+        watcher = src.watchers["Service"]
+        before = int(watcher.resource_version)
+        api.bookmark()
+        wait_for(lambda: int(watcher.resource_version) > before)
+    finally:
+        src.stop()
+
+
+def test_410_gone_relists_and_applies_the_difference(api):
+    api.put(service("keep", "10.96.0.1"))
+    api.put(service("gone", "10.96.0.2"))
+    sink = ModelSink()
+    src = start_source(api, sink)
+    try:
+        wait_for(lambda: src.synced)
+        watcher = src.watchers["Service"]
+        # While the watch is cut, history is compacted and objects change.
+        api.stop()
+        api.remove("Service", "default", "gone")
+        api.put(service("new", "10.96.0.3"))
+        api.compact()
+        api.start(api.port)
+        wait_for(lambda: watcher.relists >= 2)
+        wait_for(lambda: frontends(sink, "gone") == {} and frontends(sink, "new") != {})
+        assert frontends(sink, "keep") != {}
+        assert watcher.reconnects >= 1
+    finally:
+        src.stop()
+
+
+def test_reconnect_resumes_from_last_version_without_relist(api):
+    api.put(service("web"))
+    sink = ModelSink()
+    src = start_source(api, sink)
+    try:
+        wait_for(lambda: src.synced)
+        watcher = src.watchers["Service"]
+        api.drop_watches()
+        api.put(service("web2", "10.96.0.20"))
+        wait_for(lambda: frontends(sink, "web2") != {})
+        assert watcher.relists == 1
+    finally:
+        src.stop()
+
+
+def test_malformed_object_from_api_rejected_alone(api):
+    api.put(service("good", "10.96.0.1"))
+    bad = service("bad", "10.96.0.2")
+    bad["spec"]["ports"][0]["protocol"] = "QUIC"
+    api.put(bad)
+    sink = ModelSink()
+    src = start_source(api, sink)
+    try:
+        wait_for(lambda: src.synced)
+        assert frontends(sink, "good") != {}
+        assert frontends(sink, "bad") == {}
+        assert sink.model.rejected == 1
+    finally:
+        src.stop()
