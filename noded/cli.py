@@ -44,17 +44,30 @@ def cmd_services(args: argparse.Namespace) -> int:
     finally:
         maps.close()
     if args.output == "json":
-        print(json.dumps([
-            {"frontend": str(v.frontend), "ip": v.frontend.ip, "port": v.frontend.port, "protocol": v.frontend.protocol,
-             "svcId": v.svc_id, "affinityTimeout": v.affinity_timeout,
-             "ready": [f"{a}:{p}" for a, p in v.ready], "terminating": [f"{a}:{p}" for a, p in v.terminating]}
-            for v in views
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "frontend": str(v.frontend),
+                        "ip": v.frontend.ip,
+                        "port": v.frontend.port,
+                        "protocol": v.frontend.protocol,
+                        "svcId": v.svc_id,
+                        "affinityTimeout": v.affinity_timeout,
+                        "ready": [f"{a}:{p}" for a, p in v.ready],
+                        "terminating": [f"{a}:{p}" for a, p in v.terminating],
+                    }
+                    for v in views
+                ],
+                indent=2,
+            )
+        )
         return 0
     print(f"{'FRONTEND':<28} {'ID':>6} {'AFFINITY':>8}  BACKENDS")
     for v in views:
         backends = [f"{a}:{p}" for a, p in v.ready] + [f"{a}:{p}(terminating)" for a, p in v.terminating]
-        print(f"{str(v.frontend):<28} {v.svc_id:>6} {v.affinity_timeout or '-':>8}  {', '.join(backends) or '(none: rejects)'}")
+        shown = ", ".join(backends) or "(none: rejects)"
+        print(f"{v.frontend!s:<28} {v.svc_id:>6} {v.affinity_timeout or '-':>8}  {shown}")
     return 0
 
 
@@ -68,7 +81,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         with open(status_path) as f:
             status = json.load(f)
     running = bool(status.get("pid")) and os.path.exists(f"/proc/{status['pid']}")
-    status.update({"running": running, "bpffsPath": cfg.bpffsPath, "attachedPrograms": attached_programs(cfg.bpffsPath)})
+    status.update(
+        {"running": running, "bpffsPath": cfg.bpffsPath, "attachedPrograms": attached_programs(cfg.bpffsPath)}
+    )
     if args.output == "json":
         print(json.dumps(status, indent=2))
     else:
@@ -78,14 +93,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from noded.bpf.sock_lb import remove
+    from noded.cleanup import cleanup
 
     cfg = _config(args.config)
-    roots = [cfg.bpffsPath]
+    configs = [cfg]
     if args.all and os.path.isdir("/sys/fs/bpf/noded"):
-        roots = [f"/sys/fs/bpf/noded/{d}" for d in os.listdir("/sys/fs/bpf/noded")]
-    for root in roots:
-        for path in remove(root):
+        configs = [parse({"nodeName": d}) for d in sorted(os.listdir("/sys/fs/bpf/noded"))]
+    for c in configs:
+        for path in cleanup(c):
             print(f"removed {path}")
     return 0
 

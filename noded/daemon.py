@@ -48,7 +48,7 @@ class ModelSink:
             self.all_synced.set()
 
 
-def make_source(config: NodedConfiguration, sink: ModelSink):  # noqa: ANN201
+def make_source(config: NodedConfiguration, sink: ModelSink):
     if config.source.directory:
         from noded.sources.directory import DirectorySource
 
@@ -58,7 +58,7 @@ def make_source(config: NodedConfiguration, sink: ModelSink):  # noqa: ANN201
     return KubeSource(api_client(config.source.kubeconfig, config.source.inCluster), sink)
 
 
-def make_proxier(config: NodedConfiguration, model: ServiceModel):  # noqa: ANN201
+def make_proxier(config: NodedConfiguration, model: ServiceModel):
     mode = config.services.mode
     if mode == "none":
         return None
@@ -118,12 +118,14 @@ class Daemon:
         return 0
 
     def _serve(self) -> None:
-        self.metrics.gauges.update({
-            "kubeproxy_sync_proxy_rules_service_changes_total": lambda: self.model.service_changes,
-            "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
-            "noded_rejected_objects_total": lambda: self.model.rejected,
-            "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
-        })
+        self.metrics.gauges.update(
+            {
+                "kubeproxy_sync_proxy_rules_service_changes_total": lambda: self.model.service_changes,
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
+                "noded_rejected_objects_total": lambda: self.model.rejected,
+                "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
+            }
+        )
 
         def healthz() -> tuple[int, str, str]:
             ok = self.runner is not None and self.runner.syncs > 0 and self.runner.last_error is None
@@ -133,8 +135,11 @@ class Daemon:
             return 200, "text/plain", "ok\n"
 
         serve(split_hostport(self.config.healthzBindAddress), {"/healthz": healthz, "/livez": livez}, "healthz")
-        serve(split_hostport(self.config.metricsBindAddress),
-              {"/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render())}, "metrics")
+        serve(
+            split_hostport(self.config.metricsBindAddress),
+            {"/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render())},
+            "metrics",
+        )
 
     def _write_status(self) -> None:
         services, slices = self.model.counts()

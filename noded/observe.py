@@ -31,7 +31,7 @@ Handler = Callable[[], tuple[int, str, str]]  # -> (status, content type, body)
 
 def serve(address: tuple[str, int], routes: dict[str, Handler], name: str) -> ThreadingHTTPServer:
     class _Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
+        def do_GET(self) -> None:
             route = routes.get(self.path.split("?")[0])
             status, ctype, body = route() if route else (404, "text/plain", "not found\n")
             data = body.encode()

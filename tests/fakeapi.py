@@ -8,6 +8,7 @@ can drop every open watch or stop answering altogether.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -39,7 +40,7 @@ class FakeApiServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 fake._handle(self)
 
             def log_message(self, *args: object) -> None:
@@ -104,10 +105,8 @@ class FakeApiServer:
     def drop_watches(self) -> None:
         with self.cond:
             for conn in self.watch_conns:
-                try:
+                with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             self.watch_conns.clear()
             self.cond.notify_all()
 
@@ -132,7 +131,7 @@ class FakeApiServer:
         h.wfile.write(data)
 
     def _list(self, h: BaseHTTPRequestHandler, path: str, q: dict) -> None:
-        kind, api_version, list_kind = PATHS[path]
+        _kind, api_version, list_kind = PATHS[path]
         with self.cond:
             items = sorted(self.objects[path].items())
             rv = self.rv
@@ -163,9 +162,19 @@ class FakeApiServer:
             self.watch_conns.append(h.connection)
         try:
             if since and since < self.compacted:
-                send({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                                   "message": f"too old resource version: {since}", "reason": "Expired",
-                                                   "code": 410}})
+                send(
+                    {
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "status": "Failure",
+                            "message": f"too old resource version: {since}",
+                            "reason": "Expired",
+                            "code": 410,
+                        },
+                    }
+                )
                 h.wfile.write(b"0\r\n\r\n")
                 return
             sent = since
@@ -182,8 +191,16 @@ class FakeApiServer:
                     if etype == "BOOKMARK":
                         if bookmarks:
                             kind, api_version, _ = PATHS[path]
-                            send({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
-                                                                 "metadata": {"resourceVersion": str(rv)}}})
+                            send(
+                                {
+                                    "type": "BOOKMARK",
+                                    "object": {
+                                        "kind": kind,
+                                        "apiVersion": api_version,
+                                        "metadata": {"resourceVersion": str(rv)},
+                                    },
+                                }
+                            )
                         continue
                     send({"type": etype, "object": obj})
         except OSError:

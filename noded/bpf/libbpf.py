@@ -49,7 +49,7 @@ _LIBBPF_WARN = 0
 
 
 @ffi.callback("int(int, const char *, void *)")
-def _print(level: int, fmt, args) -> int:  # noqa: ANN001 - cffi pointers
+def _print(level: int, fmt, args) -> int:
     if level != _LIBBPF_WARN:
         return 0
     buf = ffi.new("char[4096]")
@@ -74,7 +74,7 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def _check_ptr(ptr, what: str):  # noqa: ANN001, ANN202 - cffi pointers
+def _check_ptr(ptr, what: str):
     if ptr == ffi.NULL:
         err = ffi.errno or errno.EINVAL
         raise BpfError(err, f"{what}: {os.strerror(err)}")
@@ -187,7 +187,7 @@ class Object:
             self._obj = None
 
 
-def attach_cgroup_pinned(prog, cgroup_path: str, pin_path: str) -> str:  # noqa: ANN001
+def attach_cgroup_pinned(prog, cgroup_path: str, pin_path: str) -> str:
     """Attach prog to a cgroup with a BPF link pinned at pin_path.
 
     An existing pinned link is updated in place (atomic program replacement),

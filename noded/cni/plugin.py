@@ -60,7 +60,9 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, str]:
     if command == "ADD":
         prev = conf.get("prevResult")
         if not isinstance(prev, dict):
-            raise CniFailure(ERR_INVALID_CONFIG, "prevResult: noded-cni is a chained plugin and needs the previous result")
+            raise CniFailure(
+                ERR_INVALID_CONFIG, "prevResult: noded-cni is a chained plugin and needs the previous result"
+            )
         if not isinstance(prev.get("ips", []), list) or not isinstance(prev.get("interfaces", []), list):
             raise CniFailure(ERR_DECODING, "prevResult: ips and interfaces must be lists")
         return 0, json.dumps({**prev, "cniVersion": version})

@@ -1,10 +1,12 @@
-"""Runs a CNI plugin chain exactly as a container runtime does (the libcni contract): one exec per plugin, netconf on stdin, prevResult chained."""
+"""Runs a CNI plugin chain exactly as a container runtime does (the libcni contract).
+
+One exec per plugin, the netconf on stdin, prevResult chained from plugin to plugin.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 
 from noded.lab import netns
@@ -23,7 +25,9 @@ class Invocation:
 
 
 def _exec(plugin_type: str, command: str, conf: dict, inv: Invocation, cni_path: list[str], run_in: str) -> dict:
-    binary = next((os.path.join(d, plugin_type) for d in cni_path if os.path.isfile(os.path.join(d, plugin_type))), None)
+    binary = next(
+        (os.path.join(d, plugin_type) for d in cni_path if os.path.isfile(os.path.join(d, plugin_type))), None
+    )
     if binary is None:
         raise CniError(f"CNI plugin {plugin_type!r} not found in {':'.join(cni_path)}")
     env = {
@@ -38,7 +42,9 @@ def _exec(plugin_type: str, command: str, conf: dict, inv: Invocation, cni_path:
     proc = netns.nsenter(run_in, [binary], input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
     out = proc.stdout.decode(errors="replace").strip()
     if proc.returncode != 0:
-        raise CniError(f"{plugin_type} {command} failed ({proc.returncode}): {out or proc.stderr.decode(errors='replace')}")
+        raise CniError(
+            f"{plugin_type} {command} failed ({proc.returncode}): {out or proc.stderr.decode(errors='replace')}"
+        )
     return json.loads(out) if out else {}
 
 

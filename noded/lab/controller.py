@@ -55,11 +55,13 @@ def endpoint_slices(services: list[dict], pods: list[dict]) -> list[dict]:
             if not isinstance(p, dict):
                 continue
             target = p.get("targetPort", p.get("port"))
-            ports.append({
-                "name": p.get("name", ""),
-                "protocol": p.get("protocol", "TCP"),
-                "port": target if isinstance(target, int) else p.get("port"),
-            })
+            ports.append(
+                {
+                    "name": p.get("name", ""),
+                    "protocol": p.get("protocol", "TCP"),
+                    "port": target if isinstance(target, int) else p.get("port"),
+                }
+            )
         selected = [pod for pod in pods if pod["namespace"] == ns and _selects(selector, pod.get("labels", {}))]
         for family in ("IPv4", "IPv6"):
             endpoints = []
@@ -69,26 +71,37 @@ def endpoint_slices(services: list[dict], pods: list[dict]) -> list[dict]:
                     continue
                 terminating = bool(pod.get("terminating"))
                 ready = bool(pod.get("ready", True)) and not terminating
-                endpoints.append({
-                    "addresses": [ips[0]],
-                    "conditions": {"ready": ready, "serving": bool(pod.get("ready", True)), "terminating": terminating},
-                    "nodeName": pod["node"],
-                    "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["name"]},
-                })
+                endpoints.append(
+                    {
+                        "addresses": [ips[0]],
+                        "conditions": {
+                            "ready": ready,
+                            "serving": bool(pod.get("ready", True)),
+                            "terminating": terminating,
+                        },
+                        "nodeName": pod["node"],
+                        "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["name"]},
+                    }
+                )
             if family == "IPv6" and not endpoints:
                 continue
-            slices.append({
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {
-                    "name": f"{name}-lab-{family.lower()}",
-                    "namespace": ns,
-                    "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "noded-lab"},
-                },
-                "addressType": family,
-                "ports": ports,
-                "endpoints": endpoints,
-            })
+            slices.append(
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": f"{name}-lab-{family.lower()}",
+                        "namespace": ns,
+                        "labels": {
+                            "kubernetes.io/service-name": name,
+                            "endpointslice.kubernetes.io/managed-by": "noded-lab",
+                        },
+                    },
+                    "addressType": family,
+                    "ports": ports,
+                    "endpoints": endpoints,
+                }
+            )
     return slices
 
 

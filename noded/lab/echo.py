@@ -20,8 +20,9 @@ def serve(name: str, tcp_port: int, udp_port: int) -> None:
                 if line.startswith(b"GET "):
                     while self.rfile.readline().strip():
                         pass
-                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                                     % (len(reply), reply))
+                    self.wfile.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(reply), reply)
+                    )
                     return
                 self.wfile.write(reply)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from noded import config
+from noded.cleanup import cleanup
 from noded.lab import cni, controller, netns
 from noded.sources.directory import parse_manifests
 
@@ -173,10 +175,8 @@ class Lab:
                 state = self.state()
         for name, node in state.get("nodes", {}).items():
             self.stop_daemon(name)
-            from noded.bpf.sock_lb import remove
-
-            if remove(node["bpffsPath"]):
-                done.append(f"bpf pins of {name}")
+            if cleanup(config.load(node["config"])):
+                done.append(f"kernel objects of noded on {name}")
         for key, pod in state.get("pods", {}).items():
             with contextlib.suppress(Exception):
                 self._cni_del(state, pod)
@@ -194,13 +194,16 @@ class Lab:
     # -- daemons ------------------------------------------------------------------------
     def start_daemon(self, name: str) -> int:
         node = self.state()["nodes"][name]
-        log = open(f"{self.node_dir(name)}/noded.log", "ab")
-        argv = netns.nsenter_argv(node["netns"], [sys.executable, "-m", "noded", "run", "--config", node["config"]])
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=lambda: netns.cgroup_join(node["cgroup"] + "/system"),
-        )
-        log.close()
+        with open(f"{self.node_dir(name)}/noded.log", "ab") as log:
+            argv = netns.nsenter_argv(node["netns"], [sys.executable, "-m", "noded", "run", "--config", node["config"]])
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=lambda: netns.cgroup_join(node["cgroup"] + "/system"),
+            )
         with open(f"{self.node_dir(name)}/noded.pid", "w") as f:
             f.write(str(proc.pid))
         return proc.pid
@@ -248,11 +251,12 @@ class Lab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.daemon_pid(name) is None:
-                raise LabError(f"noded on {name} exited; see {self.node_dir(name)}/noded.log:\n{self.daemon_log(name)[-3000:]}")
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                with open(path) as f:
-                    if json.load(f).get("syncs", 0) >= 1:
-                        return
+                raise LabError(
+                    f"noded on {name} exited; see {self.node_dir(name)}/noded.log:\n{self.daemon_log(name)[-3000:]}"
+                )
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError), open(path) as f:
+                if json.load(f).get("syncs", 0) >= 1:
+                    return
             time.sleep(0.05)
         raise LabError(f"noded on {name} did not sync within {timeout}s; see {self.node_dir(name)}/noded.log")
 
@@ -264,8 +268,9 @@ class Lab:
             return ""
 
     # -- pods ---------------------------------------------------------------------------
-    def add_pod(self, key: str, node_name: str, labels: dict[str, str] | None = None,
-                service_account: str = "default") -> dict[str, Any]:
+    def add_pod(
+        self, key: str, node_name: str, labels: dict[str, str] | None = None, service_account: str = "default"
+    ) -> dict[str, Any]:
         namespace, _, name = key.partition("/")
         if not name:
             namespace, name = "default", namespace
@@ -358,9 +363,10 @@ class Lab:
         for name in sorted(os.listdir(self.manifests)):
             if not name.startswith("applied-"):
                 continue
-            with contextlib.suppress(OSError, yaml.YAMLError):
-                with open(f"{self.manifests}/{name}") as f:
-                    services += [d for d in parse_manifests(f.read(), name) if isinstance(d, dict) and d.get("kind") == "Service"]
+            with contextlib.suppress(OSError, yaml.YAMLError), open(f"{self.manifests}/{name}") as f:
+                services += [
+                    d for d in parse_manifests(f.read(), name) if isinstance(d, dict) and d.get("kind") == "Service"
+                ]
         return services
 
     def _reconcile(self, state: dict[str, Any]) -> None:
@@ -371,10 +377,9 @@ class Lab:
 
     def _write_if_changed(self, path: str, docs: list[dict]) -> None:
         text = yaml.safe_dump_all(docs, sort_keys=False) if docs else ""
-        with contextlib.suppress(FileNotFoundError):
-            with open(path) as f:
-                if f.read() == text:
-                    return
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            if f.read() == text:
+                return
         _write_atomic(path, text)
 
     # -- exec -----------------------------------------------------------------------------
@@ -418,13 +423,25 @@ class Lab:
             "mode": state["mode"],
             "external": {"address": EXTERNAL_ADDRESS, "netns": EXTERNAL_NS},
             "nodes": [
-                {"name": n["name"], "address": n["address"], "podCIDR": n["podCIDR"], "netns": n["netns"],
-                 "daemonPid": self.daemon_pid(n["name"])}
+                {
+                    "name": n["name"],
+                    "address": n["address"],
+                    "podCIDR": n["podCIDR"],
+                    "netns": n["netns"],
+                    "daemonPid": self.daemon_pid(n["name"]),
+                }
                 for n in state["nodes"].values()
             ],
             "pods": [
-                {"namespace": p["namespace"], "name": p["name"], "node": p["node"], "ips": p["ips"],
-                 "labels": p["labels"], "ready": p.get("ready", True), "terminating": p.get("terminating", False)}
+                {
+                    "namespace": p["namespace"],
+                    "name": p["name"],
+                    "node": p["node"],
+                    "ips": p["ips"],
+                    "labels": p["labels"],
+                    "ready": p.get("ready", True),
+                    "terminating": p.get("terminating", False),
+                }
                 for p in state["pods"].values()
             ],
             "services": [

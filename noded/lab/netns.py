@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,7 +68,7 @@ def nsenter_argv(ns_name: str, argv: list[str]) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{ns_name}", "--", *argv]
 
 
-def nsenter(ns_name: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+def nsenter(ns_name: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(nsenter_argv(ns_name, argv), **kwargs)
 
 
@@ -91,10 +92,8 @@ def cgroup_remove_tree(path: str) -> None:
             if not pids:
                 break
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.05)
         try:
             os.rmdir(dirpath)

@@ -17,13 +17,17 @@ def tcp(host: str, port: int, count: int, timeout: float) -> dict:
     for _ in range(count):
         try:
             with socket.create_connection((host, port), timeout=timeout) as s:
-                peers.add("%s:%d" % s.getpeername()[:2])
+                peers.add("{}:{}".format(*s.getpeername()[:2]))
                 s.sendall(b"hello\n")
                 answers[s.makefile().readline().strip()] += 1
         except OSError as e:
             errors[e.strerror or str(e)] += 1
-    return {"answers": dict(answers), "errors": dict(errors), "peers": sorted(peers),
-            "seconds": round(time.perf_counter() - start, 4)}
+    return {
+        "answers": dict(answers),
+        "errors": dict(errors),
+        "peers": sorted(peers),
+        "seconds": round(time.perf_counter() - start, 4),
+    }
 
 
 def udp(host: str, port: int, count: int, timeout: float) -> dict:
@@ -38,7 +42,7 @@ def udp(host: str, port: int, count: int, timeout: float) -> dict:
                 s.sendto(b"hello", (host, port))
                 data, src = s.recvfrom(2048)
                 answers[data.decode().strip()] += 1
-                sources.add("%s:%d" % src[:2])
+                sources.add("{}:{}".format(*src[:2]))
             except OSError as e:
                 errors[e.strerror or str(e)] += 1
     return {"answers": dict(answers), "errors": dict(errors), "sources": sorted(sources)}

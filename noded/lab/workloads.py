@@ -11,7 +11,17 @@ from noded.lab.lab import Lab, LabError
 
 
 def start_echo(lab: Lab, pod: str, name: str | None = None, tcp: int = 8080, udp: int = 0) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "noded.lab.echo", "--name", name or pod.split("/")[-1], "--tcp", str(tcp), "--udp", str(udp)]
+    argv = [
+        sys.executable,
+        "-m",
+        "noded.lab.echo",
+        "--name",
+        name or pod.split("/")[-1],
+        "--tcp",
+        str(tcp),
+        "--udp",
+        str(udp),
+    ]
     proc = lab.popen(pod, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     if "serving" not in line:
@@ -38,34 +48,45 @@ def programmed(lab: Lab, node: str) -> dict[str, dict]:
     maps = LbMaps.open_pinned(lab.state()["nodes"][node]["bpffsPath"])
     try:
         return {
-            str(v.frontend): {"ready": sorted(f"{a}:{p}" for a, p in v.ready),
-                              "terminating": sorted(f"{a}:{p}" for a, p in v.terminating)}
+            str(v.frontend): {
+                "ready": sorted(f"{a}:{p}" for a, p in v.ready),
+                "terminating": sorted(f"{a}:{p}" for a, p in v.terminating),
+            }
             for v in describe(maps)
         }
     finally:
         maps.close()
 
 
-def wait_programmed(lab: Lab, node: str, frontend: str, ready: int | None = None, terminating: int = 0,
-                    timeout: float = 10.0) -> float:
+def wait_programmed(
+    lab: Lab, node: str, frontend: str, ready: int | None = None, terminating: int = 0, timeout: float = 10.0
+) -> float:
     """Wait until node's maps hold frontend with that many backends; returns the seconds it took."""
     start = time.monotonic()
     while True:
         got = programmed(lab, node).get(frontend)
-        if got is not None and (ready is None or (len(got["ready"]) == ready and len(got["terminating"]) == terminating)):
+        if got is not None and (
+            ready is None or (len(got["ready"]) == ready and len(got["terminating"]) == terminating)
+        ):
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
             raise LabError(f"{frontend} on {node}: wanted {ready} ready/{terminating} terminating, have {got}")
         time.sleep(0.02)
 
 
-def service_yaml(name: str, selector: dict[str, str] | None, ports: list[tuple[str, str, int, int]],
-                 namespace: str = "default", extra_spec: dict | None = None) -> str:
+def service_yaml(
+    name: str,
+    selector: dict[str, str] | None,
+    ports: list[tuple[str, str, int, int]],
+    namespace: str = "default",
+    extra_spec: dict | None = None,
+) -> str:
     import yaml
 
     spec: dict = {"ports": [{"name": n, "protocol": proto, "port": p, "targetPort": t} for n, proto, p, t in ports]}
     if selector:
         spec["selector"] = selector
     spec.update(extra_spec or {})
-    return yaml.safe_dump({"apiVersion": "v1", "kind": "Service",
-                           "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+    return yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    )

@@ -138,7 +138,9 @@ def parse_service(obj: Any) -> list[ServicePort]:
         ips = [_ip(ip, f"{where}.clusterIPs[{i}]") for i, ip in enumerate(cluster_ips)]
         if len({ipaddress.ip_address(ip).version for ip in ips}) != len(ips):
             raise ManifestError(f"{where}.clusterIPs: at most one address per IP family")
-    external_ips = tuple(_ip(ip, f"{where}.externalIPs[{i}]") for i, ip in enumerate(_get(spec, "externalIPs", list, where, [])))
+    external_ips = tuple(
+        _ip(ip, f"{where}.externalIPs[{i}]") for i, ip in enumerate(_get(spec, "externalIPs", list, where, []))
+    )
     status = _get(obj, "status", dict, f"Service {namespace}/{name}", {})
     lb = _get(status, "loadBalancer", dict, f"{where[:-4]}status", {})
     lb_ips = tuple(
@@ -153,7 +155,9 @@ def parse_service(obj: Any) -> list[ServicePort]:
     if affinity == "ClientIP":
         cfg = _get(spec, "sessionAffinityConfig", dict, where, {})
         client = _get(cfg, "clientIP", dict, f"{where}.sessionAffinityConfig", {})
-        timeout = _get(client, "timeoutSeconds", int, f"{where}.sessionAffinityConfig.clientIP", DEFAULT_AFFINITY_TIMEOUT)
+        timeout = _get(
+            client, "timeoutSeconds", int, f"{where}.sessionAffinityConfig.clientIP", DEFAULT_AFFINITY_TIMEOUT
+        )
         if not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
             raise ManifestError(
                 f"{where}.sessionAffinityConfig.clientIP.timeoutSeconds: {timeout} is not in 1..{MAX_AFFINITY_TIMEOUT}"

@@ -58,7 +58,9 @@ def read_maps(maps: LbMaps) -> tuple[dict[Frontend, Programmed], int, int]:
     masters: dict[Frontend, structs.SvcVal] = {}
     slots: dict[Frontend, dict[int, int]] = {}
     for key, val in maps.svc.items():
-        fe = Frontend(structs.unpack_addr(key.addr), structs.host_port(key.port), structs.PROTO_NAME.get(key.proto, "?"))
+        fe = Frontend(
+            structs.unpack_addr(key.addr), structs.host_port(key.port), structs.PROTO_NAME.get(key.proto, "?")
+        )
         if key.slot == 0:
             masters[fe] = val
         else:
@@ -88,7 +90,10 @@ def describe(maps: LbMaps) -> list[ProgrammedView]:
         by_id = {bid: addr for addr, (bid, _t) in p.backends.items()}
         views.append(
             ProgrammedView(
-                fe, p.svc_id, p.affinity_timeout, [by_id[i] for i in p.ready if i in by_id],
+                fe,
+                p.svc_id,
+                p.affinity_timeout,
+                [by_id[i] for i in p.ready if i in by_id],
                 [by_id[i] for i in p.terminating if i in by_id],
             )
         )
@@ -147,8 +152,12 @@ class EbpfProxier:
     def _program_frontend(self, key: ServiceKey, fe: Frontend, state: FrontendState) -> None:
         owner = self._owner.get(fe)
         if owner is not None and owner != key:
-            log.error("frontend claimed by two services", frontend=str(fe), kept=f"{owner[0]}/{owner[1]}",
-                      ignored=f"{key[0]}/{key[1]}")
+            log.error(
+                "frontend claimed by two services",
+                frontend=str(fe),
+                kept=f"{owner[0]}/{owner[1]}",
+                ignored=f"{key[0]}/{key[1]}",
+            )
             return
         services = self._by_service.setdefault(key, {})
         cur = services.get(fe) or self._unclaimed.pop(fe, None)
@@ -177,11 +186,18 @@ class EbpfProxier:
                 self._write(self.maps.svc, _svc_key(fe, i + 1), structs.SvcVal(backend_id=bid, svc_id=cur.svc_id))
         # 3. master
         timeout = state.service.affinity_timeout
-        if new or len(ready) != len(cur.ready) or len(terminating) != len(cur.terminating) or timeout != cur.affinity_timeout:
+        if (
+            new
+            or len(ready) != len(cur.ready)
+            or len(terminating) != len(cur.terminating)
+            or timeout != cur.affinity_timeout
+        ):
             self._write(
                 self.maps.svc,
                 _svc_key(fe, 0),
-                structs.SvcVal(svc_id=cur.svc_id, ready=len(ready), terminating=len(terminating), affinity_timeout=timeout),
+                structs.SvcVal(
+                    svc_id=cur.svc_id, ready=len(ready), terminating=len(terminating), affinity_timeout=timeout
+                ),
             )
         # 4. slots past the end, 5. backends no longer wanted
         for i in range(len(new_slots), len(old_slots)):
@@ -215,11 +231,11 @@ class EbpfProxier:
         )
         self._write(self.maps.backends, ctypes.c_uint32(bid), value)
 
-    def _write(self, m, key, value) -> None:  # noqa: ANN001
+    def _write(self, m, key, value) -> None:
         m.update(key, value)
         self.map_writes += 1
 
-    def _delete(self, m, key) -> None:  # noqa: ANN001
+    def _delete(self, m, key) -> None:
         m.delete(key)
         self.map_writes += 1
 

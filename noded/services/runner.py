@@ -1,4 +1,7 @@
-"""Bounded-frequency sync runner (after kube-proxy's): coalesces requests, keeps a minimum gap, forces a periodic full sync, retries failures."""
+"""Bounded-frequency sync runner, after kube-proxy's.
+
+Coalesces requests, keeps a minimum gap, forces a periodic full sync, retries failures.
+"""
 
 from __future__ import annotations
 

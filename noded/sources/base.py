@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Protocol
 
 WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Namespace")
@@ -32,10 +34,21 @@ def object_key(obj: Any) -> ObjectKey | None:
         namespace = "default"
     return kind, namespace, meta["name"]
 
-def apply_snapshot(sink: Sink, known: dict[ObjectKey, dict], fresh: dict[ObjectKey, dict]) -> None:
-    """Make the sink see `fresh` where it saw `known`: deletes, then changed and new objects."""
+
+def fingerprint(obj: dict) -> bytes:
+    """A 16-byte digest standing in for an object: sources remember these, not whole objects."""
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).digest()
+
+
+def apply_snapshot(sink: Sink, known: dict[ObjectKey, bytes], fresh: dict[ObjectKey, dict]) -> dict[ObjectKey, bytes]:
+    """Make the sink see `fresh` where it saw `known` (deletes, then changed and new objects).
+
+    Returns the fingerprints to remember.
+    """
+    prints = {key: fingerprint(obj) for key, obj in fresh.items()}
     for key in known.keys() - fresh.keys():
         sink.delete(*key)
     for key, obj in fresh.items():
-        if known.get(key) != obj:
+        if known.get(key) != prints[key]:
             sink.upsert(obj)
+    return prints

@@ -8,17 +8,18 @@ import threading
 import structlog
 import yaml
 
-from noded.sources.base import WATCHED_KINDS, ObjectKey, Sink, apply_snapshot, object_key
+from noded.sources.base import WATCHED_KINDS, ObjectKey, Sink, fingerprint, object_key
 
 log = structlog.get_logger("noded.sources.directory")
 
 SUFFIXES = (".yaml", ".yml", ".json")
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
 
 
 def parse_manifests(text: str, origin: str) -> list[dict]:
     """The objects in one file (multi-document YAML, `kind: List` expanded). Raises yaml.YAMLError."""
     out: list[dict] = []
-    for doc in yaml.safe_load_all(text):
+    for doc in yaml.load_all(text, Loader=_Loader):
         if doc is None:
             continue
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
@@ -38,8 +39,8 @@ class DirectorySource:
         self.sink = sink
         self.interval = interval
         self._stamps: dict[str, tuple[int, int, int]] = {}
-        self._by_file: dict[str, dict[ObjectKey, dict]] = {}
-        self._known: dict[ObjectKey, dict] = {}
+        self._by_file: dict[str, dict[ObjectKey, bytes]] = {}  # fingerprints, not objects
+        self._known: dict[ObjectKey, bytes] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="source-directory", daemon=True)
         self.synced = False
@@ -83,32 +84,45 @@ class DirectorySource:
             return False
         for path in self._by_file.keys() - stamps.keys():
             del self._by_file[path]
+        parsed: dict[str, dict[ObjectKey, dict]] = {}
         for path, stamp in stamps.items():
-            if self._stamps.get(path) != stamp:
-                self._read_file(path)
+            if self._stamps.get(path) != stamp and (objects := self._read_file(path)) is not None:
+                parsed[path] = objects
+                self._by_file[path] = {key: fingerprint(obj) for key, obj in objects.items()}
         self._stamps = stamps
-        fresh: dict[ObjectKey, dict] = {}
+        winner: dict[ObjectKey, str] = {}  # a later file wins a key defined twice
         for path in sorted(self._by_file):
-            fresh.update(self._by_file[path])
-        apply_snapshot(self.sink, self._known, fresh)
+            winner.update(dict.fromkeys(self._by_file[path], path))
+        for key in self._known.keys() - winner.keys():
+            self.sink.delete(*key)
+        fresh: dict[ObjectKey, bytes] = {}
+        for key, path in winner.items():
+            fresh[key] = self._by_file[path][key]
+            if self._known.get(key) != fresh[key]:
+                if path not in parsed:  # an unchanged file's object took over a key
+                    parsed[path] = self._read_file(path) or {}
+                if key in parsed[path]:
+                    self.sink.upsert(parsed[path][key])
         self._known = fresh
         return True
 
-    def _read_file(self, path: str) -> None:
+    def _read_file(self, path: str) -> dict[ObjectKey, dict] | None:
+        """The file's watched objects; None (logged) when it cannot be read or parsed."""
         try:
             with open(path) as f:
                 docs = parse_manifests(f.read(), path)
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
             self.last_error = f"{path}: {e}"
             log.error("manifest file rejected, keeping its last good objects", file=path, error=str(e))
-            return
+            return None
         objects: dict[ObjectKey, dict] = {}
         for i, doc in enumerate(docs):
             key = object_key(doc)
             if key is None:
-                log.error("manifest rejected: not a Kubernetes object with kind and metadata.name",
-                          file=path, document=i)
+                log.error(
+                    "manifest rejected: not a Kubernetes object with kind and metadata.name", file=path, document=i
+                )
                 continue
             if key[0] in WATCHED_KINDS:
                 objects[key] = doc
-        self._by_file[path] = objects
+        return objects

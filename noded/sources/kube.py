@@ -17,7 +17,7 @@ import structlog
 from kubernetes import client
 from kubernetes import config as kube_config
 
-from noded.sources.base import ObjectKey, Sink, apply_snapshot, object_key
+from noded.sources.base import ObjectKey, Sink, apply_snapshot, fingerprint, object_key
 
 log = structlog.get_logger("noded.sources.kube")
 
@@ -56,7 +56,7 @@ def api_client(kubeconfig: str | None, in_cluster: bool) -> client.ApiClient:
     return kube_config.new_client_from_config(config_file=kubeconfig)
 
 
-def _lines(resp) -> Iterator[bytes]:  # noqa: ANN001 - urllib3 response
+def _lines(resp) -> Iterator[bytes]:
     buf = b""
     for chunk in resp.stream(amt=None, decode_content=True):
         buf += chunk
@@ -71,15 +71,22 @@ def _lines(resp) -> Iterator[bytes]:  # noqa: ANN001 - urllib3 response
 class KindWatcher:
     """List/watch of one kind, feeding the sink."""
 
-    def __init__(self, api: client.ApiClient, kind: WatchedKind, sink: Sink, on_synced: Callable[[], None],
-                 stop: threading.Event, max_backoff: float = 30.0) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        kind: WatchedKind,
+        sink: Sink,
+        on_synced: Callable[[], None],
+        stop: threading.Event,
+        max_backoff: float = 30.0,
+    ) -> None:
         self.kind = kind
         self.sink = sink
         self._list = kind.lister(api)
         self._on_synced = on_synced
         self._stop = stop
         self._max_backoff = max_backoff
-        self.known: dict[ObjectKey, dict] = {}
+        self.known: dict[ObjectKey, bytes] = {}
         self.resource_version = ""
         self.synced = False
         self.relists = 0
@@ -106,8 +113,12 @@ class KindWatcher:
                     continue
                 self.reconnects += 1
                 delay = backoff * (1 + random.random() * 0.2)
-                log.warning("API connection lost, retrying", kind=self.kind.kind, error=self.last_error,
-                            retry_in=round(delay, 2))
+                log.warning(
+                    "API connection lost, retrying",
+                    kind=self.kind.kind,
+                    error=self.last_error,
+                    retry_in=round(delay, 2),
+                )
                 self._stop.wait(delay)
                 backoff = min(backoff * 2, self._max_backoff)
 
@@ -131,8 +142,7 @@ class KindWatcher:
             if not cont:
                 self.resource_version = meta.get("resourceVersion", "")
                 break
-        apply_snapshot(self.sink, self.known, fresh)
-        self.known = fresh
+        self.known = apply_snapshot(self.sink, self.known, fresh)
         self.relists += 1
         if not self.synced:
             self.synced = True
@@ -172,7 +182,7 @@ class KindWatcher:
         if key is None:
             log.error("watch event without a usable object", kind=self.kind.kind, type=etype)
         elif etype in ("ADDED", "MODIFIED"):
-            self.known[key] = obj
+            self.known[key] = fingerprint(obj)
             self.sink.upsert(obj)
         elif etype == "DELETED":
             self.known.pop(key, None)
@@ -186,15 +196,24 @@ class KubeSource:
 
     name = "kubernetes"
 
-    def __init__(self, api: client.ApiClient, sink: Sink, kinds: tuple[str, ...] = ("Service", "EndpointSlice"),
-                 max_backoff: float = 30.0) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        sink: Sink,
+        kinds: tuple[str, ...] = ("Service", "EndpointSlice"),
+        max_backoff: float = 30.0,
+    ) -> None:
         self.sink = sink
         self._stop = threading.Event()
         self._pending = set(kinds)
         self._lock = threading.Lock()
-        self.watchers = {k: KindWatcher(api, KINDS[k], sink, lambda k=k: self._kind_synced(k), self._stop, max_backoff)
-                         for k in kinds}
-        self._threads = [threading.Thread(target=w.run, name=f"watch-{k}", daemon=True) for k, w in self.watchers.items()]
+        self.watchers = {
+            k: KindWatcher(api, KINDS[k], sink, lambda k=k: self._kind_synced(k), self._stop, max_backoff)
+            for k in kinds
+        }
+        self._threads = [
+            threading.Thread(target=w.run, name=f"watch-{k}", daemon=True) for k, w in self.watchers.items()
+        ]
 
     @property
     def synced(self) -> bool:

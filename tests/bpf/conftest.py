@@ -34,8 +34,9 @@ class LbEnv:
         self.proxier.sync()
 
     def echo(self, port: int, name: str, udp: int = 0) -> None:
-        argv = netns.nsenter_argv(self.ns, [sys.executable, "-m", "noded.lab.echo", "--name", name,
-                                            "--tcp", str(port), "--udp", str(udp)])
+        argv = netns.nsenter_argv(
+            self.ns, [sys.executable, "-m", "noded.lab.echo", "--name", name, "--tcp", str(port), "--udp", str(udp)]
+        )
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         assert "serving" in proc.stdout.readline()
         self.servers.append(proc)
@@ -45,14 +46,24 @@ class LbEnv:
         argv = [sys.executable, "-m", "noded.lab.probe", mode, host, str(port)]
         for k, v in opts.items():
             argv += [f"--{k}", str(v)]
-        res = subprocess.run(netns.nsenter_argv(self.ns, argv), capture_output=True, text=True, timeout=120,
-                             preexec_fn=lambda: netns.cgroup_join(self.cgroup))
+        res = subprocess.run(
+            netns.nsenter_argv(self.ns, argv),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=lambda: netns.cgroup_join(self.cgroup),
+        )
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
     def python(self, code: str) -> str:
-        res = subprocess.run(netns.nsenter_argv(self.ns, [sys.executable, "-c", code]), capture_output=True,
-                             text=True, timeout=60, preexec_fn=lambda: netns.cgroup_join(self.cgroup))
+        res = subprocess.run(
+            netns.nsenter_argv(self.ns, [sys.executable, "-c", code]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: netns.cgroup_join(self.cgroup),
+        )
         assert res.returncode == 0, res.stderr
         return res.stdout
 

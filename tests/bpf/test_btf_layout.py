@@ -8,8 +8,9 @@ from noded.bpf import sock_lb, structs
 
 
 def btf_structs():
-    out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", sock_lb.object_path()],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", sock_lb.object_path()], capture_output=True, text=True, check=True
+    )
     return {t["name"]: t for t in json.loads(out.stdout)["types"] if t.get("kind") == "STRUCT"}
 
 
@@ -25,10 +26,18 @@ def test_every_mirror_matches_btf():
 
 
 def test_map_value_sizes_match_the_maps_libbpf_creates(lb):
-    for m, key, value in ((lb.maps.svc, structs.SvcKey, structs.SvcVal),
-                          (lb.maps.backends, ctypes.c_uint32, structs.Backend),
-                          (lb.maps.revnat, structs.RevNatKey, structs.RevNatVal),
-                          (lb.maps.affinity, structs.AffinityKey, structs.AffinityVal)):
-        info = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"{lb.bpffs}/{m.name}"],
-                                         capture_output=True, text=True, check=True).stdout)
+    for m, key, value in (
+        (lb.maps.svc, structs.SvcKey, structs.SvcVal),
+        (lb.maps.backends, ctypes.c_uint32, structs.Backend),
+        (lb.maps.revnat, structs.RevNatKey, structs.RevNatVal),
+        (lb.maps.affinity, structs.AffinityKey, structs.AffinityVal),
+    ):
+        info = json.loads(
+            subprocess.run(
+                ["bpftool", "-j", "map", "show", "pinned", f"{lb.bpffs}/{m.name}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         assert (info["bytes_key"], info["bytes_value"]) == (ctypes.sizeof(key), ctypes.sizeof(value)), m.name

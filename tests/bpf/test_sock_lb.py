@@ -13,9 +13,12 @@ VIP = "10.96.0.10"
 def test_tcp_spreads_over_ready_backends_and_app_sees_vip(lb):
     for port, name in ((9001, "a"), (9002, "b"), (9003, "c")):
         lb.echo(port, name)
-    lb.apply(service("web"), slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9001}], name="s1"),
-             slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9002}], name="s2"),
-             slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9003}], name="s3"))
+    lb.apply(
+        service("web"),
+        slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9001}], name="s1"),
+        slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9002}], name="s2"),
+        slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9003}], name="s3"),
+    )
     out = lb.client("tcp", VIP, 80, count=150)
     assert out["errors"] == {}
     assert set(out["answers"]) == {"a", "b", "c"}
@@ -24,8 +27,10 @@ def test_tcp_spreads_over_ready_backends_and_app_sees_vip(lb):
 
 
 def test_no_endpoints_is_refused_at_once(lb):
-    lb.apply(service("web", VIP, [{"name": "http", "port": 80}, {"name": "q", "port": 80, "protocol": "UDP"}]),
-             slice_("web", []))
+    lb.apply(
+        service("web", VIP, [{"name": "http", "port": 80}, {"name": "q", "port": 80, "protocol": "UDP"}]),
+        slice_("web", []),
+    )
     out = lb.client("tcp", VIP, 80, count=20, timeout=5)
     assert out["errors"] == {"Connection refused": 20}
     assert out["seconds"] < 2  # 20 x 5 s would be a timeout, not a reject
@@ -44,23 +49,34 @@ def test_terminating_endpoints_only_when_none_ready(lb):
     lb.echo(9001, "ready")
     lb.echo(9002, "terminating")
     ports = [{"name": "http", "port": 9001}]
-    lb.apply(service("web"),
-             slice_("web", [endpoint("127.0.0.1")], ports=ports, name="s1"),
-             slice_("web", [endpoint("127.0.0.1", ready=False, serving=True, terminating=True)],
-                    ports=[{"name": "http", "port": 9002}], name="s2"))
+    lb.apply(
+        service("web"),
+        slice_("web", [endpoint("127.0.0.1")], ports=ports, name="s1"),
+        slice_(
+            "web",
+            [endpoint("127.0.0.1", ready=False, serving=True, terminating=True)],
+            ports=[{"name": "http", "port": 9002}],
+            name="s2",
+        ),
+    )
     assert lb.client("tcp", VIP, 80, count=30)["answers"] == {"ready": 30}
-    lb.apply(slice_("web", [endpoint("127.0.0.1", ready=False, serving=True, terminating=True)],
-                    ports=ports, name="s1"))
+    lb.apply(
+        slice_("web", [endpoint("127.0.0.1", ready=False, serving=True, terminating=True)], ports=ports, name="s1")
+    )
     both = lb.client("tcp", VIP, 80, count=40)["answers"]  # both terminating and serving: both used
     assert set(both) == {"ready", "terminating"}
-    lb.apply(slice_("web", [endpoint("127.0.0.1", ready=False, serving=False, terminating=True)], ports=ports, name="s1"))
+    lb.apply(
+        slice_("web", [endpoint("127.0.0.1", ready=False, serving=False, terminating=True)], ports=ports, name="s1")
+    )
     assert lb.client("tcp", VIP, 80, count=30)["answers"] == {"terminating": 30}
 
 
 def test_udp_unconnected_replies_come_from_the_vip(lb):
     lb.echo(9001, "a", udp=5301)
-    lb.apply(service("dns", VIP, [{"name": "dns", "port": 53, "protocol": "UDP"}]),
-             slice_("dns", [endpoint("127.0.0.1")], ports=[{"name": "dns", "port": 5301, "protocol": "UDP"}]))
+    lb.apply(
+        service("dns", VIP, [{"name": "dns", "port": 53, "protocol": "UDP"}]),
+        slice_("dns", [endpoint("127.0.0.1")], ports=[{"name": "dns", "port": 5301, "protocol": "UDP"}]),
+    )
     out = lb.client("udp", VIP, 53, count=5)
     assert out["answers"] == {"a": 5}
     assert out["sources"] == [f"{VIP}:53"]
@@ -68,25 +84,32 @@ def test_udp_unconnected_replies_come_from_the_vip(lb):
 
 def test_ipv6_vip_and_dual_stack(lb):
     lb.echo(9001, "a")
-    lb.apply(service("web", [VIP, "fd00:96::10"]),
-             slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9001}], name="v4"),
-             slice_("web", [endpoint("::1")], ports=[{"name": "http", "port": 9001}], name="v6", address_type="IPv6"))
+    lb.apply(
+        service("web", [VIP, "fd00:96::10"]),
+        slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9001}], name="v4"),
+        slice_("web", [endpoint("::1")], ports=[{"name": "http", "port": 9001}], name="v6", address_type="IPv6"),
+    )
     out6 = lb.client("tcp", "fd00:96::10", 80, count=3)
     assert out6["answers"] == {"a": 3} and out6["peers"] == ["fd00:96::10:80"]
     assert lb.client("tcp", VIP, 80, count=3)["answers"] == {"a": 3}
     # an AF_INET6 socket connecting to the IPv4 VIP as a mapped address is translated too
-    peer = lb.python("import socket; s = socket.socket(socket.AF_INET6); s.connect(('::ffff:10.96.0.10', 80));"
-                     "print(s.getpeername()[0])")
+    peer = lb.python(
+        "import socket; s = socket.socket(socket.AF_INET6); s.connect(('::ffff:10.96.0.10', 80));"
+        "print(s.getpeername()[0])"
+    )
     assert peer.strip() == "::ffff:10.96.0.10"
 
 
 def test_session_affinity_sticks_to_one_backend(lb):
     for port, name in ((9001, "a"), (9002, "b"), (9003, "c")):
         lb.echo(port, name)
-    slices = [slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": p}], name=f"s{p}")
-              for p in (9001, 9002, 9003)]
-    lb.apply(service("web", sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}),
-             *slices)
+    slices = [
+        slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": p}], name=f"s{p}")
+        for p in (9001, 9002, 9003)
+    ]
+    lb.apply(
+        service("web", sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}), *slices
+    )
     first = lb.client("tcp", VIP, 80, count=40)["answers"]
     assert len(first) == 1
     chosen = next(iter(first))
@@ -103,8 +126,13 @@ def test_session_affinity_sticks_to_one_backend(lb):
 def test_affinity_off_spreads(lb):
     for port, name in ((9001, "a"), (9002, "b")):
         lb.echo(port, name)
-    lb.apply(service("web"), *[slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": p}],
-                                      name=f"s{p}") for p in (9001, 9002)])
+    lb.apply(
+        service("web"),
+        *[
+            slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": p}], name=f"s{p}")
+            for p in (9001, 9002)
+        ],
+    )
     assert len(lb.client("tcp", VIP, 80, count=40)["answers"]) == 2
 
 
@@ -124,14 +152,20 @@ def test_one_endpoint_change_touches_only_its_entries(lb):
     got = {str(v.frontend): v for v in describe(lb.maps)}
     assert len(got) == 100
     assert sorted(a for a, _ in got["10.96.1.8:80/TCP"].ready) == sorted(
-        [f"10.244.7.{j}" for j in range(1, 10)] + ["10.244.7.99"])
+        [f"10.244.7.{j}" for j in range(1, 10)] + ["10.244.7.99"]
+    )
     assert len(got["10.96.1.9:80/TCP"].ready) == 9
 
 
 def test_restart_recovers_from_pinned_maps_and_rewrites_nothing(lb):
-    objs = [service("a", "10.96.0.1"), slice_("a", [endpoint("10.244.1.2"), endpoint("10.244.1.3")]),
-            service("b", "10.96.0.2"), slice_("b", [endpoint("10.244.1.4")]),
-            service("stale", "10.96.0.3"), slice_("stale", [endpoint("10.244.1.5")])]
+    objs = [
+        service("a", "10.96.0.1"),
+        slice_("a", [endpoint("10.244.1.2"), endpoint("10.244.1.3")]),
+        service("b", "10.96.0.2"),
+        slice_("b", [endpoint("10.244.1.4")]),
+        service("stale", "10.96.0.3"),
+        slice_("stale", [endpoint("10.244.1.5")]),
+    ]
     lb.apply(*objs)
     # "restart": programs reloaded over the pinned maps and links, a fresh model and proxier
     lb.maps.close()
@@ -147,6 +181,9 @@ def test_restart_recovers_from_pinned_maps_and_rewrites_nothing(lb):
     assert frontends == ["10.96.0.1:80/TCP", "10.96.0.2:80/TCP"]
     # only the stale frontend's master, slot and backend were deleted
     assert proxier.map_writes == 3
-    attached = json.loads(subprocess.run(["bpftool", "-j", "cgroup", "show", lb.cgroup],
-                                         capture_output=True, text=True, check=True).stdout)
+    attached = json.loads(
+        subprocess.run(
+            ["bpftool", "-j", "cgroup", "show", lb.cgroup], capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert len(attached) == 8  # links updated in place, not attached twice

@@ -20,17 +20,20 @@ def test_add_passes_prev_result_through():
 
 
 def test_version():
-    code, out = run({"CNI_COMMAND": "VERSION"}, "")
+    _code, out = run({"CNI_COMMAND": "VERSION"}, "")
     assert "1.1.0" in json.loads(out)["supportedVersions"]
 
 
-@pytest.mark.parametrize(("env", "stdin", "code"), [
-    ({**ENV, "CNI_COMMAND": "ADD"}, "{not json", 6),
-    ({**ENV, "CNI_COMMAND": "ADD"}, conf(), 7),                       # no prevResult
-    ({**ENV, "CNI_COMMAND": "ADD"}, conf(cniVersion="9.9.9"), 1),
-    ({"CNI_COMMAND": "ADD"}, conf(prevResult=PREV), 4),               # no CNI_CONTAINERID
-    ({**ENV}, conf(), 4),                                             # no CNI_COMMAND
-])
+@pytest.mark.parametrize(
+    ("env", "stdin", "code"),
+    [
+        ({**ENV, "CNI_COMMAND": "ADD"}, "{not json", 6),
+        ({**ENV, "CNI_COMMAND": "ADD"}, conf(), 7),  # no prevResult
+        ({**ENV, "CNI_COMMAND": "ADD"}, conf(cniVersion="9.9.9"), 1),
+        ({"CNI_COMMAND": "ADD"}, conf(prevResult=PREV), 4),  # no CNI_CONTAINERID
+        ({**ENV}, conf(), 4),  # no CNI_COMMAND
+    ],
+)
 def test_errors_carry_spec_codes(env, stdin, code):
     with pytest.raises(CniFailure) as e:
         run(env, stdin)
@@ -38,8 +41,13 @@ def test_errors_carry_spec_codes(env, stdin, code):
 
 
 def test_binary_prints_error_json_never_a_traceback():
-    proc = subprocess.run([sys.executable, "-m", "noded.cni.plugin"], input="{bad", text=True,
-                          env={**ENV, "CNI_COMMAND": "ADD"}, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "noded.cni.plugin"],
+        input="{bad",
+        text=True,
+        env={**ENV, "CNI_COMMAND": "ADD"},
+        capture_output=True,
+    )
     assert proc.returncode == 1
     err = json.loads(proc.stdout)
     assert err["code"] == 6 and "Traceback" not in proc.stderr

@@ -53,9 +53,11 @@ def test_broken_file_keeps_its_last_good_objects_and_others_load(tmp_path):
 
 
 def test_unkeyable_documents_and_other_kinds_are_skipped(tmp_path):
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([{"kind": "Service"}, "just a string",
-                                                         {"kind": "ConfigMap", "metadata": {"name": "x"}},
-                                                         service("web")]))
+    (tmp_path / "a.yaml").write_text(
+        yaml.safe_dump_all(
+            [{"kind": "Service"}, "just a string", {"kind": "ConfigMap", "metadata": {"name": "x"}}, service("web")]
+        )
+    )
     (tmp_path / "notes.txt").write_text("ignored")
     sink = Recorder()
     DirectorySource(str(tmp_path), sink).scan()

@@ -6,10 +6,16 @@ from tests.objects import endpoint, service, slice_
 
 
 def test_named_and_numbered_ports_tcp_udp():
-    ports = parse_service(service("dns", "10.96.0.10", [
-        {"name": "dns", "port": 53, "protocol": "UDP"},
-        {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
-    ]))
+    ports = parse_service(
+        service(
+            "dns",
+            "10.96.0.10",
+            [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ],
+        )
+    )
     assert [(p.name.port, p.name.protocol, p.port) for p in ports] == [("dns", "UDP", 53), ("dns-tcp", "TCP", 53)]
     single = parse_service(service("web", "10.96.0.11", [{"port": 80}]))
     assert single[0].name.port == "" and single[0].name.protocol == "TCP"
@@ -17,28 +23,44 @@ def test_named_and_numbered_ports_tcp_udp():
 
 def test_headless_and_externalname_have_no_frontends():
     assert parse_service(service("h", "None")) == []
-    assert parse_service({"kind": "Service", "metadata": {"name": "x"},
-                          "spec": {"type": "ExternalName", "externalName": "example.com"}}) == []
+    assert (
+        parse_service(
+            {
+                "kind": "Service",
+                "metadata": {"name": "x"},
+                "spec": {"type": "ExternalName", "externalName": "example.com"},
+            }
+        )
+        == []
+    )
 
 
 def test_session_affinity_timeout():
     sp = parse_service(service("a", sessionAffinity="ClientIP"))[0]
     assert sp.affinity_timeout == 10800
-    sp = parse_service(service("a", sessionAffinity="ClientIP",
-                               sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}}))[0]
+    sp = parse_service(
+        service("a", sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}})
+    )[0]
     assert sp.affinity_timeout == 30
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda s: s["spec"].update(clusterIP="10.96.0.300", clusterIPs=["10.96.0.300"]), r"clusterIPs\[0\]"),
-    (lambda s: s["spec"]["ports"][0].update(port=70000), r"ports\[0\].port"),
-    (lambda s: s["spec"]["ports"][0].update(protocol="ICMP"), r"ports\[0\].protocol"),
-    (lambda s: s["spec"].update(sessionAffinity="Cookie"), "sessionAffinity"),
-    (lambda s: s["spec"].update(ports="80"), "spec.ports"),
-    (lambda s: s["metadata"].pop("name"), "metadata.name"),
-    (lambda s: s["spec"].update(sessionAffinity="ClientIP",
-                                sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}), "timeoutSeconds"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s["spec"].update(clusterIP="10.96.0.300", clusterIPs=["10.96.0.300"]), r"clusterIPs\[0\]"),
+        (lambda s: s["spec"]["ports"][0].update(port=70000), r"ports\[0\].port"),
+        (lambda s: s["spec"]["ports"][0].update(protocol="ICMP"), r"ports\[0\].protocol"),
+        (lambda s: s["spec"].update(sessionAffinity="Cookie"), "sessionAffinity"),
+        (lambda s: s["spec"].update(ports="80"), "spec.ports"),
+        (lambda s: s["metadata"].pop("name"), "metadata.name"),
+        (
+            lambda s: s["spec"].update(
+                sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}
+            ),
+            "timeoutSeconds",
+        ),
+    ],
+)
 def test_malformed_service_names_the_field(mutate, message):
     svc = service("bad")
     mutate(svc)
@@ -64,8 +86,16 @@ def test_slice_without_service_label_is_ignored_and_bad_address_rejected():
 def test_frontends_ready_and_terminating_fallback():
     m = ServiceModel()
     m.upsert(service("web"))
-    m.upsert(slice_("web", [endpoint("10.244.1.2"), endpoint("10.244.1.3", ready=False, serving=True, terminating=True),
-                            endpoint("10.244.1.4", ready=False, serving=False)]))
+    m.upsert(
+        slice_(
+            "web",
+            [
+                endpoint("10.244.1.2"),
+                endpoint("10.244.1.3", ready=False, serving=True, terminating=True),
+                endpoint("10.244.1.4", ready=False, serving=False),
+            ],
+        )
+    )
     st = m.frontends_of(("default", "web"))[Frontend("10.96.0.10", 80, "TCP")]
     assert st.ready == (("10.244.1.2", 8080),)
     assert st.terminating == (("10.244.1.3", 8080),)
@@ -83,10 +113,23 @@ def test_dual_stack_frontends_get_their_family():
 
 def test_port_matching_by_name_and_protocol():
     m = ServiceModel()
-    m.upsert(service("dns", "10.96.0.10", [{"name": "dns", "port": 53, "protocol": "UDP"},
-                                          {"name": "metrics", "port": 9153, "protocol": "TCP"}]))
-    m.upsert(slice_("dns", [endpoint("10.244.1.5")], ports=[{"name": "dns", "port": 5353, "protocol": "UDP"},
-                                                            {"name": "metrics", "port": 9153, "protocol": "TCP"}]))
+    m.upsert(
+        service(
+            "dns",
+            "10.96.0.10",
+            [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "metrics", "port": 9153, "protocol": "TCP"}],
+        )
+    )
+    m.upsert(
+        slice_(
+            "dns",
+            [endpoint("10.244.1.5")],
+            ports=[
+                {"name": "dns", "port": 5353, "protocol": "UDP"},
+                {"name": "metrics", "port": 9153, "protocol": "TCP"},
+            ],
+        )
+    )
     fes = m.frontends_of(("default", "dns"))
     assert fes[Frontend("10.96.0.10", 53, "UDP")].ready == (("10.244.1.5", 5353),)
     assert fes[Frontend("10.96.0.10", 9153, "TCP")].ready == (("10.244.1.5", 9153),)

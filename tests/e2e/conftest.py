@@ -1,0 +1,46 @@
+"""One 2-node lab for the e2e tier, removed at the end whatever happened."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from noded.lab import netns
+from noded.lab.lab import Lab
+from noded.lab.workloads import service_yaml, start_echo
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab()
+    if lab.is_up or netns.list_ours("noded-node"):
+        pytest.fail("a lab is already up on this machine: run `noded lab down` first")
+    lab.up(2, "ebpf")
+    servers = []
+    try:
+        for pod, node in (("default/echo-1", "node1"), ("default/echo-2", "node2"), ("default/echo-3", "node2")):
+            lab.add_pod(pod, node, {"app": "echo"})
+            servers.append(start_echo(lab, pod, tcp=8080, udp=5353))
+        lab.add_pod("default/client", "node1")
+        lab.servers = servers
+        yield lab
+    finally:
+        for s in servers:
+            s.kill()
+        lab.down()
+
+
+def apply_text(lab: Lab, text: str, name: str) -> None:
+    path = os.path.join(tempfile.mkdtemp(), name)
+    with open(path, "w") as f:
+        f.write(text)
+    lab.apply(path)
+
+
+def echo_service(lab: Lab) -> str:
+    apply_text(
+        lab, service_yaml("echo", {"app": "echo"}, [("http", "TCP", 80, 8080), ("udp", "UDP", 53, 5353)]), "echo.yaml"
+    )
+    return lab.state()["clusterIPs"]["default/echo"]

@@ -1,0 +1,202 @@
+"""The foundation issue's end-to-end checks, in a real 2-node lab."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import yaml
+
+from noded.lab.workloads import probe, programmed, wait_programmed
+from tests.e2e.conftest import echo_service
+from tests.objects import endpoint, service, slice_
+
+
+def pod_ip(lab, key):
+    return lab.state()["pods"][key]["ips"][0]
+
+
+def write_manifest(lab, name, docs):
+    path = f"{lab.manifests}/{name}"
+    tmp = f"{lab.manifests}/.{name}.tmp"
+    with open(tmp, "w") as f:
+        f.write(yaml.safe_dump_all(docs) if isinstance(docs, list) else docs)
+    os.replace(tmp, path)
+
+
+def test_pod_reaches_clusterip_with_backends_on_both_nodes(lab):
+    vip = echo_service(lab)
+    wait_programmed(lab, "node1", f"{vip}:80/TCP", ready=3)
+    out = probe(lab, "default/client", "tcp", vip, 80, count=300)
+    assert out["errors"] == {}
+    assert set(out["answers"]) == {"echo-1", "echo-2", "echo-3"}  # node1 and node2 backends
+    assert out["peers"] == [f"{vip}:80"]
+    udp = probe(lab, "default/client", "udp", vip, 53, count=10)
+    assert sum(udp["answers"].values()) == 10
+    assert udp["sources"] == [f"{vip}:53"]
+
+
+def test_endpoint_changes_followed_within_a_second(lab):
+    e1, e2, e3 = (pod_ip(lab, f"default/echo-{i}") for i in (1, 2, 3))
+    vip = "10.96.200.1"
+    ports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    fe = f"{vip}:80/TCP"
+
+    def set_endpoints(*eps):
+        start = time.monotonic()
+        write_manifest(lab, "manual.yaml", [service("manual", vip), slice_("manual", list(eps), ports=ports)])
+        return start
+
+    set_endpoints(endpoint(e1, node="node1"))
+    wait_programmed(lab, "node1", fe, ready=1)
+    assert probe(lab, "default/client", "tcp", vip, 80, count=10)["answers"] == {"echo-1": 10}
+
+    # added
+    start = set_endpoints(endpoint(e1), endpoint(e2))
+    wait_programmed(lab, "node1", fe, ready=2)
+    assert time.monotonic() - start < 1.0
+    assert set(probe(lab, "default/client", "tcp", vip, 80, count=40)["answers"]) == {"echo-1", "echo-2"}
+
+    # marked terminating (still serving): new connections avoid it while another is ready
+    start = set_endpoints(endpoint(e1, ready=False, serving=True, terminating=True), endpoint(e2), endpoint(e3))
+    wait_programmed(lab, "node1", fe, ready=2, terminating=1)
+    assert time.monotonic() - start < 1.0
+    assert set(probe(lab, "default/client", "tcp", vip, 80, count=40)["answers"]) == {"echo-2", "echo-3"}
+
+    # removed
+    start = set_endpoints(endpoint(e3))
+    wait_programmed(lab, "node1", fe, ready=1)
+    assert time.monotonic() - start < 1.0
+    assert probe(lab, "default/client", "tcp", vip, 80, count=20)["answers"] == {"echo-3": 20}
+
+    # scaled to zero: refused at once, not a timeout
+    start = set_endpoints()
+    wait_programmed(lab, "node1", fe, ready=0)
+    assert time.monotonic() - start < 1.0
+    out = probe(lab, "default/client", "tcp", vip, 80, count=10, timeout=5)
+    assert out["errors"] == {"Connection refused": 10}
+    assert out["seconds"] < 2
+    os.unlink(f"{lab.manifests}/manual.yaml")
+
+
+def test_malformed_objects_next_to_good_ones(lab):
+    e1 = pod_ip(lab, "default/echo-1")
+    ports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    bad_svc = service("bad-svc", "10.96.201.2")
+    bad_svc["spec"]["ports"][0]["port"] = "eighty"
+    bad_slice = slice_("good", [endpoint("not-an-ip")], ports=ports, name="good-bad")
+    write_manifest(
+        lab,
+        "mixed.yaml",
+        [service("good", "10.96.201.1"), bad_svc, slice_("good", [endpoint(e1)], ports=ports), bad_slice],
+    )
+    write_manifest(lab, "broken.yaml", "kind: Service\nmetadata: {name: broken\n")
+    wait_programmed(lab, "node1", "10.96.201.1:80/TCP", ready=1)
+    assert probe(lab, "default/client", "tcp", "10.96.201.1", 80, count=5)["answers"] == {"echo-1": 5}
+    assert "10.96.201.2:80/TCP" not in programmed(lab, "node1")
+    time.sleep(0.5)
+    log = lab.daemon_log("node1")
+    assert "Service default/bad-svc" in log and "ports[0].port" in log
+    assert "EndpointSlice default/good-bad" in log and "addresses[0]" in log
+    assert "broken.yaml" in log
+    # the rest of the dataplane kept working throughout
+    vip = lab.state()["clusterIPs"]["default/echo"]
+    assert len(probe(lab, "default/client", "tcp", vip, 80, count=30)["answers"]) == 3
+    for name in ("mixed.yaml", "broken.yaml"):
+        os.unlink(f"{lab.manifests}/{name}")
+
+
+def test_restart_and_kill9_keep_long_lived_connections(lab):
+    vip = lab.state()["clusterIPs"]["default/echo"]
+    hold = lab.popen(
+        "default/client",
+        [sys.executable, "-m", "noded.lab.probe", "hold", vip, "80", "--seconds", "12", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    results = []
+    while_down = []
+
+    def new_connections_while_down():
+        while_down.append(probe(lab, "default/client", "tcp", vip, 80, count=20))
+
+    time.sleep(1)
+    lab.restart_daemon("node1")  # graceful restart
+    results.append(probe(lab, "default/client", "tcp", vip, 80, count=20))
+    lab.stop_daemon("node1", signal.SIGKILL)  # kill -9 ...
+    t = threading.Thread(target=new_connections_while_down)
+    t.start()
+    t.join()
+    lab.start_daemon("node1")  # ... and start again
+    lab.wait_ready("node1")
+    results.append(probe(lab, "default/client", "tcp", vip, 80, count=20))
+    out, _ = hold.communicate(timeout=30)
+    held = json.loads(out)
+    assert held["failures"] == [] and held["replies"] > 100
+    for r in results + while_down:
+        assert r["errors"] == {} and sum(r["answers"].values()) == 20
+    assert "recovered programmed frontends from pinned maps" in lab.daemon_log("node1")
+
+
+def test_cli_views(lab):
+    noded = [sys.executable, "-m", "noded"]
+    status = json.loads(
+        subprocess.run([*noded, "lab", "status", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    )
+    assert {n["name"] for n in status["nodes"]} == {"node1", "node2"}
+    assert {p["name"] for p in status["pods"]} >= {"echo-1", "client"}
+    vip = lab.state()["clusterIPs"]["default/echo"]
+    assert any(s["clusterIPs"] == [vip] for s in status["services"])
+    svcs = json.loads(
+        subprocess.run(
+            [*noded, "services", "--bpffs-path", "/sys/fs/bpf/noded/node2", "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    echo = next(s for s in svcs if s["frontend"] == f"{vip}:80/TCP")
+    assert len(echo["ready"]) == 3
+    ex = subprocess.run(
+        [*noded, "lab", "exec", "default/client", "--", "cat", "/proc/self/cgroup"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "noded-lab/node1/pods/default_client" in ex.stdout
+
+
+def test_cleanup_then_down_leave_nothing(lab):
+    node1_cgroup = "/sys/fs/cgroup/unified/noded-lab/node1"
+    assert (
+        "noded_connect4"
+        in subprocess.run(
+            ["bpftool", "cgroup", "show", node1_cgroup], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    lab.stop_daemon("node1", signal.SIGKILL)
+    subprocess.run([sys.executable, "-m", "noded", "cleanup", "-c", "/run/noded-lab/node1/config.yaml"], check=True)
+    assert (
+        subprocess.run(
+            ["bpftool", "cgroup", "show", node1_cgroup], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == ""
+    )
+    assert not os.path.exists("/sys/fs/bpf/noded/node1")
+    lab.down()
+    progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    maps = subprocess.run(["bpftool", "map", "show"], capture_output=True, text=True, check=True).stdout
+    links = subprocess.run(["bpftool", "link", "show"], capture_output=True, text=True, check=True).stdout
+    assert "noded_" not in progs and "noded_" not in maps and "noded_" not in links
+    assert not os.path.exists("/sys/fs/bpf/noded")
+    assert not [
+        n
+        for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        if n.startswith("noded-")
+    ]
+    assert not os.path.exists("/sys/fs/cgroup/unified/noded-lab")
+    root = subprocess.run(["bpftool", "cgroup", "show", "/sys/fs/cgroup/unified"], capture_output=True, text=True)
+    assert "noded" not in root.stdout
