@@ -4,7 +4,6 @@ The daemon runs in the root namespace but listens only on loopback and attaches
 only to a cgroup this test made; clients run in a netns of the test's own.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -15,46 +14,53 @@ import pytest
 import yaml
 
 from noded.bpf.sock_lb import LbMaps
-from noded.lab import netns
 from noded.services.ebpf import describe
+from tests.bpf.conftest import NetnsCgroupEnv, unique_tag
 from tests.fakeapi import FakeApiServer
 from tests.objects import endpoint, service, slice_
 
 
-class DaemonEnv:
+class DaemonEnv(NetnsCgroupEnv):
     def __init__(self, tag: str) -> None:
+        super().__init__(tag)
         self.dir = tempfile.mkdtemp(prefix="noded-test-")
-        self.ns = f"noded-test-{tag}"
-        self.cgroup = f"{netns.CGROUP_ROOT}/noded-test-{tag}"
-        self.bpffs = f"/sys/fs/bpf/noded/test-{tag}"
         self.api = FakeApiServer()
         self.api.start()
         self.proc: subprocess.Popen | None = None
-        self.servers: list[subprocess.Popen] = []
-        netns.create(self.ns)
-        netns.cgroup_create(self.cgroup)
         with open(f"{self.dir}/kubeconfig", "w") as f:
-            yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "t",
-                "clusters": [{"name": "t", "cluster": {"server": self.api.url}}],
-                "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
-                "users": [{"name": "u", "user": {}}],
-            }, f)
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "t",
+                    "clusters": [{"name": "t", "cluster": {"server": self.api.url}}],
+                    "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
+                    "users": [{"name": "u", "user": {}}],
+                },
+                f,
+            )
         self.config = f"{self.dir}/config.yaml"
         with open(self.config, "w") as f:
-            yaml.safe_dump({
-                "apiVersion": "noded.io/v1alpha1", "kind": "NodedConfiguration", "nodeName": f"test-{tag}",
-                "source": {"kubeconfig": f"{self.dir}/kubeconfig"},
-                "services": {"cgroupPath": self.cgroup},
-                "api": {"socket": f"{self.dir}/noded.sock"},
-                "metricsBindAddress": "127.0.0.1:0", "healthzBindAddress": "127.0.0.1:0",
-                "bpffsPath": self.bpffs,
-            }, f)
+            yaml.safe_dump(
+                {
+                    "apiVersion": "noded.io/v1alpha1",
+                    "kind": "NodedConfiguration",
+                    "nodeName": f"test-{tag}",
+                    "source": {"kubeconfig": f"{self.dir}/kubeconfig"},
+                    "services": {"cgroupPath": self.cgroup},
+                    "api": {"socket": f"{self.dir}/noded.sock"},
+                    "metricsBindAddress": "127.0.0.1:0",
+                    "healthzBindAddress": "127.0.0.1:0",
+                    "bpffsPath": self.bpffs,
+                },
+                f,
+            )
 
     def start(self) -> None:
         with open(f"{self.dir}/noded.log", "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "noded", "run", "-c", self.config],
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "noded", "run", "-c", self.config], stdout=log, stderr=subprocess.STDOUT
+            )
 
     def kill(self) -> None:
         if self.proc:
@@ -84,31 +90,16 @@ class DaemonEnv:
                 raise AssertionError(f"timed out; programmed={self.programmed()}\n{self.log()[-3000:]}")
             time.sleep(0.05)
 
-    def echo(self, port: int, name: str) -> None:
-        argv = netns.nsenter_argv(self.ns, [sys.executable, "-m", "noded.lab.echo", "--name", name, "--tcp", str(port)])
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert "serving" in proc.stdout.readline()
-        self.servers.append(proc)
-
-    def client(self, host: str, port: int, count: int) -> dict:
-        argv = [sys.executable, "-m", "noded.lab.probe", "tcp", host, str(port), "--count", str(count)]
-        res = subprocess.run(netns.nsenter_argv(self.ns, argv), capture_output=True, text=True, timeout=60,
-                             preexec_fn=lambda: netns.cgroup_join(self.cgroup))
-        return json.loads(res.stdout)
-
     def close(self) -> None:
         self.kill()
-        for s in self.servers:
-            s.kill()
         self.api.stop()
         subprocess.run([sys.executable, "-m", "noded", "cleanup", "-c", self.config], capture_output=True)
-        netns.cgroup_remove_tree(self.cgroup)
-        netns.remove(self.ns)
+        super().close()
 
 
 @pytest.fixture
 def env():
-    e = DaemonEnv(f"{os.getpid()}-d{int(time.monotonic() * 1000) % 100000}")
+    e = DaemonEnv(unique_tag())
     try:
         yield e
     finally:
@@ -129,10 +120,10 @@ def test_daemon_on_api_source_programs_and_follows_watch(env):
     env.api.put(bad)
     env.start()
     env.wait(lambda: env.programmed().get("10.96.0.10:80/TCP") == ["127.0.0.1:9001"])
-    assert env.client("10.96.0.10", 80, 5)["answers"] == {"a": 5}
+    assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"a": 5}
     env.api.put(slice_("web", [endpoint("127.0.0.1")], ports=ports(9002)))
     env.wait(lambda: env.programmed().get("10.96.0.10:80/TCP") == ["127.0.0.1:9002"])
-    assert env.client("10.96.0.10", 80, 5)["answers"] == {"b": 5}
+    assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"b": 5}
     assert "10.96.0.11:80/TCP" not in env.programmed()
     assert "Service default/bad" in env.log() and "protocol" in env.log()
 
@@ -151,6 +142,6 @@ def test_no_write_before_sync_and_lost_api_keeps_serving(env):
     time.sleep(2)  # the daemon is up but its source cannot sync: nothing may be written
     assert "all sources synced" not in env.log().split("noded starting")[-1]
     assert env.programmed() == {"10.96.0.10:80/TCP": ["127.0.0.1:9001"]}
-    assert env.client("10.96.0.10", 80, 5)["answers"] == {"a": 5}  # still served from the pinned maps
+    assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"a": 5}  # still served from the pinned maps
     env.api.start(env.api.port)  # the API returns: the deletion is reconciled
     env.wait(lambda: env.programmed() == {})
