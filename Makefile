@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 linux-libc-dev bpftool nftables iptables iproute2 util-linux \
-                containernetworking-plugins python3-venv tcpdump
+                containernetworking-plugins python3-venv procps
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,noded/bpf/obj/%.o,$(BPF_SRC))
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I bpf/include -I/usr/include/$(shell uname -m)-linux-gnu

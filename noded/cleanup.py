@@ -1,13 +1,21 @@
-"""`noded cleanup`: removes every kernel object one noded instance made.
+"""`noded cleanup`: removes every kernel object one noded instance made, in every mode.
 
-Its pinned links (which detaches the programs) and its pinned maps.
+eBPF: its pinned links (which detaches the programs) and pinned maps. nftables:
+its `table inet noded` in this network namespace. Starting in one mode calls
+this with keep=that mode, so switching modes leaves nothing of the previous one.
 """
 
 from __future__ import annotations
 
 from noded.bpf.sock_lb import remove as remove_bpf
 from noded.config import NodedConfiguration
+from noded.services import nftables
 
 
-def cleanup(config: NodedConfiguration) -> list[str]:
-    return remove_bpf(config.bpffsPath)
+def cleanup(config: NodedConfiguration, keep: str | None = None) -> list[str]:
+    removed: list[str] = []
+    if keep != "ebpf":
+        removed += remove_bpf(config.bpffsPath)
+    if keep != "nftables" and nftables.delete_table():
+        removed.append(f"nft table {nftables.TABLE}")
+    return removed

@@ -29,20 +29,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Daemon(_config(args.config)).run()
 
 
-def cmd_services(args: argparse.Namespace) -> int:
+def programmed_views(mode: str, bpffs: str) -> list | None:
+    """What the kernel holds for this instance (None when nothing is programmed)."""
+    if mode == "nftables":
+        from noded.services import nftables
+
+        if not nftables.table_exists():
+            return None
+        return nftables.describe(nftables.nft_json("list", "table", *nftables.TABLE.split()))
     from noded.bpf.sock_lb import LbMaps
     from noded.services.ebpf import describe
 
-    cfg = _config(args.config)
-    bpffs = args.bpffs_path or cfg.bpffsPath
     if not os.path.exists(f"{bpffs}/noded_svc"):
-        print(f"nothing programmed: no maps pinned under {bpffs}", file=sys.stderr)
-        return 1
+        return None
     maps = LbMaps.open_pinned(bpffs)
     try:
-        views = describe(maps)
+        return describe(maps)
     finally:
         maps.close()
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    bpffs = args.bpffs_path or cfg.bpffsPath
+    views = programmed_views(cfg.services.mode, bpffs)
+    if views is None:
+        print(f"nothing programmed in {cfg.services.mode} mode", file=sys.stderr)
+        return 1
     if args.output == "json":
         print(
             json.dumps(

@@ -59,15 +59,23 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
 
 
 def make_proxier(config: NodedConfiguration, model: ServiceModel):
+    from noded.cleanup import cleanup
+
     mode = config.services.mode
+    for what in cleanup(config, keep=mode):
+        log.info("removed state of another services mode", removed=what)
     if mode == "none":
         return None
+    if mode == "nftables":
+        from noded.services.nftables import NftProxier
+
+        return NftProxier(model, config.clusterCIDRs)
     if mode == "ebpf":
         from noded.bpf.sock_lb import load_and_attach
         from noded.services.ebpf import EbpfProxier
 
         return EbpfProxier(model, load_and_attach(config.bpffsPath, config.services.cgroupPath))
-    raise SystemExit(f"services.mode: {mode!r} is not implemented yet in this version (ebpf and none are)")
+    raise SystemExit(f"services.mode: {mode!r} is not implemented yet in this version (ebpf, nftables, none are)")
 
 
 class Daemon:
@@ -124,6 +132,7 @@ class Daemon:
                 "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
                 "noded_rejected_objects_total": lambda: self.model.rejected,
                 "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
+                "noded_nft_transactions_total": lambda: getattr(self.proxier, "transactions", 0),
             }
         )
 

@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-from noded import config
-from noded.cleanup import cleanup
+from noded.bpf.sock_lb import remove as cleanup_bpf
 from noded.lab import cni, controller, netns
 from noded.sources.directory import parse_manifests
 
@@ -175,7 +174,11 @@ class Lab:
                 state = self.state()
         for name, node in state.get("nodes", {}).items():
             self.stop_daemon(name)
-            if cleanup(config.load(node["config"])):
+            if netns.exists(node["netns"]):
+                netns.nsenter(
+                    node["netns"], [sys.executable, "-m", "noded", "cleanup", "-c", node["config"]], capture_output=True
+                )
+            if cleanup_bpf(node["bpffsPath"]):
                 done.append(f"kernel objects of noded on {name}")
         for key, pod in state.get("pods", {}).items():
             with contextlib.suppress(Exception):

@@ -108,3 +108,21 @@ def _procs(path: str) -> list[int]:
             return [int(x) for x in f.read().split()]
     except FileNotFoundError:
         return []
+
+
+def add_default_route_link(ns_name: str, ifname: str, address4: str, address6: str) -> None:
+    """A link carrying the default routes (a namespace of its own needs one to reach any VIP).
+
+    A veth pair with both ends inside the namespace: this kernel has no dummy links.
+    """
+    import socket as _socket
+
+    with NetNS(ns_name) as ns:
+        ns.link("add", ifname=ifname, kind="veth", peer=f"{ifname}p")
+        idx = ns.link_lookup(ifname=ifname)[0]
+        ns.link("set", index=ns.link_lookup(ifname=f"{ifname}p")[0], state="up")
+        ns.link("set", index=idx, state="up")
+        ns.addr("add", index=idx, address=address4.split("/")[0], prefixlen=int(address4.split("/")[1]))
+        ns.addr("add", index=idx, address=address6.split("/")[0], prefixlen=int(address6.split("/")[1]))
+        ns.route("add", dst="0.0.0.0/0", oif=idx)
+        ns.route("add", dst="::/0", oif=idx, family=_socket.AF_INET6)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from noded.lab import netns
 from noded.lab.lab import Lab, LabError
 
 
@@ -41,32 +42,51 @@ def probe(lab: Lab, pod: str, mode: str, host: str, port: int, **opts: object) -
 
 
 def programmed(lab: Lab, node: str) -> dict[str, dict]:
-    """Frontend -> {ready, terminating} as node's maps hold them now."""
-    from noded.bpf.sock_lb import LbMaps
-    from noded.services.ebpf import describe
+    """Frontend -> {ready, terminating} as node's kernel holds them now (maps or nft table, by mode)."""
+    from noded.services import nftables
 
-    maps = LbMaps.open_pinned(lab.state()["nodes"][node]["bpffsPath"])
-    try:
-        return {
-            str(v.frontend): {
-                "ready": sorted(f"{a}:{p}" for a, p in v.ready),
-                "terminating": sorted(f"{a}:{p}" for a, p in v.terminating),
-            }
-            for v in describe(maps)
+    state = lab.state()
+    if state["mode"] == "nftables":
+        res = netns.nsenter(
+            state["nodes"][node]["netns"],
+            ["nft", "-j", "list", "table", *nftables.TABLE.split()],
+            capture_output=True,
+            text=True,
+        )
+        views = nftables.describe(json.loads(res.stdout)) if res.returncode == 0 else []
+    else:
+        from noded.cli import programmed_views
+
+        views = programmed_views("ebpf", state["nodes"][node]["bpffsPath"]) or []
+    return {
+        str(v.frontend): {
+            "ready": sorted(f"{a}:{p}" for a, p in v.ready),
+            "terminating": sorted(f"{a}:{p}" for a, p in v.terminating),
         }
-    finally:
-        maps.close()
+        for v in views
+    }
 
 
 def wait_programmed(
-    lab: Lab, node: str, frontend: str, ready: int | None = None, terminating: int = 0, timeout: float = 10.0
+    lab: Lab,
+    node: str,
+    frontend: str,
+    ready: int | None = None,
+    terminating: int = 0,
+    timeout: float = 10.0,
+    ready_ips: list[str] | None = None,
 ) -> float:
-    """Wait until node's maps hold frontend with that many backends; returns the seconds it took."""
+    """Wait until node's kernel holds frontend with that many backends (or exactly ready_ips);
+    returns the seconds it took."""
     start = time.monotonic()
     while True:
         got = programmed(lab, node).get(frontend)
         if got is not None and (
-            ready is None or (len(got["ready"]) == ready and len(got["terminating"]) == terminating)
+            (ready_ips is not None and sorted(b.split(":")[0] for b in got["ready"]) == sorted(ready_ips))
+            or (
+                ready_ips is None
+                and (ready is None or (len(got["ready"]) == ready and len(got["terminating"]) == terminating))
+            )
         ):
             return time.monotonic() - start
         if time.monotonic() - start > timeout:

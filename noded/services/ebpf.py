@@ -16,6 +16,7 @@ from noded.bpf import structs
 from noded.bpf.sock_lb import LbMaps
 from noded.model.tracker import Backend, Frontend, FrontendState, ServiceKey, ServiceModel
 from noded.services.slots import plan_slots
+from noded.services.view import ProgrammedView
 
 log = structlog.get_logger("noded.services.ebpf")
 
@@ -31,17 +32,6 @@ class Programmed:
     ready: list[int] = field(default_factory=list)  # backend ids, slot order
     terminating: list[int] = field(default_factory=list)
     backends: dict[Backend, tuple[int, bool]] = field(default_factory=dict)  # -> (id, terminating)
-
-
-@dataclass
-class ProgrammedView:
-    """A frontend read back from the maps, for `noded services`."""
-
-    frontend: Frontend
-    svc_id: int
-    affinity_timeout: int
-    ready: list[Backend]
-    terminating: list[Backend]
 
 
 def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:

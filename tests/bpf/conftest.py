@@ -14,6 +14,10 @@ from noded.bpf import sock_lb
 from noded.lab import netns
 from noded.model.tracker import ServiceModel
 from noded.services.ebpf import EbpfProxier
+from noded.services.nftables import NftProxier
+
+LINK_ADDRESS = "192.0.2.1"
+CLUSTER_CIDRS = ["192.0.2.0/24", "2001:db8::/64"]  # the test netns plays a pod: its traffic is not masqueraded
 
 
 class NetnsCgroupEnv:
@@ -26,6 +30,9 @@ class NetnsCgroupEnv:
         self.servers: list[subprocess.Popen] = []
         netns.create(self.ns)
         netns.cgroup_create(self.cgroup)
+        # A default route, as every node has: locally generated traffic to a VIP needs one to leave
+        # routing before netfilter's output hook sees it. Its address doubles as a backend address.
+        netns.add_default_route_link(self.ns, "route0", f"{LINK_ADDRESS}/24", "2001:db8::1/64")
 
     def echo(self, port: int, name: str, udp: int = 0) -> None:
         argv = [sys.executable, "-m", "noded.lab.echo", "--name", name, "--tcp", str(port), "--udp", str(udp)]
@@ -67,8 +74,27 @@ def unique_tag() -> str:
     return f"{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
 
 
+def open_env(cls: type, tag: str):
+    """Construct an env; whatever it made before failing is removed again."""
+    env = cls.__new__(cls)
+    env.servers = []
+    env.ns, env.cgroup, env.bpffs = (
+        f"noded-test-{tag}",
+        f"{netns.CGROUP_ROOT}/noded-test-{tag}",
+        f"/sys/fs/bpf/noded/test-{tag}",
+    )
+    try:
+        env.__init__(tag)
+    except BaseException:
+        env.close()
+        raise
+    return env
+
+
 class LbEnv(NetnsCgroupEnv):
     """The socket-LB loaded by the test itself, with a model and proxier to drive."""
+
+    mode = "ebpf"
 
     def __init__(self, tag: str) -> None:
         super().__init__(tag)
@@ -82,13 +108,41 @@ class LbEnv(NetnsCgroupEnv):
         self.proxier.sync()
 
     def close(self) -> None:
-        self.maps.close()
+        if getattr(self, "maps", None):
+            self.maps.close()
         super().close()
 
 
+class NftEnv(NetnsCgroupEnv):
+    """The nftables proxier programming a netns of the test's own."""
+
+    mode = "nftables"
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag)
+        self.model = ServiceModel()
+        self.proxier = NftProxier(self.model, CLUSTER_CIDRS, cmd=tuple(netns.nsenter_argv(self.ns, ["nft"])))
+        self.proxier.sync(full=True)
+
+    def apply(self, *objs: dict) -> None:
+        for obj in objs:
+            assert self.model.upsert(obj)
+        self.proxier.sync()
+
+
 @pytest.fixture
-def lb():
-    env = LbEnv(unique_tag())
+def ebpf_lb():
+    env = open_env(LbEnv, unique_tag())
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture(params=["ebpf", "nftables"])
+def lb(request):
+    """The same behaviour, whichever backend programs it."""
+    env = open_env(LbEnv if request.param == "ebpf" else NftEnv, unique_tag())
     try:
         yield env
     finally:

@@ -25,7 +25,8 @@ def test_every_mirror_matches_btf():
         assert py_fields == btf_fields, name
 
 
-def test_map_value_sizes_match_the_maps_libbpf_creates(lb):
+def test_map_value_sizes_match_the_maps_libbpf_creates(ebpf_lb):
+    lb = ebpf_lb
     for m, key, value in (
         (lb.maps.svc, structs.SvcKey, structs.SvcVal),
         (lb.maps.backends, ctypes.c_uint32, structs.Backend),

@@ -4,7 +4,6 @@ The daemon runs in the root namespace but listens only on loopback and attaches
 only to a cgroup this test made; clients run in a netns of the test's own.
 """
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,9 +12,10 @@ import time
 import pytest
 import yaml
 
+from noded.bpf.libbpf import BpfError
 from noded.bpf.sock_lb import LbMaps
 from noded.services.ebpf import describe
-from tests.bpf.conftest import NetnsCgroupEnv, unique_tag
+from tests.bpf.conftest import NetnsCgroupEnv, open_env, unique_tag
 from tests.fakeapi import FakeApiServer
 from tests.objects import endpoint, service, slice_
 
@@ -63,7 +63,7 @@ class DaemonEnv(NetnsCgroupEnv):
             )
 
     def kill(self) -> None:
-        if self.proc:
+        if getattr(self, "proc", None):
             self.proc.kill()
             self.proc.wait()
             self.proc = None
@@ -73,9 +73,10 @@ class DaemonEnv(NetnsCgroupEnv):
             return f.read()
 
     def programmed(self) -> dict:
-        if not os.path.exists(f"{self.bpffs}/noded_svc"):
+        try:
+            maps = LbMaps.open_pinned(self.bpffs)
+        except BpfError:  # not pinned yet: the daemon is still starting
             return {}
-        maps = LbMaps.open_pinned(self.bpffs)
         try:
             return {str(v.frontend): sorted(f"{a}:{p}" for a, p in v.ready) for v in describe(maps)}
         finally:
@@ -92,14 +93,16 @@ class DaemonEnv(NetnsCgroupEnv):
 
     def close(self) -> None:
         self.kill()
-        self.api.stop()
-        subprocess.run([sys.executable, "-m", "noded", "cleanup", "-c", self.config], capture_output=True)
+        if getattr(self, "api", None):
+            self.api.stop()
+        if getattr(self, "config", None):
+            subprocess.run([sys.executable, "-m", "noded", "cleanup", "-c", self.config], capture_output=True)
         super().close()
 
 
 @pytest.fixture
 def env():
-    e = DaemonEnv(unique_tag())
+    e = open_env(DaemonEnv, unique_tag())
     try:
         yield e
     finally:

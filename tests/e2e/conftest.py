@@ -12,12 +12,13 @@ from noded.lab.lab import Lab
 from noded.lab.workloads import service_yaml, start_echo
 
 
-@pytest.fixture(scope="module")
-def lab():
+@pytest.fixture(scope="module", params=["ebpf", "nftables"])
+def lab(request):
     lab = Lab()
     if lab.is_up or netns.list_ours("noded-node"):
         pytest.fail("a lab is already up on this machine: run `noded lab down` first")
-    lab.up(2, "ebpf")
+    lab.up(2, request.param)
+    lab.mode = request.param
     servers = []
     try:
         for pod, node in (("default/echo-1", "node1"), ("default/echo-2", "node2"), ("default/echo-3", "node2")):

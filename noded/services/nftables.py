@@ -1,0 +1,199 @@
+"""nftables proxier: one atomic `nft -f` transaction per sync, touching only changed frontends.
+
+A full sync (the first, and every syncPeriod) re-asserts every base chain, map
+and frontend and deletes noded chains nobody wants, which repairs tampering.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import structlog
+
+from noded.model.tracker import Frontend, ServiceKey, ServiceModel
+from noded.services import nftrules
+from noded.services.nftrules import TABLE, FrontendRules
+from noded.services.view import ProgrammedView
+
+log = structlog.get_logger("noded.services.nftables")
+
+
+class NftError(RuntimeError):
+    pass
+
+
+NFT = ("nft",)  # the command; tests prefix it with nsenter to work in a namespace of their own
+
+
+def nft(script: str, cmd: tuple[str, ...] = NFT) -> None:
+    proc = subprocess.run([*cmd, "-f", "-"], input=script, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NftError(proc.stderr.strip()[:4000])
+
+
+def nft_json(*args: str, cmd: tuple[str, ...] = NFT) -> dict:
+    proc = subprocess.run([*cmd, "-j", *args], capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {"nftables": []}
+
+
+def table_exists(cmd: tuple[str, ...] = NFT) -> bool:
+    return subprocess.run([*cmd, "list", "table", *TABLE.split()], capture_output=True).returncode == 0
+
+
+def delete_table(cmd: tuple[str, ...] = NFT) -> bool:
+    if not table_exists(cmd):
+        return False
+    nft(f"delete table {TABLE}\n", cmd)
+    return True
+
+
+class NftProxier:
+    name = "nftables"
+
+    def __init__(self, model: ServiceModel, cluster_cidrs: list[str], cmd: tuple[str, ...] = NFT) -> None:
+        self.model = model
+        self.cluster_cidrs = cluster_cidrs
+        self.cmd = cmd
+        self._programmed: dict[Frontend, FrontendRules] = {}
+        self._by_service: dict[ServiceKey, set[Frontend]] = {}
+        self.transactions = 0
+        self.last_script = ""
+
+    def _desired(self, key: ServiceKey) -> dict[Frontend, FrontendRules]:
+        return {
+            fe: nftrules.frontend_rules(fe, st, self.cluster_cidrs)
+            for fe, st in self.model.frontends_of(key).items()
+            if fe.protocol in ("TCP", "UDP")
+        }
+
+    def sync(self, full: bool = False) -> int:
+        if full:
+            self.model.mark_all_changed()
+        changed = self.model.take_changes() | (set(self._by_service) if full else set())
+        desired_by_key = {key: self._desired(key) for key in changed}
+        if full:
+            keep = {k: v for k, v in self._by_service.items() if k not in changed}
+            desired = {fe: self._programmed[fe] for fes in keep.values() for fe in fes}
+            for frontends in desired_by_key.values():
+                desired.update(frontends)
+            script = self._full_script(desired)
+        else:
+            script = self._partial_script(changed, desired_by_key)
+        if script:
+            nft(script, self.cmd)
+            self.transactions += 1
+            self.last_script = script
+        # the transaction went through: the mirror follows
+        for key, frontends in desired_by_key.items():
+            for fe in self._by_service.pop(key, set()):
+                self._programmed.pop(fe, None)
+            if frontends:
+                self._by_service[key] = set(frontends)
+                self._programmed.update(frontends)
+        return len(changed)
+
+    def _partial_script(self, changed: set[ServiceKey], desired_by_key: dict[ServiceKey, dict]) -> str:
+        adds: list[str] = []
+        dels: list[str] = []
+        for key in changed:
+            old = {fe: self._programmed[fe] for fe in self._by_service.get(key, set())}
+            new = desired_by_key[key]
+            for fe in old.keys() | new.keys():
+                a, b = old.get(fe), new.get(fe)
+                if a == b:
+                    continue
+                if a is not None and (b is None or a.element != b.element):
+                    dels.insert(0, f"delete element {TABLE} {a.element_map} {{ {nftrules.element_key(a.element)} }}")
+                if b is not None:
+                    for name, spec in b.sets.items():
+                        adds.append(f"add set {TABLE} {name} {spec}")
+                    for name, rules in b.chains.items():
+                        prev = a.chains.get(name) if a else None
+                        if prev != rules:
+                            adds += nftrules.chain_commands(name, rules, new=prev is None)
+                    if a is None or a.element != b.element:
+                        adds.append(f"add element {TABLE} {b.element_map} {{ {b.element} }}")
+                if a is not None:
+                    for name in a.chains.keys() - (b.chains.keys() if b else set()):
+                        dels.append(f"delete chain {TABLE} {name}")
+                    for name in a.sets.keys() - (b.sets.keys() if b else set()):
+                        dels.append(f"delete set {TABLE} {name}")
+        # element deletions first (so chains are unreferenced), then additions, then chain/set deletions
+        element_dels = [d for d in dels if d.startswith("delete element")]
+        other_dels = [d for d in dels if not d.startswith("delete element")]
+        flushes = [f"flush chain {TABLE} {d.split()[-1]}" for d in other_dels if d.startswith("delete chain")]
+        cmds = element_dels + adds + flushes + other_dels
+        return "\n".join(cmds) + "\n" if cmds else ""
+
+    def _full_script(self, desired: dict[Frontend, FrontendRules]) -> str:
+        existing = self._existing_objects()
+        cmds = nftrules.base_commands()
+        for name, rules in nftrules.base_rules().items():
+            cmds += nftrules.chain_commands(name, tuple(rules), new=False)
+        cmds += [f"flush map {TABLE} {name}" for name in nftrules.MAPS]
+        wanted_chains: set[str] = set()
+        wanted_sets: set[str] = set()
+        for rules in desired.values():
+            for name, spec in rules.sets.items():
+                cmds.append(f"add set {TABLE} {name} {spec}")
+                wanted_sets.add(name)
+            for name, chain_rules in rules.chains.items():
+                cmds += [f"add chain {TABLE} {name}", *nftrules.chain_commands(name, chain_rules, new=False)]
+                wanted_chains.add(name)
+        for rules in desired.values():
+            cmds.append(f"add element {TABLE} {rules.element_map} {{ {rules.element} }}")
+        stale_chains = [c for c in existing["chains"] if c not in nftrules.BASE_CHAINS and c not in wanted_chains]
+        cmds += [f"flush chain {TABLE} {c}" for c in stale_chains]
+        cmds += [f"delete chain {TABLE} {c}" for c in stale_chains]
+        cmds += [f"delete set {TABLE} {s}" for s in existing["sets"] if s not in wanted_sets and s not in nftrules.MAPS]
+        return "\n".join(cmds) + "\n"
+
+    def _existing_objects(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"chains": [], "sets": []}
+        for item in nft_json("list", "table", *TABLE.split(), cmd=self.cmd).get("nftables", []):
+            if "chain" in item:
+                out["chains"].append(item["chain"]["name"])
+            elif "set" in item:
+                out["sets"].append(item["set"]["name"])
+        return out
+
+
+def describe(doc: dict) -> list[ProgrammedView]:
+    """Frontends and their endpoints as `nft -j list table inet noded` shows them."""
+    items = doc.get("nftables", [])
+    rules: dict[str, list[dict]] = {}
+    for item in items:
+        if "rule" in item:
+            rules.setdefault(item["rule"]["chain"], []).append(item["rule"])
+    views = []
+    for item in items:
+        m = item.get("map")
+        if not m or not m["name"].startswith(("service-ips", "no-endpoint-services")):
+            continue
+        for key, verdict in m.get("elem", []):
+            ip, proto, port = key["concat"]
+            chain = verdict["goto"]["target"]  # reject-chain for a frontend with no endpoints
+            ready, terminating, affinity = [], [], 0
+            for rule in rules.get(chain, []):
+                for e in rule["expr"]:
+                    targets = e.get("vmap", {}).get("data", {}).get("set", [])
+                    for _i, v in targets:
+                        backend, fallback = _endpoint(rules.get(v["goto"]["target"], []))
+                        if backend:
+                            (terminating if fallback else ready).append(backend)
+            for sets in (i.get("set") for i in items if "set" in i):
+                if sets["name"].startswith("affinity-") and any(
+                    f"@{sets['name']}" in json.dumps(r) for r in rules.get(chain, [])
+                ):
+                    affinity = sets.get("timeout", 0)
+            views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
+    return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))
+
+
+def _endpoint(chain_rules: list[dict]) -> tuple[tuple[str, int] | None, bool]:
+    for rule in chain_rules:
+        for e in rule["expr"]:
+            if "dnat" in e:
+                return (e["dnat"]["addr"], int(e["dnat"]["port"])), rule.get("comment") == "serving-terminating"
+    return None, False

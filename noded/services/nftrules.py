@@ -1,0 +1,148 @@
+"""The nftables ruleset noded wants, as nft commands, after kube-proxy's nftables mode. Pure: no kernel.
+
+One `table inet noded`; service VIPs are looked up in verdict maps (O(1) in the
+number of services); each service port has a chain that picks an endpoint chain
+with `numgen random`, and each endpoint chain DNATs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+from noded.model.tracker import Backend, Frontend, FrontendState
+
+TABLE = "inet noded"
+MASQ_MARK = 0x4000
+
+BASE_CHAINS: dict[str, str] = {
+    # name -> chain spec (hooks); rules come from base_rules()
+    "nat-prerouting": "{ type nat hook prerouting priority dstnat ; policy accept ; }",
+    "nat-output": "{ type nat hook output priority -100 ; policy accept ; }",
+    "nat-postrouting": "{ type nat hook postrouting priority srcnat ; policy accept ; }",
+    "filter-prerouting": "{ type filter hook prerouting priority dstnat - 10 ; policy accept ; }",
+    "filter-output": "{ type filter hook output priority -110 ; policy accept ; }",
+    "services": "",
+    "masquerading": "",
+    "mark-for-masquerade": "",
+    "reject-chain": "",
+}
+MAPS = {
+    "service-ips": "ipv4_addr . inet_proto . inet_service : verdict",
+    "service-ips6": "ipv6_addr . inet_proto . inet_service : verdict",
+    "no-endpoint-services": "ipv4_addr . inet_proto . inet_service : verdict",
+    "no-endpoint-services6": "ipv6_addr . inet_proto . inet_service : verdict",
+}
+OWNED_PREFIXES = ("service-", "endpoint-", "affinity-")
+
+
+def base_rules() -> dict[str, list[str]]:
+    lookup4 = "ip daddr . meta l4proto . th dport"
+    lookup6 = "ip6 daddr . meta l4proto . th dport"
+    check = [
+        f"ct state new {lookup4} vmap @no-endpoint-services",
+        f"ct state new {lookup6} vmap @no-endpoint-services6",
+    ]
+    return {
+        "nat-prerouting": ["jump services"],
+        "nat-output": ["jump services"],
+        "nat-postrouting": ["jump masquerading"],
+        "filter-prerouting": check,
+        "filter-output": check,
+        "services": [f"{lookup4} vmap @service-ips", f"{lookup6} vmap @service-ips6"],
+        "masquerading": [
+            f"meta mark & {MASQ_MARK:#x} == 0 return",
+            f"meta mark set meta mark ^ {MASQ_MARK:#x}",
+            "masquerade fully-random",
+        ],
+        "mark-for-masquerade": [f"meta mark set meta mark | {MASQ_MARK:#x}"],
+        # TCP gets a RST: ECONNREFUSED at once, never slowed by the kernel's ICMP rate limit
+        "reject-chain": ["meta l4proto tcp reject with tcp reset", "reject"],
+    }
+
+
+def base_commands() -> list[str]:
+    """Create-if-missing every base object (idempotent `add`s)."""
+    cmds = [f"add table {TABLE}"]
+    cmds += [f"add map {TABLE} {name} {{ type {spec} ; }}" for name, spec in MAPS.items()]
+    cmds += [f"add chain {TABLE} {name} {spec}".rstrip() for name, spec in BASE_CHAINS.items()]
+    return cmds
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8]
+
+
+def _v6(ip: str) -> bool:
+    return ipaddress.ip_address(ip).version == 6
+
+
+def _ipfam(ip: str) -> str:
+    return "ip6" if _v6(ip) else "ip"
+
+
+def _addr(ip: str) -> str:
+    return f"[{ip}]" if _v6(ip) else ip
+
+
+@dataclass(frozen=True)
+class FrontendRules:
+    """Everything one frontend puts in the table."""
+
+    element_map: str  # which verdict map holds this frontend
+    element: str  # "key : verdict"
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sets: dict[str, str] = field(default_factory=dict)  # affinity set name -> spec
+
+
+def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
+    sp = state.service
+    v6 = _v6(fe.ip)
+    key = f"{fe.ip} . {fe.protocol.lower()} . {fe.port}"
+    suffix = "6" if v6 else ""
+    backends: tuple[Backend, ...] = state.ready or state.terminating
+    if not backends:
+        return FrontendRules(f"no-endpoint-services{suffix}", f"{key} : goto reject-chain")
+    fam = _ipfam(fe.ip)
+    svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
+    chains: dict[str, tuple[str, ...]] = {}
+    sets: dict[str, str] = {}
+    svc_rules: list[str] = []
+    cidrs = [c for c in cluster_cidrs if ipaddress.ip_network(c, strict=False).version == (6 if v6 else 4)]
+    if cidrs:  # a VIP reached from outside the cluster CIDR (e.g. the node itself) is masqueraded
+        svc_rules.append(f"{fam} saddr != {{ {', '.join(cidrs)} }} jump mark-for-masquerade")
+    ep_chains = []
+    for ip, port in backends:
+        ep_chain = _quote(
+            f"endpoint-{_hash(fe, ip, port)}-{sp.name.namespace}/{sp.name.name}/{sp.name.port}__{ip}/{port}"
+        )
+        ep_chains.append(ep_chain)
+        rules = [f"{fam} saddr {ip} jump mark-for-masquerade"]  # a pod reaching itself through its service
+        if sp.affinity_timeout:
+            aff = f"affinity-{_hash(fe, ip, port)}"
+            addr_type = "ipv6_addr" if v6 else "ipv4_addr"
+            sets[aff] = f"{{ type {addr_type} ; flags dynamic,timeout ; timeout {sp.affinity_timeout}s ; }}"
+            svc_rules.append(f"{fam} saddr @{aff} goto {ep_chain}")
+            rules.append(f"update @{aff} {{ {fam} saddr }}")
+        note = ' comment "serving-terminating"' if not state.ready else ""
+        rules.append(f"meta l4proto {fe.protocol.lower()} dnat {fam} to {_addr(ip)}:{port}{note}")
+        chains[ep_chain] = tuple(rules)
+    picks = ", ".join(f"{i} : goto {c}" for i, c in enumerate(ep_chains))
+    svc_rules.append(f"numgen random mod {len(ep_chains)} vmap {{ {picks} }}")
+    chains[svc_chain] = tuple(svc_rules)
+    return FrontendRules(f"service-ips{suffix}", f"{key} : goto {svc_chain}", chains, sets)
+
+
+def _quote(name: str) -> str:
+    """A chain name nft 1.0 takes unquoted: letters, digits and / - _ . only."""
+    return name.replace(":", ".")
+
+
+def chain_commands(name: str, rules: tuple[str, ...], new: bool) -> list[str]:
+    cmds = [f"add chain {TABLE} {name}"] if new else [f"flush chain {TABLE} {name}"]
+    return cmds + [f"add rule {TABLE} {name} {rule}" for rule in rules]
+
+
+def element_key(element: str) -> str:
+    return element.split(" : ")[0]

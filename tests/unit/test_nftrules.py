@@ -1,0 +1,63 @@
+import re
+
+from noded.model.objects import parse_service
+from noded.model.tracker import Frontend, FrontendState
+from noded.services import nftrules
+
+NAME_OK = re.compile(r"^[A-Za-z][A-Za-z0-9/_.\-]*$")  # what nft 1.0 takes unquoted
+
+
+def state(ready=(), terminating=(), **spec):
+    svc = {
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}], **spec},
+    }
+    return FrontendState(parse_service(svc)[0], tuple(ready), tuple(terminating))
+
+
+def test_no_endpoints_goes_to_the_reject_map():
+    r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state(), ["10.244.0.0/16"])
+    assert r.element_map == "no-endpoint-services"
+    assert r.element == "10.96.0.10 . tcp . 80 : goto reject-chain"
+    assert r.chains == {}
+
+
+def test_random_choice_over_endpoint_chains_with_hairpin_masquerade():
+    r = nftrules.frontend_rules(
+        Frontend("10.96.0.10", 80, "TCP"), state([("10.244.1.2", 8080), ("10.244.2.2", 8080)]), ["10.244.0.0/16"]
+    )
+    assert r.element_map == "service-ips"
+    svc = next(rules for name, rules in r.chains.items() if name.startswith("service-"))
+    assert svc[0] == "ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade"
+    assert svc[-1].startswith("numgen random mod 2 vmap {")
+    eps = {name: rules for name, rules in r.chains.items() if name.startswith("endpoint-")}
+    assert len(eps) == 2
+    for rules in eps.values():
+        assert rules[0].endswith("jump mark-for-masquerade") and "dnat ip to 10.244." in rules[-1]
+    assert all(NAME_OK.match(n) for n in r.chains)
+
+
+def test_terminating_fallback_is_marked_and_used_only_without_ready():
+    r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state([], [("10.244.1.9", 8080)]), [])
+    (ep,) = (rules for name, rules in r.chains.items() if name.startswith("endpoint-"))
+    assert ep[-1].endswith('comment "serving-terminating"')
+    r = nftrules.frontend_rules(
+        Frontend("10.96.0.10", 80, "TCP"), state([("10.244.1.2", 8080)], [("10.244.1.9", 8080)]), []
+    )
+    assert not any("10.244.1.9" in name for name in r.chains)
+
+
+def test_affinity_sets_and_ipv6():
+    st = state(
+        [("fd00:244::2", 8080)], sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}
+    )
+    r = nftrules.frontend_rules(Frontend("fd00:96::10", 80, "UDP"), st, ["10.244.0.0/16", "fd00:244::/64"])
+    assert r.element_map == "service-ips6"
+    assert r.element.startswith("fd00:96::10 . udp . 80 : goto service-")
+    ((aff, spec),) = r.sets.items()
+    assert "type ipv6_addr" in spec and "timeout 60s" in spec
+    (ep,) = (rules for name, rules in r.chains.items() if name.startswith("endpoint-"))
+    assert f"update @{aff} {{ ip6 saddr }}" in ep
+    assert ep[-1] == "meta l4proto udp dnat ip6 to [fd00:244::2]:8080"
+    assert all(NAME_OK.match(n) for n in r.chains)
