@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,8 @@ class NetnsCgroupEnv:
         for s in self.servers:
             s.kill()
             s.wait()
+        if getattr(self, "dir", None):
+            shutil.rmtree(self.dir, ignore_errors=True)
         sock_lb.remove(self.bpffs)
         netns.cgroup_remove_tree(self.cgroup)
         netns.remove(self.ns)

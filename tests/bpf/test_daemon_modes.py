@@ -1,0 +1,122 @@
+"""Switching services.mode across `noded run` restarts leaves nothing of the previous mode; cleanup leaves nothing."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from noded.lab import netns
+from noded.services import nftables
+from tests.bpf.conftest import LINK_ADDRESS, NetnsCgroupEnv, open_env, unique_tag
+from tests.objects import endpoint, service, slice_
+
+
+class ModeEnv(NetnsCgroupEnv):
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag)
+        self.dir = tempfile.mkdtemp(prefix="noded-test-")
+        os.makedirs(f"{self.dir}/manifests")
+        with open(f"{self.dir}/manifests/web.yaml", "w") as f:
+            yaml.safe_dump_all(
+                [service("web"), slice_("web", [endpoint(LINK_ADDRESS)], ports=[{"name": "http", "port": 9001}])], f
+            )
+        self.proc = None
+
+    def config(self, mode: str) -> str:
+        path = f"{self.dir}/config.yaml"
+        with open(path, "w") as f:
+            yaml.safe_dump(
+                {
+                    "apiVersion": "noded.io/v1alpha1",
+                    "kind": "NodedConfiguration",
+                    "nodeName": "m",
+                    "source": {"directory": f"{self.dir}/manifests"},
+                    "clusterCIDRs": ["192.0.2.0/24"],
+                    "services": {"mode": mode, "cgroupPath": self.cgroup},
+                    "api": {"socket": f"{self.dir}/noded.sock"},
+                    "bpffsPath": self.bpffs,
+                },
+                f,
+            )
+        return path
+
+    def run(self, mode: str) -> None:
+        self.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self.dir}/status.json")
+        with open(f"{self.dir}/noded.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                netns.nsenter_argv(self.ns, [sys.executable, "-m", "noded", "run", "-c", self.config(mode)]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with open(f"{self.dir}/status.json") as f:
+                    if json.load(f).get("syncs", 0) >= 1:
+                        return
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            if self.proc.poll() is not None:
+                with open(f"{self.dir}/noded.log") as log:
+                    raise AssertionError(log.read())
+            time.sleep(0.05)
+        raise AssertionError("noded did not sync")
+
+    def stop(self) -> None:
+        if getattr(self, "proc", None):
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+    def state(self) -> dict:
+        attached = subprocess.run(["bpftool", "cgroup", "show", self.cgroup], capture_output=True, text=True).stdout
+        return {
+            "bpf_links": "noded_connect4" in attached,
+            "bpf_pins": os.path.exists(self.bpffs),
+            "nft_table": nftables.table_exists(tuple(netns.nsenter_argv(self.ns, ["nft"]))),
+        }
+
+    def close(self) -> None:
+        self.stop()
+        if getattr(self, "dir", None):
+            netns.nsenter(
+                self.ns, [sys.executable, "-m", "noded", "cleanup", "-c", self.config("none")], capture_output=True
+            )
+        super().close()
+
+
+@pytest.fixture
+def env():
+    e = open_env(ModeEnv, unique_tag())
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def test_switching_modes_leaves_nothing_of_the_previous_one(env):
+    env.echo(9001, "a")
+    for mode, expected in (
+        ("ebpf", {"bpf_links": True, "bpf_pins": True, "nft_table": False}),
+        ("nftables", {"bpf_links": False, "bpf_pins": False, "nft_table": True}),
+        ("ebpf", {"bpf_links": True, "bpf_pins": True, "nft_table": False}),
+    ):
+        env.run(mode)
+        assert env.state() == expected, mode
+        deadline = time.monotonic() + 5
+        while env.client("tcp", "10.96.0.10", 80, count=1, timeout=1)["answers"] != {"a": 1}:
+            assert time.monotonic() < deadline, f"VIP not served in {mode} mode"
+            time.sleep(0.1)
+    env.stop()
+    netns.nsenter(
+        env.ns, [sys.executable, "-m", "noded", "cleanup", "-c", env.config("ebpf")], check=True, capture_output=True
+    )
+    assert env.state() == {"bpf_links": False, "bpf_pins": False, "nft_table": False}
