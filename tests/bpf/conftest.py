@@ -133,13 +133,21 @@ class NftEnv(NetnsCgroupEnv):
         self.proxier.sync()
 
 
-@pytest.fixture
-def ebpf_lb():
-    env = open_env(LbEnv, unique_tag())
-    try:
-        yield env
-    finally:
-        env.close()
+def env_fixture(cls: type):
+    """A pytest fixture giving a fresh env of cls, closed afterwards whatever happened."""
+
+    @pytest.fixture
+    def fixture():
+        env = open_env(cls, unique_tag())
+        try:
+            yield env
+        finally:
+            env.close()
+
+    return fixture
+
+
+ebpf_lb = env_fixture(LbEnv)
 
 
 @pytest.fixture(params=["ebpf", "nftables"])

@@ -9,13 +9,12 @@ import sys
 import tempfile
 import time
 
-import pytest
 import yaml
 
 from noded.bpf.libbpf import BpfError
 from noded.bpf.sock_lb import LbMaps
 from noded.services.ebpf import describe
-from tests.bpf.conftest import NetnsCgroupEnv, open_env, unique_tag
+from tests.bpf.conftest import NetnsCgroupEnv, env_fixture
 from tests.fakeapi import FakeApiServer
 from tests.objects import endpoint, service, slice_
 
@@ -100,13 +99,7 @@ class DaemonEnv(NetnsCgroupEnv):
         super().close()
 
 
-@pytest.fixture
-def env():
-    e = open_env(DaemonEnv, unique_tag())
-    try:
-        yield e
-    finally:
-        e.close()
+env = env_fixture(DaemonEnv)
 
 
 def ports(p):

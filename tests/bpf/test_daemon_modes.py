@@ -8,12 +8,11 @@ import sys
 import tempfile
 import time
 
-import pytest
 import yaml
 
 from noded.lab import netns
 from noded.services import nftables
-from tests.bpf.conftest import LINK_ADDRESS, NetnsCgroupEnv, open_env, unique_tag
+from tests.bpf.conftest import LINK_ADDRESS, NetnsCgroupEnv, env_fixture
 from tests.objects import endpoint, service, slice_
 
 
@@ -93,13 +92,7 @@ class ModeEnv(NetnsCgroupEnv):
         super().close()
 
 
-@pytest.fixture
-def env():
-    e = open_env(ModeEnv, unique_tag())
-    try:
-        yield e
-    finally:
-        e.close()
+env = env_fixture(ModeEnv)
 
 
 def test_switching_modes_leaves_nothing_of_the_previous_one(env):

@@ -1,20 +1,12 @@
 """nftables mode on a real ruleset in a netns of the test's own: partial syncs, tamper repair, cleanup."""
 
-import pytest
 
 from noded.lab import netns
 from noded.services import nftables
-from tests.bpf.conftest import NftEnv, open_env, unique_tag
+from tests.bpf.conftest import NftEnv, env_fixture
 from tests.objects import endpoint, service, slice_
 
-
-@pytest.fixture
-def nft_lb():
-    env = open_env(NftEnv, unique_tag())
-    try:
-        yield env
-    finally:
-        env.close()
+nft_lb = env_fixture(NftEnv)
 
 
 def cmd(env):
