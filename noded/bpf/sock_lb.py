@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -48,14 +49,22 @@ class LbMaps:
 
     @classmethod
     def open_pinned(cls, bpffs: str) -> LbMaps:
-        import ctypes
-
-        return cls(
-            svc=Map.open_pinned(f"{bpffs}/noded_svc", structs.SvcKey, structs.SvcVal),
-            backends=Map.open_pinned(f"{bpffs}/noded_backends", ctypes.c_uint32, structs.Backend),
-            revnat=Map.open_pinned(f"{bpffs}/noded_revnat", structs.RevNatKey, structs.RevNatVal),
-            affinity=Map.open_pinned(f"{bpffs}/noded_affinity", structs.AffinityKey, structs.AffinityVal),
-        )
+        """The instance's pinned maps; on failure nothing stays open."""
+        specs = {
+            "svc": ("noded_svc", structs.SvcKey, structs.SvcVal),
+            "backends": ("noded_backends", ctypes.c_uint32, structs.Backend),
+            "revnat": ("noded_revnat", structs.RevNatKey, structs.RevNatVal),
+            "affinity": ("noded_affinity", structs.AffinityKey, structs.AffinityVal),
+        }
+        opened: dict[str, Map] = {}
+        try:
+            for field_name, (pin, key, value) in specs.items():
+                opened[field_name] = Map.open_pinned(f"{bpffs}/{pin}", key, value)
+        except BpfError:
+            for m in opened.values():
+                m.close()
+            raise
+        return cls(**opened)
 
     def close(self) -> None:
         for m in (self.svc, self.backends, self.revnat, self.affinity):

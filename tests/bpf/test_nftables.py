@@ -1,6 +1,5 @@
 """nftables mode on a real ruleset in a netns of the test's own: partial syncs, tamper repair, cleanup."""
 
-
 from noded.lab import netns
 from noded.services import nftables
 from tests.bpf.conftest import NftEnv, env_fixture
