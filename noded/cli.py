@@ -9,6 +9,7 @@ import sys
 
 from noded import __version__
 from noded.config import ConfigError, NodedConfiguration, load, parse
+from noded.services.view import programmed_views
 
 DEFAULT_CONFIG = "/etc/noded/config.yaml"
 
@@ -29,30 +30,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Daemon(_config(args.config)).run()
 
 
-def programmed_views(mode: str, bpffs: str) -> list | None:
-    """What the kernel holds for this instance (None when nothing is programmed)."""
-    if mode == "nftables":
-        from noded.services import nftables
-
-        if not nftables.table_exists():
-            return None
-        return nftables.describe(nftables.nft_json("list", "table", *nftables.TABLE.split()))
-    from noded.bpf.sock_lb import LbMaps
-    from noded.services.ebpf import describe
-
-    if not os.path.exists(f"{bpffs}/noded_svc"):
-        return None
-    maps = LbMaps.open_pinned(bpffs)
-    try:
-        return describe(maps)
-    finally:
-        maps.close()
-
-
 def cmd_services(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     bpffs = args.bpffs_path or cfg.bpffsPath
-    views = programmed_views(cfg.services.mode, bpffs)
+    views = programmed_views(cfg.services.mode, bpffs)  # the kernel's view, in this netns
     if views is None:
         print(f"nothing programmed in {cfg.services.mode} mode", file=sys.stderr)
         return 1

@@ -174,12 +174,16 @@ class Lab:
                 state = self.state()
         for name, node in state.get("nodes", {}).items():
             self.stop_daemon(name)
-            if netns.exists(node["netns"]):
-                netns.nsenter(
-                    node["netns"], [sys.executable, "-m", "noded", "cleanup", "-c", node["config"]], capture_output=True
+            if netns.exists(node["netns"]):  # `noded cleanup` where the daemon ran: pins and nft table
+                res = netns.nsenter(
+                    node["netns"],
+                    [sys.executable, "-m", "noded", "cleanup", "-c", node["config"]],
+                    capture_output=True,
+                    text=True,
                 )
-            if cleanup_bpf(node["bpffsPath"]):
-                done.append(f"kernel objects of noded on {name}")
+                done += [f"{name}: {line.removeprefix('removed ')}" for line in res.stdout.splitlines()]
+            else:  # its netns is gone already; the pins are not tied to it
+                done += [f"{name}: {path}" for path in cleanup_bpf(node["bpffsPath"])]
         for key, pod in state.get("pods", {}).items():
             with contextlib.suppress(Exception):
                 self._cni_del(state, pod)

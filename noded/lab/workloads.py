@@ -43,21 +43,12 @@ def probe(lab: Lab, pod: str, mode: str, host: str, port: int, **opts: object) -
 
 def programmed(lab: Lab, node: str) -> dict[str, dict]:
     """Frontend -> {ready, terminating} as node's kernel holds them now (maps or nft table, by mode)."""
-    from noded.services import nftables
+    from noded.services.view import programmed_views
 
     state = lab.state()
-    if state["mode"] == "nftables":
-        res = netns.nsenter(
-            state["nodes"][node]["netns"],
-            ["nft", "-j", "list", "table", *nftables.TABLE.split()],
-            capture_output=True,
-            text=True,
-        )
-        views = nftables.describe(json.loads(res.stdout)) if res.returncode == 0 else []
-    else:
-        from noded.cli import programmed_views
-
-        views = programmed_views("ebpf", state["nodes"][node]["bpffsPath"]) or []
+    node_state = state["nodes"][node]
+    nft_cmd = tuple(netns.nsenter_argv(node_state["netns"], ["nft"]))
+    views = programmed_views(state["mode"], node_state["bpffsPath"], nft_cmd) or []
     return {
         str(v.frontend): {
             "ready": sorted(f"{a}:{p}" for a, p in v.ready),

@@ -142,7 +142,7 @@ def parse_service(obj: Any) -> list[ServicePort]:
         _ip(ip, f"{where}.externalIPs[{i}]") for i, ip in enumerate(_get(spec, "externalIPs", list, where, []))
     )
     status = _get(obj, "status", dict, f"Service {namespace}/{name}", {})
-    lb = _get(status, "loadBalancer", dict, f"{where[:-4]}status", {})
+    lb = _get(status, "loadBalancer", dict, f"Service {namespace}/{name}: status", {})
     lb_ips = tuple(
         _ip(ing.get("ip"), f"Service {namespace}/{name}: status.loadBalancer.ingress[{i}].ip")
         for i, ing in enumerate(_get(lb, "ingress", list, "status.loadBalancer", []))

@@ -121,10 +121,6 @@ class ServiceModel:
         with self._lock:
             self._dirty |= set(self._services) | {k for k, v in self._slices_of.items() if v}
 
-    def service_keys(self) -> list[ServiceKey]:
-        with self._lock:
-            return list(self._services)
-
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return len(self._services), len(self._slices)

@@ -7,7 +7,6 @@ the first sync rewrites nothing that is already right.
 from __future__ import annotations
 
 import ctypes
-import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -237,9 +236,3 @@ class EbpfProxier:
     def _alloc_backend_id(self) -> int:
         self._next_backend_id += 1
         return self._next_backend_id - 1
-
-
-def timed_sync(proxier: EbpfProxier, full: bool) -> tuple[int, float]:
-    start = time.perf_counter()
-    n = proxier.sync(full)
-    return n, time.perf_counter() - start

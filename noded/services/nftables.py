@@ -94,8 +94,12 @@ class NftProxier:
         return len(changed)
 
     def _partial_script(self, changed: set[ServiceKey], desired_by_key: dict[ServiceKey, dict]) -> str:
+        # Order matters in one transaction: elements go first (so chains are unreferenced), then
+        # additions, then chains (flushed, then deleted) and sets nobody uses any more.
+        element_dels: list[str] = []
         adds: list[str] = []
-        dels: list[str] = []
+        chain_dels: list[str] = []
+        set_dels: list[str] = []
         for key in changed:
             old = {fe: self._programmed[fe] for fe in self._by_service.get(key, set())}
             new = desired_by_key[key]
@@ -104,10 +108,10 @@ class NftProxier:
                 if a == b:
                     continue
                 if a is not None and (b is None or a.element != b.element):
-                    dels.insert(0, f"delete element {TABLE} {a.element_map} {{ {nftrules.element_key(a.element)} }}")
+                    key_text = nftrules.element_key(a.element)
+                    element_dels.append(f"delete element {TABLE} {a.element_map} {{ {key_text} }}")
                 if b is not None:
-                    for name, spec in b.sets.items():
-                        adds.append(f"add set {TABLE} {name} {spec}")
+                    adds += [f"add set {TABLE} {name} {spec}" for name, spec in b.sets.items()]
                     for name, rules in b.chains.items():
                         prev = a.chains.get(name) if a else None
                         if prev != rules:
@@ -115,15 +119,12 @@ class NftProxier:
                     if a is None or a.element != b.element:
                         adds.append(f"add element {TABLE} {b.element_map} {{ {b.element} }}")
                 if a is not None:
-                    for name in a.chains.keys() - (b.chains.keys() if b else set()):
-                        dels.append(f"delete chain {TABLE} {name}")
-                    for name in a.sets.keys() - (b.sets.keys() if b else set()):
-                        dels.append(f"delete set {TABLE} {name}")
-        # element deletions first (so chains are unreferenced), then additions, then chain/set deletions
-        element_dels = [d for d in dels if d.startswith("delete element")]
-        other_dels = [d for d in dels if not d.startswith("delete element")]
-        flushes = [f"flush chain {TABLE} {d.split()[-1]}" for d in other_dels if d.startswith("delete chain")]
-        cmds = element_dels + adds + flushes + other_dels
+                    chain_dels += sorted(a.chains.keys() - (b.chains.keys() if b else set()))
+                    set_dels += sorted(a.sets.keys() - (b.sets.keys() if b else set()))
+        cmds = element_dels + adds
+        cmds += [f"flush chain {TABLE} {name}" for name in chain_dels]
+        cmds += [f"delete chain {TABLE} {name}" for name in chain_dels]
+        cmds += [f"delete set {TABLE} {name}" for name in set_dels]
         return "\n".join(cmds) + "\n" if cmds else ""
 
     def _full_script(self, desired: dict[Frontend, FrontendRules]) -> str:
@@ -166,6 +167,7 @@ def describe(doc: dict) -> list[ProgrammedView]:
     for item in items:
         if "rule" in item:
             rules.setdefault(item["rule"]["chain"], []).append(item["rule"])
+    timeouts = {i["set"]["name"]: i["set"].get("timeout", 0) for i in items if "set" in i}
     views = []
     for item in items:
         m = item.get("map")
@@ -177,16 +179,13 @@ def describe(doc: dict) -> list[ProgrammedView]:
             ready, terminating, affinity = [], [], 0
             for rule in rules.get(chain, []):
                 for e in rule["expr"]:
-                    targets = e.get("vmap", {}).get("data", {}).get("set", [])
-                    for _i, v in targets:
+                    affinity_set = e.get("match", {}).get("right")
+                    if isinstance(affinity_set, str) and affinity_set.startswith("@affinity-"):
+                        affinity = timeouts.get(affinity_set[1:], 0)
+                    for _i, v in e.get("vmap", {}).get("data", {}).get("set", []):
                         backend, fallback = _endpoint(rules.get(v["goto"]["target"], []))
                         if backend:
                             (terminating if fallback else ready).append(backend)
-            for sets in (i.get("set") for i in items if "set" in i):
-                if sets["name"].startswith("affinity-") and any(
-                    f"@{sets['name']}" in json.dumps(r) for r in rules.get(chain, [])
-                ):
-                    affinity = sets.get("timeout", 0)
             views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
     return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))
 

@@ -46,10 +46,6 @@ class BoundedFrequencyRunner:
         """Ask for a sync soon (coalesced with other requests)."""
         self._wake.set()
 
-    def run_full(self) -> None:
-        self._full.set()
-        self._wake.set()
-
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()

@@ -12,8 +12,7 @@ import time
 import yaml
 
 from noded.bpf.libbpf import BpfError
-from noded.bpf.sock_lb import LbMaps
-from noded.services.ebpf import describe
+from noded.services.view import programmed_views
 from tests.bpf.conftest import NetnsCgroupEnv, env_fixture
 from tests.fakeapi import FakeApiServer
 from tests.objects import endpoint, service, slice_
@@ -73,13 +72,10 @@ class DaemonEnv(NetnsCgroupEnv):
 
     def programmed(self) -> dict:
         try:
-            maps = LbMaps.open_pinned(self.bpffs)
-        except BpfError:  # not pinned yet: the daemon is still starting
+            views = programmed_views("ebpf", self.bpffs) or []
+        except BpfError:  # pinned only in part: the daemon is still starting
             return {}
-        try:
-            return {str(v.frontend): sorted(f"{a}:{p}" for a, p in v.ready) for v in describe(maps)}
-        finally:
-            maps.close()
+        return {str(v.frontend): sorted(f"{a}:{p}" for a, p in v.ready) for v in views}
 
     def wait(self, cond, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
