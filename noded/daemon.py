@@ -16,7 +16,9 @@ import structlog
 
 from noded.config import NodedConfiguration, split_hostport
 from noded.model.tracker import ServiceModel
+from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import Metrics, serve
+from noded.services.healthcheck import HealthCheckServers
 from noded.services.runner import BoundedFrequencyRunner
 
 log = structlog.get_logger("noded.daemon")
@@ -55,7 +57,7 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
         return DirectorySource(config.source.directory, sink)
     from noded.sources.kube import KubeSource, api_client
 
-    return KubeSource(api_client(config.source.kubeconfig, config.source.inCluster), sink)
+    return KubeSource(api_client(config.source.kubeconfig, config.source.inCluster), sink, node_name=config.nodeName)
 
 
 def make_proxier(config: NodedConfiguration, model: ServiceModel):
@@ -81,7 +83,8 @@ def make_proxier(config: NodedConfiguration, model: ServiceModel):
 class Daemon:
     def __init__(self, config: NodedConfiguration) -> None:
         self.config = config
-        self.model = ServiceModel()
+        self.model = ServiceModel(node_name=config.nodeName)
+        self.health_checks = HealthCheckServers()
         self.sink = ModelSink(self.model)
         self.metrics = Metrics()
         self.stopping = threading.Event()
@@ -91,11 +94,21 @@ class Daemon:
         self.started = time.time()
         self.status_path = os.path.join(os.path.dirname(config.api.socket), "status.json")
 
+    def _refresh_node_addresses(self) -> None:
+        cfg = self.config
+        addrs = nodeport_addresses(local_addresses(), cfg.services.nodePortAddresses, cfg.clusterCIDRs)
+        if self.model.set_node_ips(addrs):
+            log.info("node port addresses", addresses=addrs)
+
     def _sync(self, full: bool) -> None:
+        if full:
+            self._refresh_node_addresses()
         start = time.perf_counter()
         n = self.proxier.sync(full) if self.proxier else 0
         took = time.perf_counter() - start
-        self.metrics.observe_sync(took)
+        self.metrics.observe_sync(took, full, self.model.taken_since)
+        if self.proxier:
+            self.health_checks.update(self.model.health_checks())
         if n or full:
             log.info("services synced", full=full, services=n, seconds=round(took, 4))
         self._write_status()
@@ -123,6 +136,7 @@ class Daemon:
         log.info("noded stopping; kernel state stays for the next start")
         self.source.stop()
         self.runner.stop()
+        self.health_checks.close()
         return 0
 
     def _serve(self) -> None:
@@ -163,7 +177,9 @@ class Daemon:
             "rejectedObjects": self.model.rejected,
             "syncs": self.runner.syncs + 1 if self.runner else 0,
             "lastSync": time.time(),
-            "lastSyncSeconds": self.metrics.sync_durations[-1] if self.metrics.sync_durations else None,
+            "lastSyncSeconds": self.metrics.sync_duration.last,
+            "nodePortAddresses": list(self.model.node_ips),
+            "healthCheckPorts": self.health_checks.ports(),
             "lastSyncError": self.runner.last_error if self.runner else None,
         }
         os.makedirs(os.path.dirname(self.status_path), exist_ok=True)

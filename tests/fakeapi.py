@@ -18,7 +18,14 @@ from urllib.parse import parse_qs, urlparse
 PATHS = {
     "/api/v1/services": ("Service", "v1", "ServiceList"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1", "EndpointSliceList"),
+    "/api/v1/nodes": ("Node", "v1", "NodeList"),
 }
+
+
+def _selected(obj: dict, q: dict) -> bool:
+    """The one field selector the daemon uses: metadata.name=NAME."""
+    selector = q.get("fieldSelector", "")
+    return not selector.startswith("metadata.name=") or obj["metadata"]["name"] == selector.split("=", 1)[1]
 
 
 class FakeApiServer:
@@ -133,7 +140,7 @@ class FakeApiServer:
     def _list(self, h: BaseHTTPRequestHandler, path: str, q: dict) -> None:
         _kind, api_version, list_kind = PATHS[path]
         with self.cond:
-            items = sorted(self.objects[path].items())
+            items = sorted((k, o) for k, o in self.objects[path].items() if _selected(o, q))
             rv = self.rv
         start = int(q.get("continue") or 0)
         limit = int(q.get("limit") or 0) or len(items)
@@ -202,7 +209,8 @@ class FakeApiServer:
                                 }
                             )
                         continue
-                    send({"type": etype, "object": obj})
+                    if _selected(obj, q):
+                        send({"type": etype, "object": obj})
         except OSError:
             return
         finally:

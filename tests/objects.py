@@ -25,7 +25,12 @@ def service(
 
 
 def endpoint(
-    ip: str, ready: bool = True, serving: bool | None = None, terminating: bool = False, node: str | None = None
+    ip: str,
+    ready: bool = True,
+    serving: bool | None = None,
+    terminating: bool = False,
+    node: str | None = None,
+    zone_hints: list[str] | None = None,
 ) -> dict:
     conditions = {"ready": ready, "terminating": terminating}
     if serving is not None:
@@ -33,6 +38,8 @@ def endpoint(
     ep: dict = {"addresses": [ip], "conditions": conditions}
     if node:
         ep["nodeName"] = node
+    if zone_hints is not None:
+        ep["hints"] = {"forZones": [{"name": z} for z in zone_hints]}
     return ep
 
 

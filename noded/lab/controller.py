@@ -1,4 +1,5 @@
-"""The controllers the lab plays: ClusterIP allocation and EndpointSlices kept in step with lab pods. Pure."""
+"""The controllers the lab plays: ClusterIP, NodePort and load-balancer IP allocation, Node objects, and
+EndpointSlices kept in step with lab pods (zone hints for PreferClose). Pure."""
 
 from __future__ import annotations
 
@@ -8,6 +9,53 @@ from typing import Any
 
 SERVICE_CIDR = "10.96.0.0/16"
 FIRST_HOST = 10  # leave .1-.9 for well-known services, as clusters do
+NODE_PORT_RANGE = range(30000, 32768)
+LB_CIDR = "10.77.100.0/24"  # the lab's load balancer (what MetalLB or a cloud would hand out)
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def allocate_service_fields(docs: list[Any], state: dict[str, Any]) -> list[Any]:
+    """What the API server and a load-balancer controller fill in: cluster IPs, node ports, health check
+    node ports and load-balancer ingress IPs, each stable per service (kept in state)."""
+    docs = allocate_cluster_ips(docs, state.setdefault("clusterIPs", {}))
+    ports = state.setdefault("nodePorts", {})
+    lb_ips = state.setdefault("lbIPs", {})
+    out = []
+    for doc in docs:
+        if not (isinstance(doc, dict) and doc.get("kind") == "Service" and isinstance(doc.get("spec"), dict)):
+            out.append(doc)
+            continue
+        spec, meta = doc["spec"], doc.get("metadata") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        if spec.get("type") in ("NodePort", "LoadBalancer"):
+            for p in spec.get("ports") or []:
+                if isinstance(p, dict) and not p.get("nodePort"):
+                    p["nodePort"] = _allocate(ports, f"{key}/{p.get('name', '')}/{p.get('protocol', 'TCP')}")
+            if spec.get("type") == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local":
+                spec.setdefault("healthCheckNodePort", _allocate(ports, f"{key}/health"))
+        if spec.get("type") == "LoadBalancer" and not (doc.get("status") or {}).get("loadBalancer"):
+            if key not in lb_ips:
+                used = set(lb_ips.values())
+                lb_ips[key] = next(str(ip) for ip in ipaddress.ip_network(LB_CIDR).hosts() if str(ip) not in used)
+            doc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ips[key]}]}}
+        out.append(doc)
+    return out
+
+
+def _allocate(allocated: dict[str, int], key: str) -> int:
+    if key not in allocated:
+        used = set(allocated.values())
+        allocated[key] = next(p for p in NODE_PORT_RANGE if p not in used)
+    return allocated[key]
+
+
+def node_object(node: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node["name"], "labels": {ZONE_LABEL: node["zone"]}},
+        "status": {"addresses": [{"type": "InternalIP", "address": node["address"]}]},
+    }
 
 
 def allocate_cluster_ips(docs: list[Any], allocated: dict[str, str], cidr: str = SERVICE_CIDR) -> list[Any]:
@@ -40,8 +88,11 @@ def _selects(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def endpoint_slices(services: list[dict], pods: list[dict]) -> list[dict]:
-    """One EndpointSlice per IP family for every Service with a selector, from the pods it selects."""
+def endpoint_slices(services: list[dict], pods: list[dict], zones: dict[str, str] | None = None) -> list[dict]:
+    """One EndpointSlice per IP family for every Service with a selector, from the pods it selects.
+
+    zones maps node -> zone; PreferClose services get each endpoint hinted for its own zone."""
+    zones = zones or {}
     slices = []
     for svc in services:
         spec = svc.get("spec") if isinstance(svc.get("spec"), dict) else {}
@@ -71,18 +122,22 @@ def endpoint_slices(services: list[dict], pods: list[dict]) -> list[dict]:
                     continue
                 terminating = bool(pod.get("terminating"))
                 ready = bool(pod.get("ready", True)) and not terminating
-                endpoints.append(
-                    {
-                        "addresses": [ips[0]],
-                        "conditions": {
-                            "ready": ready,
-                            "serving": bool(pod.get("ready", True)),
-                            "terminating": terminating,
-                        },
-                        "nodeName": pod["node"],
-                        "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["name"]},
-                    }
-                )
+                ep: dict[str, Any] = {
+                    "addresses": [ips[0]],
+                    "conditions": {
+                        "ready": ready,
+                        "serving": bool(pod.get("ready", True)),
+                        "terminating": terminating,
+                    },
+                    "nodeName": pod["node"],
+                    "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["name"]},
+                }
+                zone = zones.get(pod["node"])
+                if zone:
+                    ep["zone"] = zone
+                    if spec.get("trafficDistribution") == "PreferClose":
+                        ep["hints"] = {"forZones": [{"name": zone}]}
+                endpoints.append(ep)
             if family == "IPv6" and not endpoints:
                 continue
             slices.append(

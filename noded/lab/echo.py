@@ -1,6 +1,7 @@
 """A tiny lab workload: answers each TCP line and each UDP datagram with its own name.
 
-HTTP GETs get an HTTP response with the name as body, so `curl` works too.
+A `peer` message is answered with the name and the client address the server saw; HTTP GETs get an
+HTTP response with the name as body, so `curl` works too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import threading
 def serve(name: str, tcp_port: int, udp_port: int) -> None:
     reply = f"{name}\n".encode()
 
+    def answer(message: bytes, client: str) -> bytes:
+        if message.strip() == b"peer":
+            return f"{name} {client.removeprefix('::ffff:')}\n".encode()
+        return reply
+
     class Tcp(socketserver.StreamRequestHandler):
         def handle(self) -> None:
             for line in self.rfile:
@@ -24,12 +30,12 @@ def serve(name: str, tcp_port: int, udp_port: int) -> None:
                         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(reply), reply)
                     )
                     return
-                self.wfile.write(reply)
+                self.wfile.write(answer(line, self.client_address[0]))
 
     class Udp(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            _data, sock = self.request
-            sock.sendto(reply, self.client_address)
+            data, sock = self.request
+            sock.sendto(answer(data, self.client_address[0]), self.client_address)
 
     class TcpServer(socketserver.ThreadingTCPServer):
         address_family = socket.AF_INET6  # dual-stack: IPv4 clients arrive as mapped addresses

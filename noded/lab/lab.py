@@ -100,6 +100,9 @@ class Lab:
                 for other, peer in state["nodes"].items():
                     if other != name:
                         netns.add_route(node["netns"], peer["podCIDR"], peer["address"])
+            # the external host's upstream router sends load-balancer IPs to the first node
+            first = state["nodes"][names[0]]
+            netns.add_route(EXTERNAL_NS, controller.LB_CIDR, first["address"])
             _write_atomic(self.state_path, json.dumps(state, indent=1))
             self._reconcile(state)
             for name in names:
@@ -119,6 +122,7 @@ class Lab:
             "netns": ns,
             "address": address,
             "podCIDR": f"10.244.{index}.0/24",
+            "zone": f"zone-{'abcdefgh'[(index - 1) % 8]}",
             "cgroup": f"{CGROUP}/{name}",
             "bpffsPath": f"/sys/fs/bpf/noded/{name}",
             "config": f"{self.node_dir(name)}/config.yaml",
@@ -349,7 +353,7 @@ class Lab:
             except yaml.YAMLError:
                 _write_atomic(target, text)  # the daemon reports it; the lab is no API server
                 return [f"{path}: not valid YAML, copied as is"]
-            docs = controller.allocate_cluster_ips(docs, state["clusterIPs"])
+            docs = controller.allocate_service_fields(docs, state)
             _write_atomic(target, yaml.safe_dump_all(docs, sort_keys=False))
             if target not in state["applied"]:
                 state["applied"].append(target)
@@ -378,8 +382,11 @@ class Lab:
 
     def _reconcile(self, state: dict[str, Any]) -> None:
         pods = list(state["pods"].values())
-        slices = controller.endpoint_slices(self._services(), pods)
+        zones = {name: node["zone"] for name, node in state["nodes"].items()}
+        slices = controller.endpoint_slices(self._services(), pods, zones)
         self._write_if_changed(f"{self.manifests}/zz-lab-endpointslices.yaml", slices)
+        nodes = [controller.node_object(n) for n in state["nodes"].values()]
+        self._write_if_changed(f"{self.manifests}/zz-lab-nodes.yaml", nodes)
         self._write_if_changed(f"{self.manifests}/zz-lab-pods.yaml", [controller.pod_object(p) for p in pods])
 
     def _write_if_changed(self, path: str, docs: list[dict]) -> None:
@@ -434,6 +441,7 @@ class Lab:
                     "name": n["name"],
                     "address": n["address"],
                     "podCIDR": n["podCIDR"],
+                    "zone": n.get("zone"),
                     "netns": n["netns"],
                     "daemonPid": self.daemon_pid(n["name"]),
                 }
@@ -452,7 +460,15 @@ class Lab:
                 for p in state["pods"].values()
             ],
             "services": [
-                {"namespace": k.split("/")[0], "name": k.split("/")[1], "clusterIPs": [ip]}
+                {
+                    "namespace": k.split("/")[0],
+                    "name": k.split("/")[1],
+                    "clusterIPs": [ip],
+                    "nodePorts": {
+                        p.split("/", 2)[2]: n for p, n in state.get("nodePorts", {}).items() if p.startswith(k + "/")
+                    },
+                    "loadBalancerIPs": [state["lbIPs"][k]] if k in state.get("lbIPs", {}) else [],
+                }
                 for k, ip in state["clusterIPs"].items()
             ],
         }

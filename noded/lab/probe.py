@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 
-def tcp(host: str, port: int, count: int, timeout: float) -> dict:
+def tcp(host: str, port: int, count: int, timeout: float, message: str = "hello") -> dict:
     answers: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     peers: set[str] = set()
@@ -18,7 +18,7 @@ def tcp(host: str, port: int, count: int, timeout: float) -> dict:
         try:
             with socket.create_connection((host, port), timeout=timeout) as s:
                 peers.add("{}:{}".format(*s.getpeername()[:2]))
-                s.sendall(b"hello\n")
+                s.sendall(f"{message}\n".encode())
                 answers[s.makefile().readline().strip()] += 1
         except OSError as e:
             errors[e.strerror or str(e)] += 1
@@ -30,7 +30,7 @@ def tcp(host: str, port: int, count: int, timeout: float) -> dict:
     }
 
 
-def udp(host: str, port: int, count: int, timeout: float) -> dict:
+def udp(host: str, port: int, count: int, timeout: float, message: str = "hello") -> dict:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     answers: Counter[str] = Counter()
     sources: set[str] = set()
@@ -39,7 +39,7 @@ def udp(host: str, port: int, count: int, timeout: float) -> dict:
         s.settimeout(timeout)
         for _ in range(count):
             try:
-                s.sendto(b"hello", (host, port))
+                s.sendto(message.encode(), (host, port))
                 data, src = s.recvfrom(2048)
                 answers[data.decode().strip()] += 1
                 sources.add("{}:{}".format(*src[:2]))
@@ -78,11 +78,12 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--interval", type=float, default=0.1)
+    p.add_argument("--message", default="hello", help="what to send; `peer` asks the echo server who it saw")
     a = p.parse_args()
     if a.mode == "tcp":
-        out = tcp(a.host, a.port, a.count, a.timeout)
+        out = tcp(a.host, a.port, a.count, a.timeout, a.message)
     elif a.mode == "udp":
-        out = udp(a.host, a.port, a.count, a.timeout)
+        out = udp(a.host, a.port, a.count, a.timeout, a.message)
     else:
         out = hold(a.host, a.port, a.seconds, a.interval)
     print(json.dumps(out), flush=True)

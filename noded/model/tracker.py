@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from noded.model.objects import (
+    Endpoint,
     EndpointSlice,
     ManifestError,
     ServicePort,
@@ -41,6 +44,12 @@ class Frontend:
         return f"{host}:{self.port}/{self.protocol}"
 
 
+Backends = tuple[tuple[Backend, ...], tuple[Backend, ...]]  # (ready, serving-terminating)
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+EXTERNAL_KINDS = ("NodePort", "ExternalIP", "LoadBalancer")
+
+
 @dataclass(frozen=True)
 class FrontendState:
     """What one frontend should translate to."""
@@ -48,17 +57,32 @@ class FrontendState:
     service: ServicePort
     ready: tuple[Backend, ...]
     terminating: tuple[Backend, ...]  # serving and terminating: used only when none is ready
+    kind: str = "ClusterIP"  # ClusterIP | NodePort | ExternalIP | LoadBalancer
+    # externalTrafficPolicy Local: ready/terminating are this node's endpoints, the client address is kept,
+    # and traffic from inside the cluster gets `in_cluster` instead (kube-proxy's short-circuit)
+    local_external: bool = False
+    in_cluster: Backends | None = None
+
+    @property
+    def external(self) -> bool:
+        return self.kind in EXTERNAL_KINDS
 
 
 class ServiceModel:
     """Services and EndpointSlices by key, and the set of services changed since the last sync."""
 
-    def __init__(self) -> None:
+    def __init__(self, node_name: str = "", node_ips: tuple[str, ...] = ()) -> None:
+        self.node_name = node_name
+        self.node_ips: tuple[str, ...] = tuple(node_ips)  # where NodePorts listen
+        self.node_zone: str | None = None  # from this node's Node object
+        self.taken_since: float | None = None  # when the oldest change in the last take_changes() arrived
         self._lock = threading.Lock()
         self._services: dict[ServiceKey, list[ServicePort]] = {}
         self._slices: dict[ServiceKey, EndpointSlice] = {}
         self._slices_of: dict[ServiceKey, set[ServiceKey]] = defaultdict(set)
         self._dirty: set[ServiceKey] = set()
+        self._dirty_since: float | None = None  # monotonic time of the oldest change not yet taken
+        self._health_checked: set[ServiceKey] = set()  # services with a healthCheckNodePort to serve
         self.service_changes = 0
         self.endpoint_changes = 0
         self.rejected = 0
@@ -74,13 +98,22 @@ class ServiceModel:
                 with self._lock:
                     if self._services.get(key) != ports:
                         self._services[key] = ports
-                        self._dirty.add(key)
+                        if any(p.health_check_node_port and p.external_traffic_local for p in ports):
+                            self._health_checked.add(key)
+                        else:
+                            self._health_checked.discard(key)
+                        self._touch(key)
                         self.service_changes += 1
             elif kind == "EndpointSlice":
                 parsed = parse_endpoint_slice(obj)
                 key = _key(obj)
                 with self._lock:
                     self._set_slice(key, parsed)
+            elif kind == "Node":
+                meta = obj.get("metadata") or {}
+                if meta.get("name") == self.node_name:
+                    labels = meta.get("labels") or {}
+                    self._set_zone(labels.get(ZONE_LABEL) or None)
         except ManifestError as e:
             with self._lock:
                 self.rejected += 1
@@ -90,9 +123,13 @@ class ServiceModel:
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         key = (namespace or "default", name)
+        if kind == "Node" and name == self.node_name:
+            self._set_zone(None)
+            return
         with self._lock:
             if kind == "Service" and self._services.pop(key, None) is not None:
-                self._dirty.add(key)
+                self._health_checked.discard(key)
+                self._touch(key)
                 self.service_changes += 1
             elif kind == "EndpointSlice":
                 self._set_slice(key, None)
@@ -103,18 +140,38 @@ class ServiceModel:
             return
         if old is not None:
             self._slices_of[(old.namespace, old.service)].discard(key)
-            self._dirty.add((old.namespace, old.service))
+            self._touch((old.namespace, old.service))
             del self._slices[key]
         if parsed is not None:
             self._slices[key] = parsed
             self._slices_of[(parsed.namespace, parsed.service)].add(key)
-            self._dirty.add((parsed.namespace, parsed.service))
+            self._touch((parsed.namespace, parsed.service))
         self.endpoint_changes += 1
 
+    def _set_zone(self, zone: str | None) -> None:
+        if zone != self.node_zone:
+            self.node_zone = zone
+            self.mark_all_changed()
+
+    def set_node_ips(self, ips: list[str] | tuple[str, ...]) -> bool:
+        """The addresses NodePorts listen on; True (and every service marked changed) when they changed."""
+        ips = tuple(sorted(set(ips)))
+        if ips == self.node_ips:
+            return False
+        self.node_ips = ips
+        self.mark_all_changed()
+        return True
+
     # -- output to the sync runner -------------------------------------------
+    def _touch(self, key: ServiceKey) -> None:
+        self._dirty.add(key)
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
     def take_changes(self) -> set[ServiceKey]:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
+            self.taken_since, self._dirty_since = self._dirty_since, None
         return dirty
 
     def mark_all_changed(self) -> None:
@@ -126,35 +183,87 @@ class ServiceModel:
             return len(self._services), len(self._slices)
 
     def frontends_of(self, key: ServiceKey) -> dict[Frontend, FrontendState]:
-        """The desired frontends of one service (empty when it is gone or has no cluster IP)."""
+        """The desired frontends of one service: cluster IPs, external IPs, LB IPs and node ports."""
         with self._lock:
             ports = list(self._services.get(key, []))
             slices = [self._slices[k] for k in self._slices_of.get(key, ())]
         out: dict[Frontend, FrontendState] = {}
         for sp in ports:
-            for ip in sp.cluster_ips:
-                family = f"IPv{ipaddress.ip_address(ip).version}"
-                ready, terminating = _backends(sp, [s for s in slices if s.address_type == family])
-                out[Frontend(ip, sp.port, sp.name.protocol)] = FrontendState(sp, ready, terminating)
+            for family in {_family(ip) for ip in sp.cluster_ips}:
+                eps = _endpoints(sp, [s for s in slices if s.address_type == family])
+                local = _pick(eps, lambda ep: ep.node_name == self.node_name)
+                cluster = _pick(eps, _topology_filter(eps, self.node_zone))
+                internal = local if sp.internal_traffic_local else cluster
+                external = local if sp.external_traffic_local else cluster
+                in_cluster = internal if sp.external_traffic_local else None
+                proto = sp.name.protocol
+                for ip in sp.cluster_ips:
+                    if _family(ip) == family:
+                        out[Frontend(ip, sp.port, proto)] = FrontendState(sp, *internal)
+                entries = [(ip, sp.port, "ExternalIP") for ip in sp.external_ips]
+                if sp.type == "LoadBalancer":
+                    entries += [(ip, sp.port, "LoadBalancer") for ip in sp.load_balancer_ips]
+                if sp.node_port and sp.type in ("NodePort", "LoadBalancer"):
+                    entries += [(ip, sp.node_port, "NodePort") for ip in self.node_ips]
+                for ip, port, kind in entries:
+                    if _family(ip) == family:
+                        out[Frontend(ip, port, proto)] = FrontendState(
+                            sp, *external, kind=kind, local_external=sp.external_traffic_local, in_cluster=in_cluster
+                        )
+        return out
+
+    def health_checks(self) -> dict[int, tuple[str, int]]:
+        """kube-proxy's service health checks: healthCheckNodePort -> (namespace/name, local ready endpoints)."""
+        with self._lock:
+            services = {k: list(self._services[k]) for k in self._health_checked}
+            slices_of = {k: [self._slices[s] for s in self._slices_of.get(k, ())] for k in services}
+        out: dict[int, tuple[str, int]] = {}
+        for key, ports in services.items():
+            sp = next((p for p in ports if p.health_check_node_port and p.external_traffic_local), None)
+            if sp is None or sp.type not in ("LoadBalancer", "NodePort"):
+                continue
+            local = {
+                ep.address
+                for s in slices_of.get(key, [])
+                for ep in s.endpoints
+                if ep.ready and ep.node_name == self.node_name
+            }
+            out[sp.health_check_node_port] = (f"{key[0]}/{key[1]}", len(local))
         return out
 
 
-def _backends(sp: ServicePort, slices: list[EndpointSlice]) -> tuple[tuple[Backend, ...], tuple[Backend, ...]]:
-    """Ready backends, and the serving-terminating fallback, for one service port (kube-proxy's rules)."""
-    ready: set[Backend] = set()
-    terminating: set[Backend] = set()
+def _family(ip: str) -> str:
+    return f"IPv{ipaddress.ip_address(ip).version}"
+
+
+def _endpoints(sp: ServicePort, slices: list[EndpointSlice]) -> list[tuple[Backend, Endpoint]]:
+    """Every endpoint of one service port, with the backend (address, target port) it stands for."""
+    out: dict[Backend, Endpoint] = {}
     for s in slices:
         target = next((p for n, proto, p in s.ports if n == sp.name.port and proto == sp.name.protocol), None)
         if target is None:
             continue
         for ep in s.endpoints:
             backend = (ep.address, target)
-            if ep.ready:
-                ready.add(backend)
-            elif ep.serving and ep.terminating:
-                terminating.add(backend)
-    terminating -= ready
-    return tuple(sorted(ready)), tuple(sorted(terminating))
+            if backend not in out or ep.ready:
+                out[backend] = ep
+    return sorted(out.items())
+
+
+def _topology_filter(eps: list[tuple[Backend, Endpoint]], zone: str | None) -> Callable[[Endpoint], bool]:
+    """kube-proxy's zone-hint rule: use hints only when the node has a zone, every ready endpoint carries
+    hints, and at least one is hinted for this zone; otherwise every endpoint."""
+    ready = [ep for _b, ep in eps if ep.ready]
+    if zone and ready and all(ep.zone_hints for ep in ready) and any(zone in ep.zone_hints for ep in ready):
+        return lambda ep: zone in ep.zone_hints
+    return lambda ep: True
+
+
+def _pick(eps: list[tuple[Backend, Endpoint]], keep: Callable[[Endpoint], bool]) -> Backends:
+    """Ready backends among those kept, and the serving-terminating fallback (kube-proxy's rules)."""
+    ready = tuple(b for b, ep in eps if keep(ep) and ep.ready)
+    terminating = tuple(b for b, ep in eps if keep(ep) and not ep.ready and ep.serving and ep.terminating)
+    return ready, terminating
 
 
 def _key(obj: dict) -> ServiceKey:

@@ -97,41 +97,77 @@ class FrontendRules:
 
 
 def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
+    """The chains, sets and map element of one frontend (kube-proxy's nftables layout)."""
     sp = state.service
     v6 = _v6(fe.ip)
     key = f"{fe.ip} . {fe.protocol.lower()} . {fe.port}"
     suffix = "6" if v6 else ""
     backends: tuple[Backend, ...] = state.ready or state.terminating
-    if not backends:
+    in_cluster = (state.in_cluster[0] or state.in_cluster[1]) if state.in_cluster else ()
+    if not backends and not in_cluster:
         return FrontendRules(f"no-endpoint-services{suffix}", f"{key} : goto reject-chain")
     fam = _ipfam(fe.ip)
-    svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
+    cidrs = [c for c in cluster_cidrs if ipaddress.ip_network(c, strict=False).version == (6 if v6 else 4)]
+    pod_sources = f"{{ {', '.join(cidrs)} }}" if cidrs else ""
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
-    svc_rules: list[str] = []
-    cidrs = [c for c in cluster_cidrs if ipaddress.ip_network(c, strict=False).version == (6 if v6 else 4)]
-    if cidrs:  # a VIP reached from outside the cluster CIDR (e.g. the node itself) is masqueraded
-        svc_rules.append(f"{fam} saddr != {{ {', '.join(cidrs)} }} jump mark-for-masquerade")
+    rules: list[str] = []
+    if not state.external:
+        if pod_sources:  # a VIP reached from outside the cluster CIDR (e.g. the node itself) is masqueraded
+            rules.append(f"{fam} saddr != {pod_sources} jump mark-for-masquerade")
+    elif not state.local_external:
+        rules.append("jump mark-for-masquerade")  # externalTrafficPolicy Cluster: replies must come back here
+    else:
+        # externalTrafficPolicy Local: pods and the node itself still reach every endpoint (kube-proxy's
+        # short-circuit); everyone else keeps its address and gets this node's endpoints, or nothing
+        cluster_chain = _quote(f"service-{_hash(fe, 'cluster')}-{sp.name.namespace}/{sp.name.name}/cluster")
+        chains[cluster_chain] = tuple(_pick_endpoint(fe, state, in_cluster, "cluster", chains, sets))
+        if pod_sources:
+            if state.kind == "NodePort":  # a pod on another node addressed this node: replies must come back here
+                rules.append(f"{fam} saddr {pod_sources} jump mark-for-masquerade")
+            rules.append(f"{fam} saddr {pod_sources} goto {cluster_chain}")
+        rules += ["fib saddr type local jump mark-for-masquerade", f"fib saddr type local goto {cluster_chain}"]
+        if not backends:
+            rules.append('drop comment "no local endpoints"')
+    if backends:
+        rules += _pick_endpoint(fe, state, backends, "local" if state.local_external else "", chains, sets)
+    svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
+    chains[svc_chain] = tuple(rules)
+    return FrontendRules(f"service-ips{suffix}", f"{key} : goto {svc_chain}", chains, sets)
+
+
+def _pick_endpoint(
+    fe: Frontend,
+    state: FrontendState,
+    backends: tuple[Backend, ...],
+    tag: str,
+    chains: dict[str, tuple[str, ...]],
+    sets: dict[str, str],
+) -> list[str]:
+    """Rules choosing one of backends (affinity first, then at random); adds their endpoint chains."""
+    sp = state.service
+    fam = _ipfam(fe.ip)
+    fallback = not (state.in_cluster[0] if tag == "cluster" and state.in_cluster else state.ready)
+    rules: list[str] = []
     ep_chains = []
     for ip, port in backends:
         ep_chain = _quote(
-            f"endpoint-{_hash(fe, ip, port)}-{sp.name.namespace}/{sp.name.name}/{sp.name.port}__{ip}/{port}"
+            f"endpoint-{_hash(fe, ip, port, tag)}-{sp.name.namespace}/{sp.name.name}/{sp.name.port}__{ip}/{port}"
         )
         ep_chains.append(ep_chain)
-        rules = [f"{fam} saddr {ip} jump mark-for-masquerade"]  # a pod reaching itself through its service
+        ep_rules = [f"{fam} saddr {ip} jump mark-for-masquerade"]  # a pod reaching itself through its service
         if sp.affinity_timeout:
-            aff = f"affinity-{_hash(fe, ip, port)}"
-            addr_type = "ipv6_addr" if v6 else "ipv4_addr"
+            aff = f"affinity-{_hash(fe, ip, port, tag)}"
+            addr_type = "ipv6_addr" if _v6(fe.ip) else "ipv4_addr"
             sets[aff] = f"{{ type {addr_type} ; flags dynamic,timeout ; timeout {sp.affinity_timeout}s ; }}"
-            svc_rules.append(f"{fam} saddr @{aff} goto {ep_chain}")
-            rules.append(f"update @{aff} {{ {fam} saddr }}")
-        note = ' comment "serving-terminating"' if not state.ready else ""
-        rules.append(f"meta l4proto {fe.protocol.lower()} dnat {fam} to {_addr(ip)}:{port}{note}")
-        chains[ep_chain] = tuple(rules)
+            rules.append(f"{fam} saddr @{aff} goto {ep_chain}")
+            ep_rules.append(f"update @{aff} {{ {fam} saddr }}")
+        note = ' comment "serving-terminating"' if fallback else ""
+        ep_rules.append(f"meta l4proto {fe.protocol.lower()} dnat {fam} to {_addr(ip)}:{port}{note}")
+        chains[ep_chain] = tuple(ep_rules)
     picks = ", ".join(f"{i} : goto {c}" for i, c in enumerate(ep_chains))
-    svc_rules.append(f"numgen random mod {len(ep_chains)} vmap {{ {picks} }}")
-    chains[svc_chain] = tuple(svc_rules)
-    return FrontendRules(f"service-ips{suffix}", f"{key} : goto {svc_chain}", chains, sets)
+    rules.append(f"numgen random mod {len(ep_chains)} vmap {{ {picks} }}")
+    return rules
 
 
 def _quote(name: str) -> str:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any, Protocol
 
-WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Namespace")
+WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Namespace", "Node")
 
 ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
 
@@ -28,7 +28,7 @@ def object_key(obj: Any) -> ObjectKey | None:
         return None
     kind = obj["kind"]
     namespace = meta.get("namespace")
-    if kind == "Namespace":
+    if kind in ("Namespace", "Node"):
         namespace = ""  # cluster-scoped
     elif not isinstance(namespace, str) or not namespace:
         namespace = "default"

@@ -7,6 +7,7 @@ as a diff, so objects that did not change are not touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import threading
@@ -33,18 +34,24 @@ class Gone(Exception):
 class WatchedKind:
     kind: str
     api_version: str
-    lister: Callable[[client.ApiClient], Callable[..., object]]
+    lister: Callable[[client.ApiClient, str], Callable[..., object]]  # (api, node name) -> list function
 
 
 KINDS = {
-    "Service": WatchedKind("Service", "v1", lambda api: client.CoreV1Api(api).list_service_for_all_namespaces),
+    "Service": WatchedKind("Service", "v1", lambda api, _n: client.CoreV1Api(api).list_service_for_all_namespaces),
     "EndpointSlice": WatchedKind(
         "EndpointSlice",
         "discovery.k8s.io/v1",
-        lambda api: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+        lambda api, _n: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
     ),
-    "Pod": WatchedKind("Pod", "v1", lambda api: client.CoreV1Api(api).list_pod_for_all_namespaces),
-    "Namespace": WatchedKind("Namespace", "v1", lambda api: client.CoreV1Api(api).list_namespace),
+    "Pod": WatchedKind("Pod", "v1", lambda api, _n: client.CoreV1Api(api).list_pod_for_all_namespaces),
+    "Namespace": WatchedKind("Namespace", "v1", lambda api, _n: client.CoreV1Api(api).list_namespace),
+    # only this node's own Node object (its zone label), as kube-proxy watches it
+    "Node": WatchedKind(
+        "Node",
+        "v1",
+        lambda api, node: functools.partial(client.CoreV1Api(api).list_node, field_selector=f"metadata.name={node}"),
+    ),
 }
 
 
@@ -79,10 +86,11 @@ class KindWatcher:
         on_synced: Callable[[], None],
         stop: threading.Event,
         max_backoff: float = 30.0,
+        node_name: str = "",
     ) -> None:
         self.kind = kind
         self.sink = sink
-        self._list = kind.lister(api)
+        self._list = kind.lister(api, node_name)
         self._on_synced = on_synced
         self._stop = stop
         self._max_backoff = max_backoff
@@ -200,15 +208,16 @@ class KubeSource:
         self,
         api: client.ApiClient,
         sink: Sink,
-        kinds: tuple[str, ...] = ("Service", "EndpointSlice"),
+        kinds: tuple[str, ...] = ("Service", "EndpointSlice", "Node"),
         max_backoff: float = 30.0,
+        node_name: str = "",
     ) -> None:
         self.sink = sink
         self._stop = threading.Event()
         self._pending = set(kinds)
         self._lock = threading.Lock()
         self.watchers = {
-            k: KindWatcher(api, KINDS[k], sink, lambda k=k: self._kind_synced(k), self._stop, max_backoff)
+            k: KindWatcher(api, KINDS[k], sink, lambda k=k: self._kind_synced(k), self._stop, max_backoff, node_name)
             for k in kinds
         }
         self._threads = [

@@ -5,7 +5,7 @@ import time
 import pytest
 from kubernetes import client
 
-from noded.model.tracker import Frontend, ServiceModel
+from noded.model.tracker import ZONE_LABEL, Frontend, ServiceModel
 from noded.sources import kube
 from tests.fakeapi import FakeApiServer
 from tests.objects import endpoint, service, slice_
@@ -43,9 +43,9 @@ def api():
     server.stop()
 
 
-def start_source(api, sink):
+def start_source(api, sink, node_name="node1"):
     cfg = client.Configuration(host=api.url)
-    src = kube.KubeSource(client.ApiClient(cfg), sink, max_backoff=0.5)
+    src = kube.KubeSource(client.ApiClient(cfg), sink, max_backoff=0.5, node_name=node_name)
     src.start()
     return src
 
@@ -69,6 +69,28 @@ def test_list_then_watch_add_modify_delete(api):
         api.remove("Service", "default", "web")
         wait_for(lambda: frontends(sink, "web") == {})
         assert any("watch=true" in r and "allowWatchBookmarks=true" in r for r in api.requests)
+    finally:
+        src.stop()
+
+
+def node(name, zone):
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {ZONE_LABEL: zone}}}
+
+
+def test_only_this_nodes_node_object_is_watched_for_its_zone(api):
+    api.put(node("node1", "zone-a"))
+    api.put(node("node2", "zone-b"))
+    sink = ModelSink()
+    sink.model.node_name = "node1"
+    src = start_source(api, sink)
+    try:
+        wait_for(lambda: src.synced)
+        assert sink.model.node_zone == "zone-a"
+        api.put(node("node2", "zone-c"))
+        api.put(node("node1", "zone-d"))
+        wait_for(lambda: sink.model.node_zone == "zone-d")
+        node_requests = [r for r in api.requests if r.startswith("/api/v1/nodes")]
+        assert node_requests and all("fieldSelector=metadata.name%3Dnode1" in r for r in node_requests)
     finally:
         src.stop()
 

@@ -157,3 +157,123 @@ def test_malformed_object_rejected_alone_keeping_last_good_version():
     assert not m.upsert(broken)
     assert m.rejected == 1 and m.take_changes() == set()
     assert Frontend("10.96.0.1", 80, "TCP") in m.frontends_of(("default", "a"))
+
+
+# -- external entry points and traffic policies ------------------------------------------------
+NODE_IP = "192.0.2.11"
+
+
+def external_model(**spec):
+    m = ServiceModel(node_name="node1", node_ips=(NODE_IP,))
+    ports = [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]
+    m.upsert(service("web", ports=ports, **spec))
+    m.upsert(
+        slice_(
+            "web",
+            [
+                endpoint("10.244.1.2", node="node1"),
+                endpoint("10.244.2.2", node="node2"),
+                endpoint("10.244.1.3", ready=False, serving=True, terminating=True, node="node1"),
+            ],
+        )
+    )
+    return m
+
+
+def test_nodeport_lb_and_external_ips_are_frontends_of_their_kind():
+    m = external_model(type="LoadBalancer", externalIPs=["198.51.100.7"], healthCheckNodePort=32000)
+    m.upsert(
+        {
+            **service(
+                "web",
+                ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+                type="LoadBalancer",
+                externalIPs=["198.51.100.7"],
+            ),
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}},
+        }
+    )
+    fes = m.frontends_of(("default", "web"))
+    kinds = {str(fe): st.kind for fe, st in fes.items()}
+    assert kinds == {
+        "10.96.0.10:80/TCP": "ClusterIP",
+        "198.51.100.7:80/TCP": "ExternalIP",
+        "203.0.113.9:80/TCP": "LoadBalancer",
+        f"{NODE_IP}:30080/TCP": "NodePort",
+    }
+    both = (("10.244.1.2", 8080), ("10.244.2.2", 8080))
+    assert all(st.ready == both and not st.local_external and st.in_cluster is None for st in fes.values())
+
+
+def test_nodeports_follow_the_node_addresses():
+    m = external_model(type="NodePort")
+    m.take_changes()
+    assert m.set_node_ips(["192.0.2.12", NODE_IP]) and m.take_changes() == {("default", "web")}
+    assert not m.set_node_ips([NODE_IP, "192.0.2.12"])
+    nodeports = sorted(fe.ip for fe, st in m.frontends_of(("default", "web")).items() if st.kind == "NodePort")
+    assert nodeports == [NODE_IP, "192.0.2.12"]
+
+
+def test_external_traffic_policy_local_keeps_this_nodes_endpoints_for_external_traffic_only():
+    fes = external_model(type="NodePort", externalTrafficPolicy="Local").frontends_of(("default", "web"))
+    nodeport = fes[Frontend(NODE_IP, 30080, "TCP")]
+    assert nodeport.local_external and nodeport.ready == (("10.244.1.2", 8080),)
+    assert nodeport.terminating == (("10.244.1.3", 8080),)  # the fallback, used only while none is ready
+    assert nodeport.in_cluster == ((("10.244.1.2", 8080), ("10.244.2.2", 8080)), (("10.244.1.3", 8080),))
+    cluster = fes[Frontend("10.96.0.10", 80, "TCP")]
+    assert len(cluster.ready) == 2 and not cluster.local_external
+
+
+def test_internal_traffic_policy_local_and_local_terminating_fallback():
+    m = external_model(internalTrafficPolicy="Local")
+    assert m.frontends_of(("default", "web"))[Frontend("10.96.0.10", 80, "TCP")].ready == (("10.244.1.2", 8080),)
+    m.upsert(
+        slice_(
+            "web",
+            [
+                endpoint("10.244.1.3", ready=False, serving=True, terminating=True, node="node1"),
+                endpoint("10.244.2.2", node="node2"),
+            ],
+        )
+    )
+    st = m.frontends_of(("default", "web"))[Frontend("10.96.0.10", 80, "TCP")]
+    assert st.ready == () and st.terminating == (("10.244.1.3", 8080),)
+
+
+def test_zone_hints_used_only_when_complete_and_matching():
+    m = ServiceModel(node_name="node1")
+    m.upsert({"kind": "Node", "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "a"}}})
+    m.upsert({"kind": "Node", "metadata": {"name": "node2", "labels": {"topology.kubernetes.io/zone": "b"}}})
+    assert m.node_zone == "a"
+    m.upsert(service("web", trafficDistribution="PreferClose"))
+    fe = Frontend("10.96.0.10", 80, "TCP")
+
+    def ready(*eps):
+        m.upsert(slice_("web", list(eps)))
+        return [ip for ip, _p in m.frontends_of(("default", "web"))[fe].ready]
+
+    assert ready(endpoint("10.244.1.2", zone_hints=["a"]), endpoint("10.244.2.2", zone_hints=["b"])) == ["10.244.1.2"]
+    # one ready endpoint without hints: hints are ignored (kube-proxy's rule)
+    assert len(ready(endpoint("10.244.1.2", zone_hints=["a"]), endpoint("10.244.2.2"))) == 2
+    # no endpoint for this zone: every endpoint
+    assert len(ready(endpoint("10.244.1.2", zone_hints=["b"]), endpoint("10.244.2.2", zone_hints=["b"]))) == 2
+    m.delete("Node", "", "node1")
+    assert m.node_zone is None
+    assert len(ready(endpoint("10.244.1.2", zone_hints=["a"]), endpoint("10.244.2.2", zone_hints=["b"]))) == 2
+
+
+def test_health_checks_count_local_ready_endpoints():
+    m = external_model(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000)
+    assert m.health_checks() == {32000: ("default/web", 1)}
+    m.upsert(slice_("web", [endpoint("10.244.2.2", node="node2")]))
+    assert m.health_checks() == {32000: ("default/web", 0)}
+    m.upsert(service("web", type="LoadBalancer", healthCheckNodePort=32000))  # Cluster policy: no health check
+    assert m.health_checks() == {}
+
+
+def test_nodeport_addresses_default_and_configured():
+    from noded.nodeaddrs import nodeport_addresses
+
+    addrs = ["127.0.0.1", "::1", "192.0.2.11", "10.244.1.1", "fe80::1", "2001:db8::11"]
+    assert nodeport_addresses(addrs, [], ["10.244.0.0/16"]) == ["192.0.2.11", "2001:db8::11"]
+    assert nodeport_addresses(addrs, ["192.0.2.0/24", "127.0.0.0/8"], []) == ["127.0.0.1", "192.0.2.11"]

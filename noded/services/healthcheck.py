@@ -1,0 +1,82 @@
+"""kube-proxy's service health checks: one HTTP server per healthCheckNodePort, answering 200 while this
+node has a ready local endpoint of the service and 503 otherwise, so a load balancer sends
+externalTrafficPolicy Local traffic only to nodes that can serve it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import structlog
+
+log = structlog.get_logger("noded.services.healthcheck")
+
+
+def health_response(service: str, local_endpoints: int) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body kube-proxy's health check server gives."""
+    namespace, name = service.split("/", 1)
+    body = {
+        "service": {"namespace": namespace, "name": name},
+        "localEndpoints": local_endpoints,
+        "serviceProxyHealthy": True,
+    }
+    headers = {
+        "Content-Type": "application/json",
+        "X-Content-Type-Options": "nosniff",
+        "X-Load-Balancing-Endpoint-Weight": str(local_endpoints),
+    }
+    return (200 if local_endpoints > 0 else 503), headers, json.dumps(body).encode()
+
+
+class HealthCheckServers:
+    """Keeps one listener per wanted healthCheckNodePort; update() is cheap when nothing changed."""
+
+    def __init__(self, host: str = "0.0.0.0") -> None:
+        self.host = host
+        self._servers: dict[int, ThreadingHTTPServer] = {}
+        self._state: dict[int, tuple[str, int]] = {}
+        self._lock = threading.Lock()
+
+    def update(self, checks: dict[int, tuple[str, int]]) -> None:
+        with self._lock:
+            self._state = dict(checks)
+        for port in set(self._servers) - set(checks):
+            self._servers.pop(port).shutdown()
+            log.info("health check port closed", port=port)
+        for port in set(checks) - set(self._servers):
+            try:
+                self._servers[port] = self._listen(port)
+                log.info("health check port open", port=port, service=checks[port][0])
+            except OSError as e:
+                log.error("health check port unavailable", port=port, service=checks[port][0], error=str(e))
+
+    def ports(self) -> list[int]:
+        return sorted(self._servers)
+
+    def close(self) -> None:
+        self.update({})
+
+    def _listen(self, port: int) -> ThreadingHTTPServer:
+        servers = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with servers._lock:
+                    service, count = servers._state.get(port, ("unknown/unknown", 0))
+                status, headers, body = health_response(service, count)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        server = ThreadingHTTPServer((self.host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name=f"healthcheck-{port}", daemon=True).start()
+        return server

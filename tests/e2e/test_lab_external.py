@@ -1,0 +1,145 @@
+"""External entry points and traffic policies in a real 2-node lab, seen from the external host and from pods."""
+
+import json
+import subprocess
+
+import pytest
+
+from noded.lab.workloads import probe, service_yaml, wait_programmed
+from tests.e2e.conftest import apply_text
+from tests.e2e.test_lab_services import pod_ip, write_manifest
+from tests.objects import endpoint, service, slice_
+
+EXTERNAL = "10.77.0.2"
+
+
+def node_address(lab, node):
+    return lab.state()["nodes"][node]["address"]
+
+
+def apply_service(lab, name, **spec):
+    apply_text(lab, service_yaml(name, {"app": "echo"}, [("http", "TCP", 80, 8080)], extra_spec=spec), f"{name}.yaml")
+    state = lab.state()
+    return state["clusterIPs"][f"default/{name}"], state.get("nodePorts", {}).get(f"default/{name}/http/TCP")
+
+
+def peers(out):
+    """answers are `NAME CLIENT-ADDRESS`: backend name -> set of client addresses it saw."""
+    seen = {}
+    for answer in out["answers"]:
+        name, client = answer.split()
+        seen.setdefault(name, set()).add(client)
+    return seen
+
+
+def health(lab, node, port):
+    code = (
+        "import json,urllib.request,urllib.error\n"
+        f"try: r = urllib.request.urlopen('http://{node_address(lab, node)}:{port}/', timeout=3)\n"
+        "except urllib.error.HTTPError as e: r = e\n"
+        "print(json.dumps([r.status, json.loads(r.read())]))"
+    )
+    res = lab.run("external", ["python3", "-c", code], timeout=20)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_nodeport_from_outside_reaches_every_backend_masqueraded(lab):
+    _vip, node_port = apply_service(lab, "np", type="NodePort")
+    for node in ("node1", "node2"):
+        wait_programmed(lab, node, f"{node_address(lab, node)}:{node_port}/TCP", ready=3)
+        out = probe(lab, "external", "tcp", node_address(lab, node), node_port, count=60, message="peer")
+        assert out["errors"] == {}
+        seen = peers(out)
+        assert set(seen) == {"echo-1", "echo-2", "echo-3"}
+        assert EXTERNAL not in set().union(*seen.values())  # Cluster policy: masqueraded, replies come back
+    # and from a pod, to a node port on the other node
+    out = probe(lab, "default/client", "tcp", node_address(lab, "node2"), node_port, count=30)
+    assert out["errors"] == {} and len(out["answers"]) == 3
+
+
+def test_load_balancer_with_local_policy_keeps_the_client_address(lab):
+    _vip, node_port = apply_service(lab, "lb-local", type="LoadBalancer", externalTrafficPolicy="Local")
+    state = lab.state()
+    lb_ip = state["lbIPs"]["default/lb-local"]
+    wait_programmed(lab, "node1", f"{lb_ip}:80/TCP", ready=1)
+    wait_programmed(lab, "node2", f"{node_address(lab, 'node2')}:{node_port}/TCP", ready=2)
+    # the external router sends the LB IP to node1: only node1's endpoint, client address kept
+    out = probe(lab, "external", "tcp", lb_ip, 80, count=20, message="peer")
+    assert out["errors"] == {} and peers(out) == {"echo-1": {EXTERNAL}}
+    out = probe(lab, "external", "tcp", node_address(lab, "node2"), node_port, count=30, message="peer")
+    assert out["errors"] == {} and peers(out) == {"echo-2": {EXTERNAL}, "echo-3": {EXTERNAL}}
+    # pods still reach every endpoint through the LB IP (kube-proxy's short-circuit)
+    out = probe(lab, "default/client", "tcp", lb_ip, 80, count=40)
+    assert out["errors"] == {} and len(out["answers"]) == 3
+    # health check node port: both nodes have local endpoints
+    hc = lab.state()["nodePorts"]["default/lb-local/health"]
+    for node, count in (("node1", 1), ("node2", 2)):
+        status, body = health(lab, node, hc)
+        assert status == 200 and body["localEndpoints"] == count
+        assert body["service"] == {"namespace": "default", "name": "lb-local"}
+
+
+def test_local_policy_without_local_endpoints_fails_health_check_and_drops(lab):
+    e1 = pod_ip(lab, "default/echo-1")
+    svc = service(
+        "hc-only", "10.96.210.1", type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32700
+    )
+    svc["spec"]["ports"][0]["nodePort"] = 32701
+    ports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    write_manifest(lab, "hc-only.yaml", [svc, slice_("hc-only", [endpoint(e1, node="node1")], ports=ports)])
+    wait_programmed(lab, "node1", f"{node_address(lab, 'node1')}:32701/TCP", ready=1)
+    assert health(lab, "node1", 32700)[0] == 200
+    status, body = health(lab, "node2", 32700)
+    assert status == 503 and body["localEndpoints"] == 0
+    out = probe(lab, "external", "tcp", node_address(lab, "node2"), 32701, count=2, timeout=1)
+    assert sum(out["answers"].values()) == 0
+    # a pod on node1 reaching node2's node port still gets the service (short-circuit to every endpoint)
+    out = probe(lab, "default/client", "tcp", node_address(lab, "node2"), 32701, count=5)
+    assert out["answers"] == {"echo-1": 5}
+
+
+def test_external_ips_from_outside(lab):
+    apply_service(lab, "ext-ip", externalIPs=["10.77.100.250"])
+    wait_programmed(lab, "node1", "10.77.100.250:80/TCP", ready=3)
+    out = probe(lab, "external", "tcp", "10.77.100.250", 80, count=40)
+    assert out["errors"] == {} and set(out["answers"]) == {"echo-1", "echo-2", "echo-3"}
+
+
+def test_session_affinity_for_external_clients(lab):
+    _vip, node_port = apply_service(lab, "np-sticky", type="NodePort", sessionAffinity="ClientIP")
+    wait_programmed(lab, "node1", f"{node_address(lab, 'node1')}:{node_port}/TCP", ready=3)
+    out = probe(lab, "external", "tcp", node_address(lab, "node1"), node_port, count=20)
+    assert out["errors"] == {} and len(out["answers"]) == 1
+
+
+def test_internal_traffic_policy_local(lab):
+    vip, _ = apply_service(lab, "itp-local", internalTrafficPolicy="Local")
+    wait_programmed(lab, "node1", f"{vip}:80/TCP", ready=1)
+    assert probe(lab, "default/client", "tcp", vip, 80, count=20)["answers"] == {"echo-1": 20}
+
+
+def test_prefer_close_keeps_traffic_in_the_zone(lab):
+    if "default/client-2" not in lab.state()["pods"]:
+        lab.add_pod("default/client-2", "node2")
+    vip, _ = apply_service(lab, "close", trafficDistribution="PreferClose")
+    wait_programmed(lab, "node1", f"{vip}:80/TCP", ready=1)
+    wait_programmed(lab, "node2", f"{vip}:80/TCP", ready=2)
+    assert probe(lab, "default/client", "tcp", vip, 80, count=20)["answers"] == {"echo-1": 20}
+    assert set(probe(lab, "default/client-2", "tcp", vip, 80, count=30)["answers"]) == {"echo-2", "echo-3"}
+
+
+def test_pod_reaches_itself_through_its_service(lab):
+    e1 = pod_ip(lab, "default/echo-1")
+    ports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    write_manifest(lab, "self.yaml", [service("self", "10.96.211.1"), slice_("self", [endpoint(e1)], ports=ports)])
+    wait_programmed(lab, "node1", "10.96.211.1:80/TCP", ready=1)
+    out = probe(lab, "default/echo-1", "tcp", "10.96.211.1", 80, count=5)
+    assert out["answers"] == {"echo-1": 5}
+
+
+@pytest.fixture(autouse=True)
+def _dump_on_failure(lab, request):
+    yield
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        subprocess.run(["nsenter", "--net=/run/netns/noded-node1", "nft", "list", "ruleset"], check=False)
