@@ -11,43 +11,9 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "noded_lb.h"
+#include "noded_maps.h"
 
 #define ECONNREFUSED 111
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, NODED_SVC_MAP_SIZE);
-	__type(key, struct noded_svc_key);
-	__type(value, struct noded_svc_val);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} noded_svc SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, NODED_BACKEND_MAP_SIZE);
-	__type(key, __u32);
-	__type(value, struct noded_backend);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} noded_backends SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, NODED_REVNAT_MAP_SIZE);
-	__type(key, struct noded_revnat_key);
-	__type(value, struct noded_revnat_val);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} noded_revnat SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, NODED_AFFINITY_MAP_SIZE);
-	__type(key, struct noded_affinity_key);
-	__type(value, struct noded_affinity_val);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} noded_affinity SEC(".maps");
 
 enum lb_verdict {
 	LB_PASS,	/* not a service: leave the address alone */

@@ -76,7 +76,8 @@ def make_proxier(config: NodedConfiguration, model: ServiceModel):
         from noded.bpf.sock_lb import load_and_attach
         from noded.services.ebpf import EbpfProxier
 
-        return EbpfProxier(model, load_and_attach(config.bpffsPath, config.services.cgroupPath))
+        maps = load_and_attach(config.bpffsPath, config.services.cgroupPath)
+        return EbpfProxier(model, maps, config.bpffsPath, config.clusterCIDRs)
     raise SystemExit(f"services.mode: {mode!r} is not implemented yet in this version (ebpf, nftables, none are)")
 
 
@@ -96,9 +97,12 @@ class Daemon:
 
     def _refresh_node_addresses(self) -> None:
         cfg = self.config
-        addrs = nodeport_addresses(local_addresses(), cfg.services.nodePortAddresses, cfg.clusterCIDRs)
+        local = local_addresses()
+        addrs = nodeport_addresses(local, cfg.services.nodePortAddresses, cfg.clusterCIDRs)
         if self.model.set_node_ips(addrs):
             log.info("node port addresses", addresses=addrs)
+        if hasattr(self.proxier, "set_external_interfaces"):
+            self.proxier.set_external_interfaces(dict(local[a] for a in addrs if local[a][0] != "lo"))
 
     def _sync(self, full: bool) -> None:
         if full:

@@ -7,13 +7,19 @@ import ipaddress
 from pyroute2 import IPRoute
 
 
-def local_addresses() -> list[str]:
-    """Every address on this network namespace's interfaces (netlink)."""
+def local_addresses() -> dict[str, tuple[str, int]]:
+    """Every address on this network namespace's interfaces, with the interface (name, index) holding it."""
     with IPRoute() as ipr:
-        return [a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL") for a in ipr.get_addr()]
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        return {
+            (a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")): (names.get(a["index"], "?"), a["index"])
+            for a in ipr.get_addr()
+        }
 
 
-def nodeport_addresses(addresses: list[str], node_port_cidrs: list[str], cluster_cidrs: list[str]) -> list[str]:
+def nodeport_addresses(
+    addresses: list[str] | dict[str, object], node_port_cidrs: list[str], cluster_cidrs: list[str]
+) -> list[str]:
     """With nodePortAddresses set, the addresses inside those CIDRs (loopback included if asked for);
     otherwise every address but loopback, link-local and the pod gateways inside the cluster CIDRs."""
     out = []

@@ -15,16 +15,22 @@
 #define NODED_BACKEND_MAP_SIZE  262144
 #define NODED_REVNAT_MAP_SIZE   262144
 #define NODED_AFFINITY_MAP_SIZE 65536
+#define NODED_NAT_MAP_SIZE      262144
+#define NODED_CIDR_MAP_SIZE     64
 
 /* noded_backend.flags */
 #define NODED_BACKEND_TERMINATING 0x1
+
+/* noded_svc_key.scope: who a frontend entry serves */
+#define NODED_SCOPE_SOCKET   0	/* sockets on this node (cgroup hooks): pods and the node itself */
+#define NODED_SCOPE_EXTERNAL 1	/* packets arriving from outside the node (tc on its interfaces) */
 
 /* A service frontend (slot 0, the master entry) or one of its backend slots. */
 struct noded_svc_key {
 	__u32 addr[4];
 	__u16 port;		/* network order */
 	__u8  proto;		/* IPPROTO_TCP or IPPROTO_UDP */
-	__u8  pad;
+	__u8  scope;		/* NODED_SCOPE_* */
 	__u16 slot;		/* 0: master entry; 1..: backend slots */
 	__u16 pad2;
 };
@@ -78,6 +84,37 @@ struct noded_affinity_val {
 	__u64 last_used_ns;
 	__u32 backend_id;
 	__u32 pad;
+};
+
+/* NodePort / external IP translation state, one entry per direction of a
+ * flow, keyed by the IPv4 5-tuple as the packet carries it where it is
+ * looked up; the value is the 5-tuple to rewrite it to. */
+#define NODED_NAT_DIR_INGRESS 0
+#define NODED_NAT_DIR_EGRESS  1
+#define NODED_NAT_REDIRECT    0x1	/* after the rewrite, send it back out (fib lookup) */
+
+struct noded_nat_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  dir;		/* NODED_NAT_DIR_* */
+	__u16 pad;
+};
+
+struct noded_nat_val {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u32 flags;		/* NODED_NAT_* */
+};
+
+/* The cluster CIDRs (LPM trie): sources inside them are pods. */
+struct noded_cidr_key {
+	__u32 prefixlen;
+	__u32 addr;
 };
 
 #endif

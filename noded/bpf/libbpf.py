@@ -27,12 +27,17 @@ ffi.cdef(
     const char *bpf_map__name(const struct bpf_map *map);
     int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
     int bpf_map__fd(const struct bpf_map *map);
+    _Bool bpf_map__is_internal(const struct bpf_map *map);
     struct bpf_link *bpf_program__attach_cgroup(const struct bpf_program *prog, int cgroup_fd);
     int bpf_link__pin(struct bpf_link *link, const char *path);
     struct bpf_link *bpf_link__open(const char *path);
     int bpf_link__update_program(struct bpf_link *link, struct bpf_program *prog);
     int bpf_link__destroy(struct bpf_link *link);
     int bpf_obj_get(const char *pathname);
+    int bpf_obj_pin(int fd, const char *pathname);
+    int bpf_program__fd(const struct bpf_program *prog);
+    int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+    int bpf_link_update(int link_fd, int new_prog_fd, const void *opts);
     int bpf_map_update_elem(int fd, const void *key, const void *value, unsigned long long flags);
     int bpf_map_lookup_elem(int fd, const void *key, void *value);
     int bpf_map_delete_elem(int fd, const void *key);
@@ -170,6 +175,8 @@ class Object:
     def pin_maps_under(self, directory: str) -> None:
         """Reuse maps pinned in directory, or pin new ones there, at load."""
         for name, m in self.maps():
+            if lib.bpf_map__is_internal(m):  # the object's own .rodata/.bss: private to it
+                continue
             _check(lib.bpf_map__set_pin_path(m, f"{directory}/{name}".encode()), f"pin path {name}")
 
     def load(self) -> None:
@@ -213,4 +220,28 @@ def attach_cgroup_pinned(prog, cgroup_path: str, pin_path: str) -> str:
         lib.bpf_link__destroy(link)
         raise
     lib.bpf_link__destroy(link)  # closes our fd; the pin keeps the attachment
+    return "attached"
+
+
+BPF_TCX_INGRESS = 46  # enum bpf_attach_type (Linux 6.6); Debian's libbpf 1.1 predates tcx helpers
+BPF_TCX_EGRESS = 47
+
+
+def attach_tcx_pinned(prog, ifindex: int, attach_type: int, pin_path: str) -> str:
+    """Attach a tc program to an interface with a tcx link pinned at pin_path (updated in place if there)."""
+    prog_fd = _check(lib.bpf_program__fd(prog), "program fd")
+    if os.path.exists(pin_path):
+        fd = lib.bpf_obj_get(pin_path.encode())
+        if fd >= 0:
+            try:
+                if lib.bpf_link_update(fd, prog_fd, ffi.NULL) == 0:
+                    return "updated"
+            finally:
+                os.close(fd)
+        os.unlink(pin_path)  # a link whose interface is gone cannot be updated: attach afresh
+    fd = _check(lib.bpf_link_create(prog_fd, ifindex, attach_type, ffi.NULL), f"tcx attach to ifindex {ifindex}")
+    try:
+        _check(lib.bpf_obj_pin(fd, pin_path.encode()), f"pin link {pin_path}")
+    finally:
+        os.close(fd)
     return "attached"

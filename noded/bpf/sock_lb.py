@@ -1,4 +1,5 @@
-"""Loads the socket-LB object, pins its maps and links under the instance's bpffs path, removes them."""
+"""Loads the socket-LB and NodePort objects, pins their maps and links under the instance's bpffs path,
+removes them."""
 
 from __future__ import annotations
 
@@ -12,16 +13,26 @@ from importlib import resources
 import structlog
 
 from noded.bpf import structs
-from noded.bpf.libbpf import BpfError, Map, Object, attach_cgroup_pinned
+from noded.bpf.libbpf import (
+    BPF_TCX_EGRESS,
+    BPF_TCX_INGRESS,
+    BpfError,
+    Map,
+    Object,
+    attach_cgroup_pinned,
+    attach_tcx_pinned,
+)
 
 log = structlog.get_logger("noded.bpf")
 
 OBJECT_NAME = "sock_lb.o"
+NODEPORT_OBJECT = "nodeport.o"
 LINKS_DIR = "links"
+TC_LINK_PREFIX = "tc-"
 
 
-def object_path() -> str:
-    path = resources.files("noded.bpf").joinpath("obj", OBJECT_NAME)
+def object_path(name: str = OBJECT_NAME) -> str:
+    path = resources.files("noded.bpf").joinpath("obj", name)
     if not path.is_file():
         raise BpfError(2, f"{path} is missing: run `make bpf`")
     return str(path)
@@ -46,6 +57,8 @@ class LbMaps:
     backends: Map
     revnat: Map[structs.RevNatKey, structs.RevNatVal]
     affinity: Map[structs.AffinityKey, structs.AffinityVal]
+    nat: Map[structs.NatKey, structs.NatVal]
+    cluster_cidrs: Map[structs.CidrKey, ctypes.c_uint32]
 
     @classmethod
     def open_pinned(cls, bpffs: str) -> LbMaps:
@@ -55,6 +68,8 @@ class LbMaps:
             "backends": ("noded_backends", ctypes.c_uint32, structs.Backend),
             "revnat": ("noded_revnat", structs.RevNatKey, structs.RevNatVal),
             "affinity": ("noded_affinity", structs.AffinityKey, structs.AffinityVal),
+            "nat": ("noded_nat", structs.NatKey, structs.NatVal),
+            "cluster_cidrs": ("noded_cluster_cidrs", structs.CidrKey, ctypes.c_uint32),
         }
         opened: dict[str, Map] = {}
         try:
@@ -67,7 +82,7 @@ class LbMaps:
         return cls(**opened)
 
     def close(self) -> None:
-        for m in (self.svc, self.backends, self.revnat, self.affinity):
+        for m in (self.svc, self.backends, self.revnat, self.affinity, self.nat, self.cluster_cidrs):
             m.close()
 
 
@@ -88,7 +103,43 @@ def load_and_attach(bpffs: str, cgroup_path: str) -> LbMaps:
             log.info("bpf program attached", program=name, section=section, cgroup=cgroup_path, how=what)
     finally:
         obj.close()
+    # the NodePort object's maps too, so every map exists before anyone opens them
+    nodeport = Object(object_path(NODEPORT_OBJECT))
+    try:
+        nodeport.pin_maps_under(bpffs)
+        nodeport.load()
+    finally:
+        nodeport.close()
     return LbMaps.open_pinned(bpffs)
+
+
+def attach_external(bpffs: str, interfaces: dict[str, int]) -> list[str]:
+    """Attach the NodePort programs (ingress and egress) to interfaces {name: ifindex} with pinned tcx links,
+    and detach them from every other interface. Returns what changed."""
+    links = f"{bpffs}/{LINKS_DIR}"
+    wanted = {
+        f"{TC_LINK_PREFIX}{name}-{index}-{way}": (index, attach_type, f"noded_nodeport_{way}")
+        for name, index in interfaces.items()
+        for way, attach_type in (("ingress", BPF_TCX_INGRESS), ("egress", BPF_TCX_EGRESS))
+    }
+    changed = []
+    for pin in os.listdir(links):
+        if pin.startswith(TC_LINK_PREFIX) and pin not in wanted:
+            os.unlink(f"{links}/{pin}")
+            changed.append(f"detached {pin}")
+    if not wanted:
+        return changed
+    obj = Object(object_path(NODEPORT_OBJECT))
+    try:
+        obj.pin_maps_under(bpffs)
+        obj.load()
+        programs = {name: prog for name, _section, prog in obj.programs()}
+        for pin, (index, attach_type, program) in sorted(wanted.items()):
+            what = attach_tcx_pinned(programs[program], index, attach_type, f"{links}/{pin}")
+            changed.append(f"{what} {pin}")
+    finally:
+        obj.close()
+    return changed
 
 
 def attached_programs(bpffs: str) -> list[str]:

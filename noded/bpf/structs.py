@@ -14,6 +14,8 @@ IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
 
 BACKEND_TERMINATING = 0x1
+SCOPE_SOCKET = 0  # sockets on this node (cgroup hooks)
+SCOPE_EXTERNAL = 1  # packets arriving from outside the node (tc)
 
 Addr16 = ctypes.c_uint8 * 16
 
@@ -23,7 +25,7 @@ class SvcKey(ctypes.Structure):
         ("addr", Addr16),
         ("port", ctypes.c_uint16),
         ("proto", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
         ("slot", ctypes.c_uint16),
         ("pad2", ctypes.c_uint16),
     ]
@@ -84,6 +86,32 @@ class AffinityVal(ctypes.Structure):
     ]
 
 
+class NatKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class NatVal(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class CidrKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
 # C struct name -> mirror, for the layout test.
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_svc_key": SvcKey,
@@ -93,6 +121,9 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_revnat_val": RevNatVal,
     "noded_affinity_key": AffinityKey,
     "noded_affinity_val": AffinityVal,
+    "noded_nat_key": NatKey,
+    "noded_nat_val": NatVal,
+    "noded_cidr_key": CidrKey,
 }
 
 

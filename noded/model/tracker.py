@@ -38,6 +38,7 @@ class Frontend:
     ip: str
     port: int
     protocol: str
+    scope: int = 0  # eBPF only: 0 for this node's sockets, 1 for packets arriving from outside (tc)
 
     def __str__(self) -> str:
         host = f"[{self.ip}]" if ":" in self.ip else self.ip

@@ -7,7 +7,8 @@ the first sync rewrites nothing that is already right.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+import ipaddress
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -38,8 +39,22 @@ def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
         addr=structs.pack_addr(fe.ip),
         port=structs.net_port(fe.port),
         proto=structs.IPPROTO[fe.protocol],
+        scope=fe.scope,
         slot=slot,
     )
+
+
+def map_frontends(frontends: dict[Frontend, FrontendState]) -> dict[Frontend, FrontendState]:
+    """The map entries a service's frontends need: each for this node's sockets (in-cluster backends),
+    and external IPv4 frontends once more for packets arriving from outside (tc, external policy)."""
+    out: dict[Frontend, FrontendState] = {}
+    for fe, st in frontends.items():
+        if fe.protocol not in SOCKET_LB_PROTOCOLS:
+            continue
+        out[fe] = replace(st, ready=st.in_cluster[0], terminating=st.in_cluster[1]) if st.in_cluster else st
+        if st.external and ":" not in fe.ip:
+            out[replace(fe, scope=structs.SCOPE_EXTERNAL)] = st
+    return out
 
 
 def read_maps(maps: LbMaps) -> tuple[dict[Frontend, Programmed], int, int]:
@@ -48,7 +63,10 @@ def read_maps(maps: LbMaps) -> tuple[dict[Frontend, Programmed], int, int]:
     slots: dict[Frontend, dict[int, int]] = {}
     for key, val in maps.svc.items():
         fe = Frontend(
-            structs.unpack_addr(key.addr), structs.host_port(key.port), structs.PROTO_NAME.get(key.proto, "?")
+            structs.unpack_addr(key.addr),
+            structs.host_port(key.port),
+            structs.PROTO_NAME.get(key.proto, "?"),
+            key.scope,
         )
         if key.slot == 0:
             masters[fe] = val
@@ -73,9 +91,14 @@ def read_maps(maps: LbMaps) -> tuple[dict[Frontend, Programmed], int, int]:
 
 
 def describe(maps: LbMaps) -> list[ProgrammedView]:
+    """One view per frontend; where a frontend also has an entry for external packets, that one (what
+    external clients get), as the nftables view shows it."""
     programmed, _, _ = read_maps(maps)
+    external = {replace(fe, scope=0): (fe, p) for fe, p in programmed.items() if fe.scope == structs.SCOPE_EXTERNAL}
+    chosen = {fe: external.get(fe, (fe, p))[1] for fe, p in programmed.items() if fe.scope == structs.SCOPE_SOCKET}
+    chosen.update({fe: p for fe, (_x, p) in external.items() if fe not in chosen})
     views = []
-    for fe, p in sorted(programmed.items(), key=lambda kv: (kv[0].ip, kv[0].port, kv[0].protocol)):
+    for fe, p in sorted(chosen.items(), key=lambda kv: (kv[0].ip, kv[0].port, kv[0].protocol)):
         by_id = {bid: addr for addr, (bid, _t) in p.backends.items()}
         views.append(
             ProgrammedView(
@@ -94,9 +117,14 @@ class EbpfProxier:
 
     name = "ebpf"
 
-    def __init__(self, model: ServiceModel, maps: LbMaps) -> None:
+    def __init__(
+        self, model: ServiceModel, maps: LbMaps, bpffs: str | None = None, cluster_cidrs: list[str] | tuple = ()
+    ) -> None:
         self.model = model
         self.maps = maps
+        self.bpffs = bpffs
+        self.external_interfaces: dict[str, int] | None = None
+        self._set_cluster_cidrs([c for c in cluster_cidrs if ":" not in c])
         programmed, max_svc, max_backend = read_maps(maps)
         # Adopted at the first full sync; whatever no service claims then is stale.
         self._unclaimed: dict[Frontend, Programmed] = programmed
@@ -135,7 +163,32 @@ class EbpfProxier:
         return len(changed)
 
     def _socket_lb_frontends(self, key: ServiceKey) -> dict[Frontend, FrontendState]:
-        return {fe: st for fe, st in self.model.frontends_of(key).items() if fe.protocol in SOCKET_LB_PROTOCOLS}
+        return map_frontends(self.model.frontends_of(key))
+
+    def set_external_interfaces(self, interfaces: dict[str, int]) -> None:
+        """Where packets from outside arrive (the interfaces holding node port addresses): the tc programs
+        are attached there and detached everywhere else."""
+        if interfaces == self.external_interfaces or self.bpffs is None:
+            return
+        from noded.bpf.sock_lb import attach_external
+
+        for what in attach_external(self.bpffs, interfaces):
+            log.info("external interface program", change=what)
+        self.external_interfaces = dict(interfaces)
+
+    def _set_cluster_cidrs(self, cidrs: list[str]) -> None:
+        """Sources the tc programs treat as pods (the cluster CIDRs, IPv4)."""
+        wanted = {}
+        for cidr in cidrs:
+            net = ipaddress.ip_network(cidr, strict=False)
+            key = structs.CidrKey(prefixlen=net.prefixlen)
+            key.addr[:] = list(net.network_address.packed)
+            wanted[bytes(key)] = key
+        for key in list(self.maps.cluster_cidrs.keys()):
+            if bytes(key) not in wanted:
+                self.maps.cluster_cidrs.delete(key)
+        for key in wanted.values():
+            self.maps.cluster_cidrs.update(key, ctypes.c_uint32(1))
 
     # -- one frontend -----------------------------------------------------------
     def _program_frontend(self, key: ServiceKey, fe: Frontend, state: FrontendState) -> None:
