@@ -1,7 +1,8 @@
 """`noded cleanup`: removes every kernel object one noded instance made, in every mode.
 
 eBPF: its pinned links (which detaches the programs) and pinned maps. nftables:
-its `table inet noded` in this network namespace. Starting in one mode calls
+its `table inet noded` in this network namespace. iptables: its NODED-* chains and
+the jumps to them, in both backends and both families. Starting in one mode calls
 this with keep=that mode, so switching modes leaves nothing of the previous one.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from noded.bpf.sock_lb import remove as remove_bpf
 from noded.config import NodedConfiguration
-from noded.services import nftables
+from noded.services import iptables, nftables
 
 
 def cleanup(config: NodedConfiguration, keep: str | None = None) -> list[str]:
@@ -18,4 +19,6 @@ def cleanup(config: NodedConfiguration, keep: str | None = None) -> list[str]:
         removed += remove_bpf(config.bpffsPath)
     if keep != "nftables" and nftables.delete_table():
         removed.append(f"nft table {nftables.TABLE}")
+    if keep != "iptables":
+        removed += iptables.remove_all()
     return removed

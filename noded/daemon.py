@@ -72,13 +72,17 @@ def make_proxier(config: NodedConfiguration, model: ServiceModel):
         from noded.services.nftables import NftProxier
 
         return NftProxier(model, config.clusterCIDRs)
+    if mode == "iptables":
+        from noded.services.iptables import IptablesProxier
+
+        return IptablesProxier(model, config.clusterCIDRs)
     if mode == "ebpf":
         from noded.bpf.sock_lb import load_and_attach
         from noded.services.ebpf import EbpfProxier
 
         maps = load_and_attach(config.bpffsPath, config.services.cgroupPath)
         return EbpfProxier(model, maps, config.bpffsPath, config.clusterCIDRs)
-    raise SystemExit(f"services.mode: {mode!r} is not implemented yet in this version (ebpf, nftables, none are)")
+    raise SystemExit(f"services.mode: {mode!r} is not one of ebpf, nftables, iptables, none")
 
 
 class Daemon:
@@ -150,7 +154,7 @@ class Daemon:
                 "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
                 "noded_rejected_objects_total": lambda: self.model.rejected,
                 "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
-                "noded_nft_transactions_total": lambda: getattr(self.proxier, "transactions", 0),
+                "noded_netfilter_transactions_total": lambda: getattr(self.proxier, "transactions", 0),
             }
         )
 

@@ -100,7 +100,10 @@ class Lab:
                 for other, peer in state["nodes"].items():
                     if other != name:
                         netns.add_route(node["netns"], peer["podCIDR"], peer["address"])
-            # the external host's upstream router sends load-balancer IPs to the first node
+            # the external host plays the nodes' upstream router (their default route, as real nodes have;
+            # iptables mode rejects in FORWARD, which needs a route) and sends load-balancer IPs to node1
+            for node in state["nodes"].values():
+                netns.add_route(node["netns"], "0.0.0.0/0", EXTERNAL_ADDRESS)
             first = state["nodes"][names[0]]
             netns.add_route(EXTERNAL_NS, controller.LB_CIDR, first["address"])
             _write_atomic(self.state_path, json.dumps(state, indent=1))

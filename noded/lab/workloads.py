@@ -47,8 +47,8 @@ def programmed(lab: Lab, node: str) -> dict[str, dict]:
 
     state = lab.state()
     node_state = state["nodes"][node]
-    nft_cmd = tuple(netns.nsenter_argv(node_state["netns"], ["nft"]))
-    views = programmed_views(state["mode"], node_state["bpffsPath"], nft_cmd) or []
+    prefix = tuple(netns.nsenter_argv(node_state["netns"], []))
+    views = programmed_views(state["mode"], node_state["bpffsPath"], prefix) or []
     return {
         str(v.frontend): {
             "ready": sorted(f"{a}:{p}" for a, p in v.ready),

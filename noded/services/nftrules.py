@@ -11,7 +11,8 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
-from noded.model.tracker import Backend, Frontend, FrontendState
+from noded.model.tracker import Frontend, FrontendState
+from noded.services.plan import Pick, plan
 
 TABLE = "inet noded"
 MASQ_MARK = 0x4000
@@ -99,70 +100,60 @@ class FrontendRules:
 def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
     """The chains, sets and map element of one frontend (kube-proxy's nftables layout)."""
     sp = state.service
-    v6 = _v6(fe.ip)
+    p = plan(fe, state, cluster_cidrs)
     key = f"{fe.ip} . {fe.protocol.lower()} . {fe.port}"
-    suffix = "6" if v6 else ""
-    backends: tuple[Backend, ...] = state.ready or state.terminating
-    in_cluster = (state.in_cluster[0] or state.in_cluster[1]) if state.in_cluster else ()
-    if not backends and not in_cluster:
+    suffix = "6" if _v6(fe.ip) else ""
+    if p.reject:
         return FrontendRules(f"no-endpoint-services{suffix}", f"{key} : goto reject-chain")
     fam = _ipfam(fe.ip)
-    cidrs = [c for c in cluster_cidrs if ipaddress.ip_network(c, strict=False).version == (6 if v6 else 4)]
-    pod_sources = f"{{ {', '.join(cidrs)} }}" if cidrs else ""
+    pods = f"{{ {', '.join(p.pod_cidrs)} }}" if p.pod_cidrs else ""
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
     rules: list[str] = []
-    if not state.external:
-        if pod_sources:  # a VIP reached from outside the cluster CIDR (e.g. the node itself) is masqueraded
-            rules.append(f"{fam} saddr != {pod_sources} jump mark-for-masquerade")
-    elif not state.local_external:
-        rules.append("jump mark-for-masquerade")  # externalTrafficPolicy Cluster: replies must come back here
-    else:
-        # externalTrafficPolicy Local: pods and the node itself still reach every endpoint (kube-proxy's
-        # short-circuit); everyone else keeps its address and gets this node's endpoints, or nothing
+    if p.masquerade == "off-cluster" and pods:  # e.g. the node itself reaching a cluster IP
+        rules.append(f"{fam} saddr != {pods} jump mark-for-masquerade")
+    elif p.masquerade == "all":
+        rules.append("jump mark-for-masquerade")
+    if p.short_circuit:
+        # externalTrafficPolicy Local: pods and the node itself still reach every endpoint; everyone
+        # else keeps its address and gets this node's endpoints, or nothing
         cluster_chain = _quote(f"service-{_hash(fe, 'cluster')}-{sp.name.namespace}/{sp.name.name}/cluster")
-        chains[cluster_chain] = tuple(_pick_endpoint(fe, state, in_cluster, "cluster", chains, sets))
-        if pod_sources:
-            if state.kind == "NodePort":  # a pod on another node addressed this node: replies must come back here
-                rules.append(f"{fam} saddr {pod_sources} jump mark-for-masquerade")
-            rules.append(f"{fam} saddr {pod_sources} goto {cluster_chain}")
+        chains[cluster_chain] = tuple(_pick_endpoint(fe, state, p.short_circuit, chains, sets))
+        if pods:
+            if p.masquerade_pods:
+                rules.append(f"{fam} saddr {pods} jump mark-for-masquerade")
+            rules.append(f"{fam} saddr {pods} goto {cluster_chain}")
         rules += ["fib saddr type local jump mark-for-masquerade", f"fib saddr type local goto {cluster_chain}"]
-        if not backends:
-            rules.append('drop comment "no local endpoints"')
-    if backends:
-        rules += _pick_endpoint(fe, state, backends, "local" if state.local_external else "", chains, sets)
+    if p.pick:
+        rules += _pick_endpoint(fe, state, p.pick, chains, sets)
+    else:
+        rules.append('drop comment "no local endpoints"')
     svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
     chains[svc_chain] = tuple(rules)
     return FrontendRules(f"service-ips{suffix}", f"{key} : goto {svc_chain}", chains, sets)
 
 
 def _pick_endpoint(
-    fe: Frontend,
-    state: FrontendState,
-    backends: tuple[Backend, ...],
-    tag: str,
-    chains: dict[str, tuple[str, ...]],
-    sets: dict[str, str],
+    fe: Frontend, state: FrontendState, pick: Pick, chains: dict[str, tuple[str, ...]], sets: dict[str, str]
 ) -> list[str]:
-    """Rules choosing one of backends (affinity first, then at random); adds their endpoint chains."""
+    """Rules choosing one backend (affinity first, then at random); adds their endpoint chains."""
     sp = state.service
     fam = _ipfam(fe.ip)
-    fallback = not (state.in_cluster[0] if tag == "cluster" and state.in_cluster else state.ready)
     rules: list[str] = []
     ep_chains = []
-    for ip, port in backends:
+    for ip, port in pick.backends:
         ep_chain = _quote(
-            f"endpoint-{_hash(fe, ip, port, tag)}-{sp.name.namespace}/{sp.name.name}/{sp.name.port}__{ip}/{port}"
+            f"endpoint-{_hash(fe, ip, port, pick.tag)}-{sp.name.namespace}/{sp.name.name}/{sp.name.port}__{ip}/{port}"
         )
         ep_chains.append(ep_chain)
         ep_rules = [f"{fam} saddr {ip} jump mark-for-masquerade"]  # a pod reaching itself through its service
         if sp.affinity_timeout:
-            aff = f"affinity-{_hash(fe, ip, port, tag)}"
+            aff = f"affinity-{_hash(fe, ip, port, pick.tag)}"
             addr_type = "ipv6_addr" if _v6(fe.ip) else "ipv4_addr"
             sets[aff] = f"{{ type {addr_type} ; flags dynamic,timeout ; timeout {sp.affinity_timeout}s ; }}"
             rules.append(f"{fam} saddr @{aff} goto {ep_chain}")
             ep_rules.append(f"update @{aff} {{ {fam} saddr }}")
-        note = ' comment "serving-terminating"' if fallback else ""
+        note = ' comment "serving-terminating"' if pick.fallback else ""
         ep_rules.append(f"meta l4proto {fe.protocol.lower()} dnat {fam} to {_addr(ip)}:{port}{note}")
         chains[ep_chain] = tuple(ep_rules)
     picks = ", ".join(f"{i} : goto {c}" for i, c in enumerate(ep_chains))

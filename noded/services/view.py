@@ -16,17 +16,27 @@ class ProgrammedView:
     terminating: list[Backend]
 
 
-def programmed_views(mode: str, bpffs: str, nft_cmd: tuple[str, ...] = ("nft",)) -> list[ProgrammedView] | None:
+def programmed_views(mode: str, bpffs: str, prefix: tuple[str, ...] = ()) -> list[ProgrammedView] | None:
     """What the kernel holds for one instance, or None when nothing is programmed.
 
-    eBPF: the maps pinned under bpffs. nftables: the table in the netns nft_cmd runs in.
+    eBPF: the maps pinned under bpffs. nftables and iptables: the rules in the netns the commands run in
+    (prefix, e.g. nsenter, picks it).
     """
     if mode == "nftables":
         from noded.services import nftables
 
+        nft_cmd = (*prefix, "nft")
         if not nftables.table_exists(nft_cmd):
             return None
         return nftables.describe(nftables.nft_json("list", "table", *nftables.TABLE.split(), cmd=nft_cmd))
+    if mode == "iptables":
+        from noded.services import iptables
+
+        tools = iptables.Tools(iptables.detect_backend(prefix), prefix)
+        nat = "".join(tools.save(v, "nat") for v in iptables.VERSIONS)
+        if "NODED-SERVICES" not in nat:
+            return None
+        return iptables.describe(nat, "".join(tools.save(v, "filter") for v in iptables.VERSIONS))
     import os
 
     from noded.bpf.sock_lb import LbMaps

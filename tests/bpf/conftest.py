@@ -15,6 +15,7 @@ from noded.bpf import sock_lb
 from noded.lab import netns
 from noded.model.tracker import ServiceModel
 from noded.services.ebpf import EbpfProxier
+from noded.services.iptables import IptablesProxier
 from noded.services.nftables import NftProxier
 
 LINK_ADDRESS = "192.0.2.1"
@@ -133,6 +134,18 @@ class NftEnv(NetnsCgroupEnv):
         self.proxier.sync()
 
 
+class IptEnv(NftEnv):
+    """The iptables proxier programming a netns of the test's own."""
+
+    mode = "iptables"
+
+    def __init__(self, tag: str) -> None:
+        NetnsCgroupEnv.__init__(self, tag)
+        self.model = ServiceModel()
+        self.proxier = IptablesProxier(self.model, CLUSTER_CIDRS, prefix=tuple(netns.nsenter_argv(self.ns, [])))
+        self.proxier.sync(full=True)
+
+
 def env_fixture(cls: type):
     """A pytest fixture giving a fresh env of cls, closed afterwards whatever happened."""
 
@@ -150,10 +163,10 @@ def env_fixture(cls: type):
 ebpf_lb = env_fixture(LbEnv)
 
 
-@pytest.fixture(params=["ebpf", "nftables"])
+@pytest.fixture(params=["ebpf", "nftables", "iptables"])
 def lb(request):
     """The same behaviour, whichever backend programs it."""
-    env = open_env(LbEnv if request.param == "ebpf" else NftEnv, unique_tag())
+    env = open_env({"ebpf": LbEnv, "nftables": NftEnv, "iptables": IptEnv}[request.param], unique_tag())
     try:
         yield env
     finally:

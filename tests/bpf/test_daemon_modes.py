@@ -77,10 +77,16 @@ class ModeEnv(NetnsCgroupEnv):
 
     def state(self) -> dict:
         attached = subprocess.run(["bpftool", "cgroup", "show", self.cgroup], capture_output=True, text=True).stdout
+        saved = "".join(
+            netns.nsenter(self.ns, [f"{tool}-{backend}-save"], capture_output=True, text=True).stdout
+            for tool in ("iptables", "ip6tables")
+            for backend in ("nft", "legacy")
+        )
         return {
             "bpf_links": "noded_connect4" in attached,
             "bpf_pins": os.path.exists(self.bpffs),
             "nft_table": nftables.table_exists(tuple(netns.nsenter_argv(self.ns, ["nft"]))),
+            "iptables": "NODED-" in saved,
         }
 
     def close(self) -> None:
@@ -97,10 +103,13 @@ env = env_fixture(ModeEnv)
 
 def test_switching_modes_leaves_nothing_of_the_previous_one(env):
     env.echo(9001, "a")
+    nothing = {"bpf_links": False, "bpf_pins": False, "nft_table": False, "iptables": False}
     for mode, expected in (
-        ("ebpf", {"bpf_links": True, "bpf_pins": True, "nft_table": False}),
-        ("nftables", {"bpf_links": False, "bpf_pins": False, "nft_table": True}),
-        ("ebpf", {"bpf_links": True, "bpf_pins": True, "nft_table": False}),
+        ("ebpf", {**nothing, "bpf_links": True, "bpf_pins": True}),
+        ("nftables", {**nothing, "nft_table": True}),
+        ("iptables", {**nothing, "iptables": True}),
+        ("ebpf", {**nothing, "bpf_links": True, "bpf_pins": True}),
+        ("iptables", {**nothing, "iptables": True}),
     ):
         env.run(mode)
         assert env.state() == expected, mode
@@ -112,4 +121,4 @@ def test_switching_modes_leaves_nothing_of_the_previous_one(env):
     netns.nsenter(
         env.ns, [sys.executable, "-m", "noded", "cleanup", "-c", env.config("ebpf")], check=True, capture_output=True
     )
-    assert env.state() == {"bpf_links": False, "bpf_pins": False, "nft_table": False}
+    assert env.state() == nothing

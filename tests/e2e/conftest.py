@@ -12,7 +12,7 @@ from noded.lab.lab import Lab
 from noded.lab.workloads import service_yaml, start_echo
 
 
-@pytest.fixture(scope="module", params=["ebpf", "nftables"])
+@pytest.fixture(scope="module", params=["ebpf", "nftables", "iptables"])
 def lab(request):
     lab = Lab()
     if lab.is_up or netns.list_ours("noded-node"):

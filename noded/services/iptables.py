@@ -1,0 +1,210 @@
+"""iptables proxier: `iptables-restore --noflush` of noded's NODED-* chains, one transaction per family.
+
+The backend (nft or legacy) is detected as kube-proxy does: whichever already holds more rules, else the
+system's default `iptables`. A partial sync rewrites NODED-SERVICES (a linear list, as in kube-proxy)
+and only the chains of frontends that changed; a full sync re-declares everything, removes NODED-*
+chains nobody wants and restores noded's jumps from the built-in chains, which repairs tampering.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+
+import structlog
+
+from noded.model.tracker import Frontend, ServiceKey, ServiceModel
+from noded.services import iptrules
+from noded.services.iptrules import FrontendRules
+from noded.services.view import ProgrammedView
+
+log = structlog.get_logger("noded.services.iptables")
+
+VERSIONS = (4, 6)
+
+
+class IptablesError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The iptables commands of one backend, run with a prefix (tests enter a netns of their own)."""
+
+    backend: str  # nft | legacy
+    prefix: tuple[str, ...] = ()
+
+    def argv(self, version: int, what: str) -> list[str]:
+        return [*self.prefix, f"ip{'6' if version == 6 else ''}tables-{self.backend}-{what}"]
+
+    def save(self, version: int, table: str) -> str:
+        proc = subprocess.run([*self.argv(version, "save"), "-t", table], capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    def restore(self, version: int, script: str) -> None:
+        proc = subprocess.run(
+            [*self.argv(version, "restore"), "--noflush", "-w", "5"], input=script, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise IptablesError(f"ip{'6' if version == 6 else ''}tables-restore: {proc.stderr.strip()[:4000]}")
+
+
+def _rule_count(tools: Tools) -> int:
+    return sum(
+        line.startswith("-A ")
+        for v in VERSIONS
+        for t in ("nat", "filter", "mangle")
+        for line in tools.save(v, t).split("\n")
+    )
+
+
+def detect_backend(prefix: tuple[str, ...] = ()) -> str:
+    """kube-proxy's rule: the backend that already has more rules wins; a tie goes to the system's iptables."""
+    legacy, nft = _rule_count(Tools("legacy", prefix)), _rule_count(Tools("nft", prefix))
+    if legacy != nft:
+        return "legacy" if legacy > nft else "nft"
+    version = subprocess.run([*prefix, "iptables", "--version"], capture_output=True, text=True).stdout
+    return "legacy" if "legacy" in version else "nft"
+
+
+def noded_chains(saved: str) -> list[str]:
+    return re.findall(r"^:(NODED-\S+)", saved, re.M)
+
+
+def missing_jumps(saved: dict[str, str]) -> list[tuple[str, str, str]]:
+    return [(t, c, spec) for t, c, spec in iptrules.JUMPS if f"-A {c} {spec}" not in saved[t]]
+
+
+class IptablesProxier:
+    name = "iptables"
+
+    def __init__(
+        self, model: ServiceModel, cluster_cidrs: list[str], prefix: tuple[str, ...] = (), backend: str | None = None
+    ) -> None:
+        self.model = model
+        self.cluster_cidrs = cluster_cidrs
+        self.tools = Tools(backend or detect_backend(prefix), prefix)
+        self._programmed: dict[Frontend, FrontendRules] = {}
+        self._by_service: dict[ServiceKey, set[Frontend]] = {}
+        self.transactions = 0
+        self.last_scripts: dict[int, str] = {}
+        log.info("iptables backend", backend=self.tools.backend)
+
+    def _desired(self, key: ServiceKey) -> dict[Frontend, FrontendRules]:
+        return {
+            fe: iptrules.frontend_rules(fe, st, self.cluster_cidrs)
+            for fe, st in self.model.frontends_of(key).items()
+            if fe.protocol in ("TCP", "UDP")
+        }
+
+    def sync(self, full: bool = False) -> int:
+        if full:
+            self.model.mark_all_changed()
+        changed = self.model.take_changes() | (set(self._by_service) if full else set())
+        desired_by_key = {key: self._desired(key) for key in changed}
+        old = dict(self._programmed)
+        new = dict(old)
+        for key, frontends in desired_by_key.items():
+            for fe in self._by_service.get(key, set()):
+                new.pop(fe, None)
+            new.update(frontends)
+        for version in VERSIONS:
+            script = self._script(version, old, new, full)
+            if script:
+                self.tools.restore(version, script)
+                self.transactions += 1
+                self.last_scripts[version] = script
+        self._programmed = new
+        for key, frontends in desired_by_key.items():
+            self._by_service.pop(key, None)
+            if frontends:
+                self._by_service[key] = set(frontends)
+        return len(changed)
+
+    def _script(
+        self, version: int, old: dict[Frontend, FrontendRules], new: dict[Frontend, FrontendRules], full: bool
+    ) -> str:
+        old_v = {fe: r for fe, r in old.items() if r.version == version}
+        new_v = {fe: r for fe, r in new.items() if r.version == version}
+        if not full and old_v == new_v:
+            return ""
+        wanted = {name: rules for r in new_v.values() for name, rules in r.chains.items()}
+        had = {name: rules for r in old_v.values() for name, rules in r.chains.items()}
+        saved = {t: self.tools.save(version, t) for t in ("nat", "filter")} if full else {}
+        if full:
+            write = dict(wanted)
+            stale = [c for c in noded_chains(saved["nat"]) if c not in wanted and c not in iptrules.NAT_CHAINS]
+        else:
+            write = {name: rules for name, rules in wanted.items() if had.get(name) != rules}
+            stale = [c for c in had if c not in wanted]
+        nat = ["*nat", *(f":{c} - [0:0]" for c in iptrules.NAT_CHAINS if full or c == "NODED-SERVICES")]
+        nat += [f":{c} - [0:0]" for c in (*write, *stale)]
+        if full:
+            nat += [f"-A {c} {rule}" for c, rules in iptrules.base_rules().items() for rule in rules]
+        nat += [f"-A NODED-SERVICES {r.nat_service_rule}" for r in new_v.values() if r.nat_service_rule]
+        nat += [f"-A {c} {rule}" for c, rules in write.items() for rule in rules]
+        nat += [f"-X {c}" for c in stale]
+        filt = ["*filter", ":NODED-SERVICES - [0:0]"]
+        filt += [f"-A NODED-SERVICES {r.filter_rule}" for r in new_v.values() if r.filter_rule]
+        for table, chain, spec in missing_jumps(saved) if full else []:
+            (nat if table == "nat" else filt).append(f"-I {chain} 1 {spec}")
+        return "\n".join([*nat, "COMMIT", *filt, "COMMIT", ""])
+
+
+def remove_all(prefix: tuple[str, ...] = ()) -> list[str]:
+    """Delete noded's jumps and NODED-* chains from both backends and families; returns what went."""
+    removed = []
+    for backend in ("nft", "legacy"):
+        tools = Tools(backend, prefix)
+        for version in VERSIONS:
+            saved = {t: tools.save(version, t) for t in ("nat", "filter")}
+            script = []
+            for table in ("nat", "filter"):
+                chains = noded_chains(saved[table])
+                jumps = [(c, spec) for t, c, spec in iptrules.JUMPS if t == table and f"-A {c} {spec}" in saved[table]]
+                if not chains and not jumps:
+                    continue
+                script += [f"*{table}", *(f"-D {c} {spec}" for c, spec in jumps)]
+                script += [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains] + ["COMMIT"]
+                removed += [f"ip{'6' if version == 6 else ''}tables-{backend} {table} {c}" for c in chains]
+            if script:
+                tools.restore(version, "\n".join(script) + "\n")
+    return removed
+
+
+def describe(nat: str, filt: str) -> list[ProgrammedView]:
+    """Frontends and endpoints as iptables-save shows noded's chains."""
+    rules: dict[str, list[str]] = {}
+    for line in nat.split("\n"):
+        if line.startswith("-A NODED-"):
+            chain, _, rest = line[3:].partition(" ")
+            rules.setdefault(chain, []).append(rest)
+    views = []
+    frontend_re = re.compile(r"-d (\S+?)/\d+ -p (\w+) -m \w+ --dport (\d+) .*-j (NODED-FE-\w+)")
+    for rule in rules.get("NODED-SERVICES", []):
+        m = frontend_re.search(rule)
+        if not m:
+            continue
+        ip, proto, port, chain = m.groups()
+        ready, terminating, affinity = [], [], 0
+        for fe_rule in rules.get(chain, []):
+            if (seconds := re.search(r"--seconds (\d+)", fe_rule)) is not None:
+                affinity = int(seconds.group(1))
+                continue
+            if "-s " in fe_rule or "--src-type" in fe_rule:
+                continue  # masquerade and the Local policy's short-circuit
+            target = re.search(r"-j (NODED-SEP-\w+)", fe_rule)
+            if target:
+                for sep_rule in rules.get(target.group(1), []):
+                    dnat = re.search(r"--to-destination \[?([^\]\s]+?)\]?:(\d+)$", sep_rule)
+                    if dnat:
+                        backend = (dnat.group(1), int(dnat.group(2)))
+                        (terminating if "serving-terminating" in sep_rule else ready).append(backend)
+        views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
+    reject_re = re.compile(r"-d (\S+?)/\d+ -p (\w+) -m \w+ --dport (\d+) .*-j REJECT")
+    for line in filt.split("\n"):
+        m = reject_re.search(line) if line.startswith("-A NODED-SERVICES") else None
+        if m:
+            views.append(ProgrammedView(Frontend(m.group(1), int(m.group(3)), m.group(2).upper()), 0, 0, [], []))
+    return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))

@@ -1,0 +1,122 @@
+"""The iptables rules noded wants, after kube-proxy's iptables mode, as iptables-restore lines. Pure.
+
+noded's chains are all NODED-*: NODED-SERVICES (nat) matches each frontend in a linear list and jumps
+to its NODED-FE-* chain, which masquerades as kube-proxy would and picks a NODED-SEP-* endpoint chain
+with `statistic` (and `recent` for session affinity). The filter table's NODED-SERVICES rejects new
+connections to frontends without endpoints and drops external traffic a Local policy cannot serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+from noded.model.tracker import Frontend, FrontendState
+from noded.services.plan import Pick, plan
+
+MASQ_MARK = "0x4000"
+PREFIX = "NODED-"
+NAT_CHAINS = ("NODED-SERVICES", "NODED-POSTROUTING", "NODED-MARK-MASQ")
+FILTER_CHAINS = ("NODED-SERVICES",)
+# (table, built-in chain, rule spec after `-A CHAIN`): noded's hooks into the built-in chains
+JUMPS = (
+    ("nat", "PREROUTING", "-m comment --comment noded-services -j NODED-SERVICES"),
+    ("nat", "OUTPUT", "-m comment --comment noded-services -j NODED-SERVICES"),
+    ("nat", "POSTROUTING", "-m comment --comment noded-postrouting -j NODED-POSTROUTING"),
+    ("filter", "INPUT", "-m conntrack --ctstate NEW -m comment --comment noded-services -j NODED-SERVICES"),
+    ("filter", "FORWARD", "-m conntrack --ctstate NEW -m comment --comment noded-services -j NODED-SERVICES"),
+    ("filter", "OUTPUT", "-m conntrack --ctstate NEW -m comment --comment noded-services -j NODED-SERVICES"),
+)
+
+
+def base_rules() -> dict[str, list[str]]:
+    """The nat table's fixed chains (NODED-SERVICES is built per sync)."""
+    return {
+        "NODED-POSTROUTING": [
+            f"-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+            f"-j MARK --xor-mark {MASQ_MARK}",
+            "-m comment --comment noded-masquerade -j MASQUERADE --random-fully",
+        ],
+        "NODED-MARK-MASQ": [f"-j MARK --or-mark {MASQ_MARK}"],
+    }
+
+
+@dataclass(frozen=True)
+class FrontendRules:
+    """Everything one frontend puts in the tables of its family."""
+
+    version: int  # 4: iptables, 6: ip6tables
+    nat_service_rule: str | None  # its line in nat NODED-SERVICES
+    filter_rule: str | None  # its line in filter NODED-SERVICES (reject, or drop external)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # nat chains it owns
+
+
+def _chain(kind: str, *parts: object) -> str:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:16].upper()
+    return f"{PREFIX}{kind}-{digest}"  # at most 28 characters, iptables' limit
+
+
+def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
+    sp = state.service
+    p = plan(fe, state, cluster_cidrs)
+    version = ipaddress.ip_address(fe.ip).version
+    host = f"{fe.ip}/{32 if version == 4 else 128}"
+    proto = fe.protocol.lower()
+    match = f"-d {host} -p {proto} -m {proto} --dport {fe.port}"
+    comment = f'-m comment --comment "{sp.name.namespace}/{sp.name.name}:{sp.name.port}"'
+    if p.reject:
+        reject = "REJECT --reject-with tcp-reset" if proto == "tcp" else "REJECT"
+        return FrontendRules(version, None, f"{match} {comment} -j {reject}")
+    chains: dict[str, tuple[str, ...]] = {}
+    fe_chain = _chain("FE", fe)
+    rules: list[str] = []
+    pods = p.pod_cidrs[0] if p.pod_cidrs else ""  # iptables matches one source CIDR per rule
+    if p.masquerade == "off-cluster" and pods:
+        rules.append(f"! -s {pods} -j NODED-MARK-MASQ")
+    elif p.masquerade == "all":
+        rules.append("-j NODED-MARK-MASQ")
+    if p.short_circuit:
+        short_chain = _chain("SC", fe)
+        chains[short_chain] = tuple(_pick_endpoint(fe, state, p.short_circuit, chains))
+        for cidr in p.pod_cidrs:
+            if p.masquerade_pods:
+                rules.append(f"-s {cidr} -j NODED-MARK-MASQ")
+            rules.append(f"-s {cidr} -j {short_chain}")
+        rules += ["-m addrtype --src-type LOCAL -j NODED-MARK-MASQ", f"-m addrtype --src-type LOCAL -j {short_chain}"]
+    filter_rule = None
+    if p.pick:
+        rules += _pick_endpoint(fe, state, p.pick, chains)
+    else:  # Local policy and no endpoint here: what is still addressed to the frontend after nat is dropped
+        filter_rule = (
+            f'{match} -m comment --comment "{sp.name.namespace}/{sp.name.name} has no local endpoints" -j DROP'
+        )
+    chains[fe_chain] = tuple(rules)
+    return FrontendRules(version, f"{match} {comment} -j {fe_chain}", filter_rule, chains)
+
+
+def _pick_endpoint(fe: Frontend, state: FrontendState, pick: Pick, chains: dict[str, tuple[str, ...]]) -> list[str]:
+    """Rules choosing one backend: `recent` for affinity first, then `statistic` so each is equally likely."""
+    sp = state.service
+    version = ipaddress.ip_address(fe.ip).version
+    mask = "255.255.255.255" if version == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+    proto = fe.protocol.lower()
+    affinity: list[str] = []
+    random: list[str] = []
+    n = len(pick.backends)
+    for i, (ip, port) in enumerate(pick.backends):
+        sep = _chain("SEP", fe, ip, port, pick.tag)
+        target = f"[{ip}]:{port}" if version == 6 else f"{ip}:{port}"
+        note = ' -m comment --comment "serving-terminating"' if pick.fallback else ""
+        recent = f"-m recent --name {sep} --mask {mask} --rsource"
+        dnat = f"-p {proto} -m {proto}{note} -j DNAT --to-destination {target}"
+        sep_rules = [f"-s {ip}/{32 if version == 4 else 128} -j NODED-MARK-MASQ"]  # a pod reaching itself
+        if sp.affinity_timeout:
+            affinity.append(f"{recent} --rcheck --seconds {sp.affinity_timeout} --reap -j {sep}")
+            sep_rules.append(f"-p {proto} {recent} --set -m {proto}{note} -j DNAT --to-destination {target}")
+        else:
+            sep_rules.append(dnat)
+        chains[sep] = tuple(sep_rules)
+        left = n - i
+        random.append(f"-m statistic --mode random --probability {1 / left:.10f} -j {sep}" if left > 1 else f"-j {sep}")
+    return affinity + random
