@@ -159,8 +159,17 @@ class Daemon:
         )
 
         def healthz() -> tuple[int, str, str]:
-            ok = self.runner is not None and self.runner.syncs > 0 and self.runner.last_error is None
-            return (200 if ok else 503), "text/plain", ("ok\n" if ok else "not synced\n")
+            # kube-proxy's answer: healthy once synced, and while the last sync is younger than 2 sync periods
+            last = self.metrics.last_sync_timestamp
+            now = time.time()
+            synced = self.runner is not None and self.runner.syncs > 0 and self.runner.last_error is None
+            ok = synced and now - last < 2 * self.config.services.syncPeriod + 1
+            body = {
+                "lastUpdated": _rfc3339(last) if last else "",
+                "currentTime": _rfc3339(now),
+                "nodeEligible": True,
+            }
+            return (200 if ok else 503), "application/json", json.dumps(body) + "\n"
 
         def livez() -> tuple[int, str, str]:
             return 200, "text/plain", "ok\n"
@@ -195,3 +204,7 @@ class Daemon:
         with open(tmp, "w") as f:
             json.dump(status, f)
         os.replace(tmp, self.status_path)
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"

@@ -15,6 +15,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from pyroute2.netns import popns, pushns
+
 PATHS = {
     "/api/v1/services": ("Service", "v1", "ServiceList"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1", "EndpointSliceList"),
@@ -29,7 +31,8 @@ def _selected(obj: dict, q: dict) -> bool:
 
 
 class FakeApiServer:
-    def __init__(self) -> None:
+    def __init__(self, netns_name: str | None = None) -> None:
+        self.netns_name = netns_name  # listen on loopback inside this network namespace
         self.rv = 100
         self.objects: dict[str, dict[tuple[str, str], dict]] = {p: {} for p in PATHS}
         self.events: dict[str, list[tuple[int, str, dict]]] = {p: [] for p in PATHS}
@@ -54,7 +57,13 @@ class FakeApiServer:
                 pass
 
         ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if self.netns_name:
+            pushns(self.netns_name)  # this thread only, while the listening socket is made
+        try:
+            self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        finally:
+            if self.netns_name:
+                popns()
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()

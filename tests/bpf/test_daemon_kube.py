@@ -4,6 +4,7 @@ The daemon runs in the root namespace but listens only on loopback and attaches
 only to a cgroup this test made; clients run in a netns of the test's own.
 """
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ import time
 import yaml
 
 from noded.bpf.libbpf import BpfError
+from noded.lab import netns
 from noded.services.view import programmed_views
 from tests.bpf.conftest import NetnsCgroupEnv, env_fixture
 from tests.fakeapi import FakeApiServer
@@ -22,7 +24,7 @@ class DaemonEnv(NetnsCgroupEnv):
     def __init__(self, tag: str) -> None:
         super().__init__(tag)
         self.dir = tempfile.mkdtemp(prefix="noded-test-")
-        self.api = FakeApiServer()
+        self.api = FakeApiServer(self.ns)  # the daemon runs in the test's netns, never in the machine's
         self.api.start()
         self.proc: subprocess.Popen | None = None
         with open(f"{self.dir}/kubeconfig", "w") as f:
@@ -47,8 +49,8 @@ class DaemonEnv(NetnsCgroupEnv):
                     "source": {"kubeconfig": f"{self.dir}/kubeconfig"},
                     "services": {"cgroupPath": self.cgroup},
                     "api": {"socket": f"{self.dir}/noded.sock"},
-                    "metricsBindAddress": "127.0.0.1:0",
-                    "healthzBindAddress": "127.0.0.1:0",
+                    "metricsBindAddress": "127.0.0.1:10249",  # in the test's own netns
+                    "healthzBindAddress": "127.0.0.1:10256",
                     "bpffsPath": self.bpffs,
                 },
                 f,
@@ -57,7 +59,9 @@ class DaemonEnv(NetnsCgroupEnv):
     def start(self) -> None:
         with open(f"{self.dir}/noded.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "noded", "run", "-c", self.config], stdout=log, stderr=subprocess.STDOUT
+                netns.nsenter_argv(self.ns, [sys.executable, "-m", "noded", "run", "-c", self.config]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def kill(self) -> None:
@@ -91,7 +95,7 @@ class DaemonEnv(NetnsCgroupEnv):
         if getattr(self, "api", None):
             self.api.stop()
         if getattr(self, "config", None):
-            subprocess.run([sys.executable, "-m", "noded", "cleanup", "-c", self.config], capture_output=True)
+            netns.nsenter(self.ns, [sys.executable, "-m", "noded", "cleanup", "-c", self.config], capture_output=True)
         super().close()
 
 
@@ -118,6 +122,27 @@ def test_daemon_on_api_source_programs_and_follows_watch(env):
     assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"b": 5}
     assert "10.96.0.11:80/TCP" not in env.programmed()
     assert "Service default/bad" in env.log() and "protocol" in env.log()
+    # what kube-proxy users scrape and probe
+    metrics = env.python(
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10249/metrics').read().decode())"
+    )
+    for name in (
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_bucket",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+    ):
+        assert name in metrics, name
+    programming = next(
+        line for line in metrics.split("\n") if line.startswith("kubeproxy_network_programming_duration_seconds_count")
+    )
+    assert int(programming.split()[1]) >= 1
+    health = json.loads(
+        env.python(
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10256/healthz').read().decode())"
+        )
+    )
+    assert health["nodeEligible"] is True and health["lastUpdated"].endswith("Z")
 
 
 def test_no_write_before_sync_and_lost_api_keeps_serving(env):

@@ -61,3 +61,30 @@ def test_affinity_sets_and_ipv6():
     assert f"update @{aff} {{ ip6 saddr }}" in ep
     assert ep[-1] == "meta l4proto udp dnat ip6 to [fd00:244::2]:8080"
     assert all(NAME_OK.match(n) for n in r.chains)
+
+
+def test_local_policy_short_circuits_pods_and_drops_the_rest_in_both_renderers():
+    from dataclasses import replace
+
+    from noded.services import iptrules
+
+    fe = Frontend("192.0.2.11", 30080, "TCP")
+    st = replace(
+        state(type="NodePort", externalTrafficPolicy="Local"),
+        kind="NodePort",
+        local_external=True,
+        in_cluster=((("10.244.2.2", 8080),), ()),
+    )
+    nft = nftrules.frontend_rules(fe, st, ["10.244.0.0/16"])
+    svc = next(rules for name, rules in nft.chains.items() if name.startswith("service-") and "cluster" not in name)
+    assert svc[0] == "ip saddr { 10.244.0.0/16 } jump mark-for-masquerade"  # pods addressed this node
+    assert svc[1].startswith("ip saddr { 10.244.0.0/16 } goto service-")
+    assert svc[-1] == 'drop comment "no local endpoints"'
+    ipt = iptrules.frontend_rules(fe, st, ["10.244.0.0/16"])
+    assert ipt.filter_rule.endswith("-j DROP") and "--dport 30080" in ipt.filter_rule
+    fe_chain = next(rules for name, rules in ipt.chains.items() if name.startswith("NODED-FE-"))
+    assert fe_chain[:2] == (
+        "-s 10.244.0.0/16 -j NODED-MARK-MASQ",
+        next(r for r in fe_chain if r.startswith("-s ") and "-SC-" in r),
+    )
+    assert all(len(name) <= 28 for name in ipt.chains)
