@@ -7,11 +7,12 @@ import copy
 import ipaddress
 from typing import Any
 
+from noded.model.tracker import ZONE_LABEL
+
 SERVICE_CIDR = "10.96.0.0/16"
 FIRST_HOST = 10  # leave .1-.9 for well-known services, as clusters do
 NODE_PORT_RANGE = range(30000, 32768)
 LB_CIDR = "10.77.100.0/24"  # the lab's load balancer (what MetalLB or a cloud would hand out)
-ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 def allocate_service_fields(docs: list[Any], state: dict[str, Any]) -> list[Any]:
