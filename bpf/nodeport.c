@@ -84,6 +84,17 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 	return 1;
 }
 
+/* The flow's 5-tuple as a noded_nat key for one direction. */
+static __always_inline void nat_key(struct noded_nat_key *k, const struct flow *f, __u8 dir)
+{
+	k->saddr = f->saddr;
+	k->daddr = f->daddr;
+	k->sport = f->sport;
+	k->dport = f->dport;
+	k->proto = f->proto;
+	k->dir = dir;
+}
+
 static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, const struct noded_nat_val *to)
 {
 	__u32 csum_off = f->l4off + (f->proto == IPPROTO_TCP ? 16 : 6);
@@ -196,7 +207,7 @@ static __always_inline __u32 pick_backend(const struct flow *f, struct noded_svc
 SEC("tc")
 int noded_nodeport_ingress(struct __sk_buff *skb)
 {
-	struct noded_nat_key k = { .dir = NODED_NAT_DIR_INGRESS };
+	struct noded_nat_key k = {};
 	struct noded_nat_key rk = {};
 	struct noded_nat_val fwd = {}, rev = {}, *nat;
 	struct noded_svc_key key = {};
@@ -208,11 +219,7 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 
 	if (!parse(skb, &f))
 		return TC_ACT_OK;
-	k.saddr = f.saddr;
-	k.daddr = f.daddr;
-	k.sport = f.sport;
-	k.dport = f.dport;
-	k.proto = f.proto;
+	nat_key(&k, &f, NODED_NAT_DIR_INGRESS);
 	nat = bpf_map_lookup_elem(&noded_nat, &k);
 	if (nat) {
 		fwd = *nat;
@@ -271,17 +278,13 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 SEC("tc")
 int noded_nodeport_egress(struct __sk_buff *skb)
 {
-	struct noded_nat_key k = { .dir = NODED_NAT_DIR_EGRESS };
+	struct noded_nat_key k = {};
 	struct noded_nat_val to, *nat;
 	struct flow f = {};
 
 	if (!parse(skb, &f))
 		return TC_ACT_OK;
-	k.saddr = f.saddr;
-	k.daddr = f.daddr;
-	k.sport = f.sport;
-	k.dport = f.dport;
-	k.proto = f.proto;
+	nat_key(&k, &f, NODED_NAT_DIR_EGRESS);
 	nat = bpf_map_lookup_elem(&noded_nat, &k);
 	if (!nat)
 		return TC_ACT_OK;

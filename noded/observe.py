@@ -26,17 +26,22 @@ def setup_logging(level: str = "info", json_logs: bool = False) -> None:
     )
 
 
-Handler = Callable[[], tuple[int, str, str]]  # -> (status, content type, body)
+Handler = Callable[[], tuple[int, str | dict[str, str], str | bytes]]  # -> (status, content type or headers, body)
 
 
-def serve(address: tuple[str, int], routes: dict[str, Handler], name: str) -> ThreadingHTTPServer:
+def serve(
+    address: tuple[str, int], routes: dict[str, Handler], name: str, fallback: Handler | None = None
+) -> ThreadingHTTPServer:
+    """An HTTP server on its own thread answering GETs from routes (by path), else from fallback, else 404."""
+
     class _Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            route = routes.get(self.path.split("?")[0])
-            status, ctype, body = route() if route else (404, "text/plain", "not found\n")
-            data = body.encode()
+            route = routes.get(self.path.split("?")[0], fallback)
+            status, headers, body = route() if route else (404, "text/plain", "not found\n")
+            data = body.encode() if isinstance(body, str) else body
             self.send_response(status)
-            self.send_header("Content-Type", ctype)
+            for key, value in ({"Content-Type": headers} if isinstance(headers, str) else headers).items():
+                self.send_header(key, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

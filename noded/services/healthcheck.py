@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import structlog
+
+from noded.observe import serve
 
 log = structlog.get_logger("noded.services.healthcheck")
 
@@ -58,25 +60,9 @@ class HealthCheckServers:
         self.update({})
 
     def _listen(self, port: int) -> ThreadingHTTPServer:
-        servers = self
+        def answer() -> tuple[int, dict[str, str], bytes]:
+            with self._lock:
+                service, count = self._state.get(port, ("unknown/unknown", 0))
+            return health_response(service, count)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with servers._lock:
-                    service, count = servers._state.get(port, ("unknown/unknown", 0))
-                status, headers, body = health_response(service, count)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        server = ThreadingHTTPServer((self.host, port), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name=f"healthcheck-{port}", daemon=True).start()
-        return server
+        return serve((self.host, port), {}, f"healthcheck-{port}", fallback=answer)

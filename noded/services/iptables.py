@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from noded.model.tracker import Frontend, ServiceKey, ServiceModel
+from noded.model.tracker import Frontend, ServiceModel
 from noded.services import iptrules
 from noded.services.iptrules import FrontendRules
+from noded.services.mirror import RuleMirror
 from noded.services.view import ProgrammedView
 
 log = structlog.get_logger("noded.services.iptables")
@@ -82,45 +83,23 @@ class IptablesProxier:
     def __init__(
         self, model: ServiceModel, cluster_cidrs: list[str], prefix: tuple[str, ...] = (), backend: str | None = None
     ) -> None:
-        self.model = model
-        self.cluster_cidrs = cluster_cidrs
+        self.mirror = RuleMirror(model, cluster_cidrs, iptrules.frontend_rules)
         self.tools = Tools(backend or detect_backend(prefix), prefix)
-        self._programmed: dict[Frontend, FrontendRules] = {}
-        self._by_service: dict[ServiceKey, set[Frontend]] = {}
         self.transactions = 0
         self.last_scripts: dict[int, str] = {}
         log.info("iptables backend", backend=self.tools.backend)
 
-    def _desired(self, key: ServiceKey) -> dict[Frontend, FrontendRules]:
-        return {
-            fe: iptrules.frontend_rules(fe, st, self.cluster_cidrs)
-            for fe, st in self.model.frontends_of(key).items()
-            if fe.protocol in ("TCP", "UDP")
-        }
-
     def sync(self, full: bool = False) -> int:
-        if full:
-            self.model.mark_all_changed()
-        changed = self.model.take_changes() | (set(self._by_service) if full else set())
-        desired_by_key = {key: self._desired(key) for key in changed}
-        old = dict(self._programmed)
-        new = dict(old)
-        for key, frontends in desired_by_key.items():
-            for fe in self._by_service.get(key, set()):
-                new.pop(fe, None)
-            new.update(frontends)
+        desired_by_key = self.mirror.changes(full)
+        old, new = self.mirror.programmed, self.mirror.after(desired_by_key)
         for version in VERSIONS:
             script = self._script(version, old, new, full)
             if script:
                 self.tools.restore(version, script)
                 self.transactions += 1
                 self.last_scripts[version] = script
-        self._programmed = new
-        for key, frontends in desired_by_key.items():
-            self._by_service.pop(key, None)
-            if frontends:
-                self._by_service[key] = set(frontends)
-        return len(changed)
+        self.mirror.commit(desired_by_key)
+        return len(desired_by_key)
 
     def _script(
         self, version: int, old: dict[Frontend, FrontendRules], new: dict[Frontend, FrontendRules], full: bool

@@ -13,6 +13,7 @@ import structlog
 
 from noded.model.tracker import Frontend, ServiceKey, ServiceModel
 from noded.services import nftrules
+from noded.services.mirror import RuleMirror
 from noded.services.nftrules import TABLE, FrontendRules
 from noded.services.view import ProgrammedView
 
@@ -52,57 +53,30 @@ class NftProxier:
     name = "nftables"
 
     def __init__(self, model: ServiceModel, cluster_cidrs: list[str], cmd: tuple[str, ...] = NFT) -> None:
-        self.model = model
-        self.cluster_cidrs = cluster_cidrs
+        self.mirror = RuleMirror(model, cluster_cidrs, nftrules.frontend_rules)
         self.cmd = cmd
-        self._programmed: dict[Frontend, FrontendRules] = {}
-        self._by_service: dict[ServiceKey, set[Frontend]] = {}
         self.transactions = 0
         self.last_script = ""
 
-    def _desired(self, key: ServiceKey) -> dict[Frontend, FrontendRules]:
-        return {
-            fe: nftrules.frontend_rules(fe, st, self.cluster_cidrs)
-            for fe, st in self.model.frontends_of(key).items()
-            if fe.protocol in ("TCP", "UDP")
-        }
-
     def sync(self, full: bool = False) -> int:
-        if full:
-            self.model.mark_all_changed()
-        changed = self.model.take_changes() | (set(self._by_service) if full else set())
-        desired_by_key = {key: self._desired(key) for key in changed}
-        if full:
-            keep = {k: v for k, v in self._by_service.items() if k not in changed}
-            desired = {fe: self._programmed[fe] for fes in keep.values() for fe in fes}
-            for frontends in desired_by_key.values():
-                desired.update(frontends)
-            script = self._full_script(desired)
-        else:
-            script = self._partial_script(changed, desired_by_key)
+        desired_by_key = self.mirror.changes(full)
+        script = self._full_script(self.mirror.after(desired_by_key)) if full else self._partial_script(desired_by_key)
         if script:
             nft(script, self.cmd)
             self.transactions += 1
             self.last_script = script
-        # the transaction went through: the mirror follows
-        for key, frontends in desired_by_key.items():
-            for fe in self._by_service.pop(key, set()):
-                self._programmed.pop(fe, None)
-            if frontends:
-                self._by_service[key] = set(frontends)
-                self._programmed.update(frontends)
-        return len(changed)
+        self.mirror.commit(desired_by_key)
+        return len(desired_by_key)
 
-    def _partial_script(self, changed: set[ServiceKey], desired_by_key: dict[ServiceKey, dict]) -> str:
+    def _partial_script(self, desired_by_key: dict[ServiceKey, dict[Frontend, FrontendRules]]) -> str:
         # Order matters in one transaction: elements go first (so chains are unreferenced), then
         # additions, then chains (flushed, then deleted) and sets nobody uses any more.
         element_dels: list[str] = []
         adds: list[str] = []
         chain_dels: list[str] = []
         set_dels: list[str] = []
-        for key in changed:
-            old = {fe: self._programmed[fe] for fe in self._by_service.get(key, set())}
-            new = desired_by_key[key]
+        for key, new in desired_by_key.items():
+            old = self.mirror.old_of(key)
             for fe in old.keys() | new.keys():
                 a, b = old.get(fe), new.get(fe)
                 if a == b:

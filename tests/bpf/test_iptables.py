@@ -30,7 +30,7 @@ def test_partial_sync_rewrites_only_the_service_list_and_changed_chains(ipt_lb):
 
 
 def chains_of(env, ip):
-    return {c for fe, r in env.proxier._programmed.items() if fe.ip == ip for c in r.chains}
+    return {c for fe, r in env.proxier.mirror.programmed.items() if fe.ip == ip for c in r.chains}
 
 
 def describe(env):
@@ -44,7 +44,7 @@ def test_full_resync_repairs_tampering(ipt_lb):
     assert ipt_lb.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}
     backend = ipt_lb.proxier.tools.backend
     ipt = f"iptables-{backend}"
-    fe_chain = next(c for r in ipt_lb.proxier._programmed.values() for c in r.chains if c.startswith("NODED-FE-"))
+    fe_chain = next(c for r in ipt_lb.proxier.mirror.programmed.values() for c in r.chains if c.startswith("NODED-FE-"))
     run(ipt_lb, ipt, "-t", "nat", "-F", fe_chain)
     run(ipt_lb, ipt, "-t", "nat", "-N", "NODED-ROGUE")
     run(ipt_lb, ipt, "-t", "nat", "-D", "OUTPUT", *iptables.iptrules.JUMPS[1][2].split())

@@ -34,9 +34,8 @@ def test_full_resync_repairs_tampering(nft_lb):
     nft_lb.echo(9001, "a")
     nft_lb.apply(service("web"), slice_("web", [endpoint("192.0.2.1")], ports=[{"name": "http", "port": 9001}]))
     assert nft_lb.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}
-    svc_chain = next(
-        c for c in nft_lb.proxier._programmed[next(iter(nft_lb.proxier._programmed))].chains if c.startswith("service-")
-    )
+    rules = next(iter(nft_lb.proxier.mirror.programmed.values()))
+    svc_chain = next(c for c in rules.chains if c.startswith("service-"))
     nftables.nft(
         f"flush chain inet noded {svc_chain}\nadd chain inet noded rogue\nflush map inet noded service-ips\n",
         cmd(nft_lb),

@@ -1,0 +1,57 @@
+"""The bookkeeping both netfilter proxiers share: which frontends each service has programmed and the
+rules each frontend owns, what a sync must look at, and how the mirror follows a committed transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from noded.model.tracker import Frontend, FrontendState, ServiceKey, ServiceModel
+
+R = TypeVar("R")
+RULE_PROTOCOLS = ("TCP", "UDP")
+
+
+class RuleMirror(Generic[R]):
+    def __init__(
+        self, model: ServiceModel, cluster_cidrs: list[str], build: Callable[[Frontend, FrontendState, list[str]], R]
+    ) -> None:
+        self.model = model
+        self.cluster_cidrs = cluster_cidrs
+        self._build = build
+        self.programmed: dict[Frontend, R] = {}
+        self._by_service: dict[ServiceKey, set[Frontend]] = {}
+
+    def changes(self, full: bool) -> dict[ServiceKey, dict[Frontend, R]]:
+        """The desired rules of every service to look at: the changed ones, or all of them when full."""
+        if full:
+            self.model.mark_all_changed()
+        changed = self.model.take_changes() | (set(self._by_service) if full else set())
+        return {key: self._desired(key) for key in changed}
+
+    def _desired(self, key: ServiceKey) -> dict[Frontend, R]:
+        return {
+            fe: self._build(fe, st, self.cluster_cidrs)
+            for fe, st in self.model.frontends_of(key).items()
+            if fe.protocol in RULE_PROTOCOLS
+        }
+
+    def old_of(self, key: ServiceKey) -> dict[Frontend, R]:
+        return {fe: self.programmed[fe] for fe in self._by_service.get(key, set())}
+
+    def after(self, desired_by_key: dict[ServiceKey, dict[Frontend, R]]) -> dict[Frontend, R]:
+        """Every frontend's rules once these changes are in (the mirror is not touched)."""
+        new = dict(self.programmed)
+        for key, frontends in desired_by_key.items():
+            for fe in self._by_service.get(key, set()):
+                new.pop(fe, None)
+            new.update(frontends)
+        return new
+
+    def commit(self, desired_by_key: dict[ServiceKey, dict[Frontend, R]]) -> None:
+        """The transaction went through: the mirror follows."""
+        self.programmed = self.after(desired_by_key)
+        for key, frontends in desired_by_key.items():
+            self._by_service.pop(key, None)
+            if frontends:
+                self._by_service[key] = set(frontends)
