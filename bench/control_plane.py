@@ -24,7 +24,15 @@ from tests.bpf.conftest import IptEnv, LbEnv, NftEnv, open_env, unique_tag
 from tests.objects import endpoint, service, slice_
 
 TAG = "bench"
-ENVS = {"ebpf": LbEnv, "nftables": NftEnv, "iptables": IptEnv}
+
+
+class IptLegacyEnv(IptEnv):
+    backend = "legacy"
+
+
+# "iptables" is whatever the detection picks (nft here, as on a stock Debian 12); "iptables-legacy" is
+# the same mode on a node whose rules are in the legacy backend
+ENVS = {"ebpf": LbEnv, "nftables": NftEnv, "iptables": IptEnv, "iptables-legacy": IptLegacyEnv}
 
 
 def vip(i: int) -> str:
@@ -86,7 +94,7 @@ def daemon(mode: str, n: int, m: int) -> dict:
         "kind": "NodedConfiguration",
         "nodeName": f"{TAG}-daemon",
         "source": {"directory": f"{base}/manifests"},
-        "services": {"mode": mode, "cgroupPath": cgroup},
+        "services": {"mode": mode.removesuffix("-legacy"), "cgroupPath": cgroup},
         "api": {"socket": f"{base}/noded.sock"},
         "metricsBindAddress": "127.0.0.1:0",
         "healthzBindAddress": "127.0.0.1:0",
@@ -95,6 +103,8 @@ def daemon(mode: str, n: int, m: int) -> dict:
         yaml.safe_dump(cfg, f)
     netns.create(ns)
     netns.cgroup_create(cgroup)
+    if mode == "iptables-legacy":  # a rule in the legacy backend makes the daemon's detection pick it
+        netns.nsenter(ns, ["iptables-legacy", "-A", "INPUT", "-m", "comment", "--comment", "legacy", "-j", "ACCEPT"])
     start = time.monotonic()
     with open(f"{base}/noded.log", "w") as log:
         proc = subprocess.Popen(

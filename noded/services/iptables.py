@@ -16,6 +16,7 @@ import structlog
 
 from noded.model.tracker import Frontend, ServiceModel
 from noded.services import iptrules
+from noded.services.conntrack import ConntrackCleaner
 from noded.services.iptrules import FrontendRules
 from noded.services.mirror import RuleMirror
 from noded.services.view import ProgrammedView
@@ -81,9 +82,15 @@ class IptablesProxier:
     name = "iptables"
 
     def __init__(
-        self, model: ServiceModel, cluster_cidrs: list[str], prefix: tuple[str, ...] = (), backend: str | None = None
+        self,
+        model: ServiceModel,
+        cluster_cidrs: list[str],
+        prefix: tuple[str, ...] = (),
+        backend: str | None = None,
+        conntrack: ConntrackCleaner | None = None,
     ) -> None:
         self.mirror = RuleMirror(model, cluster_cidrs, iptrules.frontend_rules)
+        self.conntrack = conntrack or ConntrackCleaner()
         self.tools = Tools(backend or detect_backend(prefix), prefix)
         self.transactions = 0
         self.last_scripts: dict[int, str] = {}
@@ -99,6 +106,7 @@ class IptablesProxier:
                 self.transactions += 1
                 self.last_scripts[version] = script
         self.mirror.commit(desired_by_key)
+        self.conntrack.clear(self.mirror.touched_udp)
         return len(desired_by_key)
 
     def _script(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from noded.model.tracker import Frontend, FrontendState, ServiceKey, ServiceModel
+from noded.services.conntrack import Serving
 
 R = TypeVar("R")
 RULE_PROTOCOLS = ("TCP", "UDP")
@@ -21,20 +22,29 @@ class RuleMirror(Generic[R]):
         self._build = build
         self.programmed: dict[Frontend, R] = {}
         self._by_service: dict[ServiceKey, set[Frontend]] = {}
+        self.touched_udp: Serving = {}  # of the last changes(): UDP frontends and who serves them now
 
     def changes(self, full: bool) -> dict[ServiceKey, dict[Frontend, R]]:
         """The desired rules of every service to look at: the changed ones, or all of them when full."""
         if full:
             self.model.mark_all_changed()
         changed = self.model.take_changes() | (set(self._by_service) if full else set())
-        return {key: self._desired(key) for key in changed}
-
-    def _desired(self, key: ServiceKey) -> dict[Frontend, R]:
-        return {
-            fe: self._build(fe, st, self.cluster_cidrs)
-            for fe, st in self.model.frontends_of(key).items()
-            if fe.protocol in RULE_PROTOCOLS
-        }
+        self.touched_udp = {}
+        desired = {}
+        for key in changed:
+            self.touched_udp.update(
+                {(fe.ip, fe.port): frozenset() for fe in self._by_service.get(key, ()) if fe.protocol == "UDP"}
+            )
+            frontends = self.model.frontends_of(key)
+            self.touched_udp.update(
+                {(fe.ip, fe.port): serving(st) for fe, st in frontends.items() if fe.protocol == "UDP"}
+            )
+            desired[key] = {
+                fe: self._build(fe, st, self.cluster_cidrs)
+                for fe, st in frontends.items()
+                if fe.protocol in RULE_PROTOCOLS
+            }
+        return desired
 
     def old_of(self, key: ServiceKey) -> dict[Frontend, R]:
         return {fe: self.programmed[fe] for fe in self._by_service.get(key, set())}
@@ -55,3 +65,9 @@ class RuleMirror(Generic[R]):
             self._by_service.pop(key, None)
             if frontends:
                 self._by_service[key] = set(frontends)
+
+
+def serving(state: FrontendState) -> frozenset[tuple[str, int]]:
+    """Every backend a frontend may translate to now, from inside or outside the cluster."""
+    in_cluster = state.in_cluster or ((), ())
+    return frozenset((*state.ready, *state.terminating, *in_cluster[0], *in_cluster[1]))

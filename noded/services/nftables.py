@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 
 import structlog
 
 from noded.model.tracker import Frontend, ServiceKey, ServiceModel
 from noded.services import nftrules
+from noded.services.conntrack import ConntrackCleaner
 from noded.services.mirror import RuleMirror
 from noded.services.nftrules import TABLE, FrontendRules
 from noded.services.view import ProgrammedView
@@ -52,35 +54,55 @@ def delete_table(cmd: tuple[str, ...] = NFT) -> bool:
 class NftProxier:
     name = "nftables"
 
-    def __init__(self, model: ServiceModel, cluster_cidrs: list[str], cmd: tuple[str, ...] = NFT) -> None:
+    def __init__(
+        self,
+        model: ServiceModel,
+        cluster_cidrs: list[str],
+        cmd: tuple[str, ...] = NFT,
+        conntrack: ConntrackCleaner | None = None,
+    ) -> None:
         self.mirror = RuleMirror(model, cluster_cidrs, nftrules.frontend_rules)
         self.cmd = cmd
+        self.conntrack = conntrack or ConntrackCleaner()
         self.transactions = 0
         self.last_script = ""
+        self.hairpin_refs: Counter[str] = Counter()  # endpoint IP -> frontends using it
 
     def sync(self, full: bool = False) -> int:
         desired_by_key = self.mirror.changes(full)
-        script = self._full_script(self.mirror.after(desired_by_key)) if full else self._partial_script(desired_by_key)
+        if full:
+            after = self.mirror.after(desired_by_key)
+            script, hairpin_refs = self._full_script(after), Counter(ip for r in after.values() for ip in r.hairpin)
+        else:
+            script, delta = self._partial_script(desired_by_key)
+            hairpin_refs = self.hairpin_refs + delta  # keeps positive counts only
         if script:
             nft(script, self.cmd)
             self.transactions += 1
             self.last_script = script
         self.mirror.commit(desired_by_key)
+        self.conntrack.clear(self.mirror.touched_udp)
+        self.hairpin_refs = hairpin_refs
         return len(desired_by_key)
 
-    def _partial_script(self, desired_by_key: dict[ServiceKey, dict[Frontend, FrontendRules]]) -> str:
+    def _partial_script(
+        self, desired_by_key: dict[ServiceKey, dict[Frontend, FrontendRules]]
+    ) -> tuple[str, Counter[str]]:
         # Order matters in one transaction: elements go first (so chains are unreferenced), then
         # additions, then chains (flushed, then deleted) and sets nobody uses any more.
         element_dels: list[str] = []
         adds: list[str] = []
         chain_dels: list[str] = []
         set_dels: list[str] = []
+        hairpin_delta: Counter[str] = Counter()
         for key, new in desired_by_key.items():
             old = self.mirror.old_of(key)
             for fe in old.keys() | new.keys():
                 a, b = old.get(fe), new.get(fe)
                 if a == b:
                     continue
+                hairpin_delta.update(b.hairpin if b else ())
+                hairpin_delta.subtract(a.hairpin if a else ())
                 if a is not None and (b is None or a.element != b.element):
                     key_text = nftrules.element_key(a.element)
                     element_dels.append(f"delete element {TABLE} {a.element_map} {{ {key_text} }}")
@@ -95,11 +117,18 @@ class NftProxier:
                 if a is not None:
                     chain_dels += sorted(a.chains.keys() - (b.chains.keys() if b else set()))
                     set_dels += sorted(a.sets.keys() - (b.sets.keys() if b else set()))
+        for ip, delta in hairpin_delta.items():
+            before = self.hairpin_refs[ip]
+            hairpin_set, element = nftrules.hairpin_element(ip)
+            if before == 0 and delta > 0:
+                adds.append(f"add element {TABLE} {hairpin_set} {{ {element} }}")
+            elif before > 0 and before + delta == 0:
+                element_dels.append(f"delete element {TABLE} {hairpin_set} {{ {element} }}")
         cmds = element_dels + adds
         cmds += [f"flush chain {TABLE} {name}" for name in chain_dels]
         cmds += [f"delete chain {TABLE} {name}" for name in chain_dels]
         cmds += [f"delete set {TABLE} {name}" for name in set_dels]
-        return "\n".join(cmds) + "\n" if cmds else ""
+        return ("\n".join(cmds) + "\n" if cmds else ""), hairpin_delta
 
     def _full_script(self, desired: dict[Frontend, FrontendRules]) -> str:
         existing = self._existing_objects()
@@ -107,6 +136,7 @@ class NftProxier:
         for name, rules in nftrules.base_rules().items():
             cmds += nftrules.chain_commands(name, tuple(rules), new=False)
         cmds += [f"flush map {TABLE} {name}" for name in nftrules.MAPS]
+        cmds += [f"flush set {TABLE} {name}" for name in nftrules.HAIRPIN_SETS]
         wanted_chains: set[str] = set()
         wanted_sets: set[str] = set()
         for rules in desired.values():
@@ -118,10 +148,14 @@ class NftProxier:
                 wanted_chains.add(name)
         for rules in desired.values():
             cmds.append(f"add element {TABLE} {rules.element_map} {{ {rules.element} }}")
+        for ip in sorted({ip for rules in desired.values() for ip in rules.hairpin}):
+            hairpin_set, element = nftrules.hairpin_element(ip)
+            cmds.append(f"add element {TABLE} {hairpin_set} {{ {element} }}")
         stale_chains = [c for c in existing["chains"] if c not in nftrules.BASE_CHAINS and c not in wanted_chains]
         cmds += [f"flush chain {TABLE} {c}" for c in stale_chains]
         cmds += [f"delete chain {TABLE} {c}" for c in stale_chains]
-        cmds += [f"delete set {TABLE} {s}" for s in existing["sets"] if s not in wanted_sets and s not in nftrules.MAPS]
+        base_sets = {*nftrules.MAPS, *nftrules.HAIRPIN_SETS}
+        cmds += [f"delete set {TABLE} {s}" for s in existing["sets"] if s not in wanted_sets and s not in base_sets]
         return "\n".join(cmds) + "\n"
 
     def _existing_objects(self) -> dict[str, list[str]]:
@@ -150,23 +184,34 @@ def describe(doc: dict) -> list[ProgrammedView]:
         for key, verdict in m.get("elem", []):
             ip, proto, port = key["concat"]
             chain = verdict["goto"]["target"]  # reject-chain for a frontend with no endpoints
-            ready, terminating, affinity = [], [], 0
+            ready: list = []
+            terminating: list = []
+            affinity = 0
             for rule in rules.get(chain, []):
+                for backend, fallback in _backends(rule, rules):
+                    if backend not in ready + terminating:
+                        (terminating if fallback else ready).append(backend)
                 for e in rule["expr"]:
                     affinity_set = e.get("match", {}).get("right")
                     if isinstance(affinity_set, str) and affinity_set.startswith("@affinity-"):
                         affinity = timeouts.get(affinity_set[1:], 0)
-                    for _i, v in e.get("vmap", {}).get("data", {}).get("set", []):
-                        backend, fallback = _endpoint(rules.get(v["goto"]["target"], []))
-                        if backend:
-                            (terminating if fallback else ready).append(backend)
             views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
     return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))
 
 
-def _endpoint(chain_rules: list[dict]) -> tuple[tuple[str, int] | None, bool]:
-    for rule in chain_rules:
-        for e in rule["expr"]:
-            if "dnat" in e:
-                return (e["dnat"]["addr"], int(e["dnat"]["port"])), rule.get("comment") == "serving-terminating"
-    return None, False
+def _backends(rule: dict, rules: dict[str, list[dict]]) -> list[tuple[tuple[str, int], bool]]:
+    """The backends one service-chain rule DNATs to, itself or through endpoint chains."""
+    fallback = rule.get("comment") == "serving-terminating"
+    out = []
+    for e in rule["expr"]:
+        dnat = e.get("dnat")
+        if dnat and isinstance(dnat["addr"], str):
+            out.append(((dnat["addr"], int(dnat["port"])), fallback))
+        elif dnat:  # addr . port to numgen random mod n map { i : addr . port }
+            out += [((a, int(p)), fallback) for _i, c in dnat["addr"]["map"]["data"]["set"] for a, p in [c["concat"]]]
+        targets = [e["goto"]["target"]] if "goto" in e else []
+        targets += [v["goto"]["target"] for _i, v in e.get("vmap", {}).get("data", {}).get("set", [])]
+        for target in targets:
+            if target.startswith("endpoint-"):
+                out += [b for ep_rule in rules.get(target, []) for b in _backends(ep_rule, rules)]
+    return out

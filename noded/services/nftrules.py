@@ -35,7 +35,9 @@ MAPS = {
     "no-endpoint-services": "ipv4_addr . inet_proto . inet_service : verdict",
     "no-endpoint-services6": "ipv6_addr . inet_proto . inet_service : verdict",
 }
+HAIRPIN_SETS = {"hairpin": "ipv4_addr . ipv4_addr", "hairpin6": "ipv6_addr . ipv6_addr"}  # endpoint . itself
 OWNED_PREFIXES = ("service-", "endpoint-", "affinity-")
+CASCADE_MAX = 32  # endpoints chosen by a rule cascade; more than this by an anonymous verdict map
 
 
 def base_rules() -> dict[str, list[str]]:
@@ -48,7 +50,11 @@ def base_rules() -> dict[str, list[str]]:
     return {
         "nat-prerouting": ["jump services"],
         "nat-output": ["jump services"],
-        "nat-postrouting": ["jump masquerading"],
+        "nat-postrouting": [  # a pod DNATed to itself through its service is masqueraded (hairpin)
+            "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade",
+            "ct status dnat ip6 saddr . ip6 daddr @hairpin6 jump mark-for-masquerade",
+            "jump masquerading",
+        ],
         "filter-prerouting": check,
         "filter-output": check,
         "services": [f"{lookup4} vmap @service-ips", f"{lookup6} vmap @service-ips6"],
@@ -67,6 +73,7 @@ def base_commands() -> list[str]:
     """Create-if-missing every base object (idempotent `add`s)."""
     cmds = [f"add table {TABLE}"]
     cmds += [f"add map {TABLE} {name} {{ type {spec} ; }}" for name, spec in MAPS.items()]
+    cmds += [f"add set {TABLE} {name} {{ type {spec} ; }}" for name, spec in HAIRPIN_SETS.items()]
     cmds += [f"add chain {TABLE} {name} {spec}".rstrip() for name, spec in BASE_CHAINS.items()]
     return cmds
 
@@ -95,6 +102,7 @@ class FrontendRules:
     element: str  # "key : verdict"
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sets: dict[str, str] = field(default_factory=dict)  # affinity set name -> spec
+    hairpin: frozenset[str] = frozenset()  # endpoint IPs, masqueraded when they reach themselves
 
 
 def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
@@ -130,35 +138,52 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
         rules.append('drop comment "no local endpoints"')
     svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
     chains[svc_chain] = tuple(rules)
-    return FrontendRules(f"service-ips{suffix}", f"{key} : goto {svc_chain}", chains, sets)
+    endpoint_ips = frozenset(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends)
+    return FrontendRules(f"service-ips{suffix}", f"{key} : goto {svc_chain}", chains, sets, endpoint_ips)
 
 
 def _pick_endpoint(
     fe: Frontend, state: FrontendState, pick: Pick, chains: dict[str, tuple[str, ...]], sets: dict[str, str]
 ) -> list[str]:
-    """Rules choosing one backend (affinity first, then at random); adds their endpoint chains."""
+    """Rules choosing one backend (affinity first, then at random) and DNATing to it.
+
+    Without affinity the service chain DNATs itself: no chain per endpoint, because `nft` reads every
+    chain of the table before each transaction and the kernel's chain dump is quadratic in their number.
+    """
     sp = state.service
     fam = _ipfam(fe.ip)
+    note = ' comment "serving-terminating"' if pick.fallback else ""
+    dnat = f"meta l4proto {fe.protocol.lower()} dnat {fam}"
+    if not sp.affinity_timeout:
+        if len(pick.backends) > CASCADE_MAX:
+            targets = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(pick.backends))
+            n = len(pick.backends)
+            return [f"{dnat} addr . port to numgen random mod {n} map {{ {targets} }}{note}"]
+        return _random_choice([f"{dnat} to {_addr(ip)}:{port}{note}" for ip, port in pick.backends])
     rules: list[str] = []
-    ep_chains = []
+    gotos = []
+    addr_type = "ipv6_addr" if _v6(fe.ip) else "ipv4_addr"
     for ip, port in pick.backends:
         ep_chain = _quote(
             f"endpoint-{_hash(fe, ip, port, pick.tag)}-{sp.name.namespace}/{sp.name.name}/{sp.name.port}__{ip}/{port}"
         )
-        ep_chains.append(ep_chain)
-        ep_rules = [f"{fam} saddr {ip} jump mark-for-masquerade"]  # a pod reaching itself through its service
-        if sp.affinity_timeout:
-            aff = f"affinity-{_hash(fe, ip, port, pick.tag)}"
-            addr_type = "ipv6_addr" if _v6(fe.ip) else "ipv4_addr"
-            sets[aff] = f"{{ type {addr_type} ; flags dynamic,timeout ; timeout {sp.affinity_timeout}s ; }}"
-            rules.append(f"{fam} saddr @{aff} goto {ep_chain}")
-            ep_rules.append(f"update @{aff} {{ {fam} saddr }}")
-        note = ' comment "serving-terminating"' if pick.fallback else ""
-        ep_rules.append(f"meta l4proto {fe.protocol.lower()} dnat {fam} to {_addr(ip)}:{port}{note}")
-        chains[ep_chain] = tuple(ep_rules)
-    picks = ", ".join(f"{i} : goto {c}" for i, c in enumerate(ep_chains))
-    rules.append(f"numgen random mod {len(ep_chains)} vmap {{ {picks} }}")
-    return rules
+        aff = f"affinity-{_hash(fe, ip, port, pick.tag)}"
+        sets[aff] = f"{{ type {addr_type} ; flags dynamic,timeout ; timeout {sp.affinity_timeout}s ; }}"
+        rules.append(f"{fam} saddr @{aff} goto {ep_chain}")
+        chains[ep_chain] = (f"update @{aff} {{ {fam} saddr }}", f"{dnat} to {_addr(ip)}:{port}{note}")
+        gotos.append(f"goto {ep_chain}")
+    if len(gotos) > CASCADE_MAX:
+        picks = ", ".join(f"{i} : {g}" for i, g in enumerate(gotos))
+        return [*rules, f"numgen random mod {len(gotos)} vmap {{ {picks} }}"]
+    return rules + _random_choice(gotos)
+
+
+def _random_choice(actions: list[str]) -> list[str]:
+    """Rules doing one of the actions, uniformly at random: iptables' cascade, rule i matching with
+    probability 1/(n-i). Not an anonymous verdict map per service: the kernel checks every jump it is
+    given for loops by walking all the table's verdict maps, which made 10,000 services quadratic."""
+    n = len(actions)
+    return [f"numgen random mod {n - i} 0 {a}" for i, a in enumerate(actions[:-1])] + [actions[-1]]
 
 
 def _quote(name: str) -> str:
@@ -173,3 +198,8 @@ def chain_commands(name: str, rules: tuple[str, ...], new: bool) -> list[str]:
 
 def element_key(element: str) -> str:
     return element.split(" : ")[0]
+
+
+def hairpin_element(ip: str) -> tuple[str, str]:
+    """The hairpin set and element for one endpoint IP."""
+    return ("hairpin6" if _v6(ip) else "hairpin"), f"{ip} . {ip}"

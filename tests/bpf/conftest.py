@@ -14,6 +14,7 @@ import pytest
 from noded.bpf import sock_lb
 from noded.lab import netns
 from noded.model.tracker import ServiceModel
+from noded.services.conntrack import ConntrackCleaner
 from noded.services.ebpf import EbpfProxier
 from noded.services.iptables import IptablesProxier
 from noded.services.nftables import NftProxier
@@ -35,6 +36,15 @@ class NetnsCgroupEnv:
         # A default route, as every node has: locally generated traffic to a VIP needs one to leave
         # routing before netfilter's output hook sees it. Its address doubles as a backend address.
         netns.add_default_route_link(self.ns, "route0", f"{LINK_ADDRESS}/24", "2001:db8::1/64")
+
+    def apply(self, *objs: dict) -> None:
+        for obj in objs:
+            assert self.model.upsert(obj)
+        self.proxier.sync()
+
+    def remove(self, kind: str, name: str, namespace: str = "default") -> None:
+        self.model.delete(kind, namespace, name)
+        self.proxier.sync()
 
     def echo(self, port: int, name: str, udp: int = 0) -> None:
         argv = [sys.executable, "-m", "noded.lab.echo", "--name", name, "--tcp", str(port), "--udp", str(udp)]
@@ -106,11 +116,6 @@ class LbEnv(NetnsCgroupEnv):
         self.model = ServiceModel()
         self.proxier = EbpfProxier(self.model, self.maps)
 
-    def apply(self, *objs: dict) -> None:
-        for obj in objs:
-            assert self.model.upsert(obj)
-        self.proxier.sync()
-
     def close(self) -> None:
         if getattr(self, "maps", None):
             self.maps.close()
@@ -125,24 +130,24 @@ class NftEnv(NetnsCgroupEnv):
     def __init__(self, tag: str) -> None:
         super().__init__(tag)
         self.model = ServiceModel()
-        self.proxier = NftProxier(self.model, CLUSTER_CIDRS, cmd=tuple(netns.nsenter_argv(self.ns, ["nft"])))
+        cmd = tuple(netns.nsenter_argv(self.ns, ["nft"]))
+        self.proxier = NftProxier(self.model, CLUSTER_CIDRS, cmd=cmd, conntrack=ConntrackCleaner(self.ns))
         self.proxier.sync(full=True)
-
-    def apply(self, *objs: dict) -> None:
-        for obj in objs:
-            assert self.model.upsert(obj)
-        self.proxier.sync()
 
 
 class IptEnv(NftEnv):
     """The iptables proxier programming a netns of the test's own."""
 
     mode = "iptables"
+    backend: str | None = None  # detected as kube-proxy does, unless a subclass names one
 
     def __init__(self, tag: str) -> None:
         NetnsCgroupEnv.__init__(self, tag)
         self.model = ServiceModel()
-        self.proxier = IptablesProxier(self.model, CLUSTER_CIDRS, prefix=tuple(netns.nsenter_argv(self.ns, [])))
+        prefix = tuple(netns.nsenter_argv(self.ns, []))
+        self.proxier = IptablesProxier(
+            self.model, CLUSTER_CIDRS, prefix=prefix, backend=self.backend, conntrack=ConntrackCleaner(self.ns)
+        )
         self.proxier.sync(full=True)
 
 

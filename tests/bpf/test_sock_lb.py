@@ -196,3 +196,24 @@ def test_restart_recovers_from_pinned_maps_and_rewrites_nothing(ebpf_lb):
         ).stdout
     )
     assert len(attached) == 8  # links updated in place, not attached twice
+
+
+def test_udp_flow_follows_a_removed_endpoint_to_the_new_one(lb):
+    """A UDP client keeps its source port; once its endpoint is gone its next datagram reaches the new one
+    (the netfilter modes delete the stale conntrack flow, which would otherwise still DNAT to the old)."""
+    lb.echo(9001, "a", udp=5301)
+    lb.echo(9002, "b", udp=5302)
+    dns = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    lb.apply(
+        service("dns", VIP, dns),
+        slice_("dns", [endpoint(LINK_ADDRESS)], ports=[{**dns[0], "port": 5301}], name="a"),
+    )
+    ask = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2);"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 40053));"
+        f"s.sendto(b'x', ('{VIP}', 53)); print(s.recv(100).decode().split()[0])"
+    )
+    assert lb.python(ask).strip() == "a"
+    lb.apply(slice_("dns", [endpoint(LINK_ADDRESS)], ports=[{**dns[0], "port": 5302}], name="b"))
+    lb.remove("EndpointSlice", "a")
+    assert lb.python(ask).strip() == "b"

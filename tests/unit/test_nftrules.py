@@ -23,29 +23,40 @@ def test_no_endpoints_goes_to_the_reject_map():
     assert r.chains == {}
 
 
-def test_random_choice_over_endpoint_chains_with_hairpin_masquerade():
-    r = nftrules.frontend_rules(
-        Frontend("10.96.0.10", 80, "TCP"), state([("10.244.1.2", 8080), ("10.244.2.2", 8080)]), ["10.244.0.0/16"]
-    )
+def test_random_choice_dnats_in_the_service_chain_and_hairpin_goes_to_the_set():
+    backends = [("10.244.1.2", 8080), ("10.244.2.2", 8080), ("10.244.3.2", 8080)]
+    r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state(backends), ["10.244.0.0/16"])
     assert r.element_map == "service-ips"
-    svc = next(rules for name, rules in r.chains.items() if name.startswith("service-"))
-    assert svc[0] == "ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade"
-    assert svc[-1].startswith("numgen random mod 2 vmap {")
-    eps = {name: rules for name, rules in r.chains.items() if name.startswith("endpoint-")}
-    assert len(eps) == 2
-    for rules in eps.values():
-        assert rules[0].endswith("jump mark-for-masquerade") and "dnat ip to 10.244." in rules[-1]
-    assert all(NAME_OK.match(n) for n in r.chains)
+    ((name, svc),) = r.chains.items()  # no chain per endpoint
+    assert name.startswith("service-") and NAME_OK.match(name)
+    assert svc == (
+        "ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade",
+        "numgen random mod 3 0 meta l4proto tcp dnat ip to 10.244.1.2:8080",
+        "numgen random mod 2 0 meta l4proto tcp dnat ip to 10.244.2.2:8080",
+        "meta l4proto tcp dnat ip to 10.244.3.2:8080",
+    )
+    assert r.hairpin == {"10.244.1.2", "10.244.2.2", "10.244.3.2"}
+    assert nftrules.hairpin_element("10.244.1.2") == ("hairpin", "10.244.1.2 . 10.244.1.2")
+
+
+def test_many_endpoints_use_one_dnat_map():
+    backends = [(f"10.244.1.{i}", 8080) for i in range(1, nftrules.CASCADE_MAX + 2)]
+    r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state(backends), [])
+    ((_name, svc),) = r.chains.items()
+    n = nftrules.CASCADE_MAX + 1
+    assert svc[-1].startswith(
+        f"meta l4proto tcp dnat ip addr . port to numgen random mod {n} map {{ 0 : 10.244.1.1 . 8080"
+    )
 
 
 def test_terminating_fallback_is_marked_and_used_only_without_ready():
     r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state([], [("10.244.1.9", 8080)]), [])
-    (ep,) = (rules for name, rules in r.chains.items() if name.startswith("endpoint-"))
-    assert ep[-1].endswith('comment "serving-terminating"')
+    ((_name, svc),) = r.chains.items()
+    assert svc[-1].endswith('dnat ip to 10.244.1.9:8080 comment "serving-terminating"')
     r = nftrules.frontend_rules(
         Frontend("10.96.0.10", 80, "TCP"), state([("10.244.1.2", 8080)], [("10.244.1.9", 8080)]), []
     )
-    assert not any("10.244.1.9" in name for name in r.chains)
+    assert not any("10.244.1.9" in rule for rules in r.chains.values() for rule in rules)
 
 
 def test_affinity_sets_and_ipv6():
@@ -58,9 +69,9 @@ def test_affinity_sets_and_ipv6():
     ((aff, spec),) = r.sets.items()
     assert "type ipv6_addr" in spec and "timeout 60s" in spec
     (ep,) = (rules for name, rules in r.chains.items() if name.startswith("endpoint-"))
-    assert f"update @{aff} {{ ip6 saddr }}" in ep
-    assert ep[-1] == "meta l4proto udp dnat ip6 to [fd00:244::2]:8080"
+    assert ep == (f"update @{aff} {{ ip6 saddr }}", "meta l4proto udp dnat ip6 to [fd00:244::2]:8080")
     assert all(NAME_OK.match(n) for n in r.chains)
+    assert nftrules.hairpin_element("fd00:244::2") == ("hairpin6", "fd00:244::2 . fd00:244::2")
 
 
 def test_local_policy_short_circuits_pods_and_drops_the_rest_in_both_renderers():
