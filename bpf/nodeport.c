@@ -230,8 +230,11 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	backend_id = pick_backend(&f, &key, svc);
 	be = backend_id ? bpf_map_lookup_elem(&noded_backends, &backend_id) : NULL;
+	if (!be && (svc->flags & NODED_SVC_NO_ENDPOINTS) &&
+	    fib(skb, &p, f.saddr, f.daddr, FIB_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return TC_ACT_OK;	/* addressed to this node: its stack refuses it (TCP RST, ICMP port unreachable) */
 	if (!be || be->addr[2] != bpf_htonl(0xffff))
-		return TC_ACT_SHOT;	/* no (IPv4) endpoint to serve it: dropped, as kube-proxy does for Local */
+		return TC_ACT_SHOT;	/* no (IPv4) endpoint for it here: dropped, as kube-proxy does for Local */
 	if (fib(skb, &p, f.saddr, be->addr[3], FIB_SKIP_NEIGH | FIB_SRC) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_SHOT;
 

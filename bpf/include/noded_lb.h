@@ -21,6 +21,9 @@
 /* noded_backend.flags */
 #define NODED_BACKEND_TERMINATING 0x1
 
+/* noded_svc_val.flags (master entry) */
+#define NODED_SVC_NO_ENDPOINTS 0x1	/* none anywhere: refuse; (Local policy without local ones: drop) */
+
 /* noded_svc_key.scope: who a frontend entry serves */
 #define NODED_SCOPE_SOCKET   0	/* sockets on this node (cgroup hooks): pods and the node itself */
 #define NODED_SCOPE_EXTERNAL 1	/* packets arriving from outside the node (tc on its interfaces) */

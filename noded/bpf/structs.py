@@ -14,6 +14,7 @@ IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
 
 BACKEND_TERMINATING = 0x1
+SVC_NO_ENDPOINTS = 0x1  # noded_svc_val.flags: no endpoint anywhere; refused, not dropped
 SCOPE_SOCKET = 0  # sockets on this node (cgroup hooks)
 SCOPE_EXTERNAL = 1  # packets arriving from outside the node (tc)
 

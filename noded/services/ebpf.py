@@ -32,6 +32,7 @@ class Programmed:
     ready: list[int] = field(default_factory=list)  # backend ids, slot order
     terminating: list[int] = field(default_factory=list)
     backends: dict[Backend, tuple[int, bool]] = field(default_factory=dict)  # -> (id, terminating)
+    flags: int = 0  # structs.SVC_*
 
 
 def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
@@ -42,6 +43,11 @@ def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
         scope=fe.scope,
         slot=slot,
     )
+
+
+def _no_endpoints(state: FrontendState) -> bool:
+    """No endpoint anywhere, for anyone: refused (a Local-policy frontend with only remote ones drops)."""
+    return not (state.ready or state.terminating or (state.in_cluster and any(state.in_cluster)))
 
 
 def map_frontends(frontends: dict[Frontend, FrontendState]) -> dict[Frontend, FrontendState]:
@@ -228,17 +234,23 @@ class EbpfProxier:
                 self._write(self.maps.svc, _svc_key(fe, i + 1), structs.SvcVal(backend_id=bid, svc_id=cur.svc_id))
         # 3. master
         timeout = state.service.affinity_timeout
+        flags = structs.SVC_NO_ENDPOINTS if _no_endpoints(state) else 0
         if (
             new
             or len(ready) != len(cur.ready)
             or len(terminating) != len(cur.terminating)
             or timeout != cur.affinity_timeout
+            or flags != cur.flags
         ):
             self._write(
                 self.maps.svc,
                 _svc_key(fe, 0),
                 structs.SvcVal(
-                    svc_id=cur.svc_id, ready=len(ready), terminating=len(terminating), affinity_timeout=timeout
+                    svc_id=cur.svc_id,
+                    ready=len(ready),
+                    terminating=len(terminating),
+                    affinity_timeout=timeout,
+                    flags=flags,
                 ),
             )
         # 4. slots past the end, 5. backends no longer wanted
@@ -248,6 +260,7 @@ class EbpfProxier:
             if be not in backends:
                 self._delete(self.maps.backends, ctypes.c_uint32(bid))
         cur.ready, cur.terminating, cur.backends, cur.affinity_timeout = ready, terminating, backends, timeout
+        cur.flags = flags
         services[fe] = cur
         self._owner[fe] = key
 

@@ -71,9 +71,11 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     chains: dict[str, tuple[str, ...]] = {}
     fe_chain = _chain("FE", fe)
     rules: list[str] = []
-    pods = p.pod_cidrs[0] if p.pod_cidrs else ""  # iptables matches one source CIDR per rule
-    if p.masquerade == "off-cluster" and pods:
-        rules.append(f"! -s {pods} -j NODED-MARK-MASQ")
+    if p.masquerade == "off-cluster" and len(p.pod_cidrs) == 1:
+        rules.append(f"! -s {p.pod_cidrs[0]} -j NODED-MARK-MASQ")
+    elif p.masquerade == "off-cluster" and p.pod_cidrs:  # one source CIDR per rule: mark all, unmark pods
+        rules.append("-j NODED-MARK-MASQ")
+        rules += [f"-s {cidr} -j MARK --and-mark {~int(MASQ_MARK, 16) & 0xFFFFFFFF:#x}" for cidr in p.pod_cidrs]
     elif p.masquerade == "all":
         rules.append("-j NODED-MARK-MASQ")
     if p.short_circuit:

@@ -102,6 +102,15 @@ def test_local_policy_without_local_endpoints_fails_health_check_and_drops(lab):
     assert out["answers"] == {"echo-1": 5}
 
 
+def test_node_port_without_endpoints_is_refused_from_outside(lab):
+    svc = service("np-empty", "10.96.210.2", type="NodePort")
+    svc["spec"]["ports"][0]["nodePort"] = 32702
+    write_manifest(lab, "np-empty.yaml", [svc])
+    wait_programmed(lab, "node2", f"{node_address(lab, 'node2')}:32702/TCP", ready=0)
+    out = probe(lab, "external", "tcp", node_address(lab, "node2"), 32702, count=5, timeout=2)
+    assert out["errors"] == {"Connection refused": 5}  # at once, as kube-proxy's reject: not a timeout
+
+
 def test_external_ips_from_outside(lab):
     apply_service(lab, "ext-ip", externalIPs=["10.77.100.250"])
     wait_programmed(lab, "node1", "10.77.100.250:80/TCP", ready=3)

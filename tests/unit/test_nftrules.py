@@ -99,3 +99,20 @@ def test_local_policy_short_circuits_pods_and_drops_the_rest_in_both_renderers()
         next(r for r in fe_chain if r.startswith("-s ") and "-SC-" in r),
     )
     assert all(len(name) <= 28 for name in ipt.chains)
+
+
+def test_iptables_masquerades_sources_outside_every_cluster_cidr():
+    from noded.services import iptrules
+
+    st = state([("10.244.1.2", 8080)])
+    fe = Frontend("10.96.0.10", 80, "TCP")
+    one = iptrules.frontend_rules(fe, st, ["10.244.0.0/16"])
+    rules = next(r for name, r in one.chains.items() if name.startswith("NODED-FE-"))
+    assert rules[0] == "! -s 10.244.0.0/16 -j NODED-MARK-MASQ"
+    two = iptrules.frontend_rules(fe, st, ["10.244.0.0/16", "10.245.0.0/16"])
+    rules = next(r for name, r in two.chains.items() if name.startswith("NODED-FE-"))
+    assert rules[:3] == (
+        "-j NODED-MARK-MASQ",
+        "-s 10.244.0.0/16 -j MARK --and-mark 0xffffbfff",
+        "-s 10.245.0.0/16 -j MARK --and-mark 0xffffbfff",
+    )
