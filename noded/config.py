@@ -64,6 +64,7 @@ class DnsConfig:
 @dataclass
 class CaptureConfig:
     enabled: bool = True
+    dnsForAllPods: bool = True  # pods outside the mesh still get their DNS intercepted
 
 
 @dataclass

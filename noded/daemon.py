@@ -18,6 +18,7 @@ from noded.config import NodedConfiguration, split_hostport
 from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import Metrics, serve
+from noded.redirect.enrollment import Enrollment
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.runner import BoundedFrequencyRunner
 
@@ -25,21 +26,30 @@ log = structlog.get_logger("noded.daemon")
 
 
 class ModelSink:
-    """Feeds the model and asks for a sync when it changed."""
+    """Feeds the model (and the pods' enrollment) and asks for a sync when it changed."""
 
-    def __init__(self, model: ServiceModel) -> None:
+    def __init__(self, model: ServiceModel, enrollment: Enrollment) -> None:
         self.model = model
+        self.enrollment = enrollment
         self.on_change = lambda: None
+        self.on_pods_change = lambda: None
         self.synced_sources: set[str] = set()
         self.all_synced = threading.Event()
         self.expected: set[str] = set()
 
     def upsert(self, obj: dict) -> bool:
+        if isinstance(obj, dict) and self.enrollment.upsert(obj):
+            self.on_pods_change()
+            return True
         ok = self.model.upsert(obj)
         self.on_change()
         return ok
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
+        if kind in ("Pod", "Namespace"):
+            self.enrollment.delete(kind, namespace, name)
+            self.on_pods_change()
+            return
         self.model.delete(kind, namespace, name)
         self.on_change()
 
@@ -57,7 +67,9 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
         return DirectorySource(config.source.directory, sink)
     from noded.sources.kube import KubeSource, api_client
 
-    return KubeSource(api_client(config.source.kubeconfig, config.source.inCluster), sink, node_name=config.nodeName)
+    kinds = ("Service", "EndpointSlice", "Node") + (("Pod", "Namespace") if config.capture.enabled else ())
+    api = api_client(config.source.kubeconfig, config.source.inCluster)
+    return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName)
 
 
 def make_proxier(config: NodedConfiguration, model: ServiceModel):
@@ -90,7 +102,10 @@ class Daemon:
         self.config = config
         self.model = ServiceModel(node_name=config.nodeName)
         self.health_checks = HealthCheckServers()
-        self.sink = ModelSink(self.model)
+        self.enrollment = Enrollment()
+        self.sink = ModelSink(self.model, self.enrollment)
+        self.pods = None  # PodManager, when capture is enabled
+        self.api = None
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self.proxier = None
@@ -132,6 +147,8 @@ class Daemon:
         )
         self.sink.on_change = self.runner.run
         self._serve()
+        if cfg.capture.enabled:
+            self._start_capture()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.source.start()
@@ -140,12 +157,49 @@ class Daemon:
                 return 0
         log.info("all sources synced; programming the dataplane")
         self.runner.start()
+        if self.pods:
+            self.pods.restore()
+            self.sink.on_pods_change = self.pods.reconcile
+            self.pods.reconcile()
         self.stopping.wait()
         log.info("noded stopping; kernel state stays for the next start")
+        if self.api:
+            self.api.stop(1)
         self.source.stop()
         self.runner.stop()
         self.health_checks.close()
         return 0
+
+    def _start_capture(self) -> None:
+        from noded.api.server import serve as serve_api
+        from noded.dns.resolver import Resolver
+        from noded.redirect.manager import PodManager
+        from noded.redirect.proxy import CaptureProxy
+
+        cfg = self.config
+        resolver = Resolver(self.model, cfg.clusterDomain, [u.rsplit(":", 1)[0] for u in cfg.dns.upstreams])
+        proxy = CaptureProxy(resolver.resolve)
+        proxy.start()
+        self.pods = PodManager(os.path.dirname(cfg.api.socket), self.enrollment, proxy, cfg.capture.dnsForAllPods)
+        self.pods.wait_for_pod = self._wait_for_pod
+        handlers = {
+            "PodAdd": self.pods.add,
+            "PodDel": self.pods.delete,
+            "PodCheck": self.pods.check,
+            "PodGc": self.pods.gc,
+            "PodInfo": self.pods.info,
+            "Status": lambda _req: {"ok": True, "synced": self.sink.all_synced.is_set()},
+        }
+        self.api = serve_api(cfg.api.socket, handlers)
+
+    def _wait_for_pod(self, namespace: str, name: str, timeout: float = 2.0) -> bool:
+        """A pod's labels decide its capture: wait briefly for its object if the source has not shown it."""
+        deadline = time.monotonic() + timeout
+        while not self.enrollment.knows(namespace, name):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def _serve(self) -> None:
         self.metrics.gauges.update(

@@ -308,9 +308,14 @@ class Lab:
             }
             netns.create(pod["netns"])
             netns.cgroup_create(pod["cgroup"])
+            # as in a cluster, the Pod object exists (scheduled, labelled) before the runtime sets it up
+            state["pods"][key] = {**pod, "ips": []}
+            self._reconcile(state)
             try:
                 result = cni.add(self.conflist(node), self._invocation(pod), CNI_PATH, node["netns"])
             except Exception:
+                del state["pods"][key]
+                self._reconcile(state)
                 netns.remove(pod["netns"])
                 raise
             pod["ips"] = cni.result_ips(result)

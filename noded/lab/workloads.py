@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -101,3 +102,13 @@ def service_yaml(
     return yaml.safe_dump(
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
     )
+
+
+def pod_capture(lab: Lab, pod_key: str) -> dict:
+    """What the pod's node daemon says about the pod's capture (its API's PodInfo)."""
+    from noded.api import h2client
+
+    state = lab.state()
+    pod = state["pods"][pod_key]
+    socket_path = os.path.join(lab.node_dir(pod["node"]), "noded.sock")
+    return h2client.call(socket_path, "/noded.v1.Noded/PodInfo", {"containerId": pod["containerId"]})

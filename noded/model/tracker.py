@@ -179,6 +179,12 @@ class ServiceModel:
         with self._lock:
             self._dirty |= set(self._services) | {k for k, v in self._slices_of.items() if v}
 
+    def cluster_ips(self, namespace: str, name: str) -> tuple[str, ...]:
+        """The ClusterIPs of one service (empty: no such service, or headless)."""
+        with self._lock:
+            ports = self._services.get((namespace, name))
+            return ports[0].cluster_ips if ports else ()
+
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return len(self._services), len(self._slices)

@@ -44,7 +44,13 @@ KINDS = {
         "discovery.k8s.io/v1",
         lambda api, _n: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
     ),
-    "Pod": WatchedKind("Pod", "v1", lambda api, _n: client.CoreV1Api(api).list_pod_for_all_namespaces),
+    "Pod": WatchedKind(  # this node's pods only
+        "Pod",
+        "v1",
+        lambda api, node: functools.partial(
+            client.CoreV1Api(api).list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"
+        ),
+    ),
     "Namespace": WatchedKind("Namespace", "v1", lambda api, _n: client.CoreV1Api(api).list_namespace),
     # only this node's own Node object (its zone label), as kube-proxy watches it
     "Node": WatchedKind(

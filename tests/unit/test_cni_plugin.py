@@ -56,3 +56,38 @@ def test_binary_prints_error_json_never_a_traceback():
 def test_del_without_netns_succeeds():
     env = {"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_COMMAND": "DEL"}
     assert run(env, conf()) == (0, "")
+
+
+K8S_ENV = {**ENV, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart"}
+
+
+def test_unreachable_daemon_fails_closed_for_enrolled_namespaces(tmp_path):
+    (tmp_path / "enrolled-namespaces.json").write_text('["shop"]')
+    stdin = conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"))
+    with pytest.raises(CniFailure) as e:
+        run({**K8S_ENV, "CNI_COMMAND": "ADD"}, stdin)
+    assert e.value.code == 11  # try again later
+    code, out = run(
+        {**K8S_ENV, "CNI_COMMAND": "ADD"}, conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"), failPolicy="open")
+    )
+    assert code == 0 and json.loads(out) == PREV
+
+
+def test_unreachable_daemon_leaves_other_pods_pending_and_del_always_succeeds(tmp_path):
+    stdin = conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"))
+    code, out = run({**K8S_ENV, "CNI_COMMAND": "ADD"}, stdin)
+    assert code == 0 and json.loads(out) == PREV
+    pending = json.loads((tmp_path / "pending" / "c1.json").read_text())
+    assert pending["namespace"] == "shop" and pending["ips"] == ["10.244.1.2"]
+    assert run({**K8S_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, stdin) == (0, "")
+    assert not (tmp_path / "pending" / "c1.json").exists()
+    with pytest.raises(CniFailure) as e:
+        run({**K8S_ENV, "CNI_COMMAND": "STATUS"}, stdin)
+    assert e.value.code == 50
+
+
+def test_bad_fail_policy_and_socket_are_config_errors():
+    for extra in ({"failPolicy": "maybe"}, {"socket": "relative.sock"}):
+        with pytest.raises(CniFailure) as e:
+            run({**K8S_ENV, "CNI_COMMAND": "ADD"}, conf(prevResult=PREV, **extra))
+        assert e.value.code == 7

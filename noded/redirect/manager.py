@@ -1,0 +1,163 @@
+"""The pods handed over by noded-cni: their capture rules and listeners, kept in step with enrollment.
+
+Each pod's record is a file under `<state dir>/pods/`, so a restarted daemon re-opens the listeners of
+every pod still alive and drops the records of pods whose netns has gone. noded-cni leaves a record in
+`<state dir>/pending/` for a pod it set up while the daemon was unreachable; the daemon takes those on
+start. `enrolled-namespaces.json` tells noded-cni which namespaces fail closed while the daemon is down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from noded.redirect import podns
+from noded.redirect.enrollment import Enrollment
+from noded.redirect.proxy import CaptureProxy
+
+log = structlog.get_logger("noded.redirect")
+
+
+def _write_atomic(path: str, obj: object) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+class PodManager:
+    def __init__(self, state_dir: str, enrollment: Enrollment, proxy: CaptureProxy, dns_only: bool = True) -> None:
+        self.dir = os.path.join(state_dir, "pods")
+        self.pending_dir = os.path.join(state_dir, "pending")
+        self.enrolled_path = os.path.join(state_dir, "enrolled-namespaces.json")
+        self.enrollment = enrollment
+        self.proxy = proxy
+        self.dns_only = dns_only  # non-enrolled pods still get DNS interception
+        self.pods: dict[str, dict] = {}  # container id -> record
+        self._applied: dict[str, bool] = {}  # container id -> enrolled as installed
+        self._lock = threading.RLock()
+        self.wait_for_pod: Callable[[str, str], bool] = lambda _ns, _name: True
+        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.pending_dir, exist_ok=True)
+
+    # -- API -----------------------------------------------------------------------------
+    def add(self, req: dict) -> dict:
+        for field in ("containerId", "netns", "namespace", "name"):
+            if not isinstance(req.get(field), str) or not req[field]:
+                return {"ok": False, "error": f"{field} is required"}
+        if not os.path.exists(req["netns"]):
+            return {"ok": False, "error": f"netns {req['netns']} does not exist"}
+        record = {k: req.get(k) for k in ("containerId", "netns", "namespace", "name", "ips")}
+        self.wait_for_pod(record["namespace"], record["name"])
+        with self._lock:
+            self.pods[record["containerId"]] = record
+            _write_atomic(self._path(record["containerId"]), record)
+            enrolled = self._apply(record)
+        return {"ok": True, "enrolled": enrolled}
+
+    def delete(self, req: dict) -> dict:
+        cid = req.get("containerId")
+        if not isinstance(cid, str) or not cid:
+            return {"ok": False, "error": "containerId is required"}
+        with self._lock:
+            record = self.pods.pop(cid, None)
+            self._applied.pop(cid, None)
+            self.proxy.close_pod(cid)
+            if record and os.path.exists(record["netns"]):
+                try:
+                    podns.uninstall(record["netns"])
+                except podns.CaptureError as e:  # the netns is being torn down
+                    log.info("capture removal skipped", pod=cid, reason=str(e))
+            for path in (self._path(cid), os.path.join(self.pending_dir, f"{cid}.json")):
+                if os.path.exists(path):
+                    os.unlink(path)
+        return {"ok": True}
+
+    def check(self, req: dict) -> dict:
+        cid = req.get("containerId", "")
+        with self._lock:
+            record = self.pods.get(cid)
+        if record is None:
+            return {"ok": False, "error": f"pod {cid} is not known to noded"}
+        problems = []
+        if cid not in self.proxy.pods:
+            problems.append("listeners are not open")
+        if not podns.has_capture(record["netns"]):
+            problems.append("capture rules are missing")
+        return {"ok": not problems, "error": "; ".join(problems)}
+
+    def gc(self, req: dict) -> dict:
+        """CNI GC: forget every pod not among the runtime's valid attachments."""
+        valid = req.get("valid")
+        if not isinstance(valid, list):
+            return {"ok": False, "error": "valid must be a list of container ids"}
+        with self._lock:
+            stale = [cid for cid in self.pods if cid not in set(valid)]
+        for cid in stale:
+            self.delete({"containerId": cid})
+        return {"ok": True, "removed": stale}
+
+    def info(self, req: dict) -> dict:
+        cid = req.get("containerId", "")
+        with self._lock:
+            record = self.pods.get(cid)
+        return {
+            "ok": record is not None,
+            "pod": record,
+            "enrolled": self._applied.get(cid),
+            "listening": cid in self.proxy.pods,
+            "recent": self.proxy.recent(cid),
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def restore(self) -> None:
+        """On start: re-open every live pod's capture, take pods noded-cni left pending, drop the dead."""
+        for directory in (self.dir, self.pending_dir):
+            for fname in sorted(os.listdir(directory)):
+                path = os.path.join(directory, fname)
+                try:
+                    with open(path) as f:
+                        record = json.load(f)
+                except (OSError, json.JSONDecodeError):
+                    continue
+                if not os.path.exists(record.get("netns", "")):
+                    os.unlink(path)
+                    log.info("pod gone while noded was down", pod=record.get("containerId"))
+                    continue
+                reply = self.add(record)
+                log.info("pod repaired", pod=record.get("containerId"), ok=reply["ok"], pending=directory != self.dir)
+                if directory == self.pending_dir:
+                    os.unlink(path)
+
+    def reconcile(self) -> None:
+        """Enrollment may have changed (labels): re-install where it did."""
+        self.publish_enrollment()
+        with self._lock:
+            for cid, record in list(self.pods.items()):
+                if self.enrollment.enrolled(record["namespace"], record["name"]) != self._applied.get(cid):
+                    try:
+                        self._apply(record)
+                    except (podns.CaptureError, OSError) as e:
+                        log.error("capture update failed", pod=cid, error=str(e))
+
+    def publish_enrollment(self) -> None:
+        _write_atomic(self.enrolled_path, self.enrollment.enrolled_namespaces())
+
+    def _apply(self, record: dict) -> bool:
+        enrolled = self.enrollment.enrolled(record["namespace"], record["name"])
+        if enrolled or self.dns_only:
+            podns.install(record["netns"], enrolled)
+            self.proxy.open_pod(record["containerId"], record["netns"])
+        else:
+            podns.uninstall(record["netns"])
+            self.proxy.close_pod(record["containerId"])
+        self._applied[record["containerId"]] = enrolled
+        log.info("pod captured", pod=f"{record['namespace']}/{record['name']}", enrolled=enrolled)
+        return enrolled
+
+    def _path(self, cid: str) -> str:
+        return os.path.join(self.dir, f"{cid}.json")

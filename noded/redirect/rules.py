@@ -1,0 +1,68 @@
+"""The capture ruleset installed inside a pod's network namespace. Pure.
+
+Istio ambient's in-pod contract, in nftables: outbound TCP is REDIRECTed to 15001, inbound TCP is
+TPROXYed to 15006 (HBONE on 15008 kept as addressed), DNS over UDP and TCP to port 53 is REDIRECTed to
+15053. Sockets of the tunnel itself carry mark 0x539/0xfff and are never captured; connections the
+tunnel accepted get conntrack mark 0x111, restored on the pod's replies so that they are routed back to
+the tunnel through table 100 (a local route for everything). Non-enrolled pods get only the DNS rules.
+IPv4 only for now.
+"""
+
+from __future__ import annotations
+
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+HBONE_PORT = 15008
+DNS_PORT = 15053
+TUNNEL_MARK = 0x539
+CONN_MARK = 0x111
+MARK_MASK = 0xFFF
+ROUTE_TABLE = 100
+TABLE = "inet noded-capture"
+
+_NOT_TUNNEL = f"meta mark & {MARK_MASK:#x} != {TUNNEL_MARK:#x}"
+_SET_CONN_MARK = f"meta mark set meta mark & {~MARK_MASK & 0xFFFFFFFF:#x} | {CONN_MARK:#x}"
+
+
+def capture_script(enrolled: bool) -> str:
+    """One atomic `nft -f` replacing whatever capture the pod had."""
+    prerouting = [
+        # packets the tunnel sends mark their connection, so the pod's replies go back to the tunnel
+        f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} ct mark set ct mark & {~MARK_MASK & 0xFFFFFFFF:#x}"
+        f" | {CONN_MARK:#x}",
+    ]
+    output_route = [
+        f"ct mark & {MARK_MASK:#x} == {CONN_MARK:#x} meta mark set ct mark",
+    ]
+    output_nat = [
+        f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} return",
+        f'oifname != "lo" udp dport 53 redirect to :{DNS_PORT}',
+        f"ip daddr != 127.0.0.1 tcp dport 53 redirect to :{DNS_PORT}",
+    ]
+    if enrolled:
+        prerouting += [
+            'iifname "lo" ip daddr != 127.0.0.1 meta l4proto tcp accept',
+            f"tcp dport {HBONE_PORT} {_NOT_TUNNEL} tproxy ip to :{HBONE_PORT} {_SET_CONN_MARK} accept",
+            "meta l4proto tcp ct state established,related accept",
+            f"ip daddr != 127.0.0.1 meta l4proto tcp {_NOT_TUNNEL} tproxy ip to 127.0.0.1:{INBOUND_PORT}"
+            f" {_SET_CONN_MARK} accept",
+        ]
+        output_nat += [
+            f"meta l4proto tcp meta mark & {MARK_MASK:#x} == {CONN_MARK:#x} accept",
+            'oifname "lo" ip daddr != 127.0.0.1 accept',
+            f"ip daddr != 127.0.0.1 meta l4proto tcp redirect to :{OUTBOUND_PORT}",
+        ]
+    chains = {
+        "prerouting": ("type filter hook prerouting priority mangle ; policy accept ;", prerouting),
+        "output-route": ("type route hook output priority mangle ; policy accept ;", output_route),
+        "output-nat": ("type nat hook output priority -100 ; policy accept ;", output_nat),
+    }
+    lines = [f"add table {TABLE}", f"delete table {TABLE}", f"add table {TABLE}"]
+    for name, (spec, rules) in chains.items():
+        lines.append(f"add chain {TABLE} {name} {{ {spec} }}")
+        lines += [f"add rule {TABLE} {name} {rule}" for rule in rules]
+    return "\n".join(lines) + "\n"
+
+
+def remove_script() -> str:
+    return f"add table {TABLE}\ndelete table {TABLE}\n"

@@ -1,0 +1,175 @@
+"""Capture through the real CNI chain (bridge + host-local + noded-cni) in the 2-node lab."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import sys
+import time
+
+import pytest
+
+from noded.lab import cni, netns
+from noded.lab.lab import CNI_PATH, Lab
+from noded.lab.workloads import pod_capture, probe, start_echo, wait_programmed
+from tests.e2e.conftest import echo_service
+from tests.e2e.test_lab_services import pod_ip, write_manifest
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab()
+    if lab.is_up or netns.list_ours("noded-node"):
+        pytest.fail("a lab is already up on this machine: run `noded lab down` first")
+    lab.up(2, "ebpf")
+    servers = []
+    try:
+        for pod, node, labels in (
+            ("default/echo-1", "node1", {"app": "echo"}),
+            ("default/echo-2", "node2", {"app": "echo"}),
+            ("default/mesh-echo", "node1", {"app": "mesh-echo", **AMBIENT}),
+        ):
+            lab.add_pod(pod, node, labels)
+            servers.append(start_echo(lab, pod, tcp=8080, udp=5353))
+        lab.add_pod("default/mesh-client", "node1", AMBIENT)
+        lab.add_pod("default/plain-client", "node1")
+        yield lab
+    finally:
+        for s in servers:
+            s.kill()
+        lab.down()
+
+
+def dig(lab, pod, name, server="198.51.100.1", tcp=False):
+    code = (
+        "import dns.message, dns.query, json, sys\n"
+        f"q = dns.message.make_query({name!r}, 'A')\n"
+        f"r = (dns.query.tcp if {tcp} else dns.query.udp)(q, {server!r}, timeout=3)\n"
+        "print(json.dumps([dns.rcode.to_text(r.rcode()), [i.address for a in r.answer for i in a]]))"
+    )
+    res = lab.run(pod, [sys.executable, "-c", code], timeout=20)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_enrolled_pod_outbound_goes_through_15001_and_reaches_its_target(lab):
+    target = pod_ip(lab, "default/echo-2")
+    out = probe(lab, "default/mesh-client", "tcp", target, 8080, count=3)
+    assert out["answers"] == {"echo-2": 3}
+    info = pod_capture(lab, "default/mesh-client")
+    assert info["enrolled"] is True and info["listening"] is True
+    outbound = [r for r in info["recent"] if r["direction"] == "outbound"]
+    assert [r["original"] for r in outbound] == [f"{target}:8080"] * 3
+    # through a service VIP too (in eBPF mode the socket LB has already chosen the backend)
+    vip = echo_service(lab)
+    wait_programmed(lab, "node1", f"{vip}:80/TCP", ready=2)
+    out = probe(lab, "default/mesh-client", "tcp", vip, 80, count=4)
+    assert out["errors"] == {} and sum(out["answers"].values()) == 4
+
+
+def test_inbound_to_an_enrolled_pod_goes_through_15006(lab):
+    target = pod_ip(lab, "default/mesh-echo")
+    out = probe(lab, "default/plain-client", "tcp", target, 8080, count=2)
+    assert out["answers"] == {"mesh-echo": 2}
+    inbound = [r for r in pod_capture(lab, "default/mesh-echo")["recent"] if r["direction"] == "inbound"]
+    assert [r["original"] for r in inbound] == [f"{target}:8080"] * 2
+
+
+def test_non_enrolled_pod_tcp_is_untouched_but_its_dns_is_intercepted(lab):
+    out = probe(lab, "default/plain-client", "tcp", pod_ip(lab, "default/echo-1"), 8080, count=2)
+    assert out["answers"] == {"echo-1": 2}
+    info = pod_capture(lab, "default/plain-client")
+    assert info["enrolled"] is False and info["recent"] == []
+    vip = echo_service(lab)
+    for pod in ("default/plain-client", "default/mesh-client"):
+        # any address on port 53, UDP and TCP: answered by the node's resolver from the watched Services
+        assert dig(lab, pod, "echo.default.svc.cluster.local.", server="192.0.2.53") == ["NOERROR", [vip]]
+        assert dig(lab, pod, "ECHO.default.svc.cluster.local.", tcp=True) == ["NOERROR", [vip]]
+        assert dig(lab, pod, "nope.default.svc.cluster.local.")[0] == "NXDOMAIN"
+
+
+def wait_enrolled(lab, pod, want, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while pod_capture(lab, pod)["enrolled"] is not want:
+        assert time.monotonic() < deadline, f"{pod} never became enrolled={want}"
+        time.sleep(0.1)
+
+
+def test_relabelling_the_namespace_enrolls_and_unenrolls_running_pods(lab):
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": {}}}
+    write_manifest(lab, "ns-shop.yaml", [namespace])
+    lab.add_pod("shop/cart", "node1")
+    target = f"{pod_ip(lab, 'default/echo-1')}:8080"
+    assert pod_capture(lab, "shop/cart")["enrolled"] is False
+    namespace["metadata"]["labels"] = AMBIENT
+    write_manifest(lab, "ns-shop.yaml", [namespace])
+    wait_enrolled(lab, "shop/cart", True)
+    assert probe(lab, "shop/cart", "tcp", *target.split(":"), count=1)["answers"] == {"echo-1": 1}
+    assert [r["original"] for r in pod_capture(lab, "shop/cart")["recent"]] == [target]
+    namespace["metadata"]["labels"] = {}
+    write_manifest(lab, "ns-shop.yaml", [namespace])
+    wait_enrolled(lab, "shop/cart", False)
+    assert probe(lab, "shop/cart", "tcp", *target.split(":"), count=1)["answers"] == {"echo-1": 1}
+    assert len(pod_capture(lab, "shop/cart")["recent"]) == 1  # no new capture
+
+
+def test_del_removes_everything_and_is_idempotent(lab):
+    lab.add_pod("default/short", "node1", AMBIENT)
+    state = lab.state()
+    pod, node = state["pods"]["default/short"], state["nodes"]["node1"]
+    inv = lab._invocation(pod)
+    conflist = lab.conflist(node)
+    cni.delete(conflist, inv, CNI_PATH, node["netns"], pod["cniResult"])
+    assert pod_capture(lab, "default/short")["ok"] is False
+    nft = lab.run("default/short", ["nft", "list", "table", "inet", "noded-capture"])
+    assert nft.returncode != 0  # the table is gone
+    listening = lab.run("default/short", ["ss", "-Hltn"]).stdout
+    assert "15001" not in listening and "15006" not in listening
+    cni.delete(conflist, inv, CNI_PATH, node["netns"], pod["cniResult"])  # twice
+    cni.delete(conflist, cni.Invocation(inv.container_id, ""), CNI_PATH, node["netns"])  # without netns
+    lab.stop_daemon("node1")
+    try:
+        cni.delete(conflist, inv, CNI_PATH, node["netns"], pod["cniResult"])  # daemon stopped
+    finally:
+        lab.start_daemon("node1")
+        lab.wait_ready("node1")
+    lab.delete_pod("default/short")
+
+
+def test_restarted_daemon_repairs_its_pods(lab):
+    lab.restart_daemon("node1")
+    lab.wait_ready("node1")
+    deadline = time.monotonic() + 10
+    while not pod_capture(lab, "default/mesh-client")["listening"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    target = pod_ip(lab, "default/echo-2")
+    assert probe(lab, "default/mesh-client", "tcp", target, 8080, count=1)["answers"] == {"echo-2": 1}
+
+
+def test_fifty_pods_added_in_parallel_all_come_up(lab):
+    node = lab.state()["nodes"]["node2"]
+    conflist = lab.conflist(node)
+    invs = []
+    for i in range(50):
+        name = f"noded-pod-bulk-{i}"
+        netns.create(name)
+        invs.append(
+            cni.Invocation(
+                f"bulk-{i}", f"/run/netns/{name}", args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bulk;K8S_POD_NAME=p{i}"
+            )
+        )
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda inv: cni.add(conflist, inv, CNI_PATH, node["netns"]), invs))
+        assert len({cni.result_ips(r)[0] for r in results}) == 50
+        for inv in invs:
+            listening = netns.nsenter(inv.netns_path.rsplit("/", 1)[1], ["ss", "-Hltn"], capture_output=True, text=True)
+            assert "127.0.0.1:15053" in listening.stdout
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda inv: cni.delete(conflist, inv, CNI_PATH, node["netns"]), invs))
+    finally:
+        for inv in invs:
+            netns.remove(inv.netns_path.rsplit("/", 1)[1])
