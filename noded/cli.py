@@ -99,6 +99,22 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cni(args: argparse.Namespace) -> int:
+    from noded.cni import install
+
+    try:
+        if args.action == "uninstall":
+            print(f"restored: {', '.join(install.uninstall(args.conf_dir, args.bin_dir)) or 'nothing'}")
+            return 0
+        print(f"chained noded-cni into {install.install(args.conf_dir, args.bin_dir, args.socket)}")
+        if args.watch:
+            install.watch(args.conf_dir, args.bin_dir, args.socket)
+    except install.InstallError as e:
+        print(f"noded cni: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"noded {__version__}")
     return 0
@@ -128,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", "-c")
     c.add_argument("--all", action="store_true", help="every noded instance on this machine")
     c.set_defaults(fn=cmd_cleanup)
+
+    cni = sub.add_parser("cni", help="chain noded-cni into the node's CNI configuration, or undo it")
+    cni.add_argument("action", choices=["install", "uninstall"])
+    cni.add_argument("--conf-dir", default="/etc/cni/net.d")
+    cni.add_argument("--bin-dir", default="/opt/cni/bin")
+    cni.add_argument("--socket", default="/run/noded/noded.sock")
+    cni.add_argument("--watch", action="store_true", help="keep it chained when the primary CNI rewrites its file")
+    cni.set_defaults(fn=cmd_cni)
 
     v = sub.add_parser("version")
     v.set_defaults(fn=cmd_version)

@@ -21,13 +21,19 @@ PATHS = {
     "/api/v1/services": ("Service", "v1", "ServiceList"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1", "EndpointSliceList"),
     "/api/v1/nodes": ("Node", "v1", "NodeList"),
+    "/api/v1/pods": ("Pod", "v1", "PodList"),
+    "/api/v1/namespaces": ("Namespace", "v1", "NamespaceList"),
 }
 
 
 def _selected(obj: dict, q: dict) -> bool:
-    """The one field selector the daemon uses: metadata.name=NAME."""
-    selector = q.get("fieldSelector", "")
-    return not selector.startswith("metadata.name=") or obj["metadata"]["name"] == selector.split("=", 1)[1]
+    """The field selectors the daemon uses: metadata.name=NAME (its Node), spec.nodeName=NAME (its Pods)."""
+    field, _, value = q.get("fieldSelector", "").partition("=")
+    if field == "metadata.name":
+        return obj["metadata"]["name"] == value
+    if field == "spec.nodeName":
+        return (obj.get("spec") or {}).get("nodeName") == value
+    return True
 
 
 class FakeApiServer:

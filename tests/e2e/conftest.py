@@ -42,6 +42,6 @@ def apply_text(lab: Lab, text: str, name: str) -> None:
 
 def echo_service(lab: Lab) -> str:
     apply_text(
-        lab, service_yaml("echo", {"app": "echo"}, [("http", "TCP", 80, 8080), ("udp", "UDP", 53, 5353)]), "echo.yaml"
+        lab, service_yaml("echo", {"app": "echo"}, [("http", "TCP", 80, 8080), ("udp", "UDP", 5300, 5353)]), "echo.yaml"
     )
     return lab.state()["clusterIPs"]["default/echo"]

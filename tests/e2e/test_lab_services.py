@@ -35,7 +35,7 @@ def test_pod_reaches_clusterip_with_backends_on_both_nodes(lab):
     assert out["errors"] == {}
     assert set(out["answers"]) == {"echo-1", "echo-2", "echo-3"}  # node1 and node2 backends
     assert out["peers"] == [f"{vip}:80"]
-    udp = probe(lab, "default/client", "udp", vip, 53, count=10)
+    udp = probe(lab, "default/client", "udp", vip, 5300, count=10)  # port 53 would go to the DNS capture
     assert sum(udp["answers"].values()) == 10
     assert udp["sources"] == [f"{vip}:53"]
 

@@ -1,0 +1,114 @@
+"""`noded cni install|uninstall`: chain noded-cni last in the node's primary CNI configuration.
+
+The primary configuration is the file libcni would load: the first `.conflist`, `.conf` or `.json` of
+the conf dir by name. Its original is kept under `<conf dir>/.noded-original/` (libcni ignores dot
+directories); a lone `.conf` becomes a `.conflist` of one plugin plus noded-cni. `--watch` keeps
+noded-cni in place when the primary CNI rewrites its file; uninstall restores the original.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+BACKUP_DIR = ".noded-original"
+EXTENSIONS = (".conflist", ".conf", ".json")
+
+
+class InstallError(RuntimeError):
+    pass
+
+
+def primary_config(conf_dir: str) -> str | None:
+    names = sorted(n for n in os.listdir(conf_dir) if n.endswith(EXTENSIONS) and not n.startswith("."))
+    return os.path.join(conf_dir, names[0]) if names else None
+
+
+def chained(doc: dict, plugin: dict) -> dict:
+    """The conflist with noded-cni last (a single-plugin .conf becomes a conflist). Pure."""
+    if not isinstance(doc, dict):
+        raise InstallError("the CNI configuration is not a JSON object")
+    if "plugins" in doc:
+        if not isinstance(doc["plugins"], list):
+            raise InstallError("plugins: expected a list")
+        conflist = dict(doc)
+        plugins = [p for p in doc["plugins"] if not (isinstance(p, dict) and p.get("type") == plugin["type"])]
+    else:
+        single = {k: v for k, v in doc.items() if k not in ("name", "cniVersion")}
+        conflist = {"cniVersion": doc.get("cniVersion", "1.0.0"), "name": doc.get("name", "k8s-pod-network")}
+        plugins = [single]
+    conflist["plugins"] = [*plugins, plugin]
+    return conflist
+
+
+def is_chained(doc: dict, plugin_type: str = "noded-cni") -> bool:
+    plugins = doc.get("plugins") if isinstance(doc, dict) else None
+    return isinstance(plugins, list) and bool(plugins) and plugins[-1].get("type") == plugin_type
+
+
+def install(conf_dir: str, bin_dir: str, socket_path: str, executable: str | None = None) -> str:
+    """Copy the plugin and chain it; returns the conflist path written."""
+    executable = executable or os.path.join(os.path.dirname(sys.executable), "noded-cni")
+    os.makedirs(bin_dir, exist_ok=True)
+    tmp = os.path.join(bin_dir, ".noded-cni.tmp")
+    shutil.copy2(executable, tmp)
+    os.replace(tmp, os.path.join(bin_dir, "noded-cni"))
+    path = primary_config(conf_dir)
+    if path is None:
+        raise InstallError(f"no CNI configuration in {conf_dir}: install the primary CNI first")
+    with open(path) as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InstallError(f"{path}: not JSON: {e}") from None
+    if is_chained(doc):
+        return path
+    backup = os.path.join(conf_dir, BACKUP_DIR)
+    os.makedirs(backup, exist_ok=True)
+    shutil.copy2(path, os.path.join(backup, os.path.basename(path)))
+    target = path if path.endswith(".conflist") else os.path.splitext(path)[0] + ".conflist"
+    _write_atomic(target, chained(doc, {"type": "noded-cni", "socket": socket_path}))
+    if target != path:
+        os.unlink(path)
+    return target
+
+
+def uninstall(conf_dir: str, bin_dir: str) -> list[str]:
+    restored = []
+    backup = os.path.join(conf_dir, BACKUP_DIR)
+    for name in sorted(os.listdir(backup)) if os.path.isdir(backup) else []:
+        ours = os.path.join(conf_dir, os.path.splitext(name)[0] + ".conflist")
+        if os.path.exists(ours) and not name.endswith(".conflist"):
+            os.unlink(ours)
+        shutil.move(os.path.join(backup, name), os.path.join(conf_dir, name))
+        restored.append(name)
+    if os.path.isdir(backup):
+        os.rmdir(backup)
+    plugin = os.path.join(bin_dir, "noded-cni")
+    if os.path.exists(plugin):
+        os.unlink(plugin)
+    return restored
+
+
+def watch(conf_dir: str, bin_dir: str, socket_path: str, interval: float = 1.0) -> None:
+    """Re-chain whenever the primary configuration loses noded-cni (until interrupted)."""
+    while True:
+        path = primary_config(conf_dir)
+        try:
+            with open(path or "") as f:
+                ok = is_chained(json.load(f))
+        except (OSError, ValueError):
+            ok = path is None  # nothing to chain into yet
+        if not ok:
+            print(f"noded cni: re-chained {install(conf_dir, bin_dir, socket_path)}", flush=True)
+        time.sleep(interval)
+
+
+def _write_atomic(path: str, doc: dict) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)

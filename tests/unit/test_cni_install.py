@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+import time
+
+from noded.cni import install
+
+BRIDGE = {"cniVersion": "1.0.0", "name": "k8s", "type": "bridge", "ipam": {"type": "host-local"}}
+
+
+def test_a_lone_conf_becomes_a_conflist_and_uninstall_restores_it(tmp_path):
+    conf, bins = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    (conf / "10-bridge.conf").write_text(json.dumps(BRIDGE))
+    fake = tmp_path / "noded-cni"
+    fake.write_text("#!/bin/sh\n")
+    path = install.install(str(conf), str(bins), "/run/noded/noded.sock", executable=str(fake))
+    with open(path) as f:
+        doc = json.load(f)
+    assert path.endswith("10-bridge.conflist") and not (conf / "10-bridge.conf").exists()
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "noded-cni"]
+    assert doc["name"] == "k8s" and "name" not in doc["plugins"][0]
+    assert (bins / "noded-cni").exists()
+    assert install.install(str(conf), str(bins), "/x", executable=str(fake)) == path  # idempotent
+    assert install.uninstall(str(conf), str(bins)) == ["10-bridge.conf"]
+    assert sorted(p.name for p in conf.iterdir()) == ["10-bridge.conf"]
+    assert json.loads((conf / "10-bridge.conf").read_text()) == BRIDGE and not (bins / "noded-cni").exists()
+
+
+def test_conflist_gets_noded_last_once():
+    doc = {"cniVersion": "1.0.0", "name": "k8s", "plugins": [BRIDGE, {"type": "portmap"}, {"type": "noded-cni"}]}
+    out = install.chained(doc, {"type": "noded-cni", "socket": "/s"})
+    assert [p["type"] for p in out["plugins"]] == ["bridge", "portmap", "noded-cni"]
+
+
+def test_watch_rechains_after_the_primary_cni_rewrites_its_file(tmp_path):
+    conf, bins = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    (conf / "10-k8s.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": [BRIDGE]}))
+    argv = [sys.executable, "-m", "noded", "cni", "install", "--conf-dir", str(conf), "--bin-dir", str(bins), "--watch"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "chained" in proc.stdout.readline()
+        (conf / "10-k8s.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": [BRIDGE]}))
+        assert "re-chained" in proc.stdout.readline()
+        deadline = time.monotonic() + 5
+        while not install.is_chained(json.loads((conf / "10-k8s.conflist").read_text())):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
