@@ -15,6 +15,7 @@ RUNS = (
     # 10,000 only the legacy backend is measured
     ("control_plane.py", ["--sizes", "10000", "--modes", "ebpf,nftables,iptables-legacy", "--changes", "30"]),
     ("first_packet.py", []),
+    ("cni_latency.py", []),
 )
 for script, args in RUNS:
     print(f"\n$ bench/{script} {' '.join(args)}", flush=True)
