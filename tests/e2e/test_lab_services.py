@@ -37,7 +37,7 @@ def test_pod_reaches_clusterip_with_backends_on_both_nodes(lab):
     assert out["peers"] == [f"{vip}:80"]
     udp = probe(lab, "default/client", "udp", vip, 5300, count=10)  # port 53 would go to the DNS capture
     assert sum(udp["answers"].values()) == 10
-    assert udp["sources"] == [f"{vip}:53"]
+    assert udp["sources"] == [f"{vip}:5300"]
 
 
 def test_endpoint_changes_followed_within_a_second(lab):
