@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import median, pct, table
 from noded.lab import cni, netns
+from noded.lab.controller import pod_object
 from noded.lab.lab import CNI_PATH, Lab
 
 
@@ -53,17 +54,9 @@ def main() -> None:
     lab.up(1, "ebpf")
     try:
         # as in a cluster, the Pod objects (enrolled: the full capture) exist before the runtime's ADD
+        ambient = {"istio.io/dataplane-mode": "ambient"}
         pods = [
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": f"with-{i}",
-                    "namespace": "bench",
-                    "labels": {"istio.io/dataplane-mode": "ambient"},
-                },
-                "spec": {"nodeName": "node1"},
-            }
+            pod_object({"name": f"with-{i}", "namespace": "bench", "node": "node1", "labels": ambient})
             for i in range(a.pods)
         ]
         with open(os.path.join(lab.manifests, "bench-pods.yaml"), "w") as f:

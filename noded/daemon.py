@@ -15,6 +15,7 @@ import time
 import structlog
 
 from noded.config import NodedConfiguration, split_hostport
+from noded.files import write_atomic
 from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import Metrics, serve
@@ -180,8 +181,8 @@ class Daemon:
         resolver = Resolver(self.model, cfg.clusterDomain, [u.rsplit(":", 1)[0] for u in cfg.dns.upstreams])
         proxy = CaptureProxy(resolver.resolve)
         proxy.start()
-        self.pods = PodManager(os.path.dirname(cfg.api.socket), self.enrollment, proxy, cfg.capture.dnsForAllPods)
-        self.pods.wait_for_pod = self._wait_for_pod
+        state_dir = os.path.dirname(cfg.api.socket)
+        self.pods = PodManager(state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod)
         handlers = {
             "PodAdd": self.pods.add,
             "PodDel": self.pods.delete,
@@ -254,10 +255,7 @@ class Daemon:
             "lastSyncError": self.runner.last_error if self.runner else None,
         }
         os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
-        tmp = self.status_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(status, f)
-        os.replace(tmp, self.status_path)
+        write_atomic(self.status_path, json.dumps(status))
 
 
 def _rfc3339(t: float) -> str:

@@ -14,6 +14,8 @@ import shutil
 import sys
 import time
 
+from noded.files import write_atomic
+
 BACKUP_DIR = ".noded-original"
 EXTENSIONS = (".conflist", ".conf", ".json")
 
@@ -70,7 +72,7 @@ def install(conf_dir: str, bin_dir: str, socket_path: str, executable: str | Non
     os.makedirs(backup, exist_ok=True)
     shutil.copy2(path, os.path.join(backup, os.path.basename(path)))
     target = path if path.endswith(".conflist") else os.path.splitext(path)[0] + ".conflist"
-    _write_atomic(target, chained(doc, {"type": "noded-cni", "socket": socket_path}))
+    write_atomic(target, json.dumps(chained(doc, {"type": "noded-cni", "socket": socket_path}), indent=2))
     if target != path:
         os.unlink(path)
     return target
@@ -105,10 +107,3 @@ def watch(conf_dir: str, bin_dir: str, socket_path: str, interval: float = 1.0) 
         if not ok:
             print(f"noded cni: re-chained {install(conf_dir, bin_dir, socket_path)}", flush=True)
         time.sleep(interval)
-
-
-def _write_atomic(path: str, doc: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from noded.bpf.sock_lb import remove as cleanup_bpf
+from noded.files import write_atomic
 from noded.lab import cni, controller, netns
 from noded.sources.directory import parse_manifests
 
@@ -38,13 +39,6 @@ CNI_PATH = ["/usr/lib/cni", os.path.dirname(shutil.which("noded-cni") or sys.exe
 
 class LabError(RuntimeError):
     pass
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class Lab:
@@ -72,7 +66,7 @@ class Lab:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.state()
             yield state
-            _write_atomic(self.state_path, json.dumps(state, indent=1))
+            write_atomic(self.state_path, json.dumps(state, indent=1))
 
     def node_dir(self, node: str) -> str:
         return f"{self.dir}/{node}"
@@ -85,7 +79,7 @@ class Lab:
             raise LabError(f"leftover noded namespaces {netns.list_ours()}; run `noded lab down` first")
         os.makedirs(self.manifests, exist_ok=True)
         state: dict[str, Any] = {"mode": mode, "nodes": {}, "pods": {}, "clusterIPs": {}, "applied": []}
-        _write_atomic(self.state_path, json.dumps(state))
+        write_atomic(self.state_path, json.dumps(state))
         try:
             netns.create(FABRIC_NS)
             netns.add_bridge(FABRIC_NS, FABRIC_BRIDGE)
@@ -106,7 +100,7 @@ class Lab:
                 netns.add_route(node["netns"], "0.0.0.0/0", EXTERNAL_ADDRESS)
             first = state["nodes"][names[0]]
             netns.add_route(EXTERNAL_NS, controller.LB_CIDR, first["address"])
-            _write_atomic(self.state_path, json.dumps(state, indent=1))
+            write_atomic(self.state_path, json.dumps(state, indent=1))
             self._reconcile(state)
             for name in names:
                 self.start_daemon(name)
@@ -144,11 +138,14 @@ class Lab:
             "source": {"directory": self.manifests},
             "clusterCIDRs": [CLUSTER_CIDR],
             "services": {"mode": mode, "cgroupPath": node["cgroup"]},
-            "api": {"socket": f"{self.node_dir(name)}/noded.sock"},
+            "api": {"socket": self.api_socket(name)},
             "bpffsPath": node["bpffsPath"],
         }
-        _write_atomic(node["config"], yaml.safe_dump(config))
+        write_atomic(node["config"], yaml.safe_dump(config))
         return node
+
+    def api_socket(self, node_name: str) -> str:
+        return f"{self.node_dir(node_name)}/noded.sock"
 
     def conflist(self, node: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -168,7 +165,7 @@ class Lab:
                         "dataDir": f"{self.node_dir(node['name'])}/ipam",
                     },
                 },
-                {"type": "noded-cni", "socket": f"{self.node_dir(node['name'])}/noded.sock"},
+                {"type": "noded-cni", "socket": self.api_socket(node["name"])},
             ],
         }
 
@@ -359,10 +356,10 @@ class Lab:
             try:
                 docs = parse_manifests(text, path)
             except yaml.YAMLError:
-                _write_atomic(target, text)  # the daemon reports it; the lab is no API server
+                write_atomic(target, text)  # the daemon reports it; the lab is no API server
                 return [f"{path}: not valid YAML, copied as is"]
             docs = controller.allocate_service_fields(docs, state)
-            _write_atomic(target, yaml.safe_dump_all(docs, sort_keys=False))
+            write_atomic(target, yaml.safe_dump_all(docs, sort_keys=False))
             if target not in state["applied"]:
                 state["applied"].append(target)
             self._reconcile(state)
@@ -402,7 +399,7 @@ class Lab:
         with contextlib.suppress(FileNotFoundError), open(path) as f:
             if f.read() == text:
                 return
-        _write_atomic(path, text)
+        write_atomic(path, text)
 
     # -- exec -----------------------------------------------------------------------------
     def target(self, name: str) -> tuple[str, str | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -110,5 +109,4 @@ def pod_capture(lab: Lab, pod_key: str) -> dict:
 
     state = lab.state()
     pod = state["pods"][pod_key]
-    socket_path = os.path.join(lab.node_dir(pod["node"]), "noded.sock")
-    return h2client.call(socket_path, "/noded.v1.Noded/PodInfo", {"containerId": pod["containerId"]})
+    return h2client.call(lab.api_socket(pod["node"]), "/noded.v1.Noded/PodInfo", {"containerId": pod["containerId"]})

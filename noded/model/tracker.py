@@ -68,6 +68,12 @@ class FrontendState:
     def external(self) -> bool:
         return self.kind in EXTERNAL_KINDS
 
+    @property
+    def serving(self) -> frozenset[Backend]:
+        """Every backend this frontend may translate to now, for clients inside or outside the cluster."""
+        in_cluster = self.in_cluster or ((), ())
+        return frozenset((*self.ready, *self.terminating, *in_cluster[0], *in_cluster[1]))
+
 
 class ServiceModel:
     """Services and EndpointSlices by key, and the set of services changed since the last sync."""

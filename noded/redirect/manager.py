@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
+from noded.files import write_atomic
 from noded.redirect import podns
 from noded.redirect.enrollment import Enrollment
 from noded.redirect.proxy import CaptureProxy
@@ -22,15 +23,15 @@ from noded.redirect.proxy import CaptureProxy
 log = structlog.get_logger("noded.redirect")
 
 
-def _write_atomic(path: str, obj: object) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 class PodManager:
-    def __init__(self, state_dir: str, enrollment: Enrollment, proxy: CaptureProxy, dns_only: bool = True) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        enrollment: Enrollment,
+        proxy: CaptureProxy,
+        dns_only: bool = True,
+        wait_for_pod: Callable[[str, str], bool] = lambda _ns, _name: True,
+    ) -> None:
         self.dir = os.path.join(state_dir, "pods")
         self.pending_dir = os.path.join(state_dir, "pending")
         self.enrolled_path = os.path.join(state_dir, "enrolled-namespaces.json")
@@ -40,7 +41,7 @@ class PodManager:
         self.pods: dict[str, dict] = {}  # container id -> record
         self._applied: dict[str, bool] = {}  # container id -> enrolled as installed
         self._lock = threading.RLock()
-        self.wait_for_pod: Callable[[str, str], bool] = lambda _ns, _name: True
+        self.wait_for_pod = wait_for_pod  # until the source has shown the pod's labels (or gives up)
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.pending_dir, exist_ok=True)
 
@@ -55,7 +56,7 @@ class PodManager:
         self.wait_for_pod(record["namespace"], record["name"])
         with self._lock:
             self.pods[record["containerId"]] = record
-            _write_atomic(self._path(record["containerId"]), record)
+            write_atomic(self._path(record["containerId"]), json.dumps(record))
             enrolled = self._apply(record)
         return {"ok": True, "enrolled": enrolled}
 
@@ -145,7 +146,7 @@ class PodManager:
                         log.error("capture update failed", pod=cid, error=str(e))
 
     def publish_enrollment(self) -> None:
-        _write_atomic(self.enrolled_path, self.enrollment.enrolled_namespaces())
+        write_atomic(self.enrolled_path, json.dumps(self.enrollment.enrolled_namespaces()))
 
     def _apply(self, record: dict) -> bool:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])

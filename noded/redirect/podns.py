@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +14,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from noded.redirect.rules import CONN_MARK, MARK_MASK, ROUTE_TABLE, TABLE, capture_script, remove_script
+from noded.services import nftables
 
 CLONE_NEWNET = 0x40000000
 RULE_PRIORITY = 32000
@@ -25,19 +25,19 @@ class CaptureError(RuntimeError):
     pass
 
 
+def _nft_in(netns_path: str) -> tuple[str, ...]:
+    return ("nsenter", f"--net={netns_path}", "nft")
+
+
 def nft(netns_path: str, script: str) -> None:
-    proc = subprocess.run(
-        ["nsenter", f"--net={netns_path}", "nft", "-f", "-"], input=script, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise CaptureError(f"nft in {netns_path}: {proc.stderr.strip()[:2000]}")
+    try:
+        nftables.nft(script, _nft_in(netns_path))
+    except nftables.NftError as e:
+        raise CaptureError(f"nft in {netns_path}: {e}") from None
 
 
 def has_capture(netns_path: str) -> bool:
-    proc = subprocess.run(
-        ["nsenter", f"--net={netns_path}", "nft", "list", "table", *TABLE.split()], capture_output=True
-    )
-    return proc.returncode == 0
+    return nftables.table_exists(_nft_in(netns_path), TABLE)
 
 
 def install(netns_path: str, enrolled: bool) -> None:

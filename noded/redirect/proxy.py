@@ -118,8 +118,12 @@ class CaptureProxy:
         sock = writer.get_extra_info("socket")
         peer = writer.get_extra_info("peername")
         dst = original_dst(sock) if direction == "outbound" else writer.get_extra_info("sockname")[:2]
-        record = {"direction": direction, "peer": f"{peer[0]}:{peer[1]}", "original": f"{dst[0]}:{dst[1]}"}
-        record["time"] = time.time()
+        record = {
+            "direction": direction,
+            "peer": f"{peer[0]}:{peer[1]}",
+            "original": f"{dst[0]}:{dst[1]}",
+            "time": time.time(),
+        }
         pod.recent.append(record)
         try:
             with podns.entered(pod.netns):

@@ -49,7 +49,6 @@ class ConntrackCleaner:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self.deleted = 0
 
     def clear(self, serving: Serving) -> int:
         """Deletes the stale flows among these frontends'; a failure is logged, the sync it follows stands."""
@@ -83,5 +82,4 @@ class ConntrackCleaner:
                 ct.close()
         if count:
             log.info("stale UDP flows deleted", count=count)
-        self.deleted += count
         return count

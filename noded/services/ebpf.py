@@ -45,11 +45,6 @@ def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
     )
 
 
-def _no_endpoints(state: FrontendState) -> bool:
-    """No endpoint anywhere, for anyone: refused (a Local-policy frontend with only remote ones drops)."""
-    return not (state.ready or state.terminating or (state.in_cluster and any(state.in_cluster)))
-
-
 def map_frontends(frontends: dict[Frontend, FrontendState]) -> dict[Frontend, FrontendState]:
     """The map entries a service's frontends need: each for this node's sockets (in-cluster backends),
     and external IPv4 frontends once more for packets arriving from outside (tc, external policy)."""
@@ -234,7 +229,8 @@ class EbpfProxier:
                 self._write(self.maps.svc, _svc_key(fe, i + 1), structs.SvcVal(backend_id=bid, svc_id=cur.svc_id))
         # 3. master
         timeout = state.service.affinity_timeout
-        flags = structs.SVC_NO_ENDPOINTS if _no_endpoints(state) else 0
+        # no endpoint anywhere, for anyone: refused (a Local-policy frontend with only remote ones drops)
+        flags = 0 if state.serving else structs.SVC_NO_ENDPOINTS
         if (
             new
             or len(ready) != len(cur.ready)

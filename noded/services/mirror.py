@@ -37,7 +37,7 @@ class RuleMirror(Generic[R]):
             )
             frontends = self.model.frontends_of(key)
             self.touched_udp.update(
-                {(fe.ip, fe.port): serving(st) for fe, st in frontends.items() if fe.protocol == "UDP"}
+                {(fe.ip, fe.port): st.serving for fe, st in frontends.items() if fe.protocol == "UDP"}
             )
             desired[key] = {
                 fe: self._build(fe, st, self.cluster_cidrs)
@@ -65,9 +65,3 @@ class RuleMirror(Generic[R]):
             self._by_service.pop(key, None)
             if frontends:
                 self._by_service[key] = set(frontends)
-
-
-def serving(state: FrontendState) -> frozenset[tuple[str, int]]:
-    """Every backend a frontend may translate to now, from inside or outside the cluster."""
-    in_cluster = state.in_cluster or ((), ())
-    return frozenset((*state.ready, *state.terminating, *in_cluster[0], *in_cluster[1]))

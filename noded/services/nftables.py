@@ -40,8 +40,8 @@ def nft_json(*args: str, cmd: tuple[str, ...] = NFT) -> dict:
     return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {"nftables": []}
 
 
-def table_exists(cmd: tuple[str, ...] = NFT) -> bool:
-    return subprocess.run([*cmd, "list", "table", *TABLE.split()], capture_output=True).returncode == 0
+def table_exists(cmd: tuple[str, ...] = NFT, table: str = TABLE) -> bool:
+    return subprocess.run([*cmd, "list", "table", *table.split()], capture_output=True).returncode == 0
 
 
 def delete_table(cmd: tuple[str, ...] = NFT) -> bool:

@@ -10,6 +10,7 @@ import time
 
 import yaml
 
+from noded.files import write_atomic
 from noded.lab import netns
 from noded.lab.workloads import probe, programmed, wait_programmed
 from tests.e2e.conftest import echo_service
@@ -21,11 +22,7 @@ def pod_ip(lab, key):
 
 
 def write_manifest(lab, name, docs):
-    path = f"{lab.manifests}/{name}"
-    tmp = f"{lab.manifests}/.{name}.tmp"
-    with open(tmp, "w") as f:
-        f.write(yaml.safe_dump_all(docs) if isinstance(docs, list) else docs)
-    os.replace(tmp, path)
+    write_atomic(f"{lab.manifests}/{name}", yaml.safe_dump_all(docs) if isinstance(docs, list) else docs)
 
 
 def test_pod_reaches_clusterip_with_backends_on_both_nodes(lab):
