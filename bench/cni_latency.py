@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import median, pct, table
 from noded.lab import cni, netns
 from noded.lab.controller import pod_object
-from noded.lab.lab import CNI_PATH, Lab
+from noded.lab.lab import Lab
 
 
 def run(lab: Lab, with_noded: bool, n: int) -> tuple[list[float], list[float]]:
@@ -35,9 +35,9 @@ def run(lab: Lab, with_noded: bool, n: int) -> tuple[list[float], list[float]]:
         inv = cni.Invocation(f"bench-{tag}-{i}", f"/run/netns/{name}", args=args)
         try:
             t0 = time.perf_counter()
-            result = cni.add(conflist, inv, CNI_PATH, node["netns"])
+            result = cni.add(conflist, inv, lab.cni_path, node["netns"])
             t1 = time.perf_counter()
-            cni.delete(conflist, inv, CNI_PATH, node["netns"], result)
+            cni.delete(conflist, inv, lab.cni_path, node["netns"], result)
             t2 = time.perf_counter()
             adds.append((t1 - t0) * 1000)
             dels.append((t2 - t1) * 1000)

@@ -51,13 +51,36 @@ def is_chained(doc: dict, plugin_type: str = "noded-cni") -> bool:
     return isinstance(plugins, list) and bool(plugins) and plugins[-1].get("type") == plugin_type
 
 
-def install(conf_dir: str, bin_dir: str, socket_path: str, executable: str | None = None) -> str:
-    """Copy the plugin and chain it; returns the conflist path written."""
-    executable = executable or os.path.join(os.path.dirname(sys.executable), "noded-cni")
+def launcher() -> str:
+    """The noded-cni executable: this interpreter in isolated mode without site (-IS), importing noded from
+    where it is installed. It starts in ~20 ms, where the pip entry point script takes ~27 (site and the
+    package finders); the plugin itself needs only the standard library."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return (
+        f"#!{sys.executable} -IS\n"
+        "import sys\n"
+        f"sys.path.insert(0, {package_root!r})\n"
+        "from noded.cni.plugin import main\n"
+        "sys.exit(main())\n"
+    )
+
+
+def install_plugin(bin_dir: str, executable: str | None = None) -> str:
+    """Put noded-cni in bin_dir (the launcher, or a copy of `executable`); returns its path."""
     os.makedirs(bin_dir, exist_ok=True)
-    tmp = os.path.join(bin_dir, ".noded-cni.tmp")
-    shutil.copy2(executable, tmp)
-    os.replace(tmp, os.path.join(bin_dir, "noded-cni"))
+    target = os.path.join(bin_dir, "noded-cni")
+    if executable:
+        tmp = os.path.join(bin_dir, ".noded-cni.tmp")
+        shutil.copy2(executable, tmp)
+        os.replace(tmp, target)
+    else:
+        write_atomic(target, launcher(), mode=0o755)
+    return target
+
+
+def install(conf_dir: str, bin_dir: str, socket_path: str, executable: str | None = None) -> str:
+    """Put the plugin in place and chain it; returns the conflist path written."""
+    install_plugin(bin_dir, executable)
     path = primary_config(conf_dir)
     if path is None:
         raise InstallError(f"no CNI configuration in {conf_dir}: install the primary CNI first")

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from noded.bpf.sock_lb import remove as cleanup_bpf
+from noded.cni.install import install_plugin
 from noded.files import write_atomic
 from noded.lab import cni, controller, netns
 from noded.sources.directory import parse_manifests
@@ -34,7 +35,7 @@ EXTERNAL_NS = "noded-external"
 FABRIC_PREFIX = "10.77.0"
 EXTERNAL_ADDRESS = f"{FABRIC_PREFIX}.2"
 CLUSTER_CIDR = "10.244.0.0/16"
-CNI_PATH = ["/usr/lib/cni", os.path.dirname(shutil.which("noded-cni") or sys.executable)]
+CNI_PLUGINS = "/usr/lib/cni"  # Debian containernetworking-plugins
 
 
 class LabError(RuntimeError):
@@ -68,6 +69,15 @@ class Lab:
             yield state
             write_atomic(self.state_path, json.dumps(state, indent=1))
 
+    @property
+    def bin_dir(self) -> str:
+        return f"{self.dir}/bin"
+
+    @property
+    def cni_path(self) -> list[str]:
+        """Where the runtime finds the chain's plugins: Debian's, then noded-cni as `noded cni install` puts it."""
+        return [CNI_PLUGINS, self.bin_dir]
+
     def node_dir(self, node: str) -> str:
         return f"{self.dir}/{node}"
 
@@ -78,6 +88,7 @@ class Lab:
         if netns.list_ours():
             raise LabError(f"leftover noded namespaces {netns.list_ours()}; run `noded lab down` first")
         os.makedirs(self.manifests, exist_ok=True)
+        install_plugin(self.bin_dir)
         state: dict[str, Any] = {"mode": mode, "nodes": {}, "pods": {}, "clusterIPs": {}, "applied": []}
         write_atomic(self.state_path, json.dumps(state))
         try:
@@ -309,7 +320,7 @@ class Lab:
             state["pods"][key] = {**pod, "ips": []}
             self._reconcile(state)
             try:
-                result = cni.add(self.conflist(node), self._invocation(pod), CNI_PATH, node["netns"])
+                result = cni.add(self.conflist(node), self._invocation(pod), self.cni_path, node["netns"])
             except Exception:
                 del state["pods"][key]
                 self._reconcile(state)
@@ -344,7 +355,7 @@ class Lab:
 
     def _cni_del(self, state: dict[str, Any], pod: dict[str, Any]) -> None:
         node = state["nodes"][pod["node"]]
-        cni.delete(self.conflist(node), self._invocation(pod), CNI_PATH, node["netns"], pod.get("cniResult"))
+        cni.delete(self.conflist(node), self._invocation(pod), self.cni_path, node["netns"], pod.get("cniResult"))
 
     # -- manifests and controllers ------------------------------------------------------
     def apply(self, path: str) -> list[str]:

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from noded import libnft
 from noded.redirect.rules import CONN_MARK, MARK_MASK, ROUTE_TABLE, TABLE, capture_script, remove_script
-from noded.services import nftables
 
 CLONE_NEWNET = 0x40000000
 RULE_PRIORITY = 32000
@@ -25,19 +25,21 @@ class CaptureError(RuntimeError):
     pass
 
 
-def _nft_in(netns_path: str) -> tuple[str, ...]:
-    return ("nsenter", f"--net={netns_path}", "nft")
-
-
-def nft(netns_path: str, script: str) -> None:
+def nft(netns_path: str, script: str) -> str:
+    """One nft transaction inside the pod's netns (libnftables on this thread: no fork per pod)."""
     try:
-        nftables.nft(script, _nft_in(netns_path))
-    except nftables.NftError as e:
+        with entered(netns_path):
+            return libnft.run(script)
+    except libnft.LibnftError as e:
         raise CaptureError(f"nft in {netns_path}: {e}") from None
 
 
 def has_capture(netns_path: str) -> bool:
-    return nftables.table_exists(_nft_in(netns_path), TABLE)
+    try:
+        nft(netns_path, f"list table {TABLE}")
+    except CaptureError:
+        return False
+    return True
 
 
 def install(netns_path: str, enrolled: bool) -> None:

@@ -57,7 +57,9 @@ def capture_script(enrolled: bool) -> str:
         "output-route": ("type route hook output priority mangle ; policy accept ;", output_route),
         "output-nat": ("type nat hook output priority -100 ; policy accept ;", output_nat),
     }
-    lines = [f"add table {TABLE}", f"delete table {TABLE}", f"add table {TABLE}"]
+    # flush, not delete: the same three chains always exist, and deleting a table with base chains costs
+    # the kernel an RCU grace period (~10 ms per pod setup)
+    lines = [f"add table {TABLE}", f"flush table {TABLE}"]
     for name, (spec, rules) in chains.items():
         lines.append(f"add chain {TABLE} {name} {{ {spec} }}")
         lines += [f"add rule {TABLE} {name} {rule}" for rule in rules]

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from noded.lab import cni, netns
-from noded.lab.lab import CNI_PATH, Lab
+from noded.lab.lab import Lab
 from noded.lab.workloads import pod_capture, probe, start_echo, wait_programmed
 from tests.e2e.conftest import echo_service
 from tests.e2e.test_lab_services import pod_ip, write_manifest
@@ -121,17 +121,17 @@ def test_del_removes_everything_and_is_idempotent(lab):
     pod, node = state["pods"]["default/short"], state["nodes"]["node1"]
     inv = lab._invocation(pod)
     conflist = lab.conflist(node)
-    cni.delete(conflist, inv, CNI_PATH, node["netns"], pod["cniResult"])
+    cni.delete(conflist, inv, lab.cni_path, node["netns"], pod["cniResult"])
     assert pod_capture(lab, "default/short")["ok"] is False
     nft = lab.run("default/short", ["nft", "list", "table", "inet", "noded-capture"])
     assert nft.returncode != 0  # the table is gone
     listening = lab.run("default/short", ["ss", "-Hltn"]).stdout
     assert "15001" not in listening and "15006" not in listening
-    cni.delete(conflist, inv, CNI_PATH, node["netns"], pod["cniResult"])  # twice
-    cni.delete(conflist, cni.Invocation(inv.container_id, ""), CNI_PATH, node["netns"])  # without netns
+    cni.delete(conflist, inv, lab.cni_path, node["netns"], pod["cniResult"])  # twice
+    cni.delete(conflist, cni.Invocation(inv.container_id, ""), lab.cni_path, node["netns"])  # without netns
     lab.stop_daemon("node1")
     try:
-        cni.delete(conflist, inv, CNI_PATH, node["netns"], pod["cniResult"])  # daemon stopped
+        cni.delete(conflist, inv, lab.cni_path, node["netns"], pod["cniResult"])  # daemon stopped
     finally:
         lab.start_daemon("node1")
         lab.wait_ready("node1")
@@ -163,13 +163,13 @@ def test_fifty_pods_added_in_parallel_all_come_up(lab):
         )
     try:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda inv: cni.add(conflist, inv, CNI_PATH, node["netns"]), invs))
+            results = list(pool.map(lambda inv: cni.add(conflist, inv, lab.cni_path, node["netns"]), invs))
         assert len({cni.result_ips(r)[0] for r in results}) == 50
         for inv in invs:
             listening = netns.nsenter(inv.netns_path.rsplit("/", 1)[1], ["ss", "-Hltn"], capture_output=True, text=True)
             assert "127.0.0.1:15053" in listening.stdout
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda inv: cni.delete(conflist, inv, CNI_PATH, node["netns"]), invs))
+            list(pool.map(lambda inv: cni.delete(conflist, inv, lab.cni_path, node["netns"]), invs))
     finally:
         for inv in invs:
             netns.remove(inv.netns_path.rsplit("/", 1)[1])
