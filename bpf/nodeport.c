@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* NodePort, external IP and load-balancer IP translation for packets that
  * arrive at the node from outside (tc programs on tcx links on the node's
- * interfaces; IPv4).
+ * interfaces; IPv4 and IPv6).
  *
  * ingress: a packet of a known flow is rewritten as its noded_nat entry says;
  *          the first packet of a flow to a NODED_SCOPE_EXTERNAL frontend picks
@@ -18,11 +18,14 @@
  * Sources inside the cluster CIDRs (pods on other nodes addressing this
  * node's node port) get the in-cluster backends, as kube-proxy's
  * short-circuit does for externalTrafficPolicy Local.
+ * Addresses are handled as 16 bytes (IPv4 mapped, as in every noded map);
+ * IPv6 packets with extension headers before TCP/UDP are left to the stack.
  */
 #include <stddef.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/in.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
@@ -30,85 +33,151 @@
 
 #include "noded_maps.h"
 
-#define AF_INET 2
+#define AF_INET  2
+#define AF_INET6 10
 #define FIB_SKIP_NEIGH 4	/* BPF_FIB_LOOKUP_SKIP_NEIGH (6.3) */
-#define FIB_SRC        16	/* BPF_FIB_LOOKUP_SRC (6.5): fill ipv4_src */
+#define FIB_SRC        16	/* BPF_FIB_LOOKUP_SRC (6.5): fill the source address */
 #define NAT_PORT_MIN   32768
 #define NAT_PORT_SPAN  28232	/* 32768..60999 */
 #define NAT_PORT_TRIES 8
-#define AFFINITY_BY_CLIENT_IP (1ULL << 63)
 
-#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
-#define IP_SRC_OFF  (ETH_HLEN + offsetof(struct iphdr, saddr))
-#define IP_DST_OFF  (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define IP_CSUM_OFF  (ETH_HLEN + offsetof(struct iphdr, check))
+#define IP_SRC_OFF   (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define IP_DST_OFF   (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define IP6_SRC_OFF  (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
+#define IP6_DST_OFF  (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
 
 struct flow {
-	__u32 saddr;
-	__u32 daddr;
+	__u32 saddr[4];		/* IPv4 mapped ::ffff:a.b.c.d */
+	__u32 daddr[4];
 	__u16 sport;
 	__u16 dport;
 	__u8  proto;
+	__u8  v6;
 	__u32 l4off;
 };
+
+static __always_inline void map_v4(__u32 *a, __u32 v4)
+{
+	a[0] = 0;
+	a[1] = 0;
+	a[2] = bpf_htonl(0xffff);
+	a[3] = v4;
+}
+
+static __always_inline int is_v4(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void addr_copy(__u32 *to, const __u32 *from)
+{
+	to[0] = from[0];
+	to[1] = from[1];
+	to[2] = from[2];
+	to[3] = from[3];
+}
+
+static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int parse_ports(struct __sk_buff *skb, struct flow *f)
+{
+	__u16 *ports = (void *)(long)skb->data + f->l4off;
+
+	if ((void *)(ports + 2) > (void *)(long)skb->data_end)
+		return 0;
+	f->sport = ports[0];
+	f->dport = ports[1];
+	return 1;
+}
 
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6;
 	struct iphdr *ip;
-	__u16 *ports;
 	__u32 ihl;
 
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
 		return 0;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end)
-		return 0;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return 0;
-	if (ip->frag_off & bpf_htons(0x3fff))	/* fragments are left to the stack */
-		return 0;
-	ihl = ip->ihl * 4;
-	if (ihl < sizeof(*ip) || ihl > 60)
-		return 0;
-	ports = data + ETH_HLEN + ihl;
-	if ((void *)(ports + 2) > end)
-		return 0;
-	f->saddr = ip->saddr;
-	f->daddr = ip->daddr;
-	f->sport = ports[0];
-	f->dport = ports[1];
-	f->proto = ip->protocol;
-	f->l4off = ETH_HLEN + ihl;
-	return 1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return 0;
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+			return 0;
+		if (ip->frag_off & bpf_htons(0x3fff))	/* fragments are left to the stack */
+			return 0;
+		ihl = ip->ihl * 4;
+		if (ihl < sizeof(*ip) || ihl > 60)
+			return 0;
+		map_v4(f->saddr, ip->saddr);
+		map_v4(f->daddr, ip->daddr);
+		f->proto = ip->protocol;
+		f->l4off = ETH_HLEN + ihl;
+		return parse_ports(skb, f);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		/* extension headers (fragments among them) are left to the stack */
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return 0;
+		__builtin_memcpy(f->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(f->daddr, &ip6->daddr, 16);
+		f->proto = ip6->nexthdr;
+		f->v6 = 1;
+		f->l4off = ETH_HLEN + sizeof(*ip6);
+		return parse_ports(skb, f);
+	}
+	return 0;
 }
 
 /* The flow's 5-tuple as a noded_nat key for one direction. */
 static __always_inline void nat_key(struct noded_nat_key *k, const struct flow *f, __u8 dir)
 {
-	k->saddr = f->saddr;
-	k->daddr = f->daddr;
+	addr_copy(k->saddr, f->saddr);
+	addr_copy(k->daddr, f->daddr);
 	k->sport = f->sport;
 	k->dport = f->dport;
 	k->proto = f->proto;
 	k->dir = dir;
 }
 
-static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, const struct noded_nat_val *to)
+/* Replace one address (at l3off) and fix the checksums it is part of. */
+static __always_inline int set_addr(struct __sk_buff *skb, const struct flow *f, __u32 csum_off, __u64 l4,
+				    __u32 l3off, __u32 *from, __u32 *to)
+{
+	__s64 diff;
+
+	if (!f->v6)
+		return bpf_l4_csum_replace(skb, csum_off, from[3], to[3], l4 | BPF_F_PSEUDO_HDR | 4) ||
+		       bpf_l3_csum_replace(skb, IP_CSUM_OFF, from[3], to[3], 4) ||
+		       bpf_skb_store_bytes(skb, l3off, &to[3], 4, 0);
+	/* IPv6 has no header checksum; the L4 one covers the addresses through the pseudo header */
+	diff = bpf_csum_diff(from, 16, to, 16, 0);
+	if (diff < 0)
+		return -1;
+	return bpf_l4_csum_replace(skb, csum_off, 0, diff, l4 | BPF_F_PSEUDO_HDR) ||
+	       bpf_skb_store_bytes(skb, l3off, to, 16, 0);
+}
+
+static __always_inline int rewrite(struct __sk_buff *skb, struct flow *f, struct noded_nat_val *to)
 {
 	__u32 csum_off = f->l4off + (f->proto == IPPROTO_TCP ? 16 : 6);
 	__u64 l4 = f->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
-	if (to->saddr != f->saddr &&
-	    (bpf_l4_csum_replace(skb, csum_off, f->saddr, to->saddr, l4 | BPF_F_PSEUDO_HDR | 4) ||
-	     bpf_l3_csum_replace(skb, IP_CSUM_OFF, f->saddr, to->saddr, 4) ||
-	     bpf_skb_store_bytes(skb, IP_SRC_OFF, &to->saddr, 4, 0)))
+	if (!addr_eq(to->saddr, f->saddr) &&
+	    set_addr(skb, f, csum_off, l4, f->v6 ? IP6_SRC_OFF : IP_SRC_OFF, f->saddr, to->saddr))
 		return -1;
-	if (to->daddr != f->daddr &&
-	    (bpf_l4_csum_replace(skb, csum_off, f->daddr, to->daddr, l4 | BPF_F_PSEUDO_HDR | 4) ||
-	     bpf_l3_csum_replace(skb, IP_CSUM_OFF, f->daddr, to->daddr, 4) ||
-	     bpf_skb_store_bytes(skb, IP_DST_OFF, &to->daddr, 4, 0)))
+	if (!addr_eq(to->daddr, f->daddr) &&
+	    set_addr(skb, f, csum_off, l4, f->v6 ? IP6_DST_OFF : IP_DST_OFF, f->daddr, to->daddr))
 		return -1;
 	if (to->sport != f->sport &&
 	    (bpf_l4_csum_replace(skb, csum_off, f->sport, to->sport, l4 | 2) ||
@@ -121,28 +190,52 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 	return 0;
 }
 
-static __always_inline int fib(struct __sk_buff *skb, struct bpf_fib_lookup *p, __u32 saddr, __u32 daddr, __u32 flags)
+/* A FIB lookup from saddr to daddr (16-byte forms; the family is daddr's). */
+static __always_inline int fib(struct __sk_buff *skb, struct bpf_fib_lookup *p, const __u32 *saddr,
+			       const __u32 *daddr, __u32 flags)
 {
-	p->family = AF_INET;
 	p->ifindex = skb->ifindex;
-	p->ipv4_src = saddr;
-	p->ipv4_dst = daddr;
+	if (is_v4(daddr)) {
+		p->family = AF_INET;
+		p->ipv4_src = saddr[3];
+		p->ipv4_dst = daddr[3];
+	} else {
+		p->family = AF_INET6;
+		addr_copy(p->ipv6_src, saddr);
+		addr_copy(p->ipv6_dst, daddr);
+	}
 	return bpf_fib_lookup(skb, p, sizeof(*p), flags);
 }
 
+/* The source address a successful FIB_SRC lookup chose, in 16-byte form. */
+static __always_inline void fib_source(const struct bpf_fib_lookup *p, __u32 *out)
+{
+	if (p->family == AF_INET)
+		map_v4(out, p->ipv4_src);
+	else
+		addr_copy(out, p->ipv6_src);
+}
+
 /* Send a rewritten packet out where the FIB says, resolving the next hop's MAC. */
-static __always_inline int send_out(struct __sk_buff *skb, __u32 saddr, __u32 daddr)
+static __always_inline int send_out(struct __sk_buff *skb, const __u32 *saddr, const __u32 *daddr)
 {
 	struct bpf_fib_lookup p = {};
-	struct bpf_redir_neigh nh = { .nh_family = AF_INET };
+	struct bpf_redir_neigh nh = {};
 
 	if (fib(skb, &p, saddr, daddr, FIB_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_SHOT;
-	nh.ipv4_nh = p.ipv4_dst;	/* the gateway, or daddr itself when on-link */
+	/* the gateway, or daddr itself when on-link */
+	if (p.family == AF_INET) {
+		nh.nh_family = AF_INET;
+		nh.ipv4_nh = p.ipv4_dst;
+	} else {
+		nh.nh_family = AF_INET6;
+		addr_copy(nh.ipv6_nh, p.ipv6_dst);
+	}
 	return bpf_redirect_neigh(p.ifindex, &nh, sizeof(nh), 0);
 }
 
-static __always_inline int apply(struct __sk_buff *skb, const struct flow *f, const struct noded_nat_val *to)
+static __always_inline int apply(struct __sk_buff *skb, struct flow *f, struct noded_nat_val *to)
 {
 	if (rewrite(skb, f, to))
 		return TC_ACT_SHOT;
@@ -151,11 +244,11 @@ static __always_inline int apply(struct __sk_buff *skb, const struct flow *f, co
 
 static __always_inline struct noded_svc_val *frontend(const struct flow *f, struct noded_svc_key *key)
 {
-	struct noded_cidr_key pod = { .prefixlen = 32, .addr = f->saddr };
+	struct noded_cidr_key pod = { .prefixlen = 128 };
 	struct noded_svc_val *svc;
 
-	key->addr[2] = bpf_htonl(0xffff);
-	key->addr[3] = f->daddr;
+	addr_copy(pod.addr, f->saddr);
+	addr_copy(key->addr, f->daddr);
 	key->port = f->dport;
 	key->proto = f->proto;
 	key->slot = 0;
@@ -172,7 +265,7 @@ static __always_inline struct noded_svc_val *frontend(const struct flow *f, stru
 static __always_inline __u32 pick_backend(const struct flow *f, struct noded_svc_key *key,
 					  const struct noded_svc_val *svc)
 {
-	struct noded_affinity_key akey = { .netns_cookie = AFFINITY_BY_CLIENT_IP | f->saddr, .svc_id = svc->svc_id };
+	struct noded_affinity_key akey = { .netns_cookie = NODED_AFFINITY_BY_ADDRESS, .svc_id = svc->svc_id };
 	struct noded_affinity_val aval = {}, *aff;
 	struct noded_backend *be;
 	struct noded_svc_val *slot;
@@ -182,6 +275,7 @@ static __always_inline __u32 pick_backend(const struct flow *f, struct noded_svc
 	if (!count)
 		return 0;
 	if (svc->affinity_timeout) {
+		addr_copy(akey.client, f->saddr);
 		now = bpf_ktime_get_ns();
 		aff = bpf_map_lookup_elem(&noded_affinity, &akey);
 		if (aff && now - aff->last_used_ns <= (__u64)svc->affinity_timeout * 1000000000ULL) {
@@ -233,34 +327,34 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 	if (!be && (svc->flags & NODED_SVC_NO_ENDPOINTS) &&
 	    fib(skb, &p, f.saddr, f.daddr, FIB_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return TC_ACT_OK;	/* addressed to this node: its stack refuses it (TCP RST, ICMP port unreachable) */
-	if (!be || be->addr[2] != bpf_htonl(0xffff))
-		return TC_ACT_SHOT;	/* no (IPv4) endpoint for it here: dropped, as kube-proxy does for Local */
-	if (fib(skb, &p, f.saddr, be->addr[3], FIB_SKIP_NEIGH | FIB_SRC) != BPF_FIB_LKUP_RET_SUCCESS)
+	if (!be || is_v4(be->addr) == f.v6)
+		return TC_ACT_SHOT;	/* no endpoint (of this family) for it here: dropped, as kube-proxy does for Local */
+	if (fib(skb, &p, f.saddr, be->addr, FIB_SKIP_NEIGH | FIB_SRC) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_SHOT;
 
 	/* reply direction: the client sees the frontend it addressed */
-	rev.saddr = f.daddr;
-	rev.daddr = f.saddr;
+	addr_copy(rev.saddr, f.daddr);
+	addr_copy(rev.daddr, f.saddr);
 	rev.sport = f.dport;
 	rev.dport = f.sport;
-	rk.saddr = be->addr[3];
+	addr_copy(rk.saddr, be->addr);
 	rk.sport = be->port;
 	rk.proto = f.proto;
-	fwd.daddr = be->addr[3];
+	addr_copy(fwd.daddr, be->addr);
 	fwd.dport = be->port;
 	if (p.ifindex != skb->ifindex) {
 		/* a backend on this node: replies route back through us and leave by egress */
-		fwd.saddr = f.saddr;
+		addr_copy(fwd.saddr, f.saddr);
 		fwd.sport = f.sport;
-		rk.daddr = f.saddr;
+		addr_copy(rk.daddr, f.saddr);
 		rk.dport = f.sport;
 		rk.dir = NODED_NAT_DIR_EGRESS;
 	} else {
 		/* another node's backend: source-NAT to this node so replies come back here */
-		fwd.saddr = p.ipv4_src;
+		fib_source(&p, fwd.saddr);
 		fwd.flags = NODED_NAT_REDIRECT;
 		rev.flags = NODED_NAT_REDIRECT;
-		rk.daddr = p.ipv4_src;
+		addr_copy(rk.daddr, fwd.saddr);
 		rk.dir = NODED_NAT_DIR_INGRESS;
 		base = bpf_get_prandom_u32();
 		for (i = 0; i < NAT_PORT_TRIES; i++) {

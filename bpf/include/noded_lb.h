@@ -75,10 +75,15 @@ struct noded_revnat_val {
 	__u32 svc_id;
 };
 
-/* ClientIP session affinity; the client is the socket's network namespace
- * (one per pod), as Cilium's socket LB does. */
+/* ClientIP session affinity. For sockets the client is the socket's network
+ * namespace (one per pod), as Cilium's socket LB does: netns_cookie, client
+ * zero. For packets from outside (tc) it is the source address: netns_cookie
+ * is NODED_AFFINITY_BY_ADDRESS and client holds the address. */
+#define NODED_AFFINITY_BY_ADDRESS (1ULL << 63)
+
 struct noded_affinity_key {
 	__u64 netns_cookie;
+	__u32 client[4];
 	__u32 svc_id;
 	__u32 pad;
 };
@@ -90,15 +95,15 @@ struct noded_affinity_val {
 };
 
 /* NodePort / external IP translation state, one entry per direction of a
- * flow, keyed by the IPv4 5-tuple as the packet carries it where it is
- * looked up; the value is the 5-tuple to rewrite it to. */
+ * flow, keyed by the 5-tuple (addresses 16 bytes, IPv4 mapped) as the packet
+ * carries it where it is looked up; the value is the 5-tuple to rewrite it to. */
 #define NODED_NAT_DIR_INGRESS 0
 #define NODED_NAT_DIR_EGRESS  1
 #define NODED_NAT_REDIRECT    0x1	/* after the rewrite, send it back out (fib lookup) */
 
 struct noded_nat_key {
-	__u32 saddr;
-	__u32 daddr;
+	__u32 saddr[4];
+	__u32 daddr[4];
 	__u16 sport;
 	__u16 dport;
 	__u8  proto;
@@ -107,17 +112,18 @@ struct noded_nat_key {
 };
 
 struct noded_nat_val {
-	__u32 saddr;
-	__u32 daddr;
+	__u32 saddr[4];
+	__u32 daddr[4];
 	__u16 sport;
 	__u16 dport;
 	__u32 flags;		/* NODED_NAT_* */
 };
 
-/* The cluster CIDRs (LPM trie): sources inside them are pods. */
+/* The cluster CIDRs (LPM trie): sources inside them are pods. IPv4 CIDRs
+ * are stored mapped (prefix length + 96). */
 struct noded_cidr_key {
 	__u32 prefixlen;
-	__u32 addr;
+	__u32 addr[4];
 };
 
 #endif

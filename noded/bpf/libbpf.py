@@ -28,6 +28,9 @@ ffi.cdef(
     int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
     int bpf_map__fd(const struct bpf_map *map);
     _Bool bpf_map__is_internal(const struct bpf_map *map);
+    unsigned int bpf_map__key_size(const struct bpf_map *map);
+    unsigned int bpf_map__value_size(const struct bpf_map *map);
+    int bpf_obj_get_info_by_fd(int bpf_fd, void *info, unsigned int *info_len);
     struct bpf_link *bpf_program__attach_cgroup(const struct bpf_program *prog, int cgroup_fd);
     int bpf_link__pin(struct bpf_link *link, const char *path);
     struct bpf_link *bpf_link__open(const char *path);
@@ -173,11 +176,23 @@ class Object:
             p = lib.bpf_object__next_program(self._obj, p)
 
     def pin_maps_under(self, directory: str) -> None:
-        """Reuse maps pinned in directory, or pin new ones there, at load."""
+        """Reuse maps pinned in directory, or pin new ones there, at load. A pinned map whose key or value
+        layout differs from this object's (left by an older noded) is unpinned, so a new one replaces it."""
         for name, m in self.maps():
             if lib.bpf_map__is_internal(m):  # the object's own .rodata/.bss: private to it
                 continue
-            _check(lib.bpf_map__set_pin_path(m, f"{directory}/{name}".encode()), f"pin path {name}")
+            path = f"{directory}/{name}"
+            pinned = pinned_map_sizes(path)
+            wanted = (lib.bpf_map__key_size(m), lib.bpf_map__value_size(m))
+            if pinned is not None and pinned != wanted:
+                log.warning(
+                    "pinned map has another layout: replaced, its entries are lost",
+                    map=path,
+                    pinned=pinned,
+                    wanted=wanted,
+                )
+                os.unlink(path)
+            _check(lib.bpf_map__set_pin_path(m, path.encode()), f"pin path {name}")
 
     def load(self) -> None:
         _check(lib.bpf_object__load(self._obj), f"load {self.path}")
@@ -192,6 +207,20 @@ class Object:
         if self._obj is not None:
             lib.bpf_object__close(self._obj)
             self._obj = None
+
+
+def pinned_map_sizes(path: str) -> tuple[int, int] | None:
+    """(key size, value size) of the map pinned at path, or None when nothing is pinned there."""
+    if not os.path.exists(path):
+        return None
+    fd = _check(lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
+    try:
+        info = ffi.new("unsigned int[32]")  # struct bpf_map_info: type, id, key_size, value_size, ...
+        size = ffi.new("unsigned int *", ffi.sizeof(info))
+        _check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"info of {path}")
+        return int(info[2]), int(info[3])
+    finally:
+        os.close(fd)
 
 
 def attach_cgroup_pinned(prog, cgroup_path: str, pin_path: str) -> str:

@@ -74,6 +74,7 @@ class RevNatVal(ctypes.Structure):
 class AffinityKey(ctypes.Structure):
     _fields_ = [
         ("netns_cookie", ctypes.c_uint64),
+        ("client", ctypes.c_uint8 * 16),
         ("svc_id", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
     ]
@@ -89,8 +90,8 @@ class AffinityVal(ctypes.Structure):
 
 class NatKey(ctypes.Structure):
     _fields_ = [
-        ("saddr", ctypes.c_uint32),
-        ("daddr", ctypes.c_uint32),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
         ("proto", ctypes.c_uint8),
@@ -101,8 +102,8 @@ class NatKey(ctypes.Structure):
 
 class NatVal(ctypes.Structure):
     _fields_ = [
-        ("saddr", ctypes.c_uint32),
-        ("daddr", ctypes.c_uint32),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
         ("flags", ctypes.c_uint32),
@@ -110,7 +111,7 @@ class NatVal(ctypes.Structure):
 
 
 class CidrKey(ctypes.Structure):
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
 
 
 # C struct name -> mirror, for the layout test.

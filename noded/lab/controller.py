@@ -10,17 +10,21 @@ from typing import Any
 from noded.model.tracker import ZONE_LABEL
 
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR6 = "fd96::/112"
 FIRST_HOST = 10  # leave .1-.9 for well-known services, as clusters do
 NODE_PORT_RANGE = range(30000, 32768)
 LB_CIDR = "10.77.100.0/24"  # the lab's load balancer (what MetalLB or a cloud would hand out)
+LB_CIDR6 = "fd77:100::/120"
+DUAL_STACK = ("PreferDualStack", "RequireDualStack")
 
 
 def allocate_service_fields(docs: list[Any], state: dict[str, Any]) -> list[Any]:
     """What the API server and a load-balancer controller fill in: cluster IPs, node ports, health check
     node ports and load-balancer ingress IPs, each stable per service (kept in state)."""
-    docs = allocate_cluster_ips(docs, state.setdefault("clusterIPs", {}))
+    docs = allocate_cluster_ips(docs, state.setdefault("clusterIPs", {}), state.setdefault("clusterIPs6", {}))
     ports = state.setdefault("nodePorts", {})
     lb_ips = state.setdefault("lbIPs", {})
+    lb_ips6 = state.setdefault("lbIPs6", {})
     out = []
     for doc in docs:
         if not (isinstance(doc, dict) and doc.get("kind") == "Service" and isinstance(doc.get("spec"), dict)):
@@ -35,12 +39,21 @@ def allocate_service_fields(docs: list[Any], state: dict[str, Any]) -> list[Any]
             if spec.get("type") == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local":
                 spec.setdefault("healthCheckNodePort", _allocate(ports, f"{key}/health"))
         if spec.get("type") == "LoadBalancer" and not (doc.get("status") or {}).get("loadBalancer"):
-            if key not in lb_ips:
-                used = set(lb_ips.values())
-                lb_ips[key] = next(str(ip) for ip in ipaddress.ip_network(LB_CIDR).hosts() if str(ip) not in used)
-            doc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ips[key]}]}}
+            ingress = []
+            for family, pool, cidr in (("IPv4", lb_ips, LB_CIDR), ("IPv6", lb_ips6, LB_CIDR6)):
+                if family in (spec.get("ipFamilies") or ["IPv4"]):
+                    ingress.append({"ip": _allocate_ip(pool, key, cidr)})
+            doc["status"] = {"loadBalancer": {"ingress": ingress}}
         out.append(doc)
     return out
+
+
+def _allocate_ip(allocated: dict[str, str], key: str, cidr: str, first: int = 1) -> str:
+    if key not in allocated:
+        used = set(allocated.values())
+        hosts = (str(ip) for i, ip in enumerate(ipaddress.ip_network(cidr).hosts()) if i + 1 >= first)
+        allocated[key] = next(ip for ip in hosts if ip not in used)
+    return allocated[key]
 
 
 def _allocate(allocated: dict[str, int], key: str) -> int:
@@ -55,14 +68,22 @@ def node_object(node: dict) -> dict:
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": node["name"], "labels": {ZONE_LABEL: node["zone"]}},
-        "status": {"addresses": [{"type": "InternalIP", "address": node["address"]}]},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": node[field]} for field in ("address", "address6") if node.get(field)
+            ]
+        },
     }
 
 
-def allocate_cluster_ips(docs: list[Any], allocated: dict[str, str], cidr: str = SERVICE_CIDR) -> list[Any]:
-    """Give every Service without a clusterIP one from cidr (stable per namespace/name); other docs pass through."""
-    used = set(allocated.values())
-    pool = (str(ip) for i, ip in enumerate(ipaddress.ip_network(cidr).hosts()) if i + 1 >= FIRST_HOST)
+def allocate_cluster_ips(
+    docs: list[Any], allocated: dict[str, str], allocated6: dict[str, str] | None = None
+) -> list[Any]:
+    """Give every Service without cluster IPs some, as the API server does (stable per namespace/name):
+    IPv4 from SERVICE_CIDR unless ipFamilies says otherwise, and IPv6 from SERVICE_CIDR6 too for
+    PreferDualStack/RequireDualStack or ipFamilies naming IPv6. ipFamilies and ipFamilyPolicy are filled in.
+    Other docs pass through."""
+    allocated6 = {} if allocated6 is None else allocated6
     out = []
     for doc in docs:
         if not (isinstance(doc, dict) and doc.get("kind") == "Service" and isinstance(doc.get("spec"), dict)):
@@ -74,13 +95,15 @@ def allocate_cluster_ips(docs: list[Any], allocated: dict[str, str], cidr: str =
             out.append(doc)
             continue
         key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
-        ip = allocated.get(key)
-        if ip is None:
-            ip = next(candidate for candidate in pool if candidate not in used)
-            allocated[key] = ip
-            used.add(ip)
-        spec["clusterIP"] = ip
-        spec["clusterIPs"] = [ip]
+        families = [f for f in spec.get("ipFamilies") or [] if f in ("IPv4", "IPv6")] or ["IPv4"]
+        if spec.get("ipFamilyPolicy") in DUAL_STACK and len(families) == 1:
+            families.append("IPv6" if families[0] == "IPv4" else "IPv4")
+        pools = {"IPv4": (allocated, SERVICE_CIDR), "IPv6": (allocated6, SERVICE_CIDR6)}
+        ips = [_allocate_ip(pools[f][0], key, pools[f][1], FIRST_HOST) for f in families]
+        spec["ipFamilies"] = families
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
+        spec["clusterIP"] = ips[0]
+        spec["clusterIPs"] = ips
         out.append(doc)
     return out
 
@@ -115,7 +138,7 @@ def endpoint_slices(services: list[dict], pods: list[dict], zones: dict[str, str
                 }
             )
         selected = [pod for pod in pods if pod["namespace"] == ns and _selects(selector, pod.get("labels", {}))]
-        for family in ("IPv4", "IPv6"):
+        for family in spec.get("ipFamilies") or ["IPv4"]:  # one slice per family the service has, as the API's
             endpoints = []
             for pod in sorted(selected, key=lambda p: p["name"]):
                 ips = [ip for ip in pod.get("ips", []) if f"IPv{ipaddress.ip_address(ip).version}" == family]
@@ -139,8 +162,6 @@ def endpoint_slices(services: list[dict], pods: list[dict], zones: dict[str, str
                     if spec.get("trafficDistribution") == "PreferClose":
                         ep["hints"] = {"forZones": [{"name": zone}]}
                 endpoints.append(ep)
-            if family == "IPv6" and not endpoints:
-                continue
             slices.append(
                 {
                     "apiVersion": "discovery.k8s.io/v1",

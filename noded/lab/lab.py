@@ -34,7 +34,10 @@ FABRIC_BRIDGE = "fabric0"
 EXTERNAL_NS = "noded-external"
 FABRIC_PREFIX = "10.77.0"
 EXTERNAL_ADDRESS = f"{FABRIC_PREFIX}.2"
+FABRIC_PREFIX6 = "fd77::"
+EXTERNAL_ADDRESS6 = f"{FABRIC_PREFIX6}2"
 CLUSTER_CIDR = "10.244.0.0/16"
+CLUSTER_CIDR6 = "fd44::/48"
 CNI_PLUGINS = "/usr/lib/cni"  # Debian containernetworking-plugins
 
 
@@ -97,6 +100,7 @@ class Lab:
             netns.create(EXTERNAL_NS)
             netns.connect_to_bridge(FABRIC_NS, FABRIC_BRIDGE, "external", EXTERNAL_NS, "eth0")
             netns.set_address(EXTERNAL_NS, "eth0", EXTERNAL_ADDRESS, 24)
+            netns.set_address(EXTERNAL_NS, "eth0", EXTERNAL_ADDRESS6, 64)
             netns.cgroup_create(CGROUP)
             names = [f"node{i}" for i in range(1, nodes + 1)]
             for i, name in enumerate(names, start=1):
@@ -105,12 +109,15 @@ class Lab:
                 for other, peer in state["nodes"].items():
                     if other != name:
                         netns.add_route(node["netns"], peer["podCIDR"], peer["address"])
+                        netns.add_route(node["netns"], peer["podCIDR6"], peer["address6"])
             # the external host plays the nodes' upstream router (their default route, as real nodes have;
             # iptables mode rejects in FORWARD, which needs a route) and sends load-balancer IPs to node1
             for node in state["nodes"].values():
                 netns.add_route(node["netns"], "0.0.0.0/0", EXTERNAL_ADDRESS)
+                netns.add_route(node["netns"], "::/0", EXTERNAL_ADDRESS6)
             first = state["nodes"][names[0]]
             netns.add_route(EXTERNAL_NS, controller.LB_CIDR, first["address"])
+            netns.add_route(EXTERNAL_NS, controller.LB_CIDR6, first["address6"])
             write_atomic(self.state_path, json.dumps(state, indent=1))
             self._reconcile(state)
             for name in names:
@@ -129,7 +136,9 @@ class Lab:
             "name": name,
             "netns": ns,
             "address": address,
+            "address6": f"{FABRIC_PREFIX6}{10 + index:x}",
             "podCIDR": f"10.244.{index}.0/24",
+            "podCIDR6": f"fd44:0:0:{index:x}::/64",
             "zone": f"zone-{'abcdefgh'[(index - 1) % 8]}",
             "cgroup": f"{CGROUP}/{name}",
             "bpffsPath": f"/sys/fs/bpf/noded/{name}",
@@ -138,7 +147,9 @@ class Lab:
         netns.create(ns)
         netns.connect_to_bridge(FABRIC_NS, FABRIC_BRIDGE, f"v-{name}"[:15], ns, "eth0")
         netns.set_address(ns, "eth0", address, 24)
+        netns.set_address(ns, "eth0", node["address6"], 64)
         netns.sysctl(ns, "net.ipv4.ip_forward", "1")
+        netns.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
         for sub in ("", "/system", "/pods"):
             netns.cgroup_create(node["cgroup"] + sub)
         os.makedirs(f"{self.node_dir(name)}/ipam", exist_ok=True)
@@ -147,7 +158,7 @@ class Lab:
             "kind": "NodedConfiguration",
             "nodeName": name,
             "source": {"directory": self.manifests},
-            "clusterCIDRs": [CLUSTER_CIDR],
+            "clusterCIDRs": [CLUSTER_CIDR, CLUSTER_CIDR6],
             "services": {"mode": mode, "cgroupPath": node["cgroup"]},
             "api": {"socket": self.api_socket(name)},
             "bpffsPath": node["bpffsPath"],
@@ -171,8 +182,8 @@ class Lab:
                     "hairpinMode": True,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": node["podCIDR"]}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "ranges": [[{"subnet": node["podCIDR"]}], [{"subnet": node["podCIDR6"]}]],
+                        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
                         "dataDir": f"{self.node_dir(node['name'])}/ipam",
                     },
                 },
@@ -456,7 +467,9 @@ class Lab:
                 {
                     "name": n["name"],
                     "address": n["address"],
+                    "address6": n.get("address6"),
                     "podCIDR": n["podCIDR"],
+                    "podCIDR6": n.get("podCIDR6"),
                     "zone": n.get("zone"),
                     "netns": n["netns"],
                     "daemonPid": self.daemon_pid(n["name"]),

@@ -18,9 +18,13 @@ def exists(name: str) -> bool:
 
 
 def create(name: str) -> None:
+    """A namespace with lo up and IPv6 duplicate address detection off: lab addresses are unique by
+    construction, and with DAD every address would be unusable (and the bridge plugin would wait) ~1 s."""
     netns.create(name)
     with NetNS(name) as ns:
         ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+    sysctl(name, "net.ipv6.conf.default.accept_dad", "0")
+    sysctl(name, "net.ipv6.conf.all.accept_dad", "0")
 
 
 def remove(name: str) -> None:

@@ -235,13 +235,13 @@ class ServiceModel:
             sp = next((p for p in ports if p.health_check_node_port and p.external_traffic_local), None)
             if sp is None or sp.type not in ("LoadBalancer", "NodePort"):
                 continue
-            local = {
-                ep.address
-                for s in slices_of.get(key, [])
-                for ep in s.endpoints
-                if ep.ready and ep.node_name == self.node_name
-            }
-            out[sp.health_check_node_port] = (f"{key[0]}/{key[1]}", len(local))
+            # local endpoints per family: a dual-stack pod is one endpoint, with an address in each
+            local: dict[str, set[str]] = {}
+            for s in slices_of.get(key, []):
+                for ep in s.endpoints:
+                    if ep.ready and ep.node_name == self.node_name:
+                        local.setdefault(s.address_type, set()).add(ep.address)
+            out[sp.health_check_node_port] = (f"{key[0]}/{key[1]}", max(map(len, local.values()), default=0))
         return out
 
 

@@ -47,13 +47,13 @@ def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
 
 def map_frontends(frontends: dict[Frontend, FrontendState]) -> dict[Frontend, FrontendState]:
     """The map entries a service's frontends need: each for this node's sockets (in-cluster backends),
-    and external IPv4 frontends once more for packets arriving from outside (tc, external policy)."""
+    and external frontends once more for packets arriving from outside (tc, external policy)."""
     out: dict[Frontend, FrontendState] = {}
     for fe, st in frontends.items():
         if fe.protocol not in SOCKET_LB_PROTOCOLS:
             continue
         out[fe] = replace(st, ready=st.in_cluster[0], terminating=st.in_cluster[1]) if st.in_cluster else st
-        if st.external and ":" not in fe.ip:
+        if st.external:
             out[replace(fe, scope=structs.SCOPE_EXTERNAL)] = st
     return out
 
@@ -125,7 +125,7 @@ class EbpfProxier:
         self.maps = maps
         self.bpffs = bpffs
         self.external_interfaces: dict[str, int] | None = None
-        self._set_cluster_cidrs([c for c in cluster_cidrs if ":" not in c])
+        self._set_cluster_cidrs(list(cluster_cidrs))
         programmed, max_svc, max_backend = read_maps(maps)
         # Adopted at the first full sync; whatever no service claims then is stale.
         self._unclaimed: dict[Frontend, Programmed] = programmed
@@ -178,12 +178,12 @@ class EbpfProxier:
         self.external_interfaces = dict(interfaces)
 
     def _set_cluster_cidrs(self, cidrs: list[str]) -> None:
-        """Sources the tc programs treat as pods (the cluster CIDRs, IPv4)."""
+        """Sources the tc programs treat as pods (the cluster CIDRs; IPv4 ones mapped, as addresses are)."""
         wanted = {}
         for cidr in cidrs:
             net = ipaddress.ip_network(cidr, strict=False)
-            key = structs.CidrKey(prefixlen=net.prefixlen)
-            key.addr[:] = list(net.network_address.packed)
+            key = structs.CidrKey(prefixlen=net.prefixlen + (96 if net.version == 4 else 0))
+            key.addr = structs.pack_addr(str(net.network_address))
             wanted[bytes(key)] = key
         for key in list(self.maps.cluster_cidrs.keys()):
             if bytes(key) not in wanted:

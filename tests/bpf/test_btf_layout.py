@@ -2,9 +2,12 @@
 
 import ctypes
 import json
+import os
 import subprocess
 
-from noded.bpf import sock_lb, structs
+from noded.bpf import libbpf, sock_lb, structs
+from noded.services import ebpf
+from tests.objects import endpoint, service, slice_
 
 
 def btf_structs():
@@ -42,3 +45,37 @@ def test_map_value_sizes_match_the_maps_libbpf_creates(ebpf_lb):
             ).stdout
         )
         assert (info["bytes_key"], info["bytes_value"]) == (ctypes.sizeof(key), ctypes.sizeof(value)), m.name
+
+
+def test_a_pinned_map_left_with_an_older_layout_is_replaced_and_the_rest_kept(ebpf_lb):
+    lb = ebpf_lb
+    lb.apply(service("keep", "10.96.40.1"), slice_("keep", [endpoint("10.0.0.9")]))
+    nat = f"{lb.bpffs}/noded_nat"
+    os.unlink(nat)  # what noded before IPv6 in tc pinned: 20-byte keys, 16-byte values
+    subprocess.run(
+        [
+            "bpftool",
+            "map",
+            "create",
+            nat,
+            "type",
+            "lru_hash",
+            "key",
+            "20",
+            "value",
+            "16",
+            "entries",
+            "16",
+            "name",
+            "noded_nat",
+        ],
+        check=True,
+    )
+    assert libbpf.pinned_map_sizes(nat) == (20, 16)
+    maps = sock_lb.load_and_attach(lb.bpffs, lb.cgroup)  # a restart of the new version
+    try:
+        assert libbpf.pinned_map_sizes(nat) == (ctypes.sizeof(structs.NatKey), ctypes.sizeof(structs.NatVal))
+        # the services' maps were reused, not emptied
+        assert any(v.frontend.ip == "10.96.40.1" for v in ebpf.describe(maps))
+    finally:
+        maps.close()

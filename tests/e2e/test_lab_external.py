@@ -11,16 +11,18 @@ from tests.e2e.test_lab_services import pod_ip, write_manifest
 from tests.objects import endpoint, service, slice_
 
 EXTERNAL = "10.77.0.2"
+EXTERNAL6 = "fd77::2"
 
 
-def node_address(lab, node):
-    return lab.state()["nodes"][node]["address"]
+def node_address(lab, node, field="address"):
+    return lab.state()["nodes"][node][field]
 
 
 def apply_service(lab, name, **spec):
     apply_text(lab, service_yaml(name, {"app": "echo"}, [("http", "TCP", 80, 8080)], extra_spec=spec), f"{name}.yaml")
     state = lab.state()
-    return state["clusterIPs"][f"default/{name}"], state.get("nodePorts", {}).get(f"default/{name}/http/TCP")
+    vip = state["clusterIPs"].get(f"default/{name}") or state["clusterIPs6"][f"default/{name}"]
+    return vip, state.get("nodePorts", {}).get(f"default/{name}/http/TCP")
 
 
 def peers(out):
@@ -123,6 +125,43 @@ def test_session_affinity_for_external_clients(lab):
     wait_programmed(lab, "node1", f"{node_address(lab, 'node1')}:{node_port}/TCP", ready=3)
     out = probe(lab, "external", "tcp", node_address(lab, "node1"), node_port, count=20)
     assert out["errors"] == {} and len(out["answers"]) == 1
+
+
+def test_ipv6_node_port_load_balancer_and_external_ip_from_outside(lab):
+    """A dual-stack service, reached over IPv6 from the external host: node port (remote backends
+    masqueraded to the node), LoadBalancer IP with Local policy (client address kept), external IP."""
+    apply_service(lab, "dual", type="LoadBalancer", ipFamilyPolicy="PreferDualStack", externalIPs=["fd77:100::fa"])
+    state = lab.state()
+    node_port = state["nodePorts"]["default/dual/http/TCP"]
+    for node, ready in (("node1", 3), ("node2", 3)):
+        host = node_address(lab, node, "address6")
+        wait_programmed(lab, node, f"[{host}]:{node_port}/TCP", ready=ready)
+        out = probe(lab, "external", "tcp", host, node_port, count=60, message="peer")
+        assert out["errors"] == {}
+        seen = peers(out)
+        assert set(seen) == {"echo-1", "echo-2", "echo-3"}
+        remote = {"echo-1"} if node == "node2" else {"echo-2", "echo-3"}
+        assert all(seen[name] == {host} for name in remote), seen
+    lb6 = state["lbIPs6"]["default/dual"]
+    wait_programmed(lab, "node1", f"[{lb6}]:80/TCP", ready=3)
+    out = probe(lab, "external", "tcp", lb6, 80, count=40)
+    assert out["errors"] == {} and set(out["answers"]) == {"echo-1", "echo-2", "echo-3"}
+    out = probe(lab, "external", "tcp", "fd77:100::fa", 80, count=40)
+    assert out["errors"] == {} and set(out["answers"]) == {"echo-1", "echo-2", "echo-3"}
+
+
+def test_ipv6_local_policy_keeps_the_client_address(lab):
+    apply_service(lab, "dual-local", type="LoadBalancer", ipFamilies=["IPv6"], externalTrafficPolicy="Local")
+    state = lab.state()
+    node_port = state["nodePorts"]["default/dual-local/http/TCP"]
+    host = node_address(lab, "node2", "address6")
+    wait_programmed(lab, "node2", f"[{host}]:{node_port}/TCP", ready=2)
+    out = probe(lab, "external", "tcp", host, node_port, count=30, message="peer")
+    assert out["errors"] == {} and peers(out) == {"echo-2": {EXTERNAL6}, "echo-3": {EXTERNAL6}}
+    lb6 = state["lbIPs6"]["default/dual-local"]
+    wait_programmed(lab, "node1", f"[{lb6}]:80/TCP", ready=1)
+    out = probe(lab, "external", "tcp", lb6, 80, count=10, message="peer")
+    assert out["errors"] == {} and peers(out) == {"echo-1": {EXTERNAL6}}
 
 
 def test_internal_traffic_policy_local(lab):

@@ -265,6 +265,11 @@ def test_zone_hints_used_only_when_complete_and_matching():
 def test_health_checks_count_local_ready_endpoints():
     m = external_model(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000)
     assert m.health_checks() == {32000: ("default/web", 1)}
+    # a dual-stack pod is one endpoint, though it has an address in each family's slice
+    six = [endpoint("fd44::1:2", node="node1")]
+    m.upsert(slice_("web", six, name="web-v6", address_type="IPv6"))
+    assert m.health_checks() == {32000: ("default/web", 1)}
+    m.delete("EndpointSlice", "default", "web-v6")
     m.upsert(slice_("web", [endpoint("10.244.2.2", node="node2")]))
     assert m.health_checks() == {32000: ("default/web", 0)}
     m.upsert(service("web", type="LoadBalancer", healthCheckNodePort=32000))  # Cluster policy: no health check
