@@ -41,6 +41,19 @@
 #define NAT_PORT_SPAN  28232	/* 32768..60999 */
 #define NAT_PORT_TRIES 8
 
+#define ICMP_DEST_UNREACH   3	/* <linux/icmp.h> pulls in libc headers: the few constants here */
+#define ICMP_PORT_UNREACH   3
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PORT_UNREACH 4
+
+/* the ICMP and ICMPv6 header, as far as destination unreachable uses it */
+struct icmp_unreach {
+	__u8  type;
+	__u8  code;
+	__u16 checksum;
+	__u32 unused;
+};
+
 #define IP_CSUM_OFF  (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_SRC_OFF   (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF   (ETH_HLEN + offsetof(struct iphdr, daddr))
@@ -298,6 +311,127 @@ static __always_inline __u32 pick_backend(const struct flow *f, struct noded_svc
 	return slot->backend_id;
 }
 
+static __always_inline __u16 csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* Answer the packet with ICMP port unreachable from the address it was sent to, as kube-proxy's reject
+ * does for a service with no endpoints. A new IP + ICMP header goes in front of the packet, which becomes
+ * the quoted original (whole when short, as a SYN is; else cut to its IP header + 8 bytes of L4, which
+ * a checksum-offloaded TCP segment does not allow: those are dropped), and the result goes back out the
+ * interface it came in on. */
+#define QUOTE_MAX 128
+
+static __always_inline __s64 quote_csum(struct __sk_buff *skb, __u32 quoted, __s64 sum)
+{
+	__u32 i, off, rem;
+	__u32 w;
+
+	for (i = 0; i < QUOTE_MAX / 4; i++) {
+		off = i * 4;
+		if (off >= quoted)
+			break;
+		rem = quoted - off;
+		if (rem >= 4) {
+			if (bpf_skb_load_bytes(skb, ETH_HLEN + off, &w, 4))
+				return -1;
+		} else {
+			/* the last 1..3 bytes, zero padded: read the quote's last 4 bytes and shift the ones
+			 * already summed out (little-endian: the first bytes in memory are the low ones) */
+			if (bpf_skb_load_bytes(skb, ETH_HLEN + quoted - 4, &w, 4))
+				return -1;
+			w >>= 8 * (4 - rem);
+		}
+		sum = bpf_csum_diff(0, 0, &w, 4, (__u32)sum);
+	}
+	return sum;
+}
+
+static __always_inline int reject(struct __sk_buff *skb, const struct flow *f)
+{
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+	__u32 quoted = skb->len - ETH_HLEN;
+	__s64 sum;
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return TC_ACT_SHOT;
+	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
+	if (quoted > QUOTE_MAX) {
+		if (bpf_skb_change_tail(skb, f->l4off + 8, 0))
+			return TC_ACT_SHOT;
+		quoted = f->l4off + 8 - ETH_HLEN;
+	}
+	if (quoted < 28 || quoted > QUOTE_MAX)
+		return TC_ACT_SHOT;
+	if (!f->v6) {
+		struct {
+			struct iphdr ip;
+			struct icmp_unreach icmp;
+		} h = {};
+
+		h.ip.version = 4;
+		h.ip.ihl = 5;
+		h.ip.ttl = 64;
+		h.ip.protocol = IPPROTO_ICMP;
+		h.ip.tot_len = bpf_htons(sizeof(h) + quoted);
+		h.ip.saddr = f->daddr[3];
+		h.ip.daddr = f->saddr[3];
+		h.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
+		h.icmp.type = ICMP_DEST_UNREACH;
+		h.icmp.code = ICMP_PORT_UNREACH;
+		sum = quote_csum(skb, quoted, 0);
+		if (sum < 0)
+			return TC_ACT_SHOT;
+		h.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.icmp, sizeof(h.icmp), (__u32)sum));
+		if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), BPF_F_RECOMPUTE_CSUM))
+			return TC_ACT_SHOT;
+	} else {
+		struct {
+			__u32 saddr[4];
+			__u32 daddr[4];
+			__be32 len;
+			__be32 next;
+		} pseudo = {};
+		struct {
+			struct ipv6hdr ip6;
+			struct icmp_unreach icmp;
+		} h = {};
+
+		h.ip6.version = 6;
+		h.ip6.hop_limit = 64;
+		h.ip6.nexthdr = IPPROTO_ICMPV6;
+		h.ip6.payload_len = bpf_htons(sizeof(h.icmp) + quoted);
+		__builtin_memcpy(&h.ip6.saddr, f->daddr, 16);
+		__builtin_memcpy(&h.ip6.daddr, f->saddr, 16);
+		h.icmp.type = ICMPV6_DEST_UNREACH;
+		h.icmp.code = ICMPV6_PORT_UNREACH;
+		addr_copy(pseudo.saddr, f->daddr);
+		addr_copy(pseudo.daddr, f->saddr);
+		pseudo.len = bpf_htonl(sizeof(h.icmp) + quoted);
+		pseudo.next = bpf_htonl(IPPROTO_ICMPV6);
+		sum = bpf_csum_diff(0, 0, (__be32 *)&pseudo, sizeof(pseudo), 0);
+		sum = quote_csum(skb, quoted, sum);
+		if (sum < 0)
+			return TC_ACT_SHOT;
+		h.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.icmp, sizeof(h.icmp), (__u32)sum));
+		if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), BPF_F_RECOMPUTE_CSUM))
+			return TC_ACT_SHOT;
+	}
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), BPF_F_RECOMPUTE_CSUM))
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 SEC("tc")
 int noded_nodeport_ingress(struct __sk_buff *skb)
 {
@@ -324,9 +458,14 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	backend_id = pick_backend(&f, &key, svc);
 	be = backend_id ? bpf_map_lookup_elem(&noded_backends, &backend_id) : NULL;
-	if (!be && (svc->flags & NODED_SVC_NO_ENDPOINTS) &&
-	    fib(skb, &p, f.saddr, f.daddr, FIB_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED)
-		return TC_ACT_OK;	/* addressed to this node: its stack refuses it (TCP RST, ICMP port unreachable) */
+	if (!be && (svc->flags & NODED_SVC_NO_ENDPOINTS)) {
+		/* no endpoint anywhere: refused at once, as kube-proxy's reject. Addressed to this node (a node
+		 * port), its own stack refuses it (TCP RST, ICMP port unreachable); other addresses (LB, external
+		 * IPs) get the ICMP port unreachable from here. */
+		if (fib(skb, &p, f.saddr, f.daddr, FIB_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED)
+			return TC_ACT_OK;
+		return reject(skb, &f);
+	}
 	if (!be || is_v4(be->addr) == f.v6)
 		return TC_ACT_SHOT;	/* no endpoint (of this family) for it here: dropped, as kube-proxy does for Local */
 	if (fib(skb, &p, f.saddr, be->addr, FIB_SKIP_NEIGH | FIB_SRC) != BPF_FIB_LKUP_RET_SUCCESS)

@@ -113,6 +113,35 @@ def test_node_port_without_endpoints_is_refused_from_outside(lab):
     assert out["errors"] == {"Connection refused": 5}  # at once, as kube-proxy's reject: not a timeout
 
 
+def test_load_balancer_and_external_ips_without_endpoints_are_refused_from_outside(lab):
+    spec = {
+        "type": "LoadBalancer",
+        "ipFamilyPolicy": "PreferDualStack",
+        "externalIPs": ["10.77.100.251", "fd77:100::fb"],
+    }
+    ports = [("http", "TCP", 80, 8080), ("udp", "UDP", 5300, 5353)]
+    text = service_yaml("lb-empty", {"app": "nothing"}, ports, extra_spec=spec)
+    apply_text(lab, text, "lb-empty.yaml")
+    state = lab.state()
+    addresses = [state["lbIPs"]["default/lb-empty"], state["lbIPs6"]["default/lb-empty"], *spec["externalIPs"]]
+    for ip in addresses:
+        host = f"[{ip}]" if ":" in ip else ip
+        wait_programmed(lab, "node1", f"{host}:80/TCP", ready=0)
+        out = probe(lab, "external", "tcp", ip, 80, count=3, timeout=2)
+        assert out["errors"] == {"Connection refused": 3}, ip  # an ICMP port unreachable, as kube-proxy's reject
+    # UDP too: a connected socket sees the ICMP port unreachable as ECONNREFUSED
+    code = (
+        "import socket,sys\n"
+        "for ip in sys.argv[1:]:\n"
+        "    s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "    s.settimeout(2); s.connect((ip, 5300)); s.send(b'x')\n"
+        "    try: s.recv(100); print('answered')\n"
+        "    except OSError as e: print(type(e).__name__)\n"
+    )
+    res = lab.run("external", ["python3", "-c", code, *addresses], timeout=30)
+    assert res.stdout.split() == ["ConnectionRefusedError"] * len(addresses), res.stdout + res.stderr
+
+
 def test_external_ips_from_outside(lab):
     apply_service(lab, "ext-ip", externalIPs=["10.77.100.250"])
     wait_programmed(lab, "node1", "10.77.100.250:80/TCP", ready=3)
