@@ -1,24 +1,27 @@
-"""A first resolver for the capture port: `<service>.<namespace>.svc.<domain>` A/AAAA from the model,
-NXDOMAIN for other names in the cluster zone, everything else forwarded to the upstreams.
+"""The resolver behind the capture port: the cluster zone (noded/dns/zone.py) from the model, everything
+else forwarded to the upstreams.
 
-The core (`answer_local`) is sans-IO: bytes in, bytes or None (forward) out; `Resolver.resolve` adds the
-asyncio forwarding. The full Kubernetes DNS specification is issue 5's.
+The core (`answer_local`) is sans-IO: bytes in, a reply or None (forward) out; `Resolver.resolve` adds the
+asyncio forwarding (and resolves ExternalName targets outside the zone). Not yet: TCP fallback for large
+answers on this path, caching, upstream health and the search-path shortcut (issue 5).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import contextlib
 
 import dns.flags
 import dns.message
 import dns.name
+import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import structlog
 
+from noded.dns.zone import ClusterZone
 from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
@@ -34,36 +37,30 @@ def _read_resolv_conf(path: str = "/etc/resolv.conf") -> list[str]:
 
 
 class Resolver:
-    def __init__(self, model: ServiceModel, domain: str = "cluster.local", upstreams: list[str] | None = None) -> None:
+    def __init__(
+        self, model: ServiceModel, domain: str = "cluster.local", upstreams: list[str] | None = None, ttl: int = TTL
+    ) -> None:
         self.model = model
-        self.zone = dns.name.from_text(f"svc.{domain}")
+        self.zone = ClusterZone(model, domain, ttl)
         self.upstreams = upstreams or _read_resolv_conf()
         self.answered = 0
         self.forwarded = 0
 
-    def answer_local(self, wire: bytes) -> bytes | None:
-        """The reply for a cluster-zone query, None for one to forward. Raises on a malformed query."""
+    def answer_local(self, wire: bytes) -> tuple[dns.message.Message, dns.name.Name | None] | None:
+        """(reply, external CNAME target to chase) for a query the cluster zone answers; None to forward.
+        Raises on a malformed query."""
         query = dns.message.from_wire(wire)
-        if len(query.question) != 1:
+        if query.flags & dns.flags.QR:
+            raise ValueError("a response, not a query")
+        if len(query.question) != 1 or query.opcode() != dns.opcode.QUERY:
             reply = dns.message.make_response(query)
-            reply.set_rcode(dns.rcode.FORMERR)
-            return reply.to_wire()
-        q = query.question[0]
-        if not q.name.is_subdomain(self.zone):
+            reply.set_rcode(dns.rcode.FORMERR if len(query.question) != 1 else dns.rcode.NOTIMP)
+            return reply, None
+        answer = self.zone.answer(query)
+        if answer is None:
             return None
-        reply = dns.message.make_response(query)
-        reply.flags |= dns.flags.AA
-        labels = q.name.relativize(self.zone).labels
-        ips = self.model.cluster_ips(labels[1].decode().lower(), labels[0].decode().lower()) if len(labels) == 2 else ()
-        if not ips:
-            reply.set_rcode(dns.rcode.NXDOMAIN)
-        else:
-            version = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}.get(q.rdtype)
-            wanted = [ip for ip in ips if ipaddress.ip_address(ip).version == version]
-            if wanted:
-                reply.answer.append(dns.rrset.from_text_list(q.name, TTL, dns.rdataclass.IN, q.rdtype, wanted))
         self.answered += 1
-        return reply.to_wire()
+        return answer.reply, answer.chase
 
     async def resolve(self, wire: bytes) -> bytes | None:
         """The reply to send, or None (malformed: no reply at all, never an amplified one)."""
@@ -72,16 +69,30 @@ class Resolver:
         except Exception:
             return None
         if local is not None:
-            return local
+            reply, chase = local
+            if chase is not None:  # ExternalName to an outside name: its records follow the CNAME, as CoreDNS does
+                target = dns.message.make_query(chase, reply.question[0].rdtype)
+                upstream = await self._forward(target.to_wire())
+                if upstream is not None:
+                    with contextlib.suppress(Exception):
+                        reply.answer += dns.message.from_wire(upstream).answer
+            return reply.to_wire()
+        return await self._forward(wire) or _servfail(wire)
+
+    async def _forward(self, wire: bytes) -> bytes | None:
         self.forwarded += 1
         for upstream in self.upstreams:
             try:
                 return await asyncio.wait_for(_udp_exchange(wire, upstream), 2.0)
             except (TimeoutError, OSError):
                 log.warning("upstream failed", upstream=upstream)
-        reply = dns.message.make_response(dns.message.from_wire(wire))
-        reply.set_rcode(dns.rcode.SERVFAIL)
-        return reply.to_wire()
+        return None
+
+
+def _servfail(wire: bytes) -> bytes:
+    reply = dns.message.make_response(dns.message.from_wire(wire))
+    reply.set_rcode(dns.rcode.SERVFAIL)
+    return reply.to_wire()
 
 
 async def _udp_exchange(wire: bytes, upstream: str, port: int = 53) -> bytes:

@@ -57,6 +57,21 @@ class Endpoint:
     node_name: str | None = None
     zone: str | None = None
     zone_hints: tuple[str, ...] = ()
+    hostname: str | None = None  # DNS: <hostname>.<service>.<ns>.svc for headless services
+
+
+@dataclass(frozen=True)
+class DnsService:
+    """What the cluster DNS zone needs of a Service, headless and ExternalName ones included."""
+
+    namespace: str
+    name: str
+    type: str
+    cluster_ips: tuple[str, ...]  # empty for headless and ExternalName
+    headless: bool
+    external_name: str
+    ports: tuple[tuple[str, str, int], ...]  # (name, protocol, port)
+    publish_not_ready: bool
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,31 @@ def parse_service(obj: Any) -> list[ServicePort]:
     ]
 
 
+def parse_dns_service(obj: Any) -> DnsService:
+    """The DNS view of a Service already accepted by parse_service (which did the validating)."""
+    namespace, name, _meta = _metadata(obj, "Service")
+    spec = obj.get("spec") or {}
+    where = f"Service {namespace}/{name}: spec"
+    cluster_ips = list(spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else []))
+    headless = cluster_ips[:1] == ["None"]
+    svc_type = spec.get("type") or "ClusterIP"
+    external_name = _get(spec, "externalName", str, where, "") if svc_type == "ExternalName" else ""
+    if svc_type == "ExternalName" and not external_name:
+        raise ManifestError(f"{where}.externalName: required for type ExternalName")
+    return DnsService(
+        namespace=namespace,
+        name=name,
+        type=svc_type,
+        cluster_ips=()
+        if headless or svc_type == "ExternalName"
+        else tuple(str(ipaddress.ip_address(i)) for i in cluster_ips),
+        headless=headless,
+        external_name=external_name.rstrip("."),
+        ports=tuple((n, proto, port) for n, proto, port, _np in _check_ports(spec.get("ports") or [], where)),
+        publish_not_ready=bool(_get(spec, "publishNotReadyAddresses", bool, where, False)),
+    )
+
+
 def _check_ports(ports: list, where: str) -> list[tuple[str, str, int, int]]:
     out: list[tuple[str, str, int, int]] = []
     seen: set[tuple[str, str]] = set()
@@ -272,4 +312,5 @@ def _parse_endpoint(ep: Any, at: str, address_type: str) -> Endpoint:
         node_name=_get(ep, "nodeName", str, at),
         zone=_get(ep, "zone", str, at),
         zone_hints=zones,
+        hostname=_get(ep, "hostname", str, at),
     )

@@ -18,11 +18,13 @@ from typing import Any
 import structlog
 
 from noded.model.objects import (
+    DnsService,
     Endpoint,
     EndpointSlice,
     ManifestError,
     ServicePort,
     object_ref,
+    parse_dns_service,
     parse_endpoint_slice,
     parse_service,
 )
@@ -90,6 +92,8 @@ class ServiceModel:
         self._dirty: set[ServiceKey] = set()
         self._dirty_since: float | None = None  # monotonic time of the oldest change not yet taken
         self._health_checked: set[ServiceKey] = set()  # services with a healthCheckNodePort to serve
+        self._dns: dict[ServiceKey, DnsService] = {}  # every Service as DNS sees it (headless, ExternalName too)
+        self.generation = 0  # bumped on every change to services or slices (DNS caches key on it)
         self.service_changes = 0
         self.endpoint_changes = 0
         self.rejected = 0
@@ -101,8 +105,12 @@ class ServiceModel:
         try:
             if kind == "Service":
                 ports = parse_service(obj)
+                dns_view = parse_dns_service(obj)
                 key = _key(obj)
                 with self._lock:
+                    if self._dns.get(key) != dns_view:
+                        self._dns[key] = dns_view
+                        self.generation += 1
                     if self._services.get(key) != ports:
                         self._services[key] = ports
                         if any(p.health_check_node_port and p.external_traffic_local for p in ports):
@@ -134,6 +142,8 @@ class ServiceModel:
             self._set_zone(None)
             return
         with self._lock:
+            if kind == "Service" and self._dns.pop(key, None) is not None:
+                self.generation += 1
             if kind == "Service" and self._services.pop(key, None) is not None:
                 self._health_checked.discard(key)
                 self._touch(key)
@@ -145,6 +155,7 @@ class ServiceModel:
         old = self._slices.get(key)
         if old == parsed:
             return
+        self.generation += 1
         if old is not None:
             self._slices_of[(old.namespace, old.service)].discard(key)
             self._touch((old.namespace, old.service))
@@ -190,6 +201,12 @@ class ServiceModel:
         with self._lock:
             ports = self._services.get((namespace, name))
             return ports[0].cluster_ips if ports else ()
+
+    def dns_snapshot(self) -> tuple[int, dict[ServiceKey, DnsService], dict[ServiceKey, list[EndpointSlice]]]:
+        """(generation, every service, each service's slices): what the DNS zone indexes."""
+        with self._lock:
+            slices = {k: [self._slices[s] for s in self._slices_of.get(k, ())] for k in self._dns}
+            return self.generation, dict(self._dns), slices
 
     def counts(self) -> tuple[int, int]:
         with self._lock:

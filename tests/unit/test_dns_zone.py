@@ -1,0 +1,149 @@
+"""The cluster zone, query by query from the Kubernetes DNS specification (schema 1.1.0) and CoreDNS."""
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.reversename
+import pytest
+
+from noded.dns.zone import ClusterZone
+from noded.model.tracker import ServiceModel
+from tests.objects import endpoint, service, slice_
+
+Z = "cluster.local"
+
+
+@pytest.fixture
+def zone():
+    m = ServiceModel()
+    ports = [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+    m.upsert(service("web", ["10.96.0.10", "fd96::10"], ports=ports))
+    m.upsert(service("db", "None", ports=[{"name": "pg", "port": 5432, "protocol": "TCP"}]))
+    db_eps = [endpoint("10.244.1.5"), endpoint("10.244.2.7"), endpoint("10.244.3.9", ready=False)]
+    db_eps[0]["hostname"] = "db-0"
+    m.upsert(slice_("db", db_eps, ports=[{"name": "pg", "port": 15432, "protocol": "TCP"}]))
+    m.upsert(service("pub", "None", publishNotReadyAddresses=True))
+    m.upsert(slice_("pub", [endpoint("10.244.1.8", ready=False)], name="pub-x"))
+    ext = service("ext", "10.96.0.1")
+    ext["spec"] = {"type": "ExternalName", "externalName": "example.org"}
+    m.upsert(ext)
+    alias = service("alias", "10.96.0.1")
+    alias["spec"] = {"type": "ExternalName", "externalName": f"web.default.svc.{Z}"}
+    m.upsert(alias)
+    return ClusterZone(m, Z, ttl=5)
+
+
+def ask(zone, name, rdtype="A"):
+    q = dns.message.make_query(name, rdtype)
+    return zone.answer(q)
+
+
+def records(ans, section="answer"):
+    return sorted(
+        (rr.name.to_text(), dns.rdatatype.to_text(rr.rdtype), r.to_text())
+        for rr in getattr(ans.reply, section)
+        for r in rr
+    )
+
+
+def test_cluster_ip_service_a_and_aaaa_with_the_default_ttl(zone):
+    ans = ask(zone, f"web.default.svc.{Z}")
+    assert records(ans) == [(f"web.default.svc.{Z}.", "A", "10.96.0.10")]
+    assert ans.reply.answer[0].ttl == 5 and ans.reply.flags & dns.flags.AA
+    assert records(ask(zone, f"web.default.svc.{Z}", "AAAA")) == [(f"web.default.svc.{Z}.", "AAAA", "fd96::10")]
+
+
+def test_names_match_case_insensitively_and_keep_the_question_case(zone):
+    ans = ask(zone, "WeB.Default.SVC.cluster.LOCAL")
+    assert [r[2] for r in records(ans)] == ["10.96.0.10"]
+    assert ans.reply.answer[0].name.to_text() == "WeB.Default.SVC.cluster.LOCAL."
+
+
+def test_missing_names_are_nxdomain_and_empty_types_nodata_both_with_the_soa(zone):
+    ans = ask(zone, f"nope.default.svc.{Z}")
+    assert ans.reply.rcode() == dns.rcode.NXDOMAIN and records(ans, "authority")[0][1] == "SOA"
+    ans = ask(zone, f"web.default.svc.{Z}", "MX")
+    assert ans.reply.rcode() == dns.rcode.NOERROR and not ans.reply.answer
+    assert records(ans, "authority")[0][1] == "SOA"
+    # a namespace with services and svc.<zone> are empty non-terminals: NODATA, not NXDOMAIN
+    assert ask(zone, f"default.svc.{Z}").reply.rcode() == dns.rcode.NOERROR
+    assert ask(zone, f"svc.{Z}").reply.rcode() == dns.rcode.NOERROR
+    assert ask(zone, f"nosuchns.svc.{Z}").reply.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_srv_for_named_ports_with_the_address_in_additional(zone):
+    ans = ask(zone, f"_http._tcp.web.default.svc.{Z}", "SRV")
+    assert records(ans) == [(f"_http._tcp.web.default.svc.{Z}.", "SRV", f"0 100 80 web.default.svc.{Z}.")]
+    assert {r[2] for r in records(ans, "additional")} == {"10.96.0.10", "fd96::10"}
+    assert records(ask(zone, f"_dns._udp.web.default.svc.{Z}", "SRV"))[0][2].split()[2] == "53"
+    assert ask(zone, f"_http._udp.web.default.svc.{Z}", "SRV").reply.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_headless_service_answers_its_ready_endpoints(zone):
+    assert [r[2] for r in records(ask(zone, f"db.default.svc.{Z}"))] == ["10.244.1.5", "10.244.2.7"]
+    # per endpoint: its hostname, else its address dashed (CoreDNS)
+    assert [r[2] for r in records(ask(zone, f"db-0.db.default.svc.{Z}"))] == ["10.244.1.5"]
+    assert [r[2] for r in records(ask(zone, f"10-244-2-7.db.default.svc.{Z}"))] == ["10.244.2.7"]
+    assert ask(zone, f"10-244-3-9.db.default.svc.{Z}").reply.rcode() == dns.rcode.NXDOMAIN  # not ready
+    # SRV: one per endpoint, to its own name, with the endpoint's port
+    srv = records(ask(zone, f"_pg._tcp.db.default.svc.{Z}", "SRV"))
+    assert [r[2].split()[2:] for r in srv] == [
+        ["15432", f"10-244-2-7.db.default.svc.{Z}."],
+        ["15432", f"db-0.db.default.svc.{Z}."],
+    ]
+
+
+def test_publish_not_ready_addresses(zone):
+    assert [r[2] for r in records(ask(zone, f"pub.default.svc.{Z}"))] == ["10.244.1.8"]
+
+
+def test_external_name_is_a_cname_chased_inside_the_zone(zone):
+    ans = ask(zone, f"ext.default.svc.{Z}")
+    assert records(ans) == [(f"ext.default.svc.{Z}.", "CNAME", "example.org.")]
+    assert ans.chase.to_text() == "example.org."  # for the resolver to resolve upstream and append
+    ans = ask(zone, f"alias.default.svc.{Z}")
+    assert records(ans) == [
+        (f"alias.default.svc.{Z}.", "CNAME", f"web.default.svc.{Z}."),
+        (f"web.default.svc.{Z}.", "A", "10.96.0.10"),
+    ]
+    assert ans.chase is None
+
+
+def test_ptr_for_cluster_ips_and_headless_endpoints_others_forwarded(zone):
+    assert records(ask(zone, "10.0.96.10.in-addr.arpa", "PTR"))[0][2] == f"web.default.svc.{Z}."
+    ans = ask(zone, dns.reversename.from_address("fd96::10").to_text(), "PTR")
+    assert records(ans)[0][2] == f"web.default.svc.{Z}."
+    assert records(ask(zone, "5.1.244.10.in-addr.arpa", "PTR"))[0][2] == f"db-0.db.default.svc.{Z}."
+    assert ask(zone, "8.8.8.8.in-addr.arpa", "PTR") is None
+
+
+def test_dns_version_and_pod_names_and_soa(zone):
+    assert records(ask(zone, f"dns-version.{Z}", "TXT")) == [(f"dns-version.{Z}.", "TXT", '"1.1.0"')]
+    assert records(ask(zone, f"10-244-1-5.default.pod.{Z}")) == [(f"10-244-1-5.default.pod.{Z}.", "A", "10.244.1.5")]
+    assert records(ask(zone, f"{Z}", "SOA"))[0][1] == "SOA"
+
+
+def test_names_outside_the_zone_are_forwarded(zone):
+    assert ask(zone, "example.org") is None
+
+
+def test_answers_follow_the_model_at_once(zone):
+    zone.model.upsert(service("new", "10.96.0.77"))
+    assert [r[2] for r in records(ask(zone, f"new.default.svc.{Z}"))] == ["10.96.0.77"]
+    zone.model.delete("Service", "default", "new")
+    assert ask(zone, f"new.default.svc.{Z}").reply.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_resolver_on_the_wire_answers_the_zone_and_never_answers_garbage(zone):
+    import asyncio
+
+    from noded.dns.resolver import Resolver
+
+    r = Resolver(zone.model, Z, upstreams=["127.0.0.1"])
+    wire = dns.message.make_query(f"web.default.svc.{Z}", "A").to_wire()
+    reply = dns.message.from_wire(asyncio.run(r.resolve(wire)))
+    assert [x.to_text() for rr in reply.answer for x in rr] == ["10.96.0.10"]
+    assert asyncio.run(r.resolve(b"\x12\x34garbage")) is None
+    response = dns.message.make_response(dns.message.make_query(f"web.default.svc.{Z}", "A")).to_wire()
+    assert asyncio.run(r.resolve(response)) is None  # a response sent as a query: no reply (no reflection)
