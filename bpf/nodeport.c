@@ -352,12 +352,27 @@ static __always_inline __s64 quote_csum(struct __sk_buff *skb, __u32 quoted, __s
 	return sum;
 }
 
+/* Put the reply's new headers h (IP or IPv6, then ICMP) in front of the quoted packet, with the ICMP
+ * checksum over the ICMP header and the quote (seed: the IPv6 pseudo header's sum, 0 for IPv4). */
+static __always_inline int push_reply(struct __sk_buff *skb, void *h, __u32 len, struct icmp_unreach *icmp,
+				      __u32 quoted, __s64 seed)
+{
+	__s64 sum = quote_csum(skb, quoted, seed);
+
+	if (sum < 0)
+		return -1;
+	icmp->checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)icmp, sizeof(*icmp), (__u32)sum));
+	if (bpf_skb_adjust_room(skb, len, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, h, len, BPF_F_RECOMPUTE_CSUM))
+		return -1;
+	return 0;
+}
+
 static __always_inline int reject(struct __sk_buff *skb, const struct flow *f)
 {
 	struct ethhdr eth;
 	__u8 mac[ETH_ALEN];
 	__u32 quoted = skb->len - ETH_HLEN;
-	__s64 sum;
 
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
 		return TC_ACT_SHOT;
@@ -387,12 +402,7 @@ static __always_inline int reject(struct __sk_buff *skb, const struct flow *f)
 		h.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
 		h.icmp.type = ICMP_DEST_UNREACH;
 		h.icmp.code = ICMP_PORT_UNREACH;
-		sum = quote_csum(skb, quoted, 0);
-		if (sum < 0)
-			return TC_ACT_SHOT;
-		h.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.icmp, sizeof(h.icmp), (__u32)sum));
-		if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), BPF_F_RECOMPUTE_CSUM))
+		if (push_reply(skb, &h, sizeof(h), &h.icmp, quoted, 0))
 			return TC_ACT_SHOT;
 	} else {
 		struct {
@@ -418,13 +428,8 @@ static __always_inline int reject(struct __sk_buff *skb, const struct flow *f)
 		addr_copy(pseudo.daddr, f->saddr);
 		pseudo.len = bpf_htonl(sizeof(h.icmp) + quoted);
 		pseudo.next = bpf_htonl(IPPROTO_ICMPV6);
-		sum = bpf_csum_diff(0, 0, (__be32 *)&pseudo, sizeof(pseudo), 0);
-		sum = quote_csum(skb, quoted, sum);
-		if (sum < 0)
-			return TC_ACT_SHOT;
-		h.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.icmp, sizeof(h.icmp), (__u32)sum));
-		if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), BPF_F_RECOMPUTE_CSUM))
+		if (push_reply(skb, &h, sizeof(h), &h.icmp, quoted,
+			       bpf_csum_diff(0, 0, (__be32 *)&pseudo, sizeof(pseudo), 0)))
 			return TC_ACT_SHOT;
 	}
 	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), BPF_F_RECOMPUTE_CSUM))
