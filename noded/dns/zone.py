@@ -29,7 +29,7 @@ from noded.model.tracker import ServiceKey, ServiceModel
 
 SCHEMA_VERSION = "1.1.0"
 MAX_CNAME_CHAIN = 8
-A, AAAA, SRV, PTR, TXT, SOA, CNAME, NS = (
+A, AAAA, SRV, PTR, TXT, SOA, CNAME = (
     dns.rdatatype.A,
     dns.rdatatype.AAAA,
     dns.rdatatype.SRV,
@@ -37,7 +37,6 @@ A, AAAA, SRV, PTR, TXT, SOA, CNAME, NS = (
     dns.rdatatype.TXT,
     dns.rdatatype.SOA,
     dns.rdatatype.CNAME,
-    dns.rdatatype.NS,
 )
 REVERSE = (dns.name.from_text("in-addr.arpa."), dns.name.from_text("ip6.arpa."))
 

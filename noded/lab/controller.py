@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from noded.model.tracker import ZONE_LABEL
@@ -35,32 +36,32 @@ def allocate_service_fields(docs: list[Any], state: dict[str, Any]) -> list[Any]
         if spec.get("type") in ("NodePort", "LoadBalancer"):
             for p in spec.get("ports") or []:
                 if isinstance(p, dict) and not p.get("nodePort"):
-                    p["nodePort"] = _allocate(ports, f"{key}/{p.get('name', '')}/{p.get('protocol', 'TCP')}")
+                    p["nodePort"] = _allocate(
+                        ports, f"{key}/{p.get('name', '')}/{p.get('protocol', 'TCP')}", NODE_PORT_RANGE
+                    )
             if spec.get("type") == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local":
-                spec.setdefault("healthCheckNodePort", _allocate(ports, f"{key}/health"))
+                spec.setdefault("healthCheckNodePort", _allocate(ports, f"{key}/health", NODE_PORT_RANGE))
         if spec.get("type") == "LoadBalancer" and not (doc.get("status") or {}).get("loadBalancer"):
             ingress = []
             for family, pool, cidr in (("IPv4", lb_ips, LB_CIDR), ("IPv6", lb_ips6, LB_CIDR6)):
                 if family in (spec.get("ipFamilies") or ["IPv4"]):
-                    ingress.append({"ip": _allocate_ip(pool, key, cidr)})
+                    ingress.append({"ip": _allocate(pool, key, _hosts(cidr))})
             doc["status"] = {"loadBalancer": {"ingress": ingress}}
         out.append(doc)
     return out
 
 
-def _allocate_ip(allocated: dict[str, str], key: str, cidr: str, first: int = 1) -> str:
+def _allocate(allocated: dict[str, Any], key: str, candidates: Iterable[Any]) -> Any:
+    """key's value in allocated, or the first candidate no other key holds (stable per key)."""
     if key not in allocated:
         used = set(allocated.values())
-        hosts = (str(ip) for i, ip in enumerate(ipaddress.ip_network(cidr).hosts()) if i + 1 >= first)
-        allocated[key] = next(ip for ip in hosts if ip not in used)
+        allocated[key] = next(c for c in candidates if c not in used)
     return allocated[key]
 
 
-def _allocate(allocated: dict[str, int], key: str) -> int:
-    if key not in allocated:
-        used = set(allocated.values())
-        allocated[key] = next(p for p in NODE_PORT_RANGE if p not in used)
-    return allocated[key]
+def _hosts(cidr: str, first: int = 1) -> Iterator[str]:
+    """cidr's host addresses from the first-th on."""
+    return (str(ip) for i, ip in enumerate(ipaddress.ip_network(cidr).hosts(), start=1) if i >= first)
 
 
 def node_object(node: dict) -> dict:
@@ -99,7 +100,7 @@ def allocate_cluster_ips(
         if spec.get("ipFamilyPolicy") in DUAL_STACK and len(families) == 1:
             families.append("IPv6" if families[0] == "IPv4" else "IPv4")
         pools = {"IPv4": (allocated, SERVICE_CIDR), "IPv6": (allocated6, SERVICE_CIDR6)}
-        ips = [_allocate_ip(pools[f][0], key, pools[f][1], FIRST_HOST) for f in families]
+        ips = [_allocate(pools[f][0], key, _hosts(pools[f][1], FIRST_HOST)) for f in families]
         spec["ipFamilies"] = families
         spec.setdefault("ipFamilyPolicy", "SingleStack")
         spec["clusterIP"] = ips[0]

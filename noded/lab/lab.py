@@ -148,12 +148,17 @@ class Lab:
         netns.connect_to_bridge(FABRIC_NS, FABRIC_BRIDGE, f"v-{name}"[:15], ns, "eth0")
         netns.set_address(ns, "eth0", address, 24)
         netns.set_address(ns, "eth0", node["address6"], 64)
-        netns.sysctl(ns, "net.ipv4.ip_forward", "1")
-        netns.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
-        # the kernel's per-peer ICMP budget (6, then 1/s) would make rejects by netfilter look like drops
-        # to a test's external host, which sends many in a row
-        netns.sysctl(ns, "net.ipv4.icmp_ratelimit", "0")
-        netns.sysctl(ns, "net.ipv6.icmp.ratelimit", "0")
+        # no per-peer ICMP budget (6, then 1/s): it would make rejects by netfilter look like drops to a
+        # test's external host, which sends many in a row
+        netns.sysctl(
+            ns,
+            {
+                "net.ipv4.ip_forward": "1",
+                "net.ipv6.conf.all.forwarding": "1",
+                "net.ipv4.icmp_ratelimit": "0",
+                "net.ipv6.icmp.ratelimit": "0",
+            },
+        )
         for sub in ("", "/system", "/pods"):
             netns.cgroup_create(node["cgroup"] + sub)
         os.makedirs(f"{self.node_dir(name)}/ipam", exist_ok=True)

@@ -23,8 +23,7 @@ def create(name: str) -> None:
     netns.create(name)
     with NetNS(name) as ns:
         ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-    sysctl(name, "net.ipv6.conf.default.accept_dad", "0")
-    sysctl(name, "net.ipv6.conf.all.accept_dad", "0")
+    sysctl(name, {"net.ipv6.conf.default.accept_dad": "0", "net.ipv6.conf.all.accept_dad": "0"})
 
 
 def remove(name: str) -> None:
@@ -63,8 +62,9 @@ def add_route(ns_name: str, dst: str, gateway: str) -> None:
         ns.route("replace", dst=dst, gateway=gateway)
 
 
-def sysctl(ns_name: str, key: str, value: str) -> None:
-    nsenter(ns_name, ["sysctl", "-q", "-w", f"{key}={value}"], check=True)
+def sysctl(ns_name: str, settings: dict[str, str]) -> None:
+    """Set several sysctls inside ns_name with one nsenter."""
+    nsenter(ns_name, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())], check=True)
 
 
 def nsenter_argv(ns_name: str, argv: list[str]) -> list[str]:

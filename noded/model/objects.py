@@ -135,6 +135,11 @@ def _metadata(obj: Any, kind: str) -> tuple[str, str, dict]:
 
 def parse_service(obj: Any) -> list[ServicePort]:
     """The service ports a Service defines (none for headless and ExternalName services)."""
+    return parse_service_views(obj)[0]
+
+
+def parse_service_views(obj: Any) -> tuple[list[ServicePort], DnsService]:
+    """One validating pass over a Service: its service ports (for the proxiers) and its DNS view."""
     namespace, name, _meta = _metadata(obj, "Service")
     where = f"Service {namespace}/{name}: spec"
     spec = _get(obj, "spec", dict, f"Service {namespace}/{name}", {})
@@ -184,11 +189,23 @@ def parse_service(obj: Any) -> list[ServicePort]:
             raise ManifestError(f"{where}.{key}: {value!r} is not Cluster or Local")
     distribution = _get(spec, "trafficDistribution", str, where, "")
     hc_port = _get(spec, "healthCheckNodePort", int, where, 0)
-    ports = _get(spec, "ports", list, where, [])
+    checked = _check_ports(_get(spec, "ports", list, where, []), where)
+    external_name = _get(spec, "externalName", str, where, "") if svc_type == "ExternalName" else ""
+    if svc_type == "ExternalName" and not external_name:
+        raise ManifestError(f"{where}.externalName: required for type ExternalName")
+    dns_view = DnsService(
+        namespace=namespace,
+        name=name,
+        type=svc_type,
+        cluster_ips=() if svc_type == "ExternalName" else tuple(ips),
+        headless=headless,
+        external_name=external_name.rstrip("."),
+        ports=tuple((pname, proto, port) for pname, proto, port, _np in checked),
+        publish_not_ready=bool(_get(spec, "publishNotReadyAddresses", bool, where, False)),
+    )
     if svc_type == "ExternalName" or headless:
-        _check_ports(ports, where)
-        return []
-    return [
+        return [], dns_view
+    ports = [
         ServicePort(
             name=ServicePortName(namespace, name, pname, proto),
             cluster_ips=tuple(ips),
@@ -203,33 +220,9 @@ def parse_service(obj: Any) -> list[ServicePort]:
             health_check_node_port=hc_port,
             prefer_close=distribution == "PreferClose",
         )
-        for pname, proto, port, node_port in _check_ports(ports, where)
+        for pname, proto, port, node_port in checked
     ]
-
-
-def parse_dns_service(obj: Any) -> DnsService:
-    """The DNS view of a Service already accepted by parse_service (which did the validating)."""
-    namespace, name, _meta = _metadata(obj, "Service")
-    spec = obj.get("spec") or {}
-    where = f"Service {namespace}/{name}: spec"
-    cluster_ips = list(spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else []))
-    headless = cluster_ips[:1] == ["None"]
-    svc_type = spec.get("type") or "ClusterIP"
-    external_name = _get(spec, "externalName", str, where, "") if svc_type == "ExternalName" else ""
-    if svc_type == "ExternalName" and not external_name:
-        raise ManifestError(f"{where}.externalName: required for type ExternalName")
-    return DnsService(
-        namespace=namespace,
-        name=name,
-        type=svc_type,
-        cluster_ips=()
-        if headless or svc_type == "ExternalName"
-        else tuple(str(ipaddress.ip_address(i)) for i in cluster_ips),
-        headless=headless,
-        external_name=external_name.rstrip("."),
-        ports=tuple((n, proto, port) for n, proto, port, _np in _check_ports(spec.get("ports") or [], where)),
-        publish_not_ready=bool(_get(spec, "publishNotReadyAddresses", bool, where, False)),
-    )
+    return ports, dns_view
 
 
 def _check_ports(ports: list, where: str) -> list[tuple[str, str, int, int]]:

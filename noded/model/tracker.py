@@ -24,9 +24,8 @@ from noded.model.objects import (
     ManifestError,
     ServicePort,
     object_ref,
-    parse_dns_service,
     parse_endpoint_slice,
-    parse_service,
+    parse_service_views,
 )
 
 log = structlog.get_logger("noded.model")
@@ -104,8 +103,7 @@ class ServiceModel:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         try:
             if kind == "Service":
-                ports = parse_service(obj)
-                dns_view = parse_dns_service(obj)
+                ports, dns_view = parse_service_views(obj)
                 key = _key(obj)
                 with self._lock:
                     if self._dns.get(key) != dns_view:
