@@ -2,7 +2,8 @@
 
 eBPF: its pinned links (which detaches the programs) and pinned maps. nftables:
 its `table inet noded` in this network namespace. iptables: its NODED-* chains and
-the jumps to them, in both backends and both families. Starting in one mode calls
+the jumps to them, in both backends and both families. DNS: the `noded-dns` interface and table
+(only on a full cleanup: a restart keeps the node-local address answering). Starting in one mode calls
 this with keep=that mode, so switching modes leaves nothing of the previous one.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from noded.bpf.sock_lb import remove as remove_bpf
 from noded.config import NodedConfiguration
+from noded.dns import listen as dns_listen
 from noded.services import iptables, nftables
 
 
@@ -21,4 +23,6 @@ def cleanup(config: NodedConfiguration, keep: str | None = None) -> list[str]:
         removed.append(f"nft table {nftables.TABLE}")
     if keep != "iptables":
         removed += iptables.remove_all()
+    if keep is None:
+        removed += dns_listen.remove()
     return removed

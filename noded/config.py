@@ -52,9 +52,18 @@ class ServicesConfig:
 @dataclass
 class DnsConfig:
     listen: list[str] = field(default_factory=lambda: ["169.254.20.10:53"])
-    upstreams: list[str] = field(default_factory=list)
+    upstreams: list[str] = field(default_factory=list)  # empty: the nameservers of resolvConf
+    resolvConf: str = "/etc/resolv.conf"  # also gives the node's search domains (the search-path shortcut)
+    ttl: int = 5  # of cluster-zone records, as CoreDNS's kubernetes plugin
+    cacheCapacity: int = 9984  # entries, each of success and denial (NodeLocal DNSCache's numbers)
+    cacheMaxTTL: int = 30  # seconds a forwarded answer or denial is kept at most
+    servfailTTL: int = 5
+    maxConcurrent: int = 1000  # upstream queries in flight; beyond, REFUSED (CoreDNS forward's max_concurrent)
 
     def validate(self, at: str) -> None:
+        for key in ("ttl", "cacheCapacity", "cacheMaxTTL", "servfailTTL", "maxConcurrent"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{at}.{key}: must not be negative")
         for i, hostport in enumerate(self.listen):
             _hostport(hostport, f"{at}.listen[{i}]")
         for i, hostport in enumerate(self.upstreams):
@@ -129,8 +138,8 @@ def _hostport(value: str, key: str, default_port: int | None = None) -> tuple[st
     return host, port_num
 
 
-def split_hostport(value: str) -> tuple[str, int]:
-    return _hostport(value, "address")
+def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    return _hostport(value, "address", default_port)
 
 
 def _build(cls: type, data: Any, at: str) -> Any:
@@ -166,6 +175,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is bool or text == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int or text == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float or text == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):

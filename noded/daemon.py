@@ -16,6 +16,7 @@ import structlog
 
 from noded.config import NodedConfiguration, split_hostport
 from noded.files import write_atomic
+from noded.loopthread import LoopThread
 from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import Metrics, serve
@@ -103,7 +104,7 @@ class Daemon:
         self.config = config
         self.model = ServiceModel(node_name=config.nodeName)
         self.health_checks = HealthCheckServers()
-        self.enrollment = Enrollment()
+        self.enrollment = Enrollment(config.nodeName)
         self.sink = ModelSink(self.model, self.enrollment)
         self.pods = None  # PodManager, when capture is enabled
         self.api = None
@@ -114,10 +115,14 @@ class Daemon:
         self.source = None
         self.started = time.time()
         self.status_path = os.path.join(os.path.dirname(config.api.socket), "status.json")
+        self.loop = LoopThread()
+        self.dns = None  # DnsService
+        self.node_addresses: set[str] = set()  # every address of this node: DNS clients it answers
 
     def _refresh_node_addresses(self) -> None:
         cfg = self.config
         local = local_addresses()
+        self.node_addresses = set(local)
         addrs = nodeport_addresses(local, cfg.services.nodePortAddresses, cfg.clusterCIDRs)
         if self.model.set_node_ips(addrs):
             log.info("node port addresses", addresses=addrs)
@@ -148,6 +153,8 @@ class Daemon:
         )
         self.sink.on_change = self.runner.run
         self._serve()
+        self.loop.start()
+        self._start_dns()
         if cfg.capture.enabled:
             self._start_capture()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,18 +176,32 @@ class Daemon:
         self.source.stop()
         self.runner.stop()
         self.health_checks.close()
+        self.dns.stop()
         return 0
+
+    def _start_dns(self) -> None:
+        from noded.dns.server import Clients
+        from noded.dns.service import DnsService, make_resolver
+
+        self.node_addresses = set(local_addresses())
+        resolver = make_resolver(self.config, self.model, self.sink.all_synced.is_set)
+        clients = Clients(self._pod_namespace, lambda: self.node_addresses)
+        self.dns = DnsService(resolver, self.loop, self.config.dns.listen, clients)
+        self.dns.start()
+
+    def _pod_namespace(self, address: str) -> str | None:
+        namespace = self.enrollment.namespace_of(address)
+        if namespace is None and self.pods is not None:
+            namespace = self.pods.namespace_of(address)
+        return namespace
 
     def _start_capture(self) -> None:
         from noded.api.server import serve as serve_api
-        from noded.dns.resolver import Resolver
         from noded.redirect.manager import PodManager
         from noded.redirect.proxy import CaptureProxy
 
         cfg = self.config
-        resolver = Resolver(self.model, cfg.clusterDomain, [u.rsplit(":", 1)[0] for u in cfg.dns.upstreams])
-        proxy = CaptureProxy(resolver.resolve)
-        proxy.start()
+        proxy = CaptureProxy(self.dns.resolver.resolve, self.loop)
         state_dir = os.path.dirname(cfg.api.socket)
         self.pods = PodManager(state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod)
         handlers = {
@@ -253,6 +274,7 @@ class Daemon:
             "nodePortAddresses": list(self.model.node_ips),
             "healthCheckPorts": self.health_checks.ports(),
             "lastSyncError": self.runner.last_error if self.runner else None,
+            "dns": self.dns.status() if self.dns else None,
         }
         os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
         write_atomic(self.status_path, json.dumps(status))

@@ -1,26 +1,36 @@
-"""The resolver behind the capture port: the cluster zone (noded/dns/zone.py) from the model, everything
-else forwarded to the upstreams.
+"""The resolver every listener hands its queries to: the cluster zone from the model, the rest forwarded.
 
-The core (`answer_local`) is sans-IO: bytes in, a reply or None (forward) out; `Resolver.resolve` adds the
-asyncio forwarding (and resolves ExternalName targets outside the zone). Not yet: TCP fallback for large
-answers on this path, caching, upstream health and the search-path shortcut (issue 5).
+One query's path: unparseable → a header-only FORMERR (never larger than the query); a response → no
+reply; a client that is not this node's pod or the node itself → REFUSED; a query noded forwarded itself →
+SERVFAIL (a loop, see upstream.py); a cluster-zone name → the zone (noded/dns/zone.py), SERVFAIL until
+the sources have synced once; everything else → the cache, then the upstreams. Replies fit the transport
+(noded/dns/wire.py).
+
+The search-path shortcut (CoreDNS's autopath): a pod's first search expansion `<name>.<ns>.svc.<zone>`
+that does not exist is resolved along the rest of the pod's search path here — `<name>.svc.<zone>`,
+`<name>.<zone>`, the node's search domains, `<name>.` — and answered with a CNAME to the first name that
+exists, so the pod's four or five more queries are never sent and each expansion is forwarded at most once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
-import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import structlog
 
+from noded.dns import wire
+from noded.dns.cache import AnswerCache, key_of
+from noded.dns.upstream import Overloaded, Upstreams
 from noded.dns.zone import ClusterZone
 from noded.model.tracker import ServiceModel
 
@@ -28,89 +38,183 @@ log = structlog.get_logger("noded.dns")
 TTL = 5
 
 
-def _read_resolv_conf(path: str = "/etc/resolv.conf") -> list[str]:
+@dataclass(frozen=True)
+class Client:
+    """Who sent a query, as the listener knows it."""
+
+    allowed: bool = True  # a pod of this node or the node itself
+    namespace: str | None = None  # the querying pod's namespace, when known
+    tcp: bool = False
+
+
+def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
+    """(nameservers, search domains) of a resolv.conf."""
+    servers: list[str] = []
+    search: list[str] = []
     try:
         with open(path) as f:
-            return [line.split()[1] for line in f if line.startswith("nameserver") and len(line.split()) > 1]
+            for line in f:
+                words = line.split()
+                if len(words) > 1 and words[0] == "nameserver":
+                    servers.append(words[1])
+                elif words and words[0] in ("search", "domain"):
+                    search = words[1:]
     except OSError:
-        return []
+        pass
+    return servers, search
 
 
 class Resolver:
     def __init__(
-        self, model: ServiceModel, domain: str = "cluster.local", upstreams: list[str] | None = None, ttl: int = TTL
+        self,
+        model: ServiceModel,
+        upstreams: Upstreams,
+        domain: str = "cluster.local",
+        ttl: int = TTL,
+        cache: AnswerCache | None = None,
+        search: list[str] | None = None,
+        ready: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.model = model
         self.zone = ClusterZone(model, domain, ttl)
-        self.upstreams = upstreams or _read_resolv_conf()
-        self.answered = 0
-        self.forwarded = 0
+        self.upstreams = upstreams
+        self.cache = cache if cache is not None else AnswerCache()
+        self.ready = ready
+        self.clock = clock
+        origin = self.zone.origin
+        names = [dns.name.from_text(s) for s in search or []]
+        self.search = [n for n in names if not n.is_subdomain(origin) and n != dns.name.root]
+        self.counts = {"local": 0, "forwarded": 0, "cached": 0, "refused": 0, "servfail": 0, "autopath": 0}
 
-    def answer_local(self, wire: bytes) -> tuple[dns.message.Message, dns.name.Name | None] | None:
-        """(reply, external CNAME target to chase) for a query the cluster zone answers; None to forward.
-        Raises on a malformed query."""
-        query = dns.message.from_wire(wire)
+    async def resolve(self, data: bytes, client: Client = Client()) -> bytes | None:
+        """The reply to send for one query, or None (a response, or nothing worth answering)."""
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:
+            return wire.header_error(data, dns.rcode.FORMERR)
         if query.flags & dns.flags.QR:
-            raise ValueError("a response, not a query")
-        if len(query.question) != 1 or query.opcode() != dns.opcode.QUERY:
-            reply = dns.message.make_response(query)
-            reply.set_rcode(dns.rcode.FORMERR if len(query.question) != 1 else dns.rcode.NOTIMP)
-            return reply, None
+            return None
+        limit = wire.MAX_TCP if client.tcp else wire.udp_limit(query)
+        try:
+            reply = await self._reply(query, client)
+        except Exception:  # a bug must cost one SERVFAIL, not the listener
+            log.exception("query failed", question=str(query.question[0]) if query.question else None)
+            reply = self._error(query, dns.rcode.SERVFAIL)
+        if reply.rcode() == dns.rcode.REFUSED and not client.allowed:
+            return wire.encode(reply, min(limit, len(data)))  # never an amplifier for a stranger
+        return wire.encode(reply, limit)
+
+    async def _reply(self, query: dns.message.Message, client: Client) -> dns.message.Message:
+        if len(query.question) != 1:
+            return self._error(query, dns.rcode.FORMERR)
+        if query.opcode() != dns.opcode.QUERY:
+            return self._error(query, dns.rcode.NOTIMP)
+        if query.edns > 0:
+            return self._error(query, dns.rcode.BADVERS)
+        if not client.allowed:
+            self.counts["refused"] += 1
+            return self._error(query, dns.rcode.REFUSED)
+        if self.upstreams.is_loop(query):
+            return self._error(query, dns.rcode.SERVFAIL)
+        q = query.question[0]
+        if self.zone.owns(q.name) and not self.ready():
+            return self._error(query, dns.rcode.SERVFAIL)  # the zone is not known yet
+        if self.zone.owns(q.name) or self.zone.is_reverse(q.name):
+            local = await self._local(query, client)
+            if local is not None:
+                return local
+        return await self._forward(query)
+
+    # -- the cluster zone -------------------------------------------------------------------
+    async def _local(self, query: dns.message.Message, client: Client) -> dns.message.Message | None:
         answer = self.zone.answer(query)
         if answer is None:
-            return None
-        self.answered += 1
-        return answer.reply, answer.chase
+            return None  # a reverse name the zone does not know
+        self.counts["local"] += 1
+        reply = answer.reply
+        if answer.chase is not None:  # ExternalName to an outside name: its records follow the CNAME
+            target = await self._forward(_query_for(answer.chase, query))
+            reply.answer += target.answer
+            reply.set_rcode(target.rcode())
+        elif reply.rcode() == dns.rcode.NXDOMAIN and client.namespace:
+            return await self._autopath(query, client.namespace) or reply
+        return reply
 
-    async def resolve(self, wire: bytes) -> bytes | None:
-        """The reply to send, or None (malformed: no reply at all, never an amplified one)."""
-        try:
-            local = self.answer_local(wire)
-        except Exception:
+    async def _autopath(self, query: dns.message.Message, namespace: str) -> dns.message.Message | None:
+        q = query.question[0]
+        first = dns.name.from_text(f"{namespace}.svc", self.zone.origin)
+        if not q.name.is_subdomain(first) or q.name == first:
             return None
-        if local is not None:
-            reply, chase = local
-            if chase is not None:  # ExternalName to an outside name: its records follow the CNAME, as CoreDNS does
-                target = dns.message.make_query(chase, reply.question[0].rdtype)
-                upstream = await self._forward(target.to_wire())
-                if upstream is not None:
-                    with contextlib.suppress(Exception):
-                        reply.answer += dns.message.from_wire(upstream).answer
-            return reply.to_wire()
-        return await self._forward(wire) or _servfail(wire)
-
-    async def _forward(self, wire: bytes) -> bytes | None:
-        self.forwarded += 1
-        for upstream in self.upstreams:
-            try:
-                return await asyncio.wait_for(_udp_exchange(wire, upstream), 2.0)
-            except (TimeoutError, OSError):
-                log.warning("upstream failed", upstream=upstream)
+        name = q.name.relativize(first)
+        candidates = [
+            name.derelativize(dns.name.from_text("svc", self.zone.origin)),
+            name.derelativize(self.zone.origin),
+            *(name.derelativize(domain) for domain in self.search),
+            name.derelativize(dns.name.root),
+        ]
+        for candidate in candidates:
+            sub = _query_for(candidate, query)
+            if self.zone.owns(candidate):
+                result = await self._local(sub, Client())
+            else:
+                result = await self._forward(sub)
+            if result is None or result.rcode() == dns.rcode.NXDOMAIN:
+                continue
+            self.counts["autopath"] += 1
+            reply = dns.message.make_response(query, our_payload=wire.MAX_UDP)
+            reply.flags |= dns.flags.RA
+            reply.set_rcode(result.rcode())
+            reply.answer.append(dns.rrset.from_text(q.name, self.zone.ttl, "IN", "CNAME", candidate.to_text()))
+            reply.answer += result.answer
+            reply.authority = result.authority
+            return reply
         return None
 
+    # -- everything else --------------------------------------------------------------------
+    async def _forward(self, query: dns.message.Message) -> dns.message.Message:
+        key = key_of(query)
+        now = self.clock()
+        cached = self.cache.get(key, now)
+        if cached is not None:
+            self.counts["cached"] += 1
+            return _as_reply(query, cached)
+        self.counts["forwarded"] += 1
+        try:
+            upstream = await self.upstreams.exchange(key, query)
+        except Overloaded:
+            return self._error(query, dns.rcode.REFUSED)
+        if upstream is None:  # every upstream failed
+            self.counts["servfail"] += 1
+            upstream = self._error(query, dns.rcode.SERVFAIL)
+        self.cache.put(key, upstream, self.clock())
+        return _as_reply(query, upstream)
 
-def _servfail(wire: bytes) -> bytes:
-    reply = dns.message.make_response(dns.message.from_wire(wire))
-    reply.set_rcode(dns.rcode.SERVFAIL)
-    return reply.to_wire()
+    def _error(self, query: dns.message.Message, rcode: int) -> dns.message.Message:
+        reply = dns.message.make_response(query, our_payload=wire.MAX_UDP)
+        if rcode != dns.rcode.REFUSED:
+            reply.flags |= dns.flags.RA
+        reply.set_rcode(rcode)
+        return reply
+
+    def status(self) -> dict:
+        return {**self.counts, "cacheEntries": len(self.cache), "upstreams": self.upstreams.status()}
 
 
-async def _udp_exchange(wire: bytes, upstream: str, port: int = 53) -> bytes:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[bytes] = loop.create_future()
+def _query_for(name: dns.name.Name, query: dns.message.Message) -> dns.message.Message:
+    """The same question for another name (the client's EDNS and DO bit kept: the cache key uses them)."""
+    q = query.question[0]
+    sub = dns.message.make_query(name, q.rdtype, q.rdclass)
+    if query.edns >= 0:
+        sub.use_edns(0, query.ednsflags, query.payload)
+    return sub
 
-    class _Client(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, _addr: object) -> None:
-            if not done.done() and data[:2] == wire[:2]:
-                done.set_result(data)
 
-        def error_received(self, exc: Exception) -> None:
-            if not done.done():
-                done.set_exception(exc)
-
-    transport, _ = await loop.create_datagram_endpoint(_Client, remote_addr=(upstream, port))
-    try:
-        transport.sendto(wire)
-        return await done
-    finally:
-        transport.close()
+def _as_reply(query: dns.message.Message, upstream: dns.message.Message) -> dns.message.Message:
+    """The client's reply carrying an upstream (or cached) answer: its ID, its question as it wrote it."""
+    reply = dns.message.make_response(query, our_payload=wire.MAX_UDP)
+    reply.flags |= dns.flags.RA | (upstream.flags & dns.flags.AD)
+    reply.set_rcode(upstream.rcode())
+    reply.answer = upstream.answer
+    reply.authority = upstream.authority
+    reply.additional = upstream.additional
+    return reply

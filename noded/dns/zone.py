@@ -113,12 +113,15 @@ class ClusterZone:
     def owns(self, name: dns.name.Name) -> bool:
         return name.is_subdomain(self.origin)
 
+    def is_reverse(self, name: dns.name.Name) -> bool:
+        return any(name.is_subdomain(r) for r in REVERSE)
+
     def answer(self, query: dns.message.Message) -> Answer | None:
         """The reply for a query this zone answers; None to forward it. The query has one question."""
         q = query.question[0]
         if q.rdclass != dns.rdataclass.IN:
             return None
-        if any(q.name.is_subdomain(r) for r in REVERSE):
+        if self.is_reverse(q.name):
             return self._reverse(query, q.name, q.rdtype)
         if not self.owns(q.name):
             return None

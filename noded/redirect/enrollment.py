@@ -1,7 +1,8 @@
 """Which pods on this node are enrolled in the mesh, from Pod and Namespace labels. Pure.
 
 Istio ambient's rule: the pod label `istio.io/dataplane-mode` decides when set (`ambient` in, `none`
-out); otherwise the namespace label does. hostNetwork pods never are.
+out); otherwise the namespace label does. hostNetwork pods never are. It also knows which of this
+node's pods holds an address (status.podIPs), for the DNS listener's client check and search path.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ PodKey = tuple[str, str]  # (namespace, name)
 
 
 class Enrollment:
-    def __init__(self) -> None:
+    def __init__(self, node_name: str | None = None) -> None:
+        self.node_name = node_name  # pod addresses are kept for this node's pods only (None: every pod)
         self._pods: dict[PodKey, tuple[dict[str, str], bool]] = {}  # labels, hostNetwork
+        self._addresses: dict[PodKey, list[str]] = {}
+        self._by_address: dict[str, str] = {}  # pod address -> namespace
         self._namespaces: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -27,8 +31,12 @@ class Enrollment:
             labels = {}
         with self._lock:
             if kind == "Pod":
-                host = bool((obj.get("spec") or {}).get("hostNetwork"))
-                self._pods[(meta.get("namespace") or "default", meta.get("name", ""))] = (labels, host)
+                spec = obj.get("spec") or {}
+                host = bool(spec.get("hostNetwork"))
+                key = (meta.get("namespace") or "default", meta.get("name", ""))
+                self._pods[key] = (labels, host)
+                local = not self.node_name or spec.get("nodeName") == self.node_name
+                self._set_addresses(key, [] if host or not local else _pod_ips(obj.get("status") or {}))
                 return True
             if kind == "Namespace":
                 self._namespaces[meta.get("name", "")] = labels
@@ -39,8 +47,20 @@ class Enrollment:
         with self._lock:
             if kind == "Pod":
                 self._pods.pop((namespace, name), None)
+                self._set_addresses((namespace, name), [])
             elif kind == "Namespace":
                 self._namespaces.pop(name, None)
+
+    def _set_addresses(self, key: PodKey, ips: list[str]) -> None:
+        for ip in self._addresses.pop(key, []):
+            self._by_address.pop(ip, None)
+        if ips:
+            self._addresses[key] = ips
+            self._by_address.update(dict.fromkeys(ips, key[0]))
+
+    def namespace_of(self, address: str) -> str | None:
+        """The namespace of this node's pod holding `address`, or None."""
+        return self._by_address.get(address)
 
     def knows(self, namespace: str, name: str) -> bool:
         with self._lock:
@@ -57,3 +77,8 @@ class Enrollment:
     def enrolled_namespaces(self) -> list[str]:
         with self._lock:
             return sorted(ns for ns, labels in self._namespaces.items() if labels.get(LABEL) == "ambient")
+
+
+def _pod_ips(status: dict) -> list[str]:
+    ips = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, dict)] or [status.get("podIP")]
+    return [ip for ip in ips if isinstance(ip, str) and ip]

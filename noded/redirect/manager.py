@@ -114,6 +114,13 @@ class PodManager:
             "recent": self.proxy.recent(cid),
         }
 
+    def namespace_of(self, address: str) -> str | None:
+        """The namespace of the pod noded-cni handed over with `address`, or None."""
+        for record in list(self.pods.values()):
+            if address in (record.get("ips") or []):
+                return record["namespace"]
+        return None
+
     # -- lifecycle --------------------------------------------------------------------------
     def restore(self) -> None:
         """On start: re-open every live pod's capture, take pods noded-cni left pending, drop the dead."""
@@ -152,7 +159,7 @@ class PodManager:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])
         if enrolled or self.dns_only:
             podns.install(record["netns"], enrolled)
-            self.proxy.open_pod(record["containerId"], record["netns"])
+            self.proxy.open_pod(record["containerId"], record["netns"], record["namespace"])
         else:
             podns.uninstall(record["netns"])
             self.proxy.close_pod(record["containerId"])

@@ -3,7 +3,8 @@
 15001 (outbound) reads the original destination with SO_ORIGINAL_DST and 15006 (inbound, TPROXY) takes
 it from the accepted socket's own address; until the node tunnel exists both forward the connection
 there from inside the pod, on a socket marked 0x539 so it is not captured again. 15053 (UDP and TCP)
-hands DNS to the resolver. 15008 (HBONE) listens for the tunnel; without it, connections are closed.
+hands DNS to the resolver
+(noded/dns), which knows the pod's namespace. 15008 (HBONE) listens for the tunnel; without it, connections are closed.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import asyncio
 import collections
 import socket
 import struct
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
 
+from noded.dns.resolver import Client
+from noded.dns.server import serve as serve_dns
+from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
 
@@ -27,7 +30,7 @@ log = structlog.get_logger("noded.redirect.proxy")
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = 19
 SO_MARK = 36
-DnsHandler = Callable[[bytes], Awaitable[bytes | None]]
+DnsHandler = Callable[[bytes, Client], Awaitable[bytes | None]]
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -45,35 +48,28 @@ class PodListeners:
 
 
 class CaptureProxy:
-    def __init__(self, dns_handler: DnsHandler) -> None:
+    def __init__(self, dns_handler: DnsHandler, loop: LoopThread) -> None:
         self.dns_handler = dns_handler
-        self.loop = asyncio.new_event_loop()
+        self.thread = loop
+        self.loop = loop.loop
         self.pods: dict[str, PodListeners] = {}
-        self._thread = threading.Thread(target=self.loop.run_forever, name="capture", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
         for key in list(self.pods):
             self.close_pod(key)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
-    def _run(self, coro: Awaitable) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def open_pod(self, key: str, netns_path: str) -> None:
-        """Listening sockets in the pod's netns (kept if already open)."""
-        self._run(self._open(key, netns_path))
+    def open_pod(self, key: str, netns_path: str, namespace: str | None = None) -> None:
+        """Listening sockets in the pod's netns (kept if already open); DNS knows the pod's namespace."""
+        self.thread.run(self._open(key, netns_path, namespace))
 
     def close_pod(self, key: str) -> bool:
-        return bool(self._run(self._close(key)))
+        return bool(self.thread.run(self._close(key)))
 
     def recent(self, key: str) -> list[dict]:
         pod = self.pods.get(key)
         return list(pod.recent) if pod else []
 
-    async def _open(self, key: str, netns_path: str) -> None:
+    async def _open(self, key: str, netns_path: str, namespace: str | None) -> None:
         pod = self.pods.get(key)
         if pod is not None and pod.netns == netns_path:
             return
@@ -92,14 +88,11 @@ class CaptureProxy:
             "outbound": lambda r, w: self._forward(pod, "outbound", r, w),
             "inbound": lambda r, w: self._forward(pod, "inbound", r, w),
             "hbone": self._no_tunnel,
-            "dns-tcp": self._dns_tcp,
         }
         for name, handler in handlers.items():
             pod.servers.append(await asyncio.start_server(handler, sock=socks[name]))
-        transport, _ = await self.loop.create_datagram_endpoint(
-            lambda: _DnsUdp(self.dns_handler), sock=socks["dns-udp"]
-        )
-        pod.transports.append(transport)
+        client = Client(namespace=namespace)
+        pod.transports += await serve_dns(socks["dns-udp"], socks["dns-tcp"], self.dns_handler, lambda _peer: client)
         self.pods[key] = pod
 
     async def _close(self, key: str) -> bool:
@@ -140,40 +133,6 @@ class CaptureProxy:
 
     async def _no_tunnel(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
-
-    async def _dns_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                (length,) = struct.unpack(">H", await reader.readexactly(2))
-                reply = await self.dns_handler(await reader.readexactly(length))
-                if reply is None:
-                    break
-                writer.write(struct.pack(">H", len(reply)) + reply)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, OSError):
-            pass
-        finally:
-            writer.close()
-
-
-class _DnsUdp(asyncio.DatagramProtocol):
-    def __init__(self, handler: DnsHandler) -> None:
-        self.handler = handler
-        self.transport: asyncio.DatagramTransport | None = None
-        self.pending: set[asyncio.Task] = set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        task = asyncio.ensure_future(self._answer(data, addr))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-
-    async def _answer(self, data: bytes, addr: tuple) -> None:
-        reply = await self.handler(data)
-        if reply is not None and self.transport is not None and len(reply) <= 512:
-            self.transport.sendto(reply, addr)
 
 
 def _listener(kind: int, host: str, port: int, transparent: bool = False) -> socket.socket:

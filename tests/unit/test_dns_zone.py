@@ -8,30 +8,13 @@ import dns.reversename
 import pytest
 
 from noded.dns.zone import ClusterZone
-from noded.model.tracker import ServiceModel
-from tests.objects import endpoint, service, slice_
-
-Z = "cluster.local"
+from tests.dnsfixtures import Z, cluster_model
+from tests.objects import service
 
 
 @pytest.fixture
 def zone():
-    m = ServiceModel()
-    ports = [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]
-    m.upsert(service("web", ["10.96.0.10", "fd96::10"], ports=ports))
-    m.upsert(service("db", "None", ports=[{"name": "pg", "port": 5432, "protocol": "TCP"}]))
-    db_eps = [endpoint("10.244.1.5"), endpoint("10.244.2.7"), endpoint("10.244.3.9", ready=False)]
-    db_eps[0]["hostname"] = "db-0"
-    m.upsert(slice_("db", db_eps, ports=[{"name": "pg", "port": 15432, "protocol": "TCP"}]))
-    m.upsert(service("pub", "None", publishNotReadyAddresses=True))
-    m.upsert(slice_("pub", [endpoint("10.244.1.8", ready=False)], name="pub-x"))
-    ext = service("ext", "10.96.0.1")
-    ext["spec"] = {"type": "ExternalName", "externalName": "example.org"}
-    m.upsert(ext)
-    alias = service("alias", "10.96.0.1")
-    alias["spec"] = {"type": "ExternalName", "externalName": f"web.default.svc.{Z}"}
-    m.upsert(alias)
-    return ClusterZone(m, Z, ttl=5)
+    return ClusterZone(cluster_model(), Z, ttl=5)
 
 
 def ask(zone, name, rdtype="A"):
@@ -133,17 +116,3 @@ def test_answers_follow_the_model_at_once(zone):
     assert [r[2] for r in records(ask(zone, f"new.default.svc.{Z}"))] == ["10.96.0.77"]
     zone.model.delete("Service", "default", "new")
     assert ask(zone, f"new.default.svc.{Z}").reply.rcode() == dns.rcode.NXDOMAIN
-
-
-def test_resolver_on_the_wire_answers_the_zone_and_never_answers_garbage(zone):
-    import asyncio
-
-    from noded.dns.resolver import Resolver
-
-    r = Resolver(zone.model, Z, upstreams=["127.0.0.1"])
-    wire = dns.message.make_query(f"web.default.svc.{Z}", "A").to_wire()
-    reply = dns.message.from_wire(asyncio.run(r.resolve(wire)))
-    assert [x.to_text() for rr in reply.answer for x in rr] == ["10.96.0.10"]
-    assert asyncio.run(r.resolve(b"\x12\x34garbage")) is None
-    response = dns.message.make_response(dns.message.make_query(f"web.default.svc.{Z}", "A")).to_wire()
-    assert asyncio.run(r.resolve(response)) is None  # a response sent as a query: no reply (no reflection)

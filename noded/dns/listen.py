@@ -1,0 +1,92 @@
+"""The node-local DNS address (`dns.listen`, default 169.254.20.10:53): the kernel objects behind it.
+
+As NodeLocal DNSCache does: listen addresses the node does not have go on a dummy interface
+`noded-dns`, and a `noded-dns` nftables table marks DNS to and from them NOTRACK at raw priority, so the
+conntrack race on parallel UDP queries (A and AAAA from one socket) cannot drop one. `remove` takes both
+away for `noded cleanup`. Runs in the current network namespace; the privileged calls are here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from pyroute2 import IPRoute
+
+from noded import libnft
+
+INTERFACE = "noded-dns"
+TABLE = "noded-dns"
+IP_FREEBIND = 15
+
+
+def _notrack_script(addresses: list[tuple[str, int]]) -> str:
+    rules_in, rules_out = [], []
+    for host, port in addresses:
+        ip = ipaddress.ip_address(host)
+        if ip.is_unspecified:
+            continue
+        fam = "ip" if ip.version == 4 else "ip6"
+        for proto in ("udp", "tcp"):
+            rules_in.append(f"{fam} daddr {ip} {proto} dport {port} notrack")
+            rules_out.append(f"{fam} daddr {ip} {proto} dport {port} notrack")
+            rules_out.append(f"{fam} saddr {ip} {proto} sport {port} notrack")
+    body_in = "\n".join(f"    {r}" for r in rules_in)
+    body_out = "\n".join(f"    {r}" for r in rules_out)
+    return (
+        f"table inet {TABLE} {{}}\nflush table inet {TABLE}\n"
+        f"table inet {TABLE} {{\n"
+        f"  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;\n{body_in}\n  }}\n"
+        f"  chain output {{\n    type filter hook output priority raw; policy accept;\n{body_out}\n  }}\n"
+        "}\n"
+    )
+
+
+def prepare(addresses: list[tuple[str, int]]) -> list[str]:
+    """Put the listen addresses the node lacks on `noded-dns`, and NOTRACK them; the addresses added."""
+    wanted = [ipaddress.ip_address(h) for h, _ in addresses if not ipaddress.ip_address(h).is_unspecified]
+    added = []
+    with IPRoute() as ipr:
+        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()}
+        missing = [ip for ip in wanted if str(ip) not in have]
+        if missing:
+            if not ipr.link_lookup(ifname=INTERFACE):
+                ipr.link("add", ifname=INTERFACE, kind="dummy")
+            index = ipr.link_lookup(ifname=INTERFACE)[0]
+            ipr.link("set", index=index, state="up")
+            for ip in missing:
+                ipr.addr("add", index=index, address=str(ip), prefixlen=ip.max_prefixlen, nodad=ip.version == 6)
+                added.append(str(ip))
+    if any(not ipaddress.ip_address(h).is_unspecified for h, _ in addresses):
+        libnft.run(_notrack_script(addresses))
+    return added
+
+
+def sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A bound UDP socket and a listening TCP socket on host:port (non-blocking)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    out = []
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        s = socket.socket(family, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        s.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(1024)
+        s.setblocking(False)
+        out.append(s)
+    return out[0], out[1]
+
+
+def remove() -> list[str]:
+    removed = []
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=INTERFACE):
+            ipr.link("del", index=index)
+            removed.append(f"interface {INTERFACE}")
+    try:
+        libnft.run(f"delete table inet {TABLE}")
+        removed.append(f"nft table inet {TABLE}")
+    except libnft.LibnftError:
+        pass
+    return removed

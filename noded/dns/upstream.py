@@ -1,0 +1,214 @@
+"""The upstream resolvers noded forwards to: health, failover, a concurrency bound, no loops.
+
+Upstreams are tried in their configured order, healthy ones first (resolv.conf semantics: the first is
+the primary). As with CoreDNS's forward plugin, `max_fails` failures in a row mark one down and a probe
+(`. IN NS`) every `probe_interval` brings it back when it answers. Identical questions in flight share one
+upstream query. Beyond `max_concurrent` upstream queries a new one is refused (`Overloaded`). A query
+that comes back to noded's own listener with the ID and question of one it forwarded is a loop: that
+upstream is disabled for good and logged (`is_loop`), and upstreams that are noded's own listen addresses
+are never used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from dataclasses import dataclass
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rdatatype
+import structlog
+
+log = structlog.get_logger("noded.dns.upstream")
+UDP_PAYLOAD = 1232  # DNS flag day 2020: no fragmentation on any path
+FlightKey = tuple[str, int, int, bool]
+
+
+class Overloaded(Exception):
+    """max_concurrent upstream queries are already in flight."""
+
+
+@dataclass
+class Upstream:
+    host: str
+    port: int = 53
+    healthy: bool = True
+    looping: bool = False
+    fails: int = 0
+    queries: int = 0
+    errors: int = 0
+    last_error: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Upstreams:
+    def __init__(
+        self,
+        addresses: list[tuple[str, int]],
+        own: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
+        max_concurrent: int = 1000,
+        timeout: float = 1.5,
+        max_fails: int = 2,
+        probe_interval: float = 0.5,
+    ) -> None:
+        self.all = [Upstream(h, p) for h, p in addresses]
+        for up in self.all:
+            if (up.host, up.port) in own:
+                up.looping = True
+                up.healthy = False
+                up.last_error = "is one of noded's own listen addresses"
+                log.error("upstream skipped: it is noded itself", upstream=up.address)
+        self.max_concurrent = max_concurrent
+        self.timeout = timeout
+        self.max_fails = max_fails
+        self.probe_interval = probe_interval
+        self.active = 0
+        self._inflight: dict[FlightKey, asyncio.Future] = {}
+        self._outstanding: dict[tuple[int, str, int], Upstream] = {}
+        self._probes: dict[str, asyncio.Task] = {}
+
+    def usable(self) -> list[Upstream]:
+        """Healthy ones in order, then the down ones as a last resort; never a looping one."""
+        live = [u for u in self.all if not u.looping]
+        return [u for u in live if u.healthy] + [u for u in live if not u.healthy]
+
+    def is_loop(self, query: dns.message.Message) -> bool:
+        """True when this incoming query is one noded itself forwarded: that upstream is disabled."""
+        q = query.question[0]
+        up = self._outstanding.get((query.id, q.name.to_text().lower(), q.rdtype))
+        if up is None:
+            return False
+        if not up.looping:
+            up.looping, up.healthy = True, False
+            up.last_error = "forwarding loop: queries sent there come back to noded"
+            log.error("forwarding loop detected; upstream disabled", upstream=up.address)
+        return True
+
+    async def exchange(self, key: FlightKey, query: dns.message.Message) -> dns.message.Message | None:
+        """The upstream reply to the question of `query` (shared by identical questions in flight)."""
+        flight = self._inflight.get(key)
+        if flight is not None:
+            return await asyncio.shield(flight)
+        if self.active >= self.max_concurrent:
+            raise Overloaded
+        flight = asyncio.get_running_loop().create_future()
+        self._inflight[key] = flight
+        self.active += 1
+        try:
+            reply = await self._try_all(query)
+            flight.set_result(reply)
+            return reply
+        except BaseException as e:
+            flight.set_exception(e)
+            flight.exception()  # retrieved: waiters get it, nobody is warned
+            raise
+        finally:
+            self.active -= 1
+            del self._inflight[key]
+
+    async def _try_all(self, query: dns.message.Message) -> dns.message.Message | None:
+        q = query.question[0]
+        out = dns.message.make_query(q.name, q.rdtype, q.rdclass, use_edns=0, payload=UDP_PAYLOAD)
+        out.flags |= query.flags & dns.flags.CD
+        if query.edns >= 0 and query.ednsflags & dns.flags.DO:
+            out.want_dnssec(True)
+        wire = out.to_wire()
+        flight = (out.id, q.name.to_text().lower(), q.rdtype)
+        for up in self.usable():
+            self._outstanding[flight] = up
+            up.queries += 1
+            try:
+                reply = await asyncio.wait_for(_exchange(wire, out, up.host, up.port), self.timeout)
+            except (TimeoutError, OSError, dns.exception.DNSException) as e:
+                self._failed(up, e)
+                continue
+            finally:
+                self._outstanding.pop(flight, None)
+            up.fails = 0
+            return reply
+        return None
+
+    def _failed(self, up: Upstream, error: BaseException) -> None:
+        up.errors += 1
+        up.fails += 1
+        up.last_error = repr(error)
+        log.warning("upstream failed", upstream=up.address, error=repr(error))
+        if up.healthy and up.fails >= self.max_fails:
+            up.healthy = False
+            log.warning("upstream down; probing it", upstream=up.address)
+            self._probes[up.address] = asyncio.ensure_future(self._probe(up))
+
+    async def _probe(self, up: Upstream) -> None:
+        probe = dns.message.make_query(".", dns.rdatatype.NS)
+        while not up.healthy and not up.looping:
+            await asyncio.sleep(self.probe_interval)
+            probe.id = random.randrange(65536)
+            with contextlib.suppress(TimeoutError, OSError, dns.exception.DNSException):
+                await asyncio.wait_for(_exchange(probe.to_wire(), probe, up.host, up.port), self.timeout)
+                up.healthy, up.fails = True, 0
+                log.info("upstream back", upstream=up.address)
+        self._probes.pop(up.address, None)
+
+    def status(self) -> list[dict]:
+        return [
+            {
+                "address": u.address,
+                "healthy": u.healthy,
+                "looping": u.looping,
+                "queries": u.queries,
+                "errors": u.errors,
+                "lastError": u.last_error,
+            }
+            for u in self.all
+        ]
+
+
+async def _exchange(wire: bytes, query: dns.message.Message, host: str, port: int) -> dns.message.Message:
+    """One query over UDP, again over TCP when the answer comes back truncated."""
+    reply = dns.message.from_wire(await _udp(wire, host, port))
+    if not query.is_response(reply):
+        raise dns.exception.FormError("upstream answered another question")
+    if reply.flags & dns.flags.TC:
+        reply = dns.message.from_wire(await _tcp(wire, host, port))
+        if not query.is_response(reply):
+            raise dns.exception.FormError("upstream answered another question")
+    return reply
+
+
+async def _udp(wire: bytes, host: str, port: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+
+    class _Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, _addr: object) -> None:
+            if not done.done() and data[:2] == wire[:2]:
+                done.set_result(data)
+
+        def error_received(self, exc: Exception) -> None:  # ICMP port unreachable: the upstream is not there
+            if not done.done():
+                done.set_exception(exc)
+
+    transport, _ = await loop.create_datagram_endpoint(_Client, remote_addr=(host, port))
+    try:
+        transport.sendto(wire)
+        return await done
+    finally:
+        transport.close()
+
+
+async def _tcp(wire: bytes, host: str, port: int) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        length = int.from_bytes(await reader.readexactly(2), "big")
+        return await reader.readexactly(length)
+    finally:
+        writer.close()

@@ -1,0 +1,49 @@
+"""What a reply may be on the wire: the size a transport allows, truncation (TC), header-only errors.
+
+UDP replies fit the client's EDNS0 payload size (at least 512, at most 1232, the flag-day value), or 512
+without EDNS0; a larger reply goes out with TC set and empty sections, so the client retries over TCP.
+TCP allows 65535. An error for a query that cannot be parsed is its 12-byte header echoed, never more
+than the query itself.
+"""
+
+from __future__ import annotations
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+
+MAX_UDP = 1232
+MIN_UDP = 512
+MAX_TCP = 65535
+
+
+def udp_limit(query: dns.message.Message) -> int:
+    if query.edns < 0:
+        return MIN_UDP
+    return max(MIN_UDP, min(query.payload, MAX_UDP))
+
+
+def encode(reply: dns.message.Message, limit: int) -> bytes:
+    """The reply in at most `limit` bytes: whole, or truncated to its question with TC set."""
+    if reply.edns >= 0:
+        reply.use_edns(reply.edns, reply.ednsflags, MAX_UDP, options=reply.options)  # what noded accepts
+    try:
+        return reply.to_wire(max_size=limit)
+    except dns.exception.TooBig:
+        pass
+    truncated = dns.message.Message(id=reply.id)
+    truncated.flags = reply.flags | dns.flags.TC
+    truncated.question = list(reply.question)
+    if reply.edns >= 0:
+        truncated.use_edns(reply.edns, reply.ednsflags, MAX_UDP)
+    truncated.set_rcode(reply.rcode())
+    return truncated.to_wire(max_size=limit)
+
+
+def header_error(wire: bytes, rcode: int) -> bytes | None:
+    """A bare header answering an unparseable query (QR set, no sections); None when it is no query."""
+    if len(wire) < 12 or wire[2] & 0x80:
+        return None
+    flags = ((wire[2] | 0x80) & 0xF9) << 8 | (rcode & 0xF)  # QR, opcode and RD kept; AA, TC cleared
+    return wire[:2] + flags.to_bytes(2, "big") + bytes(8)

@@ -1,0 +1,110 @@
+"""DNS test parts: the cluster used by the zone and resolver tests, and a real upstream server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
+from noded.model.tracker import ServiceModel
+from tests.objects import endpoint, service, slice_
+
+Z = "cluster.local"
+
+
+def cluster_model() -> ServiceModel:
+    m = ServiceModel()
+    ports = [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+    m.upsert(service("web", ["10.96.0.10", "fd96::10"], ports=ports))
+    m.upsert(service("db", "None", ports=[{"name": "pg", "port": 5432, "protocol": "TCP"}]))
+    db_eps = [endpoint("10.244.1.5"), endpoint("10.244.2.7"), endpoint("10.244.3.9", ready=False)]
+    db_eps[0]["hostname"] = "db-0"
+    m.upsert(slice_("db", db_eps, ports=[{"name": "pg", "port": 15432, "protocol": "TCP"}]))
+    m.upsert(service("pub", "None", publishNotReadyAddresses=True))
+    m.upsert(slice_("pub", [endpoint("10.244.1.8", ready=False)], name="pub-x"))
+    ext = service("ext", "10.96.0.1")
+    ext["spec"] = {"type": "ExternalName", "externalName": "example.org"}
+    m.upsert(ext)
+    alias = service("alias", "10.96.0.1")
+    alias["spec"] = {"type": "ExternalName", "externalName": f"web.default.svc.{Z}"}
+    m.upsert(alias)
+    return m
+
+
+class FakeUpstream:
+    """A DNS server on 127.0.0.1 (UDP and TCP) answering A records from `records`, NXDOMAIN otherwise.
+
+    It counts the questions it saw; `stop()`/`start()` take it away and bring it back on the same port;
+    `delay` holds every answer back. Runs on the test's own event loop.
+    """
+
+    def __init__(self, records: dict[str, list[str]], ttl: int = 300, delay: float = 0.0) -> None:
+        self.records = {k.lower().rstrip(".") + ".": v for k, v in records.items()}
+        self.ttl = ttl
+        self.delay = delay
+        self.seen: list[str] = []
+        self.pending: set[asyncio.Task] = set()
+        self.port = 0
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.base_events.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+    def answer(self, data: bytes) -> bytes:
+        query = dns.message.from_wire(data)
+        q = query.question[0]
+        name = q.name.to_text().lower()
+        self.seen.append(name)
+        reply = dns.message.make_response(query)
+        if name in self.records:
+            if q.rdtype == dns.rdatatype.A:
+                reply.answer.append(dns.rrset.from_text_list(q.name, self.ttl, "IN", "A", self.records[name]))
+        else:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            reply.authority.append(dns.rrset.from_text(".", 3600, "IN", "SOA", "a.root. nstld. 1 1800 900 604800 60"))
+        return reply.to_wire(max_size=65535)
+
+    async def start(self) -> FakeUpstream:
+        loop = asyncio.get_running_loop()
+        upstream = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def datagram_received(self, data, addr):
+                async def later():
+                    await asyncio.sleep(upstream.delay)
+                    wire = upstream.answer(data)
+                    if len(wire) > 512 + 720:  # over the payload noded asks for: truncated, as a server would
+                        reply = dns.message.from_wire(wire)
+                        reply.answer = []
+                        reply.flags |= dns.flags.TC
+                        wire = reply.to_wire()
+                    self.transport.sendto(wire, addr)
+
+                upstream.pending.add(task := asyncio.ensure_future(later()))
+                task.add_done_callback(upstream.pending.discard)
+
+        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", self.port))
+        self.port = self._udp.get_extra_info("sockname")[1]
+
+        async def tcp(reader, writer):
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            wire = self.answer(await reader.readexactly(length))
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            writer.close()
+
+        self._tcp = await asyncio.start_server(tcp, "127.0.0.1", self.port)
+        return self
+
+    def stop(self) -> None:
+        self._udp.close()
+        self._tcp.close()

@@ -1,0 +1,310 @@
+"""The resolver on the wire: the spec's queries over UDP and TCP, forwarding, cache, failover, truncation,
+the search-path shortcut, loops, the concurrency bound and who may ask. Real sockets on loopback; the
+upstreams are real DNS servers (tests/dnsfixtures.py) in the same event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import dns.asyncquery
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from noded.dns.cache import AnswerCache
+from noded.dns.resolver import Client, Resolver
+from noded.dns.server import Clients, serve
+from noded.dns.upstream import Upstreams
+from tests.dnsfixtures import FakeUpstream, Z, cluster_model
+from tests.objects import endpoint, service, slice_
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_resolver(upstreams, model=None, **kw) -> Resolver:
+    pool = kw.pop("pool", None) or Upstreams([u.address for u in upstreams], timeout=kw.pop("timeout", 0.5))
+    return Resolver(model or cluster_model(), pool, Z, **kw)
+
+
+async def listening(resolver, classify=lambda _peer: Client()):
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+    tcp.listen(16)
+    tcp.setblocking(False)
+    closers = await serve(udp, tcp, resolver.resolve, classify)
+    return udp.getsockname()[1], closers
+
+
+async def ask(port, name, rdtype="A", tcp=False, **kw) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype, **kw)
+    if tcp:
+        return await dns.asyncquery.tcp(q, "127.0.0.1", timeout=3, port=port)
+    return await dns.asyncquery.udp(q, "127.0.0.1", timeout=3, port=port, ignore_trailing=True)
+
+
+def texts(reply, section="answer"):
+    return sorted(r.to_text() for rr in getattr(reply, section) for r in rr)
+
+
+# -- the specification, query by query, over UDP and over TCP ----------------------------------
+SPEC = [
+    # (query, type, rcode, answer data) -- Kubernetes DNS-Based Service Discovery 1.1.0, sections 2.3-2.5
+    (f"web.default.svc.{Z}", "A", "NOERROR", ["10.96.0.10"]),  # 2.3.1 ClusterIP A
+    (f"web.default.svc.{Z}", "AAAA", "NOERROR", ["fd96::10"]),  # 2.3.1 dual-stack AAAA
+    (f"_http._tcp.web.default.svc.{Z}", "SRV", "NOERROR", [f"0 100 80 web.default.svc.{Z}."]),  # 2.3.2
+    ("10.0.96.10.in-addr.arpa", "PTR", "NOERROR", [f"web.default.svc.{Z}."]),  # 2.3.3
+    (f"db.default.svc.{Z}", "A", "NOERROR", ["10.244.1.5", "10.244.2.7"]),  # 2.4.1 headless: ready ones
+    (f"db-0.db.default.svc.{Z}", "A", "NOERROR", ["10.244.1.5"]),  # 2.4.1 hostname
+    (
+        f"_pg._tcp.db.default.svc.{Z}",
+        "SRV",
+        "NOERROR",
+        [  # 2.4.2 one per endpoint
+            f"0 50 15432 10-244-2-7.db.default.svc.{Z}.",
+            f"0 50 15432 db-0.db.default.svc.{Z}.",
+        ],
+    ),
+    ("5.1.244.10.in-addr.arpa", "PTR", "NOERROR", [f"db-0.db.default.svc.{Z}."]),  # 2.4.3
+    (f"pub.default.svc.{Z}", "A", "NOERROR", ["10.244.1.8"]),  # publishNotReadyAddresses
+    (f"alias.default.svc.{Z}", "A", "NOERROR", ["10.96.0.10", f"web.default.svc.{Z}."]),  # 2.5 ExternalName
+    (f"dns-version.{Z}", "TXT", "NOERROR", ['"1.1.0"']),  # 2.2
+    (f"nope.default.svc.{Z}", "A", "NXDOMAIN", []),
+    (f"web.default.svc.{Z}", "MX", "NOERROR", []),  # NODATA
+    (f"WEB.Default.Svc.{Z.upper()}", "A", "NOERROR", ["10.96.0.10"]),  # case-insensitive
+]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_the_specification_over_each_transport(transport):
+    async def main():
+        resolver = make_resolver([])
+        port, _ = await listening(resolver)
+        for name, rdtype, rcode, data in SPEC:
+            reply = await ask(port, name, rdtype, tcp=transport == "tcp")
+            assert dns.rcode.to_text(reply.rcode()) == rcode, name
+            assert texts(reply) == sorted(data), name
+            assert reply.flags & dns.flags.AA, name
+            assert reply.question[0].name.to_text() == name.rstrip(".") + ".", "the question's case is kept"
+            if not data:
+                assert [rr.rdtype for rr in reply.authority] == [dns.rdatatype.SOA], name
+                assert reply.authority[0][0].minimum == 5  # negative answers live as long as positive ones
+            else:
+                assert {rr.ttl for rr in reply.answer} == {5}, name
+
+    asyncio.run(main())
+
+
+def test_servfail_for_the_cluster_zone_until_the_sources_synced_but_forwarding_works():
+    async def main():
+        up = await FakeUpstream({"example.org": ["192.0.2.1"]}).start()
+        synced = False
+        resolver = make_resolver([up], ready=lambda: synced)
+        port, _ = await listening(resolver)
+        assert (await ask(port, f"web.default.svc.{Z}")).rcode() == dns.rcode.SERVFAIL
+        assert texts(await ask(port, "example.org")) == ["192.0.2.1"]
+        synced = True
+        assert texts(await ask(port, f"web.default.svc.{Z}")) == ["10.96.0.10"]
+
+    asyncio.run(main())
+
+
+def test_external_names_forwarded_then_cached_with_decreasing_ttls():
+    async def main():
+        up = await FakeUpstream({"example.org": ["192.0.2.1"]}, ttl=20).start()
+        clock = Clock()
+        resolver = make_resolver([up], clock=clock, cache=AnswerCache(max_ttl=30))
+        port, _ = await listening(resolver)
+        first = await ask(port, "Example.ORG")
+        assert texts(first) == ["192.0.2.1"] and first.answer[0].ttl == 20 and first.flags & dns.flags.RA
+        assert first.question[0].name.to_text() == "Example.ORG."
+        clock.now += 7
+        second = await ask(port, "example.org")
+        assert texts(second) == ["192.0.2.1"] and second.answer[0].ttl == 13  # aged in the cache
+        assert up.seen == ["example.org."] and resolver.cache.hits == 1
+        clock.now += 14  # past the record's TTL: asked again
+        await ask(port, "example.org")
+        assert up.seen == ["example.org.", "example.org."]
+        # a denial is cached for the SOA's negative TTL (60 here) capped at max_ttl (30)
+        assert (await ask(port, "missing.example")).rcode() == dns.rcode.NXDOMAIN
+        clock.now += 29
+        assert (await ask(port, "missing.example")).rcode() == dns.rcode.NXDOMAIN
+        assert up.seen.count("missing.example.") == 1
+        clock.now += 2
+        await ask(port, "missing.example")
+        assert up.seen.count("missing.example.") == 2
+
+    asyncio.run(main())
+
+
+def test_servfail_is_cached_briefly_when_no_upstream_answers():
+    async def main():
+        up = await FakeUpstream({}).start()
+        up.stop()  # nobody there: ICMP port unreachable
+        clock = Clock()
+        resolver = make_resolver([up], clock=clock, cache=AnswerCache(servfail_ttl=5))
+        port, _ = await listening(resolver)
+        assert (await ask(port, "example.org")).rcode() == dns.rcode.SERVFAIL
+        assert (await ask(port, "example.org")).rcode() == dns.rcode.SERVFAIL
+        assert resolver.counts["forwarded"] == 1 and resolver.counts["cached"] == 1
+        clock.now += 6
+        await ask(port, "example.org")
+        assert resolver.counts["forwarded"] == 2
+
+    asyncio.run(main())
+
+
+def test_failover_when_an_upstream_dies_and_back_when_its_probe_answers():
+    async def main():
+        first = await FakeUpstream({"a.example": ["192.0.2.1"], "b.example": ["192.0.2.2"]}).start()
+        second = await FakeUpstream({"a.example": ["198.51.100.1"], "b.example": ["198.51.100.2"]}).start()
+        pool = Upstreams([first.address, second.address], timeout=0.5, max_fails=2, probe_interval=0.1)
+        resolver = make_resolver([], pool=pool, cache=AnswerCache(capacity=0))
+        port, _ = await listening(resolver)
+        assert texts(await ask(port, "a.example")) == ["192.0.2.1"]  # the first is the primary
+        first.stop()
+        for _ in range(3):  # each answered by the second; after max_fails the first is marked down
+            assert texts(await ask(port, "b.example")) == ["198.51.100.2"]
+        assert [u.healthy for u in pool.all] == [False, True]
+        seen_by_second = len(second.seen)
+        await ask(port, "b.example")
+        assert len(second.seen) == seen_by_second + 1  # down: not tried first any more
+        await first.start()  # back on the same port: the probe marks it up
+        for _ in range(50):
+            if pool.all[0].healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.all[0].healthy
+        assert texts(await ask(port, "a.example")) == ["192.0.2.1"]
+
+    asyncio.run(main())
+
+
+def test_large_answers_truncate_over_udp_and_come_whole_over_tcp():
+    async def main():
+        model = cluster_model()
+        many = [endpoint(f"10.244.{i // 200}.{i % 200 + 1}") for i in range(100)]
+        model.upsert(service("big", "None"))
+        model.upsert(slice_("big", many))
+        up = await FakeUpstream({"big.example": [f"192.0.2.{i}" for i in range(1, 101)]}).start()
+        resolver = make_resolver([up], model=model)
+        port, _ = await listening(resolver)
+        name = f"big.default.svc.{Z}"
+        plain = await ask(port, name)  # no EDNS0: 512 bytes at most
+        assert plain.flags & dns.flags.TC and not plain.answer
+        edns = await ask(port, name, use_edns=0, payload=4096)  # asks for 4096; noded sends at most 1232
+        assert edns.flags & dns.flags.TC and edns.payload == 1232
+        assert len(texts(await ask(port, name, tcp=True))) == 100
+        # upstream truncates to noded over UDP: noded retries over TCP and has the whole answer
+        assert len(texts(await ask(port, "big.example", tcp=True))) == 100
+        assert (await ask(port, "big.example")).flags & dns.flags.TC
+
+    asyncio.run(main())
+
+
+def test_search_path_shortcut_answers_a_pods_expansions_with_one_query_each():
+    async def main():
+        up = await FakeUpstream({"example.org": ["192.0.2.1"]}).start()
+        resolver = make_resolver([up], search=["corp.internal", Z])
+        port, _ = await listening(resolver, lambda _peer: Client(namespace="default"))
+        # `curl example.org` under ndots:5 first asks example.org.default.svc.<zone>
+        reply = await ask(port, f"example.org.default.svc.{Z}")
+        assert texts(reply) == ["192.0.2.1", "example.org."]  # CNAME to the name that exists, and its A
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert up.seen == ["example.org.corp.internal.", "example.org."]  # the zone's expansions: never
+        # the pod would then have asked these; none goes upstream again
+        for name in (f"example.org.svc.{Z}", f"example.org.{Z}", "example.org.corp.internal", "example.org"):
+            await ask(port, name)
+        assert up.seen == ["example.org.corp.internal.", "example.org."]
+        # `web.default` from a pod in default: found in the zone on the second step, no upstream at all
+        reply = await ask(port, f"web.default.default.svc.{Z}")
+        assert texts(reply) == ["10.96.0.10", f"web.default.svc.{Z}."]
+        assert up.seen == ["example.org.corp.internal.", "example.org."]
+        # a pod in another namespace, or the node: the expansion is just NXDOMAIN
+        other_port, _ = await listening(resolver, lambda _peer: Client(namespace="other"))
+        assert (await ask(other_port, f"example.org.default.svc.{Z}")).rcode() == dns.rcode.NXDOMAIN
+
+    asyncio.run(main())
+
+
+def test_a_forwarding_loop_is_detected_and_that_upstream_disabled():
+    async def main():
+        pool = Upstreams([("127.0.0.1", 9)], timeout=2)
+        resolver = make_resolver([], pool=pool)
+        port, _ = await listening(resolver)
+        pool.all[0].port = port  # noded's upstream is noded itself
+        reply = await ask(port, "example.org")
+        assert reply.rcode() == dns.rcode.SERVFAIL
+        assert pool.all[0].looping and "loop" in pool.all[0].last_error
+        # and an upstream that is one of the listen addresses is never used
+        own = Upstreams([("169.254.20.10", 53), ("127.0.0.1", 53)], own={("169.254.20.10", 53)})
+        assert [u.address for u in own.usable()] == ["127.0.0.1:53"]
+
+    asyncio.run(main())
+
+
+def test_identical_questions_share_one_upstream_query_and_the_bound_refuses_beyond():
+    async def main():
+        up = await FakeUpstream({"a.example": ["192.0.2.1"]}, delay=0.3).start()
+        pool = Upstreams([up.address], max_concurrent=2, timeout=2)
+        resolver = make_resolver([], pool=pool)
+        port, _ = await listening(resolver)
+        replies = await asyncio.gather(*(ask(port, "a.example") for _ in range(5)))
+        assert all(texts(r) == ["192.0.2.1"] for r in replies) and up.seen == ["a.example."]
+        replies = await asyncio.gather(*(ask(port, f"n{i}.example") for i in range(3)))
+        assert sorted(dns.rcode.to_text(r.rcode()) for r in replies) == ["NXDOMAIN", "NXDOMAIN", "REFUSED"]
+
+    asyncio.run(main())
+
+
+def test_only_the_nodes_pods_and_the_node_itself_are_answered():
+    pods = {"10.244.1.5": "default"}
+    clients = Clients(pods.get, lambda: {"10.0.0.11"})
+    assert clients.classify(("10.244.1.5", 5353)) == Client(namespace="default")
+    assert clients.classify(("10.0.0.11", 5353)).allowed
+    assert clients.classify(("127.0.0.1", 5353)).allowed
+    assert clients.classify(("::ffff:10.244.1.5", 5353, 0, 0)).namespace == "default"
+    assert not clients.classify(("203.0.113.9", 5353)).allowed
+
+    async def main():
+        resolver = make_resolver([])
+        port, _ = await listening(resolver, lambda _peer: Client(allowed=False))
+        query = dns.message.make_query(f"web.default.svc.{Z}", "A", use_edns=0, payload=4096)
+        reply = await dns.asyncquery.udp(query, "127.0.0.1", timeout=3, port=port)
+        assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
+        assert len(reply.to_wire()) <= len(query.to_wire())  # never larger than what a stranger sent
+
+    asyncio.run(main())
+
+
+def test_malformed_and_unsupported_queries():
+    resolver = make_resolver([])
+    good = dns.message.make_query(f"web.default.svc.{Z}", "A")
+
+    def run(wire):
+        return asyncio.run(resolver.resolve(wire, Client()))
+
+    assert run(b"\x12\x34garbage") is None  # shorter than a header: nothing
+    formerr = run(good.to_wire()[:20])  # a header and half a question: a bare FORMERR header
+    assert len(formerr) == 12 and dns.message.from_wire(formerr).rcode() == dns.rcode.FORMERR
+    assert run(dns.message.make_response(good).to_wire()) is None  # a response: no reflection
+    two = dns.message.make_query(f"web.default.svc.{Z}", "A")
+    two.question.append(two.question[0])
+    assert dns.message.from_wire(run(two.to_wire())).rcode() == dns.rcode.FORMERR
+    notify = dns.message.make_query(f"web.default.svc.{Z}", "SOA")
+    notify.set_opcode(dns.opcode.NOTIFY)
+    assert dns.message.from_wire(run(notify.to_wire())).rcode() == dns.rcode.NOTIMP
+    v1 = dns.message.make_query(f"web.default.svc.{Z}", "A", use_edns=1)
+    assert dns.message.from_wire(run(v1.to_wire())).rcode() == dns.rcode.BADVERS
