@@ -183,11 +183,11 @@ class Daemon:
         from noded.dns.server import Clients
         from noded.dns.service import DnsService, make_resolver
 
-        self.node_addresses = set(local_addresses())
         resolver = make_resolver(self.config, self.model, self.sink.all_synced.is_set)
         clients = Clients(self._pod_namespace, lambda: self.node_addresses)
         self.dns = DnsService(resolver, self.loop, self.config.dns.listen, clients)
         self.dns.start()
+        self.node_addresses = set(local_addresses())  # with the node-local DNS addresses now added
 
     def _pod_namespace(self, address: str) -> str | None:
         namespace = self.enrollment.namespace_of(address)

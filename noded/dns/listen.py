@@ -1,9 +1,11 @@
 """The node-local DNS address (`dns.listen`, default 169.254.20.10:53): the kernel objects behind it.
 
 As NodeLocal DNSCache does: listen addresses the node does not have go on a dummy interface
-`noded-dns`, and a `noded-dns` nftables table marks DNS to and from them NOTRACK at raw priority, so the
-conntrack race on parallel UDP queries (A and AAAA from one socket) cannot drop one. `remove` takes both
-away for `noded cleanup`. Runs in the current network namespace; the privileged calls are here.
+`noded-dns` (on a kernel without the dummy driver: on `lo`, tagged with noded's address protocol number
+so cleanup finds exactly them), and a `noded-dns` nftables table marks DNS to and from them NOTRACK at
+raw priority, so the conntrack race on parallel UDP queries (A and AAAA from one socket) cannot drop one.
+`remove` takes all of it away for `noded cleanup`. Runs in the current network namespace; the
+privileged calls are here.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import ipaddress
 import socket
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from noded import libnft
 
 INTERFACE = "noded-dns"
 TABLE = "noded-dns"
+ADDRESS_PROTO = 0xD5  # IFA_PROTO of the addresses noded adds
 IP_FREEBIND = 15
+IFA_F_NODAD = 0x02
+EOPNOTSUPP = 95
 
 
 def _notrack_script(addresses: list[tuple[str, int]]) -> str:
@@ -50,16 +56,34 @@ def prepare(addresses: list[tuple[str, int]]) -> list[str]:
         have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()}
         missing = [ip for ip in wanted if str(ip) not in have]
         if missing:
-            if not ipr.link_lookup(ifname=INTERFACE):
-                ipr.link("add", ifname=INTERFACE, kind="dummy")
-            index = ipr.link_lookup(ifname=INTERFACE)[0]
-            ipr.link("set", index=index, state="up")
+            index = _holder(ipr)
             for ip in missing:
-                ipr.addr("add", index=index, address=str(ip), prefixlen=ip.max_prefixlen, nodad=ip.version == 6)
+                ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(ip),
+                    prefixlen=ip.max_prefixlen,
+                    IFA_PROTO=ADDRESS_PROTO,
+                    flags=IFA_F_NODAD if ip.version == 6 else 0,
+                )
                 added.append(str(ip))
     if any(not ipaddress.ip_address(h).is_unspecified for h, _ in addresses):
         libnft.run(_notrack_script(addresses))
     return added
+
+
+def _holder(ipr: IPRoute) -> int:
+    """The interface the addresses go on: noded-dns (made if missing), else lo."""
+    if not ipr.link_lookup(ifname=INTERFACE):
+        try:
+            ipr.link("add", ifname=INTERFACE, kind="dummy")
+        except NetlinkError as e:
+            if e.code != EOPNOTSUPP:
+                raise
+            return ipr.link_lookup(ifname="lo")[0]
+    index = ipr.link_lookup(ifname=INTERFACE)[0]
+    ipr.link("set", index=index, state="up")
+    return index
 
 
 def sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
@@ -84,6 +108,11 @@ def remove() -> list[str]:
         for index in ipr.link_lookup(ifname=INTERFACE):
             ipr.link("del", index=index)
             removed.append(f"interface {INTERFACE}")
+        for addr in ipr.get_addr():
+            if addr.get_attr("IFA_PROTO") == ADDRESS_PROTO:
+                ip = addr.get_attr("IFA_ADDRESS")
+                ipr.addr("del", index=addr["index"], address=ip, prefixlen=addr["prefixlen"])
+                removed.append(f"address {ip}")
     try:
         libnft.run(f"delete table inet {TABLE}")
         removed.append(f"nft table inet {TABLE}")

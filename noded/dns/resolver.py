@@ -160,6 +160,8 @@ class Resolver:
                 result = await self._forward(sub)
             if result is None or result.rcode() == dns.rcode.NXDOMAIN:
                 continue
+            if result.rcode() != dns.rcode.NOERROR:
+                return None  # the search cannot be finished here: NXDOMAIN for this name, the pod goes on
             self.counts["autopath"] += 1
             reply = dns.message.make_response(query, our_payload=wire.MAX_UDP)
             reply.flags |= dns.flags.RA

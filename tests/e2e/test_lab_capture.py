@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
 import sys
 import time
 
@@ -42,12 +43,18 @@ def lab():
         lab.down()
 
 
-def dig(lab, pod, name, server="198.51.100.1", tcp=False):
+def dig(lab, pod, name, server="198.51.100.1", tcp=False, uncaptured=False):
+    """(rcode, answer data) of an A query from `pod`; `uncaptured` sends it on a socket marked as the
+    tunnel's, which the in-pod capture lets through (so it reaches the node-local listener itself)."""
     code = (
-        "import dns.message, dns.query, json, sys\n"
+        "import dns.message, dns.query, json, socket, sys\n"
         f"q = dns.message.make_query({name!r}, 'A')\n"
-        f"r = (dns.query.tcp if {tcp} else dns.query.udp)(q, {server!r}, timeout=3)\n"
-        "print(json.dumps([dns.rcode.to_text(r.rcode()), [i.address for a in r.answer for i in a]]))"
+        f"s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if {tcp} else socket.SOCK_DGRAM)\n"
+        f"s.setsockopt(socket.SOL_SOCKET, 36, 0x539) if {uncaptured} else None\n"
+        f"s.settimeout(3); s.connect(({server!r}, 53)) if {tcp} else None\n"
+        f"r = (dns.query.tcp if {tcp} else dns.query.udp)(q, {server!r}, timeout=3, sock=s)\n"
+        "print(json.dumps([dns.rcode.to_text(r.rcode()), [getattr(i, 'address', None) or i.to_text()\n"
+        "    for a in r.answer for i in a]]))"
     )
     res = lab.run(pod, [sys.executable, "-c", code], timeout=20)
     assert res.returncode == 0, res.stderr
@@ -88,6 +95,50 @@ def test_non_enrolled_pod_tcp_is_untouched_but_its_dns_is_intercepted(lab):
         assert dig(lab, pod, "echo.default.svc.cluster.local.", server="192.0.2.53") == ["NOERROR", [vip]]
         assert dig(lab, pod, "ECHO.default.svc.cluster.local.", tcp=True) == ["NOERROR", [vip]]
         assert dig(lab, pod, "nope.default.svc.cluster.local.")[0] == "NXDOMAIN"
+
+
+def test_node_local_listener_answers_pods_and_the_node_untracked_and_refuses_others(lab):
+    vip = echo_service(lab)
+    name = "echo.default.svc.cluster.local."
+    # a pod's query reaching 169.254.20.10 itself: the node knows its namespace from its address
+    for tcp in (False, True):
+        assert dig(lab, "default/plain-client", name, "169.254.20.10", tcp, uncaptured=True) == ["NOERROR", [vip]]
+    shortcut = dig(
+        lab, "default/plain-client", "echo.default.default.svc.cluster.local.", "169.254.20.10", uncaptured=True
+    )
+    assert shortcut == ["NOERROR", [name, vip]]  # search-path shortcut: CNAME + A in one answer
+    # the same through the in-pod capture (15053)
+    assert dig(lab, "default/mesh-client", "echo.default.default.svc.cluster.local.")[1] == [name, vip]
+    # the node itself; the queries are NOTRACK (a counter of untracked DNS packets in a table of the test's)
+    count_untracked = (
+        "table inet notracktest {\n chain c {\n type filter hook input priority 0;\n"
+        " ip daddr 169.254.20.10 udp dport 53 ct state untracked counter\n }\n}\n"
+    )
+    node_ns = "/run/netns/noded-node1"
+    subprocess.run(["nsenter", f"--net={node_ns}", "nft", "-f", "-"], input=count_untracked, text=True, check=True)
+    try:
+        assert dig(lab, "node/node1", name, "169.254.20.10") == ["NOERROR", [vip]]
+        listed = subprocess.run(
+            ["nsenter", f"--net={node_ns}", "nft", "list", "table", "inet", "notracktest"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "counter packets 1 " in listed, listed
+    finally:
+        subprocess.run(["nsenter", f"--net={node_ns}", "nft", "delete", "table", "inet", "notracktest"], check=True)
+    # a host that is neither the node nor one of its pods: REFUSED, no data
+    node1 = lab.state()["nodes"]["node1"]["address"]
+    subprocess.run(
+        ["nsenter", "--net=/run/netns/noded-external", "ip", "route", "add", "169.254.20.10/32", "via", node1],
+        check=True,
+    )
+    try:
+        assert dig(lab, "external", name, "169.254.20.10") == ["REFUSED", []]
+    finally:
+        subprocess.run(
+            ["nsenter", "--net=/run/netns/noded-external", "ip", "route", "del", "169.254.20.10/32"], check=True
+        )
 
 
 def wait_enrolled(lab, pod, want, timeout=10.0):

@@ -235,6 +235,11 @@ def test_search_path_shortcut_answers_a_pods_expansions_with_one_query_each():
         # a pod in another namespace, or the node: the expansion is just NXDOMAIN
         other_port, _ = await listening(resolver, lambda _peer: Client(namespace="other"))
         assert (await ask(other_port, f"example.org.default.svc.{Z}")).rcode() == dns.rcode.NXDOMAIN
+        # upstreams failing: the shortcut gives up and the name is just NXDOMAIN (the pod searches on)
+        up.stop()
+        dead = make_resolver([up], search=["corp.internal"])
+        dead_port, _ = await listening(dead, lambda _peer: Client(namespace="default"))
+        assert (await ask(dead_port, f"nope.default.svc.{Z}")).rcode() == dns.rcode.NXDOMAIN
 
     asyncio.run(main())
 
