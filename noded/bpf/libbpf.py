@@ -60,8 +60,8 @@ _LIBBPF_WARN = 0
 def _print(level: int, fmt, args) -> int:
     if level != _LIBBPF_WARN:
         return 0
-    buf = ffi.new("char[4096]")
-    libc.vsnprintf(buf, 4096, fmt, args)
+    buf = ffi.new("char[65536]")  # a verifier log, when a load fails
+    libc.vsnprintf(buf, 65536, fmt, args)
     text = ffi.string(buf).decode(errors="replace").rstrip()
     if level == _LIBBPF_WARN:
         log.warning("libbpf", msg=text)

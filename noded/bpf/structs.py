@@ -114,7 +114,23 @@ class CidrKey(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
 
 
-# C struct name -> mirror, for the layout test.
+DNS_NAME_MAX = 128
+DNS_ADDRS_MAX = 8
+
+
+class DnsKey(ctypes.Structure):
+    _fields_ = [("qtype", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("name", ctypes.c_uint8 * DNS_NAME_MAX)]
+
+
+class DnsVal(ctypes.Structure):
+    _fields_ = [("ttl", ctypes.c_uint32), ("count", ctypes.c_uint32), ("addr", Addr16 * DNS_ADDRS_MAX)]
+
+
+class DnsListenKey(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint8 * 4), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+# C struct name -> mirror, for the layout test (DNS_MIRRORS: of dns.o).
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_svc_key": SvcKey,
     "noded_svc_val": SvcVal,
@@ -126,6 +142,11 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_nat_key": NatKey,
     "noded_nat_val": NatVal,
     "noded_cidr_key": CidrKey,
+}
+DNS_MIRRORS: dict[str, type[ctypes.Structure]] = {
+    "noded_dns_key": DnsKey,
+    "noded_dns_val": DnsVal,
+    "noded_dns_listen_key": DnsListenKey,
 }
 
 

@@ -84,7 +84,8 @@ class Resolver:
         origin = self.zone.origin
         names = [dns.name.from_text(s) for s in search or []]
         self.search = [n for n in names if not n.is_subdomain(origin) and n != dns.name.root]
-        self.counts = {"local": 0, "forwarded": 0, "cached": 0, "refused": 0, "servfail": 0, "autopath": 0}
+        kinds = ("queries", "local", "forwarded", "cached", "refused", "servfail", "autopath")
+        self.counts = dict.fromkeys(kinds, 0)
 
     async def resolve(self, data: bytes, client: Client = Client()) -> bytes | None:
         """The reply to send for one query, or None (a response, or nothing worth answering)."""
@@ -94,6 +95,7 @@ class Resolver:
             return wire.header_error(data, dns.rcode.FORMERR)
         if query.flags & dns.flags.QR:
             return None
+        self.counts["queries"] += 1
         limit = wire.MAX_TCP if client.tcp else wire.udp_limit(query)
         try:
             reply = await self._reply(query, client)
@@ -132,6 +134,7 @@ class Resolver:
             return None  # a reverse name the zone does not know
         self.counts["local"] += 1
         reply = answer.reply
+        reply.flags |= dns.flags.RA  # noded recurses for its clients (CoreDNS leaves RA off here)
         if answer.chase is not None:  # ExternalName to an outside name: its records follow the CNAME
             target = await self._forward(_query_for(answer.chase, query))
             reply.answer += target.answer

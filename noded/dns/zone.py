@@ -109,6 +109,25 @@ class ClusterZone:
         self._index = index
         return index
 
+    def address_records(self) -> dict[tuple[str, int], list[str]]:
+        """Every A/AAAA answer for a service name or a headless endpoint's name: {(absolute lowercase name,
+        type): addresses in answer order}. What the eBPF fast path (noded/bpf/dns_fast.py) serves."""
+        index = self._current()
+        out: dict[tuple[str, int], list[str]] = {}
+        for key, svc in index.services.items():
+            if svc.type == "ExternalName":
+                continue
+            base = f"{svc.name}.{svc.namespace}.svc.{self.origin}".lower()
+            hosts = index.hosts.get(key, [])
+            ips = sorted({h.address for h in hosts}) if svc.headless else list(svc.cluster_ips)
+            for rdtype in (A, AAAA):
+                same = [ip for ip in ips if _family(ip) == rdtype]
+                if same:
+                    out[(base, rdtype)] = same
+            for host in hosts:
+                out.setdefault((f"{host.label}.{base}", _family(host.address)), []).append(host.address)
+        return out
+
     # -- queries ----------------------------------------------------------------------------
     def owns(self, name: dns.name.Name) -> bool:
         return name.is_subdomain(self.origin)

@@ -5,22 +5,25 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from noded.bpf import libbpf, sock_lb, structs
 from noded.services import ebpf
 from tests.objects import endpoint, service, slice_
 
 
-def btf_structs():
+def btf_structs(obj=sock_lb.OBJECT_NAME):
     out = subprocess.run(
-        ["bpftool", "-j", "btf", "dump", "file", sock_lb.object_path()], capture_output=True, text=True, check=True
+        ["bpftool", "-j", "btf", "dump", "file", sock_lb.object_path(obj)], capture_output=True, text=True, check=True
     )
     return {t["name"]: t for t in json.loads(out.stdout)["types"] if t.get("kind") == "STRUCT"}
 
 
-def test_every_mirror_matches_btf():
-    btf = btf_structs()
-    assert set(structs.MIRRORS) <= set(btf), "a mirrored struct is missing from the object's BTF"
-    for name, mirror in structs.MIRRORS.items():
+@pytest.mark.parametrize(("obj", "mirrors"), [("sock_lb.o", structs.MIRRORS), ("dns.o", structs.DNS_MIRRORS)])
+def test_every_mirror_matches_btf(obj, mirrors):
+    btf = btf_structs(obj)
+    assert set(mirrors) <= set(btf), "a mirrored struct is missing from the object's BTF"
+    for name, mirror in mirrors.items():
         t = btf[name]
         assert ctypes.sizeof(mirror) == t["size"], name
         btf_fields = [(m["name"], m["bits_offset"] // 8) for m in t["members"]]

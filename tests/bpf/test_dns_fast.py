@@ -1,0 +1,161 @@
+"""The DNS fast path for real: a pod netns behind a node netns's bridge, the program on the bridge's ingress,
+the userspace resolver on 169.254.20.10 behind it. The fast path answers what it holds, byte-compatible with
+the resolver; everything else reaches the resolver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from noded.bpf import sock_lb
+from noded.bpf.dns_fast import DnsFastPath
+from noded.dns import listen
+from noded.dns.resolver import Client, Resolver
+from noded.dns.server import serve
+from noded.dns.upstream import Upstreams
+from noded.lab import netns
+from noded.loopthread import LoopThread
+from noded.redirect import podns
+from tests.dnsfixtures import Z, cluster_model
+from tests.objects import service
+
+NODE, POD = "noded-test-dnsnode", "noded-test-dnspod"
+BPFFS = "/sys/fs/bpf/noded/test-dns"
+LISTEN = ("169.254.20.10", 53)
+
+ASK = """
+import dns.message, dns.query, json, sys
+out = []
+for name, rdtype, edns in json.loads(sys.argv[1]):
+    q = dns.message.make_query(name, rdtype, use_edns=0 if edns else False)
+    r = dns.query.udp(q, "169.254.20.10", timeout=3)
+    out.append({
+        "rcode": r.rcode(), "flags": r.flags, "question": r.question[0].name.to_text(), "edns": r.edns,
+        "payload": r.payload if r.edns >= 0 else None,
+        "answer": [[rr.name.to_text(), rr.ttl, sorted(x.to_text() for x in rr)] for rr in r.answer],
+    })
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def env():
+    for ns in (NODE, POD):
+        if netns.exists(ns):
+            netns.remove(ns)
+    netns.create(NODE)
+    netns.create(POD)
+    loop = LoopThread("dns-test")
+    fast = None
+    try:
+        netns.add_bridge(NODE, "br0")
+        netns.set_address(NODE, "br0", "10.244.9.1", 24)
+        netns.connect_to_bridge(NODE, "br0", "veth-pod", POD, "eth0")
+        netns.set_address(POD, "eth0", "10.244.9.2", 24)
+        netns.add_route(POD, "0.0.0.0/0", "10.244.9.1")
+        model = cluster_model()
+        resolver = Resolver(model, Upstreams([]), Z)
+        loop.start()
+        with podns.entered(f"/run/netns/{NODE}"):
+            listen.prepare([LISTEN])
+            udp, tcp = listen.sockets(*LISTEN)
+            fast = DnsFastPath(BPFFS)
+            fast.set_listen([LISTEN])
+            fast.sync(resolver.zone.address_records(), 5)
+            bridge = {"br0": netns_ifindex("br0")}
+            fast.attach(bridge)
+        loop.run(serve(udp, tcp, resolver.resolve, lambda _peer: Client(namespace="default")))
+        yield fast, resolver, model, bridge
+    finally:
+        loop.stop()
+        if fast is not None:
+            fast.close()
+        sock_lb.remove(BPFFS)
+        netns.remove(POD)
+        netns.remove(NODE)
+
+
+def netns_ifindex(name: str) -> int:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return ipr.link_lookup(ifname=name)[0]
+
+
+def ask(queries: list[tuple[str, str, bool]]) -> list[dict]:
+    res = subprocess.run(
+        netns.nsenter_argv(POD, [sys.executable, "-c", ASK, json.dumps(queries)]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+QUERIES = [
+    (f"web.default.svc.{Z}", "A", False),
+    (f"WeB.DeFault.svc.{Z.upper()}", "A", True),
+    (f"web.default.svc.{Z}", "AAAA", False),
+    (f"db.default.svc.{Z}", "A", True),
+    (f"db-0.db.default.svc.{Z}", "A", False),
+]
+
+
+def test_the_fast_path_answers_what_it_holds_without_userspace(env):
+    fast, resolver, _model, _bridge = env
+    before, queries_before = fast.stats()["answered"], resolver.counts["queries"]
+    replies = ask(QUERIES)
+    assert fast.stats()["answered"] - before == len(QUERIES)
+    assert resolver.counts["queries"] == queries_before  # none of them reached the resolver
+    web, web_case, web6, db, db0 = replies
+    assert web["answer"] == [[f"web.default.svc.{Z}.", 5, ["10.96.0.10"]]]
+    assert web["flags"] & 0x8580 == 0x8580  # QR AA RD RA
+    assert web_case["question"] == f"WeB.DeFault.svc.{Z.upper()}." and web_case["answer"][0][2] == ["10.96.0.10"]
+    assert web_case["edns"] == 0 and web_case["payload"] == 1232 and web["edns"] == -1
+    assert web6["answer"][0][2] == ["fd96::10"]
+    assert db["answer"][0][2] == ["10.244.1.5", "10.244.2.7"]
+    assert db0["answer"][0][2] == ["10.244.1.5"]
+
+
+def test_what_it_does_not_hold_reaches_the_resolver(env):
+    fast, resolver, _model, _bridge = env
+    passed, queries = fast.stats()["passed"], resolver.counts["queries"]
+    nope, srv_name, autopath = ask(
+        [
+            (f"nope.default.svc.{Z}", "A", False),
+            (f"web.default.svc.{Z}", "MX", False),
+            (f"web.default.default.svc.{Z}", "A", False),
+        ]
+    )
+    assert nope["rcode"] == 3 and srv_name["rcode"] == 0 and srv_name["answer"] == []
+    assert autopath["answer"][0][2] == [f"web.default.svc.{Z}."]  # the resolver's search-path shortcut
+    assert fast.stats()["passed"] - passed == 3 and resolver.counts["queries"] - queries == 3
+
+
+def test_fast_and_userspace_answers_are_the_same(env):
+    fast, _resolver, _model, bridge = env
+    fast_replies = ask(QUERIES)
+    with podns.entered(f"/run/netns/{NODE}"):
+        fast.attach({})
+    try:
+        slow_replies = ask(QUERIES)
+    finally:
+        with podns.entered(f"/run/netns/{NODE}"):
+            fast.attach(bridge)
+    assert fast_replies == slow_replies
+
+
+def test_model_changes_reach_the_map(env):
+    fast, resolver, model, _bridge = env
+    model.upsert(service("new", "10.96.0.77"))
+    assert fast.sync(resolver.zone.address_records(), 5) == 1
+    before = fast.stats()["answered"]
+    assert ask([(f"new.default.svc.{Z}", "A", False)])[0]["answer"][0][2] == ["10.96.0.77"]
+    assert fast.stats()["answered"] == before + 1
+    model.delete("Service", "default", "new")
+    assert fast.sync(resolver.zone.address_records(), 5) == 1
+    assert ask([(f"new.default.svc.{Z}", "A", False)])[0]["rcode"] == 3
