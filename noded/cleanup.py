@@ -14,11 +14,13 @@ from noded.config import NodedConfiguration
 from noded.dns import listen as dns_listen
 from noded.services import iptables, nftables
 
+DNS_PINS = ("noded_dns", "dns-")
+
 
 def cleanup(config: NodedConfiguration, keep: str | None = None) -> list[str]:
     removed: list[str] = []
-    if keep != "ebpf":
-        removed += remove_bpf(config.bpffsPath)
+    if keep != "ebpf":  # the DNS fast path's pins belong to no services mode: only a full cleanup removes them
+        removed += remove_bpf(config.bpffsPath, spare=() if keep is None else DNS_PINS)
     if keep != "nftables" and nftables.delete_table():
         removed.append(f"nft table {nftables.TABLE}")
     if keep != "iptables":

@@ -59,6 +59,7 @@ class DnsConfig:
     cacheMaxTTL: int = 30  # seconds a forwarded answer or denial is kept at most
     servfailTTL: int = 5
     maxConcurrent: int = 1000  # upstream queries in flight; beyond, REFUSED (CoreDNS forward's max_concurrent)
+    fastPath: bool = True  # the eBPF answerer on the pods' bridge for A/AAAA of service names (IPv4 listen)
 
     def validate(self, at: str) -> None:
         for key in ("ttl", "cacheCapacity", "cacheMaxTTL", "servfailTTL", "maxConcurrent"):

@@ -185,7 +185,9 @@ class Daemon:
 
         resolver = make_resolver(self.config, self.model, self.sink.all_synced.is_set)
         clients = Clients(self._pod_namespace, lambda: self.node_addresses)
-        self.dns = DnsService(resolver, self.loop, self.config.dns.listen, clients)
+        cfg = self.config
+        fast_bpffs = cfg.bpffsPath if cfg.dns.fastPath else None
+        self.dns = DnsService(resolver, self.loop, cfg.dns.listen, clients, fast_bpffs, cfg.clusterCIDRs)
         self.dns.start()
         self.node_addresses = set(local_addresses())  # with the node-local DNS addresses now added
 
@@ -203,14 +205,19 @@ class Daemon:
         cfg = self.config
         proxy = CaptureProxy(self.dns.resolver.resolve, self.loop)
         state_dir = os.path.dirname(cfg.api.socket)
-        self.pods = PodManager(state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod)
+        direct = tuple(h for h, _ in (split_hostport(a) for a in cfg.dns.listen) if ":" not in h and h != "0.0.0.0")
+        self.pods = PodManager(state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod, direct)
         handlers = {
             "PodAdd": self.pods.add,
             "PodDel": self.pods.delete,
             "PodCheck": self.pods.check,
             "PodGc": self.pods.gc,
             "PodInfo": self.pods.info,
-            "Status": lambda _req: {"ok": True, "synced": self.sink.all_synced.is_set()},
+            "Status": lambda _req: {
+                "ok": True,
+                "synced": self.sink.all_synced.is_set(),
+                "dns": self.dns.status() if self.dns else None,
+            },
         }
         self.api = serve_api(cfg.api.socket, handlers)
 

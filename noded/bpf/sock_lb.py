@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from importlib import resources
@@ -147,16 +146,22 @@ def attached_programs(bpffs: str) -> list[str]:
     return sorted(os.listdir(links)) if os.path.isdir(links) else []
 
 
-def remove(bpffs: str) -> list[str]:
-    """Unpin every link (detaching its program) and map under bpffs; returns what was removed."""
+def remove(bpffs: str, spare: tuple[str, ...] = ()) -> list[str]:
+    """Unpin every link (detaching its program) and map under bpffs but those whose name starts with one
+    of `spare`; returns what was removed."""
     removed: list[str] = []
     if not os.path.isdir(bpffs):
         return removed
     for dirpath, _dirs, files in os.walk(bpffs, topdown=False):
         for name in files:
-            os.unlink(os.path.join(dirpath, name))
-            removed.append(os.path.join(dirpath, name))
-    shutil.rmtree(bpffs, ignore_errors=True)
+            if not name.startswith(spare):
+                os.unlink(os.path.join(dirpath, name))
+                removed.append(os.path.join(dirpath, name))
+        if dirpath != bpffs and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    if os.listdir(bpffs):
+        return removed
+    os.rmdir(bpffs)
     parent = os.path.dirname(bpffs.rstrip("/"))
     if os.path.basename(parent) == "noded" and os.path.isdir(parent) and not os.listdir(parent):
         os.rmdir(parent)

@@ -1,10 +1,17 @@
-"""The DNS side of the daemon: one resolver, the node-local listeners, the in-pod listeners' handler.
+"""The DNS side of the daemon: one resolver, the node-local listeners, the in-pod listeners' handler,
+and the eBPF fast path kept in step with the model.
 
 Built from `dns` in the config: upstreams from it or the host's resolv.conf (and the node's search
 domains for the search-path shortcut), the cache caps, the zone TTL. Serves on the shared loop thread.
+The fast path's records follow every model change within `FAST_SYNC` seconds; it sits on the ingress of
+the interfaces holding an address inside the cluster CIDRs (the pods' bridge), checked every
+`INTERFACE_CHECK` seconds since the bridge appears with the node's first pod.
 """
 
 from __future__ import annotations
+
+import asyncio
+import ipaddress
 
 import structlog
 
@@ -18,6 +25,8 @@ from noded.loopthread import LoopThread
 from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
+FAST_SYNC = 0.1
+INTERFACE_CHECK = 2.0
 
 
 def make_resolver(config: NodedConfiguration, model: ServiceModel, ready=lambda: True) -> Resolver:
@@ -30,14 +39,37 @@ def make_resolver(config: NodedConfiguration, model: ServiceModel, ready=lambda:
     return Resolver(model, pool, config.clusterDomain, cfg.ttl, cache, search, ready)
 
 
+def pod_interfaces(addresses: dict[str, tuple[str, int]], cluster_cidrs: list[str]) -> dict[str, int]:
+    """{name: ifindex} of the interfaces holding an IPv4 address inside the cluster CIDRs (the pod gateways)."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in cluster_cidrs]
+    out = {}
+    for text, (name, index) in addresses.items():
+        ip = ipaddress.ip_address(text.split("%")[0])
+        if ip.version == 4 and name != "lo" and any(ip in net for net in nets):
+            out[name] = index
+    return out
+
+
 class DnsService:
-    def __init__(self, resolver: Resolver, loop: LoopThread, listen_on: list[str], clients: Clients) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        loop: LoopThread,
+        listen_on: list[str],
+        clients: Clients,
+        fast_path_bpffs: str | None = None,
+        cluster_cidrs: list[str] | None = None,
+    ) -> None:
         self.resolver = resolver
         self.loop = loop
         self.listen_on = [split_hostport(a) for a in listen_on]
         self.clients = clients
         self.closers: list = []
         self.errors: dict[str, str] = {}
+        self.fast_path_bpffs = fast_path_bpffs
+        self.cluster_cidrs = cluster_cidrs or []
+        self.fast = None  # DnsFastPath
+        self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         """Prepare and open the node-local listeners; one that fails is logged and the others serve."""
@@ -58,10 +90,55 @@ class DnsService:
             except OSError as e:
                 self.errors[f"{host}:{port}"] = str(e)
                 log.error("DNS listener failed", address=f"{host}:{port}", error=str(e))
+        if self.fast_path_bpffs and any(":" not in h for h, _ in self.listen_on):
+            self._start_fast_path()
+
+    def _start_fast_path(self) -> None:
+        from noded.bpf.dns_fast import DnsFastPath
+
+        try:
+            self.fast = DnsFastPath(self.fast_path_bpffs)
+            self.fast.set_listen(self.listen_on)
+        except Exception as e:  # no BPF here: userspace answers everything
+            self.errors["fastPath"] = str(e)
+            log.error("DNS fast path not loaded; the resolver answers every query", error=str(e))
+            return
+        self._task = self.loop.run(self._spawn())
+
+    async def _spawn(self) -> asyncio.Task:
+        return asyncio.ensure_future(self._keep_in_step())
+
+    async def _keep_in_step(self) -> None:
+        from noded.nodeaddrs import local_addresses
+
+        generation, next_check = -1, 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() >= next_check:
+                    addresses = await loop.run_in_executor(None, local_addresses)  # pyroute2 runs its own loop
+                    changed = self.fast.attach(pod_interfaces(addresses, self.cluster_cidrs))
+                    if changed:
+                        log.info("DNS fast path attachments", changed=changed)
+                    next_check = loop.time() + INTERFACE_CHECK
+                if self.resolver.zone.model.generation != generation:
+                    generation = self.resolver.zone.model.generation
+                    writes = self.fast.sync(self.resolver.zone.address_records(), self.resolver.zone.ttl)
+                    if writes:
+                        log.debug("DNS fast path records", writes=writes)
+                self.errors.pop("fastPathSync", None)
+            except Exception as e:  # logged and retried; userspace keeps answering meanwhile
+                if self.errors.get("fastPathSync") != str(e):
+                    log.error("DNS fast path sync failed", error=str(e))
+                self.errors["fastPathSync"] = str(e)
+            await asyncio.sleep(FAST_SYNC)
 
     def stop(self) -> None:
+        if self._task is not None:
+            self.loop.loop.call_soon_threadsafe(self._task.cancel)
         for closer in self.closers:
             self.loop.loop.call_soon_threadsafe(closer.close)
 
     def status(self) -> dict:
-        return {**self.resolver.status(), "listenErrors": self.errors}
+        fast = self.fast.stats() if self.fast else None
+        return {**self.resolver.status(), "fastPath": fast, "errors": self.errors}

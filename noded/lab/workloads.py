@@ -110,3 +110,10 @@ def pod_capture(lab: Lab, pod_key: str) -> dict:
     state = lab.state()
     pod = state["pods"][pod_key]
     return h2client.call(lab.api_socket(pod["node"]), "/noded.v1.Noded/PodInfo", {"containerId": pod["containerId"]})
+
+
+def node_status(lab: Lab, node: str) -> dict:
+    """The node daemon's API Status: sync state and the DNS side's counters."""
+    from noded.api import h2client
+
+    return h2client.call(lab.api_socket(node), "/noded.v1.Noded/Status", {})

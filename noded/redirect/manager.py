@@ -31,6 +31,7 @@ class PodManager:
         proxy: CaptureProxy,
         dns_only: bool = True,
         wait_for_pod: Callable[[str, str], bool] = lambda _ns, _name: True,
+        direct_dns: tuple[str, ...] = (),
     ) -> None:
         self.dir = os.path.join(state_dir, "pods")
         self.pending_dir = os.path.join(state_dir, "pending")
@@ -38,6 +39,7 @@ class PodManager:
         self.enrollment = enrollment
         self.proxy = proxy
         self.dns_only = dns_only  # non-enrolled pods still get DNS interception
+        self.direct_dns = direct_dns  # node-local DNS addresses the pods reach directly
         self.pods: dict[str, dict] = {}  # container id -> record
         self._applied: dict[str, bool] = {}  # container id -> enrolled as installed
         self._lock = threading.RLock()
@@ -158,7 +160,7 @@ class PodManager:
     def _apply(self, record: dict) -> bool:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])
         if enrolled or self.dns_only:
-            podns.install(record["netns"], enrolled)
+            podns.install(record["netns"], enrolled, self.direct_dns)
             self.proxy.open_pod(record["containerId"], record["netns"], record["namespace"])
         else:
             podns.uninstall(record["netns"])

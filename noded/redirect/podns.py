@@ -42,9 +42,9 @@ def has_capture(netns_path: str) -> bool:
     return True
 
 
-def install(netns_path: str, enrolled: bool) -> None:
+def install(netns_path: str, enrolled: bool, direct_dns: tuple[str, ...] = ()) -> None:
     """Capture rules (atomically replacing any earlier ones) and, when enrolled, the reply routing."""
-    nft(netns_path, capture_script(enrolled))
+    nft(netns_path, capture_script(enrolled, direct_dns))
     _routing(netns_path, enrolled)
 
 

@@ -24,8 +24,9 @@ _NOT_TUNNEL = f"meta mark & {MARK_MASK:#x} != {TUNNEL_MARK:#x}"
 _SET_CONN_MARK = f"meta mark set meta mark & {~MARK_MASK & 0xFFFFFFFF:#x} | {CONN_MARK:#x}"
 
 
-def capture_script(enrolled: bool) -> str:
-    """One atomic `nft -f` replacing whatever capture the pod had."""
+def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = ()) -> str:
+    """One atomic `nft -f` replacing whatever capture the pod had. DNS to `direct_dns` (the node-local
+    DNS addresses, IPv4) is left alone: it reaches noded on the node, through the eBPF fast path."""
     prerouting = [
         # packets the tunnel sends mark their connection, so the pod's replies go back to the tunnel
         f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} ct mark set ct mark & {~MARK_MASK & 0xFFFFFFFF:#x}"
@@ -39,6 +40,9 @@ def capture_script(enrolled: bool) -> str:
         f'oifname != "lo" udp dport 53 redirect to :{DNS_PORT}',
         f"ip daddr != 127.0.0.1 tcp dport 53 redirect to :{DNS_PORT}",
     ]
+    if direct_dns:
+        addresses = ", ".join(direct_dns)
+        output_nat.insert(1, f"ip daddr {{ {addresses} }} meta l4proto {{ tcp, udp }} th dport 53 return")
     if enrolled:
         prerouting += [
             'iifname "lo" ip daddr != 127.0.0.1 meta l4proto tcp accept',

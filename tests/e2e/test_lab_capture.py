@@ -12,7 +12,7 @@ import pytest
 
 from noded.lab import cni, netns
 from noded.lab.lab import Lab
-from noded.lab.workloads import pod_capture, probe, start_echo, wait_programmed
+from noded.lab.workloads import node_status, pod_capture, probe, start_echo, wait_programmed
 from tests.e2e.conftest import echo_service
 from tests.e2e.test_lab_services import pod_ip, write_manifest
 
@@ -139,6 +139,25 @@ def test_node_local_listener_answers_pods_and_the_node_untracked_and_refuses_oth
         subprocess.run(
             ["nsenter", "--net=/run/netns/noded-external", "ip", "route", "del", "169.254.20.10/32"], check=True
         )
+
+
+def test_pod_queries_to_the_node_local_address_are_answered_by_the_fast_path(lab):
+    vip = echo_service(lab)
+    name = "echo.default.svc.cluster.local."
+    deadline = time.monotonic() + 10
+    while not (node_status(lab, "node1")["dns"]["fastPath"] or {}).get("records"):
+        assert time.monotonic() < deadline, node_status(lab, "node1")["dns"]
+        time.sleep(0.1)
+    before = node_status(lab, "node1")["dns"]
+    # the in-pod capture leaves 169.254.20.10 alone: the query crosses the pod's veth to the bridge
+    for pod in ("default/plain-client", "default/mesh-client"):
+        assert dig(lab, pod, name, "169.254.20.10") == ["NOERROR", [vip]]
+    after = node_status(lab, "node1")["dns"]
+    assert after["fastPath"]["answered"] - before["fastPath"]["answered"] == 2
+    assert after["queries"] == before["queries"]  # the resolver never saw them
+    # what the fast path does not hold still reaches the resolver, by the same address
+    assert dig(lab, "default/plain-client", "nope.default.svc.cluster.local.", "169.254.20.10")[0] == "NXDOMAIN"
+    assert node_status(lab, "node1")["dns"]["queries"] == after["queries"] + 1
 
 
 def wait_enrolled(lab, pod, want, timeout=10.0):
