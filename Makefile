@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 linux-libc-dev bpftool nftables iptables iproute2 util-linux \
                 containernetworking-plugins python3-venv procps
+BENCH_APT_PACKAGES := dnsperf unbound dnsmasq-base knot-resolver
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,noded/bpf/obj/%.o,$(BPF_SRC))
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I bpf/include -I/usr/include/$(shell uname -m)-linux-gnu
@@ -39,6 +40,7 @@ demo: bpf
 	$(BIN)/noded lab demo
 
 bench: bpf
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BENCH_APT_PACKAGES) >/dev/null
 	$(BIN)/python bench/run.py
 
 cleanup:

@@ -10,6 +10,7 @@ import time
 
 import yaml
 
+from noded.cleanup import DNS_PINS
 from noded.lab import netns
 from noded.services import nftables
 from tests.bpf.conftest import LINK_ADDRESS, NetnsCgroupEnv, env_fixture
@@ -82,9 +83,13 @@ class ModeEnv(NetnsCgroupEnv):
             for tool in ("iptables", "ip6tables")
             for backend in ("nft", "legacy")
         )
+        pins = [p for _d, _s, files in os.walk(self.bpffs) for p in files]
+        dns_pins = [p for p in pins if p.startswith(DNS_PINS)]
+        addresses = netns.nsenter(self.ns, ["ip", "-4", "addr"], capture_output=True, text=True).stdout
         return {
             "bpf_links": "noded_connect4" in attached,
-            "bpf_pins": os.path.exists(self.bpffs),
+            "bpf_pins": len(pins) > len(dns_pins),  # the services mode's own
+            "dns": bool(dns_pins) or "169.254.20.10" in addresses,  # every mode: the node-local DNS side
             "nft_table": nftables.table_exists(tuple(netns.nsenter_argv(self.ns, ["nft"]))),
             "iptables": "NODED-" in saved,
         }
@@ -103,13 +108,14 @@ env = env_fixture(ModeEnv)
 
 def test_switching_modes_leaves_nothing_of_the_previous_one(env):
     env.echo(9001, "a")
-    nothing = {"bpf_links": False, "bpf_pins": False, "nft_table": False, "iptables": False}
+    nothing = {"bpf_links": False, "bpf_pins": False, "nft_table": False, "iptables": False, "dns": False}
+    running = {**nothing, "dns": True}
     for mode, expected in (
-        ("ebpf", {**nothing, "bpf_links": True, "bpf_pins": True}),
-        ("nftables", {**nothing, "nft_table": True}),
-        ("iptables", {**nothing, "iptables": True}),
-        ("ebpf", {**nothing, "bpf_links": True, "bpf_pins": True}),
-        ("iptables", {**nothing, "iptables": True}),
+        ("ebpf", {**running, "bpf_links": True, "bpf_pins": True}),
+        ("nftables", {**running, "nft_table": True}),
+        ("iptables", {**running, "iptables": True}),
+        ("ebpf", {**running, "bpf_links": True, "bpf_pins": True}),
+        ("iptables", {**running, "iptables": True}),
     ):
         env.run(mode)
         assert env.state() == expected, mode

@@ -1,0 +1,67 @@
+"""noded's resolver as its own process for bench/dns.py: N generated ClusterIP services, served on an address
+(UDP and TCP), forwarding the rest to one upstream; optionally the eBPF fast path on a bridge.
+
+Run inside the bench's node netns. Prints "ready" once serving (and, with --fast-path, once the map holds
+every record), then serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import time
+
+from noded.dns import listen
+from noded.dns.resolver import Client, Resolver
+from noded.dns.server import serve
+from noded.dns.upstream import Upstreams
+from noded.model.tracker import ServiceModel
+
+
+def service_objects(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        ip = f"10.96.{i // 250}.{i % 250 + 1}"
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": f"svc-{i}", "namespace": "default"},
+                "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80}]},
+            }
+        )
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    model = ServiceModel()
+    for obj in service_objects(args.services):
+        model.upsert(obj)
+    host, port = args.upstream.rsplit(":", 1)
+    resolver = Resolver(model, Upstreams([(host, int(port))]), "cluster.local")
+    resolver.zone.address_records()  # the index built before the first query
+    udp, tcp = listen.sockets(args.listen, 53)
+    await serve(udp, tcp, resolver.resolve, lambda _peer: Client(namespace="default"))
+    if args.fast_path:
+        from noded.bpf.dns_fast import DnsFastPath
+
+        fast = DnsFastPath(args.fast_path)
+        fast.set_listen([(args.listen, 53)])
+        started = time.perf_counter()
+        fast.sync(resolver.zone.address_records(), 5)
+        took = time.perf_counter() - started
+        fast.attach({args.bridge: socket.if_nametoindex(args.bridge)})
+        print(f"fast-path records={fast.stats()['records']} sync={took:.3f}s", flush=True)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--listen", default="169.254.20.10")
+    parser.add_argument("--upstream", default="127.0.0.2:5300")
+    parser.add_argument("--fast-path", default="", help="bpffs directory: load and attach the fast path")
+    parser.add_argument("--bridge", default="br-dns")
+    asyncio.run(main(parser.parse_args()))
