@@ -16,7 +16,7 @@ RUNS = (
     ("control_plane.py", ["--sizes", "10000", "--modes", "ebpf,nftables,iptables-legacy", "--changes", "30"]),
     ("first_packet.py", []),
     ("cni_latency.py", []),
-    ("dns.py", []),
+    ("resolver.py", []),
 )
 for script, args in RUNS:
     print(f"\n$ bench/{script} {' '.join(args)}", flush=True)

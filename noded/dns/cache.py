@@ -78,8 +78,9 @@ class AnswerCache:
         while len(table) > self.capacity:
             table.popitem(last=False)
 
-    def get(self, key: CacheKey, now: float) -> dns.message.Message | None:
-        """A copy of the cached reply with its TTLs aged, or None."""
+    def get(self, key: CacheKey, now: float) -> tuple[dns.message.Message, float] | None:
+        """A copy of the cached reply with its TTLs aged, and until when that copy stays exact (its age in
+        whole seconds changes, or it expires); None on a miss."""
         for table in (self._success, self._denial):
             entry = table.get(key)
             if entry is None:
@@ -89,7 +90,8 @@ class AnswerCache:
                 break
             table.move_to_end(key)
             self.hits += 1
-            return _aged(entry.reply, int(now - entry.stored))
+            age = int(now - entry.stored)
+            return _aged(entry.reply, age), min(entry.expires, entry.stored + age + 1)
         self.misses += 1
         return None
 

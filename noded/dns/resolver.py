@@ -14,6 +14,7 @@ exists, so the pod's four or five more queries are never sent and each expansion
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ import structlog
 from noded.dns import wire
 from noded.dns.cache import AnswerCache, key_of
 from noded.dns.upstream import Overloaded, Upstreams
-from noded.dns.zone import ClusterZone
+from noded.dns.zone import Answer, ClusterZone
 from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
 TTL = 5
+MEMO_SIZE = 10000  # replies kept by query bytes: zone ones until the model changes, cached ones for <= 1 s
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,20 @@ class Resolver:
         self.search = [n for n in names if not n.is_subdomain(origin) and n != dns.name.root]
         kinds = ("queries", "local", "forwarded", "cached", "refused", "servfail", "autopath")
         self.counts = dict.fromkeys(kinds, 0)
+        self._memo: dict[tuple[bytes, Client], tuple[bytes, float]] = {}  # -> (reply[2:], valid until)
+        self._memo_generation = -1
 
     async def resolve(self, data: bytes, client: Client = Client()) -> bytes | None:
         """The reply to send for one query, or None (a response, or nothing worth answering)."""
+        if self._memo_generation != self.zone.model.generation or len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+            self._memo_generation = self.zone.model.generation
+        memo_key = (data[2:], client)
+        known = self._memo.get(memo_key)
+        if known is not None and known[1] > self.clock():  # the same question, bytes for bytes, answered before
+            self.counts["queries"] += 1
+            self.counts["local" if known[1] == math.inf else "cached"] += 1
+            return data[:2] + known[0]
         try:
             query = dns.message.from_wire(data)
         except Exception:
@@ -97,34 +110,42 @@ class Resolver:
             return None
         self.counts["queries"] += 1
         limit = wire.MAX_TCP if client.tcp else wire.udp_limit(query)
+        generation = self.zone.model.generation
         try:
-            reply = await self._reply(query, client)
+            reply, until = await self._reply(query, client)
         except Exception:  # a bug must cost one SERVFAIL, not the listener
             log.exception("query failed", question=str(query.question[0]) if query.question else None)
-            reply = self._error(query, dns.rcode.SERVFAIL)
+            reply, until = self._error(query, dns.rcode.SERVFAIL), None
         if reply.rcode() == dns.rcode.REFUSED and not client.allowed:
             return wire.encode(reply, min(limit, len(data)))  # never an amplifier for a stranger
-        return wire.encode(reply, limit)
+        out = wire.encode(reply, limit)
+        if until is not None and generation == self._memo_generation:
+            self._memo[memo_key] = (out[2:], until)
+        return out
 
-    async def _reply(self, query: dns.message.Message, client: Client) -> dns.message.Message:
+    async def _reply(self, query: dns.message.Message, client: Client) -> tuple[dns.message.Message, float | None]:
+        """The reply, and until when the same query bytes get the same reply bytes (inf: until the model
+        changes; None: not to be reused)."""
         if len(query.question) != 1:
-            return self._error(query, dns.rcode.FORMERR)
+            return self._error(query, dns.rcode.FORMERR), None
         if query.opcode() != dns.opcode.QUERY:
-            return self._error(query, dns.rcode.NOTIMP)
+            return self._error(query, dns.rcode.NOTIMP), None
         if query.edns > 0:
-            return self._error(query, dns.rcode.BADVERS)
+            return self._error(query, dns.rcode.BADVERS), None
         if not client.allowed:
             self.counts["refused"] += 1
-            return self._error(query, dns.rcode.REFUSED)
+            return self._error(query, dns.rcode.REFUSED), None
         if self.upstreams.is_loop(query):
-            return self._error(query, dns.rcode.SERVFAIL)
+            return self._error(query, dns.rcode.SERVFAIL), None
         q = query.question[0]
         if self.zone.owns(q.name) and not self.ready():
-            return self._error(query, dns.rcode.SERVFAIL)  # the zone is not known yet
+            return self._error(query, dns.rcode.SERVFAIL), False  # the zone is not known yet
         if self.zone.owns(q.name) or self.zone.is_reverse(q.name):
-            local = await self._local(query, client)
-            if local is not None:
-                return local
+            answer = self.zone.answer(query)
+            if answer is not None:
+                autopath = answer.reply.rcode() == dns.rcode.NXDOMAIN and client.namespace is not None
+                until = math.inf if answer.chase is None and not autopath else None
+                return await self._finish_local(answer, query, client), until
         return await self._forward(query)
 
     # -- the cluster zone -------------------------------------------------------------------
@@ -132,11 +153,14 @@ class Resolver:
         answer = self.zone.answer(query)
         if answer is None:
             return None  # a reverse name the zone does not know
+        return await self._finish_local(answer, query, client)
+
+    async def _finish_local(self, answer: Answer, query: dns.message.Message, client: Client) -> dns.message.Message:
         self.counts["local"] += 1
         reply = answer.reply
         reply.flags |= dns.flags.RA  # noded recurses for its clients (CoreDNS leaves RA off here)
         if answer.chase is not None:  # ExternalName to an outside name: its records follow the CNAME
-            target = await self._forward(_query_for(answer.chase, query))
+            target, _ = await self._forward(_query_for(answer.chase, query))
             reply.answer += target.answer
             reply.set_rcode(target.rcode())
         elif reply.rcode() == dns.rcode.NXDOMAIN and client.namespace:
@@ -160,7 +184,7 @@ class Resolver:
             if self.zone.owns(candidate):
                 result = await self._local(sub, Client())
             else:
-                result = await self._forward(sub)
+                result, _ = await self._forward(sub)
             if result is None or result.rcode() == dns.rcode.NXDOMAIN:
                 continue
             if result.rcode() != dns.rcode.NOERROR:
@@ -176,23 +200,24 @@ class Resolver:
         return None
 
     # -- everything else --------------------------------------------------------------------
-    async def _forward(self, query: dns.message.Message) -> dns.message.Message:
+    async def _forward(self, query: dns.message.Message) -> tuple[dns.message.Message, float | None]:
+        """The answer from the cache or the upstreams, and until when it stays exact (None: do not reuse)."""
         key = key_of(query)
         now = self.clock()
         cached = self.cache.get(key, now)
         if cached is not None:
             self.counts["cached"] += 1
-            return _as_reply(query, cached)
+            return _as_reply(query, cached[0]), cached[1]
         self.counts["forwarded"] += 1
         try:
             upstream = await self.upstreams.exchange(key, query)
         except Overloaded:
-            return self._error(query, dns.rcode.REFUSED)
+            return self._error(query, dns.rcode.REFUSED), None
         if upstream is None:  # every upstream failed
             self.counts["servfail"] += 1
             upstream = self._error(query, dns.rcode.SERVFAIL)
         self.cache.put(key, upstream, self.clock())
-        return _as_reply(query, upstream)
+        return _as_reply(query, upstream), None
 
     def _error(self, query: dns.message.Message, rcode: int) -> dns.message.Message:
         reply = dns.message.make_response(query, our_payload=wire.MAX_UDP)

@@ -313,3 +313,19 @@ def test_malformed_and_unsupported_queries():
     assert dns.message.from_wire(run(notify.to_wire())).rcode() == dns.rcode.NOTIMP
     v1 = dns.message.make_query(f"web.default.svc.{Z}", "A", use_edns=1)
     assert dns.message.from_wire(run(v1.to_wire())).rcode() == dns.rcode.BADVERS
+
+
+def test_repeated_zone_questions_are_memoized_until_the_model_changes():
+    model = cluster_model()
+    resolver = make_resolver([], model=model)
+
+    def ask_web(qid):
+        q = dns.message.make_query(f"web.default.svc.{Z}", "A", id=qid)
+        reply = dns.message.from_wire(asyncio.run(resolver.resolve(q.to_wire(), Client())))
+        return reply.id, texts(reply)
+
+    assert ask_web(1) == (1, ["10.96.0.10"])
+    assert ask_web(2) == (2, ["10.96.0.10"])  # from the memo: the client's own ID
+    assert len(resolver._memo) == 1
+    model.upsert(service("web", ["10.96.0.99"]))
+    assert ask_web(3) == (3, ["10.96.0.99"])

@@ -1,4 +1,4 @@
-"""noded's resolver as its own process for bench/dns.py: N generated ClusterIP services, served on an address
+"""noded's resolver as its own process for bench/resolver.py: N generated ClusterIP services, served on an address
 (UDP and TCP), forwarding the rest to one upstream; optionally the eBPF fast path on a bridge.
 
 Run inside the bench's node netns. Prints "ready" once serving (and, with --fast-path, once the map holds
