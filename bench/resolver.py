@@ -191,6 +191,7 @@ def start_kresd(tmp: str, n: int) -> Server | None:
         f.write(
             f"net.listen('{LISTEN}', 53, {{ kind = 'dns' }})\n"
             "modules = { 'hints > iterate' }\n"
+            "policy.special_names = {}\n"  # else .local is answered NXDOMAIN (RFC 6762) before the hints
             f"hints.add_hosts('{hosts}')\nhints.ttl(5)\n"
             f"policy.add(policy.suffix(policy.STUB('{UPSTREAM[0]}@{UPSTREAM[1]}'), {{todname('example.org')}}))\n"
             "cache.size = 64 * MB\n"
