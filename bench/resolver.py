@@ -123,24 +123,31 @@ def wait_answering(name: str) -> None:
         time.sleep(0.2)
 
 
-def upstream(tmp: str, n: int) -> subprocess.Popen:
-    hosts = os.path.join(tmp, "upstream.hosts")
-    with open(hosts, "w") as f:
-        f.writelines(f"{ext_ip(i)} ext-{i}.example.org\n" for i in range(n))
-    argv = [
+def write_hosts(path: str, entries: list[tuple[str, str]]) -> str:
+    with open(path, "w") as f:
+        f.writelines(f"{ip} {name}\n" for ip, name in entries)
+    return path
+
+
+def dnsmasq_argv(hosts: str, address: str, port: int, pid_file: str, *extra: str) -> list[str]:
+    return [
         "dnsmasq",
         "-k",
         "--no-resolv",
         "--no-hosts",
         f"--addn-hosts={hosts}",
-        f"--listen-address={UPSTREAM[0]}",
-        f"--port={UPSTREAM[1]}",
+        f"--listen-address={address}",
+        f"--port={port}",
         "--bind-interfaces",
-        "--cache-size=0",
-        "--local-ttl=300",
         "--user=root",
-        f"--pid-file={tmp}/up.pid",
+        f"--pid-file={pid_file}",
+        *extra,
     ]
+
+
+def upstream(tmp: str, n: int) -> subprocess.Popen:
+    hosts = write_hosts(os.path.join(tmp, "upstream.hosts"), [(ext_ip(i), f"ext-{i}.example.org") for i in range(n)])
+    argv = dnsmasq_argv(hosts, UPSTREAM[0], UPSTREAM[1], f"{tmp}/up.pid", "--cache-size=0", "--local-ttl=300")
     return subprocess.Popen(netns.nsenter_argv(NODE, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -158,34 +165,22 @@ def start_unbound(tmp: str, n: int) -> Server:
     return Server("unbound", ["unbound", "-d", "-c", conf])
 
 
+def cluster_hosts(tmp: str, n: int) -> str:
+    entries = [(cluster_ip(i), f"svc-{i}.default.svc.cluster.local") for i in range(n)]
+    return write_hosts(os.path.join(tmp, "cluster.hosts"), entries)
+
+
 def start_dnsmasq(tmp: str, n: int) -> Server:
-    hosts = os.path.join(tmp, "cluster.hosts")
-    with open(hosts, "w") as f:
-        f.writelines(f"{cluster_ip(i)} svc-{i}.default.svc.cluster.local\n" for i in range(n))
-    argv = [
-        "dnsmasq",
-        "-k",
-        "--no-resolv",
-        "--no-hosts",
-        f"--addn-hosts={hosts}",
-        f"--listen-address={LISTEN}",
-        "--bind-interfaces",
-        "--cache-size=10000",
-        "--local-ttl=5",
-        "--user=root",
-        f"--pid-file={tmp}/dm.pid",
-        f"--server=/example.org/{UPSTREAM[0]}#{UPSTREAM[1]}",
-        "--dns-forward-max=1000",
-    ]
-    return Server("dnsmasq", argv)
+    extra = ("--cache-size=10000", "--local-ttl=5", f"--server=/example.org/{UPSTREAM[0]}#{UPSTREAM[1]}")
+    return Server(
+        "dnsmasq", dnsmasq_argv(cluster_hosts(tmp, n), LISTEN, 53, f"{tmp}/dm.pid", *extra, "--dns-forward-max=1000")
+    )
 
 
 def start_kresd(tmp: str, n: int) -> Server | None:
     if not shutil.which("kresd"):
         return None
-    hosts = os.path.join(tmp, "kresd.hosts")
-    with open(hosts, "w") as f:
-        f.writelines(f"{cluster_ip(i)} svc-{i}.default.svc.cluster.local\n" for i in range(n))
+    hosts = cluster_hosts(tmp, n)
     conf = os.path.join(tmp, "kresd.conf")
     with open(conf, "w") as f:
         f.write(
