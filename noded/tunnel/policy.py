@@ -1,0 +1,302 @@
+"""Istio AuthorizationPolicy (security.istio.io/v1, v1beta1) at L4, as ztunnel enforces it. Pure.
+
+A policy in the root namespace (`istio-system`) applies to every workload; elsewhere to the workloads
+of its namespace that its `selector.matchLabels` selects (all of them without a selector). Evaluation:
+a matching DENY policy denies; else, with no ALLOW policy for the workload, the connection is allowed;
+else it is allowed only if an ALLOW policy matches. A rule matches when one of its `from` sources, one
+of its `to` operations and all its `when` conditions match (a missing part matches anything); inside a
+source or operation every field set must match, any of its values. `principals` and `namespaces` take
+Istio's prefix/suffix `*`. L7 attributes cannot be seen at L4: as in ztunnel, a rule using them never
+matches in an ALLOW policy and its L4 part alone decides in a DENY policy (failing closed both ways).
+A malformed policy is rejected alone (`PolicyError` names the field): its last good version, if any,
+stays in force, and the others keep applying.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+ROOT_NAMESPACE = "istio-system"
+API_GROUP = "security.istio.io"
+ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+SOURCE_L4 = (
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+)
+SOURCE_L7 = ("requestPrincipals", "notRequestPrincipals")
+OPERATION_L4 = ("ports", "notPorts")
+OPERATION_L7 = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+WHEN_L4 = ("source.ip", "source.namespace", "source.principal", "destination.port", "destination.ip", "remote.ip")
+
+
+class PolicyError(ValueError):
+    """A malformed AuthorizationPolicy; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What the tunnel knows of a connection when it decides: the destination workload and the source."""
+
+    namespace: str  # the destination workload's
+    labels: dict[str, str]
+    port: int
+    source_ip: str
+    destination_ip: str = ""
+    principal: str | None = None  # "cluster.local/ns/NS/sa/SA" when the source is authenticated (HBONE)
+
+    @property
+    def source_namespace(self) -> str | None:
+        parts = (self.principal or "").split("/")
+        return parts[2] if len(parts) == 5 and parts[1] == "ns" else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    policy: str | None  # namespace/name of the policy that decided; None: the default
+    reason: str
+
+
+@dataclass
+class _Rule:
+    sources: list[dict[str, list[str]]]  # each: field -> values (L4 ones)
+    operations: list[dict[str, list[str]]]
+    when: list[tuple[str, list[str], list[str]]]  # (key, values, notValues)
+    l7: bool  # uses an attribute L4 cannot see
+
+
+@dataclass
+class Policy:
+    namespace: str
+    name: str
+    action: str
+    selector: dict[str, str] | None
+    rules: list[_Rule] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def applies_to(self, conn: Connection) -> bool:
+        if self.namespace != ROOT_NAMESPACE and self.namespace != conn.namespace:
+            return False
+        return all(conn.labels.get(k) == v for k, v in (self.selector or {}).items())
+
+    def matches(self, conn: Connection) -> bool:
+        return any(_rule_matches(rule, conn, self.action) for rule in self.rules)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+def _strings(value: object, at: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+        raise PolicyError(f"{at}: expected a list of strings")
+    return [str(v) for v in value]
+
+
+def _mapping(value: object, at: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PolicyError(f"{at}: expected a mapping")
+    return value
+
+
+def _fields(raw: dict, l4: tuple[str, ...], l7: tuple[str, ...], at: str) -> tuple[dict[str, list[str]], bool]:
+    out, uses_l7 = {}, False
+    for key, value in raw.items():
+        if key in l7:
+            _strings(value, f"{at}.{key}")
+            uses_l7 = True
+        elif key in l4:
+            out[key] = _strings(value, f"{at}.{key}")
+            if "IpBlocks" in key or key in ("ipBlocks", "remoteIpBlocks"):
+                for i, cidr in enumerate(out[key]):
+                    try:
+                        ipaddress.ip_network(cidr, strict=False)
+                    except ValueError:
+                        raise PolicyError(f"{at}.{key}[{i}]: {cidr!r} is not an IP or CIDR") from None
+            if key in ("ports", "notPorts"):
+                for i, port in enumerate(out[key]):
+                    if not port.isdigit() or not 0 < int(port) < 65536:
+                        raise PolicyError(f"{at}.{key}[{i}]: {port!r} is not a port")
+        else:
+            raise PolicyError(f"{at}.{key}: unknown field")
+    return out, uses_l7
+
+
+def parse_policy(obj: dict) -> Policy:
+    meta = _mapping(obj.get("metadata"), "metadata")
+    name, namespace = meta.get("name"), meta.get("namespace") or "default"
+    if not isinstance(name, str) or not name:
+        raise PolicyError("metadata.name: required")
+    spec = _mapping(obj.get("spec"), "spec")
+    action = spec.get("action", "ALLOW")
+    if action not in ACTIONS:
+        raise PolicyError(f"spec.action: {action!r} is not one of {', '.join(ACTIONS)}")
+    selector = None
+    if "selector" in spec:
+        labels = _mapping(_mapping(spec["selector"], "spec.selector").get("matchLabels"), "spec.selector.matchLabels")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise PolicyError("spec.selector.matchLabels: expected string keys and values")
+        selector = labels
+    rules_raw = spec.get("rules", [])
+    if not isinstance(rules_raw, list):
+        raise PolicyError("spec.rules: expected a list")
+    rules = []
+    for i, raw in enumerate(rules_raw):
+        at = f"spec.rules[{i}]"
+        raw = _mapping(raw, at)
+        unknown = set(raw) - {"from", "to", "when"}
+        if unknown:
+            raise PolicyError(f"{at}.{sorted(unknown)[0]}: unknown field")
+        l7 = False
+        sources = []
+        for j, item in enumerate(raw.get("from") or []):
+            fields, uses = _fields(
+                _mapping(_mapping(item, f"{at}.from[{j}]").get("source"), "source"),
+                SOURCE_L4,
+                SOURCE_L7,
+                f"{at}.from[{j}].source",
+            )
+            sources.append(fields)
+            l7 |= uses
+        operations = []
+        for j, item in enumerate(raw.get("to") or []):
+            fields, uses = _fields(
+                _mapping(_mapping(item, f"{at}.to[{j}]").get("operation"), "operation"),
+                OPERATION_L4,
+                OPERATION_L7,
+                f"{at}.to[{j}].operation",
+            )
+            operations.append(fields)
+            l7 |= uses
+        when = []
+        for j, cond in enumerate(raw.get("when") or []):
+            cond = _mapping(cond, f"{at}.when[{j}]")
+            key = cond.get("key")
+            if not isinstance(key, str) or not key:
+                raise PolicyError(f"{at}.when[{j}].key: required")
+            values = _strings(cond.get("values", []), f"{at}.when[{j}].values")
+            not_values = _strings(cond.get("notValues", []), f"{at}.when[{j}].notValues")
+            if key in WHEN_L4:
+                when.append((key, values, not_values))
+            else:
+                l7 = True  # request.*, connection.sni, ...: not known at L4
+        rules.append(_Rule(sources, operations, when, l7))
+    return Policy(namespace, name, action, selector, rules)
+
+
+# -- matching ----------------------------------------------------------------------------------
+def _glob(pattern: str, value: str | None) -> bool:
+    if value is None:
+        return False
+    if pattern == "*":
+        return True
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+def _in_blocks(ip: str, blocks: list[str]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(b, strict=False) for b in blocks)
+
+
+def _source_matches(src: dict[str, list[str]], conn: Connection) -> bool:
+    checks = {
+        "principals": lambda v: any(_glob(p, conn.principal) for p in v),
+        "notPrincipals": lambda v: not any(_glob(p, conn.principal) for p in v),
+        "namespaces": lambda v: any(_glob(p, conn.source_namespace) for p in v),
+        "notNamespaces": lambda v: not any(_glob(p, conn.source_namespace) for p in v),
+        "ipBlocks": lambda v: _in_blocks(conn.source_ip, v),
+        "notIpBlocks": lambda v: not _in_blocks(conn.source_ip, v),
+        "remoteIpBlocks": lambda v: _in_blocks(conn.source_ip, v),
+        "notRemoteIpBlocks": lambda v: not _in_blocks(conn.source_ip, v),
+    }
+    return all(checks[key](values) for key, values in src.items())
+
+
+def _operation_matches(op: dict[str, list[str]], conn: Connection) -> bool:
+    if "ports" in op and str(conn.port) not in op["ports"]:
+        return False
+    return not ("notPorts" in op and str(conn.port) in op["notPorts"])
+
+
+def _when_value(key: str, conn: Connection) -> str | None:
+    return {
+        "source.ip": conn.source_ip,
+        "remote.ip": conn.source_ip,
+        "source.namespace": conn.source_namespace,
+        "source.principal": conn.principal,
+        "destination.port": str(conn.port),
+        "destination.ip": conn.destination_ip,
+    }[key]
+
+
+def _when_matches(key: str, values: list[str], not_values: list[str], conn: Connection) -> bool:
+    value = _when_value(key, conn)
+    is_ip = key.endswith(".ip")
+
+    def hit(patterns: list[str]) -> bool:
+        return _in_blocks(value or "", patterns) if is_ip else any(_glob(p, value) for p in patterns)
+
+    return (not values or hit(values)) and not (not_values and hit(not_values))
+
+
+def _rule_matches(rule: _Rule, conn: Connection, action: str) -> bool:
+    if rule.l7 and action != "DENY":
+        return False  # an ALLOW (or AUDIT) rule L4 cannot check never matches
+    if rule.sources and not any(_source_matches(s, conn) for s in rule.sources):
+        return False
+    if rule.operations and not any(_operation_matches(o, conn) for o in rule.operations):
+        return False
+    return all(_when_matches(k, v, nv, conn) for k, v, nv in rule.when)
+
+
+class Authorizer:
+    """The policies in force, and the decision for a connection."""
+
+    def __init__(self) -> None:
+        self.policies: dict[str, Policy] = {}
+        self.rejected: dict[str, str] = {}  # namespace/name -> why
+
+    def upsert(self, obj: dict) -> bool:
+        meta = obj.get("metadata") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        try:
+            policy = parse_policy(obj)
+        except PolicyError as e:  # never half a policy: the last good version of it stays in force
+            self.rejected[key] = str(e)
+            return False
+        self.rejected.pop(key, None)
+        self.policies[key] = policy
+        return True
+
+    def delete(self, namespace: str, name: str) -> None:
+        self.policies.pop(f"{namespace}/{name}", None)
+        self.rejected.pop(f"{namespace}/{name}", None)
+
+    def check(self, conn: Connection) -> Decision:
+        applicable = [p for p in self.policies.values() if p.applies_to(conn)]
+        for p in applicable:
+            if p.action == "DENY" and p.matches(conn):
+                return Decision(False, p.key, "denied by a DENY policy")
+        allows = [p for p in applicable if p.action == "ALLOW"]
+        if not allows:
+            return Decision(True, None, "no ALLOW policy applies")
+        for p in allows:
+            if p.matches(conn):
+                return Decision(True, p.key, "allowed by an ALLOW policy")
+        return Decision(False, None, "no ALLOW policy matches")
