@@ -78,6 +78,20 @@ class CaptureConfig:
 
 
 @dataclass
+class TunnelConfig:
+    trustDomain: str = "cluster.local"
+    rootCert: str = "/etc/noded/ca/root.pem"  # the cluster's trust root
+    caKey: str = ""  # the root's key, on a node that issues workload certificates itself
+    certTTL: float = 86400.0  # seconds a workload certificate lives (renewed at half)
+
+    def validate(self, at: str) -> None:
+        if self.certTTL < 120:
+            raise ConfigError(f"{at}.certTTL: at least 120 seconds")
+        if not self.trustDomain or "/" in self.trustDomain:
+            raise ConfigError(f"{at}.trustDomain: {self.trustDomain!r} is not a trust domain")
+
+
+@dataclass
 class ApiConfig:
     socket: str = "/run/noded/noded.sock"
 
@@ -93,6 +107,7 @@ class NodedConfiguration:
     services: ServicesConfig = field(default_factory=ServicesConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metricsBindAddress: str = "127.0.0.1:10249"
     healthzBindAddress: str = "0.0.0.0:10256"

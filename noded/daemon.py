@@ -117,6 +117,7 @@ class Daemon:
         self.status_path = os.path.join(os.path.dirname(config.api.socket), "status.json")
         self.loop = LoopThread()
         self.dns = None  # DnsService
+        self.identities = None  # IdentityService, with capture
         self.node_addresses: set[str] = set()  # every address of this node: DNS clients it answers
 
     def _refresh_node_addresses(self) -> None:
@@ -157,6 +158,7 @@ class Daemon:
         self._start_dns()
         if cfg.capture.enabled:
             self._start_capture()
+            self._start_identities()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.source.start()
@@ -177,6 +179,8 @@ class Daemon:
         self.runner.stop()
         self.health_checks.close()
         self.dns.stop()
+        if self.identities:
+            self.identities.stop()
         return 0
 
     def _start_dns(self) -> None:
@@ -190,6 +194,12 @@ class Daemon:
         self.dns = DnsService(resolver, self.loop, cfg.dns.listen, clients, fast_bpffs, cfg.clusterCIDRs)
         self.dns.start()
         self.node_addresses = set(local_addresses())  # with the node-local DNS addresses now added
+
+    def _start_identities(self) -> None:
+        from noded.tunnel.service import IdentityService
+
+        self.identities = IdentityService(self.config.tunnel, self.config.nodeName, self.enrollment, self.loop)
+        self.identities.start()
 
     def _pod_namespace(self, address: str) -> str | None:
         namespace = self.enrollment.namespace_of(address)
@@ -217,6 +227,7 @@ class Daemon:
                 "ok": True,
                 "synced": self.sink.all_synced.is_set(),
                 "dns": self.dns.status() if self.dns else None,
+                "tunnel": self.identities.status() if self.identities else None,
             },
         }
         self.api = serve_api(cfg.api.socket, handlers)

@@ -26,6 +26,7 @@ from noded.cni.install import install_plugin
 from noded.files import write_atomic
 from noded.lab import cni, controller, netns
 from noded.sources.directory import parse_manifests
+from noded.tunnel.ca import write_root
 
 STATE_DIR = os.environ.get("NODED_LAB_DIR", "/run/noded-lab")
 CGROUP = f"{netns.CGROUP_ROOT}/noded-lab"
@@ -162,6 +163,7 @@ class Lab:
         for sub in ("", "/system", "/pods"):
             netns.cgroup_create(node["cgroup"] + sub)
         os.makedirs(f"{self.node_dir(name)}/ipam", exist_ok=True)
+        root_cert, root_key = write_root(os.path.join(self.dir, "ca"), "cluster.local")
         config = {
             "apiVersion": "noded.io/v1alpha1",
             "kind": "NodedConfiguration",
@@ -171,6 +173,8 @@ class Lab:
             "services": {"mode": mode, "cgroupPath": node["cgroup"]},
             "api": {"socket": self.api_socket(name)},
             "bpffsPath": node["bpffsPath"],
+            # the lab's own root; every node holds its key until nodes can ask a remote CA
+            "tunnel": {"rootCert": root_cert, "caKey": root_key},
         }
         write_atomic(node["config"], yaml.safe_dump(config))
         return node

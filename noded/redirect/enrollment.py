@@ -18,6 +18,7 @@ class Enrollment:
         self.node_name = node_name  # pod addresses are kept for this node's pods only (None: every pod)
         self._pods: dict[PodKey, tuple[dict[str, str], bool]] = {}  # labels, hostNetwork
         self._addresses: dict[PodKey, list[str]] = {}
+        self._accounts: dict[PodKey, str] = {}  # this node's pods: their service account
         self._by_address: dict[str, str] = {}  # pod address -> namespace
         self._namespaces: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
@@ -37,6 +38,10 @@ class Enrollment:
                 self._pods[key] = (labels, host)
                 local = not self.node_name or spec.get("nodeName") == self.node_name
                 self._set_addresses(key, [] if host or not local else _pod_ips(obj.get("status") or {}))
+                if local and not host:
+                    self._accounts[key] = spec.get("serviceAccountName") or "default"
+                else:
+                    self._accounts.pop(key, None)
                 return True
             if kind == "Namespace":
                 self._namespaces[meta.get("name", "")] = labels
@@ -47,6 +52,7 @@ class Enrollment:
         with self._lock:
             if kind == "Pod":
                 self._pods.pop((namespace, name), None)
+                self._accounts.pop((namespace, name), None)
                 self._set_addresses((namespace, name), [])
             elif kind == "Namespace":
                 self._namespaces.pop(name, None)
@@ -73,6 +79,12 @@ class Enrollment:
                 return False
             mode = labels.get(LABEL) or self._namespaces.get(namespace, {}).get(LABEL)
             return mode == "ambient"
+
+    def enrolled_accounts(self) -> set[tuple[str, str]]:
+        """(namespace, service account) of this node's enrolled pods: the identities the tunnel needs."""
+        with self._lock:
+            keys = list(self._accounts.items())
+        return {(key[0], account) for key, account in keys if self.enrolled(*key)}
 
     def enrolled_namespaces(self) -> list[str]:
         with self._lock:

@@ -160,6 +160,18 @@ def test_pod_queries_to_the_node_local_address_are_answered_by_the_fast_path(lab
     assert node_status(lab, "node1")["dns"]["queries"] == after["queries"] + 1
 
 
+def test_nodes_hold_certificates_for_the_identities_of_their_enrolled_pods_only(lab):
+    def identities(node):
+        return [c["identity"] for c in node_status(lab, node)["tunnel"]["certificates"]]
+
+    deadline = time.monotonic() + 15
+    while identities("node1") != ["spiffe://cluster.local/ns/default/sa/default"]:
+        assert time.monotonic() < deadline, node_status(lab, "node1")["tunnel"]
+        time.sleep(0.2)
+    assert identities("node2") == []  # echo-2 there is not enrolled
+    assert node_status(lab, "node1")["tunnel"]["issuer"] == "local"
+
+
 def wait_enrolled(lab, pod, want, timeout=10.0):
     deadline = time.monotonic() + timeout
     while pod_capture(lab, pod)["enrolled"] is not want:
