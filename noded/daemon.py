@@ -23,6 +23,7 @@ from noded.observe import Metrics, serve
 from noded.redirect.enrollment import Enrollment
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.runner import BoundedFrequencyRunner
+from noded.tunnel.policy import Authorizer
 
 log = structlog.get_logger("noded.daemon")
 
@@ -30,9 +31,10 @@ log = structlog.get_logger("noded.daemon")
 class ModelSink:
     """Feeds the model (and the pods' enrollment) and asks for a sync when it changed."""
 
-    def __init__(self, model: ServiceModel, enrollment: Enrollment) -> None:
+    def __init__(self, model: ServiceModel, enrollment: Enrollment, policies: Authorizer | None = None) -> None:
         self.model = model
         self.enrollment = enrollment
+        self.policies = policies or Authorizer()
         self.on_change = lambda: None
         self.on_pods_change = lambda: None
         self.synced_sources: set[str] = set()
@@ -43,6 +45,17 @@ class ModelSink:
         if isinstance(obj, dict) and self.enrollment.upsert(obj):
             self.on_pods_change()
             return True
+        if isinstance(obj, dict) and obj.get("kind") == "AuthorizationPolicy":
+            ok = self.policies.upsert(obj)
+            if not ok:
+                meta = obj.get("metadata") or {}
+                log.warning(
+                    "AuthorizationPolicy rejected",
+                    name=meta.get("name"),
+                    namespace=meta.get("namespace"),
+                    error=self.policies.rejected.get(f"{meta.get('namespace') or 'default'}/{meta.get('name')}"),
+                )
+            return ok
         ok = self.model.upsert(obj)
         self.on_change()
         return ok
@@ -51,6 +64,9 @@ class ModelSink:
         if kind in ("Pod", "Namespace"):
             self.enrollment.delete(kind, namespace, name)
             self.on_pods_change()
+            return
+        if kind == "AuthorizationPolicy":
+            self.policies.delete(namespace, name)
             return
         self.model.delete(kind, namespace, name)
         self.on_change()
@@ -118,6 +134,7 @@ class Daemon:
         self.loop = LoopThread()
         self.dns = None  # DnsService
         self.identities = None  # IdentityService, with capture
+        self.tunnel = None  # Tunnel, with capture
         self.node_addresses: set[str] = set()  # every address of this node: DNS clients it answers
 
     def _refresh_node_addresses(self) -> None:
@@ -158,7 +175,6 @@ class Daemon:
         self._start_dns()
         if cfg.capture.enabled:
             self._start_capture()
-            self._start_identities()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.source.start()
@@ -195,12 +211,6 @@ class Daemon:
         self.dns.start()
         self.node_addresses = set(local_addresses())  # with the node-local DNS addresses now added
 
-    def _start_identities(self) -> None:
-        from noded.tunnel.service import IdentityService
-
-        self.identities = IdentityService(self.config.tunnel, self.config.nodeName, self.enrollment, self.loop)
-        self.identities.start()
-
     def _pod_namespace(self, address: str) -> str | None:
         namespace = self.enrollment.namespace_of(address)
         if namespace is None and self.pods is not None:
@@ -211,9 +221,15 @@ class Daemon:
         from noded.api.server import serve as serve_api
         from noded.redirect.manager import PodManager
         from noded.redirect.proxy import CaptureProxy
+        from noded.tunnel.node import Tunnel
+        from noded.tunnel.service import IdentityService
 
         cfg = self.config
-        proxy = CaptureProxy(self.dns.resolver.resolve, self.loop)
+        self.identities = IdentityService(cfg.tunnel, cfg.nodeName, self.enrollment, self.loop)
+        self.identities.start()
+        key_dir = os.path.join(os.path.dirname(cfg.api.socket), "keys")
+        self.tunnel = Tunnel(self.model, self.enrollment, self.identities, self.sink.policies, key_dir)
+        proxy = CaptureProxy(self.dns.resolver.resolve, self.loop, self.tunnel)
         state_dir = os.path.dirname(cfg.api.socket)
         direct = tuple(h for h, _ in (split_hostport(a) for a in cfg.dns.listen) if ":" not in h and h != "0.0.0.0")
         self.pods = PodManager(state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod, direct)
@@ -227,7 +243,7 @@ class Daemon:
                 "ok": True,
                 "synced": self.sink.all_synced.is_set(),
                 "dns": self.dns.status() if self.dns else None,
-                "tunnel": self.identities.status() if self.identities else None,
+                "tunnel": {**self.identities.status(), **self.tunnel.status()} if self.tunnel else None,
             },
         }
         self.api = serve_api(cfg.api.socket, handlers)

@@ -86,6 +86,8 @@ class ServiceModel:
         self.taken_since: float | None = None  # when the oldest change in the last take_changes() arrived
         self._lock = threading.Lock()
         self._services: dict[ServiceKey, list[ServicePort]] = {}
+        self._vips: dict[tuple[str, int, str], ServiceKey] = {}
+        self._vip_generation = -1
         self._slices: dict[ServiceKey, EndpointSlice] = {}
         self._slices_of: dict[ServiceKey, set[ServiceKey]] = defaultdict(set)
         self._dirty: set[ServiceKey] = set()
@@ -239,6 +241,20 @@ class ServiceModel:
                             sp, *external, kind=kind, local_external=sp.external_traffic_local, in_cluster=in_cluster
                         )
         return out
+
+    def cluster_frontend(self, ip: str, port: int, protocol: str = "TCP") -> FrontendState | None:
+        """What a cluster IP frontend translates to (the tunnel resolves VIPs itself), or None."""
+        with self._lock:
+            if self._vip_generation != self.generation:
+                self._vips = {
+                    (vip, sp.port, sp.name.protocol): key
+                    for key, ports in self._services.items()
+                    for sp in ports
+                    for vip in sp.cluster_ips
+                }
+                self._vip_generation = self.generation
+            key = self._vips.get((ip, port, protocol))
+        return self.frontends_of(key).get(Frontend(ip, port, protocol)) if key else None
 
     def health_checks(self) -> dict[int, tuple[str, int]]:
         """kube-proxy's service health checks: healthCheckNodePort -> (namespace/name, local ready endpoints)."""

@@ -8,18 +8,26 @@ node's pods holds an address (status.podIPs), for the DNS listener's client chec
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 LABEL = "istio.io/dataplane-mode"
 PodKey = tuple[str, str]  # (namespace, name)
 
 
+@dataclass(frozen=True)
+class PodInfo:
+    labels: dict[str, str]
+    host_network: bool
+    local: bool  # runs on this node
+    ips: tuple[str, ...]
+    account: str  # service account
+
+
 class Enrollment:
     def __init__(self, node_name: str | None = None) -> None:
-        self.node_name = node_name  # pod addresses are kept for this node's pods only (None: every pod)
-        self._pods: dict[PodKey, tuple[dict[str, str], bool]] = {}  # labels, hostNetwork
-        self._addresses: dict[PodKey, list[str]] = {}
-        self._accounts: dict[PodKey, str] = {}  # this node's pods: their service account
-        self._by_address: dict[str, str] = {}  # pod address -> namespace
+        self.node_name = node_name  # this node (None: every pod counts as local)
+        self._pods: dict[PodKey, PodInfo] = {}
+        self._by_address: dict[str, PodKey] = {}  # every pod's address (hostNetwork ones aside)
         self._namespaces: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -35,13 +43,11 @@ class Enrollment:
                 spec = obj.get("spec") or {}
                 host = bool(spec.get("hostNetwork"))
                 key = (meta.get("namespace") or "default", meta.get("name", ""))
-                self._pods[key] = (labels, host)
                 local = not self.node_name or spec.get("nodeName") == self.node_name
-                self._set_addresses(key, [] if host or not local else _pod_ips(obj.get("status") or {}))
-                if local and not host:
-                    self._accounts[key] = spec.get("serviceAccountName") or "default"
-                else:
-                    self._accounts.pop(key, None)
+                ips = () if host else tuple(_pod_ips(obj.get("status") or {}))
+                self._forget(key)
+                self._pods[key] = PodInfo(labels, host, local, ips, spec.get("serviceAccountName") or "default")
+                self._by_address.update(dict.fromkeys(ips, key))
                 return True
             if kind == "Namespace":
                 self._namespaces[meta.get("name", "")] = labels
@@ -51,22 +57,28 @@ class Enrollment:
     def delete(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
             if kind == "Pod":
-                self._pods.pop((namespace, name), None)
-                self._accounts.pop((namespace, name), None)
-                self._set_addresses((namespace, name), [])
+                self._forget((namespace, name))
             elif kind == "Namespace":
                 self._namespaces.pop(name, None)
 
-    def _set_addresses(self, key: PodKey, ips: list[str]) -> None:
-        for ip in self._addresses.pop(key, []):
-            self._by_address.pop(ip, None)
-        if ips:
-            self._addresses[key] = ips
-            self._by_address.update(dict.fromkeys(ips, key[0]))
+    def _forget(self, key: PodKey) -> None:
+        old = self._pods.pop(key, None)
+        for ip in old.ips if old else ():
+            if self._by_address.get(ip) == key:
+                del self._by_address[ip]
 
     def namespace_of(self, address: str) -> str | None:
         """The namespace of this node's pod holding `address`, or None."""
+        key = self._by_address.get(address)
+        pod = self._pods.get(key) if key else None
+        return key[0] if pod is not None and pod.local else None
+
+    def workload_at(self, address: str) -> PodKey | None:
+        """The pod (on any node) holding `address`."""
         return self._by_address.get(address)
+
+    def pod(self, key: PodKey) -> PodInfo | None:
+        return self._pods.get(key)
 
     def knows(self, namespace: str, name: str) -> bool:
         with self._lock:
@@ -74,7 +86,8 @@ class Enrollment:
 
     def enrolled(self, namespace: str, name: str) -> bool:
         with self._lock:
-            labels, host = self._pods.get((namespace, name), ({}, False))
+            pod = self._pods.get((namespace, name))
+            labels, host = (pod.labels, pod.host_network) if pod else ({}, False)
             if host:
                 return False
             mode = labels.get(LABEL) or self._namespaces.get(namespace, {}).get(LABEL)
@@ -83,8 +96,8 @@ class Enrollment:
     def enrolled_accounts(self) -> set[tuple[str, str]]:
         """(namespace, service account) of this node's enrolled pods: the identities the tunnel needs."""
         with self._lock:
-            keys = list(self._accounts.items())
-        return {(key[0], account) for key, account in keys if self.enrolled(*key)}
+            pods = [(key, pod.account) for key, pod in self._pods.items() if pod.local]
+        return {(key[0], account) for key, account in pods if self.enrolled(*key)}
 
     def enrolled_namespaces(self) -> list[str]:
         with self._lock:

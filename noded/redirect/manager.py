@@ -161,7 +161,7 @@ class PodManager:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])
         if enrolled or self.dns_only:
             podns.install(record["netns"], enrolled, self.direct_dns)
-            self.proxy.open_pod(record["containerId"], record["netns"], record["namespace"])
+            self.proxy.open_pod(record["containerId"], record["netns"], record["namespace"], record["name"])
         else:
             podns.uninstall(record["netns"])
             self.proxy.close_pod(record["containerId"])

@@ -1,10 +1,11 @@
 """The listeners inside each captured pod's netns, served by one asyncio loop in the daemon.
 
-15001 (outbound) reads the original destination with SO_ORIGINAL_DST and 15006 (inbound, TPROXY) takes
-it from the accepted socket's own address; until the node tunnel exists both forward the connection
-there from inside the pod, on a socket marked 0x539 so it is not captured again. 15053 (UDP and TCP)
-hands DNS to the resolver
-(noded/dns), which knows the pod's namespace. 15008 (HBONE) listens for the tunnel; without it, connections are closed.
+15001 (outbound) reads the original destination with SO_ORIGINAL_DST: a meshed destination (noded/tunnel/
+node.py decides) gets HBONE to its 15008 with the pod's certificate, any other plain TCP from inside the
+pod on a socket marked 0x539 (not captured again). 15006 (inbound plaintext, TPROXY) and 15008 (HBONE)
+apply the destination pod's AuthorizationPolicies and reach the application from the client's own address
+(a transparent bind; its replies come back through the ct mark 0x111 and table 100). 15053 (UDP and TCP)
+hands DNS to the resolver (noded/dns), which knows the pod's namespace.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
+from noded.tunnel.hbone import TunnelRefused, open_stream, serve_connection, splice
+from noded.tunnel.node import Tunnel
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -42,14 +45,16 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 @dataclass
 class PodListeners:
     netns: str
+    key: tuple[str, str] | None = None  # (namespace, name)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
     transports: list[asyncio.BaseTransport] = field(default_factory=list)
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
 
 
 class CaptureProxy:
-    def __init__(self, dns_handler: DnsHandler, loop: LoopThread) -> None:
+    def __init__(self, dns_handler: DnsHandler, loop: LoopThread, tunnel: Tunnel | None = None) -> None:
         self.dns_handler = dns_handler
+        self.tunnel = tunnel
         self.thread = loop
         self.loop = loop.loop
         self.pods: dict[str, PodListeners] = {}
@@ -58,9 +63,10 @@ class CaptureProxy:
         for key in list(self.pods):
             self.close_pod(key)
 
-    def open_pod(self, key: str, netns_path: str, namespace: str | None = None) -> None:
-        """Listening sockets in the pod's netns (kept if already open); DNS knows the pod's namespace."""
-        self.thread.run(self._open(key, netns_path, namespace))
+    def open_pod(self, key: str, netns_path: str, namespace: str | None = None, name: str | None = None) -> None:
+        """Listening sockets in the pod's netns (kept if already open); DNS knows the pod's namespace, the
+        tunnel the pod itself."""
+        self.thread.run(self._open(key, netns_path, namespace, name))
 
     def close_pod(self, key: str) -> bool:
         return bool(self.thread.run(self._close(key)))
@@ -69,13 +75,13 @@ class CaptureProxy:
         pod = self.pods.get(key)
         return list(pod.recent) if pod else []
 
-    async def _open(self, key: str, netns_path: str, namespace: str | None) -> None:
+    async def _open(self, key: str, netns_path: str, namespace: str | None, name: str | None = None) -> None:
         pod = self.pods.get(key)
         if pod is not None and pod.netns == netns_path:
             return
         if pod is not None:
             await self._close(key)
-        pod = PodListeners(netns_path)
+        pod = PodListeners(netns_path, (namespace, name) if namespace and name else None)
         with podns.entered(netns_path):  # the loop's own thread: no other coroutine runs meanwhile
             socks = {
                 "outbound": _listener(socket.SOCK_STREAM, "127.0.0.1", OUTBOUND_PORT),
@@ -85,12 +91,15 @@ class CaptureProxy:
                 "dns-udp": _listener(socket.SOCK_DGRAM, "127.0.0.1", DNS_PORT),
             }
         handlers = {
-            "outbound": lambda r, w: self._forward(pod, "outbound", r, w),
-            "inbound": lambda r, w: self._forward(pod, "inbound", r, w),
-            "hbone": self._no_tunnel,
+            "outbound": lambda r, w: self._outbound(pod, r, w),
+            "inbound": lambda r, w: self._inbound(pod, r, w),
+            "hbone": lambda r, w: self._hbone(pod, r, w),
         }
         for name, handler in handlers.items():
-            pod.servers.append(await asyncio.start_server(handler, sock=socks[name]))
+            tls = {}
+            if name == "hbone" and self.tunnel and pod.key:  # TLS from the first byte, the cert chosen per handshake
+                tls = {"ssl": self.tunnel.server_context(pod.key), "ssl_handshake_timeout": 10}
+            pod.servers.append(await asyncio.start_server(handler, sock=socks[name], **tls))
         client = Client(namespace=namespace)
         pod.transports += await serve_dns(socks["dns-udp"], socks["dns-tcp"], self.dns_handler, lambda _peer: client)
         self.pods[key] = pod
@@ -105,34 +114,103 @@ class CaptureProxy:
             transport.close()
         return True
 
-    async def _forward(
-        self, pod: PodListeners, direction: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        sock = writer.get_extra_info("socket")
-        peer = writer.get_extra_info("peername")
-        dst = original_dst(sock) if direction == "outbound" else writer.get_extra_info("sockname")[:2]
-        record = {
-            "direction": direction,
-            "peer": f"{peer[0]}:{peer[1]}",
-            "original": f"{dst[0]}:{dst[1]}",
-            "time": time.time(),
-        }
+    def _record(self, pod: PodListeners, direction: str, peer: tuple, dst: tuple) -> dict:
+        record = {"direction": direction, "peer": f"{peer[0]}:{peer[1]}", "original": f"{dst[0]}:{dst[1]}"}
+        record["time"] = time.time()
         pod.recent.append(record)
+        return record
+
+    async def _dial(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> tuple:
+        """A connection from inside the pod's netns on a tunnel-marked socket (not captured again), from
+        `source` (a transparent bind: the application sees the client's own address) if given."""
+        with podns.entered(pod.netns):
+            up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        up.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
+        if source is not None:
+            up.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            up.bind((source, 0))
+        up.setblocking(False)
         try:
-            with podns.entered(pod.netns):
-                up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            up.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
-            up.setblocking(False)
             await asyncio.wait_for(self.loop.sock_connect(up, dst), 10)
-            up_reader, up_writer = await asyncio.open_connection(sock=up)
+        except BaseException:
+            up.close()
+            raise
+        return await asyncio.open_connection(sock=up)
+
+    async def _outbound(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dst = original_dst(writer.get_extra_info("socket"))
+        record = self._record(pod, "outbound", writer.get_extra_info("peername"), dst)
+        tunnel = self.tunnel
+        route = tunnel.route(*dst) if tunnel and pod.key else None
+        try:
+            if route is None or route.peer_identity is None:  # not meshed: plain TCP, as addressed
+                if route is not None and route.refused:
+                    raise ConnectionRefusedError("service port without endpoints")
+                up_reader, up_writer = await self._dial(pod, dst)
+                if tunnel:
+                    tunnel.counts["plain_out"] += 1
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+                return
+            source = tunnel.identity_of(pod.key)
+            ctx = tunnel.context(False, source)
+            if ctx is None:  # fail closed: a meshed destination never gets plaintext
+                raise ConnectionRefusedError(f"no certificate yet for {source}")
+            record.update(hbone=f"{route.ip}:{HBONE_PORT}", peer_identity=route.peer_identity, source_identity=source)
+            with podns.entered(pod.netns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
+            sock.setblocking(False)
+            await asyncio.wait_for(self.loop.sock_connect(sock, (route.ip, HBONE_PORT)), 10)
+            stream, _conn = await open_stream(route.ip, HBONE_PORT, ctx, f"{route.ip}:{route.port}", sock=sock)
+            tunnel.counts["hbone_out"] += 1
+            await splice(stream, reader, writer)
+        except (TimeoutError, OSError, ConnectionError, TunnelRefused, podns.CaptureError) as e:
+            record["error"] = repr(e)
+            writer.close()
+
+    async def _inbound(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Plaintext to an enrolled pod (TPROXY to 15006): the same policy, without a principal."""
+        peer = writer.get_extra_info("peername")
+        dst = writer.get_extra_info("sockname")[:2]
+        record = self._record(pod, "inbound", peer, dst)
+        if self.tunnel and pod.key:
+            if not self.tunnel.authorize(pod.key, None, peer[0], dst[0], dst[1]):
+                record["error"] = "denied by policy"
+                writer.close()
+                return
+            self.tunnel.counts["plain_in"] += 1
+        try:
+            up_reader, up_writer = await self._dial(pod, dst, source=peer[0] if self.tunnel else None)
         except (TimeoutError, OSError, podns.CaptureError) as e:
             record["error"] = repr(e)
             writer.close()
             return
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
-    async def _no_tunnel(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
+    async def _hbone(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """HBONE to this pod (15008), the mTLS handshake done: policy, then the app, client address kept."""
+        tunnel = self.tunnel
+        if tunnel is None or pod.key is None or writer.get_extra_info("ssl_object") is None:
+            writer.close()  # no tunnel for this pod: nothing listens on 15008 in its name
+            return
+        peer = writer.get_extra_info("peername")
+        record = self._record(pod, "hbone", peer, writer.get_extra_info("sockname")[:2])
+        record["peer_identity"] = _peer_uri(writer)
+        tunnel.counts["hbone_in"] += 1
+
+        def authorize(identity: str, host: str, port: int) -> bool:
+            return tunnel.authorize(pod.key, identity, peer[0], host, port)
+
+        def dial(host: str, port: int) -> Awaitable:
+            return self._dial(pod, (host, port), peer[0])
+
+        await serve_connection(reader, writer, tunnel.trust_domain, authorize, dial)
+
+
+def _peer_uri(writer: asyncio.StreamWriter) -> str | None:
+    cert = writer.get_extra_info("peercert") or {}
+    uris = [v for kind, v in cert.get("subjectAltName", ()) if kind == "URI"]
+    return uris[0] if uris else None
 
 
 def _listener(kind: int, host: str, port: int, transparent: bool = False) -> socket.socket:
