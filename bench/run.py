@@ -17,6 +17,7 @@ RUNS = (
     ("first_packet.py", []),
     ("cni_latency.py", []),
     ("resolver.py", []),
+    ("tunnel.py", []),
 )
 for script, args in RUNS:
     print(f"\n$ bench/{script} {' '.join(args)}", flush=True)

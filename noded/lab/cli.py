@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         elif args.lab_command == "demo":
             from noded.lab.demo import demo
 
+            if args.mesh:
+                from noded.lab.mesh_demo import mesh_demo
+
+                return mesh_demo(lab, keep=args.keep)
             return demo(lab, keep=args.keep, mode=args.mode)
     except (LabError, CniError) as e:
         print(f"noded lab: {e}", file=sys.stderr)
@@ -88,3 +92,4 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     demo = verbs.add_parser("demo")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     demo.add_argument("--mode", default="ebpf", choices=["ebpf"])
+    demo.add_argument("--mesh", action="store_true", help="the podless ambient scenario: DNS, VIP, tunnel, policy")

@@ -57,6 +57,12 @@ class Stream:
         self.received: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.response: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
 
+    def fail(self, why: str) -> None:
+        """No response will come: whoever awaits it gets the error (on the server side nobody does)."""
+        if not self.response.done():
+            self.response.set_exception(ConnectionResetError(why))
+            self.response.exception()  # retrieved: no "never retrieved" warning where nobody waits
+
     async def read(self) -> bytes:
         data = await self.received.get()
         if data is None:
@@ -117,8 +123,7 @@ class _Connection:
             self.credit.set()
             for stream in self.streams.values():
                 stream.received.put_nowait(None)
-                if not stream.response.done():
-                    stream.response.set_exception(ConnectionResetError("HBONE connection closed"))
+                stream.fail("HBONE connection closed")
             self.writer.close()
 
     def _handle(self, event: h2.events.Event, on_request, tasks: set[asyncio.Task]) -> None:
@@ -140,8 +145,7 @@ class _Connection:
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.received.put_nowait(None)
-                if not stream.response.done():
-                    stream.response.set_exception(ConnectionResetError("HBONE stream reset"))
+                stream.fail("HBONE stream reset")
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.credit.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
