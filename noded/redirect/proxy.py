@@ -25,7 +25,7 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
-from noded.tunnel.hbone import TunnelRefused, open_stream, serve_connection, splice
+from noded.tunnel.hbone import Pool, TunnelRefused, connect, serve_connection, splice
 from noded.tunnel.node import Tunnel
 
 log = structlog.get_logger("noded.redirect.proxy")
@@ -55,6 +55,7 @@ class CaptureProxy:
     def __init__(self, dns_handler: DnsHandler, loop: LoopThread, tunnel: Tunnel | None = None) -> None:
         self.dns_handler = dns_handler
         self.tunnel = tunnel
+        self.pool = Pool()  # HBONE client connections, shared by a pod's connections to one destination
         self.thread = loop
         self.loop = loop.loop
         self.pods: dict[str, PodListeners] = {}
@@ -108,6 +109,7 @@ class CaptureProxy:
         pod = self.pods.pop(key, None)
         if pod is None:
             return False
+        self.pool.drop(lambda k: k[0] == pod.netns)
         for server in pod.servers:
             server.close()
         for transport in pod.transports:
@@ -156,12 +158,16 @@ class CaptureProxy:
             if ctx is None:  # fail closed: a meshed destination never gets plaintext
                 raise ConnectionRefusedError(f"no certificate yet for {source}")
             record.update(hbone=f"{route.ip}:{HBONE_PORT}", peer_identity=route.peer_identity, source_identity=source)
-            with podns.entered(pod.netns):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
-            sock.setblocking(False)
-            await asyncio.wait_for(self.loop.sock_connect(sock, (route.ip, HBONE_PORT)), 10)
-            stream, _conn = await open_stream(route.ip, HBONE_PORT, ctx, f"{route.ip}:{route.port}", sock=sock)
+
+            async def dial() -> object:
+                with podns.entered(pod.netns):  # from the pod itself: its own address, not captured again
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
+                sock.setblocking(False)
+                await asyncio.wait_for(self.loop.sock_connect(sock, (route.ip, HBONE_PORT)), 10)
+                return await connect(route.ip, HBONE_PORT, ctx, sock)
+
+            stream = await self.pool.stream((pod.netns, route.ip), id(ctx), f"{route.ip}:{route.port}", dial)
             tunnel.counts["hbone_out"] += 1
             await splice(stream, reader, writer)
         except (TimeoutError, OSError, ConnectionError, TunnelRefused, podns.CaptureError) as e:

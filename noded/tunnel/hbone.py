@@ -4,7 +4,7 @@ destination's port 15008, `:authority` naming the destination address and port.
 h2 (a sans-IO HTTP/2 core) does the protocol; `_Connection` is the thin asyncio adapter: it feeds h2
 what the socket reads, writes what h2 has to send, and hands each stream's data to a `Stream`, whose
 writes wait for HTTP/2 flow-control credit. Windows start at 4 MiB (64 KiB, HTTP/2's default, would cap a
-stream at one window per round trip). `serve_connection` is the 15008 side: the TLS handshake has
+stream at one window per round trip), frames may be 256 KiB. `serve_connection` is the 15008 side: the TLS handshake has
 verified the client's chain; its SPIFFE ID is read, `authorize(identity, host, port)` decides, `dial`
 reaches the application, and the stream is spliced to it. `open_stream` is the client side.
 """
@@ -27,7 +27,8 @@ from noded.tunnel.tls import PeerRejected, peer_identity
 
 log = structlog.get_logger("noded.tunnel.hbone")
 WINDOW = 4 * 1024 * 1024
-READ_SIZE = 64 * 1024
+FRAME = 256 * 1024  # frames this large cost h2 a sixteenth of the Python work per byte of the 16 KiB default
+READ_SIZE = 256 * 1024
 
 Authorize = Callable[[str, str, int], bool]
 Dial = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
@@ -98,8 +99,11 @@ class _Connection:
         self.streams: dict[int, Stream] = {}
         self.credit = asyncio.Event()
         self.closed = False
+        self.task: asyncio.Task | None = None
         self.h2.initiate_connection()
-        self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW})
+        self.h2.update_settings(
+            {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW, h2.settings.SettingCodes.MAX_FRAME_SIZE: FRAME}
+        )
         self.h2.increment_flow_control_window(WINDOW - 65535)
 
     async def flush(self) -> None:
@@ -224,23 +228,64 @@ async def serve_connection(
     await conn.run(on_request)
 
 
-async def open_stream(
-    host: str, port: int, context: ssl.SSLContext, authority: str, sock: object | None = None
-) -> tuple[Stream, asyncio.Task]:
-    """A CONNECT stream to `authority` through the HBONE server at host:port (or over `sock`, connected
-    already); the connection's task, which ends with it. Raises TunnelRefused on a non-200 answer."""
+async def connect(host: str, port: int, context: ssl.SSLContext, sock: object | None = None) -> _Connection:
+    """An HBONE client connection to host:port (over `sock`, connected already, if given), its reader running."""
     if sock is not None:
         reader, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname=host)
     else:
         reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=host)
     conn = _Connection(reader, writer, client=True)
-    task = asyncio.ensure_future(conn.run())
+    conn.task = asyncio.ensure_future(conn.run())
+    return conn
+
+
+async def request(conn: _Connection, authority: str) -> Stream:
+    """A CONNECT stream to `authority` on an open connection; TunnelRefused on a non-200 answer."""
     stream_id = conn.h2.get_next_available_stream_id()
     stream = conn.streams[stream_id] = Stream(conn, stream_id)
     conn.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
     await conn.flush()
     headers = await stream.response
     if headers.get(":status") != "200":
-        writer.close()
         raise TunnelRefused(headers.get(":status", "?"))
-    return stream, task
+    return stream
+
+
+async def open_stream(
+    host: str, port: int, context: ssl.SSLContext, authority: str, sock: object | None = None
+) -> tuple[Stream, asyncio.Task]:
+    """A CONNECT stream on a connection of its own, and that connection's task."""
+    conn = await connect(host, port, context, sock)
+    try:
+        return await request(conn, authority), conn.task
+    except BaseException:
+        conn.writer.close()
+        raise
+
+
+class Pool:
+    """Client connections kept per key (source pod and destination), as ztunnel pools them: a new TCP
+    connection through the tunnel costs one stream, not a TCP and TLS handshake. A connection that closed,
+    has no stream left to give, or was made with another certificate (`token`) is replaced."""
+
+    def __init__(self) -> None:
+        self.connections: dict[object, tuple[_Connection, object]] = {}
+
+    async def stream(
+        self, key: object, token: object, authority: str, dial: Callable[[], Awaitable[_Connection]]
+    ) -> Stream:
+        held = self.connections.get(key)
+        if held is not None and not held[0].closed and held[1] == token:
+            try:
+                return await request(held[0], authority)
+            except (h2.exceptions.TooManyStreamsError, h2.exceptions.NoAvailableStreamIDError):
+                pass
+        if held is not None:
+            held[0].writer.close()  # its streams end with it: it was not taking new ones anyway
+        conn = await dial()
+        self.connections[key] = (conn, token)
+        return await request(conn, authority)
+
+    def drop(self, match: Callable[[object], bool]) -> None:
+        for key in [k for k in self.connections if match(k)]:
+            self.connections.pop(key)[0].writer.close()
