@@ -25,7 +25,7 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
-from noded.tunnel.hbone import Pool, TunnelRefused, connect, serve_connection, splice
+from noded.tunnel.hbone import Pool, TunnelRefused, connect, pipe, serve_connection, splice
 from noded.tunnel.node import Tunnel
 
 log = structlog.get_logger("noded.redirect.proxy")
@@ -151,7 +151,7 @@ class CaptureProxy:
                 up_reader, up_writer = await self._dial(pod, dst)
                 if tunnel:
                     tunnel.counts["plain_out"] += 1
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+                await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
                 return
             source = tunnel.identity_of(pod.key)
             ctx = tunnel.context(False, source)
@@ -191,7 +191,7 @@ class CaptureProxy:
             record["error"] = repr(e)
             writer.close()
             return
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def _hbone(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """HBONE to this pod (15008), the mTLS handshake done: policy, then the app, client address kept."""
@@ -229,14 +229,3 @@ def _listener(kind: int, host: str, port: int, transparent: bool = False) -> soc
         s.listen(128)
     s.setblocking(False)
     return s
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except OSError:
-        writer.close()

@@ -64,7 +64,8 @@ class Stream:
             self.response.set_exception(ConnectionResetError(why))
             self.response.exception()  # retrieved: no "never retrieved" warning where nobody waits
 
-    async def read(self) -> bytes:
+    async def read(self, _size: int = -1) -> bytes:
+        """The next data received (whatever its size, as the StreamReader.read it stands in for)."""
         data = await self.received.get()
         if data is None:
             self.received.put_nowait(None)  # stays at the end
@@ -156,6 +157,18 @@ class _Connection:
             self.reader.feed_eof()
 
 
+async def pipe(reader: asyncio.StreamReader | Stream, writer: asyncio.StreamWriter) -> None:
+    """Copy to the writer until the reader ends, then half-close the writer."""
+    try:
+        while data := await reader.read(READ_SIZE):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        writer.close()
+
+
 async def splice(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
     """Copy both ways until both ends are done; bytes sent into the stream."""
     sent = 0
@@ -170,17 +183,7 @@ async def splice(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.S
             pass
         await stream.end()
 
-    async def inward() -> None:
-        try:
-            while data := await stream.read():
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except OSError:
-            writer.close()
-
-    await asyncio.gather(outward(), inward())
+    await asyncio.gather(outward(), pipe(stream, writer))
     writer.close()
     return sent
 
