@@ -85,7 +85,9 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
         return DirectorySource(config.source.directory, sink)
     from noded.sources.kube import KubeSource, api_client
 
-    kinds = ("Service", "EndpointSlice", "Node") + (("Pod", "Namespace") if config.capture.enabled else ())
+    kinds = ("Service", "EndpointSlice", "Node")
+    if config.capture.enabled:
+        kinds += ("Pod", "Namespace", "AuthorizationPolicy")
     api = api_client(config.source.kubeconfig, config.source.inCluster)
     return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName)
 

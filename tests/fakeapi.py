@@ -23,6 +23,11 @@ PATHS = {
     "/api/v1/nodes": ("Node", "v1", "NodeList"),
     "/api/v1/pods": ("Pod", "v1", "PodList"),
     "/api/v1/namespaces": ("Namespace", "v1", "NamespaceList"),
+    "/apis/security.istio.io/v1/authorizationpolicies": (
+        "AuthorizationPolicy",
+        "security.istio.io/v1",
+        "AuthorizationPolicyList",
+    ),
 }
 
 
@@ -39,6 +44,7 @@ def _selected(obj: dict, q: dict) -> bool:
 class FakeApiServer:
     def __init__(self, netns_name: str | None = None) -> None:
         self.netns_name = netns_name  # listen on loopback inside this network namespace
+        self.hidden: set[str] = set()  # paths answered 404, as for a CRD that is not installed
         self.rv = 100
         self.objects: dict[str, dict[tuple[str, str], dict]] = {p: {} for p in PATHS}
         self.events: dict[str, list[tuple[int, str, dict]]] = {p: [] for p in PATHS}
@@ -137,7 +143,7 @@ class FakeApiServer:
         url = urlparse(h.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append(h.path)
-        if url.path not in PATHS:
+        if url.path not in PATHS or url.path in self.hidden:
             self._json(h, 404, {"kind": "Status", "code": 404, "message": "not found"})
         elif q.get("watch") in ("true", "1"):
             self._watch(h, url.path, q)

@@ -35,6 +35,7 @@ class WatchedKind:
     kind: str
     api_version: str
     lister: Callable[[client.ApiClient, str], Callable[..., object]]  # (api, node name) -> list function
+    optional: bool = False  # a CRD the cluster may not have: 404 counts as synced and empty (retried)
 
 
 KINDS = {
@@ -44,12 +45,15 @@ KINDS = {
         "discovery.k8s.io/v1",
         lambda api, _n: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
     ),
-    "Pod": WatchedKind(  # this node's pods only
-        "Pod",
-        "v1",
-        lambda api, node: functools.partial(
-            client.CoreV1Api(api).list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"
+    # every pod, as ztunnel knows every workload: the tunnel must tell a meshed pod on another node
+    "Pod": WatchedKind("Pod", "v1", lambda api, _n: client.CoreV1Api(api).list_pod_for_all_namespaces),
+    "AuthorizationPolicy": WatchedKind(
+        "AuthorizationPolicy",
+        "security.istio.io/v1",
+        lambda api, _n: functools.partial(
+            client.CustomObjectsApi(api).list_cluster_custom_object, "security.istio.io", "v1", "authorizationpolicies"
         ),
+        optional=True,
     ),
     "Namespace": WatchedKind("Namespace", "v1", lambda api, _n: client.CoreV1Api(api).list_namespace),
     # only this node's own Node object (its zone label), as kube-proxy watches it
@@ -125,6 +129,9 @@ class KindWatcher:
                 if getattr(e, "status", None) == 410:
                     need_list = True
                     continue
+                if getattr(e, "status", None) == 404 and self.kind.optional:
+                    self._absent()
+                    continue
                 self.reconnects += 1
                 delay = backoff * (1 + random.random() * 0.2)
                 log.warning(
@@ -135,6 +142,17 @@ class KindWatcher:
                 )
                 self._stop.wait(delay)
                 backoff = min(backoff * 2, self._max_backoff)
+
+    def _absent(self) -> None:
+        """An optional kind this API server does not serve (its CRD is not installed): nothing of it
+        exists; the sync goes on without it, and it is looked for again every max_backoff seconds."""
+        self.last_error = None
+        self.known = apply_snapshot(self.sink, self.known, {})
+        if not self.synced:
+            log.info("kind not served by the API server; none assumed", kind=self.kind.kind)
+            self.synced = True
+            self._on_synced()
+        self._stop.wait(self._max_backoff)
 
     def relist(self) -> None:
         fresh: dict[ObjectKey, dict] = {}

@@ -172,3 +172,76 @@ def test_malformed_object_from_api_rejected_alone(api):
         assert sink.model.rejected == 1
     finally:
         src.stop()
+
+
+class RecordingSink(ModelSink):
+    def __init__(self):
+        super().__init__()
+        self.others = {}
+
+    def upsert(self, obj):
+        if obj["kind"] in ("Pod", "AuthorizationPolicy"):
+            self.others[(obj["kind"], obj["metadata"]["name"])] = obj
+            return True
+        return super().upsert(obj)
+
+    def delete(self, kind, ns, name):
+        if self.others.pop((kind, name), None) is None:
+            super().delete(kind, ns, name)
+
+
+def mesh_source(api, sink):
+    cfg = client.Configuration(host=api.url)
+    kinds = ("Service", "Pod", "AuthorizationPolicy")
+    src = kube.KubeSource(client.ApiClient(cfg), sink, kinds=kinds, max_backoff=0.5, node_name="node1")
+    src.start()
+    return src
+
+
+def policy(name):
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"action": "ALLOW"},
+    }
+
+
+def pod(name, node):
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeName": node},
+    }
+
+
+def test_authorization_policies_and_every_nodes_pods_are_watched(api):
+    api.put(policy("p1"))
+    api.put(pod("here", "node1"))
+    api.put(pod("there", "node2"))  # the tunnel needs to know meshed pods on other nodes too
+    sink = RecordingSink()
+    src = mesh_source(api, sink)
+    try:
+        wait_for(lambda: sink.synced_sources == ["kubernetes"])
+        assert set(sink.others) == {("AuthorizationPolicy", "p1"), ("Pod", "here"), ("Pod", "there")}
+        api.remove("AuthorizationPolicy", "default", "p1")
+        wait_for(lambda: ("AuthorizationPolicy", "p1") not in sink.others)
+    finally:
+        src.stop()
+
+
+def test_a_cluster_without_the_policy_crd_still_syncs_and_finds_it_later(api):
+    path = "/apis/security.istio.io/v1/authorizationpolicies"
+    api.hidden.add(path)
+    api.put(service("web"))
+    api.put(policy("p1"))
+    sink = RecordingSink()
+    src = mesh_source(api, sink)
+    try:
+        wait_for(lambda: sink.synced_sources == ["kubernetes"])
+        assert frontends(sink, "web") and ("AuthorizationPolicy", "p1") not in sink.others
+        api.hidden.discard(path)  # the CRD installed: picked up at the next look
+        wait_for(lambda: ("AuthorizationPolicy", "p1") in sink.others)
+    finally:
+        src.stop()
