@@ -81,7 +81,11 @@ class CaptureConfig:
 class TunnelConfig:
     trustDomain: str = "cluster.local"
     rootCert: str = "/etc/noded/ca/root.pem"  # the cluster's trust root
-    caKey: str = ""  # the root's key, on a node that issues workload certificates itself
+    caKey: str = ""  # the root's key, on the node that issues workload certificates
+    caListen: str = ""  # with caKey: serve other nodes' certificate requests here (host:port)
+    caAddress: str = ""  # without caKey: the CA service to ask (host:port)
+    nodeCert: str = ""  # this node's certificate and key, presented to the CA service
+    nodeKey: str = ""
     certTTL: float = 86400.0  # seconds a workload certificate lives (renewed at half)
 
     def validate(self, at: str) -> None:
@@ -89,6 +93,11 @@ class TunnelConfig:
             raise ConfigError(f"{at}.certTTL: at least 120 seconds")
         if not self.trustDomain or "/" in self.trustDomain:
             raise ConfigError(f"{at}.trustDomain: {self.trustDomain!r} is not a trust domain")
+        for key in ("caListen", "caAddress"):
+            if getattr(self, key):
+                _hostport(getattr(self, key), f"{at}.{key}")
+        if self.caAddress and not (self.nodeCert and self.nodeKey):
+            raise ConfigError(f"{at}.nodeCert/nodeKey: required with caAddress")
 
 
 @dataclass

@@ -227,9 +227,9 @@ class Daemon:
         from noded.tunnel.service import IdentityService
 
         cfg = self.config
-        self.identities = IdentityService(cfg.tunnel, cfg.nodeName, self.enrollment, self.loop)
-        self.identities.start()
         key_dir = os.path.join(os.path.dirname(cfg.api.socket), "keys")
+        self.identities = IdentityService(cfg.tunnel, cfg.nodeName, self.enrollment, self.loop, key_dir)
+        self.identities.start()
         self.tunnel = Tunnel(self.model, self.enrollment, self.identities, self.sink.policies, key_dir)
         proxy = CaptureProxy(self.dns.resolver.resolve, self.loop, self.tunnel)
         state_dir = os.path.dirname(cfg.api.socket)

@@ -26,12 +26,14 @@ from noded.cni.install import install_plugin
 from noded.files import write_atomic
 from noded.lab import cni, controller, netns
 from noded.sources.directory import parse_manifests
-from noded.tunnel.ca import write_root
+from noded.tunnel.ca import CertificateAuthority, write_root
+from noded.tunnel.caservice import node_credentials
 
 STATE_DIR = os.environ.get("NODED_LAB_DIR", "/run/noded-lab")
 CGROUP = f"{netns.CGROUP_ROOT}/noded-lab"
 FABRIC_NS = "noded-fabric"
 FABRIC_BRIDGE = "fabric0"
+CA_PORT = 15012  # the CA service, as istiod's
 EXTERNAL_NS = "noded-external"
 FABRIC_PREFIX = "10.77.0"
 EXTERNAL_ADDRESS = f"{FABRIC_PREFIX}.2"
@@ -163,7 +165,7 @@ class Lab:
         for sub in ("", "/system", "/pods"):
             netns.cgroup_create(node["cgroup"] + sub)
         os.makedirs(f"{self.node_dir(name)}/ipam", exist_ok=True)
-        root_cert, root_key = write_root(os.path.join(self.dir, "ca"), "cluster.local")
+        tunnel = self._tunnel_config(name, index, address)
         config = {
             "apiVersion": "noded.io/v1alpha1",
             "kind": "NodedConfiguration",
@@ -173,11 +175,22 @@ class Lab:
             "services": {"mode": mode, "cgroupPath": node["cgroup"]},
             "api": {"socket": self.api_socket(name)},
             "bpffsPath": node["bpffsPath"],
-            # the lab's own root; every node holds its key until nodes can ask a remote CA
-            "tunnel": {"rootCert": root_cert, "caKey": root_key},
+            "tunnel": tunnel,
         }
         write_atomic(node["config"], yaml.safe_dump(config))
         return node
+
+    def _tunnel_config(self, name: str, index: int, address: str) -> dict[str, str]:
+        """The lab's own root; node1 holds its key and serves the CA, the others ask it with a node
+        certificate made here."""
+        ca_dir = os.path.join(self.dir, "ca")
+        root_cert, root_key = write_root(ca_dir, "cluster.local")
+        if index == 1:
+            return {"rootCert": root_cert, "caKey": root_key, "caListen": f"{address}:{CA_PORT}"}
+        ca = CertificateAuthority.load(root_cert, root_key)
+        node_cert, node_key = node_credentials(ca, name, os.path.join(ca_dir, "nodes"))
+        ca_address = f"{FABRIC_PREFIX}.11:{CA_PORT}"
+        return {"rootCert": root_cert, "caAddress": ca_address, "nodeCert": node_cert, "nodeKey": node_key}
 
     def api_socket(self, node_name: str) -> str:
         return f"{self.node_dir(node_name)}/noded.sock"

@@ -19,6 +19,7 @@ class PodInfo:
     labels: dict[str, str]
     host_network: bool
     local: bool  # runs on this node
+    node: str
     ips: tuple[str, ...]
     account: str  # service account
 
@@ -46,7 +47,8 @@ class Enrollment:
                 local = not self.node_name or spec.get("nodeName") == self.node_name
                 ips = () if host else tuple(_pod_ips(obj.get("status") or {}))
                 self._forget(key)
-                self._pods[key] = PodInfo(labels, host, local, ips, spec.get("serviceAccountName") or "default")
+                account = spec.get("serviceAccountName") or "default"
+                self._pods[key] = PodInfo(labels, host, local, spec.get("nodeName") or "", ips, account)
                 self._by_address.update(dict.fromkeys(ips, key))
                 return True
             if kind == "Namespace":
@@ -93,10 +95,15 @@ class Enrollment:
             mode = labels.get(LABEL) or self._namespaces.get(namespace, {}).get(LABEL)
             return mode == "ambient"
 
-    def enrolled_accounts(self) -> set[tuple[str, str]]:
-        """(namespace, service account) of this node's enrolled pods: the identities the tunnel needs."""
+    def enrolled_accounts(self, node: str | None = None) -> set[tuple[str, str]]:
+        """(namespace, service account) of the enrolled pods of this node (or of `node`): the identities
+        the tunnel needs there."""
         with self._lock:
-            pods = [(key, pod.account) for key, pod in self._pods.items() if pod.local]
+            pods = [
+                (key, pod.account)
+                for key, pod in self._pods.items()
+                if (pod.local if node is None else pod.node == node)
+            ]
         return {(key[0], account) for key, account in pods if self.enrolled(*key)}
 
     def enrolled_namespaces(self) -> list[str]:

@@ -41,6 +41,18 @@ def parse_spiffe(uri: str) -> tuple[str, str, str]:
     return domain, parts[1], parts[3]
 
 
+def node_id(trust_domain: str, node: str) -> str:
+    """A node's own identity, for asking the CA (never a workload: parse_spiffe refuses it)."""
+    return f"spiffe://{trust_domain}/node/{node}"
+
+
+def parse_node(uri: str, trust_domain: str) -> str:
+    prefix = f"spiffe://{trust_domain}/node/"
+    if not uri.startswith(prefix) or "/" in uri[len(prefix) :] or not uri[len(prefix) :]:
+        raise ValueError(f"{uri!r} is not a node identity of {trust_domain}")
+    return uri[len(prefix) :]
+
+
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
@@ -129,6 +141,20 @@ class CertificateAuthority:
     ) -> bytes:
         """A workload certificate (PEM) for `identity` over the given public key."""
         domain, _namespace, _account = parse_spiffe(identity)
+        return self._issue(identity, domain, public_key_pem, ttl, now)
+
+    def issue_node(self, node: str, public_key_pem: bytes, ttl: datetime.timedelta) -> bytes:
+        """A node certificate: what a node presents to the CA service to ask for its workloads'."""
+        return self._issue(node_id(self.trust_domain, node), self.trust_domain, public_key_pem, ttl, None)
+
+    def _issue(
+        self,
+        identity: str,
+        domain: str,
+        public_key_pem: bytes,
+        ttl: datetime.timedelta,
+        now: datetime.datetime | None,
+    ) -> bytes:
         if domain != self.trust_domain:
             raise NotAuthorized(f"{identity}: not in trust domain {self.trust_domain}")
         now = now or _now()

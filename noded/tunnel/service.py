@@ -1,8 +1,9 @@
 """The identity side of the daemon: certificates for the identities of this node's enrolled pods.
 
-With `tunnel.caKey` set, this node issues them itself through `Issuer`, which applies the node restriction
-against the pods the node runs. Without it there is no issuer yet (a remote CA is issue 6's next step) and
-the status says so. Synced every `SYNC_PERIOD` seconds on the shared loop (key generation and signing in a
+With `tunnel.caKey` set, this node issues them itself through `Issuer`, which applies the node
+restriction against the pods each node runs, and with `tunnel.caListen` serves the other nodes
+(noded/tunnel/caservice.py). With `tunnel.caAddress` instead, it asks that service with its node
+certificate. Synced every `SYNC_PERIOD` seconds on the shared loop (key generation and signing in a
 worker thread).
 """
 
@@ -14,10 +15,11 @@ import os
 
 import structlog
 
-from noded.config import TunnelConfig
+from noded.config import TunnelConfig, split_hostport
 from noded.loopthread import LoopThread
 from noded.redirect.enrollment import Enrollment
-from noded.tunnel.ca import CertificateAuthority, Issuer, spiffe_id
+from noded.tunnel.ca import CertificateAuthority, Issuer, key_pem, new_key, public_pem, spiffe_id
+from noded.tunnel.caservice import NODE_CERT_TTL, RemoteIssuer, load_credentials, load_credentials_pem, serve
 from noded.tunnel.certs import CertManager
 
 log = structlog.get_logger("noded.tunnel")
@@ -25,8 +27,18 @@ SYNC_PERIOD = 5.0
 
 
 class IdentityService:
-    def __init__(self, config: TunnelConfig, node: str, enrollment: Enrollment, loop: LoopThread) -> None:
+    def __init__(
+        self,
+        config: TunnelConfig,
+        node: str,
+        enrollment: Enrollment,
+        loop: LoopThread,
+        key_dir: str = "/run/noded/keys",
+    ) -> None:
         self.config = config
+        self.key_dir = key_dir
+        self.issuer_kind: str | None = None
+        self.ca_server = None
         self.node = node
         self.enrollment = enrollment
         self.loop = loop
@@ -34,25 +46,50 @@ class IdentityService:
         self.error: str | None = None
         self._task: asyncio.Task | None = None
 
-    def wanted(self) -> set[str]:
-        return {spiffe_id(self.config.trustDomain, ns, sa) for ns, sa in self.enrollment.enrolled_accounts()}
+    def wanted(self, node: str | None = None) -> set[str]:
+        """The identities of the enrolled pods of this node (or of `node`)."""
+        accounts = self.enrollment.enrolled_accounts(None if node in (None, self.node) else node)
+        return {spiffe_id(self.config.trustDomain, ns, sa) for ns, sa in accounts}
 
     def start(self) -> None:
         cfg = self.config
-        if not cfg.caKey:
-            self.error = "no tunnel.caKey: this node has no certificate issuer (a remote CA is not built yet)"
-            log.warning("workload certificates disabled", reason=self.error)
-            return
         try:
-            ca = CertificateAuthority.load(cfg.rootCert, cfg.caKey)
+            with open(cfg.rootCert, "rb") as f:
+                root = f.read()
+            if cfg.caKey:
+                self._start_local(root)
+            elif cfg.caAddress:
+                remote = RemoteIssuer(
+                    split_hostport(cfg.caAddress), load_credentials(cfg.nodeCert, cfg.nodeKey), root, self.key_dir
+                )
+                self.certs = CertManager(remote.request)
+                self.issuer_kind = f"remote {cfg.caAddress}"
+            else:
+                self.error = "neither tunnel.caKey nor tunnel.caAddress: no certificate issuer"
+                log.warning("workload certificates disabled", reason=self.error)
+                return
         except (OSError, ValueError) as e:
-            self.error = f"CA not loadable from {cfg.rootCert} / {cfg.caKey}: {e}"
+            self.error = f"certificate issuer not usable: {e}"
             log.error("workload certificates disabled", reason=self.error)
             return
-        ttl = datetime.timedelta(seconds=cfg.certTTL)
-        issuer = Issuer(ca, lambda node: self.wanted() if node == self.node else set(), ttl)
-        self.certs = CertManager(lambda identity, public_key: issuer.request(self.node, identity, public_key))
         self._task = self.loop.run(self._spawn())
+
+    def _start_local(self, root: bytes) -> None:
+        cfg = self.config
+        with open(cfg.caKey, "rb") as f:
+            ca = CertificateAuthority(root, f.read())
+        ttl = datetime.timedelta(seconds=cfg.certTTL)
+        issuer = Issuer(ca, lambda node: self.wanted(node), ttl)
+        self.certs = CertManager(lambda identity, public_key: issuer.request(self.node, identity, public_key))
+        self.issuer_kind = "local"
+        if cfg.caListen:
+            key = new_key()
+            own = ca.issue_node(self.node, public_pem(key), NODE_CERT_TTL)
+            creds = load_credentials_pem(own, key_pem(key))
+            host, port = split_hostport(cfg.caListen)
+            self.ca_server = self.loop.run(serve(host, port, issuer, creds, root, self.key_dir))
+            self.issuer_kind = f"local, serving {cfg.caListen}"
+            log.info("CA serving certificate requests", address=cfg.caListen)
 
     async def _spawn(self) -> asyncio.Task:
         return asyncio.ensure_future(self._keep())
@@ -68,11 +105,13 @@ class IdentityService:
     def stop(self) -> None:
         if self._task is not None:
             self.loop.loop.call_soon_threadsafe(self._task.cancel)
+        if self.ca_server is not None:
+            self.loop.loop.call_soon_threadsafe(self.ca_server.close)
 
     def status(self) -> dict:
         return {
             "trustDomain": self.config.trustDomain,
-            "issuer": "local" if self.certs else None,
+            "issuer": self.issuer_kind,
             "certificates": self.certs.status() if self.certs else [],
             "errors": {**(self.certs.errors if self.certs else {}), **({"issuer": self.error} if self.error else {})},
             "rootCert": self.config.rootCert if os.path.exists(self.config.rootCert) else None,

@@ -169,7 +169,8 @@ def test_nodes_hold_certificates_for_the_identities_of_their_enrolled_pods_only(
         assert time.monotonic() < deadline, node_status(lab, "node1")["tunnel"]
         time.sleep(0.2)
     assert identities("node2") == []  # echo-2 there is not enrolled
-    assert node_status(lab, "node1")["tunnel"]["issuer"] == "local"
+    assert node_status(lab, "node1")["tunnel"]["issuer"].startswith("local, serving")  # node1 holds the CA key
+    assert node_status(lab, "node2")["tunnel"]["issuer"].startswith("remote")  # node2 asks it
 
 
 def wait_enrolled(lab, pod, want, timeout=10.0):

@@ -92,6 +92,8 @@ class FabricSniffer:
 
 
 def wait_certificates(lab):
+    """Both nodes hold default/default's certificate: node1 from its own CA key, node2 from node1's CA
+    service (it has no key)."""
     deadline = time.monotonic() + 20
     while not all(
         DEFAULT_SA in [c["identity"] for c in node_status(lab, node)["tunnel"]["certificates"]]
