@@ -9,7 +9,7 @@ BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,noded/bpf/obj/%.o,$(BPF_SRC))
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I bpf/include -I/usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: deps bpf test test-unit lint demo bench clean cleanup
+.PHONY: deps bpf test test-unit lint demo bench clean cleanup install uninstall
 
 deps: $(VENV)/.deps-stamp
 
@@ -42,6 +42,23 @@ demo: bpf
 bench: bpf
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BENCH_APT_PACKAGES) >/dev/null
 	$(BIN)/python bench/run.py
+
+# on a node: the package in /opt/noded (its own venv, the BPF objects built), `noded` on PATH, then the
+# systemd unit, a default config and noded-cni (noded install); uninstall reverses it all
+PREFIX ?= /opt/noded
+install: bpf
+	$(PYTHON) -m venv $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install -q .
+	ln -sf $(PREFIX)/venv/bin/noded /usr/local/bin/noded
+	/usr/local/bin/noded install
+	systemctl daemon-reload 2>/dev/null || true
+
+uninstall:
+	-systemctl disable --now noded 2>/dev/null
+	-/usr/local/bin/noded uninstall
+	rm -f /usr/local/bin/noded
+	rm -rf $(PREFIX)
+	systemctl daemon-reload 2>/dev/null || true
 
 cleanup:
 	-$(BIN)/noded lab down

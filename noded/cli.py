@@ -120,6 +120,15 @@ def cmd_version(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from noded import install
+
+    done = install.install(args.root) if args.command == "install" else install.uninstall(args.root)
+    for path in done:
+        print(f"{args.command}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="noded", description="node networking daemon for Kubernetes")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     cni.add_argument("--socket", default="/run/noded/noded.sock")
     cni.add_argument("--watch", action="store_true", help="keep it chained when the primary CNI rewrites its file")
     cni.set_defaults(fn=cmd_cni)
+
+    for name, helptext in (
+        ("install", "put the systemd unit, a config and noded-cni in place"),
+        ("uninstall", "remove what install put in place"),
+    ):
+        i = sub.add_parser(name, help=helptext)
+        i.add_argument("--root", default="/", help="install under this directory (packaging, tests)")
+        i.set_defaults(fn=cmd_install)
 
     v = sub.add_parser("version")
     v.set_defaults(fn=cmd_version)

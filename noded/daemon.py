@@ -19,7 +19,7 @@ from noded.files import write_atomic
 from noded.loopthread import LoopThread
 from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
-from noded.observe import Metrics, serve
+from noded.observe import Metrics, sd_notify, serve
 from noded.redirect.enrollment import Enrollment
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.runner import BoundedFrequencyRunner
@@ -137,6 +137,7 @@ class Daemon:
         self.dns = None  # DnsService
         self.identities = None  # IdentityService, with capture
         self.tunnel = None  # Tunnel, with capture
+        self.ready_notified = False
         self.node_addresses: set[str] = set()  # every address of this node: DNS clients it answers
 
     def _refresh_node_addresses(self) -> None:
@@ -161,6 +162,9 @@ class Daemon:
         if n or full:
             log.info("services synced", full=full, services=n, seconds=round(took, 4))
         self._write_status()
+        if not self.ready_notified:  # systemd (Type=notify): dependants start once the dataplane is programmed
+            self.ready_notified = True
+            sd_notify(f"READY=1\nSTATUS=synced: {self.model.counts()[0]} services")
 
     def run(self) -> int:
         cfg = self.config

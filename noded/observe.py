@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import threading
 import time
@@ -117,3 +119,15 @@ class Metrics:
             lines.append(f"# TYPE {gname} {'counter' if gname.endswith('_total') else 'gauge'}")
             lines.append(f"{gname} {fn()}")
         return "\n".join(lines) + "\n"
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) something, e.g. READY=1; False when not run under a notify socket."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), path)
+    return True

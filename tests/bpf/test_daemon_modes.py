@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,12 +51,23 @@ class ModeEnv(NetnsCgroupEnv):
         self.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{self.dir}/status.json")
+        notify_path = f"{self.dir}/notify.sock"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what systemd gives a Type=notify unit
+        notify.bind(notify_path)
+        notify.settimeout(20)
         with open(f"{self.dir}/noded.log", "ab") as log:
             self.proc = subprocess.Popen(
                 netns.nsenter_argv(self.ns, [sys.executable, "-m", "noded", "run", "-c", self.config(mode)]),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, "NOTIFY_SOCKET": notify_path},
             )
+        try:
+            assert notify.recv(1024).startswith(b"READY=1"), mode
+        finally:
+            notify.close()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:

@@ -1,0 +1,81 @@
+"""What ships in deploy/: the systemd unit passes `systemd-analyze verify` as `noded install` writes it,
+install/uninstall reverse each other, and the DaemonSet manifest validates against the Kubernetes client's
+models (every field known, required fields present)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from kubernetes import client
+
+from noded import config, install
+
+DEPLOY = os.path.join(os.path.dirname(__file__), "..", "..", "deploy")
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_the_unit_as_installed_passes_systemd_analyze_verify(tmp_path):
+    done = install.install(str(tmp_path))
+    unit = tmp_path / install.UNIT
+    assert str(unit) in done and os.access(tmp_path / install.CNI_PLUGIN, os.X_OK)
+    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
+    text = unit.read_text()
+    assert "Type=notify" in text and re.search(r"^ExecStart=/\S+/noded run", text, re.M)
+    config.parse(yaml.safe_load((tmp_path / install.CONFIG).read_text()))  # the default config is valid
+    assert sorted(install.uninstall(str(tmp_path))) == sorted(done)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_uninstall_keeps_a_config_the_operator_changed(tmp_path):
+    install.install(str(tmp_path))
+    cfg = tmp_path / install.CONFIG
+    cfg.write_text(cfg.read_text() + "clusterDomain: example.internal\n")
+    install.uninstall(str(tmp_path))
+    assert cfg.exists()
+
+
+def _check_fields(data, type_name: str, at: str) -> None:
+    """Every key is a field of the model (the client itself ignores unknown ones)."""
+    if type_name.lower().startswith("list["):
+        for i, item in enumerate(data):
+            _check_fields(item, type_name[5:-1], f"{at}[{i}]")
+        return
+    if not re.fullmatch(r"V1\w+", type_name):  # str, int, Dict[...], object
+        return
+    klass = getattr(client, type_name)
+    known = {json_name: attr for attr, json_name in klass.attribute_map.items()}
+    assert isinstance(data, dict), f"{at}: expected an object"
+    for key, value in data.items():
+        assert key in known, f"{at}.{key}: not a field of {type_name}"
+        _check_fields(value, klass.openapi_types[known[key]], f"{at}.{key}")
+
+
+def test_the_daemonset_manifest_validates_against_the_kubernetes_models():
+    with open(os.path.join(DEPLOY, "daemonset.yaml")) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = {d["kind"] for d in docs}
+    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"}
+    api = client.ApiClient()
+    for doc in docs:
+        type_name = f"V1{doc['kind']}"
+        _check_fields(doc, type_name, doc["kind"])
+        obj = api.deserialize(json.dumps(doc), type_name, "application/json")  # required fields checked
+        assert obj.metadata.name
+    daemonset = next(d for d in docs if d["kind"] == "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] and pod["serviceAccountName"] == "noded"
+    # read-only RBAC on exactly what the daemon watches
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert {v for rule in role["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+    watched = {r for rule in role["rules"] for r in rule["resources"]}
+    assert watched == {"services", "pods", "namespaces", "nodes", "endpointslices", "authorizationpolicies"}
+    # the config it mounts is a valid noded config
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    config.parse(yaml.safe_load(cm["data"]["config.yaml"]))
