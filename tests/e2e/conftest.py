@@ -12,12 +12,18 @@ from noded.lab.lab import Lab
 from noded.lab.workloads import service_yaml, start_echo
 
 
-@pytest.fixture(scope="module", params=["ebpf", "nftables", "iptables"])
-def lab(request):
+def fresh_lab(mode: str = "ebpf", nodes: int = 2) -> Lab:
+    """A new lab, refusing to run over one that is already up."""
     lab = Lab()
     if lab.is_up or netns.list_ours("noded-node"):
         pytest.fail("a lab is already up on this machine: run `noded lab down` first")
-    lab.up(2, request.param)
+    lab.up(nodes, mode)
+    return lab
+
+
+@pytest.fixture(scope="module", params=["ebpf", "nftables", "iptables"])
+def lab(request):
+    lab = fresh_lab(request.param)
     lab.mode = request.param
     servers = []
     try:

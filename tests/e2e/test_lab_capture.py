@@ -11,9 +11,8 @@ import time
 import pytest
 
 from noded.lab import cni, netns
-from noded.lab.lab import Lab
 from noded.lab.workloads import node_status, pod_capture, probe, start_echo, wait_programmed
-from tests.e2e.conftest import echo_service
+from tests.e2e.conftest import echo_service, fresh_lab
 from tests.e2e.test_lab_services import pod_ip, write_manifest
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -21,10 +20,7 @@ AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab()
-    if lab.is_up or netns.list_ours("noded-node"):
-        pytest.fail("a lab is already up on this machine: run `noded lab down` first")
-    lab.up(2, "ebpf")
+    lab = fresh_lab()
     servers = []
     try:
         for pod, node, labels in (

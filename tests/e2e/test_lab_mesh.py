@@ -15,10 +15,9 @@ import time
 import pytest
 
 from noded.lab import lab as lab_mod
-from noded.lab import netns
-from noded.lab.lab import Lab
 from noded.lab.workloads import node_status, pod_capture, start_echo
 from noded.redirect import podns
+from tests.e2e.conftest import fresh_lab
 from tests.e2e.test_lab_services import pod_ip, write_manifest
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -35,10 +34,7 @@ print(json.dumps([f.readline().strip(), f.readline().strip()]))
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab()
-    if lab.is_up or netns.list_ours("noded-node"):
-        pytest.fail("a lab is already up on this machine: run `noded lab down` first")
-    lab.up(2, "ebpf")
+    lab = fresh_lab()
     servers = []
     try:
         lab.add_pod("default/mesh-client", "node1", AMBIENT)
