@@ -78,12 +78,76 @@ def cmd_status(args: argparse.Namespace) -> int:
     status.update(
         {"running": running, "bpffsPath": cfg.bpffsPath, "attachedPrograms": attached_programs(cfg.bpffsPath)}
     )
+    if running and os.path.exists(cfg.api.socket):  # the live side: DNS, tunnel, certificates
+        from noded.api import h2client
+
+        try:
+            live = h2client.call(cfg.api.socket, "/noded.v1.Noded/Status", {})
+            status.update({k: live.get(k) for k in ("synced", "dns", "tunnel")})
+        except OSError as e:
+            status["apiError"] = str(e)
     if args.output == "json":
         print(json.dumps(status, indent=2))
     else:
-        for key, value in status.items():
-            print(f"{key + ':':<18} {value}")
+        print(render_status(status))
     return 0 if running else 3
+
+
+def render_status(s: dict) -> str:
+    """`noded status` as a short table of what matters, one subject per line."""
+    rows = [
+        (
+            "node",
+            f"{s.get('node', '?')}: {'running, pid ' + str(s.get('pid')) if s.get('running') else 'NOT RUNNING'}"
+            f", mode {s.get('mode', '?')}",
+        ),
+        (
+            "sources",
+            ", ".join(
+                f"{name} {'synced' if v.get('synced') else 'SYNCING'}"
+                + (f" (last error: {v['lastError']})" if v.get("lastError") else "")
+                for name, v in (s.get("sources") or {}).items()
+            )
+            or "-",
+        ),
+        (
+            "services",
+            f"{s.get('services', 0)} services, {s.get('endpointSlices', 0)} slices, "
+            f"{s.get('rejectedObjects', 0)} rejected; {s.get('syncs', 0)} syncs, last "
+            f"{(s.get('lastSyncSeconds') or 0) * 1000:.1f} ms"
+            + (f", error: {s['lastSyncError']}" if s.get("lastSyncError") else ""),
+        ),
+        ("programs", ", ".join(s.get("attachedPrograms") or []) or "-"),
+    ]
+    dns = s.get("dns")
+    if dns:
+        fast = dns.get("fastPath") or {}
+        ups = ", ".join(f"{u['address']} {'up' if u['healthy'] else 'DOWN'}" for u in dns.get("upstreams", []))
+        rows.append(
+            (
+                "dns",
+                f"{dns.get('queries', 0)} queries: {dns.get('local', 0)} local, {dns.get('cached', 0)} "
+                f"cached, {dns.get('forwarded', 0)} forwarded, {dns.get('refused', 0)} refused; fast path "
+                f"{fast.get('answered', 0)} answered, {fast.get('records', 0)} records; upstreams {ups or '-'}",
+            )
+        )
+    tunnel = s.get("tunnel")
+    if tunnel:
+        rows.append(
+            (
+                "tunnel",
+                f"issuer {tunnel.get('issuer') or 'NONE'}; HBONE {tunnel.get('hbone_out', 0)} out, "
+                f"{tunnel.get('hbone_in', 0)} in; plain {tunnel.get('plain_out', 0)} out, "
+                f"{tunnel.get('plain_in', 0)} in; {tunnel.get('denied', 0)} denied; "
+                f"{len(tunnel.get('policies') or [])} policies",
+            )
+        )
+        for cert in tunnel.get("certificates") or []:
+            rows.append(("certificate", f"{cert['identity']} until {cert['notAfter'][:19]}Z"))
+        for what, error in (tunnel.get("errors") or {}).items():
+            rows.append(("tunnel error", f"{what}: {error}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -79,3 +79,39 @@ def test_the_daemonset_manifest_validates_against_the_kubernetes_models():
     # the config it mounts is a valid noded config
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     config.parse(yaml.safe_load(cm["data"]["config.yaml"]))
+
+
+def test_status_table_names_each_subject():
+    from noded.cli import render_status
+
+    text = render_status(
+        {
+            "node": "node2",
+            "pid": 7,
+            "running": True,
+            "mode": "ebpf",
+            "services": 3,
+            "endpointSlices": 4,
+            "sources": {"kubernetes": {"synced": True, "lastError": None}},
+            "attachedPrograms": ["noded_connect4"],
+            "dns": {
+                "queries": 9,
+                "local": 5,
+                "upstreams": [{"address": "10.0.0.2:53", "healthy": False}],
+                "fastPath": {"answered": 100, "records": 3},
+            },
+            "tunnel": {
+                "issuer": "remote 10.77.0.11:15012",
+                "denied": 1,
+                "policies": ["default/p"],
+                "certificates": [
+                    {"identity": "spiffe://cluster.local/ns/default/sa/echo", "notAfter": "2026-11-23T10:24:10+00:00"}
+                ],
+            },
+        }
+    )
+    lines = dict(line.split(None, 1) for line in text.splitlines())
+    assert lines["node"].startswith("node2: running, pid 7")
+    assert "kubernetes synced" in lines["sources"] and "3 services, 4 slices" in lines["services"]
+    assert "10.0.0.2:53 DOWN" in lines["dns"] and "fast path 100 answered" in lines["dns"]
+    assert "1 denied" in lines["tunnel"] and "sa/echo until 2026-11-23T10:24:10Z" in lines["certificate"]
