@@ -70,11 +70,14 @@ class DirectorySource:
         stamps: dict[str, tuple[int, int, int]] = {}
         try:
             entries = sorted(os.scandir(self.path), key=lambda e: e.name)
-        except FileNotFoundError:
-            entries = []
+        except FileNotFoundError:  # the source is gone, not empty: keep every object, as through an API outage
             if self.last_error != f"{self.path} is missing":
                 self.last_error = f"{self.path} is missing"
-                log.warning("manifest directory is missing", path=self.path)
+                log.warning("manifest directory is missing; keeping the last objects", path=self.path)
+            return False
+        if self.last_error == f"{self.path} is missing":
+            self.last_error = None
+            log.info("manifest directory is back", path=self.path)
         for entry in entries:
             if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES) or not entry.is_file():
                 continue

@@ -62,3 +62,23 @@ def test_unkeyable_documents_and_other_kinds_are_skipped(tmp_path):
     sink = Recorder()
     DirectorySource(str(tmp_path), sink).scan()
     assert list(sink.objects) == [("Service", "default", "web")]
+
+
+def test_a_missing_directory_keeps_every_object_until_it_is_back(tmp_path):
+    d = tmp_path / "manifests"
+    d.mkdir()
+    (d / "a.yaml").write_text(yaml.safe_dump(service("web")))
+    sink = Recorder()
+    src = DirectorySource(str(d), sink)
+    src.scan()
+    d.rename(tmp_path / "away")  # the source is gone (an unmounted volume, a botched deploy): not "no objects"
+    assert not src.scan()
+    assert ("Service", "default", "web") in sink.objects and "missing" in src.last_error
+    (tmp_path / "away").rename(d)
+    (d / "a.yaml").write_text(yaml.safe_dump(service("web", "10.96.0.42")))
+    assert src.scan() and src.last_error is None
+    assert sink.objects[("Service", "default", "web")]["spec"]["clusterIP"] == "10.96.0.42"
+    for f in d.iterdir():  # an empty directory that exists does mean no objects
+        f.unlink()
+    src.scan()
+    assert sink.objects == {}
