@@ -18,6 +18,7 @@ RUNS = (
     ("cni_latency.py", []),
     ("resolver.py", []),
     ("tunnel.py", []),
+    ("soak.py", ["--seconds", "180"]),
 )
 for script, args in RUNS:
     print(f"\n$ bench/{script} {' '.join(args)}", flush=True)

@@ -121,7 +121,9 @@ class DnsService:
                     if changed:
                         log.info("DNS fast path attachments", changed=changed)
                     next_check = loop.time() + INTERFACE_CHECK
-                if self.resolver.zone.model.generation != generation:
+                # not before the sources have synced: an empty model would empty the map, and a restarted
+                # daemon's fast path would stop answering what the last one left it
+                if self.resolver.ready() and self.resolver.zone.model.generation != generation:
                     generation = self.resolver.zone.model.generation
                     writes = self.fast.sync(self.resolver.zone.address_records(), self.resolver.zone.ttl)
                     if writes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +155,19 @@ def test_pod_queries_to_the_node_local_address_are_answered_by_the_fast_path(lab
     # what the fast path does not hold still reaches the resolver, by the same address
     assert dig(lab, "default/plain-client", "nope.default.svc.cluster.local.", "169.254.20.10")[0] == "NXDOMAIN"
     assert node_status(lab, "node1")["dns"]["queries"] == after["queries"] + 1
+
+
+def test_the_dns_fast_path_keeps_answering_while_the_daemon_is_down(lab):
+    vip = echo_service(lab)
+    name = "echo.default.svc.cluster.local."
+    assert dig(lab, "default/plain-client", name, "169.254.20.10") == ["NOERROR", [vip]]
+    lab.stop_daemon("node1", signal.SIGKILL)
+    try:  # its pinned map and link answer without it
+        assert dig(lab, "default/plain-client", name, "169.254.20.10") == ["NOERROR", [vip]]
+    finally:
+        lab.start_daemon("node1")
+        lab.wait_ready("node1")
+    assert dig(lab, "default/plain-client", name, "169.254.20.10") == ["NOERROR", [vip]]
 
 
 def test_nodes_hold_certificates_for_the_identities_of_their_enrolled_pods_only(lab):
