@@ -131,6 +131,19 @@ def _fields(raw: dict, l4: tuple[str, ...], l7: tuple[str, ...], at: str) -> tup
     return out, uses_l7
 
 
+def _clauses(
+    rule: dict, part: str, inner: str, l4: tuple[str, ...], l7: tuple[str, ...], at: str
+) -> tuple[list[dict[str, list[str]]], bool]:
+    """A rule's `from` sources or `to` operations: their L4 fields, and whether any uses an L7 one."""
+    out, uses_l7 = [], False
+    for j, item in enumerate(rule.get(part) or []):
+        where = f"{at}.{part}[{j}]"
+        fields, uses = _fields(_mapping(_mapping(item, where).get(inner), inner), l4, l7, f"{where}.{inner}")
+        out.append(fields)
+        uses_l7 |= uses
+    return out, uses_l7
+
+
 def parse_policy(obj: dict) -> Policy:
     meta = _mapping(obj.get("metadata"), "metadata")
     name, namespace = meta.get("name"), meta.get("namespace") or "default"
@@ -156,27 +169,9 @@ def parse_policy(obj: dict) -> Policy:
         unknown = set(raw) - {"from", "to", "when"}
         if unknown:
             raise PolicyError(f"{at}.{sorted(unknown)[0]}: unknown field")
-        l7 = False
-        sources = []
-        for j, item in enumerate(raw.get("from") or []):
-            fields, uses = _fields(
-                _mapping(_mapping(item, f"{at}.from[{j}]").get("source"), "source"),
-                SOURCE_L4,
-                SOURCE_L7,
-                f"{at}.from[{j}].source",
-            )
-            sources.append(fields)
-            l7 |= uses
-        operations = []
-        for j, item in enumerate(raw.get("to") or []):
-            fields, uses = _fields(
-                _mapping(_mapping(item, f"{at}.to[{j}]").get("operation"), "operation"),
-                OPERATION_L4,
-                OPERATION_L7,
-                f"{at}.to[{j}].operation",
-            )
-            operations.append(fields)
-            l7 |= uses
+        sources, source_l7 = _clauses(raw, "from", "source", SOURCE_L4, SOURCE_L7, at)
+        operations, operation_l7 = _clauses(raw, "to", "operation", OPERATION_L4, OPERATION_L7, at)
+        l7 = source_l7 or operation_l7
         when = []
         for j, cond in enumerate(raw.get("when") or []):
             cond = _mapping(cond, f"{at}.when[{j}]")
