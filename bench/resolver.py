@@ -83,13 +83,17 @@ class Server:
         self.name = name
         full = netns.nsenter_argv(NODE, ["taskset", "-c", str(cpu), *argv])
         self.proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if ready:
-            deadline = time.monotonic() + 120
-            for line in self.proc.stdout:
-                if ready in line:
-                    break
-                assert time.monotonic() < deadline, f"{name} never became ready"
-        wait_answering(name)
+        try:
+            if ready:
+                deadline = time.monotonic() + 120
+                for line in self.proc.stdout:
+                    if ready in line:
+                        break
+                    assert time.monotonic() < deadline, f"{name} never became ready"
+            wait_answering(name)
+        except BaseException:
+            self.stop()  # a server that never answered is not left running
+            raise
 
     def rss(self) -> float:
         # the nsenter'd child: the process tree's largest RSS is the server's
