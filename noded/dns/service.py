@@ -103,10 +103,7 @@ class DnsService:
             self.errors["fastPath"] = str(e)
             log.error("DNS fast path not loaded; the resolver answers every query", error=str(e))
             return
-        self._task = self.loop.run(self._spawn())
-
-    async def _spawn(self) -> asyncio.Task:
-        return asyncio.ensure_future(self._keep_in_step())
+        self._task = self.loop.spawn(self._keep_in_step())
 
     async def _keep_in_step(self) -> None:
         from noded.nodeaddrs import local_addresses

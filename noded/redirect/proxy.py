@@ -27,6 +27,7 @@ from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
 from noded.tunnel.hbone import Pool, TunnelRefused, connect, pipe, serve_connection, splice
 from noded.tunnel.node import Tunnel
+from noded.tunnel.tls import peer_uris
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -123,8 +124,12 @@ class CaptureProxy:
         return record
 
     async def _dial(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> tuple:
-        """A connection from inside the pod's netns on a tunnel-marked socket (not captured again), from
-        `source` (a transparent bind: the application sees the client's own address) if given."""
+        """(reader, writer) of a connection made from inside the pod (see _pod_socket)."""
+        return await asyncio.open_connection(sock=await self._pod_socket(pod, dst, source))
+
+    async def _pod_socket(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> socket.socket:
+        """A socket connected from inside the pod's netns, tunnel-marked (not captured again), from `source`
+        (a transparent bind: the application sees the client's own address) if given."""
         with podns.entered(pod.netns):
             up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         up.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
@@ -137,7 +142,7 @@ class CaptureProxy:
         except BaseException:
             up.close()
             raise
-        return await asyncio.open_connection(sock=up)
+        return up
 
     async def _outbound(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         dst = original_dst(writer.get_extra_info("socket"))
@@ -159,13 +164,8 @@ class CaptureProxy:
                 raise ConnectionRefusedError(f"no certificate yet for {source}")
             record.update(hbone=f"{route.ip}:{HBONE_PORT}", peer_identity=route.peer_identity, source_identity=source)
 
-            async def dial() -> object:
-                with podns.entered(pod.netns):  # from the pod itself: its own address, not captured again
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
-                sock.setblocking(False)
-                await asyncio.wait_for(self.loop.sock_connect(sock, (route.ip, HBONE_PORT)), 10)
-                return await connect(route.ip, HBONE_PORT, ctx, sock)
+            async def dial() -> object:  # from the pod itself: its own address
+                return await connect(route.ip, HBONE_PORT, ctx, await self._pod_socket(pod, (route.ip, HBONE_PORT)))
 
             stream = await self.pool.stream((pod.netns, route.ip), id(ctx), f"{route.ip}:{route.port}", dial)
             tunnel.counts["hbone_out"] += 1
@@ -214,8 +214,7 @@ class CaptureProxy:
 
 
 def _peer_uri(writer: asyncio.StreamWriter) -> str | None:
-    cert = writer.get_extra_info("peercert") or {}
-    uris = [v for kind, v in cert.get("subjectAltName", ()) if kind == "URI"]
+    uris = peer_uris(writer.get_extra_info("peercert"))
     return uris[0] if uris else None
 
 

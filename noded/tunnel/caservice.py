@@ -22,7 +22,7 @@ from cryptography import x509
 from noded.tunnel.ca import CertificateAuthority, Issuer, NotAuthorized, key_pem, new_key, parse_node
 from noded.tunnel.ca import public_pem as public_key_pem
 from noded.tunnel.certs import WorkloadCert
-from noded.tunnel.tls import context
+from noded.tunnel.tls import context, peer_uris
 
 log = structlog.get_logger("noded.tunnel.ca")
 NODE_CERT_TTL = datetime.timedelta(days=365)
@@ -55,8 +55,7 @@ def load_credentials_pem(cert_pem: bytes, key: bytes) -> WorkloadCert:
 
 
 def _peer_node(writer: asyncio.StreamWriter, trust_domain: str) -> str:
-    cert = writer.get_extra_info("peercert") or {}
-    uris = [v for kind, v in cert.get("subjectAltName", ()) if kind == "URI"]
+    uris = peer_uris(writer.get_extra_info("peercert"))
     if len(uris) != 1:
         raise ValueError("the client certificate has no single URI name")
     return parse_node(uris[0], trust_domain)

@@ -72,7 +72,7 @@ class IdentityService:
             self.error = f"certificate issuer not usable: {e}"
             log.error("workload certificates disabled", reason=self.error)
             return
-        self._task = self.loop.run(self._spawn())
+        self._task = self.loop.spawn(self._keep())
 
     def _start_local(self, root: bytes) -> None:
         cfg = self.config
@@ -90,9 +90,6 @@ class IdentityService:
             self.ca_server = self.loop.run(serve(host, port, issuer, creds, root, self.key_dir))
             self.issuer_kind = f"local, serving {cfg.caListen}"
             log.info("CA serving certificate requests", address=cfg.caListen)
-
-    async def _spawn(self) -> asyncio.Task:
-        return asyncio.ensure_future(self._keep())
 
     async def _keep(self) -> None:
         loop = asyncio.get_running_loop()

@@ -38,10 +38,14 @@ def context(server: bool, cert: WorkloadCert, root_pem: bytes, directory: str) -
     return ctx
 
 
+def peer_uris(cert: dict | None) -> list[str]:
+    """The URI names of a peer certificate as ssl's getpeercert() gives it."""
+    return [value for kind, value in (cert or {}).get("subjectAltName", ()) if kind == "URI"]
+
+
 def peer_identity(sock: ssl.SSLSocket | ssl.SSLObject, trust_domain: str) -> str:
     """The verified peer's SPIFFE ID (the handshake has checked its chain and validity)."""
-    cert = sock.getpeercert()
-    uris = [value for kind, value in (cert or {}).get("subjectAltName", ()) if kind == "URI"]
+    uris = peer_uris(sock.getpeercert())
     if len(uris) != 1:
         raise PeerRejected(f"peer certificate has {len(uris)} URI names, expected one SPIFFE ID")
     domain, _ns, _sa = parse_spiffe(uris[0])
