@@ -34,7 +34,7 @@ test-unit: deps
 	$(BIN)/pytest -ra -m unit
 
 lint: deps
-	$(BIN)/ruff check noded tests bench
+	$(BIN)/ruff check noded tests bench vagrant
 
 demo: bpf
 	$(BIN)/noded lab demo
@@ -66,3 +66,24 @@ cleanup:
 
 clean: cleanup
 	rm -rf $(VENV) noded/bpf/obj .pytest_cache
+
+# the Vagrant lab (README, "Vagrant lab"): too slow for CI, kept out of `make test`
+VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils \
+                        debootstrap fdisk extlinux syslinux-common dnsmasq-base rsync openssh-client curl
+.PHONY: vagrant-deps vagrant-box vagrant-lab vagrant-check vagrant-down
+
+vagrant-deps:
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VAGRANT_APT_PACKAGES) >/dev/null
+
+vagrant-box: vagrant-deps
+	bash vagrant/build-box.sh
+
+vagrant-lab: bpf vagrant-deps
+	python3 vagrant/lab.py up
+	python3 vagrant/lab.py check
+
+vagrant-check:
+	python3 vagrant/lab.py check
+
+vagrant-down:
+	python3 vagrant/lab.py down

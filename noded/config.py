@@ -35,7 +35,7 @@ class SourceConfig:
 @dataclass
 class ServicesConfig:
     mode: str = "ebpf"
-    cgroupPath: str = "/sys/fs/cgroup/unified"
+    cgroupPath: str = ""  # empty: where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid mode)
     nodePortAddresses: list[str] = field(default_factory=list)
     minSyncPeriod: float = 0.0
     syncPeriod: float = 30.0
@@ -137,6 +137,8 @@ class NodedConfiguration:
             self.bpffsPath = f"/sys/fs/bpf/noded/{self.nodeName}"
         if not self.bpffsPath.startswith("/"):
             raise ConfigError(f"bpffsPath: must be an absolute path, got {self.bpffsPath!r}")
+        if not self.services.cgroupPath:
+            self.services.cgroupPath = cgroup2_mount()
         if not self.source.directory and not self.source.kubeconfig and not self.source.inCluster:
             raise ConfigError("source: one of directory, kubeconfig, inCluster is required")
 
@@ -234,3 +236,16 @@ def load(path: str) -> NodedConfiguration:
         return parse(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def cgroup2_mount(mounts: str = "/proc/self/mounts") -> str:
+    """The cgroup v2 hierarchy's mount point: the services hooks attach to the node's cgroup root there."""
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "cgroup2":
+                    return fields[1]
+    except OSError:
+        pass
+    raise ConfigError("services.cgroupPath: not set and no cgroup2 file system is mounted")

@@ -113,7 +113,7 @@ def make_proxier(config: NodedConfiguration, model: ServiceModel):
         from noded.services.ebpf import EbpfProxier
 
         maps = load_and_attach(config.bpffsPath, config.services.cgroupPath)
-        return EbpfProxier(model, maps, config.bpffsPath, config.clusterCIDRs)
+        return EbpfProxier(model, maps, config.bpffsPath, config.clusterCIDRs, config.services.cgroupPath)
     raise SystemExit(f"services.mode: {mode!r} is not one of ebpf, nftables, iptables, none")
 
 
@@ -184,10 +184,24 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.source.start()
+        started = time.monotonic()
+        waiting_logged = started
         while not self.sink.all_synced.wait(0.2):
             if self.stopping.is_set():
                 return 0
-        log.info("all sources synced; programming the dataplane")
+            if time.monotonic() - waiting_logged >= 10:  # a slow API server: say what is still awaited
+                waiting_logged = time.monotonic()
+                log.info(
+                    "waiting for sources",
+                    synced=sorted(self.sink.synced_sources),
+                    services_and_slices=self.model.counts(),
+                    seconds=round(waiting_logged - started, 1),
+                )
+        log.info(
+            "all sources synced; programming the dataplane",
+            seconds=round(time.monotonic() - started, 3),
+            services_and_slices=self.model.counts(),
+        )
         self.runner.start()
         if self.pods:
             self.pods.restore()

@@ -169,6 +169,7 @@ class FakeApiServer:
         meta: dict = {"resourceVersion": str(rv)}
         if start + limit < len(items):
             meta["continue"] = str(start + limit)
+            meta["remainingItemCount"] = len(items) - start - limit  # as the API server sends with a limit
         # Items in a list carry no kind, as the real API server's don't.
         stripped = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in page]
         self._json(h, 200, {"kind": list_kind, "apiVersion": api_version, "metadata": meta, "items": stripped})

@@ -109,6 +109,9 @@ class Map(Generic[K, V]):
         fd = _check(lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
         return cls(fd, key_type, value_type, os.path.basename(path))
 
+    def pin(self, path: str) -> None:
+        _check(lib.bpf_obj_pin(self.fd, path.encode()), f"pin map {path}")
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

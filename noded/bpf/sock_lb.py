@@ -50,6 +50,16 @@ def _is_bpffs(path: str) -> bool:
         return any(line.split()[1] == path and line.split()[2] == "bpf" for line in mounts)
 
 
+MAP_SPECS = {  # field: (pin name, key type, value type)
+    "svc": ("noded_svc", structs.SvcKey, structs.SvcVal),
+    "backends": ("noded_backends", ctypes.c_uint32, structs.Backend),
+    "revnat": ("noded_revnat", structs.RevNatKey, structs.RevNatVal),
+    "affinity": ("noded_affinity", structs.AffinityKey, structs.AffinityVal),
+    "nat": ("noded_nat", structs.NatKey, structs.NatVal),
+    "cluster_cidrs": ("noded_cluster_cidrs", structs.CidrKey, ctypes.c_uint32),
+}
+
+
 @dataclass
 class LbMaps:
     svc: Map[structs.SvcKey, structs.SvcVal]
@@ -62,17 +72,9 @@ class LbMaps:
     @classmethod
     def open_pinned(cls, bpffs: str) -> LbMaps:
         """The instance's pinned maps; on failure nothing stays open."""
-        specs = {
-            "svc": ("noded_svc", structs.SvcKey, structs.SvcVal),
-            "backends": ("noded_backends", ctypes.c_uint32, structs.Backend),
-            "revnat": ("noded_revnat", structs.RevNatKey, structs.RevNatVal),
-            "affinity": ("noded_affinity", structs.AffinityKey, structs.AffinityVal),
-            "nat": ("noded_nat", structs.NatKey, structs.NatVal),
-            "cluster_cidrs": ("noded_cluster_cidrs", structs.CidrKey, ctypes.c_uint32),
-        }
         opened: dict[str, Map] = {}
         try:
-            for field_name, (pin, key, value) in specs.items():
+            for field_name, (pin, key, value) in MAP_SPECS.items():
                 opened[field_name] = Map.open_pinned(f"{bpffs}/{pin}", key, value)
         except BpfError:
             for m in opened.values():
@@ -112,15 +114,46 @@ def load_and_attach(bpffs: str, cgroup_path: str) -> LbMaps:
     return LbMaps.open_pinned(bpffs)
 
 
-def attach_external(bpffs: str, interfaces: dict[str, int]) -> list[str]:
-    """Attach the NodePort programs (ingress and egress) to interfaces {name: ifindex} with pinned tcx links,
-    and detach them from every other interface. Returns what changed."""
+def cgroup_links(bpffs: str) -> list[str]:
+    """The pinned links of the cgroup hooks (the socket-LB programs), by program name."""
     links = f"{bpffs}/{LINKS_DIR}"
-    wanted = {
+    return sorted(p for p in os.listdir(links) if p.startswith("noded_")) if os.path.isdir(links) else []
+
+
+def repair(bpffs: str, cgroup_path: str, maps: LbMaps, expected_links: list[str]) -> list[str]:
+    """Put back what was removed behind noded's back (`rm` in bpffs): a map's pin from the map noded holds
+    open, which its programs still use; a cgroup link by attaching again (links in place are only updated).
+    Returns what was repaired."""
+    repaired = []
+    for field_name, (pin, _key, _value) in MAP_SPECS.items():
+        if not os.path.exists(f"{bpffs}/{pin}"):
+            getattr(maps, field_name).pin(f"{bpffs}/{pin}")
+            repaired.append(f"re-pinned map {pin}")
+    missing = [name for name in expected_links if not os.path.exists(f"{bpffs}/{LINKS_DIR}/{name}")]
+    if missing:
+        load_and_attach(bpffs, cgroup_path).close()
+        repaired += [f"re-attached {name}" for name in missing]
+    return repaired
+
+
+def external_link_pins(interfaces: dict[str, int]) -> dict[str, tuple[int, int, str]]:
+    """{pin name: (ifindex, attach type, program)} of the NodePort programs on interfaces {name: ifindex}."""
+    return {
         f"{TC_LINK_PREFIX}{name}-{index}-{way}": (index, attach_type, f"noded_nodeport_{way}")
         for name, index in interfaces.items()
         for way, attach_type in (("ingress", BPF_TCX_INGRESS), ("egress", BPF_TCX_EGRESS))
     }
+
+
+def external_links_missing(bpffs: str, interfaces: dict[str, int]) -> bool:
+    return any(not os.path.exists(f"{bpffs}/{LINKS_DIR}/{pin}") for pin in external_link_pins(interfaces))
+
+
+def attach_external(bpffs: str, interfaces: dict[str, int]) -> list[str]:
+    """Attach the NodePort programs (ingress and egress) to interfaces {name: ifindex} with pinned tcx links,
+    and detach them from every other interface. Returns what changed."""
+    links = f"{bpffs}/{LINKS_DIR}"
+    wanted = external_link_pins(interfaces)
     changed = []
     for pin in os.listdir(links):
         if pin.startswith(TC_LINK_PREFIX) and pin not in wanted:

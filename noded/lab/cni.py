@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from dataclasses import dataclass
 
 from noded.lab import netns
@@ -24,7 +25,7 @@ class Invocation:
     args: str = ""
 
 
-def _exec(plugin_type: str, command: str, conf: dict, inv: Invocation, cni_path: list[str], run_in: str) -> dict:
+def _exec(plugin_type: str, command: str, conf: dict, inv: Invocation, cni_path: list[str], run_in: str | None) -> dict:
     binary = next(
         (os.path.join(d, plugin_type) for d in cni_path if os.path.isfile(os.path.join(d, plugin_type))), None
     )
@@ -39,7 +40,8 @@ def _exec(plugin_type: str, command: str, conf: dict, inv: Invocation, cni_path:
         "CNI_ARGS": inv.args,
         "CNI_PATH": ":".join(cni_path),
     }
-    proc = netns.nsenter(run_in, [binary], input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
+    argv = netns.nsenter_argv(run_in, [binary]) if run_in else [binary]  # run_in None: this namespace (a real node)
+    proc = subprocess.run(argv, input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
     out = proc.stdout.decode(errors="replace").strip()
     if proc.returncode != 0:
         raise CniError(
@@ -57,14 +59,14 @@ def _plugin_conf(conflist: dict, plugin: dict, prev: dict | None) -> dict:
     return conf
 
 
-def add(conflist: dict, inv: Invocation, cni_path: list[str], run_in: str) -> dict:
+def add(conflist: dict, inv: Invocation, cni_path: list[str], run_in: str | None) -> dict:
     result: dict | None = None
     for plugin in conflist["plugins"]:
         result = _exec(plugin["type"], "ADD", _plugin_conf(conflist, plugin, result), inv, cni_path, run_in)
     return result or {}
 
 
-def delete(conflist: dict, inv: Invocation, cni_path: list[str], run_in: str, prev: dict | None = None) -> None:
+def delete(conflist: dict, inv: Invocation, cni_path: list[str], run_in: str | None, prev: dict | None = None) -> None:
     """DEL runs the chain in reverse, as the runtime does; every plugin is tried."""
     errors = []
     for plugin in reversed(conflist["plugins"]):

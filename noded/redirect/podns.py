@@ -59,8 +59,9 @@ def _routing(netns_path: str, on: bool) -> None:
         lo = ipr.link_lookup(ifname="lo")[0]
         rule = {"fwmark": CONN_MARK, "fwmask": MARK_MASK, "table": ROUTE_TABLE, "priority": RULE_PRIORITY}
         route = {"dst": "0.0.0.0/0", "type": "local", "oif": lo, "table": ROUTE_TABLE, "scope": 254}
+        # the in-pod listeners bind 127.0.0.1: CRI runtimes bring lo up, `ctr run --cni` and others may not
+        ipr.link("set", index=lo, state="up")
         if on:
-            ipr.link("set", index=lo, state="up")
             for what, spec in (("rule", rule), ("route", route)):
                 try:
                     getattr(ipr, what)("add", **spec)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from noded.bpf import structs
-from noded.bpf.sock_lb import LbMaps
+from noded.bpf.sock_lb import LbMaps, attach_external, cgroup_links, external_links_missing, repair
 from noded.model.tracker import Backend, Frontend, FrontendState, ServiceKey, ServiceModel
 from noded.services.slots import plan_slots
 from noded.services.view import ProgrammedView
@@ -119,11 +119,18 @@ class EbpfProxier:
     name = "ebpf"
 
     def __init__(
-        self, model: ServiceModel, maps: LbMaps, bpffs: str | None = None, cluster_cidrs: list[str] | tuple = ()
+        self,
+        model: ServiceModel,
+        maps: LbMaps,
+        bpffs: str | None = None,
+        cluster_cidrs: list[str] | tuple = (),
+        cgroup_path: str | None = None,
     ) -> None:
         self.model = model
         self.maps = maps
         self.bpffs = bpffs
+        self.cgroup_path = cgroup_path
+        self.expected_links = cgroup_links(bpffs) if bpffs else []  # what repair() puts back if removed
         self.external_interfaces: dict[str, int] | None = None
         self._set_cluster_cidrs(list(cluster_cidrs))
         programmed, max_svc, max_backend = read_maps(maps)
@@ -141,6 +148,9 @@ class EbpfProxier:
     def sync(self, full: bool = False) -> int:
         """Apply the model's pending changes (all services when full); returns services synced."""
         if full:
+            if self.bpffs and self.cgroup_path:
+                for what in repair(self.bpffs, self.cgroup_path, self.maps, self.expected_links):
+                    log.warning("removed behind noded's back; repaired", what=what)
             self.model.mark_all_changed()
             stale_keys = set(self._by_service)
         else:
@@ -169,9 +179,10 @@ class EbpfProxier:
     def set_external_interfaces(self, interfaces: dict[str, int]) -> None:
         """Where packets from outside arrive (the interfaces holding node port addresses): the tc programs
         are attached there and detached everywhere else."""
-        if interfaces == self.external_interfaces or self.bpffs is None:
+        if self.bpffs is None:
             return
-        from noded.bpf.sock_lb import attach_external
+        if interfaces == self.external_interfaces and not external_links_missing(self.bpffs, interfaces):
+            return
 
         for what in attach_external(self.bpffs, interfaces):
             log.info("external interface program", change=what)

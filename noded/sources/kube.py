@@ -11,6 +11,7 @@ import functools
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ log = structlog.get_logger("noded.sources.kube")
 
 WATCH_TIMEOUT_SECONDS = 300
 PAGE_SIZE = 500
+PROGRESS_EVERY = 5.0  # seconds between progress lines of a long list
 
 
 class Gone(Exception):
@@ -157,6 +159,8 @@ class KindWatcher:
     def relist(self) -> None:
         fresh: dict[ObjectKey, dict] = {}
         cont = None
+        started = time.monotonic()
+        reported = started
         while True:
             kwargs = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
             if cont:
@@ -174,7 +178,20 @@ class KindWatcher:
             if not cont:
                 self.resource_version = meta.get("resourceVersion", "")
                 break
+            if time.monotonic() - reported >= PROGRESS_EVERY:  # a long initial list shows it is moving
+                reported = time.monotonic()
+                left = meta.get("remainingItemCount")
+                log.info("listing", kind=self.kind.kind, objects=len(fresh), remaining=left, seconds=_since(started))
+        listed = time.monotonic()
         self.known = apply_snapshot(self.sink, self.known, fresh)
+        if time.monotonic() - started >= PROGRESS_EVERY or not self.synced:
+            log.info(
+                "listed",
+                kind=self.kind.kind,
+                objects=len(fresh),
+                list_seconds=_since(started, listed),
+                apply_seconds=_since(listed),
+            )
         self.relists += 1
         if not self.synced:
             self.synced = True
@@ -269,3 +286,7 @@ class KubeSource:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _since(start: float, end: float | None = None) -> float:
+    return round((end if end is not None else time.monotonic()) - start, 3)

@@ -217,3 +217,25 @@ def test_udp_flow_follows_a_removed_endpoint_to_the_new_one(lb):
     lb.apply(slice_("dns", [endpoint(LINK_ADDRESS)], ports=[{**dns[0], "port": 5302}], name="b"))
     lb.remove("EndpointSlice", "a")
     assert lb.python(ask).strip() == "b"
+
+
+def test_pins_removed_behind_nodeds_back_are_repaired_at_the_next_full_sync(ebpf_lb):
+    lb = ebpf_lb
+    lb.proxier = EbpfProxier(lb.model, lb.maps, lb.bpffs, cgroup_path=lb.cgroup)
+    lb.echo(9001, "a")
+    lb.apply(service("web"), slice_("web", [endpoint("127.0.0.1")], ports=[{"name": "http", "port": 9001}]))
+    assert lb.client("tcp", VIP, 80, count=3)["answers"] == {"a": 3}
+    # someone cleans up bpffs by hand: a map's pin and a hook's link pin (which detaches the hook)
+    subprocess.run(["rm", f"{lb.bpffs}/noded_svc", f"{lb.bpffs}/{sock_lb.LINKS_DIR}/noded_connect4"], check=True)
+    broken = lb.client("tcp", VIP, 80, count=1, timeout=1)
+    assert broken["answers"] == {} and broken["errors"]  # the VIP is not translated any more
+    lb.proxier.sync(full=True)
+    assert lb.client("tcp", VIP, 80, count=3)["answers"] == {"a": 3}
+    # the pin is the map the proxier holds and the programs use: what it wrote is there through the pin
+    reopened = sock_lb.LbMaps.open_pinned(lb.bpffs)
+    try:
+        assert [str(v.frontend) for v in describe(reopened)] == [f"{VIP}:80/TCP"]
+    finally:
+        reopened.close()
+    assert sorted(sock_lb.cgroup_links(lb.bpffs)) == sorted(lb.proxier.expected_links)
+    assert len(lb.proxier.expected_links) == 8

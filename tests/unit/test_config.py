@@ -1,12 +1,12 @@
 import pytest
 
-from noded.config import ConfigError, load, parse
+from noded.config import ConfigError, cgroup2_mount, load, parse
 
 
 def test_defaults_for_every_key():
     cfg = parse({})
     assert cfg.services.mode == "ebpf"
-    assert cfg.services.cgroupPath == "/sys/fs/cgroup/unified"
+    assert cfg.services.cgroupPath == cgroup2_mount()  # this machine's cgroup2, found in /proc/self/mounts
     assert cfg.dns.listen == ["169.254.20.10:53"]
     assert cfg.source.directory == "/etc/noded/manifests"
     assert cfg.bpffsPath == f"/sys/fs/bpf/noded/{cfg.nodeName}"
@@ -61,3 +61,19 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("services: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(str(bad))
+
+
+def test_cgroup2_mount_found_in_unified_and_hybrid_layouts(tmp_path):
+    unified = tmp_path / "unified"
+    unified.write_text("sysfs /sys sysfs rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n")
+    assert cgroup2_mount(str(unified)) == "/sys/fs/cgroup"
+    hybrid = tmp_path / "hybrid"
+    hybrid.write_text(
+        "tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    )
+    assert cgroup2_mount(str(hybrid)) == "/sys/fs/cgroup/unified"
+    none = tmp_path / "none"
+    none.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n")
+    with pytest.raises(ConfigError, match="cgroupPath"):
+        cgroup2_mount(str(none))

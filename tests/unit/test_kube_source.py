@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import structlog.testing
 from kubernetes import client
 
 from noded.model.tracker import ZONE_LABEL, Frontend, ServiceModel
@@ -106,6 +107,24 @@ def test_paginated_list(api):
         assert sum("continue=" in r for r in api.requests if "services" in r) == 2
     finally:
         src.stop()
+
+
+def test_a_long_list_logs_its_progress_and_timing(api, monkeypatch):
+    for i in range(1, 1201):
+        api.put(service(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}"))
+    monkeypatch.setattr(kube, "PROGRESS_EVERY", 0.0)  # every page counts as slow
+    sink = ModelSink()
+    with structlog.testing.capture_logs() as logs:
+        src = start_source(api, sink)
+        try:
+            wait_for(lambda: src.synced)
+        finally:
+            src.stop()
+    progress = [e for e in logs if e["event"] == "listing" and e["kind"] == "Service"]
+    assert [e["objects"] for e in progress] == [500, 1000]
+    assert [e["remaining"] for e in progress] == [700, 200]
+    listed = next(e for e in logs if e["event"] == "listed" and e["kind"] == "Service")
+    assert listed["objects"] == 1200 and listed["list_seconds"] >= 0 and listed["apply_seconds"] >= 0
 
 
 def test_bookmark_moves_resource_version(api):
