@@ -1,8 +1,9 @@
 """No-loss soak in the 2-node lab: a client pod keeps resolving a service by DNS name and opening
-connections to it while the daemons are restarted, killed -9 and their manifest source taken away and
-brought back. Reports attempts and failures (DNS and TCP) per phase, and the daemons' RSS over time.
+connections to it while the daemons are restarted, killed -9, their manifest source taken away (for 35% of
+the run) and brought back, and node1 gains and loses an address (which noded must pick up as a node port
+address). Reports attempts and failures (DNS and TCP), what happened when, and the daemons' RSS over time.
 
-    bench/soak.py --seconds 180
+    bench/soak.py --seconds 420
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import rss_mib, table
 from noded.lab.lab import Lab
 from noded.lab.workloads import service_yaml, start_echo, wait_programmed
+
+NEW_ADDRESS = "10.77.0.111"
 
 CLIENT = """
 import json, socket, sys, time
@@ -51,7 +54,7 @@ print(json.dumps(log))
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=180)
+    parser.add_argument("--seconds", type=int, default=420)
     args = parser.parse_args()
     total = args.seconds
     lab = Lab()
@@ -97,6 +100,22 @@ def main() -> None:
             events.append([round(time.time() - start, 1), f"{node} ready again"])
 
         manifests_away = lab.manifests + ".away"
+        node1_ns = lab.state()["nodes"]["node1"]["netns"]
+
+        def address(op: str) -> None:
+            events.append([round(time.time() - start, 1), f"node1 address {NEW_ADDRESS} {op}"])
+            subprocess.run(["ip", "-n", node1_ns, "addr", op, f"{NEW_ADDRESS}/24", "dev", "eth0"], check=True)
+            deadline = time.monotonic() + 40  # the next full sync (30 s) re-reads the node's addresses
+            while time.monotonic() < deadline:
+                seen = [line for line in lab.daemon_log("node1").splitlines() if "node port addresses" in line]
+                if seen and (NEW_ADDRESS in seen[-1]) == (op == "add"):
+                    events.append(
+                        [round(time.time() - start, 1), f"noded followed: {seen[-1].split('] ')[-1].strip()}"]
+                    )
+                    return
+                time.sleep(0.5)
+            events.append([round(time.time() - start, 1), "noded did NOT follow the address change"])
+
         plan = [
             (total * 0.15, lambda: restart("node1", signal.SIGTERM, "node1 daemon restarted (SIGTERM)")),
             (total * 0.30, lambda: restart("node1", signal.SIGKILL, "node1 daemon killed -9 and started")),
@@ -107,14 +126,16 @@ def main() -> None:
                     os.rename(lab.manifests, manifests_away),
                 ),
             ),
+            (total * 0.55, lambda: address("add")),
+            (total * 0.70, lambda: address("del")),
             (
-                total * 0.65,
+                total * 0.80,
                 lambda: (
                     os.rename(manifests_away, lab.manifests),
                     events.append([round(time.time() - start, 1), "manifest source restored"]),
                 ),
             ),
-            (total * 0.80, lambda: restart("node2", signal.SIGKILL, "node2 daemon killed -9 and started")),
+            (total * 0.90, lambda: restart("node2", signal.SIGKILL, "node2 daemon killed -9 and started")),
         ]
         for t, action in plan:
             at(t)

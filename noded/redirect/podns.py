@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -57,24 +58,23 @@ def _routing(netns_path: str, on: bool) -> None:
     # inside the netns on this thread: pyroute2's own netns= forks a helper, unsafe in a threaded daemon
     with entered(netns_path), IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
-        rule = {"fwmark": CONN_MARK, "fwmask": MARK_MASK, "table": ROUTE_TABLE, "priority": RULE_PRIORITY}
-        route = {"dst": "0.0.0.0/0", "type": "local", "oif": lo, "table": ROUTE_TABLE, "scope": 254}
-        # the in-pod listeners bind 127.0.0.1: CRI runtimes bring lo up, `ctr run --cni` and others may not
+        # the in-pod listeners bind 127.0.0.1 and ::1: CRI runtimes bring lo up, `ctr run --cni` may not
         ipr.link("set", index=lo, state="up")
-        if on:
+        for family, default in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+            rule = {"family": family, "fwmark": CONN_MARK, "fwmask": MARK_MASK, "table": ROUTE_TABLE}
+            rule["priority"] = RULE_PRIORITY
+            route = {"family": family, "dst": default, "type": "local", "oif": lo, "table": ROUTE_TABLE, "scope": 254}
             for what, spec in (("rule", rule), ("route", route)):
                 try:
-                    getattr(ipr, what)("add", **spec)
+                    getattr(ipr, what)("add" if on else "del", **spec)
                 except NetlinkError as e:
-                    if e.code != 17:  # EEXIST: already there
-                        raise
-        else:
-            for what, spec in (("rule", rule), ("route", route)):
-                try:
-                    getattr(ipr, what)("del", **spec)
-                except NetlinkError as e:
-                    if e.code not in (2, 3):  # ENOENT / ESRCH: already gone
-                        raise
+                    if on and e.code == 17:  # EEXIST: already there
+                        continue
+                    if not on and e.code in (2, 3):  # ENOENT / ESRCH: already gone
+                        continue
+                    if family == socket.AF_INET6 and e.code in (97, 13, 95):  # IPv6 off in this pod
+                        break
+                    raise
 
 
 @contextmanager

@@ -31,16 +31,28 @@ from noded.tunnel.tls import peer_uris
 
 log = structlog.get_logger("noded.redirect.proxy")
 
-SO_ORIGINAL_DST = 80
+SO_ORIGINAL_DST = 80  # IP6T_SO_ORIGINAL_DST has the same number, at SOL_IPV6
 IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 SO_MARK = 36
 DnsHandler = Callable[[bytes, Client], Awaitable[bytes | None]]
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)  # sockaddr_in6
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack(">H", raw[2:4])[0]
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack(">H", raw[2:4])[0]
     return socket.inet_ntoa(raw[4:8]), port
+
+
+def family_of(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -84,14 +96,23 @@ class CaptureProxy:
         if pod is not None:
             await self._close(key)
         pod = PodListeners(netns_path, (namespace, name) if namespace and name else None)
+        socks: dict[str, list[socket.socket]] = {}
         with podns.entered(netns_path):  # the loop's own thread: no other coroutine runs meanwhile
-            socks = {
-                "outbound": _listener(socket.SOCK_STREAM, "127.0.0.1", OUTBOUND_PORT),
-                "inbound": _listener(socket.SOCK_STREAM, "127.0.0.1", INBOUND_PORT, transparent=True),
-                "hbone": _listener(socket.SOCK_STREAM, "0.0.0.0", HBONE_PORT, transparent=True),
-                "dns-tcp": _listener(socket.SOCK_STREAM, "127.0.0.1", DNS_PORT),
-                "dns-udp": _listener(socket.SOCK_DGRAM, "127.0.0.1", DNS_PORT),
-            }
+            for loopback, any_address in (("127.0.0.1", "0.0.0.0"), ("::1", "::")):
+                try:
+                    made = {
+                        "outbound": _listener(socket.SOCK_STREAM, loopback, OUTBOUND_PORT),
+                        "inbound": _listener(socket.SOCK_STREAM, loopback, INBOUND_PORT, transparent=True),
+                        "hbone": _listener(socket.SOCK_STREAM, any_address, HBONE_PORT, transparent=True),
+                        "dns-tcp": _listener(socket.SOCK_STREAM, loopback, DNS_PORT),
+                        "dns-udp": _listener(socket.SOCK_DGRAM, loopback, DNS_PORT),
+                    }
+                except OSError:
+                    if loopback == "::1":  # a pod without IPv6: IPv4 only
+                        break
+                    raise
+                for name, sock in made.items():
+                    socks.setdefault(name, []).append(sock)
         handlers = {
             "outbound": lambda r, w: self._outbound(pod, r, w),
             "inbound": lambda r, w: self._inbound(pod, r, w),
@@ -101,9 +122,11 @@ class CaptureProxy:
             tls = {}
             if name == "hbone" and self.tunnel and pod.key:  # TLS from the first byte, the cert chosen per handshake
                 tls = {"ssl": self.tunnel.server_context(pod.key), "ssl_handshake_timeout": 10}
-            pod.servers.append(await asyncio.start_server(handler, sock=socks[name], **tls))
+            for sock in socks[name]:
+                pod.servers.append(await asyncio.start_server(handler, sock=sock, **tls))
         client = Client(namespace=namespace)
-        pod.transports += await serve_dns(socks["dns-udp"], socks["dns-tcp"], self.dns_handler, lambda _peer: client)
+        for udp, tcp in zip(socks["dns-udp"], socks["dns-tcp"], strict=True):
+            pod.transports += await serve_dns(udp, tcp, self.dns_handler, lambda _peer: client)
         self.pods[key] = pod
 
     async def _close(self, key: str) -> bool:
@@ -130,11 +153,15 @@ class CaptureProxy:
     async def _pod_socket(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> socket.socket:
         """A socket connected from inside the pod's netns, tunnel-marked (not captured again), from `source`
         (a transparent bind: the application sees the client's own address) if given."""
+        family = family_of(dst[0])
         with podns.entered(pod.netns):
-            up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            up = socket.socket(family, socket.SOCK_STREAM)
         up.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
         if source is not None:
-            up.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            if family == socket.AF_INET6:
+                up.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                up.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             up.bind((source, 0))
         up.setblocking(False)
         try:
@@ -162,12 +189,14 @@ class CaptureProxy:
             ctx = tunnel.context(False, source)
             if ctx is None:  # fail closed: a meshed destination never gets plaintext
                 raise ConnectionRefusedError(f"no certificate yet for {source}")
-            record.update(hbone=f"{route.ip}:{HBONE_PORT}", peer_identity=route.peer_identity, source_identity=source)
+            record.update(
+                hbone=authority(route.ip, HBONE_PORT), peer_identity=route.peer_identity, source_identity=source
+            )
 
             async def dial() -> object:  # from the pod itself: its own address
                 return await connect(route.ip, HBONE_PORT, ctx, await self._pod_socket(pod, (route.ip, HBONE_PORT)))
 
-            stream = await self.pool.stream((pod.netns, route.ip), id(ctx), f"{route.ip}:{route.port}", dial)
+            stream = await self.pool.stream((pod.netns, route.ip), id(ctx), authority(route.ip, route.port), dial)
             tunnel.counts["hbone_out"] += 1
             await splice(stream, reader, writer)
         except (TimeoutError, OSError, ConnectionError, TunnelRefused, podns.CaptureError) as e:
@@ -219,10 +248,16 @@ def _peer_uri(writer: asyncio.StreamWriter) -> str | None:
 
 
 def _listener(kind: int, host: str, port: int, transparent: bool = False) -> socket.socket:
-    s = socket.socket(socket.AF_INET, kind)
+    family = family_of(host)
+    s = socket.socket(family, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own listener
     if transparent:
-        s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     s.bind((host, port))
     if kind == socket.SOCK_STREAM:
         s.listen(128)

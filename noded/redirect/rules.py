@@ -5,7 +5,7 @@ TPROXYed to 15006 (HBONE on 15008 kept as addressed), DNS over UDP and TCP to po
 15053. Sockets of the tunnel itself carry mark 0x539/0xfff and are never captured; connections the
 tunnel accepted get conntrack mark 0x111, restored on the pod's replies so that they are routed back to
 the tunnel through table 100 (a local route for everything). Non-enrolled pods get only the DNS rules.
-IPv4 only for now.
+IPv4 and IPv6 alike: the listeners are on 127.0.0.1 and ::1.
 """
 
 from __future__ import annotations
@@ -39,22 +39,34 @@ def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = ()) -> str:
         f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} return",
         f'oifname != "lo" udp dport 53 redirect to :{DNS_PORT}',
         f"ip daddr != 127.0.0.1 tcp dport 53 redirect to :{DNS_PORT}",
+        f"ip6 daddr != ::1 tcp dport 53 redirect to :{DNS_PORT}",
     ]
     if direct_dns:
-        addresses = ", ".join(direct_dns)
-        output_nat.insert(1, f"ip daddr {{ {addresses} }} meta l4proto {{ tcp, udp }} th dport 53 return")
+        for family in ("ip", "ip6"):
+            addresses = ", ".join(a for a in direct_dns if (":" in a) == (family == "ip6"))
+            if addresses:
+                output_nat.insert(1, f"{family} daddr {{ {addresses} }} meta l4proto {{ tcp, udp }} th dport 53 return")
     if enrolled:
         prerouting += [
             'iifname "lo" ip daddr != 127.0.0.1 meta l4proto tcp accept',
-            f"tcp dport {HBONE_PORT} {_NOT_TUNNEL} tproxy ip to :{HBONE_PORT} {_SET_CONN_MARK} accept",
+            'iifname "lo" ip6 daddr != ::1 meta l4proto tcp accept',
+            *(
+                f"meta nfproto {proto} tcp dport {HBONE_PORT} {_NOT_TUNNEL} tproxy {family} to :{HBONE_PORT}"
+                f" {_SET_CONN_MARK} accept"
+                for proto, family in (("ipv4", "ip"), ("ipv6", "ip6"))
+            ),
             "meta l4proto tcp ct state established,related accept",
             f"ip daddr != 127.0.0.1 meta l4proto tcp {_NOT_TUNNEL} tproxy ip to 127.0.0.1:{INBOUND_PORT}"
+            f" {_SET_CONN_MARK} accept",
+            f"ip6 daddr != ::1 meta l4proto tcp {_NOT_TUNNEL} tproxy ip6 to [::1]:{INBOUND_PORT}"
             f" {_SET_CONN_MARK} accept",
         ]
         output_nat += [
             f"meta l4proto tcp meta mark & {MARK_MASK:#x} == {CONN_MARK:#x} accept",
             'oifname "lo" ip daddr != 127.0.0.1 accept',
+            'oifname "lo" ip6 daddr != ::1 accept',
             f"ip daddr != 127.0.0.1 meta l4proto tcp redirect to :{OUTBOUND_PORT}",
+            f"ip6 daddr != ::1 meta l4proto tcp redirect to :{OUTBOUND_PORT}",
         ]
     chains = {
         "prerouting": ("type filter hook prerouting priority mangle ; policy accept ;", prerouting),

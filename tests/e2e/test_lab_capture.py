@@ -46,7 +46,8 @@ def dig(lab, pod, name, server="198.51.100.1", tcp=False, uncaptured=False):
     code = (
         "import dns.message, dns.query, json, socket, sys\n"
         f"q = dns.message.make_query({name!r}, 'A')\n"
-        f"s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if {tcp} else socket.SOCK_DGRAM)\n"
+        f"family = socket.AF_INET6 if ':' in {server!r} else socket.AF_INET\n"
+        f"s = socket.socket(family, socket.SOCK_STREAM if {tcp} else socket.SOCK_DGRAM)\n"
         f"s.setsockopt(socket.SOL_SOCKET, 36, 0x539) if {uncaptured} else None\n"
         f"s.settimeout(3); s.connect(({server!r}, 53)) if {tcp} else None\n"
         f"r = (dns.query.tcp if {tcp} else dns.query.udp)(q, {server!r}, timeout=3, sock=s)\n"
@@ -92,6 +93,12 @@ def test_non_enrolled_pod_tcp_is_untouched_but_its_dns_is_intercepted(lab):
         assert dig(lab, pod, "echo.default.svc.cluster.local.", server="192.0.2.53") == ["NOERROR", [vip]]
         assert dig(lab, pod, "ECHO.default.svc.cluster.local.", tcp=True) == ["NOERROR", [vip]]
         assert dig(lab, pod, "nope.default.svc.cluster.local.")[0] == "NXDOMAIN"
+        # over IPv6 too: redirected to the pod's [::1]:15053
+        for tcp in (False, True):
+            assert dig(lab, pod, "echo.default.svc.cluster.local.", server="2001:db8::53", tcp=tcp) == [
+                "NOERROR",
+                [vip],
+            ]
 
 
 def test_node_local_listener_answers_pods_and_the_node_untracked_and_refuses_others(lab):
