@@ -37,6 +37,9 @@ K3S_URL = f"https://github.com/k3s-io/k3s/releases/download/{K3S_VERSION.replace
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 QEMU_CONF_LINES = ['user = "root"', 'group = "root"']  # else each VM definition stalls ~50 s here
 SERVICE_IP = "10.96.0.20"
+MESH_SERVICE_IP = "10.96.0.21"
+AMBIENT = "istio.io/dataplane-mode=ambient"
+MANIFEST = "/etc/noded/manifests/lab.yaml"
 T0 = time.monotonic()
 
 
@@ -158,6 +161,24 @@ def provision_all() -> None:
             sys.exit(f"lab.py: provisioning failed on {', '.join(failed)}")
 
 
+def make_ca() -> None:
+    """The lab's trust root and node credentials, made on the host with noded's own CA code: node1 holds the
+    key and serves the CA on the fabric, the other nodes ask it with their node certificate. Synced to the VMs
+    under vagrant/.cache/ca (a lab's root: its key is readable by every lab VM)."""
+    ca_dir = os.path.join(CACHE, "ca")
+    python = os.path.join(ROOT, ".venv/bin/python")
+    code = (
+        "import sys\n"
+        "from noded.tunnel.ca import CertificateAuthority, write_root\n"
+        "from noded.tunnel.caservice import node_credentials\n"
+        "cert, key = write_root(sys.argv[1], 'cluster.local')\n"
+        "ca = CertificateAuthority.load(cert, key)\n"
+        "for i in range(2, int(sys.argv[2]) + 1):\n"
+        "    node_credentials(ca, f'node{i}', sys.argv[1] + '/nodes')\n"
+    )
+    sh([python if os.path.exists(python) else sys.executable, "-c", code, ca_dir, str(NODES)], cwd=ROOT)
+
+
 def fetch_k3s() -> None:
     path = os.path.join(CACHE, "k3s")
     if os.path.exists(path):
@@ -208,52 +229,59 @@ def _quote(command: str) -> str:
 POD = "/opt/noded/venv/bin/python /noded/vagrant/guest/pod.py"
 
 
-def manifests(echo: dict, client: dict) -> list[dict]:
-    """What the API server would hold: the service, its EndpointSlice and the two Pods."""
+def pod_object(p: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": p["name"], "namespace": p["namespace"], "labels": p["labels"]},
+        "spec": {"nodeName": p["node"], "serviceAccountName": "default"},
+        "status": {"phase": "Running", "podIP": p["ips"][0], "podIPs": [{"ip": ip} for ip in p["ips"]]},
+    }
 
-    def pod(p: dict) -> dict:
-        return {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": p["name"], "namespace": p["namespace"], "labels": p["labels"]},
-            "spec": {"nodeName": p["node"], "serviceAccountName": "default"},
-            "status": {"phase": "Running", "podIP": p["ips"][0], "podIPs": [{"ip": ip} for ip in p["ips"]]},
-        }
 
+def service_objects(name: str, cluster_ip: str, backend: dict) -> list[dict]:
+    """A ClusterIP service (port 80 -> 8080) and its EndpointSlice, as the API server and the EndpointSlice
+    controller would hold them."""
     return [
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": "echo", "namespace": "default"},
+            "metadata": {"name": name, "namespace": "default"},
             "spec": {
-                "clusterIP": SERVICE_IP,
-                "clusterIPs": [SERVICE_IP],
-                "selector": {"app": "echo"},
+                "clusterIP": cluster_ip,
+                "clusterIPs": [cluster_ip],
+                "selector": {"app": name},
                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
             },
         },
         {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
-            "metadata": {
-                "name": "echo-lab",
-                "namespace": "default",
-                "labels": {"kubernetes.io/service-name": "echo"},
-            },
+            "metadata": {"name": f"{name}-lab", "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
             "addressType": "IPv4",
             "endpoints": [
                 {
-                    "addresses": echo["ips"][:1],
+                    "addresses": backend["ips"][:1],
                     "conditions": {"ready": True, "serving": True, "terminating": False},
-                    "nodeName": echo["node"],
-                    "targetRef": {"kind": "Pod", "namespace": "default", "name": "echo"},
+                    "nodeName": backend["node"],
+                    "targetRef": {"kind": "Pod", "namespace": "default", "name": backend["name"]},
                 }
             ],
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         },
-        pod(echo),
-        pod(client),
     ]
+
+
+def fetch(client: str, url: str, config: str) -> str:
+    """The body `client` (a pod on node1) gets from url; '' on failure."""
+    # no -q, no -T, no -O -: with each, Debian 12's busybox-static wget segfaults (seen here)
+    get = f"rm -f /tmp/body; timeout 10 wget -O /tmp/body {url} 2>/dev/null && cat /tmp/body"
+    return on("node1", f"{POD} exec {client} -- sh -c '{get}'", config, check=False).strip()
+
+
+def tunnel_counts(node: str, config: str) -> dict:
+    status = on(node, "noded status -o json", config, check=False)
+    return json.loads(status).get("tunnel", {}) if status.strip().startswith("{") else {}
 
 
 def check() -> int:
@@ -264,54 +292,72 @@ def check() -> int:
         kernel = on(node, "uname -r", config).strip()
         state = on(node, "systemctl is-active noded", config, check=False).strip()
         say(f"{node}: Linux {kernel}, noded {state}")
-    echo = json.loads(on(far, f"{POD} run default/echo --label app=echo -- httpd -f -p 8080 -h /www", config))
-    say(f"pod default/echo on {echo['node']}: {', '.join(echo['ips'])} (containerd + runc, CNI bridge + noded-cni)")
-    client = json.loads(on("node1", f"{POD} run default/client --label app=client -- sleep 86400", config))
-    say(f"pod default/client on {client['node']}: {', '.join(client['ips'])}")
-    docs = json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests(echo, client)}, indent=1)
+    httpd = "-- httpd -f -p 8080 -h /www"
+    pods = {
+        "echo": json.loads(on(far, f"{POD} run default/echo --label app=echo {httpd}", config)),
+        "client": json.loads(on("node1", f"{POD} run default/client --label app=client", config)),
+        "mesh-echo": json.loads(
+            on(far, f"{POD} run default/mesh-echo --label app=mesh-echo --label {AMBIENT} {httpd}", config)
+        ),
+        "mesh-client": json.loads(on("node1", f"{POD} run default/mesh-client --label {AMBIENT}", config)),
+    }
+    for p in pods.values():
+        say(f"pod {p['namespace']}/{p['name']} on {p['node']}: {', '.join(p['ips'])} (containerd + runc)")
+    services = {"echo": (SERVICE_IP, pods["echo"]), "mesh-echo": (MESH_SERVICE_IP, pods["mesh-echo"])}
+    items = [doc for name, (ip, backend) in services.items() for doc in service_objects(name, ip, backend)]
     if SOURCE == "k3s":
-        # the API server holds them; the lab's pods are the runtime's, not the kubelet's, so the service has
-        # no selector and its EndpointSlice is given, as for any selector-less service
-        service, endpoints = manifests(echo, client)[:2]
-        del service["spec"]["selector"]
-        docs = json.dumps({"apiVersion": "v1", "kind": "List", "items": [service, endpoints]})
+        # the API server holds them; the lab's pods are the runtime's, not the kubelet's, so the services have
+        # no selector and their EndpointSlices are given, as for any selector-less service
+        for doc in items:
+            doc.get("spec", {}).pop("selector", None)
+        docs = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         on("node1", "k3s kubectl apply -f - >/dev/null", config, stdin=docs)
-        nodes = []
-    for node in nodes:
-        on(
-            node,
-            "cat > /etc/noded/manifests/lab.yaml.tmp && mv /etc/noded/manifests/lab.yaml.tmp "
-            "/etc/noded/manifests/lab.yaml",
-            config,
-            stdin=docs,
-        )
-    say(f"service default/echo {SERVICE_IP}:80 -> {echo['ips'][0]}:8080 written to every node's manifests")
-    ok = False
+    else:
+        items += [pod_object(p) for p in pods.values()]
+        docs = json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=1)
+        for node in nodes:
+            on(node, f"cat > {MANIFEST}.tmp && mv {MANIFEST}.tmp {MANIFEST}", config, stdin=docs)
+    say("services echo and mesh-echo (ambient) written to every node's source")
+    expected = f"hello from default/echo on {far}"
+    body = ""
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        # no -q, no -T, no -O -: with each, Debian 12's busybox-static wget segfaults (seen here)
-        fetch = "rm -f /tmp/body; timeout 10 wget -O /tmp/body http://echo/ 2>/dev/null && cat /tmp/body"
-        body = on("node1", f"{POD} exec default/client -- sh -c '{fetch}'", config, check=False)
-        if body.strip() == f"hello from default/echo on {far}":
-            ok = True
-            break
+    while time.monotonic() < deadline and (body := fetch("default/client", "http://echo/", config)) != expected:
         time.sleep(2)
     lookup = on("node1", f"{POD} exec default/client -- nslookup echo.default.svc.cluster.local", config, check=False)
     for line in lookup.splitlines():
         if line.strip():
             say(f"  nslookup: {line.strip()}")
-    if not ok:
-        say(f"FAILED: wget http://echo/ from default/client on node1 did not reach echo on {far}")
+    if body != expected:
+        say(f"FAILED: wget http://echo/ from default/client on node1 did not reach echo on {far}: {body!r}")
         for node in nodes:
             say(f"{node} journal:\n" + on(node, "journalctl -u noded --no-pager | tail -20", config, check=False))
         return 1
-    say(f"wget http://echo/ from default/client on node1 -> {body.strip()!r}")
+    say(f"wget http://echo/ from default/client on node1 -> {body!r}")
+    before = (tunnel_counts("node1", config).get("hbone_out", 0), tunnel_counts(far, config).get("hbone_in", 0))
+    expected = f"hello from default/mesh-echo on {far}"
+    deadline = time.monotonic() + 90  # the pods' certificates: node1 issues its own, the others ask node1's CA
+    while (
+        time.monotonic() < deadline and (body := fetch("default/mesh-client", "http://mesh-echo/", config)) != expected
+    ):
+        time.sleep(2)
+    after = (tunnel_counts("node1", config), tunnel_counts(far, config))
+    tunneled = after[0].get("hbone_out", 0) > before[0] and after[1].get("hbone_in", 0) > before[1]
+    if body != expected or not tunneled:
+        say(f"FAILED: mesh-client -> mesh-echo: {body!r}, tunnel counts {before} -> {after}")
+        return 1
+    certs = [f"{c['identity']} until {c['notAfter'][:19]}Z" for c in after[1].get("certificates", [])]
+    say(
+        f"wget http://mesh-echo/ from ambient default/mesh-client -> {body!r}, through HBONE: node1 hbone_out "
+        f"{before[0]} -> {after[0]['hbone_out']}, {far} hbone_in {before[1]} -> {after[1]['hbone_in']}"
+    )
+    say(f"  {far} certificates: {', '.join(certs) or 'none'}")
     status = on("node1", "noded status", config, check=False)
     for line in status.splitlines()[:12]:
         say(f"  node1 status: {line}")
     say(
-        "PASS: a container on node1 reached a service whose backend is a container on "
-        f"{far}, by DNS name (node-local resolver, socket-LB, routed pod network)"
+        "PASS: containers on node1 reached services whose backends are containers on "
+        f"{far}, by DNS name (node-local resolver, socket-LB, routed pod network), and the ambient pair "
+        "through the mTLS tunnel"
     )
     return 0
 
@@ -323,6 +369,7 @@ def main() -> int:
     if verb == "up":
         prepare_libvirt()
         ensure_box()
+        make_ca()
         if SOURCE == "k3s":
             fetch_k3s()
         build_wheels()

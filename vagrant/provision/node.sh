@@ -101,6 +101,18 @@ status: {addresses: [{type: InternalIP, address: $fabric.$((10 + j))}, {type: Ho
   printf '%s' "$node_docs" > /etc/noded/manifests/nodes.yaml
   kube_source="source: {directory: /etc/noded/manifests}"
 fi
+# the tunnel: the lab's root (vagrant/lab.py makes it); node1 holds its key and serves the CA on the fabric
+ca=$src/vagrant/.cache/ca
+install -d -m 700 /etc/noded/ca
+install -m 644 "$ca/root.pem" /etc/noded/ca/root.pem
+if [ "$index" = 1 ]; then
+  install -m 600 "$ca/root-key.pem" /etc/noded/ca/root-key.pem
+  tunnel="tunnel: {caKey: /etc/noded/ca/root-key.pem, caListen: '$fabric.11:15012'}"
+else
+  install -m 644 "$ca/nodes/$name.pem" /etc/noded/ca/node.pem
+  install -m 600 "$ca/nodes/$name-key.pem" /etc/noded/ca/node-key.pem
+  tunnel="tunnel: {caAddress: '$fabric.11:15012', nodeCert: /etc/noded/ca/node.pem, nodeKey: /etc/noded/ca/node-key.pem}"
+fi
 cat > /etc/noded/config.yaml <<CONFIG
 apiVersion: noded.io/v1alpha1
 kind: NodedConfiguration
@@ -108,6 +120,7 @@ nodeName: $name
 $kube_source
 clusterCIDRs: [10.244.0.0/16]
 services: {mode: ebpf}
+$tunnel
 CONFIG
 systemctl enable noded >/dev/null 2>&1
 if [ "$source" = k3s ] && [ ! -s /etc/noded/kubeconfig ]; then
