@@ -273,3 +273,29 @@ def test_fifty_pods_added_in_parallel_all_come_up(lab):
     finally:
         for inv in invs:
             netns.remove(inv.netns_path.rsplit("/", 1)[1])
+
+
+def test_full_cleanup_removes_the_capture_from_live_pods_and_a_restart_puts_it_back(lab):
+    node = lab.state()["nodes"]["node1"]
+    pods = [key for key, p in lab.state()["pods"].items() if p["node"] == "node1"]
+    assert pods and all(lab.run(pod, ["nft", "list", "table", "inet", "noded-capture"]).returncode == 0 for pod in pods)
+    lab.stop_daemon("node1")
+    try:
+        out = netns.nsenter(
+            node["netns"],
+            [sys.executable, "-m", "noded", "cleanup", "-c", node["config"]],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for pod in pods:
+            assert lab.run(pod, ["nft", "list", "table", "inet", "noded-capture"]).returncode != 0, pod
+            assert "100" not in lab.run(pod, ["ip", "rule"]).stdout  # the reply-routing rule went with it
+        assert sum("noded-capture and routes in" in line for line in out.splitlines()) == len(pods)
+    finally:
+        lab.start_daemon("node1")
+        lab.wait_ready("node1")
+    # the pods are still alive: the next start captures them again
+    deadline = time.monotonic() + 10
+    while not all(lab.run(pod, ["nft", "list", "table", "inet", "noded-capture"]).returncode == 0 for pod in pods):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
