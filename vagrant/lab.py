@@ -56,9 +56,12 @@ def sh(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(argv, **kwargs)
 
 
+def vagrant_env() -> dict[str, str]:
+    return {**os.environ, "VAGRANT_DEFAULT_PROVIDER": "libvirt", "NODED_NODES": str(NODES), "NODED_SOURCE": SOURCE}
+
+
 def vagrant(*args: str, capture: bool = False, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VAGRANT_DEFAULT_PROVIDER": "libvirt", "NODED_NODES": str(NODES), "NODED_SOURCE": SOURCE}
-    return sh(in_netns(["vagrant", *args]), cwd=HERE, env=env, check=check, text=True, capture_output=capture)
+    return sh(in_netns(["vagrant", *args]), cwd=HERE, env=vagrant_env(), check=check, text=True, capture_output=capture)
 
 
 # -- libvirt -------------------------------------------------------------------------------------------
@@ -66,10 +69,14 @@ def libvirt_running() -> bool:
     return subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0
 
 
-def prepare_libvirt() -> None:
+def ensure_netns() -> None:
     if not os.path.exists(f"/run/netns/{NETNS}"):
         sh(["ip", "netns", "add", NETNS])
         sh(["ip", "-n", NETNS, "link", "set", "lo", "up"])
+
+
+def prepare_libvirt() -> None:
+    ensure_netns()
     if libvirt_running():
         say("libvirtd is running: using it")
     else:
@@ -141,13 +148,12 @@ def build_wheels() -> None:
 def provision_all() -> None:
     """`vagrant provision` of every node at once (vagrant locks per machine): under software emulation
     installing noded takes minutes per node. The k3s server (node1) goes first: agents join it."""
-    env = {**os.environ, "VAGRANT_DEFAULT_PROVIDER": "libvirt", "NODED_NODES": str(NODES), "NODED_SOURCE": SOURCE}
     names = [f"node{i}" for i in range(1, NODES + 1)]
     waves = [names[:1], names[1:]] if SOURCE == "k3s" else [names]
     for wave in waves:
         procs = {
             name: subprocess.Popen(
-                in_netns(["vagrant", "provision", name]), cwd=HERE, env=env, stdout=subprocess.PIPE, text=True
+                in_netns(["vagrant", "provision", name]), cwd=HERE, env=vagrant_env(), stdout=subprocess.PIPE, text=True
             )
             for name in wave
         }
@@ -392,6 +398,7 @@ def main() -> int:
         say("lab removed")
         return 0
     if verb == "vagrant":
+        ensure_netns()
         return vagrant(*sys.argv[2:], check=False).returncode
     if verb == "ssh":
         config = ssh_config()
