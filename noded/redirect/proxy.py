@@ -25,7 +25,7 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
-from noded.tunnel.hbone import Pool, TunnelRefused, connect, pipe, serve_connection, splice
+from noded.tunnel.hbone import Pool, TunnelRefused, authority, connect, pipe, serve_connection, splice
 from noded.tunnel.node import Tunnel
 from noded.tunnel.tls import peer_uris
 
@@ -51,8 +51,12 @@ def family_of(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-def authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _transparent(sock: socket.socket) -> None:
+    """May bind or accept addresses that are not the pod's own (TPROXY, the client's address kept)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
 @dataclass
@@ -158,10 +162,7 @@ class CaptureProxy:
             up = socket.socket(family, socket.SOCK_STREAM)
         up.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
         if source is not None:
-            if family == socket.AF_INET6:
-                up.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                up.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            _transparent(up)
             up.bind((source, 0))
         up.setblocking(False)
         try:
@@ -254,10 +255,7 @@ def _listener(kind: int, host: str, port: int, transparent: bool = False) -> soc
     if family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own listener
     if transparent:
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        else:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        _transparent(s)
     s.bind((host, port))
     if kind == socket.SOCK_STREAM:
         s.listen(128)

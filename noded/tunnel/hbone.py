@@ -48,6 +48,11 @@ class TunnelRefused(Exception):
         self.status = status
 
 
+def authority(host: str, port: int) -> str:
+    """`:authority` for host:port (an IPv6 address in brackets); split_authority reads it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def split_authority(authority: str) -> tuple[str, int]:
     host, sep, port = authority.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
