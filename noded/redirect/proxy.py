@@ -25,9 +25,9 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
-from noded.tunnel.hbone import Pool, TunnelRefused, authority, connect, pipe, serve_connection, splice
+from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
-from noded.tunnel.tls import peer_uris
+from noded.tunnel.relay import Parked, splice_sockets
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -76,6 +76,7 @@ class CaptureProxy:
         self.thread = loop
         self.loop = loop.loop
         self.pods: dict[str, PodListeners] = {}
+        self.tasks: set[asyncio.Task] = set()
 
     def stop(self) -> None:
         for key in list(self.pods):
@@ -117,17 +118,14 @@ class CaptureProxy:
                     raise
                 for name, sock in made.items():
                     socks.setdefault(name, []).append(sock)
-        handlers = {
-            "outbound": lambda r, w: self._outbound(pod, r, w),
-            "inbound": lambda r, w: self._inbound(pod, r, w),
-            "hbone": lambda r, w: self._hbone(pod, r, w),
-        }
+        handlers = {"outbound": self._outbound, "inbound": self._inbound, "hbone": self._hbone_closed}
         for name, handler in handlers.items():
-            tls = {}
-            if name == "hbone" and self.tunnel and pod.key:  # TLS from the first byte, the cert chosen per handshake
-                tls = {"ssl": self.tunnel.server_context(pod.key), "ssl_handshake_timeout": 10}
             for sock in socks[name]:
-                pod.servers.append(await asyncio.start_server(handler, sock=sock, **tls))
+                if name == "hbone" and self.tunnel and pod.key:  # TLS from the first byte, cert chosen per handshake
+                    server = await serve(sock, self.tunnel.server_context(pod.key), self._hbone_protocol(pod))
+                else:
+                    server = await self.loop.create_server(self._parked(pod, handler), sock=sock)
+                pod.servers.append(server)
         client = Client(namespace=namespace)
         for udp, tcp in zip(socks["dns-udp"], socks["dns-tcp"], strict=True):
             pod.transports += await serve_dns(udp, tcp, self.dns_handler, lambda _peer: client)
@@ -150,9 +148,15 @@ class CaptureProxy:
         pod.recent.append(record)
         return record
 
-    async def _dial(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> tuple:
-        """(reader, writer) of a connection made from inside the pod (see _pod_socket)."""
-        return await asyncio.open_connection(sock=await self._pod_socket(pod, dst, source))
+    def _parked(self, pod: PodListeners, handler: Callable) -> Callable[[], Parked]:
+        """A listener's protocol factory: each connection waits, unread, for `handler(pod, transport)`."""
+
+        def accepted(transport: asyncio.Transport) -> None:
+            task = asyncio.ensure_future(handler(pod, transport))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        return lambda: Parked(accepted)
 
     async def _pod_socket(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> socket.socket:
         """A socket connected from inside the pod's netns, tunnel-marked (not captured again), from `source`
@@ -172,19 +176,19 @@ class CaptureProxy:
             raise
         return up
 
-    async def _outbound(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dst = original_dst(writer.get_extra_info("socket"))
-        record = self._record(pod, "outbound", writer.get_extra_info("peername"), dst)
+    async def _outbound(self, pod: PodListeners, transport: asyncio.Transport) -> None:
+        dst = original_dst(transport.get_extra_info("socket"))
+        record = self._record(pod, "outbound", transport.get_extra_info("peername"), dst)
         tunnel = self.tunnel
         route = tunnel.route(*dst) if tunnel and pod.key else None
         try:
             if route is None or route.peer_identity is None:  # not meshed: plain TCP, as addressed
                 if route is not None and route.refused:
                     raise ConnectionRefusedError("service port without endpoints")
-                up_reader, up_writer = await self._dial(pod, dst)
+                up = await self._pod_socket(pod, dst)
                 if tunnel:
                     tunnel.counts["plain_out"] += 1
-                await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+                await splice_sockets(transport, up)
                 return
             source = tunnel.identity_of(pod.key)
             ctx = tunnel.context(False, source)
@@ -197,55 +201,56 @@ class CaptureProxy:
             async def dial() -> object:  # from the pod itself: its own address
                 return await connect(route.ip, HBONE_PORT, ctx, await self._pod_socket(pod, (route.ip, HBONE_PORT)))
 
-            stream = await self.pool.stream((pod.netns, route.ip), id(ctx), authority(route.ip, route.port), dial)
+            key, target = (pod.netns, route.ip), authority(route.ip, route.port)
+            stream = await self.pool.stream(key, id(ctx), target, dial, wait=False)  # the app's bytes go at once
             tunnel.counts["hbone_out"] += 1
-            await splice(stream, reader, writer)
+            await stream.attach(transport)
+            answer = stream.response
+            if answer.done() and not answer.exception() and answer.result().get(":status") != "200":
+                record["error"] = repr(TunnelRefused(answer.result().get(":status", "?")))
         except (TimeoutError, OSError, ConnectionError, TunnelRefused, podns.CaptureError) as e:
             record["error"] = repr(e)
-            writer.close()
+            transport.close()
 
-    async def _inbound(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _inbound(self, pod: PodListeners, transport: asyncio.Transport) -> None:
         """Plaintext to an enrolled pod (TPROXY to 15006): the same policy, without a principal."""
-        peer = writer.get_extra_info("peername")
-        dst = writer.get_extra_info("sockname")[:2]
+        peer = transport.get_extra_info("peername")
+        dst = transport.get_extra_info("sockname")[:2]
         record = self._record(pod, "inbound", peer, dst)
         if self.tunnel and pod.key:
             if not self.tunnel.authorize(pod.key, None, peer[0], dst[0], dst[1]):
                 record["error"] = "denied by policy"
-                writer.close()
+                transport.close()
                 return
             self.tunnel.counts["plain_in"] += 1
         try:
-            up_reader, up_writer = await self._dial(pod, dst, source=peer[0] if self.tunnel else None)
+            up = await self._pod_socket(pod, dst, source=peer[0] if self.tunnel else None)
         except (TimeoutError, OSError, podns.CaptureError) as e:
             record["error"] = repr(e)
-            writer.close()
+            transport.close()
             return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await splice_sockets(transport, up)
 
-    async def _hbone(self, pod: PodListeners, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _hbone_closed(self, pod: PodListeners, transport: asyncio.Transport) -> None:
+        transport.close()  # no tunnel for this pod: nothing listens on 15008 in its name
+
+    def _hbone_protocol(self, pod: PodListeners) -> Callable[[], ServerConnection]:
         """HBONE to this pod (15008), the mTLS handshake done: policy, then the app, client address kept."""
         tunnel = self.tunnel
-        if tunnel is None or pod.key is None or writer.get_extra_info("ssl_object") is None:
-            writer.close()  # no tunnel for this pod: nothing listens on 15008 in its name
-            return
-        peer = writer.get_extra_info("peername")
-        record = self._record(pod, "hbone", peer, writer.get_extra_info("sockname")[:2])
-        record["peer_identity"] = _peer_uri(writer)
-        tunnel.counts["hbone_in"] += 1
 
-        def authorize(identity: str, host: str, port: int) -> bool:
+        def connected(transport: asyncio.BaseTransport, identity: str) -> None:
+            peer = transport.get_extra_info("peername")
+            record = self._record(pod, "hbone", peer, transport.get_extra_info("sockname")[:2])
+            record["peer_identity"] = identity
+            tunnel.counts["hbone_in"] += 1
+
+        def authorize(identity: str, peer: tuple, host: str, port: int) -> bool:
             return tunnel.authorize(pod.key, identity, peer[0], host, port)
 
-        def dial(host: str, port: int) -> Awaitable:
-            return self._dial(pod, (host, port), peer[0])
+        def dial(peer: tuple, host: str, port: int) -> Awaitable[socket.socket]:
+            return self._pod_socket(pod, (host, port), peer[0])
 
-        await serve_connection(reader, writer, tunnel.trust_domain, authorize, dial)
-
-
-def _peer_uri(writer: asyncio.StreamWriter) -> str | None:
-    uris = peer_uris(writer.get_extra_info("peercert"))
-    return uris[0] if uris else None
+        return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected)
 
 
 def _listener(kind: int, host: str, port: int, transparent: bool = False) -> socket.socket:

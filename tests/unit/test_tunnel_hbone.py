@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 
 import pytest
 
 from noded.tunnel import ca as ca_mod
 from noded.tunnel.ca import CertificateAuthority, create_root
-from noded.tunnel.hbone import TunnelRefused, open_stream, serve_connection
+from noded.tunnel.hbone import ServerConnection, TunnelRefused, connect, open_stream, request, serve
 from noded.tunnel.tls import context
 from tests.unit.test_tunnel_identity import ECHO, SHELL, TD, workload
 
@@ -36,16 +37,26 @@ async def hbone_server(ca, tmp_path, authorize):
     root = ca_mod.cert_pem(ca.root)
     seen = []
 
-    def decide(identity, host, port):
+    def decide(identity, peer, host, port):
+        assert peer[0] == "127.0.0.1"
         seen.append((identity, host, port))
         return authorize(identity, host, port)
 
-    async def dial(host, port):
-        return await asyncio.open_connection(host, port)
+    async def dial(peer, host, port):
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     ctx = context(True, workload(ca, ECHO), root, str(tmp_path))
-    server = await asyncio.start_server(lambda r, w: serve_connection(r, w, TD, decide, dial), "127.0.0.1", 0, ssl=ctx)
-    return server, server.sockets[0].getsockname()[1], seen
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    server = await serve(listener, ctx, lambda: ServerConnection(TD, decide, dial))
+    return server, listener.getsockname()[1], seen
 
 
 def client_ctx(ca, tmp_path, signer=None):
@@ -57,22 +68,25 @@ def test_a_connect_stream_carries_data_both_ways_and_the_server_knows_the_client
         app, app_port = await echo_app()
         server, port, seen = await hbone_server(ca, tmp_path, lambda *_: True)
         stream, conn = await open_stream("127.0.0.1", port, client_ctx(ca, tmp_path), f"127.0.0.1:{app_port}")
+        ours, spliced = socket.socketpair()  # the stream carries what `ours` writes, and gives back the echo
+        spliced.setblocking(False)
+        attached = asyncio.ensure_future(stream.attach(spliced))
+        reader, writer = await asyncio.open_connection(sock=ours)
         payload = os.urandom(10 * 1024 * 1024)  # well past the 4 MiB windows: flow control must turn over
 
         async def send():
-            await stream.write(payload)
-            await stream.end()
+            for i in range(0, len(payload), 100_000):  # in pieces of other sizes than the frames
+                writer.write(payload[i : i + 100_000])
+                await writer.drain()
+            writer.write_eof()
 
-        async def receive():
-            got = bytearray()
-            while data := await stream.read():
-                got += data
-            return bytes(got)
-
-        _, echoed = await asyncio.gather(send(), receive())
+        _, echoed = await asyncio.gather(send(), reader.read())
         assert echoed == payload
         assert seen == [(SHELL, "127.0.0.1", app_port)]
-        conn.cancel()
+        await asyncio.wait_for(attached, 5)  # both directions ended: the splice is done
+        assert not conn.streams
+        writer.close()
+        conn.close()
         server.close()
         app.close()
 
@@ -94,6 +108,40 @@ def test_denied_unreachable_and_foreign_clients_are_refused(ca, tmp_path):
         foreign = CertificateAuthority(*create_root(TD))
         with pytest.raises((ConnectionError, OSError)):
             await open_stream("127.0.0.1", port, client_ctx(ca, tmp_path, signer=foreign), f"127.0.0.1:{app_port}")
+        server.close()
+        app.close()
+
+    asyncio.run(main())
+
+
+def test_a_stream_used_before_its_answer_is_refused_with_a_plain_end(ca, tmp_path):
+    """The client sends at once (no round trip waiting for the 200); a refusal reaches its socket as the end
+    of the stream, without an answer and without a reset, and nothing it sent reached the application."""
+
+    async def main():
+        got = []
+
+        async def handle(reader, writer):
+            got.append(await reader.read())
+            writer.close()
+
+        app = await asyncio.start_server(handle, "127.0.0.1", 0)
+        app_port = app.sockets[0].getsockname()[1]
+        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: False)
+        conn = await connect("127.0.0.1", port, client_ctx(ca, tmp_path))
+        for _ in range(3):  # the refused streams leave the pooled connection usable
+            stream = await request(conn, f"127.0.0.1:{app_port}", wait=False)
+            ours, spliced = socket.socketpair()
+            spliced.setblocking(False)
+            attached = asyncio.ensure_future(stream.attach(spliced))
+            reader, writer = await asyncio.open_connection(sock=ours)
+            writer.write(b"early bytes\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()  # the application ends its side too: the splice is over
+            await asyncio.wait_for(attached, 5)
+            assert stream.response.result()[":status"] == "401"
+        assert got == [] and not conn.closed
+        conn.close()
         server.close()
         app.close()
 
