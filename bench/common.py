@@ -22,6 +22,14 @@ def rss_mib(pid: int | str = "self") -> float:
     return 0.0
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, kernel) jiffies of the whole machine so far, from /proc/stat: kernel is system + irq + softirq."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal, system + irq + softirq
+
+
 def table(title: str, header: list[str], rows: list[list[object]]) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

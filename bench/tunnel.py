@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import table
+from bench.common import cpu_jiffies, table
 from noded.lab.lab import Lab
 from noded.lab.workloads import node_status
 
@@ -29,6 +29,18 @@ def run(lab: Lab, pod: str, *args: object) -> dict:
     if res.returncode != 0:
         raise RuntimeError(res.stderr)
     return json.loads(res.stdout)
+
+
+def bulk(lab: Lab, client: str, ip: str, mib: int) -> dict:
+    """Bulk throughput, and what it cost the machine: core-seconds per GiB moved (busy CPU of both cores,
+    every process and the kernel's network work) and the kernel's share of them."""
+    hz = os.sysconf("SC_CLK_TCK")
+    busy0, kernel0 = cpu_jiffies()
+    result = run(lab, client, "bulk", ip, PORT, mib)
+    busy1, kernel1 = cpu_jiffies()
+    gib = result["bytes"] / (1 << 30)
+    busy = busy1 - busy0
+    return {**result, "cpu_s_per_gib": busy / hz / gib, "kernel_share": (kernel1 - kernel0) / busy}
 
 
 def main() -> None:
@@ -60,15 +72,23 @@ def main() -> None:
             ip = lab.state()["pods"][server]["ips"][0]
             run(lab, client, "kept", ip, PORT, 100)  # warm up
             results[name] = {
-                "bulk": run(lab, client, "bulk", ip, PORT, args.mib)["mib_s"],
+                "bulk": bulk(lab, client, ip, args.mib),
                 "kept": run(lab, client, "kept", ip, PORT, args.requests),
                 "new": run(lab, client, "new", ip, PORT, args.connections),
             }
         counts = node_status(lab, "node1")["tunnel"]
         assert counts["hbone_out"] >= args.connections, counts  # the tunnel pair really went through HBONE
         d, t = results["direct"], results["tunnel"]
+        db, tb = d["bulk"], t["bulk"]
         rows = [
-            ["bulk throughput MiB/s", f"{d['bulk']:.0f}", f"{t['bulk']:.0f}", f"{t['bulk'] / d['bulk']:.2f}x"],
+            ["bulk throughput MiB/s", f"{db['mib_s']:.0f}", f"{tb['mib_s']:.0f}", f"{tb['mib_s'] / db['mib_s']:.2f}x"],
+            [
+                "bulk CPU core-s per GiB",
+                f"{db['cpu_s_per_gib']:.2f}",
+                f"{tb['cpu_s_per_gib']:.2f}",
+                f"{tb['cpu_s_per_gib'] / db['cpu_s_per_gib']:.2f}x",
+            ],
+            ["bulk CPU in the kernel", f"{db['kernel_share']:.0%}", f"{tb['kernel_share']:.0%}", ""],
         ]
         for kind, label in (("kept", "kept-alive request"), ("new", "new connection + request")):
             for q in ("p50_us", "p99_us"):

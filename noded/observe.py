@@ -25,6 +25,7 @@ def setup_logging(level: str = "info", json_logs: bool = False) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,  # a log call on the tunnel's per-connection path costs less
     )
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
+import os
+import select
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 
 import structlog
@@ -25,9 +28,9 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
-from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
+from noded.tunnel.hbone import Pool, ServerConnection, Stream, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
-from noded.tunnel.relay import Parked, splice_sockets
+from noded.tunnel.relay import Parked, splice_sockets, take_over
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -118,7 +121,7 @@ class CaptureProxy:
                     raise
                 for name, sock in made.items():
                     socks.setdefault(name, []).append(sock)
-        handlers = {"outbound": self._outbound, "inbound": self._inbound, "hbone": self._hbone_closed}
+        handlers = {"outbound": self._outbound_accepted, "inbound": self._inbound, "hbone": self._hbone_closed}
         for name, handler in handlers.items():
             for sock in socks[name]:
                 if name == "hbone" and self.tunnel and pod.key:  # TLS from the first byte, cert chosen per handshake
@@ -149,14 +152,20 @@ class CaptureProxy:
         return record
 
     def _parked(self, pod: PodListeners, handler: Callable) -> Callable[[], Parked]:
-        """A listener's protocol factory: each connection waits, unread, for `handler(pod, transport)`."""
+        """A listener's protocol factory: each connection waits, unread, for `handler(pod, transport)` (a
+        coroutine function, run as a task, or a plain function, called at once)."""
 
         def accepted(transport: asyncio.Transport) -> None:
-            task = asyncio.ensure_future(handler(pod, transport))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            done = handler(pod, transport)
+            if done is not None:
+                self._spawn(done)
 
         return lambda: Parked(accepted)
+
+    def _spawn(self, coro: Coroutine) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _pod_socket(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> socket.socket:
         """A socket connected from inside the pod's netns, tunnel-marked (not captured again), from `source`
@@ -170,13 +179,15 @@ class CaptureProxy:
             up.bind((source, 0))
         up.setblocking(False)
         try:
-            await asyncio.wait_for(self.loop.sock_connect(up, dst), 10)
+            if not _connected_now(up, dst):
+                await asyncio.wait_for(self.loop.sock_connect(up, dst), 10)
         except BaseException:
             up.close()
             raise
         return up
 
-    async def _outbound(self, pod: PodListeners, transport: asyncio.Transport) -> None:
+    def _outbound_accepted(self, pod: PodListeners, transport: asyncio.Transport) -> None:
+        """15001: where the connection goes; at once (no task) when a pooled HBONE connection takes it."""
         dst = original_dst(transport.get_extra_info("socket"))
         record = self._record(pod, "outbound", transport.get_extra_info("peername"), dst)
         tunnel = self.tunnel
@@ -185,32 +196,60 @@ class CaptureProxy:
             if route is None or route.peer_identity is None:  # not meshed: plain TCP, as addressed
                 if route is not None and route.refused:
                     raise ConnectionRefusedError("service port without endpoints")
-                up = await self._pod_socket(pod, dst)
-                if tunnel:
-                    tunnel.counts["plain_out"] += 1
-                await splice_sockets(transport, up)
+                self._spawn(self._plain_out(pod, transport, dst, record))
                 return
             source = tunnel.identity_of(pod.key)
             ctx = tunnel.context(False, source)
             if ctx is None:  # fail closed: a meshed destination never gets plaintext
                 raise ConnectionRefusedError(f"no certificate yet for {source}")
-            record.update(
-                hbone=authority(route.ip, HBONE_PORT), peer_identity=route.peer_identity, source_identity=source
-            )
-
-            async def dial() -> object:  # from the pod itself: its own address
-                return await connect(route.ip, HBONE_PORT, ctx, await self._pod_socket(pod, (route.ip, HBONE_PORT)))
-
-            key, target = (pod.netns, route.ip), authority(route.ip, route.port)
-            stream = await self.pool.stream(key, id(ctx), target, dial, wait=False)  # the app's bytes go at once
-            tunnel.counts["hbone_out"] += 1
-            await stream.attach(transport)
-            answer = stream.response
-            if answer.done() and not answer.exception() and answer.result().get(":status") != "200":
-                record["error"] = repr(TunnelRefused(answer.result().get(":status", "?")))
-        except (TimeoutError, OSError, ConnectionError, TunnelRefused, podns.CaptureError) as e:
+        except ConnectionError as e:
             record["error"] = repr(e)
             transport.close()
+            return
+        record.update(hbone=authority(route.ip, HBONE_PORT), peer_identity=route.peer_identity, source_identity=source)
+        key, target = (pod.netns, route.ip), authority(route.ip, route.port)
+        stream = self.pool.stream_now(key, id(ctx), target)
+        if stream is not None:
+            self._splice_stream(stream, transport, record)
+            return
+
+        async def dial() -> object:  # from the pod itself: its own address
+            return await connect(route.ip, HBONE_PORT, ctx, await self._pod_socket(pod, (route.ip, HBONE_PORT)))
+
+        async def new_connection() -> None:
+            try:
+                stream = await self.pool.stream(key, id(ctx), target, dial)
+            except (TimeoutError, OSError, ConnectionError, podns.CaptureError) as e:
+                record["error"] = repr(e)
+                transport.close()
+                return
+            self._splice_stream(stream, transport, record)
+
+        self._spawn(new_connection())
+
+    def _splice_stream(self, stream: Stream, transport: asyncio.Transport, record: dict) -> None:
+        """The app's connection spliced to its HBONE stream; the app's bytes go at once."""
+        self.tunnel.counts["hbone_out"] += 1
+
+        def answered(response: asyncio.Future) -> None:
+            if not response.cancelled() and not response.exception():
+                status = response.result().get(":status")
+                if status != "200":
+                    record["error"] = repr(TunnelRefused(status or "?"))
+
+        stream.response.add_done_callback(answered)
+        take_over(transport, stream.app_side())
+
+    async def _plain_out(self, pod: PodListeners, transport: asyncio.Transport, dst: tuple, record: dict) -> None:
+        try:
+            up = await self._pod_socket(pod, dst)
+        except (TimeoutError, OSError, podns.CaptureError) as e:
+            record["error"] = repr(e)
+            transport.close()
+            return
+        if self.tunnel:
+            self.tunnel.counts["plain_out"] += 1
+        await splice_sockets(transport, up)
 
     async def _inbound(self, pod: PodListeners, transport: asyncio.Transport) -> None:
         """Plaintext to an enrolled pod (TPROXY to 15006): the same policy, without a principal."""
@@ -251,6 +290,24 @@ class CaptureProxy:
             return self._pod_socket(pod, (host, port), peer[0])
 
         return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected)
+
+
+def _connected_now(sock: socket.socket, dst: tuple[str, int]) -> bool:
+    """Start a non-blocking connect; True if it is done already, as one inside the netns usually is by the
+    time connect() returns (the handshake ran in the call): no round of the loop spent waiting for it."""
+    err = sock.connect_ex(dst)
+    if err == 0:
+        return True
+    if err != errno.EINPROGRESS:
+        raise OSError(err, os.strerror(err))
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(0):
+        return False
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return True
 
 
 def _listener(kind: int, host: str, port: int, transparent: bool = False) -> socket.socket:

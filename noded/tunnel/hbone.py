@@ -112,14 +112,20 @@ class Stream:
             self.response.set_exception(ConnectionResetError(why))
             self.response.exception()  # retrieved: no "never retrieved" warning where nobody waits
 
-    async def attach(self, sock: socket.socket | asyncio.Transport) -> None:
+    def app_side(self) -> _AppSide:
+        """The protocol that splices the stream to a TCP connection (see attach)."""
+        return _AppSide(self)
+
+    async def attach(self, sock: socket.socket | asyncio.Transport, attached: Callable[[], None] | None = None) -> None:
         """Splice the stream to a connected socket (or a parked transport, relay.Parked) until both
-        directions have ended."""
-        app = _AppSide(self)
+        directions have ended; `attached()` runs once the socket has what the stream received so far."""
+        app = self.app_side()
         if isinstance(sock, socket.socket):
             await asyncio.get_running_loop().connect_accepted_socket(lambda: app, sock)
         else:
             take_over(sock, app)
+        if attached is not None:
+            attached()
         await self.finished
 
     # -- from the connection ---------------------------------------------------------------
@@ -566,13 +572,18 @@ class ServerConnection(_Connection):
             if app is not None:
                 app.close()
             return
-        self.h2.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
-        self.flush()
+
+        def answer() -> None:
+            if not stream.closed:
+                self.h2.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
+                self.flush()
+
         if app is None:
+            answer()
             self.streams.pop(stream.id, None)
             return
         log.info("HBONE connection", peer=self.identity, destination=f"{host}:{port}")
-        await stream.attach(app)
+        await stream.attach(app, answer)  # what the client sent already goes to the application first
 
 
 async def serve(sock: socket.socket, context: ssl.SSLContext, factory: Callable[[], _Connection]) -> asyncio.Server:
@@ -596,21 +607,24 @@ async def connect(host: str, port: int, context: ssl.SSLContext, sock: socket.so
     return conn
 
 
-async def request(conn: _Connection, authority: str, wait: bool = True) -> Stream:
-    """A CONNECT stream to `authority` on an open connection; TunnelRefused on a non-200 answer. Without
-    `wait`, the stream is there at once: data sent on it waits at the server until the answer (a refusal
-    closes the stream), which saves the tunnel a round trip per connection."""
+def open_request(conn: _Connection, authority: str) -> Stream:
+    """A CONNECT stream to `authority` on an open connection, at once: data sent on it waits at the server
+    until the answer (a refusal closes the stream), which saves the tunnel a round trip per connection."""
     if conn.closed:
         raise ConnectionResetError("HBONE connection closed")
     stream_id = conn.h2.get_next_available_stream_id()
     stream = conn.streams[stream_id] = Stream(conn, stream_id)
     conn.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
     conn.flush()
-    if not wait:
-        return stream
+    return stream
+
+
+async def request(conn: _Connection, authority: str) -> Stream:
+    """A CONNECT stream to `authority` once the server has accepted it; TunnelRefused on a non-200 answer."""
+    stream = open_request(conn, authority)
     headers = await stream.response
     if headers.get(":status") != "200":
-        conn.streams.pop(stream_id, None)
+        conn.streams.pop(stream.id, None)
         raise TunnelRefused(headers.get(":status", "?"))
     return stream
 
@@ -635,20 +649,30 @@ class Pool:
     def __init__(self) -> None:
         self.connections: dict[object, tuple[_Connection, object]] = {}
 
-    async def stream(
-        self, key: object, token: object, authority: str, dial: Callable[[], Awaitable[_Connection]], wait: bool = True
-    ) -> Stream:
+    def stream_now(self, key: object, token: object, authority: str) -> Stream | None:
+        """A stream (see open_request) on the connection held for `key`, if there is one made with `token`
+        that takes one more."""
         held = self.connections.get(key)
-        if held is not None and not held[0].closed and held[1] == token:
-            try:
-                return await request(held[0], authority, wait)
-            except (h2.exceptions.TooManyStreamsError, h2.exceptions.NoAvailableStreamIDError):
-                pass
+        if held is None or held[0].closed or held[1] != token:
+            return None
+        try:
+            return open_request(held[0], authority)
+        except (h2.exceptions.TooManyStreamsError, h2.exceptions.NoAvailableStreamIDError):
+            return None
+
+    async def stream(
+        self, key: object, token: object, authority: str, dial: Callable[[], Awaitable[_Connection]]
+    ) -> Stream:
+        """A stream on the held connection, or on a new one from `dial()` that is held from then on."""
+        stream = self.stream_now(key, token, authority)
+        if stream is not None:
+            return stream
+        held = self.connections.pop(key, None)
         if held is not None:
             held[0].close()  # its streams end with it: it was not taking new ones anyway
         conn = await dial()
         self.connections[key] = (conn, token)
-        return await request(conn, authority, wait)
+        return open_request(conn, authority)
 
     def drop(self, match: Callable[[object], bool]) -> None:
         for key in [k for k in self.connections if match(k)]:

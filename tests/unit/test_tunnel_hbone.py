@@ -12,7 +12,7 @@ import pytest
 
 from noded.tunnel import ca as ca_mod
 from noded.tunnel.ca import CertificateAuthority, create_root
-from noded.tunnel.hbone import ServerConnection, TunnelRefused, connect, open_stream, request, serve
+from noded.tunnel.hbone import ServerConnection, TunnelRefused, connect, open_request, open_stream, serve
 from noded.tunnel.tls import context
 from tests.unit.test_tunnel_identity import ECHO, SHELL, TD, workload
 
@@ -130,7 +130,7 @@ def test_a_stream_used_before_its_answer_is_refused_with_a_plain_end(ca, tmp_pat
         server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: False)
         conn = await connect("127.0.0.1", port, client_ctx(ca, tmp_path))
         for _ in range(3):  # the refused streams leave the pooled connection usable
-            stream = await request(conn, f"127.0.0.1:{app_port}", wait=False)
+            stream = open_request(conn, f"127.0.0.1:{app_port}")
             ours, spliced = socket.socketpair()
             spliced.setblocking(False)
             attached = asyncio.ensure_future(stream.attach(spliced))
