@@ -43,6 +43,7 @@ DATA, WINDOW_UPDATE = 0x0, 0x8
 END_STREAM, PADDED = 0x1, 0x8
 MAX_WINDOW = 2**31 - 1
 HANDSHAKE_TIMEOUT = 10
+ANSWER_DELAY = 0.002  # seconds a 200 may wait to go out with the application's first bytes
 LINGER = 10  # seconds a refused stream's socket waits for the application to end its side
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -95,6 +96,7 @@ class Stream:
         self.unacked = 0  # received and delivered, not yet given back to the peer
         self.app: _AppSide | None = None
         self.early: list[bytes] = []
+        self.received = False  # any data at all
         self.remote_ended = False  # the peer sent END_STREAM
         self.local_ended = False
         self.closed = False
@@ -137,6 +139,7 @@ class Stream:
         elif not self.closed:
             self.early.append(bytes(data))
         self.unacked += len(data)
+        self.received = True
 
     def ended_by_peer(self) -> None:
         self.remote_ended = True
@@ -260,6 +263,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.unacked = 0
         self.closed = False
         self.write_paused = False
+        self.flush_later: asyncio.TimerHandle | None = None
         self.carry = b""  # input not taken yet (a frame not whole): it goes in front of the next read
         self.preface = not client
         self.need = 0  # a frame this long is waiting to be read whole
@@ -453,18 +457,29 @@ class _Connection(asyncio.BufferedProtocol):
                     self.transport.close()
 
     # -- output ------------------------------------------------------------------------------
-    def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def flush(self, *frames: bytes | memoryview) -> None:
+        """What h2 has queued, then `frames`, in one write to TLS (one send for all)."""
+        if self.flush_later is not None:
+            self.flush_later.cancel()
+            self.flush_later = None
+        pending = self.h2.data_to_send()
+        chunks = [pending, *frames] if pending else frames
+        if chunks and live(self.transport):
+            self.transport.writelines(chunks)
+
+    def flush_soon(self, delay: float = 0.0) -> None:
+        """Let h2's output go with the next frame written, or after `delay` at the latest: a CONNECT goes
+        with the first data the application has already sent (a delay of 0 is still after this round's
+        reads), a 200 with the application's first answer."""
+        if self.flush_later is None:
+            self.flush_later = asyncio.get_running_loop().call_later(delay, self.flush)
 
     def send_data(self, stream: Stream, view: memoryview, nbytes: int) -> None:
         """The DATA frame whose payload is view[9:9 + nbytes] (the header goes in front of it)."""
         if stream.closed or stream.local_ended or self.transport is None or self.transport.is_closing():
             return
-        self.flush()  # whatever h2 has queued goes first
         _frame_header(view, nbytes, DATA, 0, stream.id)
-        self.transport.write(view[: 9 + nbytes])  # encrypted at once: the buffer is free again
+        self.flush(view[: 9 + nbytes])  # after what h2 has queued; encrypted at once: the buffer is free again
         stream.send_window -= nbytes
         self.send_window -= nbytes
         if self.send_window <= 0:
@@ -497,9 +512,8 @@ class _Connection(asyncio.BufferedProtocol):
                 out += _window_update(stream.id, stream.unacked)
                 stream.recv_window += stream.unacked
                 stream.unacked = 0
-        if out and live(self.transport):
-            self.flush()
-            self.transport.write(out)
+        if out:
+            self.flush(out)
 
     def end_stream(self, stream: Stream) -> None:
         stream.local_ended = True
@@ -576,7 +590,10 @@ class ServerConnection(_Connection):
         def answer() -> None:
             if not stream.closed:
                 self.h2.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
-                self.flush()
+                if status == "200" and stream.received:  # the client did not wait for it: it can wait a little
+                    self.flush_soon(ANSWER_DELAY)
+                else:
+                    self.flush()
 
         if app is None:
             answer()
@@ -615,7 +632,7 @@ def open_request(conn: _Connection, authority: str) -> Stream:
     stream_id = conn.h2.get_next_available_stream_id()
     stream = conn.streams[stream_id] = Stream(conn, stream_id)
     conn.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
-    conn.flush()
+    conn.flush_soon()
     return stream
 
 
