@@ -1,37 +1,32 @@
 """HBONE, Istio ambient's tunnel: each TCP connection is an HTTP/2 CONNECT stream over mutual TLS to the
 destination's port 15008, `:authority` naming the destination address and port.
 
-h2 (a sans-IO HTTP/2 core) keeps the protocol: the preface, SETTINGS, HEADERS and HPACK, the stream
-states, RST_STREAM, PING, GOAWAY. The bytes do not pass through it. `_Connection` is an asyncio protocol
-under the TLS transport that cuts the decrypted input into frames: DATA for a stream it carries goes
-straight from the TLS buffer to the stream's socket, WINDOW_UPDATE moves its own send windows, every
-other frame goes to h2. On the way out, a stream's socket is read into a buffer 9 bytes in, the DATA
-frame header is written in front, and the whole goes to TLS as one write: no copy in Python either way.
-Flow control is the connection's: 4 MiB windows (64 KiB, HTTP/2's default, would cap a stream at one
-window per round trip), acknowledged when half is used and, for a stream, only once its socket has taken
-the data (a slow reader holds back its own stream, never the connection's others).
+`_Connection` is HTTP/2 (RFC 9113) as HBONE uses it, an asyncio protocol under the TLS transport, with the
+frames built and parsed by noded/tunnel/frames.py. It cuts the decrypted input into frames: the payload of
+a DATA frame goes straight from the TLS buffer to its stream's socket, and on the way out a stream's socket
+is read into a buffer 9 bytes in, the DATA frame header written in front, and the whole goes to TLS as one
+write: no copy in Python either way. Flow control: 4 MiB windows (64 KiB, HTTP/2's default, would cap a
+stream at one window per round trip), given back when half is used and, for a stream, only once its socket
+has taken the data (a slow reader holds back its own stream, never the connection's others). Control
+frames wait to go out with the next frame written, so a CONNECT leaves with the application's first bytes.
 
-`serve` is the 15008 side: the handshake has verified the client's chain; its SPIFFE ID is read,
-`authorize` decides, `dial` reaches the application, and the stream is spliced to it. `connect` +
-`request` (or `Pool.stream`) are the client side, `Stream.attach` splices a stream to a socket.
+`ServerConnection` is the 15008 side: the handshake has verified the client's chain; its SPIFFE ID is
+read, `authorize` decides, `dial` reaches the application, and the stream is spliced to it. `connect` +
+`open_request` (or `Pool.stream`) are the client side, `Stream.attach` splices a stream to a socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+import hpack
 import structlog
 
+from noded.tunnel import frames as f
+from noded.tunnel.frames import ErrorCode, H2Error
 from noded.tunnel.relay import READ_SIZE, live, no_delay, scratch, take_over
 from noded.tunnel.tls import PeerRejected, peer_identity
 
@@ -39,16 +34,10 @@ log = structlog.get_logger("noded.tunnel.hbone")
 
 WINDOW = 4 * 1024 * 1024
 FRAME = 256 * 1024  # the largest DATA frame we take and send: one read of a stream's socket
-DATA, WINDOW_UPDATE = 0x0, 0x8
-END_STREAM, PADDED = 0x1, 0x8
-MAX_WINDOW = 2**31 - 1
 HANDSHAKE_TIMEOUT = 10
 ANSWER_DELAY = 0.002  # seconds a 200 may wait to go out with the application's first bytes
 LINGER = 10  # seconds a refused stream's socket waits for the application to end its side
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-Authorize = Callable[[str, str, int], bool]
-Dial = Callable[[str, int], Awaitable[socket.socket]]
+MAX_STREAMS = 1000  # concurrent streams a client may open on one connection to us
 
 
 class TunnelRefused(Exception):
@@ -71,18 +60,8 @@ def split_authority(authority: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _frame_header(buf: bytearray | memoryview, length: int, ftype: int, flags: int, stream_id: int) -> None:
-    buf[0:3] = length.to_bytes(3, "big")
-    buf[3] = ftype
-    buf[4] = flags
-    buf[5:9] = stream_id.to_bytes(4, "big")
-
-
-def _window_update(stream_id: int, increment: int) -> bytes:
-    frame = bytearray(13)
-    _frame_header(frame, 4, WINDOW_UPDATE, 0, stream_id)
-    frame[9:13] = increment.to_bytes(4, "big")
-    return bytes(frame)
+class StreamsExhausted(Exception):
+    """The connection takes no new stream (the peer's limit, or no stream ID left, or GOAWAY)."""
 
 
 class Stream:
@@ -91,7 +70,7 @@ class Stream:
     def __init__(self, conn: _Connection, stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
-        self.send_window = conn.h2.remote_settings.initial_window_size
+        self.send_window = conn.peer_window
         self.recv_window = WINDOW
         self.unacked = 0  # received and delivered, not yet given back to the peer
         self.app: _AppSide | None = None
@@ -143,6 +122,7 @@ class Stream:
 
     def ended_by_peer(self) -> None:
         self.remote_ended = True
+        self.fail("HBONE stream ended without an answer")
         app = self.app
         if app is not None and app.transport is not None and not app.transport.is_closing():
             if self.local_ended:
@@ -246,27 +226,27 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, client: bool, on_request: Callable[[Stream, dict[str, str]], Awaitable[None]] | None = None):
         self.client = client
         self.on_request = on_request
-        self.h2 = h2.connection.H2Connection(
-            # what we send is a fixed CONNECT request or :status: h2's per-header checks are for what we receive
-            h2.config.H2Configuration(
-                client_side=client,
-                header_encoding="utf-8",
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.tasks: set[asyncio.Task] = set()
-        self.send_window = 65535  # the peer's connection window for us; WINDOW_UPDATEs grow it
+        self.decoder = hpack.Decoder()
+        self.encoded_once = False  # our first header block carries the table size update
+        self.next_id = 1  # the next stream a client opens
+        self.last_peer_id = 0  # the highest stream the peer opened
+        self.peer_window = f.DEFAULT_WINDOW  # the peer's INITIAL_WINDOW_SIZE: a new stream's send window
+        self.peer_frame = f.DEFAULT_FRAME
+        self.peer_streams = 2**31  # the peer's MAX_CONCURRENT_STREAMS
+        self.send_window = f.DEFAULT_WINDOW  # the peer's connection window for us; WINDOW_UPDATEs grow it
         self.recv_window = WINDOW
         self.unacked = 0
-        self.closed = False
+        self.closed = False  # no new streams (closed, or GOAWAY either way)
         self.write_paused = False
+        self.out: list[bytes] = []  # control frames waiting for the next write
         self.flush_later: asyncio.TimerHandle | None = None
         self.carry = b""  # input not taken yet (a frame not whole): it goes in front of the next read
         self.preface = not client
         self.need = 0  # a frame this long is waiting to be read whole
+        self.continued: tuple[int, int, list[bytes]] | None = None  # a header block awaiting CONTINUATION
         self.data_stream: Stream | None = None  # the stream whose DATA payload is being passed through
         self.data_left = 0
         self.pad_left = 0
@@ -275,18 +255,16 @@ class _Connection(asyncio.BufferedProtocol):
 
     @property
     def max_send_frame(self) -> int:
-        return self.h2.max_outbound_frame_size
+        return self.peer_frame
 
     # -- transport side --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         no_delay(transport)
-        self.h2.initiate_connection()
-        self.h2.update_settings(
-            {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW, h2.settings.SettingCodes.MAX_FRAME_SIZE: FRAME}
-        )
-        self.h2.increment_flow_control_window(WINDOW - 65535)
-        self.flush()
+        ours = {f.INITIAL_WINDOW_SIZE: WINDOW, f.MAX_FRAME_SIZE: FRAME}
+        ours.update({f.ENABLE_PUSH: 0} if self.client else {f.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
+        preface = f.PREFACE if self.client else b""
+        self.flush(preface + f.settings(ours) + f.window_update(0, WINDOW - f.DEFAULT_WINDOW))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         carried = len(self.carry)
@@ -297,14 +275,14 @@ class _Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         try:
             self._take_input(scratch(0), len(self.carry) + nbytes)
-        except h2.exceptions.ProtocolError as e:
-            log.info("HBONE protocol error", error=repr(e))
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.close_connection(error_code=getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
-            self.flush()
+        except (H2Error, hpack.HPACKError) as e:
+            code = e.code if isinstance(e, H2Error) else ErrorCode.COMPRESSION_ERROR
+            log.info("HBONE protocol error", error=str(e))
+            self.flush(f.goaway(self.last_peer_id, code, str(e).encode()[:200]))
             self.transport.close()
             return
-        self.flush()
+        if self.out:
+            self.flush()
 
     def eof_received(self) -> bool:
         return False  # the transport closes: connection_lost ends the streams
@@ -321,6 +299,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.flush_later is not None:
+            self.flush_later.cancel()
         log.debug("HBONE connection ended", error=repr(exc) if exc else None)
         for stream in list(self.streams.values()):
             stream.close("HBONE connection closed")
@@ -328,14 +308,14 @@ class _Connection(asyncio.BufferedProtocol):
     # -- input -------------------------------------------------------------------------------
     def _take_input(self, view: memoryview, end: int) -> None:
         """Frames from view[:end] (what was carried, then what was read)."""
-        buf = view
         pos = self.need = 0
         if self.preface:  # the server reads the client's connection preface first, not a frame
-            if end < len(PREFACE):
+            if end < len(f.PREFACE):
                 self.carry = bytes(view[:end])
                 return
-            self._h2_events(self.h2.receive_data(bytes(view[: len(PREFACE)])))
-            pos, self.preface = len(PREFACE), False
+            if view[: len(f.PREFACE)] != f.PREFACE:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "no HTTP/2 connection preface")
+            pos, self.preface = len(f.PREFACE), False
         while True:
             if self.data_id:
                 if self.data_left:
@@ -358,128 +338,191 @@ class _Connection(asyncio.BufferedProtocol):
                 continue
             if end - pos < 9:
                 break
-            length = int.from_bytes(buf[pos : pos + 3], "big")
-            ftype, flags = buf[pos + 3], buf[pos + 4]
-            stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & MAX_WINDOW
-            if ftype == DATA:  # every DATA frame is ours; for a stream no longer carried it is dropped
-                if flags & PADDED and end - pos < 10:
-                    break
-                stream = self.streams.get(stream_id)
-                carried = stream if stream is not None and not stream.remote_ended else None
-                self._data_start(carried, stream_id, length, flags, buf[pos + 9] if flags & PADDED else 0)
-                pos += 10 if flags & PADDED else 9
-                continue
+            length = int.from_bytes(view[pos : pos + 3], "big")
+            ftype, flags = view[pos + 3], view[pos + 4]
+            stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & f.MAX_WINDOW
             if length > FRAME:
-                raise h2.exceptions.FrameTooLargeError(f"frame of {length} bytes")
+                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            if self.continued is not None and (ftype != f.CONTINUATION or stream_id != self.continued[0]):
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
+            if ftype == f.DATA:  # the payload is passed on as it arrives, not read whole first
+                if flags & f.PADDED and end - pos < 10:
+                    break
+                self._data_start(stream_id, length, flags, view[pos + 9] if flags & f.PADDED else 0)
+                pos += 10 if flags & f.PADDED else 9
+                continue
             if end - pos < 9 + length:
                 self.need = 9 + length
                 break
-            if ftype == WINDOW_UPDATE and length == 4:
-                self._window_update(stream_id, int.from_bytes(buf[pos + 9 : pos + 13], "big") & MAX_WINDOW)
-            else:
-                self._h2_events(self.h2.receive_data(bytes(view[pos : pos + 9 + length])))
+            self._frame(ftype, flags, stream_id, view[pos + 9 : pos + 9 + length])
             pos += 9 + length
         self.carry = bytes(view[pos:end])
 
-    def _data_start(self, stream: Stream | None, stream_id: int, length: int, flags: int, pad: int) -> None:
-        if length > FRAME or (flags & PADDED and pad >= length):
-            raise h2.exceptions.ProtocolError(f"DATA frame of {length} bytes (padding {pad})")
+    def _frame(self, ftype: int, flags: int, stream_id: int, payload: memoryview) -> None:
+        """Every frame but DATA, read whole."""
+        if ftype == f.HEADERS:
+            if not stream_id:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+            fragment = f.header_fragment(flags, payload)
+            if flags & f.END_HEADERS:
+                self._headers(stream_id, flags, fragment)
+            else:
+                self.continued = (stream_id, flags, [fragment])
+        elif ftype == f.CONTINUATION:
+            if self.continued is None:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+            self.continued[2].append(bytes(payload))
+            if flags & f.END_HEADERS:
+                stream_id, first_flags, parts = self.continued
+                self.continued = None
+                self._headers(stream_id, first_flags, b"".join(parts))
+        elif ftype == f.WINDOW_UPDATE:
+            if len(payload) != 4:
+                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of another size than 4")
+            self._window_update(stream_id, int.from_bytes(payload, "big") & f.MAX_WINDOW)
+        elif ftype == f.SETTINGS:
+            if stream_id:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+            if not flags & f.ACK:
+                self._settings(f.parse_settings(payload))
+                self.out.append(f.frame(f.SETTINGS, f.ACK, 0))
+        elif ftype == f.PING:
+            if len(payload) != 8:
+                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, "PING of another size than 8")
+            if not flags & f.ACK:
+                self.out.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
+        elif ftype == f.RST_STREAM:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.close("HBONE stream reset")
+        elif ftype == f.GOAWAY:
+            self._goaway(int.from_bytes(payload[0:4], "big") & f.MAX_WINDOW, int.from_bytes(payload[4:8], "big"))
+        elif ftype == f.PUSH_PROMISE:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE (push is off)")
+        # PRIORITY and frame types we do not know are ignored, as RFC 9113 says
+
+    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
+        fields = dict(self.decoder.decode(block))  # always decoded: the peer's HPACK table moves on
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            if self.client and not stream.response.done() and not fields.get(":status", "").startswith("1"):
+                stream.response.set_result(fields)
+                if fields.get(":status") != "200":  # refused: what was sent early goes nowhere
+                    stream.close(f"HBONE CONNECT refused with status {fields.get(':status')}", refused=True)
+                    return
+            if flags & f.END_STREAM:  # the end, or trailers
+                stream.ended_by_peer()
+        elif self.client:
+            return  # a stream we no longer carry
+        elif stream_id % 2 == 0:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, f"client opened even stream {stream_id}")
+        elif stream_id <= self.last_peer_id:
+            self.out.append(f.rst_stream(stream_id, ErrorCode.STREAM_CLOSED))
+        else:
+            self.last_peer_id = stream_id
+            if len(self.streams) >= MAX_STREAMS or self.closed or self.on_request is None:
+                self.out.append(f.rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
+                return
+            stream = self.streams[stream_id] = Stream(self, stream_id)
+            if flags & f.END_STREAM:
+                stream.remote_ended = True
+            task = asyncio.ensure_future(self.on_request(stream, fields))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _settings(self, pairs: list[tuple[int, int]]) -> None:
+        for key, value in pairs:
+            if key == f.INITIAL_WINDOW_SIZE:
+                for stream in self.streams.values():
+                    stream.send_window += value - self.peer_window
+                self.peer_window = value
+            elif key == f.MAX_FRAME_SIZE:
+                self.peer_frame = value
+            elif key == f.MAX_CONCURRENT_STREAMS:
+                self.peer_streams = value
+        self._resume_senders()
+
+    def _goaway(self, last_id: int, code: int) -> None:
+        self.closed = True  # no new streams here; ours above last_id were never taken
+        for stream in [s for i, s in self.streams.items() if i > last_id and (i % 2 == 1) == self.client]:
+            stream.close("HBONE connection going away")
+        if code:
+            log.info("HBONE connection ended by the peer", error=ErrorCode(code).name if code in ErrorCode else code)
+            self.transport.close()
+
+    def _data_start(self, stream_id: int, length: int, flags: int, pad: int) -> None:
+        if flags & f.PADDED and pad >= length:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, f"DATA frame of {length} bytes with padding {pad}")
+        if not stream_id:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         self.recv_window -= length
         if self.recv_window < 0:
-            raise h2.exceptions.FlowControlError("peer sent DATA beyond the connection window")
+            raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the connection window")
         self.unacked += length
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.remote_ended:
+            stream = None  # a stream the peer had ended: dropped (its window is given back to the connection)
         if stream is not None:
             stream.recv_window -= length
             if stream.recv_window < 0:
-                raise h2.exceptions.FlowControlError("peer sent DATA beyond the stream window")
-            if flags & PADDED:  # padding counts against the window; it is given back with the data
+                raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the stream window")
+            if flags & f.PADDED:  # padding counts against the window; it is given back with the data
                 stream.unacked += 1 + pad
         self.data_stream, self.data_id, self.data_flags = stream, stream_id, flags
-        self.data_left = length - (1 + pad if flags & PADDED else 0)
+        self.data_left = length - (1 + pad if flags & f.PADDED else 0)
         self.pad_left = pad
 
     def _data_done(self) -> None:
-        stream, flags, stream_id = self.data_stream, self.data_flags, self.data_id
+        stream, flags = self.data_stream, self.data_flags
         self.data_stream, self.data_id = None, 0
-        if flags & END_STREAM:  # h2 learns the end from an empty frame: its stream state moves on
-            end = bytearray(9)
-            _frame_header(end, 0, DATA, END_STREAM, stream_id)
-            self._h2_events(self.h2.receive_data(bytes(end)))
+        if stream is not None and flags & f.END_STREAM:
+            stream.ended_by_peer()
         self.ack(stream)
 
     def _window_update(self, stream_id: int, increment: int) -> None:
         if stream_id == 0:
             self.send_window += increment
-            if self.send_window > MAX_WINDOW:
-                raise h2.exceptions.FlowControlError("connection window beyond 2^31-1")
+            if self.send_window > f.MAX_WINDOW:
+                raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "connection window beyond 2^31-1")
         else:
             stream = self.streams.get(stream_id)
             if stream is None:
                 return
             stream.send_window += increment
-            if stream.send_window > MAX_WINDOW:
-                self.reset(stream, h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
+            if stream.send_window > f.MAX_WINDOW:
+                self.reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
                 return
         self._resume_senders()
 
-    def _h2_events(self, events: list[h2.events.Event]) -> None:
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived) and self.on_request is not None:
-                stream = self.streams[event.stream_id] = Stream(self, event.stream_id)
-                task = asyncio.ensure_future(self.on_request(stream, dict(event.headers)))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-            elif isinstance(event, h2.events.ResponseReceived):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and not stream.response.done():
-                    headers = dict(event.headers)
-                    stream.response.set_result(headers)
-                    if headers.get(":status") != "200":  # refused: what was sent early goes nowhere
-                        stream.close(f"HBONE CONNECT refused with status {headers.get(':status')}", refused=True)
-            elif isinstance(event, h2.events.StreamEnded):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.ended_by_peer()
-                    stream.fail("HBONE stream ended")
-            elif isinstance(event, h2.events.StreamReset):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.close("HBONE stream reset")
-            elif isinstance(event, h2.events.RemoteSettingsChanged):
-                changed = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
-                if changed is not None:
-                    for stream in self.streams.values():
-                        stream.send_window += changed.new_value - (changed.original_value or 65535)
-                    self._resume_senders()
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.closed = True  # GOAWAY: no new streams here
-                if event.error_code:
-                    self.transport.close()
-
     # -- output ------------------------------------------------------------------------------
     def flush(self, *frames: bytes | memoryview) -> None:
-        """What h2 has queued, then `frames`, in one write to TLS (one send for all)."""
+        """The control frames waiting, then `frames`, in one write to TLS (one send for all)."""
         if self.flush_later is not None:
             self.flush_later.cancel()
             self.flush_later = None
-        pending = self.h2.data_to_send()
-        chunks = [pending, *frames] if pending else frames
+        chunks = [*self.out, *frames] if self.out else frames
+        self.out = []
         if chunks and live(self.transport):
             self.transport.writelines(chunks)
 
     def flush_soon(self, delay: float = 0.0) -> None:
-        """Let h2's output go with the next frame written, or after `delay` at the latest: a CONNECT goes
-        with the first data the application has already sent (a delay of 0 is still after this round's
+        """Let the control frames go with the next frame written, or after `delay` at the latest: a CONNECT
+        goes with the first data the application has already sent (a delay of 0 is still after this round's
         reads), a 200 with the application's first answer."""
         if self.flush_later is None:
             self.flush_later = asyncio.get_running_loop().call_later(delay, self.flush)
 
+    def send_headers(self, stream_id: int, fields: list[tuple[str, str]], end_stream: bool = False) -> None:
+        block = f.header_block(fields, first=not self.encoded_once)
+        self.encoded_once = True
+        self.out.append(f.headers(stream_id, block, end_stream, self.peer_frame))
+
     def send_data(self, stream: Stream, view: memoryview, nbytes: int) -> None:
         """The DATA frame whose payload is view[9:9 + nbytes] (the header goes in front of it)."""
-        if stream.closed or stream.local_ended or self.transport is None or self.transport.is_closing():
+        if stream.closed or stream.local_ended or not live(self.transport):
             return
-        _frame_header(view, nbytes, DATA, 0, stream.id)
-        self.flush(view[: 9 + nbytes])  # after what h2 has queued; encrypted at once: the buffer is free again
+        f.header(view, nbytes, f.DATA, 0, stream.id)
+        self.flush(view[: 9 + nbytes])  # after the control frames waiting; encrypted at once: the buffer is free
         stream.send_window -= nbytes
         self.send_window -= nbytes
         if self.send_window <= 0:
@@ -500,37 +543,36 @@ class _Connection(asyncio.BufferedProtocol):
     def ack(self, stream: Stream | None) -> None:
         """Give back the window the peer used once half of it is: the connection's at once, a stream's only
         while its socket keeps up."""
-        out = b""
         if self.unacked >= WINDOW // 2:
-            out += _window_update(0, self.unacked)
+            self.out.append(f.window_update(0, self.unacked))
             self.recv_window += self.unacked
             self.unacked = 0
         if stream is not None and stream.unacked and not stream.remote_ended:
             app = stream.app
             due = stream.unacked >= WINDOW // 2 or stream.recv_window < WINDOW // 2
             if due and app is not None and not app.write_paused:
-                out += _window_update(stream.id, stream.unacked)
+                self.out.append(f.window_update(stream.id, stream.unacked))
                 stream.recv_window += stream.unacked
                 stream.unacked = 0
-        if out:
-            self.flush(out)
 
     def end_stream(self, stream: Stream) -> None:
+        if stream.local_ended or stream.closed:
+            return
         stream.local_ended = True
-        with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
-            self.h2.end_stream(stream.id)
-        self.flush()
+        self.flush(f.end_stream(stream.id))
+        if stream.remote_ended:
+            self.streams.pop(stream.id, None)
 
-    def reset(self, stream: Stream, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
-        with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
-            self.h2.reset_stream(stream.id, code)
-        self.flush()
+    def reset(self, stream: Stream, code: ErrorCode = ErrorCode.CANCEL) -> None:
+        if not stream.closed:
+            self.flush(f.rst_stream(stream.id, code))
         stream.close("HBONE stream reset")
 
     def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
+        if live(self.transport):
+            self.flush(f.goaway(self.last_peer_id, ErrorCode.NO_ERROR))
             self.transport.close()
+        self.closed = True
 
 
 # -- the 15008 side ----------------------------------------------------------------------------------
@@ -589,7 +631,7 @@ class ServerConnection(_Connection):
 
         def answer() -> None:
             if not stream.closed:
-                self.h2.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
+                self.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
                 if status == "200" and stream.received:  # the client did not wait for it: it can wait a little
                     self.flush_soon(ANSWER_DELAY)
                 else:
@@ -597,6 +639,7 @@ class ServerConnection(_Connection):
 
         if app is None:
             answer()
+            stream.local_ended = True
             self.streams.pop(stream.id, None)
             return
         log.info("HBONE connection", peer=self.identity, destination=f"{host}:{port}")
@@ -626,12 +669,15 @@ async def connect(host: str, port: int, context: ssl.SSLContext, sock: socket.so
 
 def open_request(conn: _Connection, authority: str) -> Stream:
     """A CONNECT stream to `authority` on an open connection, at once: data sent on it waits at the server
-    until the answer (a refusal closes the stream), which saves the tunnel a round trip per connection."""
-    if conn.closed:
-        raise ConnectionResetError("HBONE connection closed")
-    stream_id = conn.h2.get_next_available_stream_id()
+    until the answer (a refusal closes the stream), which saves the tunnel a round trip per connection.
+    StreamsExhausted where the connection takes no new stream."""
+    if conn.closed or not live(conn.transport):
+        raise StreamsExhausted("HBONE connection closed")
+    if len(conn.streams) >= conn.peer_streams or conn.next_id > f.MAX_WINDOW:
+        raise StreamsExhausted(f"HBONE connection has {len(conn.streams)} streams, next ID {conn.next_id}")
+    stream_id, conn.next_id = conn.next_id, conn.next_id + 2
     stream = conn.streams[stream_id] = Stream(conn, stream_id)
-    conn.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
+    conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
     conn.flush_soon()
     return stream
 
@@ -674,7 +720,7 @@ class Pool:
             return None
         try:
             return open_request(held[0], authority)
-        except (h2.exceptions.TooManyStreamsError, h2.exceptions.NoAvailableStreamIDError):
+        except StreamsExhausted:
             return None
 
     async def stream(
