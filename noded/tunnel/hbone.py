@@ -33,11 +33,12 @@ from noded.tunnel.tls import PeerRejected, peer_identity
 log = structlog.get_logger("noded.tunnel.hbone")
 
 WINDOW = 4 * 1024 * 1024
-FRAME = 256 * 1024  # the largest DATA frame we take and send: one read of a stream's socket
+FRAME = 1024 * 1024  # the largest frame we take and DATA frame we send: one read of a stream's socket
 HANDSHAKE_TIMEOUT = 10
 ANSWER_DELAY = 0.002  # seconds a 200 may wait to go out with the application's first bytes
 LINGER = 10  # seconds a refused stream's socket waits for the application to end its side
 MAX_STREAMS = 1000  # concurrent streams a client may open on one connection to us
+TLS_READ = 2 * READ_SIZE  # more than one read of the TLS socket decrypts to: taken in one go
 
 
 class TunnelRefused(Exception):
@@ -268,9 +269,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         carried = len(self.carry)
-        view = scratch(carried + max(READ_SIZE, self.need))
+        view = scratch(carried + max(TLS_READ, self.need))
         view[:carried] = self.carry
-        return view[carried : carried + max(READ_SIZE, self.need - carried)]
+        return view[carried : carried + max(TLS_READ, self.need - carried)]
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
