@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
-import os
-import select
 import socket
 import struct
 import time
@@ -30,7 +27,7 @@ from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
 from noded.tunnel.hbone import Pool, ServerConnection, Stream, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
-from noded.tunnel.relay import Parked, splice_sockets, take_over
+from noded.tunnel.relay import Acceptor, finish_connect, splice_sockets, start_connect
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -67,6 +64,7 @@ class PodListeners:
     netns: str
     key: tuple[str, str] | None = None  # (namespace, name)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    acceptors: list[Acceptor] = field(default_factory=list)
     transports: list[asyncio.BaseTransport] = field(default_factory=list)
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
 
@@ -121,14 +119,14 @@ class CaptureProxy:
                     raise
                 for name, sock in made.items():
                     socks.setdefault(name, []).append(sock)
-        handlers = {"outbound": self._outbound_accepted, "inbound": self._inbound, "hbone": self._hbone_closed}
+        handlers = {"outbound": self._outbound, "inbound": self._inbound, "hbone": self._hbone_closed}
         for name, handler in handlers.items():
             for sock in socks[name]:
                 if name == "hbone" and self.tunnel and pod.key:  # TLS from the first byte, cert chosen per handshake
-                    server = await serve(sock, self.tunnel.server_context(pod.key), self._hbone_protocol(pod))
+                    context = self.tunnel.server_context(pod.key)
+                    pod.servers.append(await serve(sock, context, self._hbone_protocol(pod)))
                 else:
-                    server = await self.loop.create_server(self._parked(pod, handler), sock=sock)
-                pod.servers.append(server)
+                    pod.acceptors.append(Acceptor(sock, lambda conn, address, h=handler: h(pod, conn, address)))
         client = Client(namespace=namespace)
         for udp, tcp in zip(socks["dns-udp"], socks["dns-tcp"], strict=True):
             pod.transports += await serve_dns(udp, tcp, self.dns_handler, lambda _peer: client)
@@ -141,6 +139,8 @@ class CaptureProxy:
         self.pool.drop(lambda k: k[0] == pod.netns)
         for server in pod.servers:
             server.close()
+        for acceptor in pod.acceptors:
+            acceptor.close()
         for transport in pod.transports:
             transport.close()
         return True
@@ -151,52 +151,51 @@ class CaptureProxy:
         pod.recent.append(record)
         return record
 
-    def _parked(self, pod: PodListeners, handler: Callable) -> Callable[[], Parked]:
-        """A listener's protocol factory: each connection waits, unread, for `handler(pod, transport)` (a
-        coroutine function, run as a task, or a plain function, called at once)."""
-
-        def accepted(transport: asyncio.Transport) -> None:
-            done = handler(pod, transport)
-            if done is not None:
-                self._spawn(done)
-
-        return lambda: Parked(accepted)
-
     def _spawn(self, coro: Coroutine) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _pod_socket(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> socket.socket:
-        """A socket connected from inside the pod's netns, tunnel-marked (not captured again), from `source`
-        (a transparent bind: the application sees the client's own address) if given."""
+    def _pod_socket(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> tuple:
+        """A socket connecting from inside the pod's netns, tunnel-marked (not captured again), from `source`
+        (a transparent bind: the application sees the client's own address) if given; and whether its
+        connect is done already (relay.start_connect)."""
         family = family_of(dst[0])
         with podns.entered(pod.netns):
             up = socket.socket(family, socket.SOCK_STREAM)
-        up.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
-        if source is not None:
-            _transparent(up)
-            up.bind((source, 0))
-        up.setblocking(False)
         try:
-            if not _connected_now(up, dst):
-                await asyncio.wait_for(self.loop.sock_connect(up, dst), 10)
+            up.setsockopt(socket.SOL_SOCKET, SO_MARK, TUNNEL_MARK)
+            if source is not None:
+                _transparent(up)
+                up.bind((source, 0))
+            up.setblocking(False)
+            return up, start_connect(up, dst)
         except BaseException:
             up.close()
             raise
+
+    async def _pod_connected(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> socket.socket:
+        """A socket connected from inside the pod's netns (see _pod_socket)."""
+        up, connected = self._pod_socket(pod, dst, source)
+        if not connected:
+            try:
+                await finish_connect(up, dst)
+            except BaseException:
+                up.close()
+                raise
         return up
 
-    def _outbound_accepted(self, pod: PodListeners, transport: asyncio.Transport) -> None:
+    def _outbound(self, pod: PodListeners, sock: socket.socket, peer: tuple) -> None:
         """15001: where the connection goes; at once (no task) when a pooled HBONE connection takes it."""
-        dst = original_dst(transport.get_extra_info("socket"))
-        record = self._record(pod, "outbound", transport.get_extra_info("peername"), dst)
+        dst = original_dst(sock)
+        record = self._record(pod, "outbound", peer, dst)
         tunnel = self.tunnel
         route = tunnel.route(*dst) if tunnel and pod.key else None
         try:
             if route is None or route.peer_identity is None:  # not meshed: plain TCP, as addressed
                 if route is not None and route.refused:
                     raise ConnectionRefusedError("service port without endpoints")
-                self._spawn(self._plain_out(pod, transport, dst, record))
+                self._spawn(self._plain_out(pod, sock, dst, record))
                 return
             source = tunnel.identity_of(pod.key)
             ctx = tunnel.context(False, source)
@@ -204,31 +203,32 @@ class CaptureProxy:
                 raise ConnectionRefusedError(f"no certificate yet for {source}")
         except ConnectionError as e:
             record["error"] = repr(e)
-            transport.close()
+            sock.close()
             return
         record.update(hbone=authority(route.ip, HBONE_PORT), peer_identity=route.peer_identity, source_identity=source)
         key, target = (pod.netns, route.ip), authority(route.ip, route.port)
         stream = self.pool.stream_now(key, id(ctx), target)
         if stream is not None:
-            self._splice_stream(stream, transport, record)
+            self._splice_stream(stream, sock, record)
             return
 
         async def dial() -> object:  # from the pod itself: its own address
-            return await connect(route.ip, HBONE_PORT, ctx, await self._pod_socket(pod, (route.ip, HBONE_PORT)))
+            up = await self._pod_connected(pod, (route.ip, HBONE_PORT))
+            return await connect(route.ip, HBONE_PORT, ctx, up)
 
         async def new_connection() -> None:
             try:
                 stream = await self.pool.stream(key, id(ctx), target, dial)
             except (TimeoutError, OSError, ConnectionError, podns.CaptureError) as e:
                 record["error"] = repr(e)
-                transport.close()
+                sock.close()
                 return
-            self._splice_stream(stream, transport, record)
+            self._splice_stream(stream, sock, record)
 
         self._spawn(new_connection())
 
-    def _splice_stream(self, stream: Stream, transport: asyncio.Transport, record: dict) -> None:
-        """The app's connection spliced to its HBONE stream; the app's bytes go at once."""
+    def _splice_stream(self, stream: Stream, sock: socket.socket, record: dict) -> None:
+        """The app's connection spliced to its HBONE stream; what the app has sent goes at once."""
         self.tunnel.counts["hbone_out"] += 1
 
         def answered(response: asyncio.Future) -> None:
@@ -238,40 +238,44 @@ class CaptureProxy:
                     record["error"] = repr(TunnelRefused(status or "?"))
 
         stream.response.add_done_callback(answered)
-        take_over(transport, stream.app_side())
+        stream.send_first(sock)
+        self._spawn(stream.attach(sock))
 
-    async def _plain_out(self, pod: PodListeners, transport: asyncio.Transport, dst: tuple, record: dict) -> None:
+    async def _plain_out(self, pod: PodListeners, sock: socket.socket, dst: tuple, record: dict) -> None:
         try:
-            up = await self._pod_socket(pod, dst)
+            up = await self._pod_connected(pod, dst)
         except (TimeoutError, OSError, podns.CaptureError) as e:
             record["error"] = repr(e)
-            transport.close()
+            sock.close()
             return
         if self.tunnel:
             self.tunnel.counts["plain_out"] += 1
-        await splice_sockets(transport, up)
+        await splice_sockets(sock, up)
 
-    async def _inbound(self, pod: PodListeners, transport: asyncio.Transport) -> None:
+    def _inbound(self, pod: PodListeners, sock: socket.socket, peer: tuple) -> None:
         """Plaintext to an enrolled pod (TPROXY to 15006): the same policy, without a principal."""
-        peer = transport.get_extra_info("peername")
-        dst = transport.get_extra_info("sockname")[:2]
+        dst = sock.getsockname()[:2]
         record = self._record(pod, "inbound", peer, dst)
         if self.tunnel and pod.key:
             if not self.tunnel.authorize(pod.key, None, peer[0], dst[0], dst[1]):
                 record["error"] = "denied by policy"
-                transport.close()
+                sock.close()
                 return
             self.tunnel.counts["plain_in"] += 1
-        try:
-            up = await self._pod_socket(pod, dst, source=peer[0] if self.tunnel else None)
-        except (TimeoutError, OSError, podns.CaptureError) as e:
-            record["error"] = repr(e)
-            transport.close()
-            return
-        await splice_sockets(transport, up)
 
-    async def _hbone_closed(self, pod: PodListeners, transport: asyncio.Transport) -> None:
-        transport.close()  # no tunnel for this pod: nothing listens on 15008 in its name
+        async def splice() -> None:
+            try:
+                up = await self._pod_connected(pod, dst, source=peer[0] if self.tunnel else None)
+            except (TimeoutError, OSError, podns.CaptureError) as e:
+                record["error"] = repr(e)
+                sock.close()
+                return
+            await splice_sockets(sock, up)
+
+        self._spawn(splice())
+
+    def _hbone_closed(self, pod: PodListeners, sock: socket.socket, peer: tuple) -> None:
+        sock.close()  # no tunnel for this pod: nothing listens on 15008 in its name
 
     def _hbone_protocol(self, pod: PodListeners) -> Callable[[], ServerConnection]:
         """HBONE to this pod (15008), the mTLS handshake done: policy, then the app, client address kept."""
@@ -286,28 +290,10 @@ class CaptureProxy:
         def authorize(identity: str, peer: tuple, host: str, port: int) -> bool:
             return tunnel.authorize(pod.key, identity, peer[0], host, port)
 
-        def dial(peer: tuple, host: str, port: int) -> Awaitable[socket.socket]:
+        def dial(peer: tuple, host: str, port: int) -> tuple:
             return self._pod_socket(pod, (host, port), peer[0])
 
         return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected)
-
-
-def _connected_now(sock: socket.socket, dst: tuple[str, int]) -> bool:
-    """Start a non-blocking connect; True if it is done already, as one inside the netns usually is by the
-    time connect() returns (the handshake ran in the call): no round of the loop spent waiting for it."""
-    err = sock.connect_ex(dst)
-    if err == 0:
-        return True
-    if err != errno.EINPROGRESS:
-        raise OSError(err, os.strerror(err))
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    if not poller.poll(0):
-        return False
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, os.strerror(err))
-    return True
 
 
 def _listener(kind: int, host: str, port: int, transparent: bool = False) -> socket.socket:

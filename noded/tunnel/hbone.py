@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 
 import hpack
@@ -27,7 +28,7 @@ import structlog
 
 from noded.tunnel import frames as f
 from noded.tunnel.frames import ErrorCode, H2Error
-from noded.tunnel.relay import READ_SIZE, live, no_delay, scratch, take_over
+from noded.tunnel.relay import READ_SIZE, finish_connect, live, no_delay, scratch
 from noded.tunnel.tls import PeerRejected, peer_identity
 
 log = structlog.get_logger("noded.tunnel.hbone")
@@ -75,8 +76,10 @@ class Stream:
         self.recv_window = WINDOW
         self.unacked = 0  # received and delivered, not yet given back to the peer
         self.app: _AppSide | None = None
+        self.sock: socket.socket | None = None  # the socket it is spliced to, until its transport is made
         self.early: list[bytes] = []
         self.received = False  # any data at all
+        self.bytes_in = self.bytes_out = 0
         self.remote_ended = False  # the peer sent END_STREAM
         self.local_ended = False
         self.closed = False
@@ -94,21 +97,33 @@ class Stream:
             self.response.set_exception(ConnectionResetError(why))
             self.response.exception()  # retrieved: no "never retrieved" warning where nobody waits
 
-    def app_side(self) -> _AppSide:
-        """The protocol that splices the stream to a TCP connection (see attach)."""
-        return _AppSide(self)
-
-    async def attach(self, sock: socket.socket | asyncio.Transport, attached: Callable[[], None] | None = None) -> None:
-        """Splice the stream to a connected socket (or a parked transport, relay.Parked) until both
-        directions have ended; `attached()` runs once the socket has what the stream received so far."""
-        app = self.app_side()
-        if isinstance(sock, socket.socket):
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: app, sock)
-        else:
-            take_over(sock, app)
+    async def attach(self, sock: socket.socket, attached: Callable[[], None] | None = None) -> None:
+        """Splice the stream to a connected socket until both directions have ended; `attached()` runs once
+        the socket has what the stream received so far. Until its transport is made, what the stream
+        receives is sent on the socket itself (nothing waits for a round of the loop)."""
+        self.sock = sock
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: _AppSide(self), sock)
         if attached is not None:
             attached()
         await self.finished
+
+    def send_first(self, sock: socket.socket) -> None:
+        """What the application has sent already, out at once as DATA (with the CONNECT, in one write)."""
+        self.sock = sock
+        size = min(FRAME, self.conn.max_send_frame, self.credit)
+        if size <= 0:
+            return
+        buf = scratch(9 + FRAME)
+        try:
+            n = sock.recv_into(buf[9 : 9 + size])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return  # its transport will see the error
+        if n:
+            self.conn.send_data(self, buf, n)
+        else:
+            self.conn.end_stream(self)
 
     # -- from the connection ---------------------------------------------------------------
     def receive(self, data: memoryview) -> None:
@@ -117,8 +132,18 @@ class Stream:
             if not app.transport.is_closing():
                 app.transport.write(data)  # sends at once; what the kernel did not take is copied
         elif not self.closed:
-            self.early.append(bytes(data))
+            sent = 0
+            if self.sock is not None and not self.early:
+                try:
+                    sent = self.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    sent = len(data)  # the socket is gone: its transport will say so
+            if sent < len(data):
+                self.early.append(bytes(data[sent:]))
         self.unacked += len(data)
+        self.bytes_in += len(data)
         self.received = True
 
     def ended_by_peer(self) -> None:
@@ -162,6 +187,7 @@ class _AppSide(asyncio.BufferedProtocol):
         no_delay(transport)
         stream = self.stream
         stream.app = self
+        stream.sock = None
         if stream.closed:
             if stream.refused:
                 self.end_refused()
@@ -224,7 +250,7 @@ class _AppSide(asyncio.BufferedProtocol):
 class _Connection(asyncio.BufferedProtocol):
     """One HBONE connection (client or server side) under its TLS transport; see the module doc."""
 
-    def __init__(self, client: bool, on_request: Callable[[Stream, dict[str, str]], Awaitable[None]] | None = None):
+    def __init__(self, client: bool, on_request: Callable[[Stream, dict[str, str]], None] | None = None):
         self.client = client
         self.on_request = on_request
         self.transport: asyncio.Transport | None = None
@@ -297,6 +323,11 @@ class _Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._resume_senders()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -427,9 +458,7 @@ class _Connection(asyncio.BufferedProtocol):
             stream = self.streams[stream_id] = Stream(self, stream_id)
             if flags & f.END_STREAM:
                 stream.remote_ended = True
-            task = asyncio.ensure_future(self.on_request(stream, fields))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.on_request(stream, fields)
 
     def _settings(self, pairs: list[tuple[int, int]]) -> None:
         for key, value in pairs:
@@ -525,6 +554,7 @@ class _Connection(asyncio.BufferedProtocol):
         f.header(view, nbytes, f.DATA, 0, stream.id)
         self.flush(view[: 9 + nbytes])  # after the control frames waiting; encrypted at once: the buffer is free
         stream.send_window -= nbytes
+        stream.bytes_out += nbytes
         self.send_window -= nbytes
         if self.send_window <= 0:
             for other in self.streams.values():
@@ -580,17 +610,17 @@ class _Connection(asyncio.BufferedProtocol):
 class ServerConnection(_Connection):
     """An accepted HBONE connection (TLS from the first byte, the handshake done before connection_made):
     `authorize(identity, client address, host, port)` decides each CONNECT, `dial(client address, host,
-    port)` gives a socket connected to the application, `on_connection(transport, identity)` runs once
-    the client's identity is known."""
+    port)` gives a non-blocking socket to the application and whether its connect is done already (else it
+    is in progress), `on_connection(transport, identity)` runs once the client's identity is known."""
 
     def __init__(
         self,
         trust_domain: str,
         authorize: Callable[[str, tuple, str, int], bool],
-        dial: Callable[[tuple, str, int], Awaitable[socket.socket]],
+        dial: Callable[[tuple, str, int], tuple[socket.socket, bool]],
         on_connection: Callable[[asyncio.BaseTransport, str], None] | None = None,
     ) -> None:
-        super().__init__(client=False, on_request=self._connect)
+        super().__init__(client=False, on_request=self._request)
         self.trust_domain, self.authorize, self.dial, self.on_connection = trust_domain, authorize, dial, on_connection
         self.identity = ""
         self.peer: tuple = ()
@@ -607,7 +637,9 @@ class ServerConnection(_Connection):
             self.on_connection(transport, self.identity)
         super().connection_made(transport)
 
-    async def _connect(self, stream: Stream, headers: dict[str, str]) -> None:
+    def _request(self, stream: Stream, headers: dict[str, str]) -> None:
+        """A CONNECT, as it is read: decided and dialed at once; when the connect is done already, the data
+        that follows it in the same read goes to the application straight away."""
         status = "200"
         try:
             host, port = split_authority(headers.get(":authority", ""))
@@ -618,33 +650,58 @@ class ServerConnection(_Connection):
         elif status == "200" and not self.authorize(self.identity, self.peer, host, port):
             status = "401"
             log.info("HBONE connection denied", peer=self.identity, destination=f"{host}:{port}")
-        app = None
+        sock, connected = None, False
         if status == "200":
             try:
-                app = await self.dial(self.peer, host, port)
+                sock, connected = self.dial(self.peer, host, port)
             except OSError as e:
-                status = "503"
-                log.info("HBONE destination unreachable", destination=f"{host}:{port}", error=str(e))
-        if stream.closed:
-            if app is not None:
-                app.close()
+                status = self._unreachable(host, port, e)
+        if sock is None:
+            self._answer(stream, status)
             return
+        if connected:
+            stream.sock = sock
+        self.spawn(self._splice(stream, sock, connected, host, port))
 
-        def answer() -> None:
-            if not stream.closed:
-                self.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
-                if status == "200" and stream.received:  # the client did not wait for it: it can wait a little
-                    self.flush_soon(ANSWER_DELAY)
-                else:
-                    self.flush()
+    def _unreachable(self, host: str, port: int, error: OSError) -> str:
+        log.info("HBONE destination unreachable", destination=f"{host}:{port}", error=str(error))
+        return "503"
 
-        if app is None:
-            answer()
+    def _answer(self, stream: Stream, status: str) -> None:
+        if stream.closed:
+            return
+        self.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
+        if status != "200":
             stream.local_ended = True
             self.streams.pop(stream.id, None)
+            self.flush()
+        elif stream.received:  # the client did not wait for it: it can wait a little for the app's answer
+            self.flush_soon(ANSWER_DELAY)
+        else:
+            self.flush()
+
+    async def _splice(self, stream: Stream, sock: socket.socket, connected: bool, host: str, port: int) -> None:
+        if not connected:
+            try:
+                await finish_connect(sock, (host, port))
+            except (OSError, TimeoutError) as e:
+                sock.close()
+                self._answer(stream, self._unreachable(host, port, e if isinstance(e, OSError) else OSError(str(e))))
+                return
+        if stream.closed:
+            sock.close()
             return
-        log.info("HBONE connection", peer=self.identity, destination=f"{host}:{port}")
-        await stream.attach(app, answer)  # what the client sent already goes to the application first
+        started = time.monotonic()
+        await stream.attach(sock, lambda: self._answer(stream, "200"))
+        log.info(  # an access log line per connection, as ztunnel's, once it is over: off the connection's path
+            "HBONE connection complete",
+            peer=self.identity,
+            source=self.peer[0],
+            destination=f"{host}:{port}",
+            bytes_in=stream.bytes_in,
+            bytes_out=stream.bytes_out,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
 
 async def serve(sock: socket.socket, context: ssl.SSLContext, factory: Callable[[], _Connection]) -> asyncio.Server:

@@ -1,18 +1,29 @@
-"""Plain TCP splicing on asyncio protocols: two connected sockets copied into each other with no stream
-objects between them. Each side reads into the thread's one buffer (BufferedProtocol, `scratch`) and writes it to the
-other side's transport, which sends at once and keeps only what the kernel did not take; a side whose
-peer cannot take more stops reading until it can. EOF is passed on as a half-close, and both are closed
-once both directions have ended.
+"""TCP for the tunnel's listeners on asyncio: accepting, connecting, and plain splicing.
 
-`Parked` is the protocol an accepted connection waits under (reading paused) while the daemon decides
-where it goes; `take_over` moves its transport to the protocol that serves it.
+`Acceptor` takes connections from a listening socket in the reader callback itself and hands each socket
+over at once (asyncio's servers spend a task and two rounds of the loop on each before anyone sees it).
+`start_connect` starts a connect that, inside a netns, is usually done when the call returns.
+
+`splice_sockets` copies two connected sockets into each other with no stream objects between them: each
+side reads into the thread's one buffer (BufferedProtocol, `scratch`) and writes it to the other side's
+transport, which sends at once and keeps only what the kernel did not take; a side whose peer cannot take
+more stops reading until it can. EOF is passed on as a half-close, and both are closed once both
+directions have ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import select
 import socket
 import threading
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("noded.tunnel.relay")
 
 READ_SIZE = 256 * 1024
 _scratch = threading.local()
@@ -28,10 +39,10 @@ def scratch(size: int) -> memoryview:
     return view
 
 
-def no_delay(transport: asyncio.BaseTransport) -> None:
+def no_delay(transport: asyncio.BaseTransport | socket.socket) -> None:
     """TCP_NODELAY: a small write goes out at once. asyncio sets it only on sockets whose proto field says
     TCP, which sockets made with proto 0 (ours, and those accepted from them) do not."""
-    sock = transport.get_extra_info("socket")
+    sock = transport if isinstance(transport, socket.socket) else transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -41,27 +52,58 @@ def live(transport: asyncio.BaseTransport | None) -> bool:
     return transport is not None and not transport.is_closing()
 
 
-class Parked(asyncio.Protocol):
-    """An accepted connection nobody reads yet: `on_accept(transport)` runs, and reading stays paused
-    until a protocol takes the transport over (take_over). What it had in flight stays in the kernel."""
+class Acceptor:
+    """Connections from `listener` (non-blocking, listening) to `on_socket(sock, address)`, non-blocking
+    sockets, as they come; `close()` stops and closes the listener."""
 
-    def __init__(self, on_accept) -> None:
-        self.on_accept = on_accept
+    def __init__(self, listener: socket.socket, on_socket: Callable[[socket.socket, tuple], None]) -> None:
+        self.listener = listener
+        self.on_socket = on_socket
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(listener.fileno(), self._ready)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]
-        self.on_accept(transport)
+    def _ready(self) -> None:
+        for _ in range(64):  # a burst at a time; the loop comes back for more
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: the connection waits in the backlog
+                log.warning("accept failed", error=str(e))
+                return
+            sock.setblocking(False)
+            try:
+                self.on_socket(sock, address)
+            except Exception:
+                log.exception("accepted connection not handled")
+                sock.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
+    def close(self) -> None:
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
 
 
-def take_over(transport: asyncio.Transport, protocol: asyncio.BaseProtocol) -> None:
-    """Hand a parked transport to `protocol` and start reading."""
-    transport.set_protocol(protocol)
-    protocol.connection_made(transport)
-    if not transport.is_closing():
-        transport.resume_reading()
+def start_connect(sock: socket.socket, address: tuple) -> bool:
+    """Start a non-blocking connect; True if it is done already, as one inside the netns usually is by the
+    time connect() returns (the handshake ran in the call). OSError if it failed already."""
+    err = sock.connect_ex(address)
+    if err == 0:
+        return True
+    if err != errno.EINPROGRESS:
+        raise OSError(err, os.strerror(err))
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(0):
+        return False
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+async def finish_connect(sock: socket.socket, address: tuple, timeout: float = 10) -> None:
+    """Wait for a connect start_connect started (asyncio's sock_connect picks it up: EALREADY)."""
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), timeout)
 
 
 class Side(asyncio.BufferedProtocol):
@@ -119,17 +161,12 @@ class Side(asyncio.BufferedProtocol):
                 side.transport.close()
 
 
-async def splice_sockets(a: asyncio.Transport | socket.socket, b: socket.socket) -> None:
-    """Copy between `a` (a parked transport, or a connected socket) and the connected socket `b` until both
-    directions have ended."""
+async def splice_sockets(a: socket.socket, b: socket.socket) -> None:
+    """Copy between the connected sockets `a` and `b` until both directions have ended."""
     loop = asyncio.get_running_loop()
     left, right = Side(), Side()
     left.other, right.other = right, left
-    if isinstance(a, socket.socket):
-        await loop.connect_accepted_socket(lambda: left, a)
-    else:
-        a.set_protocol(left)
-        left.connection_made(a)
+    await loop.connect_accepted_socket(lambda: left, a)
     await loop.connect_accepted_socket(lambda: right, b)
     for side in (left, right):
         if not side.transport.is_closing():

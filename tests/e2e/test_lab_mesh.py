@@ -116,6 +116,13 @@ def test_enrolled_pods_on_two_nodes_talk_mtls_and_nothing_readable_crosses_the_f
     assert out["peer_identity"] == DEFAULT_SA and out["hbone"] == f"{server}:15008" and "error" not in out
     inbound = [r for r in pod_capture(lab, "default/mesh-server")["recent"] if r["direction"] == "hbone"][-1]
     assert inbound["peer_identity"] == DEFAULT_SA and inbound["peer"].startswith(f"{client}:")
+    # and the receiver's access log names the verified identity (the line is written as the connection ends)
+    deadline = time.monotonic() + 5
+    while not [line for line in lab.daemon_log("node2").splitlines() if "HBONE connection complete" in line]:
+        assert time.monotonic() < deadline, "no access log line on node2"
+        time.sleep(0.1)
+    line = [line for line in lab.daemon_log("node2").splitlines() if "HBONE connection complete" in line][-1]
+    assert f"peer={DEFAULT_SA}" in line and f"source={client}" in line and f"destination={server}:8080" in line
     # the control: to a pod outside the mesh the same bytes are plaintext on the fabric
     sniffer = FabricSniffer()
     assert talk(lab, "default/mesh-client", plain, marker) == [f"plain-server {client}", "plain-server"]

@@ -19,6 +19,7 @@ from noded.tunnel import ca as ca_mod
 from noded.tunnel import frames
 from noded.tunnel.ca import CertificateAuthority, create_root
 from noded.tunnel.hbone import ServerConnection, TunnelRefused, connect, open_request, request, serve
+from noded.tunnel.relay import start_connect
 from noded.tunnel.tls import context
 from tests.unit.test_tunnel_hbone import echo_app
 from tests.unit.test_tunnel_identity import ECHO, SHELL, TD, workload
@@ -77,11 +78,10 @@ def test_an_h2_client_talks_to_the_noded_server(ca, tmp_path):
             seen.append(identity)
             return port == app_port
 
-        async def dial(peer, host, port):
+        def dial(peer, host, port):
             sock = socket.socket()
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
-            return sock
+            return sock, start_connect(sock, (host, port))
 
         listener = socket.create_server(("127.0.0.1", 0))
         listener.setblocking(False)

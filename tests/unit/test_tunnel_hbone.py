@@ -13,6 +13,7 @@ import pytest
 from noded.tunnel import ca as ca_mod
 from noded.tunnel.ca import CertificateAuthority, create_root
 from noded.tunnel.hbone import ServerConnection, TunnelRefused, connect, open_request, open_stream, serve
+from noded.tunnel.relay import start_connect
 from noded.tunnel.tls import context
 from tests.unit.test_tunnel_identity import ECHO, SHELL, TD, workload
 
@@ -42,15 +43,14 @@ async def hbone_server(ca, tmp_path, authorize):
         seen.append((identity, host, port))
         return authorize(identity, host, port)
 
-    async def dial(peer, host, port):
+    def dial(peer, host, port):
         sock = socket.socket()
         sock.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            return sock, start_connect(sock, (host, port))
         except OSError:
             sock.close()
             raise
-        return sock
 
     ctx = context(True, workload(ca, ECHO), root, str(tmp_path))
     listener = socket.create_server(("127.0.0.1", 0))
