@@ -199,7 +199,7 @@ class _AppSide(asyncio.BufferedProtocol):
         stream.early.clear()
         if stream.remote_ended:
             self.transport.write_eof()
-        stream.conn.ack(stream)
+        stream.conn.give_back(stream)
         if stream.credit <= 0 or stream.conn.write_paused:
             self.transport.pause_reading()
 
@@ -236,7 +236,7 @@ class _AppSide(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.stream.conn.ack(self.stream)
+        self.stream.conn.give_back(self.stream)  # the window it held back
 
     def connection_lost(self, exc: Exception | None) -> None:
         stream = self.stream
@@ -585,6 +585,12 @@ class _Connection(asyncio.BufferedProtocol):
                 self.out.append(f.window_update(stream.id, stream.unacked))
                 stream.recv_window += stream.unacked
                 stream.unacked = 0
+
+    def give_back(self, stream: Stream) -> None:
+        """ack() outside the reading of input (which flushes when it is done): out at once."""
+        self.ack(stream)
+        if self.out:
+            self.flush()
 
     def end_stream(self, stream: Stream) -> None:
         if stream.local_ended or stream.closed:

@@ -146,3 +146,42 @@ def test_a_stream_used_before_its_answer_is_refused_with_a_plain_end(ca, tmp_pat
         app.close()
 
     asyncio.run(main())
+
+
+def test_a_slow_application_holds_back_its_stream_and_then_gets_everything(ca, tmp_path):
+    """The application behind the server does not read for a while: its socket fills, the stream stops
+    giving window back (the client must stop sending), and once the application reads again the window
+    is given back and everything arrives, in order."""
+
+    async def main():
+        got = bytearray()
+        done = asyncio.Event()
+
+        async def slow(reader, writer):
+            await asyncio.sleep(1.0)  # long enough for 16 MiB to back up through the socket and the window
+            while data := await reader.read(1 << 20):
+                got.extend(data)
+            writer.close()
+            done.set()
+
+        app = await asyncio.start_server(slow, "127.0.0.1", 0)
+        app_port = app.sockets[0].getsockname()[1]
+        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
+        stream, conn = await open_stream("127.0.0.1", port, client_ctx(ca, tmp_path), f"127.0.0.1:{app_port}")
+        ours, spliced = socket.socketpair()
+        spliced.setblocking(False)
+        attached = asyncio.ensure_future(stream.attach(spliced))
+        reader, writer = await asyncio.open_connection(sock=ours)
+        payload = os.urandom(16 * 1024 * 1024)
+        writer.write(payload)
+        writer.write_eof()
+        await asyncio.wait_for(done.wait(), 20)
+        assert bytes(got) == payload
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the application's end reached the client
+        writer.close()
+        await asyncio.wait_for(attached, 5)
+        conn.close()
+        server.close()
+        app.close()
+
+    asyncio.run(main())
