@@ -1,7 +1,8 @@
 """The node tunnel against direct pod-to-pod TCP, across two lab nodes: bulk throughput and request latency
 (kept-alive and new connections). Two pairs of pods in one lab, node1 -> node2: a plain pair (no
 capture beyond DNS) and an enrolled pair (HBONE: outbound 15001 -> mTLS HTTP/2 CONNECT -> 15008 -> app).
-Prints the table and the tunnel/direct ratios.
+Prints the table and the tunnel/direct ratios, and what bulk costs the machine: busy core-seconds per GiB
+moved (every process and the kernel's network work, from /proc/stat) and the kernel's share of them.
 """
 
 from __future__ import annotations
