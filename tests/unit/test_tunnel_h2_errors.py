@@ -14,11 +14,9 @@ from noded.tunnel import ca as ca_mod
 from noded.tunnel import frames as f
 from noded.tunnel.ca import CertificateAuthority, create_root
 from noded.tunnel.frames import ErrorCode
-from noded.tunnel.hbone import ServerConnection, serve
-from noded.tunnel.relay import start_connect
 from noded.tunnel.tls import context
-from tests.unit.test_tunnel_hbone import echo_app
-from tests.unit.test_tunnel_identity import ECHO, SHELL, TD, workload
+from tests.unit.test_tunnel_hbone import echo_app, hbone_server
+from tests.unit.test_tunnel_identity import SHELL, TD, workload
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +67,7 @@ def test_protocol_mistakes_end_only_their_connection(ca, tmp_path):
 
     async def main():
         app, app_port = await echo_app()
-
-        def dial(peer, host, port):
-            sock = socket.socket()
-            sock.setblocking(False)
-            return sock, start_connect(sock, (host, port))
-
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        ctx = context(True, workload(ca, ECHO), root, str(tmp_path))
-        server = await serve(listener, ctx, lambda: ServerConnection(TD, lambda *_: True, dial))
-        port = listener.getsockname()[1]
+        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
 
         def cases() -> None:
             # PING is answered with its payload

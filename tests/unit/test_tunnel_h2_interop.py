@@ -18,10 +18,9 @@ import pytest
 from noded.tunnel import ca as ca_mod
 from noded.tunnel import frames
 from noded.tunnel.ca import CertificateAuthority, create_root
-from noded.tunnel.hbone import ServerConnection, TunnelRefused, connect, open_request, request, serve
-from noded.tunnel.relay import start_connect
+from noded.tunnel.hbone import TunnelRefused, connect, open_request, request
 from noded.tunnel.tls import context
-from tests.unit.test_tunnel_hbone import echo_app
+from tests.unit.test_tunnel_hbone import echo_app, hbone_server
 from tests.unit.test_tunnel_identity import ECHO, SHELL, TD, workload
 
 PAYLOAD = os.urandom(1024 * 1024)
@@ -32,15 +31,22 @@ def ca():
     return CertificateAuthority(*create_root(TD))
 
 
+def send_within_window(conn: h2.connection.H2Connection, stream_id: int, payload: bytes, sent: int) -> int:
+    """Queue what the peer's windows allow of payload[sent:]; the new `sent`."""
+    while sent < len(payload) and conn.local_flow_control_window(stream_id) > 0:
+        n = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(payload) - sent)
+        conn.send_data(stream_id, payload[sent : sent + n])
+        sent += n
+    return sent
+
+
 def _pump(sock, conn: h2.connection.H2Connection, stream_id: int, payload: bytes) -> tuple[dict, bytes]:
     """Drive one h2 stream over a blocking TLS socket: send `payload` within the peer's windows, then
     END_STREAM; collect what comes back until the peer ends. (the response headers, the data)"""
     sent, got, headers, ended = 0, bytearray(), {}, False
     while not ended:
-        while sent < len(payload) and conn.local_flow_control_window(stream_id) > 0:
-            n = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(payload) - sent)
-            conn.send_data(stream_id, payload[sent : sent + n])
-            sent += n
+        if sent < len(payload):
+            sent = send_within_window(conn, stream_id, payload, sent)
             if sent == len(payload):
                 conn.end_stream(stream_id)
         sock.sendall(conn.data_to_send())
@@ -72,27 +78,12 @@ def test_an_h2_client_talks_to_the_noded_server(ca, tmp_path):
 
     async def main():
         app, app_port = await echo_app()
-        seen = []
-
-        def authorize(identity, peer, host, port):
-            seen.append(identity)
-            return port == app_port
-
-        def dial(peer, host, port):
-            sock = socket.socket()
-            sock.setblocking(False)
-            return sock, start_connect(sock, (host, port))
-
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        ctx = context(True, workload(ca, ECHO), root, str(tmp_path))
-        server = await serve(listener, ctx, lambda: ServerConnection(TD, authorize, dial))
-        port = listener.getsockname()[1]
+        server, port, seen = await hbone_server(ca, tmp_path, lambda identity, host, p: p == app_port)
         headers, echoed = await asyncio.to_thread(h2_client, port, f"127.0.0.1:{app_port}", PAYLOAD)
         assert headers[":status"] == "200" and echoed == PAYLOAD
         headers, echoed = await asyncio.to_thread(h2_client, port, "127.0.0.1:9", b"")  # policy: no
         assert headers[":status"] == "401" and echoed == b""
-        assert seen == [SHELL, SHELL]
+        assert [identity for identity, _host, _port in seen] == [SHELL, SHELL]
         server.close()
         app.close()
 
@@ -109,17 +100,11 @@ def test_the_noded_client_talks_to_an_h2_server(ca, tmp_path):
     def send_all(sock, conn, stream_id: int, data: bytes) -> None:
         """`data` within the client's windows, then END_STREAM."""
         sent = 0
-        while True:
-            while sent < len(data) and conn.local_flow_control_window(stream_id) > 0:
-                n = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(data) - sent)
-                conn.send_data(stream_id, data[sent : sent + n])
-                sent += n
-            if sent == len(data):
-                conn.end_stream(stream_id)
-                sock.sendall(conn.data_to_send())
-                return
+        while (sent := send_within_window(conn, stream_id, data, sent)) < len(data):
             sock.sendall(conn.data_to_send())
             conn.receive_data(sock.recv(65536))  # WINDOW_UPDATEs
+        conn.end_stream(stream_id)
+        sock.sendall(conn.data_to_send())
 
     def serve_one(sock) -> None:
         """403 to a CONNECT for port 9, else 200 and the stream echoed once the client has ended it."""

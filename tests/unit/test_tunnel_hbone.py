@@ -34,7 +34,19 @@ async def echo_app():
     return server, server.sockets[0].getsockname()[1]
 
 
+def dial_local(peer, host, port):
+    """The server's dial: a plain connect on loopback (the daemon's is from inside the pod's netns)."""
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        return sock, start_connect(sock, (host, port))
+    except OSError:
+        sock.close()
+        raise
+
+
 async def hbone_server(ca, tmp_path, authorize):
+    """An HBONE listener on loopback presenting echo's certificate: (server, port, what it was asked)."""
     root = ca_mod.cert_pem(ca.root)
     seen = []
 
@@ -43,19 +55,10 @@ async def hbone_server(ca, tmp_path, authorize):
         seen.append((identity, host, port))
         return authorize(identity, host, port)
 
-    def dial(peer, host, port):
-        sock = socket.socket()
-        sock.setblocking(False)
-        try:
-            return sock, start_connect(sock, (host, port))
-        except OSError:
-            sock.close()
-            raise
-
     ctx = context(True, workload(ca, ECHO), root, str(tmp_path))
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
-    server = await serve(listener, ctx, lambda: ServerConnection(TD, decide, dial))
+    server = await serve(listener, ctx, lambda: ServerConnection(TD, decide, dial_local))
     return server, listener.getsockname()[1], seen
 
 
