@@ -25,7 +25,8 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
-from noded.tunnel.hbone import Pool, ServerConnection, Stream, TunnelRefused, authority, connect, serve
+from noded.tunnel.h2conn import Stream
+from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
 from noded.tunnel.relay import Acceptor, finish_connect, splice_sockets, start_connect
 

@@ -1,0 +1,584 @@
+"""HTTP/2 (RFC 9113) as HBONE uses it: `Connection`, an asyncio protocol under a TLS transport, and its
+`Stream`s, each spliced to one TCP socket (`_AppSide`). Frames are built and parsed by frames.py.
+
+The input is cut into frames as it is decrypted: the payload of a DATA frame goes straight from the TLS
+buffer to its stream's socket; on the way out a stream's socket is read into a buffer 9 bytes in, the DATA
+frame header written in front, and the whole goes to TLS as one write: no copy in Python either way, and
+the one buffer is the thread's (relay.scratch), not the connection's. Flow control: 4 MiB windows (64 KiB,
+HTTP/2's default, would cap a stream at one window per round trip), given back when half is used and, for a
+stream, only once its socket has taken the data (a slow reader holds back its own stream, never the
+connection's others). Control frames wait to go out with the next frame written, so a CONNECT leaves with
+the application's first bytes. A response other than 200 refuses the stream (CONNECT, RFC 9113 §8.5).
+What HBONE does with the streams (authorization, dialing, pooling) is hbone.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import hpack
+import structlog
+
+from noded.tunnel import frames as f
+from noded.tunnel.frames import ErrorCode, H2Error
+from noded.tunnel.relay import READ_SIZE, live, no_delay, scratch
+
+log = structlog.get_logger("noded.tunnel.h2conn")
+
+WINDOW = 4 * 1024 * 1024
+FRAME = 1024 * 1024  # the largest frame we take and DATA frame we send: one read of a stream's socket
+LINGER = 10  # seconds a refused stream's socket waits for the application to end its side
+MAX_STREAMS = 1000  # concurrent streams a client may open on one connection to us
+TLS_READ = 2 * READ_SIZE  # more than one read of the TLS socket decrypts to: taken in one go
+
+
+class StreamsExhausted(Exception):
+    """The connection takes no new stream (the peer's limit, or no stream ID left, or GOAWAY)."""
+
+
+class Stream:
+    """One CONNECT stream. Until a socket is attached, what it receives waits here (bounded by its window)."""
+
+    def __init__(self, conn: Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.send_window = conn.peer_window
+        self.recv_window = WINDOW
+        self.unacked = 0  # received and delivered, not yet given back to the peer
+        self.app: _AppSide | None = None
+        self.sock: socket.socket | None = None  # the socket it is spliced to, until its transport is made
+        self.early: list[bytes] = []
+        self.received = False  # any data at all
+        self.bytes_in = self.bytes_out = 0
+        self.remote_ended = False  # the peer sent END_STREAM
+        self.local_ended = False
+        self.closed = False
+        self.refused = False
+        self.response: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def credit(self) -> int:
+        return min(self.send_window, self.conn.send_window)
+
+    def fail(self, why: str) -> None:
+        """No response will come: whoever awaits it gets the error (on the server side nobody does)."""
+        if not self.response.done():
+            self.response.set_exception(ConnectionResetError(why))
+            self.response.exception()  # retrieved: no "never retrieved" warning where nobody waits
+
+    async def attach(self, sock: socket.socket, attached: Callable[[], None] | None = None) -> None:
+        """Splice the stream to a connected socket until both directions have ended; `attached()` runs once
+        the socket has what the stream received so far. Until its transport is made, what the stream
+        receives is sent on the socket itself (nothing waits for a round of the loop)."""
+        self.sock = sock
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: _AppSide(self), sock)
+        if attached is not None:
+            attached()
+        await self.finished
+
+    def send_first(self, sock: socket.socket) -> None:
+        """What the application has sent already, out at once as DATA (with the CONNECT, in one write)."""
+        self.sock = sock
+        size = min(FRAME, self.conn.max_send_frame, self.credit)
+        if size <= 0:
+            return
+        buf = scratch(9 + FRAME)
+        try:
+            n = sock.recv_into(buf[9 : 9 + size])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return  # its transport will see the error
+        if n:
+            self.conn.send_data(self, buf, n)
+        else:
+            self.conn.end_stream(self)
+
+    # -- from the connection ---------------------------------------------------------------
+    def receive(self, data: memoryview) -> None:
+        app = self.app
+        if app is not None and app.transport is not None:
+            if not app.transport.is_closing():
+                app.transport.write(data)  # sends at once; what the kernel did not take is copied
+        elif not self.closed:
+            sent = 0
+            if self.sock is not None and not self.early:
+                try:
+                    sent = self.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    sent = len(data)  # the socket is gone: its transport will say so
+            if sent < len(data):
+                self.early.append(bytes(data[sent:]))
+        self.unacked += len(data)
+        self.bytes_in += len(data)
+        self.received = True
+
+    def ended_by_peer(self) -> None:
+        self.remote_ended = True
+        self.fail("HBONE stream ended without an answer")
+        app = self.app
+        if app is not None and app.transport is not None and not app.transport.is_closing():
+            if self.local_ended:
+                app.transport.close()
+            else:
+                app.transport.write_eof()
+
+    def close(self, why: str, refused: bool = False) -> None:
+        """The stream is gone: reset, or its connection ended (its socket is reset too), or refused (its
+        socket gets a plain end, and is closed once it ends too: a reset could lose the end)."""
+        self.closed = True
+        self.refused = refused
+        self.fail(why)
+        self.conn.streams.pop(self.id, None)
+        if self.app is not None and self.app.transport is not None:
+            if refused:
+                self.app.end_refused()
+            else:
+                self.app.transport.abort()
+        elif not self.finished.done():
+            self.finished.set_result(None)
+
+
+class _AppSide(asyncio.BufferedProtocol):
+    """The TCP connection a stream is spliced to: what it reads leaves as DATA frames, what the stream
+    receives is written to it."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.eof = False  # the application has ended its side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        no_delay(transport)
+        stream = self.stream
+        stream.app = self
+        stream.sock = None
+        if stream.closed:
+            if stream.refused:
+                self.end_refused()
+            else:
+                self.transport.abort()
+            return
+        for data in stream.early:
+            self.transport.write(data)
+        stream.early.clear()
+        if stream.remote_ended:
+            self.transport.write_eof()
+        stream.conn.give_back(stream)
+        if stream.credit <= 0 or stream.conn.write_paused:
+            self.transport.pause_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        size = min(FRAME, self.stream.conn.max_send_frame, max(self.stream.credit, 1))
+        return scratch(9 + FRAME)[9 : 9 + size]  # 9 bytes in: the frame header goes in front
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.stream.conn.send_data(self.stream, scratch(9 + FRAME), nbytes)
+
+    def eof_received(self) -> bool:
+        stream = self.stream
+        self.eof = True
+        if not stream.closed:
+            stream.conn.end_stream(stream)
+        if stream.remote_ended or stream.closed:
+            self.transport.close()
+        return True
+
+    def end_refused(self) -> None:
+        """EOF to the application; what it still sends is dropped; closed when it ends (at the latest after
+        LINGER seconds)."""
+        transport = self.transport
+        if not live(transport):
+            return
+        if self.eof:
+            transport.close()
+            return
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER, transport.abort)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.stream.conn.give_back(self.stream)  # the window it held back
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stream = self.stream
+        if not stream.closed and not (stream.local_ended and stream.remote_ended):
+            stream.conn.reset(stream)
+        stream.conn.streams.pop(stream.id, None)
+        if not stream.finished.done():
+            stream.finished.set_result(None)
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One HBONE connection (client or server side) under its TLS transport; see the module doc."""
+
+    def __init__(self, client: bool, on_request: Callable[[Stream, dict[str, str]], None] | None = None):
+        self.client = client
+        self.on_request = on_request
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.decoder = hpack.Decoder()
+        self.encoded_once = False  # our first header block carries the table size update
+        self.next_id = 1  # the next stream a client opens
+        self.last_peer_id = 0  # the highest stream the peer opened
+        self.peer_window = f.DEFAULT_WINDOW  # the peer's INITIAL_WINDOW_SIZE: a new stream's send window
+        self.peer_frame = f.DEFAULT_FRAME
+        self.peer_streams = 2**31  # the peer's MAX_CONCURRENT_STREAMS
+        self.send_window = f.DEFAULT_WINDOW  # the peer's connection window for us; WINDOW_UPDATEs grow it
+        self.recv_window = WINDOW
+        self.unacked = 0
+        self.closed = False  # no new streams (closed, or GOAWAY either way)
+        self.write_paused = False
+        self.out: list[bytes] = []  # control frames waiting for the next write
+        self.flush_later: asyncio.TimerHandle | None = None
+        self.carry = b""  # input not taken yet (a frame not whole): it goes in front of the next read
+        self.preface = not client
+        self.need = 0  # a frame this long is waiting to be read whole
+        self.continued: tuple[int, int, list[bytes]] | None = None  # a header block awaiting CONTINUATION
+        self.data_stream: Stream | None = None  # the stream whose DATA payload is being passed through
+        self.data_left = 0
+        self.pad_left = 0
+        self.data_flags = 0
+        self.data_id = 0
+
+    @property
+    def max_send_frame(self) -> int:
+        return self.peer_frame
+
+    # -- transport side --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        no_delay(transport)
+        ours = {f.INITIAL_WINDOW_SIZE: WINDOW, f.MAX_FRAME_SIZE: FRAME}
+        ours.update({f.ENABLE_PUSH: 0} if self.client else {f.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
+        preface = f.PREFACE if self.client else b""
+        self.flush(preface + f.settings(ours) + f.window_update(0, WINDOW - f.DEFAULT_WINDOW))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        carried = len(self.carry)
+        view = scratch(carried + max(TLS_READ, self.need))
+        view[:carried] = self.carry
+        return view[carried : carried + max(TLS_READ, self.need - carried)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._take_input(scratch(0), len(self.carry) + nbytes)
+        except (H2Error, hpack.HPACKError) as e:
+            code = e.code if isinstance(e, H2Error) else ErrorCode.COMPRESSION_ERROR
+            log.info("HBONE protocol error", error=str(e))
+            self.flush(f.goaway(self.last_peer_id, code, str(e).encode()[:200]))
+            self.transport.close()
+            return
+        if self.out:
+            self.flush()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: connection_lost ends the streams
+
+    def pause_writing(self) -> None:  # TLS cannot take more: no stream reads until it can
+        self.write_paused = True
+        for stream in self.streams.values():
+            if stream.app is not None and stream.app.transport is not None:
+                stream.app.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._resume_senders()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.flush_later is not None:
+            self.flush_later.cancel()
+        log.debug("HBONE connection ended", error=repr(exc) if exc else None)
+        for stream in list(self.streams.values()):
+            stream.close("HBONE connection closed")
+
+    # -- input -------------------------------------------------------------------------------
+    def _take_input(self, view: memoryview, end: int) -> None:
+        """Frames from view[:end] (what was carried, then what was read)."""
+        pos = self.need = 0
+        if self.preface:  # the server reads the client's connection preface first, not a frame
+            if end < len(f.PREFACE):
+                self.carry = bytes(view[:end])
+                return
+            if view[: len(f.PREFACE)] != f.PREFACE:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "no HTTP/2 connection preface")
+            pos, self.preface = len(f.PREFACE), False
+        while True:
+            if self.data_id:
+                if self.data_left:
+                    k = min(self.data_left, end - pos)
+                    if not k:
+                        break
+                    if self.data_stream is not None:
+                        self.data_stream.receive(view[pos : pos + k])
+                    pos += k
+                    self.data_left -= k
+                    continue
+                if self.pad_left:
+                    k = min(self.pad_left, end - pos)
+                    if not k:
+                        break
+                    pos += k
+                    self.pad_left -= k
+                    continue
+                self._data_done()
+                continue
+            if end - pos < 9:
+                break
+            length = int.from_bytes(view[pos : pos + 3], "big")
+            ftype, flags = view[pos + 3], view[pos + 4]
+            stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & f.MAX_WINDOW
+            if length > FRAME:
+                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            if self.continued is not None and (ftype != f.CONTINUATION or stream_id != self.continued[0]):
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
+            if ftype == f.DATA:  # the payload is passed on as it arrives, not read whole first
+                if flags & f.PADDED and end - pos < 10:
+                    break
+                self._data_start(stream_id, length, flags, view[pos + 9] if flags & f.PADDED else 0)
+                pos += 10 if flags & f.PADDED else 9
+                continue
+            if end - pos < 9 + length:
+                self.need = 9 + length
+                break
+            self._frame(ftype, flags, stream_id, view[pos + 9 : pos + 9 + length])
+            pos += 9 + length
+        self.carry = bytes(view[pos:end])
+
+    def _frame(self, ftype: int, flags: int, stream_id: int, payload: memoryview) -> None:
+        """Every frame but DATA, read whole."""
+        if ftype == f.HEADERS:
+            if not stream_id:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+            fragment = f.header_fragment(flags, payload)
+            if flags & f.END_HEADERS:
+                self._headers(stream_id, flags, fragment)
+            else:
+                self.continued = (stream_id, flags, [fragment])
+        elif ftype == f.CONTINUATION:
+            if self.continued is None:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+            self.continued[2].append(bytes(payload))
+            if flags & f.END_HEADERS:
+                stream_id, first_flags, parts = self.continued
+                self.continued = None
+                self._headers(stream_id, first_flags, b"".join(parts))
+        elif ftype == f.WINDOW_UPDATE:
+            if len(payload) != 4:
+                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of another size than 4")
+            self._window_update(stream_id, int.from_bytes(payload, "big") & f.MAX_WINDOW)
+        elif ftype == f.SETTINGS:
+            if stream_id:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+            if not flags & f.ACK:
+                self._settings(f.parse_settings(payload))
+                self.out.append(f.frame(f.SETTINGS, f.ACK, 0))
+        elif ftype == f.PING:
+            if len(payload) != 8:
+                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, "PING of another size than 8")
+            if not flags & f.ACK:
+                self.out.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
+        elif ftype == f.RST_STREAM:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.close("HBONE stream reset")
+        elif ftype == f.GOAWAY:
+            self._goaway(int.from_bytes(payload[0:4], "big") & f.MAX_WINDOW, int.from_bytes(payload[4:8], "big"))
+        elif ftype == f.PUSH_PROMISE:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE (push is off)")
+        # PRIORITY and frame types we do not know are ignored, as RFC 9113 says
+
+    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
+        fields = dict(self.decoder.decode(block))  # always decoded: the peer's HPACK table moves on
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            if self.client and not stream.response.done() and not fields.get(":status", "").startswith("1"):
+                stream.response.set_result(fields)
+                if fields.get(":status") != "200":  # refused: what was sent early goes nowhere
+                    stream.close(f"HBONE CONNECT refused with status {fields.get(':status')}", refused=True)
+                    return
+            if flags & f.END_STREAM:  # the end, or trailers
+                stream.ended_by_peer()
+        elif self.client:
+            return  # a stream we no longer carry
+        elif stream_id % 2 == 0:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, f"client opened even stream {stream_id}")
+        elif stream_id <= self.last_peer_id:
+            self.out.append(f.rst_stream(stream_id, ErrorCode.STREAM_CLOSED))
+        else:
+            self.last_peer_id = stream_id
+            if len(self.streams) >= MAX_STREAMS or self.closed or self.on_request is None:
+                self.out.append(f.rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
+                return
+            stream = self.streams[stream_id] = Stream(self, stream_id)
+            if flags & f.END_STREAM:
+                stream.remote_ended = True
+            self.on_request(stream, fields)
+
+    def _settings(self, pairs: list[tuple[int, int]]) -> None:
+        for key, value in pairs:
+            if key == f.INITIAL_WINDOW_SIZE:
+                for stream in self.streams.values():
+                    stream.send_window += value - self.peer_window
+                self.peer_window = value
+            elif key == f.MAX_FRAME_SIZE:
+                self.peer_frame = value
+            elif key == f.MAX_CONCURRENT_STREAMS:
+                self.peer_streams = value
+        self._resume_senders()
+
+    def _goaway(self, last_id: int, code: int) -> None:
+        self.closed = True  # no new streams here; ours above last_id were never taken
+        for stream in [s for i, s in self.streams.items() if i > last_id and (i % 2 == 1) == self.client]:
+            stream.close("HBONE connection going away")
+        if code:
+            log.info("HBONE connection ended by the peer", error=ErrorCode(code).name if code in ErrorCode else code)
+            self.transport.close()
+
+    def _data_start(self, stream_id: int, length: int, flags: int, pad: int) -> None:
+        if flags & f.PADDED and pad >= length:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, f"DATA frame of {length} bytes with padding {pad}")
+        if not stream_id:
+            raise H2Error(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        self.recv_window -= length
+        if self.recv_window < 0:
+            raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the connection window")
+        self.unacked += length
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.remote_ended:
+            stream = None  # a stream the peer had ended: dropped (its window is given back to the connection)
+        if stream is not None:
+            stream.recv_window -= length
+            if stream.recv_window < 0:
+                raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the stream window")
+            if flags & f.PADDED:  # padding counts against the window; it is given back with the data
+                stream.unacked += 1 + pad
+        self.data_stream, self.data_id, self.data_flags = stream, stream_id, flags
+        self.data_left = length - (1 + pad if flags & f.PADDED else 0)
+        self.pad_left = pad
+
+    def _data_done(self) -> None:
+        stream, flags = self.data_stream, self.data_flags
+        self.data_stream, self.data_id = None, 0
+        if stream is not None and flags & f.END_STREAM:
+            stream.ended_by_peer()
+        self.ack(stream)
+
+    def _window_update(self, stream_id: int, increment: int) -> None:
+        if stream_id == 0:
+            self.send_window += increment
+            if self.send_window > f.MAX_WINDOW:
+                raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "connection window beyond 2^31-1")
+        else:
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                return
+            stream.send_window += increment
+            if stream.send_window > f.MAX_WINDOW:
+                self.reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
+                return
+        self._resume_senders()
+
+    # -- output ------------------------------------------------------------------------------
+    def flush(self, *frames: bytes | memoryview) -> None:
+        """The control frames waiting, then `frames`, in one write to TLS (one send for all)."""
+        if self.flush_later is not None:
+            self.flush_later.cancel()
+            self.flush_later = None
+        chunks = [*self.out, *frames] if self.out else frames
+        self.out = []
+        if chunks and live(self.transport):
+            self.transport.writelines(chunks)
+
+    def flush_soon(self, delay: float = 0.0) -> None:
+        """Let the control frames go with the next frame written, or after `delay` at the latest: a CONNECT
+        goes with the first data the application has already sent (a delay of 0 is still after this round's
+        reads), a 200 with the application's first answer."""
+        if self.flush_later is None:
+            self.flush_later = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def send_headers(self, stream_id: int, fields: list[tuple[str, str]], end_stream: bool = False) -> None:
+        block = f.header_block(fields, first=not self.encoded_once)
+        self.encoded_once = True
+        self.out.append(f.headers(stream_id, block, end_stream, self.peer_frame))
+
+    def send_data(self, stream: Stream, view: memoryview, nbytes: int) -> None:
+        """The DATA frame whose payload is view[9:9 + nbytes] (the header goes in front of it)."""
+        if stream.closed or stream.local_ended or not live(self.transport):
+            return
+        f.header(view, nbytes, f.DATA, 0, stream.id)
+        self.flush(view[: 9 + nbytes])  # after the control frames waiting; encrypted at once: the buffer is free
+        stream.send_window -= nbytes
+        stream.bytes_out += nbytes
+        self.send_window -= nbytes
+        if self.send_window <= 0:
+            for other in self.streams.values():
+                if other.app is not None and other.app.transport is not None:
+                    other.app.transport.pause_reading()
+        elif stream.send_window <= 0 and stream.app is not None:
+            stream.app.transport.pause_reading()
+
+    def _resume_senders(self) -> None:
+        if self.write_paused or self.send_window <= 0:
+            return
+        for stream in self.streams.values():
+            app = stream.app
+            if app is not None and live(app.transport) and stream.send_window > 0 and not stream.local_ended:
+                app.transport.resume_reading()
+
+    def ack(self, stream: Stream | None) -> None:
+        """Give back the window the peer used once half of it is: the connection's at once, a stream's only
+        while its socket keeps up."""
+        if self.unacked >= WINDOW // 2:
+            self.out.append(f.window_update(0, self.unacked))
+            self.recv_window += self.unacked
+            self.unacked = 0
+        if stream is not None and stream.unacked and not stream.remote_ended:
+            app = stream.app
+            due = stream.unacked >= WINDOW // 2 or stream.recv_window < WINDOW // 2
+            if due and app is not None and not app.write_paused:
+                self.out.append(f.window_update(stream.id, stream.unacked))
+                stream.recv_window += stream.unacked
+                stream.unacked = 0
+
+    def give_back(self, stream: Stream) -> None:
+        """ack() outside the reading of input (which flushes when it is done): out at once."""
+        self.ack(stream)
+        if self.out:
+            self.flush()
+
+    def end_stream(self, stream: Stream) -> None:
+        if stream.local_ended or stream.closed:
+            return
+        stream.local_ended = True
+        self.flush(f.end_stream(stream.id))
+        if stream.remote_ended:
+            self.streams.pop(stream.id, None)
+
+    def reset(self, stream: Stream, code: ErrorCode = ErrorCode.CANCEL) -> None:
+        if not stream.closed:
+            self.flush(f.rst_stream(stream.id, code))
+        stream.close("HBONE stream reset")
+
+    def close(self) -> None:
+        if live(self.transport):
+            self.flush(f.goaway(self.last_peer_id, ErrorCode.NO_ERROR))
+            self.transport.close()
+        self.closed = True
