@@ -15,7 +15,7 @@ import collections
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -28,7 +28,7 @@ from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PO
 from noded.tunnel.h2conn import Stream
 from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
-from noded.tunnel.relay import Acceptor, finish_connect, splice_sockets, start_connect
+from noded.tunnel.relay import Acceptor, finish_connect, spawn, splice_sockets, start_connect
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -152,11 +152,6 @@ class CaptureProxy:
         pod.recent.append(record)
         return record
 
-    def _spawn(self, coro: Coroutine) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
     def _pod_socket(self, pod: PodListeners, dst: tuple[str, int], source: str | None = None) -> tuple:
         """A socket connecting from inside the pod's netns, tunnel-marked (not captured again), from `source`
         (a transparent bind: the application sees the client's own address) if given; and whether its
@@ -196,7 +191,7 @@ class CaptureProxy:
             if route is None or route.peer_identity is None:  # not meshed: plain TCP, as addressed
                 if route is not None and route.refused:
                     raise ConnectionRefusedError("service port without endpoints")
-                self._spawn(self._plain_out(pod, sock, dst, record))
+                spawn(self.tasks, self._plain_out(pod, sock, dst, record))
                 return
             source = tunnel.identity_of(pod.key)
             ctx = tunnel.context(False, source)
@@ -226,7 +221,7 @@ class CaptureProxy:
                 return
             self._splice_stream(stream, sock, record)
 
-        self._spawn(new_connection())
+        spawn(self.tasks, new_connection())
 
     def _splice_stream(self, stream: Stream, sock: socket.socket, record: dict) -> None:
         """The app's connection spliced to its HBONE stream; what the app has sent goes at once."""
@@ -240,7 +235,7 @@ class CaptureProxy:
 
         stream.response.add_done_callback(answered)
         stream.send_first(sock)
-        self._spawn(stream.attach(sock))
+        spawn(self.tasks, stream.attach(sock))
 
     async def _plain_out(self, pod: PodListeners, sock: socket.socket, dst: tuple, record: dict) -> None:
         try:
@@ -273,7 +268,7 @@ class CaptureProxy:
                 return
             await splice_sockets(sock, up)
 
-        self._spawn(splice())
+        spawn(self.tasks, splice())
 
     def _hbone_closed(self, pod: PodListeners, sock: socket.socket, peer: tuple) -> None:
         sock.close()  # no tunnel for this pod: nothing listens on 15008 in its name

@@ -20,7 +20,7 @@ import structlog
 
 from noded.tunnel import frames as f
 from noded.tunnel.h2conn import Connection, Stream, StreamsExhausted
-from noded.tunnel.relay import finish_connect, live
+from noded.tunnel.relay import finish_connect, live, spawn
 from noded.tunnel.tls import PeerRejected, peer_identity
 
 log = structlog.get_logger("noded.tunnel.hbone")
@@ -104,7 +104,7 @@ class ServerConnection(Connection):
             return
         if connected:
             stream.sock = sock
-        self.spawn(self._splice(stream, sock, connected, host, port))
+        spawn(self.tasks, self._splice(stream, sock, connected, host, port))
 
     def _unreachable(self, host: str, port: int, error: OSError) -> str:
         log.info("HBONE destination unreachable", destination=f"{host}:{port}", error=str(error))

@@ -19,7 +19,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import structlog
 
@@ -37,6 +37,13 @@ def scratch(size: int) -> memoryview:
     if view is None or len(view) < size:
         view = _scratch.view = memoryview(bytearray(max(size, 2 * READ_SIZE)))
     return view
+
+
+def spawn(tasks: set[asyncio.Task], coro: Coroutine) -> None:
+    """Run `coro` as a task held in `tasks` until it is done (asyncio keeps only weak references)."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def no_delay(transport: asyncio.BaseTransport | socket.socket) -> None:
