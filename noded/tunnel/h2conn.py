@@ -134,7 +134,7 @@ class Stream:
         self.closed = True
         self.refused = refused
         self.fail(why)
-        self.conn.streams.pop(self.id, None)
+        self.conn.forget(self.id)
         if self.app is not None and self.app.transport is not None:
             if refused:
                 self.app.end_refused()
@@ -214,7 +214,7 @@ class _AppSide(asyncio.BufferedProtocol):
         stream = self.stream
         if not stream.closed and not (stream.local_ended and stream.remote_ended):
             stream.conn.reset(stream)
-        stream.conn.streams.pop(stream.id, None)
+        stream.conn.forget(stream.id)
         if not stream.finished.done():
             stream.finished.set_result(None)
 
@@ -239,6 +239,7 @@ class Connection(asyncio.BufferedProtocol):
         self.recv_window = WINDOW
         self.unacked = 0
         self.closed = False  # no new streams (closed, or GOAWAY either way)
+        self.retiring = False  # closes once its last stream is over
         self.write_paused = False
         self.out: list[bytes] = []  # control frames waiting for the next write
         self.flush_later: asyncio.TimerHandle | None = None
@@ -565,12 +566,24 @@ class Connection(asyncio.BufferedProtocol):
         stream.local_ended = True
         self.flush(f.end_stream(stream.id))
         if stream.remote_ended:
-            self.streams.pop(stream.id, None)
+            self.forget(stream.id)
 
     def reset(self, stream: Stream, code: ErrorCode = ErrorCode.CANCEL) -> None:
         if not stream.closed:
             self.flush(f.rst_stream(stream.id, code))
         stream.close("HBONE stream reset")
+
+    def forget(self, stream_id: int) -> None:
+        """A stream is over; a retiring connection closes with its last one."""
+        self.streams.pop(stream_id, None)
+        if self.retiring and not self.streams:
+            self.close()
+
+    def retire(self) -> None:
+        """No new streams; the ones it carries go on, and it closes once they are over."""
+        self.closed = self.retiring = True
+        if not self.streams:
+            self.close()
 
     def close(self) -> None:
         if live(self.transport):

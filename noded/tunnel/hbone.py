@@ -116,7 +116,7 @@ class ServerConnection(Connection):
         self.send_headers(stream.id, [(":status", status)], end_stream=status != "200")
         if status != "200":
             stream.local_ended = True
-            self.streams.pop(stream.id, None)
+            self.forget(stream.id)
             self.flush()
         elif stream.received:  # the client did not wait for it: it can wait a little for the app's answer
             self.flush_soon(ANSWER_DELAY)
@@ -188,7 +188,7 @@ async def request(conn: Connection, authority: str) -> Stream:
     stream = open_request(conn, authority)
     headers = await stream.response
     if headers.get(":status") != "200":
-        conn.streams.pop(stream.id, None)
+        conn.forget(stream.id)
         raise TunnelRefused(headers.get(":status", "?"))
     return stream
 
@@ -208,7 +208,8 @@ async def open_stream(
 class Pool:
     """Client connections kept per key (source pod and destination), as ztunnel pools them: a new TCP
     connection through the tunnel costs one stream, not a TCP and TLS handshake. A connection that closed,
-    has no stream left to give, or was made with another certificate (`token`) is replaced."""
+    has no stream left to give, or was made with another certificate (`token`: a renewed one) is replaced;
+    the streams it carries go on until they end. `drop` (the pod is gone) closes them all."""
 
     def __init__(self) -> None:
         self.connections: dict[object, tuple[Connection, object]] = {}
@@ -233,7 +234,7 @@ class Pool:
             return stream
         held = self.connections.pop(key, None)
         if held is not None:
-            held[0].close()  # its streams end with it: it was not taking new ones anyway
+            held[0].retire()  # the connections it carries go on; it closes after the last
         conn = await dial()
         self.connections[key] = (conn, token)
         return open_request(conn, authority)

@@ -12,8 +12,8 @@ import pytest
 
 from noded.tunnel import ca as ca_mod
 from noded.tunnel.ca import CertificateAuthority, create_root
-from noded.tunnel.hbone import ServerConnection, TunnelRefused, connect, open_request, open_stream, serve
-from noded.tunnel.relay import start_connect
+from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, connect, open_request, open_stream, serve
+from noded.tunnel.relay import live, start_connect
 from noded.tunnel.tls import context
 from tests.unit.test_tunnel_identity import ECHO, SHELL, TD, workload
 
@@ -184,6 +184,53 @@ def test_a_slow_application_holds_back_its_stream_and_then_gets_everything(ca, t
         writer.close()
         await asyncio.wait_for(attached, 5)
         conn.close()
+        server.close()
+        app.close()
+
+    asyncio.run(main())
+
+
+def test_a_replaced_pooled_connection_keeps_its_streams_until_they_end(ca, tmp_path):
+    """A renewed certificate (another pool token) gets a new connection; the stream still open on the old
+    one keeps working, and the old connection closes once that stream is over."""
+
+    async def main():
+        app, app_port = await echo_app()
+        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
+        pool = Pool()
+        ctx = client_ctx(ca, tmp_path)
+
+        async def dial():
+            return await connect("127.0.0.1", port, ctx)
+
+        async def spliced(stream):
+            ours, theirs = socket.socketpair()
+            theirs.setblocking(False)
+            attached = asyncio.ensure_future(stream.attach(theirs))
+            reader, writer = await asyncio.open_connection(sock=ours)
+            return reader, writer, attached
+
+        old = await pool.stream("pod", "cert-1", f"127.0.0.1:{app_port}", dial)
+        r1, w1, attached1 = await spliced(old)
+        w1.write(b"before\n")
+        assert await asyncio.wait_for(r1.readline(), 5) == b"before\n"
+        new = await pool.stream("pod", "cert-2", f"127.0.0.1:{app_port}", dial)  # renewed: a new connection
+        assert new.conn is not old.conn and old.conn.closed and live(old.conn.transport)
+        r2, w2, attached2 = await spliced(new)
+        w1.write(b"still here\n")  # the old connection's stream goes on
+        w2.write(b"new one\n")
+        assert await asyncio.wait_for(r1.readline(), 5) == b"still here\n"
+        assert await asyncio.wait_for(r2.readline(), 5) == b"new one\n"
+        w1.write_eof()
+        assert await asyncio.wait_for(r1.read(), 5) == b""
+        w1.close()
+        await asyncio.wait_for(attached1, 5)
+        await asyncio.sleep(0.1)
+        assert not live(old.conn.transport)  # closed with its last stream
+        assert live(new.conn.transport)
+        w2.close()
+        await asyncio.wait_for(attached2, 5)
+        pool.drop(lambda key: True)
         server.close()
         app.close()
 
