@@ -31,6 +31,7 @@ WINDOW = 4 * 1024 * 1024
 FRAME = 1024 * 1024  # the largest frame we take and DATA frame we send: one read of a stream's socket
 LINGER = 10  # seconds a refused stream's socket waits for the application to end its side
 MAX_STREAMS = 1000  # concurrent streams a client may open on one connection to us
+POOL_IDLE = 300.0  # seconds a client connection is kept without a stream
 TLS_READ = 2 * READ_SIZE  # more than one read of the TLS socket decrypts to: taken in one go
 
 
@@ -240,6 +241,7 @@ class Connection(asyncio.BufferedProtocol):
         self.unacked = 0
         self.closed = False  # no new streams (closed, or GOAWAY either way)
         self.retiring = False  # closes once its last stream is over
+        self.idle: asyncio.TimerHandle | None = None  # a client connection without streams closes when it fires
         self.write_paused = False
         self.out: list[bytes] = []  # control frames waiting for the next write
         self.flush_later: asyncio.TimerHandle | None = None
@@ -299,8 +301,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.flush_later is not None:
-            self.flush_later.cancel()
+        for timer in (self.flush_later, self.idle):
+            if timer is not None:
+                timer.cancel()
         log.debug("HBONE connection ended", error=repr(exc) if exc else None)
         for stream in list(self.streams.values()):
             stream.close("HBONE connection closed")
@@ -423,7 +426,7 @@ class Connection(asyncio.BufferedProtocol):
             if len(self.streams) >= MAX_STREAMS or self.closed or self.on_request is None:
                 self.out.append(f.rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
                 return
-            stream = self.streams[stream_id] = Stream(self, stream_id)
+            stream = self.add(stream_id)
             if flags & f.END_STREAM:
                 stream.remote_ended = True
             self.on_request(stream, fields)
@@ -573,10 +576,28 @@ class Connection(asyncio.BufferedProtocol):
             self.flush(f.rst_stream(stream.id, code))
         stream.close("HBONE stream reset")
 
+    def add(self, stream_id: int) -> Stream:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        stream = self.streams[stream_id] = Stream(self, stream_id)
+        return stream
+
     def forget(self, stream_id: int) -> None:
-        """A stream is over; a retiring connection closes with its last one."""
+        """A stream is over; a retiring connection closes with its last one, a client's after POOL_IDLE
+        seconds without one (as ztunnel releases unused pooled connections)."""
         self.streams.pop(stream_id, None)
-        if self.retiring and not self.streams:
+        if self.streams:
+            return
+        if self.retiring:
+            self.close()
+        elif self.client and self.idle is None and live(self.transport):
+            self.idle = asyncio.get_running_loop().call_later(POOL_IDLE, self._idle_end)
+
+    def _idle_end(self) -> None:
+        self.idle = None
+        if not self.streams:
+            log.debug("HBONE connection unused: closed")
             self.close()
 
     def retire(self) -> None:

@@ -177,7 +177,7 @@ def open_request(conn: Connection, authority: str) -> Stream:
     if len(conn.streams) >= conn.peer_streams or conn.next_id > f.MAX_WINDOW:
         raise StreamsExhausted(f"HBONE connection has {len(conn.streams)} streams, next ID {conn.next_id}")
     stream_id, conn.next_id = conn.next_id, conn.next_id + 2
-    stream = conn.streams[stream_id] = Stream(conn, stream_id)
+    stream = conn.add(stream_id)
     conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
     conn.flush_soon()
     return stream

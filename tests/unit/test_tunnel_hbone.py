@@ -11,6 +11,7 @@ import socket
 import pytest
 
 from noded.tunnel import ca as ca_mod
+from noded.tunnel import h2conn
 from noded.tunnel.ca import CertificateAuthority, create_root
 from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, connect, open_request, open_stream, serve
 from noded.tunnel.relay import live, start_connect
@@ -231,6 +232,40 @@ def test_a_replaced_pooled_connection_keeps_its_streams_until_they_end(ca, tmp_p
         w2.close()
         await asyncio.wait_for(attached2, 5)
         pool.drop(lambda key: True)
+        server.close()
+        app.close()
+
+    asyncio.run(main())
+
+
+def test_an_unused_pooled_connection_is_released(ca, tmp_path, monkeypatch):
+    monkeypatch.setattr(h2conn, "POOL_IDLE", 0.3)
+
+    async def main():
+        app, app_port = await echo_app()
+        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
+        pool = Pool()
+        ctx = client_ctx(ca, tmp_path)
+
+        async def dial():
+            return await connect("127.0.0.1", port, ctx)
+
+        conns = []
+        for _ in range(2):  # a stream within the idle time keeps the connection
+            stream = await pool.stream("pod", "cert", f"127.0.0.1:{app_port}", dial)
+            conns.append(stream.conn)
+            ours, theirs = socket.socketpair()
+            theirs.setblocking(False)
+            attached = asyncio.ensure_future(stream.attach(theirs))
+            ours.close()  # the application is done at once: the stream ends
+            await asyncio.wait_for(attached, 5)
+            await asyncio.sleep(0.1)
+            assert live(stream.conn.transport)
+        first = conns[0]
+        assert conns == [first, first]
+        await asyncio.sleep(0.5)
+        assert not live(first.transport)  # unused for longer than POOL_IDLE
+        assert pool.stream_now("pod", "cert", f"127.0.0.1:{app_port}") is None
         server.close()
         app.close()
 
