@@ -63,6 +63,28 @@ async def hbone_server(ca, tmp_path, authorize):
     return server, listener.getsockname()[1], seen
 
 
+async def spliced(stream):
+    """The test's end of a socket pair whose other end the stream is attached to: (reader, writer, the
+    attach task)."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    attached = asyncio.ensure_future(stream.attach(theirs))
+    reader, writer = await asyncio.open_connection(sock=ours)
+    return reader, writer, attached
+
+
+async def pooled(ca, tmp_path):
+    """An echo app behind an HBONE server, and a pool with a dial to it: (app, app_port, server, pool, dial)."""
+    app, app_port = await echo_app()
+    server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
+    ctx = client_ctx(ca, tmp_path)
+
+    async def dial():
+        return await connect("127.0.0.1", port, ctx)
+
+    return app, app_port, server, Pool(), dial
+
+
 def client_ctx(ca, tmp_path, signer=None):
     return context(False, workload(signer or ca, SHELL), ca_mod.cert_pem(ca.root), str(tmp_path))
 
@@ -72,10 +94,7 @@ def test_a_connect_stream_carries_data_both_ways_and_the_server_knows_the_client
         app, app_port = await echo_app()
         server, port, seen = await hbone_server(ca, tmp_path, lambda *_: True)
         stream, conn = await open_stream("127.0.0.1", port, client_ctx(ca, tmp_path), f"127.0.0.1:{app_port}")
-        ours, spliced = socket.socketpair()  # the stream carries what `ours` writes, and gives back the echo
-        spliced.setblocking(False)
-        attached = asyncio.ensure_future(stream.attach(spliced))
-        reader, writer = await asyncio.open_connection(sock=ours)
+        reader, writer, attached = await spliced(stream)  # what `writer` writes goes into the stream
         payload = os.urandom(10 * 1024 * 1024)  # well past the 4 MiB windows: flow control must turn over
 
         async def send():
@@ -135,10 +154,7 @@ def test_a_stream_used_before_its_answer_is_refused_with_a_plain_end(ca, tmp_pat
         conn = await connect("127.0.0.1", port, client_ctx(ca, tmp_path))
         for _ in range(3):  # the refused streams leave the pooled connection usable
             stream = open_request(conn, f"127.0.0.1:{app_port}")
-            ours, spliced = socket.socketpair()
-            spliced.setblocking(False)
-            attached = asyncio.ensure_future(stream.attach(spliced))
-            reader, writer = await asyncio.open_connection(sock=ours)
+            reader, writer, attached = await spliced(stream)  # what `writer` writes goes into the stream
             writer.write(b"early bytes\n")
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()  # the application ends its side too: the splice is over
@@ -172,10 +188,7 @@ def test_a_slow_application_holds_back_its_stream_and_then_gets_everything(ca, t
         app_port = app.sockets[0].getsockname()[1]
         server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
         stream, conn = await open_stream("127.0.0.1", port, client_ctx(ca, tmp_path), f"127.0.0.1:{app_port}")
-        ours, spliced = socket.socketpair()
-        spliced.setblocking(False)
-        attached = asyncio.ensure_future(stream.attach(spliced))
-        reader, writer = await asyncio.open_connection(sock=ours)
+        reader, writer, attached = await spliced(stream)  # what `writer` writes goes into the stream
         payload = os.urandom(16 * 1024 * 1024)
         writer.write(payload)
         writer.write_eof()
@@ -196,21 +209,7 @@ def test_a_replaced_pooled_connection_keeps_its_streams_until_they_end(ca, tmp_p
     one keeps working, and the old connection closes once that stream is over."""
 
     async def main():
-        app, app_port = await echo_app()
-        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
-        pool = Pool()
-        ctx = client_ctx(ca, tmp_path)
-
-        async def dial():
-            return await connect("127.0.0.1", port, ctx)
-
-        async def spliced(stream):
-            ours, theirs = socket.socketpair()
-            theirs.setblocking(False)
-            attached = asyncio.ensure_future(stream.attach(theirs))
-            reader, writer = await asyncio.open_connection(sock=ours)
-            return reader, writer, attached
-
+        app, app_port, server, pool, dial = await pooled(ca, tmp_path)
         old = await pool.stream("pod", "cert-1", f"127.0.0.1:{app_port}", dial)
         r1, w1, attached1 = await spliced(old)
         w1.write(b"before\n")
@@ -242,22 +241,13 @@ def test_an_unused_pooled_connection_is_released(ca, tmp_path, monkeypatch):
     monkeypatch.setattr(h2conn, "POOL_IDLE", 0.3)
 
     async def main():
-        app, app_port = await echo_app()
-        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
-        pool = Pool()
-        ctx = client_ctx(ca, tmp_path)
-
-        async def dial():
-            return await connect("127.0.0.1", port, ctx)
-
+        app, app_port, server, pool, dial = await pooled(ca, tmp_path)
         conns = []
         for _ in range(2):  # a stream within the idle time keeps the connection
             stream = await pool.stream("pod", "cert", f"127.0.0.1:{app_port}", dial)
             conns.append(stream.conn)
-            ours, theirs = socket.socketpair()
-            theirs.setblocking(False)
-            attached = asyncio.ensure_future(stream.attach(theirs))
-            ours.close()  # the application is done at once: the stream ends
+            _reader, writer, attached = await spliced(stream)
+            writer.close()  # the application is done at once: the stream ends
             await asyncio.wait_for(attached, 5)
             await asyncio.sleep(0.1)
             assert live(stream.conn.transport)
