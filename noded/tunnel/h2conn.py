@@ -23,7 +23,7 @@ import structlog
 
 from noded.tunnel import frames as f
 from noded.tunnel.frames import ErrorCode, H2Error
-from noded.tunnel.relay import READ_SIZE, live, no_delay, scratch
+from noded.tunnel.relay import READ_SIZE, keep_alive, live, no_delay, scratch
 
 log = structlog.get_logger("noded.tunnel.h2conn")
 
@@ -263,6 +263,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         no_delay(transport)
+        keep_alive(transport)  # the node on the other end may vanish without a word
         ours = {f.INITIAL_WINDOW_SIZE: WINDOW, f.MAX_FRAME_SIZE: FRAME}
         ours.update({f.ENABLE_PUSH: 0} if self.client else {f.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
         preface = f.PREFACE if self.client else b""

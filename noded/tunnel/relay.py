@@ -54,6 +54,17 @@ def no_delay(transport: asyncio.BaseTransport | socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def keep_alive(transport: asyncio.BaseTransport, idle: int = 180, interval: int = 180, probes: int = 9) -> None:
+    """TCP keepalive: a connection whose peer vanished (a node gone without a FIN) is found out and closed,
+    after `idle` seconds of silence and `probes` unanswered probes `interval` seconds apart."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+
+
 def live(transport: asyncio.BaseTransport | None) -> bool:
     """A transport that is there and not closing."""
     return transport is not None and not transport.is_closing()

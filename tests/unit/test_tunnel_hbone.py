@@ -106,6 +106,9 @@ def test_a_connect_stream_carries_data_both_ways_and_the_server_knows_the_client
         _, echoed = await asyncio.gather(send(), reader.read())
         assert echoed == payload
         assert seen == [(SHELL, "127.0.0.1", app_port)]
+        raw = conn.transport.get_extra_info("socket")  # a node that vanishes is found out by keepalive
+        assert raw.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 180
         await asyncio.wait_for(attached, 5)  # both directions ended: the splice is done
         assert not conn.streams
         writer.close()
