@@ -76,7 +76,6 @@ class CaptureProxy:
         self.tunnel = tunnel
         self.pool = Pool()  # HBONE client connections, shared by a pod's connections to one destination
         self.thread = loop
-        self.loop = loop.loop
         self.pods: dict[str, PodListeners] = {}
         self.tasks: set[asyncio.Task] = set()
 

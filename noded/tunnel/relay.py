@@ -26,6 +26,7 @@ import structlog
 log = structlog.get_logger("noded.tunnel.relay")
 
 READ_SIZE = 256 * 1024
+ACCEPT_RETRY = 1.0  # seconds an Acceptor waits after accept() failed (EMFILE), as asyncio's servers do
 _scratch = threading.local()
 
 
@@ -46,19 +47,22 @@ def spawn(tasks: set[asyncio.Task], coro: Coroutine) -> None:
     task.add_done_callback(tasks.discard)
 
 
-def no_delay(transport: asyncio.BaseTransport | socket.socket) -> None:
+def _tcp(transport: asyncio.BaseTransport) -> socket.socket | None:
+    sock = transport.get_extra_info("socket")
+    return sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
+
+
+def no_delay(transport: asyncio.BaseTransport) -> None:
     """TCP_NODELAY: a small write goes out at once. asyncio sets it only on sockets whose proto field says
     TCP, which sockets made with proto 0 (ours, and those accepted from them) do not."""
-    sock = transport if isinstance(transport, socket.socket) else transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    if (sock := _tcp(transport)) is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def keep_alive(transport: asyncio.BaseTransport, idle: int = 180, interval: int = 180, probes: int = 9) -> None:
     """TCP keepalive: a connection whose peer vanished (a node gone without a FIN) is found out and closed,
     after `idle` seconds of silence and `probes` unanswered probes `interval` seconds apart."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    if (sock := _tcp(transport)) is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
@@ -78,6 +82,7 @@ class Acceptor:
         self.listener = listener
         self.on_socket = on_socket
         self.loop = asyncio.get_running_loop()
+        self.retry: asyncio.TimerHandle | None = None
         self.loop.add_reader(listener.fileno(), self._ready)
 
     def _ready(self) -> None:
@@ -86,8 +91,10 @@ class Acceptor:
                 sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: the connection waits in the backlog
-                log.warning("accept failed", error=str(e))
+            except OSError as e:  # EMFILE and the like: the connection waits in the backlog, and so do we
+                log.warning("accept failed; retrying in a second", error=str(e))
+                self.loop.remove_reader(self.listener.fileno())  # else the ready listener spins the loop
+                self.retry = self.loop.call_later(ACCEPT_RETRY, self._resume)
                 return
             sock.setblocking(False)
             try:
@@ -96,7 +103,13 @@ class Acceptor:
                 log.exception("accepted connection not handled")
                 sock.close()
 
+    def _resume(self) -> None:
+        self.retry = None
+        self.loop.add_reader(self.listener.fileno(), self._ready)
+
     def close(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
 
