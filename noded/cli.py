@@ -119,6 +119,18 @@ def render_status(s: dict) -> str:
         ),
         ("programs", ", ".join(s.get("attachedPrograms") or []) or "-"),
     ]
+    term = s.get("socketTermination")
+    if term:
+        rows.append(
+            (
+                "socket term.",
+                f"on ({'/'.join(term.get('protocols') or [])}): {term.get('destroyed', 0)} sockets destroyed in "
+                f"{term.get('runs', 0)} runs, last {term.get('lastSeconds', 0) * 1000:.1f} ms over "
+                f"{term.get('namespaces', 0)} netns"
+                if term.get("enabled")
+                else f"OFF: {term.get('reason')}",
+            )
+        )
     dns = s.get("dns")
     if dns:
         fast = dns.get("fastPath") or {}

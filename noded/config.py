@@ -39,6 +39,11 @@ class ServicesConfig:
     nodePortAddresses: list[str] = field(default_factory=list)
     minSyncPeriod: float = 0.0
     syncPeriod: float = 30.0
+    # eBPF mode: sockets the socket-LB connected to a backend that is no longer an endpoint are destroyed
+    # after the sync (bpf_sock_destroy), so connected UDP clients reconnect to a current one; TCP too with
+    # terminateTCPConnections (Cilium's "terminate pod connections"), off by default as in Cilium
+    socketTermination: bool = True
+    terminateTCPConnections: bool = False
 
     def validate(self, at: str) -> None:
         if self.mode not in SERVICE_MODES:
@@ -60,8 +65,17 @@ class DnsConfig:
     servfailTTL: int = 5
     maxConcurrent: int = 1000  # upstream queries in flight; beyond, REFUSED (CoreDNS forward's max_concurrent)
     fastPath: bool = True  # the eBPF answerer on the pods' bridge for A/AAAA of service names (IPv4 listen)
+    # the addresses the kubelet hands pods as their nameserver (its clusterDNS); empty: the ClusterIPs of
+    # kube-system/kube-dns when that Service exists. The in-pod DNS capture takes queries to these (and
+    # only these) to noded; a query to any other address goes where the pod sent it.
+    clusterDNS: list[str] = field(default_factory=list)
 
     def validate(self, at: str) -> None:
+        for i, address in enumerate(self.clusterDNS):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"{at}.clusterDNS[{i}]: {address!r} is not an IP address") from None
         for key in ("ttl", "cacheCapacity", "cacheMaxTTL", "servfailTTL", "maxConcurrent"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{at}.{key}: must not be negative")

@@ -113,7 +113,16 @@ def make_proxier(config: NodedConfiguration, model: ServiceModel):
         from noded.services.ebpf import EbpfProxier
 
         maps = load_and_attach(config.bpffsPath, config.services.cgroupPath)
-        return EbpfProxier(model, maps, config.bpffsPath, config.clusterCIDRs, config.services.cgroupPath)
+        terminator = None
+        if config.services.socketTermination:
+            from noded.bpf.sock_term import SocketTerminator
+
+            terminator = SocketTerminator(
+                config.bpffsPath, config.services.cgroupPath, tcp=config.services.terminateTCPConnections
+            )
+        return EbpfProxier(
+            model, maps, config.bpffsPath, config.clusterCIDRs, config.services.cgroupPath, terminator=terminator
+        )
     raise SystemExit(f"services.mode: {mode!r} is not one of ebpf, nftables, iptables, none")
 
 
@@ -159,6 +168,8 @@ class Daemon:
         self.metrics.observe_sync(took, full, self.model.taken_since)
         if self.proxier:
             self.health_checks.update(self.model.health_checks())
+        if self.pods is not None:
+            self.pods.set_cluster_dns(self.cluster_dns())
         if n or full:
             log.info("services synced", full=full, services=n, seconds=round(took, 4))
         self._write_status()
@@ -237,6 +248,10 @@ class Daemon:
             namespace = self.pods.namespace_of(address)
         return namespace
 
+    def cluster_dns(self) -> tuple[str, ...]:
+        """The addresses pods use as their nameserver: configured, else kube-system/kube-dns's ClusterIPs."""
+        return tuple(self.config.dns.clusterDNS) or self.model.cluster_ips("kube-system", "kube-dns")
+
     def _start_capture(self) -> None:
         from noded.api.server import serve as serve_api
         from noded.redirect.manager import PodManager
@@ -252,7 +267,9 @@ class Daemon:
         proxy = CaptureProxy(self.dns.resolver.resolve, self.loop, self.tunnel)
         state_dir = os.path.dirname(cfg.api.socket)
         direct = tuple(h for h, _ in (split_hostport(a) for a in cfg.dns.listen) if ":" not in h and h != "0.0.0.0")
-        self.pods = PodManager(state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod, direct)
+        self.pods = PodManager(
+            state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod, direct, self.cluster_dns()
+        )
         handlers = {
             "PodAdd": self.pods.add,
             "PodDel": self.pods.delete,
@@ -263,6 +280,7 @@ class Daemon:
                 "ok": True,
                 "synced": self.sink.all_synced.is_set(),
                 "dns": self.dns.status() if self.dns else None,
+                "socketTermination": self._socket_termination(),
                 "tunnel": {**self.identities.status(), **self.tunnel.status()} if self.tunnel else None,
             },
         }
@@ -311,6 +329,15 @@ class Daemon:
             "metrics",
         )
 
+    def _socket_termination(self) -> dict | None:
+        """eBPF mode: whether sockets to removed backends are destroyed (and why not)."""
+        if self.config.services.mode != "ebpf":
+            return None
+        terminator = getattr(self.proxier, "terminator", None)
+        if terminator is None:
+            return {"enabled": False, "reason": "services.socketTermination is false"}
+        return terminator.describe()
+
     def _write_status(self) -> None:
         services, slices = self.model.counts()
         status = {
@@ -329,6 +356,7 @@ class Daemon:
             "healthCheckPorts": self.health_checks.ports(),
             "lastSyncError": self.runner.last_error if self.runner else None,
             "dns": self.dns.status() if self.dns else None,
+            "socketTermination": self._socket_termination(),
         }
         os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
         write_atomic(self.status_path, json.dumps(status))

@@ -47,6 +47,7 @@ class FakeUpstream:
         self.ttl = ttl
         self.delay = delay
         self.seen: list[str] = []
+        self.ids: list[int] = []  # of the queries it saw
         self.pending: set[asyncio.Task] = set()
         self.port = 0
         self._udp: asyncio.DatagramTransport | None = None
@@ -79,6 +80,8 @@ class FakeUpstream:
                 self.transport = transport
 
             def datagram_received(self, data, addr):
+                upstream.ids.append(int.from_bytes(data[:2], "big"))
+
                 async def later():
                     await asyncio.sleep(upstream.delay)
                     wire = upstream.answer(data)

@@ -17,6 +17,7 @@
 #define NODED_AFFINITY_MAP_SIZE 65536
 #define NODED_NAT_MAP_SIZE      262144
 #define NODED_CIDR_MAP_SIZE     64
+#define NODED_SOCK_TERM_MAP_SIZE 65536
 
 /* noded_backend.flags */
 #define NODED_BACKEND_TERMINATING 0x1
@@ -124,6 +125,19 @@ struct noded_nat_val {
 struct noded_cidr_key {
 	__u32 prefixlen;
 	__u32 addr[4];
+};
+
+/* Socket termination (sock_term.c): a backend a service port no longer has.
+ * Userspace fills it after a sync, runs the socket iterators in every network
+ * namespace of the cgroup, and empties it again; the value counts the sockets
+ * destroyed for that entry. Only sockets the socket-LB translated for svc_id
+ * (a noded_revnat entry for their cookie and destination) are touched. */
+struct noded_term_key {
+	__u32 addr[4];
+	__u16 port;		/* network order */
+	__u8  proto;
+	__u8  pad;
+	__u32 svc_id;
 };
 
 #endif

@@ -60,4 +60,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } noded_cluster_cidrs SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NODED_SOCK_TERM_MAP_SIZE);
+	__type(key, struct noded_term_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} noded_sock_term SEC(".maps");
+
 #endif

@@ -36,6 +36,9 @@ ffi.cdef(
     struct bpf_link *bpf_link__open(const char *path);
     int bpf_link__update_program(struct bpf_link *link, struct bpf_program *prog);
     int bpf_link__destroy(struct bpf_link *link);
+    int bpf_link__fd(const struct bpf_link *link);
+    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog, const void *opts);
+    int bpf_iter_create(int link_fd);
     int bpf_obj_get(const char *pathname);
     int bpf_obj_pin(int fd, const char *pathname);
     int bpf_program__fd(const struct bpf_program *prog);
@@ -277,3 +280,25 @@ def attach_tcx_pinned(prog, ifindex: int, attach_type: int, pin_path: str) -> st
     finally:
         os.close(fd)
     return "attached"
+
+
+class IterLink:
+    """A BPF iterator attached in memory (never pinned: it lives as long as the daemon holds it)."""
+
+    def __init__(self, prog, name: str) -> None:
+        self.name = name
+        self._link = _check_ptr(lib.bpf_program__attach_iter(prog, ffi.NULL), f"attach iterator {name}")
+
+    def run(self) -> None:
+        """Create an iterator in the calling thread's network namespace and read it to the end."""
+        fd = _check(lib.bpf_iter_create(lib.bpf_link__fd(self._link)), f"create iterator {self.name}")
+        try:
+            while os.read(fd, 4096):
+                pass
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._link is not None:
+            lib.bpf_link__destroy(self._link)
+            self._link = None

@@ -130,6 +130,16 @@ class DnsListenKey(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 4), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class TermKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("svc_id", ctypes.c_uint32),
+    ]
+
+
 # C struct name -> mirror, for the layout test (DNS_MIRRORS: of dns.o).
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_svc_key": SvcKey,
@@ -142,6 +152,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_nat_key": NatKey,
     "noded_nat_val": NatVal,
     "noded_cidr_key": CidrKey,
+    "noded_term_key": TermKey,
 }
 DNS_MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_dns_key": DnsKey,

@@ -72,7 +72,9 @@ class DnsService:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        """Prepare and open the node-local listeners; one that fails is logged and the others serve."""
+        """Prepare and open the node-local listeners; one that fails is logged and the others serve. The
+        upstreams' loop checks start too (they serve the in-pod listeners as well)."""
+        self._loops = self.loop.spawn(self.resolver.upstreams.watch_loops())
         if not self.listen_on:
             return
         try:

@@ -3,10 +3,16 @@
 Upstreams are tried in their configured order, healthy ones first (resolv.conf semantics: the first is
 the primary). As with CoreDNS's forward plugin, `max_fails` failures in a row mark one down and a probe
 (`. IN NS`) every `probe_interval` brings it back when it answers. Identical questions in flight share one
-upstream query. Beyond `max_concurrent` upstream queries a new one is refused (`Overloaded`). A query
-that comes back to noded's own listener with the ID and question of one it forwarded is a loop: that
-upstream is disabled for good and logged (`is_loop`), and upstreams that are noded's own listen addresses
-are never used.
+upstream query. Beyond `max_concurrent` upstream queries a new one is refused (`Overloaded`).
+
+Loops are found as CoreDNS's loop plugin finds them: `check_loops()` (at start, then every
+`loop_check_interval`) sends each upstream a HINFO query for a random name under `noded-loop-check.` that
+only this process knows; if that name comes back to noded's own listener (`is_loop`), the upstream
+forwards to noded and is set aside. Nothing a client sends can trigger it: a client cannot know the
+name (before, a query matching the ID and question of one in flight disabled an upstream for good, and
+a pod flooding one question with every ID disabled them all). A set-aside upstream is checked again at
+each round and used again once its probe no longer comes back. Upstreams that are noded's own listen
+addresses are never used.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 from dataclasses import dataclass
 
 import dns.exception
@@ -26,6 +33,7 @@ import structlog
 log = structlog.get_logger("noded.dns.upstream")
 UDP_PAYLOAD = 1232  # DNS flag day 2020: no fragmentation on any path
 FlightKey = tuple[str, int, int, bool]
+LOOP_ZONE = "noded-loop-check."
 
 
 class Overloaded(Exception):
@@ -38,6 +46,7 @@ class Upstream:
     port: int = 53
     healthy: bool = True
     looping: bool = False
+    own: bool = False  # one of noded's own listen addresses: never used
     fails: int = 0
     queries: int = 0
     errors: int = 0
@@ -57,11 +66,12 @@ class Upstreams:
         timeout: float = 1.5,
         max_fails: int = 2,
         probe_interval: float = 0.5,
+        loop_check_interval: float = 60.0,
     ) -> None:
         self.all = [Upstream(h, p) for h, p in addresses]
         for up in self.all:
             if (up.host, up.port) in own:
-                up.looping = True
+                up.looping = up.own = True
                 up.healthy = False
                 up.last_error = "is one of noded's own listen addresses"
                 log.error("upstream skipped: it is noded itself", upstream=up.address)
@@ -71,8 +81,9 @@ class Upstreams:
         self.probe_interval = probe_interval
         self.active = 0
         self._inflight: dict[FlightKey, asyncio.Future] = {}
-        self._outstanding: dict[tuple[int, str, int], Upstream] = {}
         self._probes: dict[str, asyncio.Task] = {}
+        self.loop_check_interval = loop_check_interval
+        self._loop_names: dict[str, tuple[Upstream, list[bool]]] = {}  # probe name -> (upstream, [came back])
 
     def usable(self) -> list[Upstream]:
         """Healthy ones in order, then the down ones as a last resort; never a looping one."""
@@ -80,16 +91,44 @@ class Upstreams:
         return [u for u in live if u.healthy] + [u for u in live if not u.healthy]
 
     def is_loop(self, query: dns.message.Message) -> bool:
-        """True when this incoming query is one noded itself forwarded: that upstream is disabled."""
-        q = query.question[0]
-        up = self._outstanding.get((query.id, q.name.to_text().lower(), q.rdtype))
-        if up is None:
+        """True when this incoming query is one of noded's own loop probes: its upstream loops."""
+        name = query.question[0].name.to_text().lower()
+        if not name.endswith(LOOP_ZONE):
             return False
+        found = self._loop_names.get(name)
+        if found is None:
+            return False  # a client's guess, or a probe from long ago: an ordinary (NXDOMAIN) name
+        up, came_back = found
+        came_back[0] = True
         if not up.looping:
             up.looping, up.healthy = True, False
             up.last_error = "forwarding loop: queries sent there come back to noded"
-            log.error("forwarding loop detected; upstream disabled", upstream=up.address)
+            log.error("forwarding loop detected; upstream set aside", upstream=up.address)
         return True
+
+    async def watch_loops(self) -> None:
+        """check_loops() now and every loop_check_interval, for as long as the resolver runs."""
+        while True:
+            await self.check_loops()
+            await asyncio.sleep(self.loop_check_interval)
+
+    async def check_loops(self) -> None:
+        await asyncio.gather(*(self._check_loop(up) for up in self.all if not up.own))
+
+    async def _check_loop(self, up: Upstream) -> None:
+        name = f"{secrets.token_hex(8)}.{secrets.token_hex(4)}.{LOOP_ZONE}"
+        came_back = [False]
+        self._loop_names[name] = (up, came_back)
+        probe = dns.message.make_query(name, dns.rdatatype.HINFO)
+        try:
+            with contextlib.suppress(TimeoutError, OSError, dns.exception.DNSException):
+                await asyncio.wait_for(_exchange(probe.to_wire(), probe, up.host, up.port), self.timeout)
+        finally:
+            del self._loop_names[name]
+        if up.looping and not came_back[0]:
+            up.looping, up.healthy, up.fails = False, True, 0
+            up.last_error = None
+            log.info("upstream no longer loops; used again", upstream=up.address)
 
     async def exchange(self, key: FlightKey, query: dns.message.Message) -> dns.message.Message | None:
         """The upstream reply to the question of `query` (shared by identical questions in flight)."""
@@ -120,17 +159,13 @@ class Upstreams:
         if query.edns >= 0 and query.ednsflags & dns.flags.DO:
             out.want_dnssec(True)
         wire = out.to_wire()
-        flight = (out.id, q.name.to_text().lower(), q.rdtype)
         for up in self.usable():
-            self._outstanding[flight] = up
             up.queries += 1
             try:
                 reply = await asyncio.wait_for(_exchange(wire, out, up.host, up.port), self.timeout)
             except (TimeoutError, OSError, dns.exception.DNSException) as e:
                 self._failed(up, e)
                 continue
-            finally:
-                self._outstanding.pop(flight, None)
             up.fails = 0
             return reply
         return None

@@ -12,7 +12,8 @@ from noded.model.tracker import ZONE_LABEL
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_CIDR6 = "fd96::/112"
-FIRST_HOST = 10  # leave .1-.9 for well-known services, as clusters do
+FIRST_HOST = 11  # leave .1-.10 for well-known services, as clusters do (.10: the cluster DNS address)
+CLUSTER_DNS = ("10.96.0.10", "fd96::a")  # what the lab's kubelet would hand pods (kubeadm's convention)
 NODE_PORT_RANGE = range(30000, 32768)
 LB_CIDR = "10.77.100.0/24"  # the lab's load balancer (what MetalLB or a cloud would hand out)
 LB_CIDR6 = "fd77:100::/120"

@@ -1,7 +1,8 @@
 """A tiny lab workload: answers each TCP line and each UDP datagram with its own name.
 
 A `peer` message is answered with the name and the client address the server saw; HTTP GETs get an
-HTTP response with the name as body, so `curl` works too.
+HTTP response with the name as body, so `curl` works too; a datagram that is a DNS query gets a DNS answer
+(TXT: the name), so the same pod plays a DNS server of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ def serve(name: str, tcp_port: int, udp_port: int) -> None:
     reply = f"{name}\n".encode()
 
     def answer(message: bytes, client: str) -> bytes:
+        dns_reply = _dns_answer(message, name)
+        if dns_reply is not None:
+            return dns_reply
         if message.strip() == b"peer":
             return f"{name} {client.removeprefix('::ffff:')}\n".encode()
         return reply
@@ -53,6 +57,24 @@ def serve(name: str, tcp_port: int, udp_port: int) -> None:
         t.start()
     print(f"{name} serving tcp/{tcp_port} udp/{udp_port}", flush=True)
     threading.Event().wait()
+
+
+def _dns_answer(message: bytes, name: str) -> bytes | None:
+    if len(message) < 12 or message[2] & 0x80:  # too short, or not a query
+        return None
+    import dns.exception
+    import dns.message
+    import dns.rrset
+
+    try:
+        query = dns.message.from_wire(message)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    if not query.question:
+        return None
+    reply = dns.message.make_response(query)
+    reply.answer.append(dns.rrset.from_text(query.question[0].name, 5, "IN", "TXT", f'"{name}"'))
+    return reply.to_wire()
 
 
 def main() -> None:

@@ -173,6 +173,7 @@ class Lab:
             "source": {"directory": self.manifests},
             "clusterCIDRs": [CLUSTER_CIDR, CLUSTER_CIDR6],
             "services": {"mode": mode, "cgroupPath": node["cgroup"]},
+            "dns": {"clusterDNS": list(controller.CLUSTER_DNS)},
             "api": {"socket": self.api_socket(name)},
             "bpffsPath": node["bpffsPath"],
             "tunnel": tunnel,

@@ -69,9 +69,35 @@ def hold(host: str, port: int, seconds: float, interval: float) -> dict:
     return {"replies": replies, "failures": failures}
 
 
+def follow(host: str, port: int, seconds: float, interval: float, timeout: float) -> None:
+    """One connected UDP socket, as glibc's resolver and most UDP clients hold: a datagram every interval,
+    one JSON line per answer or error (with the wall-clock time), connecting again after an error as such
+    clients do. Shows whether a connected socket follows its service's endpoints."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + seconds
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        while time.monotonic() < deadline:
+            event: dict = {"t": time.time()}
+            try:
+                s.send(b"hello")
+                event["answer"] = s.recv(2048).decode().strip()
+            except TimeoutError:
+                event["error"] = "timeout"
+            except OSError as e:
+                event["error"] = e.strerror or str(e)
+                try:
+                    s.connect((host, port))  # a fresh destination, as a client whose socket failed does
+                except OSError as e2:
+                    event["reconnect"] = e2.strerror or str(e2)
+            print(json.dumps(event), flush=True)
+            time.sleep(interval)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["tcp", "udp", "hold"])
+    p.add_argument("mode", choices=["tcp", "udp", "hold", "follow"])
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--count", type=int, default=1)
@@ -84,6 +110,9 @@ def main() -> None:
         out = tcp(a.host, a.port, a.count, a.timeout, a.message)
     elif a.mode == "udp":
         out = udp(a.host, a.port, a.count, a.timeout, a.message)
+    elif a.mode == "follow":
+        follow(a.host, a.port, a.seconds, a.interval, a.timeout)
+        return
     else:
         out = hold(a.host, a.port, a.seconds, a.interval)
     print(json.dumps(out), flush=True)

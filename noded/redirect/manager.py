@@ -32,6 +32,7 @@ class PodManager:
         dns_only: bool = True,
         wait_for_pod: Callable[[str, str], bool] = lambda _ns, _name: True,
         direct_dns: tuple[str, ...] = (),
+        cluster_dns: tuple[str, ...] = (),
     ) -> None:
         self.dir = os.path.join(state_dir, "pods")
         self.pending_dir = os.path.join(state_dir, "pending")
@@ -40,6 +41,7 @@ class PodManager:
         self.proxy = proxy
         self.dns_only = dns_only  # non-enrolled pods still get DNS interception
         self.direct_dns = direct_dns  # node-local DNS addresses the pods reach directly
+        self.cluster_dns = cluster_dns  # the pods' nameserver addresses: their DNS is taken to noded
         self.pods: dict[str, dict] = {}  # container id -> record
         self._applied: dict[str, bool] = {}  # container id -> enrolled as installed
         self._lock = threading.RLock()
@@ -154,13 +156,26 @@ class PodManager:
                     except (podns.CaptureError, OSError) as e:
                         log.error("capture update failed", pod=cid, error=str(e))
 
+    def set_cluster_dns(self, addresses: tuple[str, ...]) -> None:
+        """The cluster DNS addresses changed (the kube-dns Service appeared or moved): every pod's rules."""
+        with self._lock:
+            if addresses == self.cluster_dns:
+                return
+            log.info("cluster DNS addresses", addresses=list(addresses))
+            self.cluster_dns = addresses
+            for cid, record in list(self.pods.items()):
+                try:
+                    self._apply(record)
+                except (podns.CaptureError, OSError) as e:
+                    log.error("capture update failed", pod=cid, error=str(e))
+
     def publish_enrollment(self) -> None:
         write_atomic(self.enrolled_path, json.dumps(self.enrollment.enrolled_namespaces()))
 
     def _apply(self, record: dict) -> bool:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])
         if enrolled or self.dns_only:
-            podns.install(record["netns"], enrolled, self.direct_dns)
+            podns.install(record["netns"], enrolled, self.direct_dns, self.cluster_dns)
             self.proxy.open_pod(record["containerId"], record["netns"], record["namespace"], record["name"])
         else:
             podns.uninstall(record["netns"])

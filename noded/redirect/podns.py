@@ -43,9 +43,11 @@ def has_capture(netns_path: str) -> bool:
     return True
 
 
-def install(netns_path: str, enrolled: bool, direct_dns: tuple[str, ...] = ()) -> None:
+def install(
+    netns_path: str, enrolled: bool, direct_dns: tuple[str, ...] = (), cluster_dns: tuple[str, ...] = ()
+) -> None:
     """Capture rules (atomically replacing any earlier ones) and, when enrolled, the reply routing."""
-    nft(netns_path, capture_script(enrolled, direct_dns))
+    nft(netns_path, capture_script(enrolled, direct_dns, cluster_dns))
     _routing(netns_path, enrolled)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import socket
 import struct
 import time
@@ -48,6 +49,22 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
+CAPTURE_PORTS = frozenset((OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT, DNS_PORT))
+
+
+def is_self_call(dst: tuple[str, int]) -> bool:
+    """A destination that is one of the pod's own capture listeners (its loopback, or an unspecified
+    address, on a capture port): dialing it from the proxy would land on the proxy again, and again, until
+    the daemon runs out of file descriptors. ztunnel refuses such self-calls too."""
+    try:
+        ip = ipaddress.ip_address(dst[0])
+    except ValueError:
+        return True  # not an address at all: nothing to dial
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return dst[1] in CAPTURE_PORTS and (ip.is_loopback or ip.is_unspecified)
+
+
 def family_of(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
@@ -78,6 +95,7 @@ class CaptureProxy:
         self.thread = loop
         self.pods: dict[str, PodListeners] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.self_calls = 0  # connections refused because they were addressed to a capture listener
 
     def stop(self) -> None:
         for key in list(self.pods):
@@ -184,6 +202,9 @@ class CaptureProxy:
         """15001: where the connection goes; at once (no task) when a pooled HBONE connection takes it."""
         dst = original_dst(sock)
         record = self._record(pod, "outbound", peer, dst)
+        if is_self_call(dst):
+            self._refuse_self_call(sock, record)
+            return
         tunnel = self.tunnel
         route = tunnel.route(*dst) if tunnel and pod.key else None
         try:
@@ -222,6 +243,18 @@ class CaptureProxy:
 
         spawn(self.tasks, new_connection())
 
+    def _refuse_self_call(self, sock: socket.socket, record: dict) -> None:
+        record["error"] = "self-call refused"
+        self.self_calls += 1
+        if self.self_calls & (self.self_calls - 1) == 0:  # the 1st, 2nd, 4th, ...: a flood is not a log flood
+            log.warning(
+                "self-call to a capture listener refused",
+                original=record["original"],
+                peer=record["peer"],
+                total=self.self_calls,
+            )
+        sock.close()
+
     def _splice_stream(self, stream: Stream, sock: socket.socket, record: dict) -> None:
         """The app's connection spliced to its HBONE stream; what the app has sent goes at once."""
         self.tunnel.counts["hbone_out"] += 1
@@ -251,6 +284,9 @@ class CaptureProxy:
         """Plaintext to an enrolled pod (TPROXY to 15006): the same policy, without a principal."""
         dst = sock.getsockname()[:2]
         record = self._record(pod, "inbound", peer, dst)
+        if is_self_call(dst):
+            self._refuse_self_call(sock, record)
+            return
         if self.tunnel and pod.key:
             if not self.tunnel.authorize(pod.key, None, peer[0], dst[0], dst[1]):
                 record["error"] = "denied by policy"

@@ -1,14 +1,18 @@
 """The capture ruleset installed inside a pod's network namespace. Pure.
 
 Istio ambient's in-pod contract, in nftables: outbound TCP is REDIRECTed to 15001, inbound TCP is
-TPROXYed to 15006 (HBONE on 15008 kept as addressed), DNS over UDP and TCP to port 53 is REDIRECTed to
-15053. Sockets of the tunnel itself carry mark 0x539/0xfff and are never captured; connections the
-tunnel accepted get conntrack mark 0x111, restored on the pod's replies so that they are routed back to
-the tunnel through table 100 (a local route for everything). Non-enrolled pods get only the DNS rules.
-IPv4 and IPv6 alike: the listeners are on 127.0.0.1 and ::1.
+TPROXYed to 15006 (HBONE on 15008 kept as addressed), DNS over UDP and TCP to port 53 of the cluster DNS
+addresses (the kubelet's clusterDNS) is REDIRECTed to 15053; port 53 of any other address goes where the
+pod sent it (its own DNS server, or a service's), payload untouched. Sockets of the tunnel itself carry
+mark 0x539/0xfff and are never captured; connections the tunnel accepted get conntrack mark 0x111,
+restored on the pod's replies so that they are routed back to the tunnel through table 100 (a local route
+for everything). Non-enrolled pods get only the DNS rules. IPv4 and IPv6 alike: the listeners are on
+127.0.0.1 and ::1.
 """
 
 from __future__ import annotations
+
+import ipaddress
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -24,9 +28,10 @@ _NOT_TUNNEL = f"meta mark & {MARK_MASK:#x} != {TUNNEL_MARK:#x}"
 _SET_CONN_MARK = f"meta mark set meta mark & {~MARK_MASK & 0xFFFFFFFF:#x} | {CONN_MARK:#x}"
 
 
-def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = ()) -> str:
-    """One atomic `nft -f` replacing whatever capture the pod had. DNS to `direct_dns` (the node-local
-    DNS addresses, IPv4) is left alone: it reaches noded on the node, through the eBPF fast path."""
+def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = (), cluster_dns: tuple[str, ...] = ()) -> str:
+    """One atomic `nft -f` replacing whatever capture the pod had. DNS to `cluster_dns` goes to noded's
+    in-pod listener; DNS to `direct_dns` (the node-local DNS addresses) is left alone even when it is a
+    cluster DNS address too: it reaches noded on the node, through the eBPF fast path."""
     prerouting = [
         # packets the tunnel sends mark their connection, so the pod's replies go back to the tunnel
         f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} ct mark set ct mark & {~MARK_MASK & 0xFFFFFFFF:#x}"
@@ -35,17 +40,15 @@ def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = ()) -> str:
     output_route = [
         f"ct mark & {MARK_MASK:#x} == {CONN_MARK:#x} meta mark set ct mark",
     ]
-    output_nat = [
-        f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} return",
-        f'oifname != "lo" udp dport 53 redirect to :{DNS_PORT}',
-        f"ip daddr != 127.0.0.1 tcp dport 53 redirect to :{DNS_PORT}",
-        f"ip6 daddr != ::1 tcp dport 53 redirect to :{DNS_PORT}",
-    ]
-    if direct_dns:
-        for family in ("ip", "ip6"):
-            addresses = ", ".join(a for a in direct_dns if (":" in a) == (family == "ip6"))
-            if addresses:
-                output_nat.insert(1, f"{family} daddr {{ {addresses} }} meta l4proto {{ tcp, udp }} th dport 53 return")
+    output_nat = [f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} return"]
+    for family in ("ip", "ip6"):
+        addresses = ", ".join(
+            a for a in cluster_dns if a not in direct_dns and (":" in a) == (family == "ip6") and _is_address(a)
+        )
+        if addresses:
+            output_nat.append(
+                f"{family} daddr {{ {addresses} }} meta l4proto {{ tcp, udp }} th dport 53 redirect to :{DNS_PORT}"
+            )
     if enrolled:
         prerouting += [
             'iifname "lo" ip daddr != 127.0.0.1 meta l4proto tcp accept',
@@ -80,6 +83,15 @@ def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = ()) -> str:
         lines.append(f"add chain {TABLE} {name} {{ {spec} }}")
         lines += [f"add rule {TABLE} {name} {rule}" for rule in rules]
     return "\n".join(lines) + "\n"
+
+
+def _is_address(text: str) -> bool:
+    """Only addresses reach rule text (never a name from a manifest)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def remove_script() -> str:

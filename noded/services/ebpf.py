@@ -14,6 +14,7 @@ import structlog
 
 from noded.bpf import structs
 from noded.bpf.sock_lb import LbMaps, attach_external, cgroup_links, external_links_missing, repair
+from noded.bpf.sock_term import Removed, SocketTerminator
 from noded.model.tracker import Backend, Frontend, FrontendState, ServiceKey, ServiceModel
 from noded.services.slots import plan_slots
 from noded.services.view import ProgrammedView
@@ -125,8 +126,11 @@ class EbpfProxier:
         bpffs: str | None = None,
         cluster_cidrs: list[str] | tuple = (),
         cgroup_path: str | None = None,
+        terminator: SocketTerminator | None = None,
     ) -> None:
         self.model = model
+        self.terminator = terminator
+        self._removed: list[Removed] = []  # backends left by their frontend in this sync
         self.maps = maps
         self.bpffs = bpffs
         self.cgroup_path = cgroup_path
@@ -171,6 +175,9 @@ class EbpfProxier:
                 log.info("removing stale frontend", frontend=str(fe))
                 self._delete_programmed(fe, p)
             self._unclaimed.clear()
+        removed, self._removed = self._removed, []
+        if self.terminator is not None and removed:
+            self.terminator.terminate(removed)
         return len(changed)
 
     def _socket_lb_frontends(self, key: ServiceKey) -> dict[Frontend, FrontendState]:
@@ -266,6 +273,7 @@ class EbpfProxier:
         for be, (bid, _t) in cur.backends.items():
             if be not in backends:
                 self._delete(self.maps.backends, ctypes.c_uint32(bid))
+                self._backend_left(fe, cur.svc_id, be)
         cur.ready, cur.terminating, cur.backends, cur.affinity_timeout = ready, terminating, backends, timeout
         cur.flags = flags
         services[fe] = cur
@@ -280,8 +288,13 @@ class EbpfProxier:
         self._delete(self.maps.svc, _svc_key(fe, 0))  # the VIP stops translating first
         for i in range(len(p.ready) + len(p.terminating)):
             self._delete(self.maps.svc, _svc_key(fe, i + 1))
-        for bid, _t in p.backends.values():
+        for be, (bid, _t) in p.backends.items():
             self._delete(self.maps.backends, ctypes.c_uint32(bid))
+            self._backend_left(fe, p.svc_id, be)
+
+    def _backend_left(self, fe: Frontend, svc_id: int, be: Backend) -> None:
+        if fe.scope == structs.SCOPE_SOCKET:  # only the socket hooks connect sockets to a backend
+            self._removed.append((svc_id, be[0], be[1], fe.protocol))
 
     # -- map writes -------------------------------------------------------------
     def _write_backend(self, bid: int, be: Backend, protocol: str, terminating: bool) -> None:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from noded.bpf import sock_lb
+from noded.bpf.sock_term import SocketTerminator
 from noded.lab import netns
 from noded.model.tracker import ServiceModel
 from noded.services.conntrack import ConntrackCleaner
@@ -70,6 +71,18 @@ class NetnsCgroupEnv:
             argv += [f"--{k}", str(v)]
         return json.loads(self._in_cgroup(argv).stdout)
 
+    def follower(self, host: str, port: int, mode: str = "follow", seconds: float = 10.0) -> subprocess.Popen:
+        """A probe in the cgroup and netns, in the background: `follow` is a connected UDP client printing a
+        JSON line per answer, `hold` one TCP connection asking every 10 ms (noded.lab.probe)."""
+        argv = [sys.executable, "-m", "noded.lab.probe", mode, host, str(port), "--seconds", str(seconds)]
+        argv += ["--interval", "0.01", "--timeout", "0.2"]
+        return subprocess.Popen(
+            netns.nsenter_argv(self.ns, argv),
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: netns.cgroup_join(self.cgroup),
+        )
+
     def python(self, code: str) -> str:
         return self._in_cgroup([sys.executable, "-c", code]).stdout
 
@@ -114,9 +127,12 @@ class LbEnv(NetnsCgroupEnv):
         super().__init__(tag)
         self.maps = sock_lb.load_and_attach(self.bpffs, self.cgroup)
         self.model = ServiceModel()
-        self.proxier = EbpfProxier(self.model, self.maps)
+        self.terminator = SocketTerminator(self.bpffs, self.cgroup, tcp=True)
+        self.proxier = EbpfProxier(self.model, self.maps, terminator=self.terminator)
 
     def close(self) -> None:
+        if getattr(self, "terminator", None):
+            self.terminator.close()
         if getattr(self, "maps", None):
             self.maps.close()
         super().close()

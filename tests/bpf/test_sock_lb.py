@@ -5,6 +5,7 @@ The `lb` fixture runs each test on the eBPF socket-LB and on nftables; `ebpf_lb`
 
 import json
 import subprocess
+import time
 
 from noded.bpf import sock_lb
 from noded.services.ebpf import EbpfProxier, describe
@@ -217,6 +218,75 @@ def test_udp_flow_follows_a_removed_endpoint_to_the_new_one(lb):
     lb.apply(slice_("dns", [endpoint(LINK_ADDRESS)], ports=[{**dns[0], "port": 5302}], name="b"))
     lb.remove("EndpointSlice", "a")
     assert lb.python(ask).strip() == "b"
+
+
+def _follow_until(proc, want, deadline=5.0):
+    """Read the follower's lines until one answers `want`; returns (that line, the lines before)."""
+    seen = []
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        event = json.loads(line)
+        if event.get("answer", "").split(" ")[0] == want:
+            return event, seen
+        seen.append(event)
+    raise AssertionError(f"no answer from {want}: {seen[-5:]}")
+
+
+def test_connected_udp_socket_follows_its_endpoints(lb):
+    """A connected UDP socket (glibc's resolver, most UDP clients) keeps the backend it got at connect() in
+    eBPF mode unless noded destroys it; in the netfilter modes the stale conntrack flow is deleted. Either
+    way the client's traffic reaches the remaining endpoint right after the sync that removed its own."""
+    lb.echo(9001, "a", udp=5301)
+    lb.echo(9002, "b", udp=5302)
+    port = [{"name": "u", "port": 7000, "protocol": "UDP"}]
+    lb.apply(
+        service("follow", VIP, port),
+        slice_("follow", [endpoint(LINK_ADDRESS)], ports=[{**port[0], "port": 5301}], name="a"),
+    )
+    proc = lb.follower(VIP, 7000)
+    try:
+        _follow_until(proc, "a")
+        lb.apply(slice_("follow", [endpoint(LINK_ADDRESS)], ports=[{**port[0], "port": 5302}], name="b"))
+        lb.remove("EndpointSlice", "a")
+        removed_at = time.time()
+        event, before = _follow_until(proc, "b")
+        assert event["t"] - removed_at < 1.0, before
+        if lb.mode == "ebpf":
+            assert lb.terminator.stats.destroyed == 1
+            assert any(e.get("error") == "Software caused connection abort" for e in before), before
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_only_sockets_the_socket_lb_translated_are_destroyed(ebpf_lb):
+    """A socket that dialed the backend's own address is not the socket-LB's to move; TCP connections through
+    the VIP are destroyed too when asked (terminateTCPConnections, on in this fixture)."""
+    lb = ebpf_lb
+    lb.echo(9001, "a", udp=5301)
+    ports = [{"name": "u", "port": 7000, "protocol": "UDP"}, {"name": "t", "port": 80, "protocol": "TCP"}]
+    target = [{**ports[0], "port": 5301}, {**ports[1], "port": 9001}]
+    lb.apply(service("both", VIP, ports), slice_("both", [endpoint(LINK_ADDRESS)], ports=target, name="a"))
+    direct = lb.follower(LINK_ADDRESS, 5301)
+    via_vip = lb.follower(VIP, 7000)
+    held = lb.follower(VIP, 80, mode="hold", seconds=3)
+    try:
+        _follow_until(direct, "a")
+        _follow_until(via_vip, "a")
+        time.sleep(0.3)  # the held TCP connection is up and answering
+        lb.remove("EndpointSlice", "a")
+        assert lb.terminator.stats.destroyed == 2  # the UDP socket through the VIP and the TCP connection
+        _event, before = _follow_until(direct, "a", deadline=1.0)
+        assert not any("error" in e for e in before), before
+        out = json.loads(held.communicate(timeout=10)[0])
+        assert out["replies"] > 0 and out["failures"], out
+    finally:
+        for p in (direct, via_vip, held):
+            p.kill()
+            p.wait()
 
 
 def test_pins_removed_behind_nodeds_back_are_repaired_at_the_next_full_sync(ebpf_lb):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
 
 import pytest
@@ -51,3 +53,22 @@ def echo_service(lab: Lab) -> str:
         lab, service_yaml("echo", {"app": "echo"}, [("http", "TCP", 80, 8080), ("udp", "UDP", 5300, 5353)]), "echo.yaml"
     )
     return lab.state()["clusterIPs"]["default/echo"]
+
+
+def dig(lab, pod, name, server="10.96.0.10", tcp=False, uncaptured=False):
+    """(rcode, answer data) of an A query from `pod`; `uncaptured` sends it on a socket marked as the
+    tunnel's, which the in-pod capture lets through (so it reaches the node-local listener itself)."""
+    code = (
+        "import dns.message, dns.query, json, socket, sys\n"
+        f"q = dns.message.make_query({name!r}, 'A')\n"
+        f"family = socket.AF_INET6 if ':' in {server!r} else socket.AF_INET\n"
+        f"s = socket.socket(family, socket.SOCK_STREAM if {tcp} else socket.SOCK_DGRAM)\n"
+        f"s.setsockopt(socket.SOL_SOCKET, 36, 0x539) if {uncaptured} else None\n"
+        f"s.settimeout(3); s.connect(({server!r}, 53)) if {tcp} else None\n"
+        f"r = (dns.query.tcp if {tcp} else dns.query.udp)(q, {server!r}, timeout=3, sock=s)\n"
+        "print(json.dumps([dns.rcode.to_text(r.rcode()), [getattr(i, 'address', None) or i.to_text()\n"
+        "    for a in r.answer for i in a]]))"
+    )
+    res = lab.run(pod, [sys.executable, "-c", code], timeout=20)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from noded.lab import cni, netns
 from noded.lab.workloads import node_status, pod_capture, probe, start_echo, wait_programmed
-from tests.e2e.conftest import echo_service, fresh_lab
+from tests.e2e.conftest import dig, echo_service, fresh_lab
 from tests.e2e.test_lab_services import pod_ip, write_manifest
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -38,25 +39,6 @@ def lab():
         for s in servers:
             s.kill()
         lab.down()
-
-
-def dig(lab, pod, name, server="198.51.100.1", tcp=False, uncaptured=False):
-    """(rcode, answer data) of an A query from `pod`; `uncaptured` sends it on a socket marked as the
-    tunnel's, which the in-pod capture lets through (so it reaches the node-local listener itself)."""
-    code = (
-        "import dns.message, dns.query, json, socket, sys\n"
-        f"q = dns.message.make_query({name!r}, 'A')\n"
-        f"family = socket.AF_INET6 if ':' in {server!r} else socket.AF_INET\n"
-        f"s = socket.socket(family, socket.SOCK_STREAM if {tcp} else socket.SOCK_DGRAM)\n"
-        f"s.setsockopt(socket.SOL_SOCKET, 36, 0x539) if {uncaptured} else None\n"
-        f"s.settimeout(3); s.connect(({server!r}, 53)) if {tcp} else None\n"
-        f"r = (dns.query.tcp if {tcp} else dns.query.udp)(q, {server!r}, timeout=3, sock=s)\n"
-        "print(json.dumps([dns.rcode.to_text(r.rcode()), [getattr(i, 'address', None) or i.to_text()\n"
-        "    for a in r.answer for i in a]]))"
-    )
-    res = lab.run(pod, [sys.executable, "-c", code], timeout=20)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
 
 
 def test_enrolled_pod_outbound_goes_through_15001_and_reaches_its_target(lab):
@@ -88,17 +70,57 @@ def test_non_enrolled_pod_tcp_is_untouched_but_its_dns_is_intercepted(lab):
     info = pod_capture(lab, "default/plain-client")
     assert info["enrolled"] is False and info["recent"] == []
     vip = echo_service(lab)
+    wait_programmed(lab, "node1", f"{vip}:80/TCP", ready=2)
     for pod in ("default/plain-client", "default/mesh-client"):
-        # any address on port 53, UDP and TCP: answered by the node's resolver from the watched Services
-        assert dig(lab, pod, "echo.default.svc.cluster.local.", server="192.0.2.53") == ["NOERROR", [vip]]
+        # the cluster DNS address (the pods' nameserver), UDP and TCP: answered by the node's resolver from the
+        # watched Services, though no service has that address
+        assert dig(lab, pod, "echo.default.svc.cluster.local.") == ["NOERROR", [vip]]
         assert dig(lab, pod, "ECHO.default.svc.cluster.local.", tcp=True) == ["NOERROR", [vip]]
         assert dig(lab, pod, "nope.default.svc.cluster.local.")[0] == "NXDOMAIN"
         # over IPv6 too: redirected to the pod's [::1]:15053
         for tcp in (False, True):
-            assert dig(lab, pod, "echo.default.svc.cluster.local.", server="2001:db8::53", tcp=tcp) == [
+            assert dig(lab, pod, "echo.default.svc.cluster.local.", server="fd96::a", tcp=tcp) == [
                 "NOERROR",
                 [vip],
             ]
+        # any other address is the pod's own business: not intercepted (a pod with no DNS server behind it)
+        with pytest.raises(AssertionError, match=r"Timeout|Error"):
+            dig(lab, pod, "echo.default.svc.cluster.local.", server=pod_ip(lab, "default/echo-1"))
+
+
+def daemon_fds(lab, node):
+    return len(os.listdir(f"/proc/{lab.daemon_pid(node)}/fd"))
+
+
+def test_a_pod_calling_its_own_capture_listeners_is_refused_and_the_node_keeps_serving(lab):
+    """A pod (enrolled or DNS-only) connecting to its own 127.0.0.1:15001 or :15006 used to be dialed again
+    from the proxy, landing on itself until the daemon ran out of file descriptors (issue 17, item 1)."""
+    vip = echo_service(lab)
+    wait_programmed(lab, "node1", f"{vip}:80/TCP", ready=2)
+    fds_before = daemon_fds(lab, "node1")
+    code = (
+        "import json, socket, sys\n"
+        "out = {}\n"
+        "for host, port in (('127.0.0.1', 15001), ('127.0.0.1', 15006), ('::1', 15001)):\n"
+        "    try:\n"
+        "        s = socket.create_connection((host, port), timeout=3)\n"
+        "        s.sendall(b'hello\\n' * 100)\n"
+        "        out[f'{host}:{port}'] = 'closed' if s.recv(100) == b'' else 'answered'\n"
+        "    except OSError as e:\n"
+        "        out[f'{host}:{port}'] = type(e).__name__\n"
+        "print(json.dumps(out))"
+    )
+    for pod in ("default/mesh-client", "default/plain-client"):
+        for _ in range(3):
+            res = lab.run(pod, [sys.executable, "-c", code], timeout=30)
+            assert res.returncode == 0, res.stderr
+            outcome = json.loads(res.stdout)
+            assert set(outcome.values()) <= {"closed", "ConnectionResetError", "ConnectionRefusedError"}, outcome
+    time.sleep(0.5)
+    assert daemon_fds(lab, "node1") < fds_before + 20
+    # the node still serves DNS and the VIP for everyone
+    assert dig(lab, "default/plain-client", "echo.default.svc.cluster.local.") == ["NOERROR", [vip]]
+    assert sum(probe(lab, "default/mesh-client", "tcp", vip, 80, count=5)["answers"].values()) == 5
 
 
 def test_node_local_listener_answers_pods_and_the_node_untracked_and_refuses_others(lab):

@@ -98,10 +98,39 @@ def test_local_policy_without_local_endpoints_fails_health_check_and_drops(lab):
     status, body = health(lab, "node2", 32700)
     assert status == 503 and body["localEndpoints"] == 0
     out = probe(lab, "external", "tcp", node_address(lab, "node2"), 32701, count=2, timeout=1)
-    assert sum(out["answers"].values()) == 0
+    assert out["errors"] == {"timed out": 2}  # dropped, as kube-proxy drops it: no reset, no ICMP error
     # a pod on node1 reaching node2's node port still gets the service (short-circuit to every endpoint)
     out = probe(lab, "default/client", "tcp", node_address(lab, "node2"), 32701, count=5)
     assert out["answers"] == {"echo-1": 5}
+
+
+def test_local_policy_load_balancer_ip_without_local_endpoints_drops_tcp_and_udp(lab):
+    """The LB IP reaches node1 (the lab's router sends it there) but the only endpoint is on node2: a Local
+    policy drops the traffic in every mode (kube-proxy's behaviour), TCP and UDP alike, and node1's health
+    check node port tells the load balancer so."""
+    e2 = pod_ip(lab, "default/echo-2")
+    lb_ip = "10.77.100.250"
+    svc = service(
+        "lb-remote",
+        "10.96.210.9",
+        [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "u", "port": 5300, "protocol": "UDP"}],
+        type="LoadBalancer",
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=32709,
+    )
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
+    ports = [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "u", "port": 5353, "protocol": "UDP"}]
+    write_manifest(lab, "lb-remote.yaml", [svc, slice_("lb-remote", [endpoint(e2, node="node2")], ports=ports)])
+    wait_programmed(lab, "node1", f"{lb_ip}:80/TCP")
+    status, body = health(lab, "node1", 32709)
+    assert status == 503 and body["localEndpoints"] == 0
+    assert health(lab, "node2", 32709)[0] == 200
+    out = probe(lab, "external", "tcp", lb_ip, 80, count=2, timeout=1)
+    assert out["errors"] == {"timed out": 2}
+    out = probe(lab, "external", "udp", lb_ip, 5300, count=2, timeout=1)
+    assert out["answers"] == {} and out["errors"] == {"timed out": 2}
+    # pods still get the service through the LB IP (short-circuit to every endpoint)
+    assert probe(lab, "default/client", "tcp", lb_ip, 80, count=3)["answers"] == {"echo-2": 3}
 
 
 def test_node_port_without_endpoints_is_refused_from_outside(lab):

@@ -12,8 +12,8 @@ import yaml
 
 from noded.files import write_atomic
 from noded.lab import netns
-from noded.lab.workloads import probe, programmed, wait_programmed
-from tests.e2e.conftest import echo_service
+from noded.lab.workloads import node_status, probe, programmed, service_yaml, wait_programmed
+from tests.e2e.conftest import apply_text, dig, echo_service
 from tests.objects import endpoint, service, slice_
 
 
@@ -32,7 +32,7 @@ def test_pod_reaches_clusterip_with_backends_on_both_nodes(lab):
     assert out["errors"] == {}
     assert set(out["answers"]) == {"echo-1", "echo-2", "echo-3"}  # node1 and node2 backends
     assert out["peers"] == [f"{vip}:80"]
-    udp = probe(lab, "default/client", "udp", vip, 5300, count=10)  # port 53 would go to the DNS capture
+    udp = probe(lab, "default/client", "udp", vip, 5300, count=10)
     assert sum(udp["answers"].values()) == 10
     assert udp["sources"] == [f"{vip}:5300"]
 
@@ -78,6 +78,86 @@ def test_endpoint_changes_followed_within_a_second(lab):
     assert out["errors"] == {"Connection refused": 10}
     assert out["seconds"] < 2
     os.unlink(f"{lab.manifests}/manual.yaml")
+
+
+def test_dns_to_a_service_of_its_own_reaches_that_server_and_cluster_dns_reaches_noded(lab):
+    """Port 53 belongs to the cluster resolver only at the cluster DNS address: a pod's query to a DNS service
+    of its own gets that server's answer, a non-DNS datagram on port 53 arrives untouched, and the cluster
+    DNS address (no service behind it here) is still answered by noded — in every services mode."""
+    ports = [("dns", "UDP", 53, 5353), ("dns-tcp", "TCP", 53, 8080)]
+    apply_text(lab, service_yaml("owndns", {"app": "echo"}, ports), "owndns.yaml")
+    vip = lab.state()["clusterIPs"]["default/owndns"]
+    wait_programmed(lab, "node1", f"{vip}:53/UDP", ready=3)
+    rcode, answers = dig(lab, "default/client", "anything.example.", server=vip)
+    assert rcode == "NOERROR" and answers and answers[0].strip('"') in {"echo-1", "echo-2", "echo-3"}
+    out = probe(lab, "default/client", "udp", vip, 53, count=10)
+    assert sum(out["answers"].values()) == 10 and set(out["answers"]) <= {"echo-1", "echo-2", "echo-3"}
+    assert out["sources"] == [f"{vip}:53"]
+    echo_vip = echo_service(lab)
+    wait_programmed(lab, "node1", f"{echo_vip}:80/TCP", ready=3)
+    for tcp in (False, True):
+        assert dig(lab, "default/client", "echo.default.svc.cluster.local.", tcp=tcp) == ["NOERROR", [echo_vip]]
+
+
+def _next_answer_from(follower, want: str, deadline: float) -> tuple[dict, list[dict]]:
+    seen = []
+    while time.monotonic() < deadline:
+        line = follower.stdout.readline()
+        if not line:
+            break
+        event = json.loads(line)
+        if event.get("answer") == want:
+            return event, seen
+        seen.append(event)
+    raise AssertionError(f"no answer from {want}: {seen[-5:]}")
+
+
+def test_connected_udp_client_follows_its_endpoints(lab):
+    """A connected UDP socket to a ClusterIP (glibc's resolver, most UDP clients) reaches the remaining
+    endpoint right after its own is removed: eBPF mode destroys the socket (the client connects again),
+    the netfilter modes delete the stale conntrack flow. Five trials each way."""
+    e1, e2 = pod_ip(lab, "default/echo-1"), pod_ip(lab, "default/echo-2")
+    vip = "10.96.200.7"
+    port = [{"name": "u", "port": 5353, "protocol": "UDP"}]
+    fe = f"{vip}:7000/UDP"
+    svc = service("follow", vip, [{"name": "u", "port": 7000, "protocol": "UDP", "targetPort": 5353}])
+    names, nodes = {e1: "echo-1", e2: "echo-2"}, {e1: "node1", e2: "node2"}
+    current, other = e1, e2
+    write_manifest(lab, "follow.yaml", [svc, slice_("follow", [endpoint(current, node=nodes[current])], ports=port)])
+    wait_programmed(lab, "node1", fe, ready_ips=[current])
+    follower = lab.popen(
+        "default/client",
+        [
+            sys.executable,
+            "-m",
+            "noded.lab.probe",
+            "follow",
+            vip,
+            "7000",
+            *("--seconds", "60", "--interval", "0.01", "--timeout", "0.2"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        delays = []
+        for _ in range(5):
+            _next_answer_from(follower, names[current], time.monotonic() + 5)
+            write_manifest(
+                lab, "follow.yaml", [svc, slice_("follow", [endpoint(other, node=nodes[other])], ports=port)]
+            )
+            changed = time.time()
+            event, _before = _next_answer_from(follower, names[other], time.monotonic() + 5)
+            delays.append(event["t"] - changed)
+            current, other = other, current
+        assert max(delays) < 1.5, delays  # the manifest directory is read within ~0.2 s, then one sync
+        if lab.mode == "ebpf":
+            term = node_status(lab, "node1")["socketTermination"]
+            assert term["enabled"] and term["destroyed"] >= 5, term
+    finally:
+        follower.kill()
+        follower.wait()
+        os.unlink(f"{lab.manifests}/follow.yaml")
 
 
 def test_malformed_objects_next_to_good_ones(lab):

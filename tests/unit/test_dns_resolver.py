@@ -244,18 +244,47 @@ def test_search_path_shortcut_answers_a_pods_expansions_with_one_query_each():
     asyncio.run(main())
 
 
-def test_a_forwarding_loop_is_detected_and_that_upstream_disabled():
+def test_a_forwarding_loop_is_found_by_a_probe_set_aside_and_used_again_once_gone():
     async def main():
-        pool = Upstreams([("127.0.0.1", 9)], timeout=2)
+        pool = Upstreams([("127.0.0.1", 9)], timeout=0.5)
         resolver = make_resolver([], pool=pool)
         port, _ = await listening(resolver)
         pool.all[0].port = port  # noded's upstream is noded itself
-        reply = await ask(port, "example.org")
-        assert reply.rcode() == dns.rcode.SERVFAIL
+        await pool.check_loops()
         assert pool.all[0].looping and "loop" in pool.all[0].last_error
-        # and an upstream that is one of the listen addresses is never used
+        assert (await ask(port, "example.org")).rcode() == dns.rcode.SERVFAIL  # nothing usable: no loop
+        # the upstream is fixed: the next round's probe does not come back, and it is used again
+        up = await FakeUpstream({"other.example": ["192.0.2.7"]}).start()
+        pool.all[0].port = up.port
+        await pool.check_loops()
+        assert not pool.all[0].looping and pool.all[0].healthy
+        assert texts(await ask(port, "other.example")) == ["192.0.2.7"]
+        # and an upstream that is one of the listen addresses is never used, nor checked
         own = Upstreams([("169.254.20.10", 53), ("127.0.0.1", 53)], own={("169.254.20.10", 53)})
         assert [u.address for u in own.usable()] == ["127.0.0.1:53"]
+
+    asyncio.run(main())
+
+
+def test_a_client_cannot_make_an_upstream_look_like_a_loop():
+    """Issue 17, item 2: queries repeating the question of one in flight, with every ID, used to disable the
+    upstream for good (external names SERVFAIL until restart); a guessed probe name does nothing either."""
+
+    async def main():
+        up = await FakeUpstream({"slow.example": ["192.0.2.8"]}, delay=0.3).start()
+        pool = Upstreams([up.address], timeout=2)
+        resolver = make_resolver([], pool=pool)
+        port, _ = await listening(resolver)
+        first = asyncio.ensure_future(ask(port, "slow.example"))
+        await asyncio.sleep(0.05)
+        # a flood over every ID is bound to hit the forwarded query's; here straight the one that matters
+        ids = [*up.ids, *range(0, 65536, 331)]
+        flood = [resolver.resolve(dns.message.make_query("slow.example", "A", id=i).to_wire(), Client()) for i in ids]
+        flood.append(resolver.resolve(dns.message.make_query("x.y.noded-loop-check.", "HINFO").to_wire(), Client()))
+        await asyncio.gather(*flood)
+        assert texts(await first) == ["192.0.2.8"]
+        assert not pool.all[0].looping and pool.all[0].healthy
+        assert texts(await ask(port, "slow.example")) == ["192.0.2.8"]
 
     asyncio.run(main())
 
