@@ -119,6 +119,9 @@ def render_status(s: dict) -> str:
         ),
         ("programs", ", ".join(s.get("attachedPrograms") or []) or "-"),
     ]
+    by_kind = s.get("rejectedByKind") or {}
+    if by_kind:
+        rows.append(("rejected", ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items()))))
     term = s.get("socketTermination")
     if term:
         rows.append(

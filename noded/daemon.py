@@ -6,6 +6,7 @@ leaves every kernel object in place so a restart disrupts nothing.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -40,8 +41,31 @@ class ModelSink:
         self.synced_sources: set[str] = set()
         self.all_synced = threading.Event()
         self.expected: set[str] = set()
+        self.rejected_by_kind: collections.Counter[str] = collections.Counter()  # parser failures, by kind
+        self.last_rejected: dict[str, str] = {}  # "Kind ns/name" -> why, the newest 50
 
     def upsert(self, obj: dict) -> bool:
+        """Hand an object to its owner. Whatever its content, it is rejected alone: an owner's parser that
+        raises (a bug) rejects that object, logged and counted, and never reaches the source, whose watch
+        would otherwise retry the same event forever and never sync."""
+        try:
+            return self._upsert(obj)
+        except Exception as e:
+            self._rejected(obj, f"{type(e).__name__}: {e}")
+            return False
+
+    def _rejected(self, obj: object, error: str) -> None:
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        meta = meta if isinstance(meta, dict) else {}
+        kind = str(obj.get("kind")) if isinstance(obj, dict) else type(obj).__name__
+        self.rejected_by_kind[kind] += 1
+        name = f"{kind} {meta.get('namespace') or ''}/{meta.get('name')}"
+        self.last_rejected[name] = error[:300]
+        while len(self.last_rejected) > 50:  # bounded: the newest 50
+            self.last_rejected.pop(next(iter(self.last_rejected)))
+        log.error("object rejected", object=name, error=error[:300])
+
+    def _upsert(self, obj: dict) -> bool:
         if isinstance(obj, dict) and self.enrollment.upsert(obj):
             self.on_pods_change()
             return True
@@ -49,11 +73,13 @@ class ModelSink:
             ok = self.policies.upsert(obj)
             if not ok:
                 meta = obj.get("metadata") or {}
+                key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+                self.rejected_by_kind["AuthorizationPolicy"] += 1
                 log.warning(
-                    "AuthorizationPolicy rejected",
+                    "AuthorizationPolicy rejected; in force failing closed",
                     name=meta.get("name"),
                     namespace=meta.get("namespace"),
-                    error=self.policies.rejected.get(f"{meta.get('namespace') or 'default'}/{meta.get('name')}"),
+                    error=self.policies.rejected.get(key),
                 )
             return ok
         ok = self.model.upsert(obj)
@@ -300,7 +326,7 @@ class Daemon:
             {
                 "kubeproxy_sync_proxy_rules_service_changes_total": lambda: self.model.service_changes,
                 "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
-                "noded_rejected_objects_total": lambda: self.model.rejected,
+                "noded_rejected_objects_total": lambda: self.model.rejected + sum(self.sink.rejected_by_kind.values()),
                 "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
                 "noded_netfilter_transactions_total": lambda: getattr(self.proxier, "transactions", 0),
             }
@@ -349,6 +375,8 @@ class Daemon:
             "services": services,
             "endpointSlices": slices,
             "rejectedObjects": self.model.rejected,
+            "rejectedByKind": dict(self.sink.rejected_by_kind),
+            "lastRejected": self.sink.last_rejected,
             "syncs": self.runner.syncs + 1 if self.runner else 0,
             "lastSync": time.time(),
             "lastSyncSeconds": self.metrics.sync_duration.last,

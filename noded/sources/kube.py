@@ -147,7 +147,13 @@ class KindWatcher:
 
     def _absent(self) -> None:
         """An optional kind this API server does not serve (its CRD is not installed): nothing of it
-        exists; the sync goes on without it, and it is looked for again every max_backoff seconds."""
+        exists; the sync goes on without it, and it is looked for again every max_backoff seconds. Once
+        it has been listed, a 404 keeps what was known (a CRD briefly missing while an API server restarts
+        must not empty every AuthorizationPolicy: policy fails closed)."""
+        if self.relists:
+            log.warning("kind no longer served; last known objects kept", kind=self.kind.kind, objects=len(self.known))
+            self._stop.wait(self._max_backoff)
+            return
         self.last_error = None
         self.known = apply_snapshot(self.sink, self.known, {})
         if not self.synced:

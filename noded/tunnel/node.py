@@ -106,7 +106,7 @@ class Tunnel:
     def authorize(self, pod: PodKey, identity: str | None, source_ip: str, dest_ip: str, port: int) -> bool:
         info = self.enrollment.pod(pod)
         principal = identity.removeprefix("spiffe://") if identity else None
-        conn = Connection(pod[0], info.labels if info else {}, port, source_ip, dest_ip, principal)
+        conn = Connection(pod[0], info.labels if info else {}, port, source_ip, dest_ip, principal, info is not None)
         decision = self.authorizer.check(conn)
         if not decision.allowed:
             self.counts["denied"] += 1

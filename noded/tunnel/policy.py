@@ -8,13 +8,18 @@ of its `to` operations and all its `when` conditions match (a missing part match
 source or operation every field set must match, any of its values. `principals` and `namespaces` take
 Istio's prefix/suffix `*`. L7 attributes cannot be seen at L4: as in ztunnel, a rule using them never
 matches in an ALLOW policy and its L4 part alone decides in a DENY policy (failing closed both ways).
-A malformed policy is rejected alone (`PolicyError` names the field): its last good version, if any,
-stays in force, and the others keep applying.
+A malformed policy fails closed, as Istio makes it: its error is kept (`PolicyError` names the field) and
+what stands in force in its place is a DENY that denies everything, for a bad DENY (or an action that
+cannot be read), or an ALLOW that allows nothing, for a bad ALLOW; a selector that cannot be read selects
+every workload of the namespace. The other policies keep applying. No input makes the parser raise
+anything but PolicyError, and a policy's values are checked when it is parsed, never when a connection
+is decided.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 ROOT_NAMESPACE = "istio-system"
@@ -34,6 +39,7 @@ SOURCE_L7 = ("requestPrincipals", "notRequestPrincipals")
 OPERATION_L4 = ("ports", "notPorts")
 OPERATION_L7 = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 WHEN_L4 = ("source.ip", "source.namespace", "source.principal", "destination.port", "destination.ip", "remote.ip")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
 
 
 class PolicyError(ValueError):
@@ -50,6 +56,7 @@ class Connection:
     source_ip: str
     destination_ip: str = ""
     principal: str | None = None  # "cluster.local/ns/NS/sa/SA" when the source is authenticated (HBONE)
+    labels_known: bool = True  # False: the destination pod has not been seen yet (its labels are unknown)
 
     @property
     def source_namespace(self) -> str | None:
@@ -93,6 +100,30 @@ class Policy:
         return any(_rule_matches(rule, conn, self.action) for rule in self.rules)
 
 
+_MATCH_ALL = _Rule([], [], [], False)
+
+
+def fail_closed(obj: object) -> Policy:
+    """What stands in for a policy that cannot be parsed: a DENY of everything (a bad DENY, or an action
+    that cannot be read), an ALLOW of nothing (a bad ALLOW); AUDIT and CUSTOM decide nothing at L4."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    namespace = meta.get("namespace") if isinstance(meta.get("namespace"), str) and meta.get("namespace") else "default"
+    name = str(meta.get("name"))
+    spec = obj.get("spec") if isinstance(obj, dict) and isinstance(obj.get("spec"), dict) else {}
+    action = spec.get("action", "ALLOW")
+    selector = None
+    raw = spec.get("selector")
+    labels = raw.get("matchLabels") if isinstance(raw, dict) else None
+    if isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        selector = dict(labels)  # readable: the same workloads; otherwise every workload of the namespace
+    if action == "ALLOW":
+        return Policy(namespace, name, "ALLOW", selector, [])  # present, matching nothing
+    if action in ("AUDIT", "CUSTOM"):
+        return Policy(namespace, name, action, selector, [])
+    return Policy(namespace, name, "DENY", selector, [_MATCH_ALL])
+
+
 # -- parsing -----------------------------------------------------------------------------------
 def _strings(value: object, at: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
@@ -105,6 +136,14 @@ def _mapping(value: object, at: str) -> dict:
         return {}
     if not isinstance(value, dict):
         raise PolicyError(f"{at}: expected a mapping")
+    return value
+
+
+def _list(value: object, at: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PolicyError(f"{at}: expected a list")
     return value
 
 
@@ -124,7 +163,7 @@ def _fields(raw: dict, l4: tuple[str, ...], l7: tuple[str, ...], at: str) -> tup
                         raise PolicyError(f"{at}.{key}[{i}]: {cidr!r} is not an IP or CIDR") from None
             if key in ("ports", "notPorts"):
                 for i, port in enumerate(out[key]):
-                    if not port.isdigit() or not 0 < int(port) < 65536:
+                    if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
                         raise PolicyError(f"{at}.{key}[{i}]: {port!r} is not a port")
         else:
             raise PolicyError(f"{at}.{key}: unknown field")
@@ -136,7 +175,7 @@ def _clauses(
 ) -> tuple[list[dict[str, list[str]]], bool]:
     """A rule's `from` sources or `to` operations: their L4 fields, and whether any uses an L7 one."""
     out, uses_l7 = [], False
-    for j, item in enumerate(rule.get(part) or []):
+    for j, item in enumerate(_list(rule.get(part), f"{at}.{part}")):
         where = f"{at}.{part}[{j}]"
         fields, uses = _fields(_mapping(_mapping(item, where).get(inner), inner), l4, l7, f"{where}.{inner}")
         out.append(fields)
@@ -173,13 +212,20 @@ def parse_policy(obj: dict) -> Policy:
         operations, operation_l7 = _clauses(raw, "to", "operation", OPERATION_L4, OPERATION_L7, at)
         l7 = source_l7 or operation_l7
         when = []
-        for j, cond in enumerate(raw.get("when") or []):
+        for j, cond in enumerate(_list(raw.get("when"), f"{at}.when")):
             cond = _mapping(cond, f"{at}.when[{j}]")
             key = cond.get("key")
             if not isinstance(key, str) or not key:
                 raise PolicyError(f"{at}.when[{j}].key: required")
             values = _strings(cond.get("values", []), f"{at}.when[{j}].values")
             not_values = _strings(cond.get("notValues", []), f"{at}.when[{j}].notValues")
+            if key.endswith(".ip") and key in WHEN_L4:
+                for what, listed in (("values", values), ("notValues", not_values)):
+                    for n, cidr in enumerate(listed):
+                        try:
+                            ipaddress.ip_network(cidr, strict=False)
+                        except ValueError:
+                            raise PolicyError(f"{at}.when[{j}].{what}[{n}]: {cidr!r} is not an IP or CIDR") from None
             if key in WHEN_L4:
                 when.append((key, values, not_values))
             else:
@@ -268,15 +314,17 @@ class Authorizer:
         self.rejected: dict[str, str] = {}  # namespace/name -> why
 
     def upsert(self, obj: dict) -> bool:
-        meta = obj.get("metadata") or {}
-        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        """Parse and put in force; a policy that cannot be parsed is put in force failing closed (see
+        fail_closed) and its error kept in `rejected`. Returns whether it parsed."""
         try:
             policy = parse_policy(obj)
-        except PolicyError as e:  # never half a policy: the last good version of it stays in force
-            self.rejected[key] = str(e)
+        except Exception as e:  # PolicyError, or a parser bug: fail closed either way
+            policy = fail_closed(obj)
+            self.rejected[policy.key] = str(e) if isinstance(e, PolicyError) else f"{type(e).__name__}: {e}"
+            self.policies[policy.key] = policy
             return False
-        self.rejected.pop(key, None)
-        self.policies[key] = policy
+        self.rejected.pop(policy.key, None)
+        self.policies[policy.key] = policy
         return True
 
     def delete(self, namespace: str, name: str) -> None:
@@ -284,6 +332,14 @@ class Authorizer:
         self.rejected.pop(f"{namespace}/{name}", None)
 
     def check(self, conn: Connection) -> Decision:
+        if not conn.labels_known:
+            selecting = [
+                p.key
+                for p in self.policies.values()
+                if p.selector and p.namespace in (ROOT_NAMESPACE, conn.namespace) and p.action in ("ALLOW", "DENY")
+            ]
+            if selecting:  # unknown means deny for a workload policies may select
+                return Decision(False, selecting[0], "the destination's labels are not known yet")
         applicable = [p for p in self.policies.values() if p.applies_to(conn)]
         for p in applicable:
             if p.action == "DENY" and p.matches(conn):

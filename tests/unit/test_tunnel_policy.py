@@ -169,12 +169,14 @@ def test_malformed_policies_are_rejected_naming_the_field(spec, message):
         parse_policy(policy("bad", spec))
 
 
-def test_a_rejected_update_keeps_the_last_good_version_and_the_rest():
+def test_a_rejected_update_fails_closed_and_names_the_field():
+    """As Istio: a DENY that cannot be read denies everything it selects (it no longer keeps its last good
+    version, which let through what the new one meant to deny)."""
     auth = Authorizer()
     auth.upsert(ALLOW_SHELL)
     auth.upsert(policy("deny-9090", {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9090"]}}]}]}))
     broken = policy("deny-9090", {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["nine"]}}]}]})
     assert not auth.upsert(broken)
     assert "ports[0]" in auth.rejected["default/deny-9090"]
-    assert not auth.check(to_echo(SHELL, port=9090)).allowed  # the good version still denies
-    assert auth.check(to_echo(SHELL, port=8080)).allowed
+    assert not auth.check(to_echo(SHELL, port=9090)).allowed
+    assert not auth.check(to_echo(SHELL, port=8080)).allowed
