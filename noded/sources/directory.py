@@ -30,7 +30,9 @@ def parse_manifests(text: str, origin: str) -> list[dict]:
 
 
 class DirectorySource:
-    """Polls a directory; a file that fails to parse keeps its last good objects."""
+    """Polls a directory; a file that fails to parse keeps its last good objects, an object the sink
+    cannot take is rejected alone (the rest of its file and the files after it still apply), and the
+    source reports synced only once it has read the directory (a missing one is not an empty one)."""
 
     name = "directory"
 
@@ -45,6 +47,8 @@ class DirectorySource:
         self._thread = threading.Thread(target=self._loop, name="source-directory", daemon=True)
         self.synced = False
         self.last_error: str | None = None
+        self.rejected = 0  # objects the sink raised on
+        self._read_once = False
 
     def start(self) -> None:
         self._thread.start()
@@ -60,7 +64,7 @@ class DirectorySource:
             except Exception as e:  # never let one bad scan stop the source
                 self.last_error = str(e)
                 log.exception("directory scan failed", path=self.path)
-            if not self.synced:
+            if not self.synced and self._read_once:
                 self.synced = True
                 self.sink.synced(self.name)
             self._stop.wait(self.interval)
@@ -75,6 +79,7 @@ class DirectorySource:
                 self.last_error = f"{self.path} is missing"
                 log.warning("manifest directory is missing; keeping the last objects", path=self.path)
             return False
+        self._read_once = True
         if self.last_error == f"{self.path} is missing":
             self.last_error = None
             log.info("manifest directory is back", path=self.path)
@@ -97,7 +102,7 @@ class DirectorySource:
         for path in sorted(self._by_file):
             winner.update(dict.fromkeys(self._by_file[path], path))
         for key in self._known.keys() - winner.keys():
-            self.sink.delete(*key)
+            self._hand(self.sink.delete, key, *key)
         fresh: dict[ObjectKey, bytes] = {}
         for key, path in winner.items():
             fresh[key] = self._by_file[path][key]
@@ -105,9 +110,18 @@ class DirectorySource:
                 if path not in parsed:  # an unchanged file's object took over a key
                     parsed[path] = self._read_file(path) or {}
                 if key in parsed[path]:
-                    self.sink.upsert(parsed[path][key])
+                    self._hand(self.sink.upsert, key, parsed[path][key])
         self._known = fresh
         return True
+
+    def _hand(self, op, key: ObjectKey, *args: object) -> None:
+        """One object to the sink: whatever it raises rejects that object alone."""
+        try:
+            op(*args)
+        except Exception as e:
+            self.rejected += 1
+            self.last_error = f"{key[0]} {key[1]}/{key[2]}: {type(e).__name__}: {e}"
+            log.error("object rejected", object=f"{key[0]} {key[1]}/{key[2]}", error=f"{type(e).__name__}: {e}")
 
     def _read_file(self, path: str) -> dict[ObjectKey, dict] | None:
         """The file's watched objects; None (logged) when it cannot be read or parsed."""

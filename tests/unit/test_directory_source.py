@@ -82,3 +82,52 @@ def test_a_missing_directory_keeps_every_object_until_it_is_back(tmp_path):
         f.unlink()
     src.scan()
     assert sink.objects == {}
+
+
+class Fussy(Recorder):
+    """A sink whose parser raises on one object (a bug in it, or a hostile object)."""
+
+    def upsert(self, obj):
+        if obj["kind"] == "Pod":
+            raise TypeError("'int' object is not subscriptable")
+        return super().upsert(obj)
+
+
+def test_an_object_the_sink_raises_on_is_rejected_alone_and_later_files_still_apply(tmp_path):
+    """Issue 17, item 7: a malformed Pod stopped the Services and a DENY policy in later files."""
+    bad_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": 3}}
+    deny = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny", "namespace": "default"},
+        "spec": {"action": "DENY", "rules": [{}]},
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([bad_pod, service("web")]))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump_all([deny, service("other", "10.96.0.2")]))
+    sink = Fussy()
+    src = DirectorySource(str(tmp_path), sink)
+    src.scan()
+    assert set(sink.objects) == {
+        ("Service", "default", "web"),
+        ("AuthorizationPolicy", "default", "deny"),
+        ("Service", "default", "other"),
+    }
+    assert src.rejected == 1 and "Pod default/p" in src.last_error
+
+
+def test_a_directory_missing_at_start_is_not_synced(tmp_path):
+    sink = Recorder()
+    src = DirectorySource(str(tmp_path / "nowhere"), sink, interval=0.02)
+    src.start()
+    try:
+        import time
+
+        time.sleep(0.2)
+        assert not src.synced and ("synced", "directory") not in sink.log
+        (tmp_path / "nowhere").mkdir()
+        deadline = time.monotonic() + 5
+        while not src.synced and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert src.synced and ("synced", "directory") in sink.log
+    finally:
+        src.stop()
