@@ -7,6 +7,7 @@ object and the field; nothing here has side effects.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,25 @@ def _ip(value: Any, where: str) -> str:
         raise ManifestError(f"{where}: {value!r} is not an IP address") from None
 
 
+# The API server's name rules (apimachinery's validation): names reach chain names, rule comments and
+# logs, so nothing else ever gets that far (a port name carrying a newline once made a `flush ruleset`).
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+NAME_RULES = {  # kind -> (pattern, max length, what the API server calls it)
+    "Service": (_DNS1035_LABEL, 63, "a DNS-1035 label"),
+    "EndpointSlice": (_DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain"),
+    "Node": (_DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain"),
+}
+
+
+def check_name(value: str, pattern: re.Pattern, limit: int, what: str, where: str) -> str:
+    if len(value) > limit or not pattern.fullmatch(value):
+        raise ManifestError(f"{where}: {value[:80]!r} is not {what}")
+    return value
+
+
 def _metadata(obj: Any, kind: str) -> tuple[str, str, dict]:
     if not isinstance(obj, dict):
         raise ManifestError(f"{kind}: expected an object, got {type(obj).__name__}")
@@ -129,7 +149,10 @@ def _metadata(obj: Any, kind: str) -> tuple[str, str, dict]:
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{kind}: metadata.name is missing")
+    pattern, limit, what = NAME_RULES.get(kind, (_DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain"))
+    check_name(name, pattern, limit, what, f"{kind}: metadata.name")
     namespace = _get(meta, "namespace", str, f"{kind} {name}.metadata", "default")
+    check_name(namespace, _DNS1123_LABEL, 63, "a DNS-1123 label", f"{kind} {name}: metadata.namespace")
     return namespace, name, meta
 
 
@@ -233,6 +256,8 @@ def _check_ports(ports: list, where: str) -> list[tuple[str, str, int, int]]:
         if not isinstance(p, dict):
             raise ManifestError(f"{at}: expected an object, got {p!r}")
         pname = _get(p, "name", str, at, "")
+        if pname:
+            check_name(pname, _DNS1123_LABEL, 63, "a DNS-1123 label", f"{at}.name")
         proto = _get(p, "protocol", str, at, "TCP")
         if proto not in PROTOCOLS:
             raise ManifestError(f"{at}.protocol: {proto!r} is not TCP, UDP or SCTP")
@@ -257,6 +282,9 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice | None:
     service = labels.get(SERVICE_NAME_LABEL)
     if not service:
         return None
+    if not isinstance(service, str):
+        raise ManifestError(f"{where}.metadata.labels.{SERVICE_NAME_LABEL}: expected a string")
+    check_name(service, _DNS1035_LABEL, 63, "a Service name", f"{where}.metadata.labels.{SERVICE_NAME_LABEL}")
     address_type = _get(obj, "addressType", str, where)
     if address_type not in ("IPv4", "IPv6", "FQDN"):
         raise ManifestError(f"{where}.addressType: {address_type!r} is not IPv4, IPv6 or FQDN")
@@ -268,7 +296,10 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice | None:
         proto = _get(p, "protocol", str, at, "TCP")
         if proto not in PROTOCOLS:
             raise ManifestError(f"{at}.protocol: {proto!r} is not TCP, UDP or SCTP")
-        ports.append((_get(p, "name", str, at, ""), proto, _port(p.get("port"), f"{at}.port")))
+        pname = _get(p, "name", str, at, "")
+        if pname:
+            check_name(pname, _DNS1123_LABEL, 63, "a DNS-1123 label", f"{at}.name")
+        ports.append((pname, proto, _port(p.get("port"), f"{at}.port")))
     endpoints = tuple(
         _parse_endpoint(ep, f"{where}.endpoints[{i}]", address_type)
         for i, ep in enumerate(_get(obj, "endpoints", list, where, []) or [])
@@ -297,13 +328,22 @@ def _parse_endpoint(ep: Any, at: str, address_type: str) -> Endpoint:
     zones = tuple(
         z.get("name") for z in _get(hints, "forZones", list, f"{at}.hints", []) if isinstance(z, dict) and z.get("name")
     )
+    hostname = _get(ep, "hostname", str, at)
+    if hostname is not None:
+        check_name(hostname, _DNS1123_LABEL, 63, "a DNS-1123 label", f"{at}.hostname")
+    node_name = _get(ep, "nodeName", str, at)
+    if node_name is not None:
+        check_name(node_name, _DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain", f"{at}.nodeName")
+    zone = _get(ep, "zone", str, at)
+    if zone is not None:
+        check_name(zone, _LABEL_VALUE, 63, "a label value", f"{at}.zone")
     return Endpoint(
         address=address,
         ready=ready,
         serving=serving,
         terminating=terminating,
-        node_name=_get(ep, "nodeName", str, at),
-        zone=_get(ep, "zone", str, at),
+        node_name=node_name,
+        zone=zone,
         zone_hints=zones,
-        hostname=_get(ep, "hostname", str, at),
+        hostname=hostname,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from noded.model.tracker import Frontend, FrontendState
@@ -57,6 +58,15 @@ def _chain(kind: str, *parts: object) -> str:
     return f"{PREFIX}{kind}-{digest}"  # at most 28 characters, iptables' limit
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9/_.:-]")
+
+
+def _safe(text: str) -> str:
+    """Comment text iptables-restore reads as one word inside quotes: no quote, newline or space can get
+    in (names are validated as the API server does; this holds even if something unvalidated got here)."""
+    return _UNSAFE.sub("_", text)[:200]
+
+
 def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
     sp = state.service
     p = plan(fe, state, cluster_cidrs)
@@ -64,7 +74,7 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     host = f"{fe.ip}/{32 if version == 4 else 128}"
     proto = fe.protocol.lower()
     match = f"-d {host} -p {proto} -m {proto} --dport {fe.port}"
-    comment = f'-m comment --comment "{sp.name.namespace}/{sp.name.name}:{sp.name.port}"'
+    comment = f'-m comment --comment "{_safe(f"{sp.name.namespace}/{sp.name.name}:{sp.name.port}")}"'
     if p.reject:
         reject = "REJECT --reject-with tcp-reset" if proto == "tcp" else "REJECT"
         return FrontendRules(version, None, f"{match} {comment} -j {reject}")
@@ -90,9 +100,7 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     if p.pick:
         rules += _pick_endpoint(fe, state, p.pick, chains)
     else:  # Local policy and no endpoint here: what is still addressed to the frontend after nat is dropped
-        filter_rule = (
-            f'{match} -m comment --comment "{sp.name.namespace}/{sp.name.name} has no local endpoints" -j DROP'
-        )
+        filter_rule = f'{match} -m comment --comment "{_safe(f"{sp.name.namespace}/{sp.name.name}")} has no local endpoints" -j DROP'
     chains[fe_chain] = tuple(rules)
     return FrontendRules(version, f"{match} {comment} -j {fe_chain}", filter_rule, chains)
 

@@ -7,6 +7,8 @@ with `numgen random`, and each endpoint chain DNATs.
 
 from __future__ import annotations
 
+import re
+
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -186,9 +188,13 @@ def _random_choice(actions: list[str]) -> list[str]:
     return [f"numgen random mod {n - i} 0 {a}" for i, a in enumerate(actions[:-1])] + [actions[-1]]
 
 
+_NOT_CHAIN_CHAR = re.compile(r"[^A-Za-z0-9/_.-]")
+
+
 def _quote(name: str) -> str:
-    """A chain name nft 1.0 takes unquoted: letters, digits and / - _ . only."""
-    return name.replace(":", ".")
+    """A chain name nft 1.0 takes unquoted: letters, digits and / - _ . only. The model validates names as
+    the API server does; this keeps rule text safe even if something unvalidated ever got this far."""
+    return _NOT_CHAIN_CHAR.sub("_", name.replace(":", "."))
 
 
 def chain_commands(name: str, rules: tuple[str, ...], new: bool) -> list[str]:

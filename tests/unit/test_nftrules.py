@@ -116,3 +116,42 @@ def test_iptables_masquerades_sources_outside_every_cluster_cidr():
         "-s 10.244.0.0/16 -j MARK --and-mark 0xffffbfff",
         "-s 10.245.0.0/16 -j MARK --and-mark 0xffffbfff",
     )
+
+
+def test_names_that_could_carry_rule_text_are_rejected_by_the_model_and_never_reach_rules():
+    """Issue 17, item 9: a port name with a newline produced a standalone `flush ruleset`, a quote injected
+    `-j ACCEPT`. The model refuses what the API server refuses; the renderers keep rule text safe anyway."""
+    import pytest
+
+    from noded.model.objects import ManifestError
+    from noded.services import iptrules
+
+    for field, value in (
+        ("port name", "http\nflush ruleset"),
+        ("port name", 'x" -j ACCEPT "'),
+        ("name", "web\nflush"),
+        ("namespace", "Default"),
+    ):
+        svc = {
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]},
+        }
+        if field == "port name":
+            svc["spec"]["ports"][0]["name"] = value
+        else:
+            svc["metadata"][field] = value
+        with pytest.raises(ManifestError):
+            parse_service(svc)
+    # a state built around the parser (as a bug would) still renders one safe word per name
+    st = state([("10.244.1.2", 8080)], externalTrafficPolicy="Local", type="NodePort")
+    hostile = st.service.name.__class__("default", "web", 'p\nflush ruleset ; "', "TCP")
+    st = FrontendState(st.service.__class__(**{**st.service.__dict__, "name": hostile}), st.ready, st.terminating)
+    nft = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), st, ["10.244.0.0/16"])
+    for name in nft.chains:
+        assert NAME_OK.match(name), name
+    ipt = iptrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), st, ["10.244.0.0/16"])
+    lines = [ipt.nat_service_rule or "", ipt.filter_rule or "", *(r for rules in ipt.chains.values() for r in rules)]
+    for line in lines:
+        assert "\n" not in line and "flush ruleset" not in line and line.count('"') % 2 == 0, line
+    assert any("p_flush_ruleset" in line for line in lines)  # the name is there, made harmless
