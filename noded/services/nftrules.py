@@ -7,10 +7,9 @@ with `numgen random`, and each endpoint chain DNATs.
 
 from __future__ import annotations
 
-import re
-
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from noded.model.tracker import Frontend, FrontendState
