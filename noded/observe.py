@@ -32,6 +32,41 @@ def setup_logging(level: str = "info", json_logs: bool = False) -> None:
 Handler = Callable[[], tuple[int, str | dict[str, str], str | bytes]]  # -> (status, content type or headers, body)
 
 
+MAX_CONNECTIONS = 32  # per server: /healthz, /metrics, each health-check node port
+CONNECTION_TIMEOUT = 5.0  # seconds a connection may sit idle or trickle a request
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once: one more is closed at once, unanswered
+    (these ports face the network: 0.0.0.0:10256 and the health-check node ports)."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's 5 drops SYNs under a burst)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def serve(
     address: tuple[str, int], routes: dict[str, Handler], name: str, fallback: Handler | None = None
 ) -> ThreadingHTTPServer:
@@ -52,9 +87,8 @@ def serve(
         def log_message(self, *args: object) -> None:
             pass
 
-    ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(address, _Handler)
-    server.daemon_threads = True
+    _Handler.timeout = CONNECTION_TIMEOUT  # an idle or slow client is dropped, never holds a thread for long
+    server = BoundedHTTPServer(address, _Handler)
     threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
     return server
 

@@ -100,7 +100,8 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     if p.pick:
         rules += _pick_endpoint(fe, state, p.pick, chains)
     else:  # Local policy and no endpoint here: what is still addressed to the frontend after nat is dropped
-        filter_rule = f'{match} -m comment --comment "{_safe(f"{sp.name.namespace}/{sp.name.name}")} has no local endpoints" -j DROP'
+        who = _safe(f"{sp.name.namespace}/{sp.name.name}")
+        filter_rule = f'{match} -m comment --comment "{who} has no local endpoints" -j DROP'
     chains[fe_chain] = tuple(rules)
     return FrontendRules(version, f"{match} {comment} -j {fe_chain}", filter_rule, chains)
 
