@@ -165,7 +165,7 @@ int noded_dns_fast(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	/* a standard query (QR=0, opcode 0, not truncated), one question, no answers */
 	if ((h->flags1 & 0xfa) || h->qdcount != bpf_htons(1) || h->ancount || h->nscount ||
-	    h->arcount > bpf_htons(1))
+	    bpf_ntohs(h->arcount) > 1)
 		return pass();
 	sc = bpf_map_lookup_elem(&noded_dns_scratch, &zero);
 	if (!sc)

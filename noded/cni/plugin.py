@@ -83,6 +83,8 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, str]:
     for var in ("CNI_CONTAINERID", "CNI_IFNAME") + (("CNI_NETNS",) if command in ("ADD", "CHECK") else ()):
         if not env.get(var):
             raise CniFailure(ERR_INVALID_ENV, f"{var} is required for {command}")
+    if not valid_container_id(env["CNI_CONTAINERID"]):  # it names files in the state directory
+        raise CniFailure(ERR_INVALID_ENV, "CNI_CONTAINERID: letters, digits, _ . - only, starting alphanumeric")
     args = parse_cni_args(env.get("CNI_ARGS", ""))
     pod = {
         "containerId": env["CNI_CONTAINERID"],
@@ -100,6 +102,9 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, str]:
         raise CniFailure(ERR_INVALID_CONFIG, "prevResult: noded-cni is a chained plugin and needs the previous result")
     if not isinstance(prev.get("ips", []), list) or not isinstance(prev.get("interfaces", []), list):
         raise CniFailure(ERR_DECODING, "prevResult: ips and interfaces must be lists")
+    for i, ip in enumerate(prev.get("ips", [])):
+        if not isinstance(ip, dict) or not isinstance(ip.get("address", ""), str):
+            raise CniFailure(ERR_DECODING, f"prevResult.ips[{i}]: expected an object with a string address")
     if not pod["namespace"] or not pod["name"]:  # not a Kubernetes pod: nothing to capture
         return 0, json.dumps({**prev, "cniVersion": version}) if command == "ADD" else ""
     pod["ips"] = [ip.get("address", "").split("/")[0] for ip in prev.get("ips", []) if isinstance(ip, dict)]
@@ -110,6 +115,16 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, str]:
         return 0, ""
     daemon.add(pod)
     return 0, json.dumps({**prev, "cniVersion": version})
+
+
+def valid_container_id(cid: str) -> bool:
+    """The CNI spec's container ID: alphanumeric first, then alphanumerics, _ . - (no /, never ..)."""
+    return (
+        0 < len(cid) <= 256
+        and cid[0].isascii()
+        and cid[0].isalnum()
+        and all(c.isascii() and (c.isalnum() or c in "_.-") for c in cid)
+    )
 
 
 def parse_cni_args(raw: str) -> dict[str, str]:
@@ -189,7 +204,12 @@ def main() -> int:
     except (OSError, UnicodeDecodeError) as e:
         return _fail("1.1.0", CniFailure(ERR_DECODING, "cannot read the network configuration", str(e)))
     try:
-        code, out = run(env, stdin)
+        try:
+            code, out = run(env, stdin)
+        except CniFailure:
+            raise
+        except Exception as e:  # whatever the input: a CNI error on stdout, never a traceback
+            raise CniFailure(ERR_INVALID_CONFIG, "noded-cni could not handle this request", repr(e)[:300]) from None
     except CniFailure as e:
         version = "1.1.0"
         try:

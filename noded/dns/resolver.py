@@ -117,7 +117,10 @@ class Resolver:
             log.exception("query failed", question=str(query.question[0]) if query.question else None)
             reply, until = self._error(query, dns.rcode.SERVFAIL), None
         if reply.rcode() == dns.rcode.REFUSED and not client.allowed:
-            return wire.encode(reply, min(limit, len(data)))  # never an amplifier for a stranger
+            # never an amplifier for a stranger: a question compressed into a pointer to the header grows when
+            # written out again; then the bare 12-byte header, no larger than any parseable query
+            out = wire.encode(reply, min(limit, len(data)))
+            return out if len(out) <= len(data) else wire.header_error(data, dns.rcode.REFUSED)
         out = wire.encode(reply, limit)
         if until is not None and generation == self._memo_generation:
             self._memo[memo_key] = (out[2:], until)

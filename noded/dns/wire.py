@@ -38,7 +38,11 @@ def encode(reply: dns.message.Message, limit: int) -> bytes:
     if reply.edns >= 0:
         truncated.use_edns(reply.edns, reply.ednsflags, MAX_UDP)
     truncated.set_rcode(reply.rcode())
-    return truncated.to_wire(max_size=limit)
+    try:
+        return truncated.to_wire(max_size=limit)
+    except dns.exception.TooBig:  # not even the question fits: the header alone, TC set
+        header = truncated.to_wire()[:12]
+        return header[:4] + bytes(8)
 
 
 def header_error(wire: bytes, rcode: int) -> bytes | None:

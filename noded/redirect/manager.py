@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
+from noded.cni.plugin import valid_container_id
 from noded.files import write_atomic
 from noded.redirect import podns
 from noded.redirect.enrollment import Enrollment
@@ -54,6 +55,8 @@ class PodManager:
         for field in ("containerId", "netns", "namespace", "name"):
             if not isinstance(req.get(field), str) or not req[field]:
                 return {"ok": False, "error": f"{field} is required"}
+        if not valid_container_id(req["containerId"]):  # it names a file under the state directory
+            return {"ok": False, "error": "containerId: letters, digits, _ . - only, starting alphanumeric"}
         if not os.path.exists(req["netns"]):
             return {"ok": False, "error": f"netns {req['netns']} does not exist"}
         record = {k: req.get(k) for k in ("containerId", "netns", "namespace", "name", "ips")}
@@ -66,8 +69,8 @@ class PodManager:
 
     def delete(self, req: dict) -> dict:
         cid = req.get("containerId")
-        if not isinstance(cid, str) or not cid:
-            return {"ok": False, "error": "containerId is required"}
+        if not isinstance(cid, str) or not valid_container_id(cid):
+            return {"ok": False, "error": "containerId is required (letters, digits, _ . -)"}
         with self._lock:
             record = self.pods.pop(cid, None)
             self._applied.pop(cid, None)

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from noded.files import write_private
+
 SKEW = datetime.timedelta(minutes=1)
 ROOT_VALIDITY = datetime.timedelta(days=3650)
 
@@ -115,9 +117,7 @@ def write_root(directory: str, trust_domain: str) -> tuple[str, str]:
     if not os.path.exists(cert_path):
         os.makedirs(directory, exist_ok=True)
         cert, key = create_root(trust_domain)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
+        write_private(key_path, key)
         with open(cert_path, "wb") as f:
             f.write(cert)
     return cert_path, key_path

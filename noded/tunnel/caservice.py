@@ -19,6 +19,7 @@ import socket
 import structlog
 from cryptography import x509
 
+from noded.files import write_private
 from noded.tunnel.ca import CertificateAuthority, Issuer, NotAuthorized, key_pem, new_key, parse_node
 from noded.tunnel.ca import public_pem as public_key_pem
 from noded.tunnel.certs import WorkloadCert
@@ -34,9 +35,7 @@ def node_credentials(ca: CertificateAuthority, node: str, directory: str) -> tup
     key = new_key()
     cert_path, key_path = os.path.join(directory, f"{node}.pem"), os.path.join(directory, f"{node}-key.pem")
     os.makedirs(directory, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pem(key))
+    write_private(key_path, key_pem(key))
     with open(cert_path, "wb") as f:
         f.write(ca.issue_node(node, public_key_pem(key), NODE_CERT_TTL))
     return cert_path, key_path

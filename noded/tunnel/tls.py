@@ -28,6 +28,7 @@ def context(server: bool, cert: WorkloadCert, root_pem: bytes, directory: str) -
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=root_pem.decode())
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)  # one made earlier with a looser mode does not keep it
     fd, path = tempfile.mkstemp(dir=directory, suffix=".pem")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -210,3 +210,36 @@ def test_mutated_queries_get_well_formed_replies_or_none(env):
     after = fast.stats()
     # some mutations stay answerable (a flipped letter's case, another known name) and most do not
     assert after["answered"] > before["answered"] and after["passed"] - before["passed"] > 100
+
+
+RAW = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("169.254.20.10", 53))
+s.settimeout(1)
+out = []
+for wire in json.loads(sys.argv[1]):
+    s.send(bytes.fromhex(wire))
+    try:
+        out.append(s.recv(65535).hex())
+    except TimeoutError:
+        out.append(None)
+print(json.dumps(out))
+"""
+
+
+def test_a_query_with_more_than_one_additional_record_is_left_to_userspace(env):
+    """Issue 17, item 13: the fast path compared arcount byte-swapped, so 256 additional records (0x0100)
+    looked like 1 and it answered; only a lone OPT record is its business."""
+    import dns.message
+
+    fast, _resolver, _model, _bridge = env
+    q = dns.message.make_query(f"web.default.svc.{Z}", "A", use_edns=0)
+    wire = bytearray(q.to_wire())
+    for count in (256, 2):
+        wire[10:12] = count.to_bytes(2, "big")  # arcount
+        before = fast.stats()
+        in_pod(RAW, [bytes(wire).hex()])
+        after = fast.stats()
+        assert after["answered"] == before["answered"], count
+        assert after["passed"] == before["passed"] + 1, count  # to the resolver

@@ -91,3 +91,46 @@ def test_bad_fail_policy_and_socket_are_config_errors():
         with pytest.raises(CniFailure) as e:
             run({**K8S_ENV, "CNI_COMMAND": "ADD"}, conf(prevResult=PREV, **extra))
         assert e.value.code == 7
+
+
+@pytest.mark.parametrize("cid", ["../../etc/x", "/abs", ".hidden", "a/b", "..", "a\nb", "ä"])
+def test_a_container_id_that_could_escape_the_state_directory_is_refused(tmp_path, cid):
+    """Issue 17, item 13: containerId with ../ or a leading / named files outside the state directory."""
+    stdin = conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"))
+    for command in ("ADD", "DEL", "CHECK"):
+        with pytest.raises(CniFailure) as e:
+            run({**K8S_ENV, "CNI_CONTAINERID": cid, "CNI_COMMAND": command}, stdin)
+        assert e.value.code == 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_daemon_refuses_such_a_container_id_too(tmp_path):
+    from noded.redirect.manager import PodManager
+
+    manager = PodManager(str(tmp_path), None, None)  # refused before enrollment or the proxy are asked
+    for req in ({"containerId": "../../x", "netns": "/proc/self/ns/net", "namespace": "a", "name": "b"},):
+        assert manager.add(req)["ok"] is False
+        assert manager.delete(req)["ok"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pending", "pods"]
+
+
+@pytest.mark.parametrize(
+    "prev",
+    [
+        {"cniVersion": "1.0.0", "ips": [{"address": 5}]},
+        {"cniVersion": "1.0.0", "ips": ["10.0.0.1/24"]},
+        {"cniVersion": "1.0.0", "ips": [None], "interfaces": []},
+    ],
+)
+def test_a_malformed_prev_result_is_a_cni_error_not_a_crash(prev):
+    with pytest.raises(CniFailure) as e:
+        run({**K8S_ENV, "CNI_COMMAND": "ADD"}, conf(prevResult=prev))
+    assert e.value.code == 6
+    proc = subprocess.run(
+        [sys.executable, "-m", "noded.cni.plugin"],
+        input=conf(prevResult=prev),
+        text=True,
+        env={**K8S_ENV, "CNI_COMMAND": "ADD"},
+        capture_output=True,
+    )
+    assert json.loads(proc.stdout)["code"] == 6 and "Traceback" not in proc.stderr

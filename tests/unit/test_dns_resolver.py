@@ -358,3 +358,20 @@ def test_repeated_zone_questions_are_memoized_until_the_model_changes():
     assert len(resolver._memo) == 1
     model.upsert(service("web", ["10.96.0.99"]))
     assert ask_web(3) == (3, ["10.96.0.99"])
+
+
+def test_a_refused_answer_is_never_larger_than_the_query():
+    """Issue 17, item 13: a question written as a pointer into the header (ID 0x0a41: a 10-byte label)
+    grows when the reply writes it out: 18 bytes in, 28 out, to anyone who may not ask."""
+
+    async def main():
+        resolver = make_resolver([])
+        query = bytes([0x0A, 0x41, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0]) + b"\xc0\x00" + b"\x00\x01\x00\x01"
+        out = await resolver.resolve(query, Client(allowed=False))
+        assert out is not None and len(out) <= len(query)
+        assert out[:2] == query[:2] and out[3] & 0xF == dns.rcode.REFUSED
+        for name in ("a.example.", "x" * 60 + ".example."):
+            q = dns.message.make_query(name, "A", use_edns=0).to_wire()
+            assert len(await resolver.resolve(q, Client(allowed=False))) <= len(q)
+
+    asyncio.run(main())

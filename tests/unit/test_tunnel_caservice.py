@@ -44,3 +44,25 @@ def test_nodes_get_their_own_pods_identities_only(tmp_path):
         server.close()
 
     asyncio.run(main())
+
+
+def test_a_key_file_already_there_with_a_loose_mode_is_replaced_by_a_0600_one(tmp_path):
+    """Issue 17, item 13: os.open(O_CREAT, 0o600) keeps the mode of a file that exists (0644: readable by
+    every user of the node)."""
+    import os
+    import stat
+
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    (nodes / "node1-key.pem").write_text("old")
+    os.chmod(nodes / "node1-key.pem", 0o644)
+    ca = CertificateAuthority(*create_root(TD))
+    _cert, key = node_credentials(ca, "node1", str(nodes))
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert (nodes / "node1-key.pem").read_text().startswith("-----BEGIN")
+    root_dir = tmp_path / "root"
+    root_dir.mkdir()
+    (root_dir / "root-key.pem").write_text("old")
+    os.chmod(root_dir / "root-key.pem", 0o644)
+    _root, root_key = ca_mod.write_root(str(root_dir), TD)
+    assert stat.S_IMODE(os.stat(root_key).st_mode) == 0o600
