@@ -236,13 +236,22 @@ POD = "/opt/noded/venv/bin/python /noded/vagrant/guest/pod.py"
 
 
 def pod_object(p: dict) -> dict:
-    return {
+    """The Pod as the API server holds it: scheduled and labelled first, its IPs once the runtime has them."""
+    obj = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": p["name"], "namespace": p["namespace"], "labels": p["labels"]},
         "spec": {"nodeName": p["node"], "serviceAccountName": "default"},
-        "status": {"phase": "Running", "podIP": p["ips"][0], "podIPs": [{"ip": ip} for ip in p["ips"]]},
     }
+    if p.get("ips"):
+        obj["status"] = {"phase": "Running", "podIP": p["ips"][0], "podIPs": [{"ip": ip} for ip in p["ips"]]}
+    return obj
+
+
+def write_manifests(nodes: list[str], items: list[dict], config: str) -> None:
+    docs = json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=1)
+    for node in nodes:
+        on(node, f"cat > {MANIFEST}.tmp && mv {MANIFEST}.tmp {MANIFEST}", config, stdin=docs)
 
 
 def service_objects(name: str, cluster_ip: str, backend: dict) -> list[dict]:
@@ -299,6 +308,15 @@ def check() -> int:
         state = on(node, "systemctl is-active noded", config, check=False).strip()
         say(f"{node}: Linux {kernel}, noded {state}")
     httpd = "-- httpd -f -p 8080 -h /www"
+    if SOURCE != "k3s":  # as in a cluster, the Pod objects exist before the runtime sets them up
+        planned = [
+            ("echo", far, {"app": "echo"}),
+            ("client", "node1", {"app": "client"}),
+            ("mesh-echo", far, {"app": "mesh-echo", AMBIENT.split("=")[0]: AMBIENT.split("=")[1]}),
+            ("mesh-client", "node1", {AMBIENT.split("=")[0]: AMBIENT.split("=")[1]}),
+        ]
+        scheduled = [{"name": n, "namespace": "default", "node": node, "labels": lb} for n, node, lb in planned]
+        write_manifests(nodes, [pod_object(p) for p in scheduled], config)
     pods = {
         "echo": json.loads(on(far, f"{POD} run default/echo --label app=echo {httpd}", config)),
         "client": json.loads(on("node1", f"{POD} run default/client --label app=client", config)),
@@ -320,9 +338,7 @@ def check() -> int:
         on("node1", "k3s kubectl apply -f - >/dev/null", config, stdin=docs)
     else:
         items += [pod_object(p) for p in pods.values()]
-        docs = json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=1)
-        for node in nodes:
-            on(node, f"cat > {MANIFEST}.tmp && mv {MANIFEST}.tmp {MANIFEST}", config, stdin=docs)
+        write_manifests(nodes, items, config)
     say("services echo and mesh-echo (ambient) written to every node's source")
     expected = f"hello from default/echo on {far}"
     body = ""

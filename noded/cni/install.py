@@ -48,7 +48,12 @@ def chained(doc: dict, plugin: dict) -> dict:
 
 def is_chained(doc: dict, plugin_type: str = "noded-cni") -> bool:
     plugins = doc.get("plugins") if isinstance(doc, dict) else None
-    return isinstance(plugins, list) and bool(plugins) and plugins[-1].get("type") == plugin_type
+    return (
+        isinstance(plugins, list)
+        and bool(plugins)
+        and isinstance(plugins[-1], dict)
+        and plugins[-1].get("type") == plugin_type
+    )
 
 
 def launcher() -> str:
@@ -118,15 +123,22 @@ def uninstall(conf_dir: str, bin_dir: str) -> list[str]:
     return restored
 
 
-def watch(conf_dir: str, bin_dir: str, socket_path: str, interval: float = 1.0) -> None:
-    """Re-chain whenever the primary configuration loses noded-cni (until interrupted)."""
-    while True:
-        path = primary_config(conf_dir)
+def watch(conf_dir: str, bin_dir: str, socket_path: str, interval: float = 1.0, rounds: int | None = None) -> None:
+    """Re-chain whenever the primary configuration loses noded-cni (until interrupted, or `rounds` checks).
+    A configuration caught half written (the primary CNI is writing it), or one that cannot be chained
+    yet, is looked at again next round: the watch itself never stops on it."""
+    done = 0
+    while rounds is None or done < rounds:
+        done += 1
         try:
-            with open(path or "") as f:
-                ok = is_chained(json.load(f))
-        except (OSError, ValueError):
-            ok = path is None  # nothing to chain into yet
-        if not ok:
-            print(f"noded cni: re-chained {install(conf_dir, bin_dir, socket_path)}", flush=True)
+            path = primary_config(conf_dir)
+            try:
+                with open(path or "") as f:
+                    ok = is_chained(json.load(f))
+            except (OSError, ValueError):
+                ok = path is None  # nothing to chain into yet
+            if not ok:
+                print(f"noded cni: re-chained {install(conf_dir, bin_dir, socket_path)}", flush=True)
+        except (InstallError, OSError) as e:
+            print(f"noded cni: not chained yet, trying again: {e}", file=sys.stderr, flush=True)
         time.sleep(interval)

@@ -162,24 +162,21 @@ class Daemon:
                 raise CniFailure(ERR_NOT_AVAILABLE, f"noded is not reachable at {self.socket}", str(e)) from None
 
     def add(self, pod: dict) -> None:
+        """Hand the pod to the daemon. Unreachable: fail closed (kubelet tries again) unless failPolicy open
+        says so; then the pod is left pending for the daemon's next start. noded-cni cannot see a pod's own
+        labels, so any pod may be enrolled: none starts uncaptured behind noded's back."""
         try:
             reply = h2client.call(self.socket, METHOD + "PodAdd", pod)
         except (OSError, h2client.CallError) as e:
-            if not self.fail_open and pod["namespace"] in self._enrolled_namespaces():
+            if not self.fail_open:
                 raise CniFailure(
-                    ERR_TRY_AGAIN_LATER, f"noded is not reachable at {self.socket} (enrolled pod: fail closed)", str(e)
+                    ERR_TRY_AGAIN_LATER, f"noded is not reachable at {self.socket} (failPolicy closed)", str(e)
                 ) from None
             self._leave_pending(pod)
             return
         if not reply.get("ok"):
-            raise CniFailure(ERR_DAEMON, "noded could not set up the pod's capture", reply.get("error", ""))
-
-    def _enrolled_namespaces(self) -> list[str]:
-        try:
-            with open(os.path.join(self.state_dir, "enrolled-namespaces.json")) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return []
+            code = ERR_TRY_AGAIN_LATER if reply.get("retry") else ERR_DAEMON
+            raise CniFailure(code, "noded could not set up the pod's capture", reply.get("error", ""))
 
     def _leave_pending(self, pod: dict) -> None:
         pending = os.path.join(self.state_dir, "pending")

@@ -3,7 +3,8 @@
 Each pod's record is a file under `<state dir>/pods/`, so a restarted daemon re-opens the listeners of
 every pod still alive and drops the records of pods whose netns has gone. noded-cni leaves a record in
 `<state dir>/pending/` for a pod it set up while the daemon was unreachable; the daemon takes those on
-start. `enrolled-namespaces.json` tells noded-cni which namespaces fail closed while the daemon is down.
+start (only with failPolicy open: otherwise the plugin fails closed while the daemon is unreachable, and
+the daemon refuses a pod it has not seen yet, since its labels decide its capture).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class PodManager:
     ) -> None:
         self.dir = os.path.join(state_dir, "pods")
         self.pending_dir = os.path.join(state_dir, "pending")
-        self.enrolled_path = os.path.join(state_dir, "enrolled-namespaces.json")
         self.enrollment = enrollment
         self.proxy = proxy
         self.dns_only = dns_only  # non-enrolled pods still get DNS interception
@@ -60,7 +60,13 @@ class PodManager:
         if not os.path.exists(req["netns"]):
             return {"ok": False, "error": f"netns {req['netns']} does not exist"}
         record = {k: req.get(k) for k in ("containerId", "netns", "namespace", "name", "ips")}
-        self.wait_for_pod(record["namespace"], record["name"])
+        if not self.wait_for_pod(record["namespace"], record["name"]):
+            # its labels decide its capture: unknown is not "not enrolled" (kubelet tries again shortly)
+            return {
+                "ok": False,
+                "retry": True,
+                "error": f"pod {record['namespace']}/{record['name']} is not known to noded yet",
+            }
         with self._lock:
             self.pods[record["containerId"]] = record
             write_atomic(self._path(record["containerId"]), json.dumps(record))
@@ -150,7 +156,6 @@ class PodManager:
 
     def reconcile(self) -> None:
         """Enrollment may have changed (labels): re-install where it did."""
-        self.publish_enrollment()
         with self._lock:
             for cid, record in list(self.pods.items()):
                 if self.enrollment.enrolled(record["namespace"], record["name"]) != self._applied.get(cid):
@@ -172,14 +177,13 @@ class PodManager:
                 except (podns.CaptureError, OSError) as e:
                     log.error("capture update failed", pod=cid, error=str(e))
 
-    def publish_enrollment(self) -> None:
-        write_atomic(self.enrolled_path, json.dumps(self.enrollment.enrolled_namespaces()))
-
     def _apply(self, record: dict) -> bool:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])
         if enrolled or self.dns_only:
             podns.install(record["netns"], enrolled, self.direct_dns, self.cluster_dns)
-            self.proxy.open_pod(record["containerId"], record["netns"], record["namespace"], record["name"])
+            self.proxy.open_pod(
+                record["containerId"], record["netns"], record["namespace"], record["name"], record.get("ips") or ()
+            )
         else:
             podns.uninstall(record["netns"])
             self.proxy.close_pod(record["containerId"])

@@ -30,6 +30,7 @@ from noded.tunnel.h2conn import Stream
 from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
 from noded.tunnel.relay import Acceptor, finish_connect, spawn, splice_sockets, start_connect
+from noded.tunnel.tls import PeerRejected
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -81,6 +82,7 @@ def _transparent(sock: socket.socket) -> None:
 class PodListeners:
     netns: str
     key: tuple[str, str] | None = None  # (namespace, name)
+    ips: frozenset[str] = frozenset()  # the pod's own addresses: the only destinations its 15008 dials
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
     acceptors: list[Acceptor] = field(default_factory=list)
     transports: list[asyncio.BaseTransport] = field(default_factory=list)
@@ -96,15 +98,23 @@ class CaptureProxy:
         self.pods: dict[str, PodListeners] = {}
         self.tasks: set[asyncio.Task] = set()
         self.self_calls = 0  # connections refused because they were addressed to a capture listener
+        self.refused_peers = 0  # HBONE servers that presented another identity than the destination's
 
     def stop(self) -> None:
         for key in list(self.pods):
             self.close_pod(key)
 
-    def open_pod(self, key: str, netns_path: str, namespace: str | None = None, name: str | None = None) -> None:
+    def open_pod(
+        self,
+        key: str,
+        netns_path: str,
+        namespace: str | None = None,
+        name: str | None = None,
+        ips: list[str] | tuple[str, ...] = (),
+    ) -> None:
         """Listening sockets in the pod's netns (kept if already open); DNS knows the pod's namespace, the
-        tunnel the pod itself."""
-        self.thread.run(self._open(key, netns_path, namespace, name))
+        tunnel the pod itself and its addresses."""
+        self.thread.run(self._open(key, netns_path, namespace, name, ips))
 
     def close_pod(self, key: str) -> bool:
         return bool(self.thread.run(self._close(key)))
@@ -113,13 +123,17 @@ class CaptureProxy:
         pod = self.pods.get(key)
         return list(pod.recent) if pod else []
 
-    async def _open(self, key: str, netns_path: str, namespace: str | None, name: str | None = None) -> None:
+    async def _open(
+        self, key: str, netns_path: str, namespace: str | None, name: str | None = None, ips: tuple | list = ()
+    ) -> None:
         pod = self.pods.get(key)
+        addresses = frozenset(_addresses(ips))
         if pod is not None and pod.netns == netns_path:
+            pod.ips = addresses or pod.ips
             return
         if pod is not None:
             await self._close(key)
-        pod = PodListeners(netns_path, (namespace, name) if namespace and name else None)
+        pod = PodListeners(netns_path, (namespace, name) if namespace and name else None, addresses)
         socks: dict[str, list[socket.socket]] = {}
         with podns.entered(netns_path):  # the loop's own thread: no other coroutine runs meanwhile
             for loopback, any_address in (("127.0.0.1", "0.0.0.0"), ("::1", "::")):
@@ -222,7 +236,8 @@ class CaptureProxy:
             sock.close()
             return
         record.update(hbone=authority(route.ip, HBONE_PORT), peer_identity=route.peer_identity, source_identity=source)
-        key, target = (pod.netns, route.ip), authority(route.ip, route.port)
+        # pooled per expected identity too: a connection verified for one workload never carries another's
+        key, target = (pod.netns, route.ip, route.peer_identity), authority(route.ip, route.port)
         stream = self.pool.stream_now(key, id(ctx), target)
         if stream is not None:
             self._splice_stream(stream, sock, record)
@@ -230,13 +245,16 @@ class CaptureProxy:
 
         async def dial() -> object:  # from the pod itself: its own address
             up = await self._pod_connected(pod, (route.ip, HBONE_PORT))
-            return await connect(route.ip, HBONE_PORT, ctx, up)
+            return await connect(route.ip, HBONE_PORT, ctx, up, expect=route.peer_identity)
 
         async def new_connection() -> None:
             try:
                 stream = await self.pool.stream(key, id(ctx), target, dial)
-            except (TimeoutError, OSError, ConnectionError, podns.CaptureError) as e:
+            except (TimeoutError, OSError, ConnectionError, podns.CaptureError, PeerRejected) as e:
                 record["error"] = repr(e)
+                if isinstance(e, PeerRejected):
+                    self.refused_peers += 1
+                    log.warning("HBONE server identity refused", error=str(e))
                 sock.close()
                 return
             self._splice_stream(stream, sock, record)
@@ -324,7 +342,23 @@ class CaptureProxy:
         def dial(peer: tuple, host: str, port: int) -> tuple:
             return self._pod_socket(pod, (host, port), peer[0])
 
-        return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected)
+        def serves(host: str, port: int) -> bool:  # this pod's own addresses only, never a capture port
+            info = tunnel.enrollment.pod(pod.key) if pod.key else None
+            own = pod.ips or frozenset(_addresses(info.ips if info else ()))  # as CNI reported, else the API
+            return host in own and port not in CAPTURE_PORTS
+
+        return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected, serves)
+
+
+def _addresses(ips: object) -> list[str]:
+    """The pod's addresses as noded-cni reported them, normalised; anything else left out."""
+    out = []
+    for ip in ips if isinstance(ips, list | tuple) else ():
+        try:
+            out.append(str(ipaddress.ip_address(str(ip).split("/")[0])))
+        except ValueError:
+            continue
+    return out
 
 
 def _listener(kind: int, host: str, port: int, transparent: bool = False) -> socket.socket:

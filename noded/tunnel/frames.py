@@ -36,6 +36,7 @@ class ErrorCode(enum.IntEnum):
     REFUSED_STREAM = 0x7
     CANCEL = 0x8
     COMPRESSION_ERROR = 0x9
+    ENHANCE_YOUR_CALM = 0xB
 
 
 class H2Error(Exception):

@@ -33,6 +33,13 @@ LINGER = 10  # seconds a refused stream's socket waits for the application to en
 MAX_STREAMS = 1000  # concurrent streams a client may open on one connection to us
 POOL_IDLE = 300.0  # seconds a client connection is kept without a stream
 TLS_READ = 2 * READ_SIZE  # more than one read of the TLS socket decrypts to: taken in one go
+# What one peer may make a server hold (the bounds h2 servers keep; beyond: GOAWAY ENHANCE_YOUR_CALM)
+MAX_HEADER_BLOCK = 64 * 1024  # a header block, CONTINUATIONs included (nghttp2's CONTINUATION-flood guard)
+MAX_EARLY_STREAM = 1024 * 1024  # bytes a stream holds while its application socket is being dialed
+MAX_EARLY = 8 * 1024 * 1024  # the same, all streams of a connection together
+MAX_RESETS = 200  # streams the peer resets before they are answered, per RESET_WINDOW ("rapid reset")
+RESET_WINDOW = 10.0
+SERVER_IDLE = POOL_IDLE + 60  # seconds a server connection is kept without a stream (the client releases first)
 
 
 class StreamsExhausted(Exception):
@@ -51,6 +58,7 @@ class Stream:
         self.app: _AppSide | None = None
         self.sock: socket.socket | None = None  # the socket it is spliced to, until its transport is made
         self.early: list[bytes] = []
+        self.early_bytes = 0  # in `early`: counted against the connection's MAX_EARLY
         self.received = False  # any data at all
         self.bytes_in = self.bytes_out = 0
         self.remote_ended = False  # the peer sent END_STREAM
@@ -63,6 +71,11 @@ class Stream:
     @property
     def credit(self) -> int:
         return min(self.send_window, self.conn.send_window)
+
+    def release_early(self) -> None:
+        self.conn.early -= self.early_bytes
+        self.early_bytes = 0
+        self.early.clear()
 
     def fail(self, why: str) -> None:
         """No response will come: whoever awaits it gets the error (on the server side nobody does)."""
@@ -115,6 +128,8 @@ class Stream:
                     sent = len(data)  # the socket is gone: its transport will say so
             if sent < len(data):
                 self.early.append(bytes(data[sent:]))
+                self.early_bytes += len(data) - sent
+                self.conn.hold_early(self, len(data) - sent)
         self.unacked += len(data)
         self.bytes_in += len(data)
         self.received = True
@@ -135,6 +150,7 @@ class Stream:
         self.closed = True
         self.refused = refused
         self.fail(why)
+        self.release_early()
         self.conn.forget(self.id)
         if self.app is not None and self.app.transport is not None:
             if refused:
@@ -169,7 +185,7 @@ class _AppSide(asyncio.BufferedProtocol):
             return
         for data in stream.early:
             self.transport.write(data)
-        stream.early.clear()
+        stream.release_early()
         if stream.remote_ended:
             self.transport.write_eof()
         stream.conn.give_back(stream)
@@ -254,6 +270,8 @@ class Connection(asyncio.BufferedProtocol):
         self.pad_left = 0
         self.data_flags = 0
         self.data_id = 0
+        self.early = 0  # bytes streams hold for applications not connected yet
+        self.resets: list[float] = []  # when the peer reset a stream before it was answered (bounded)
 
     @property
     def max_send_frame(self) -> int:
@@ -268,6 +286,8 @@ class Connection(asyncio.BufferedProtocol):
         ours.update({f.ENABLE_PUSH: 0} if self.client else {f.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
         preface = f.PREFACE if self.client else b""
         self.flush(preface + f.settings(ours) + f.window_update(0, WINDOW - f.DEFAULT_WINDOW))
+        if not self.client:  # a server connection nobody opens a stream on ends too
+            self.idle = asyncio.get_running_loop().call_later(SERVER_IDLE, self._idle_end)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         carried = len(self.carry)
@@ -368,6 +388,8 @@ class Connection(asyncio.BufferedProtocol):
             if not stream_id:
                 raise H2Error(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
             fragment = f.header_fragment(flags, payload)
+            if len(fragment) > MAX_HEADER_BLOCK:
+                raise H2Error(ErrorCode.ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes")
             if flags & f.END_HEADERS:
                 self._headers(stream_id, flags, fragment)
             else:
@@ -376,6 +398,8 @@ class Connection(asyncio.BufferedProtocol):
             if self.continued is None:
                 raise H2Error(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
             self.continued[2].append(bytes(payload))
+            if sum(len(part) for part in self.continued[2]) > MAX_HEADER_BLOCK:
+                raise H2Error(ErrorCode.ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes")
             if flags & f.END_HEADERS:
                 stream_id, first_flags, parts = self.continued
                 self.continued = None
@@ -398,6 +422,8 @@ class Connection(asyncio.BufferedProtocol):
         elif ftype == f.RST_STREAM:
             stream = self.streams.get(stream_id)
             if stream is not None:
+                if not self.client and stream.app is None:  # reset before it was answered: counted
+                    self._count_reset()
                 stream.close("HBONE stream reset")
         elif ftype == f.GOAWAY:
             self._goaway(int.from_bytes(payload[0:4], "big") & f.MAX_WINDOW, int.from_bytes(payload[4:8], "big"))
@@ -431,6 +457,25 @@ class Connection(asyncio.BufferedProtocol):
             if flags & f.END_STREAM:
                 stream.remote_ended = True
             self.on_request(stream, fields)
+
+    def _count_reset(self) -> None:
+        """The HTTP/2 "rapid reset" class: streams opened and reset at once cost a dial each."""
+        now = asyncio.get_running_loop().time()
+        self.resets = [t for t in self.resets if now - t < RESET_WINDOW]
+        self.resets.append(now)
+        if len(self.resets) > MAX_RESETS:
+            raise H2Error(ErrorCode.ENHANCE_YOUR_CALM, f"over {MAX_RESETS} streams reset in {RESET_WINDOW:.0f} s")
+
+    def hold_early(self, stream: Stream, nbytes: int) -> None:
+        """A stream holds nbytes more for an application not connected yet: past the bounds, the stream is
+        reset (its own) or the connection ends (all of them together)."""
+        self.early += nbytes
+        if self.early > MAX_EARLY:
+            log.info("HBONE peer sent too much before its connections were up", held=self.early)
+            self.flush(f.goaway(self.last_peer_id, ErrorCode.ENHANCE_YOUR_CALM, b"too much data held"))
+            self.transport.close()
+        elif stream.early_bytes > MAX_EARLY_STREAM:
+            self.reset(stream, ErrorCode.ENHANCE_YOUR_CALM)
 
     def _settings(self, pairs: list[tuple[int, int]]) -> None:
         for key, value in pairs:
@@ -592,8 +637,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         if self.retiring:
             self.close()
-        elif self.client and self.idle is None and live(self.transport):
-            self.idle = asyncio.get_running_loop().call_later(POOL_IDLE, self._idle_end)
+        elif self.idle is None and live(self.transport):
+            wait = POOL_IDLE if self.client else SERVER_IDLE
+            self.idle = asyncio.get_running_loop().call_later(wait, self._idle_end)
 
     def _idle_end(self) -> None:
         self.idle = None

@@ -11,6 +11,7 @@ the application's bytes before the answer; `request` waits for the 200.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
 import time
@@ -27,6 +28,7 @@ log = structlog.get_logger("noded.tunnel.hbone")
 
 HANDSHAKE_TIMEOUT = 10
 ANSWER_DELAY = 0.002  # seconds a 200 may wait to go out with the application's first bytes
+MAX_DIALS = 64  # connects to the application in progress at once for one HBONE connection
 
 
 class TunnelRefused(Exception):
@@ -43,10 +45,13 @@ def authority(host: str, port: int) -> str:
 
 
 def split_authority(authority: str) -> tuple[str, int]:
+    """(address, port) of an `:authority`; an IP address only: a name would be resolved, blocking the loop,
+    and HBONE names the destination pod's address."""
     host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{authority!r} is not host:port")
-    return host.strip("[]"), int(port)
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{authority!r} is not address:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return str(ipaddress.ip_address(host)), int(port)
 
 
 # -- the 15008 side ----------------------------------------------------------------------------------
@@ -62,9 +67,12 @@ class ServerConnection(Connection):
         authorize: Callable[[str, tuple, str, int], bool],
         dial: Callable[[tuple, str, int], tuple[socket.socket, bool]],
         on_connection: Callable[[asyncio.BaseTransport, str], None] | None = None,
+        serves: Callable[[str, int], bool] = lambda _host, _port: True,
     ) -> None:
         super().__init__(client=False, on_request=self._request)
         self.trust_domain, self.authorize, self.dial, self.on_connection = trust_domain, authorize, dial, on_connection
+        self.serves = serves  # whether an address:port is one this listener reaches (its pod's own)
+        self.dialing = 0
         self.identity = ""
         self.peer: tuple = ()
 
@@ -90,9 +98,15 @@ class ServerConnection(Connection):
             host, port, status = "", 0, "400"
         if headers.get(":method") != "CONNECT":
             status = "405"
+        elif status == "200" and not self.serves(host, port):
+            status = "400"  # loopback, metadata addresses, VIPs, other pods: never this listener's to dial
+            log.info("HBONE destination not served here", peer=self.identity, destination=f"{host}:{port}")
         elif status == "200" and not self.authorize(self.identity, self.peer, host, port):
             status = "401"
             log.info("HBONE connection denied", peer=self.identity, destination=f"{host}:{port}")
+        elif status == "200" and self.dialing >= MAX_DIALS:
+            status = "503"
+            log.info("HBONE connection refused: too many dials in progress", peer=self.identity)
         sock, connected = None, False
         if status == "200":
             try:
@@ -125,12 +139,15 @@ class ServerConnection(Connection):
 
     async def _splice(self, stream: Stream, sock: socket.socket, connected: bool, host: str, port: int) -> None:
         if not connected:
+            self.dialing += 1
             try:
                 await finish_connect(sock, (host, port))
             except (OSError, TimeoutError) as e:
                 sock.close()
                 self._answer(stream, self._unreachable(host, port, e if isinstance(e, OSError) else OSError(str(e))))
                 return
+            finally:
+                self.dialing -= 1
         if stream.closed:
             sock.close()
             return
@@ -154,17 +171,31 @@ async def serve(sock: socket.socket, context: ssl.SSLContext, factory: Callable[
 
 
 # -- the client side ---------------------------------------------------------------------------------
-async def connect(host: str, port: int, context: ssl.SSLContext, sock: socket.socket | None = None) -> Connection:
-    """An HBONE client connection to host:port (over `sock`, connected already, if given)."""
+async def connect(
+    host: str, port: int, context: ssl.SSLContext, sock: socket.socket | None = None, expect: str | None = None
+) -> Connection:
+    """An HBONE client connection to host:port (over `sock`, connected already, if given). With `expect`
+    (a SPIFFE ID), the server must present exactly that identity, as ztunnel checks: a certificate of the
+    right trust domain for another workload is refused (PeerRejected)."""
     loop = asyncio.get_running_loop()
     where = {"sock": sock} if sock is not None else {"host": host, "port": port}
-    _t, conn = await loop.create_connection(
+    transport, conn = await loop.create_connection(
         lambda: Connection(client=True),
         ssl=context,
         server_hostname=host,
         ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
         **where,
     )
+    if expect is not None:
+        domain = expect.removeprefix("spiffe://").split("/", 1)[0]
+        try:
+            got = peer_identity(transport.get_extra_info("ssl_object"), domain)
+        except (PeerRejected, ValueError) as e:
+            transport.abort()
+            raise PeerRejected(f"HBONE server at {host}:{port}: {e}") from None
+        if got != expect:
+            transport.abort()
+            raise PeerRejected(f"HBONE server at {host}:{port} is {got}, expected {expect}")
     return conn
 
 
@@ -194,10 +225,15 @@ async def request(conn: Connection, authority: str) -> Stream:
 
 
 async def open_stream(
-    host: str, port: int, context: ssl.SSLContext, authority: str, sock: socket.socket | None = None
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    authority: str,
+    sock: socket.socket | None = None,
+    expect: str | None = None,
 ) -> tuple[Stream, Connection]:
     """A CONNECT stream on a connection of its own, and that connection."""
-    conn = await connect(host, port, context, sock)
+    conn = await connect(host, port, context, sock, expect)
     try:
         return await request(conn, authority), conn
     except BaseException:

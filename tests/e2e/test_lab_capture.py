@@ -274,6 +274,8 @@ def test_restarted_daemon_repairs_its_pods(lab):
 def test_fifty_pods_added_in_parallel_all_come_up(lab):
     node = lab.state()["nodes"]["node2"]
     conflist = lab.conflist(node)
+    # as in a cluster, the Pod objects exist before the runtime sets the pods up (noded refuses unknown ones)
+    write_manifest(lab, "bulk-pods.yaml", [bulk_pod(f"p{i}") for i in range(50)])
     invs = []
     for i in range(50):
         name = f"noded-pod-bulk-{i}"
@@ -295,6 +297,16 @@ def test_fifty_pods_added_in_parallel_all_come_up(lab):
     finally:
         for inv in invs:
             netns.remove(inv.netns_path.rsplit("/", 1)[1])
+        os.unlink(f"{lab.manifests}/bulk-pods.yaml")
+
+
+def bulk_pod(name: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "bulk"},
+        "spec": {"nodeName": "node2"},
+    }
 
 
 def test_full_cleanup_removes_the_capture_from_live_pods_and_a_restart_puts_it_back(lab):

@@ -49,3 +49,18 @@ def test_watch_rechains_after_the_primary_cni_rewrites_its_file(tmp_path):
             time.sleep(0.05)
     finally:
         proc.kill()
+
+
+def test_watch_survives_a_half_written_conflist_and_chains_it_once_complete(tmp_path):
+    """Issue 17, item 8: `cni install --watch` exited when it caught the primary CNI writing its file."""
+    conf, bins = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    whole = json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": [BRIDGE, {"type": "portmap"}]})
+    (conf / "10-k8s.conflist").write_text(whole[: len(whole) // 2])  # caught mid-write
+    install.watch(str(conf), str(bins), "/run/noded/noded.sock", interval=0.01, rounds=3)  # no exception
+    (conf / "10-k8s.conflist").write_text(json.dumps({"plugins": ["not an object"]}))
+    install.watch(str(conf), str(bins), "/run/noded/noded.sock", interval=0.01, rounds=2)
+    (conf / "10-k8s.conflist").write_text(whole)
+    install.watch(str(conf), str(bins), "/run/noded/noded.sock", interval=0.01, rounds=1)
+    doc = json.loads((conf / "10-k8s.conflist").read_text())
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap", "noded-cni"]

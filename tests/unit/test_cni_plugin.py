@@ -61,29 +61,35 @@ def test_del_without_netns_succeeds():
 K8S_ENV = {**ENV, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart"}
 
 
-def test_unreachable_daemon_fails_closed_for_enrolled_namespaces(tmp_path):
-    (tmp_path / "enrolled-namespaces.json").write_text('["shop"]')
+def test_unreachable_daemon_fails_closed_for_every_pod_unless_fail_policy_open(tmp_path):
+    """Issue 17, item 8: with the daemon down, ADD succeeded uncaptured for a pod enrolled by its own label
+    (the plugin cannot see pod labels): now no pod starts behind noded's back."""
     stdin = conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"))
     with pytest.raises(CniFailure) as e:
         run({**K8S_ENV, "CNI_COMMAND": "ADD"}, stdin)
     assert e.value.code == 11  # try again later
-    code, out = run(
-        {**K8S_ENV, "CNI_COMMAND": "ADD"}, conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"), failPolicy="open")
-    )
+    assert not (tmp_path / "pending").exists()
+    open_conf = conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"), failPolicy="open")
+    code, out = run({**K8S_ENV, "CNI_COMMAND": "ADD"}, open_conf)
     assert code == 0 and json.loads(out) == PREV
-
-
-def test_unreachable_daemon_leaves_other_pods_pending_and_del_always_succeeds(tmp_path):
-    stdin = conf(prevResult=PREV, socket=str(tmp_path / "noded.sock"))
-    code, out = run({**K8S_ENV, "CNI_COMMAND": "ADD"}, stdin)
-    assert code == 0 and json.loads(out) == PREV
-    pending = json.loads((tmp_path / "pending" / "c1.json").read_text())
+    pending = json.loads((tmp_path / "pending" / "c1.json").read_text())  # taken at the daemon's next start
     assert pending["namespace"] == "shop" and pending["ips"] == ["10.244.1.2"]
     assert run({**K8S_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, stdin) == (0, "")
     assert not (tmp_path / "pending" / "c1.json").exists()
     with pytest.raises(CniFailure) as e:
         run({**K8S_ENV, "CNI_COMMAND": "STATUS"}, stdin)
     assert e.value.code == 50
+
+
+def test_the_daemon_refuses_a_pod_it_has_not_seen_yet_and_the_plugin_says_try_again(tmp_path):
+    """Issue 17, item 8: with the Pod/Namespace not yet seen, the pod got DNS-only capture after 2 s."""
+    from noded.redirect.enrollment import Enrollment
+    from noded.redirect.manager import PodManager
+
+    manager = PodManager(str(tmp_path), Enrollment("node1"), None, wait_for_pod=lambda _ns, _name: False)
+    reply = manager.add({"containerId": "c1", "netns": "/proc/self/ns/net", "namespace": "shop", "name": "cart"})
+    assert reply["ok"] is False and reply["retry"] is True and "not known" in reply["error"]
+    assert list((tmp_path / "pods").iterdir()) == []
 
 
 def test_bad_fail_policy_and_socket_are_config_errors():

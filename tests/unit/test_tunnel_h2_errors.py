@@ -5,6 +5,7 @@ and the listener goes on serving the next connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import hpack
@@ -108,3 +109,116 @@ def test_protocol_mistakes_end_only_their_connection(ca, tmp_path):
         app.close()
 
     asyncio.run(main())
+
+
+def test_an_hbone_receiver_bounds_what_one_peer_can_make_it_hold(ca, tmp_path, monkeypatch):
+    """Issue 17, item 5: CONTINUATION frames piled up without limit, data for streams whose dial was pending
+    was held after the connection window was given back, open-and-reset streams cost a dial each, and a
+    server connection without streams stayed forever. Each is bounded now, with ENHANCE_YOUR_CALM."""
+    from noded.tunnel import h2conn
+
+    monkeypatch.setattr(h2conn, "SERVER_IDLE", 0.5)
+    root = ca_mod.cert_pem(ca.root)
+    client_ctx = context(False, workload(ca, SHELL), root, str(tmp_path))
+
+    def connect_tls(port):
+        return client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="x")
+
+    def headers(stream_id: int, authority: str, end_headers: bool = True) -> bytes:
+        block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", authority)])
+        return f.frame(f.HEADERS, f.END_HEADERS if end_headers else 0, stream_id, block)
+
+    async def main():
+        app, app_port = await echo_app()
+        server, port, seen = await hbone_server(ca, tmp_path, lambda *_: True)
+
+        def cases() -> None:
+            # 1. a header block that never ends: CONTINUATION after CONTINUATION
+            with connect_tls(port) as sock:
+                sock.sendall(f.PREFACE + f.settings({}) + headers(1, f"127.0.0.1:{app_port}", end_headers=False))
+                chunk = f.frame(f.CONTINUATION, 0, 1, b"\x00" * 16000)
+                try:
+                    for _ in range(100):  # 1.6 MB of header block
+                        sock.sendall(chunk)
+                except OSError:
+                    pass  # the server hung up on us: what we want
+                assert goaway_code(read_frames(sock)) == ErrorCode.ENHANCE_YOUR_CALM
+            # 2. open-and-reset, 20,000 times: the connection goes long before 20,000 dials
+            before = len(seen)
+            with connect_tls(port) as sock:
+                burst = b"".join(
+                    headers(i, f"127.0.0.1:{app_port}") + f.rst_stream(i, ErrorCode.CANCEL) for i in range(1, 40001, 2)
+                )
+                with contextlib.suppress(OSError):
+                    sock.sendall(f.PREFACE + f.settings({}) + burst)
+                assert goaway_code(read_frames(sock)) == ErrorCode.ENHANCE_YOUR_CALM
+            assert len(seen) - before <= h2conn.MAX_RESETS + h2conn.MAX_STREAMS
+            # 3. a connection that opens no stream is closed after SERVER_IDLE
+            with connect_tls(port) as sock:
+                sock.sendall(f.PREFACE + f.settings({}))
+                got = read_frames(sock)  # returns once the server closes
+                assert goaway_code(got) == ErrorCode.NO_ERROR
+            # and the listener serves the next connection
+            with connect_tls(port) as sock:
+                sock.sendall(f.PREFACE + f.settings({}) + f.frame(f.PING, 0, 0, b"abcdefgh"))
+                assert (f.PING, f.ACK, 0, b"abcdefgh") in read_frames(sock, until=f.PING)
+
+        await asyncio.get_running_loop().run_in_executor(None, cases)
+        server.close()
+        app.close()
+
+    asyncio.run(main())
+
+
+def test_data_held_for_streams_still_dialing_is_bounded(ca, tmp_path, monkeypatch):
+    """Issue 17, item 5: while the dial to the application is pending, what a stream receives is held; over
+    1 MiB a stream is reset, over 8 MiB for the connection it ends (was: up to 4 GiB per connection)."""
+    from noded.tunnel import h2conn
+
+    monkeypatch.setattr(h2conn, "MAX_EARLY", 2 * 1024 * 1024)
+    root = ca_mod.cert_pem(ca.root)
+    client_ctx = context(False, workload(ca, SHELL), root, str(tmp_path))
+    blackhole = socket.socket()  # a listener that never accepts: the dials stay in progress
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    # fill its backlog so further connects hang in SYN_SENT
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", blackhole.getsockname()[1]))
+        fillers.append(s)
+    target = f"127.0.0.1:{blackhole.getsockname()[1]}"
+
+    async def main():
+        server, port, _seen = await hbone_server(ca, tmp_path, lambda *_: True)
+
+        def case(per_stream: int, streams: tuple[int, ...]) -> list:
+            with client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="x") as sock:
+                out = f.PREFACE + f.settings({})
+                for sid in streams:
+                    block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", target)])
+                    out += f.frame(f.HEADERS, f.END_HEADERS, sid, block)
+                sock.sendall(out)
+                try:
+                    for sid in streams:
+                        for _ in range(per_stream):
+                            sock.sendall(f.frame(f.DATA, 0, sid, b"x" * 400_000))
+                except OSError:
+                    pass
+                return read_frames(sock, until=f.RST_STREAM if len(streams) == 1 else None)
+
+        run = asyncio.get_running_loop().run_in_executor
+        one = await run(None, case, 3, (1,))  # 1.2 MB for one stream: over its own bound
+        assert (f.RST_STREAM, 0, 1, int(ErrorCode.ENHANCE_YOUR_CALM).to_bytes(4, "big")) in one
+        many = await run(None, case, 2, (1, 3, 5, 7))  # 800 KB each, 3.2 MB together: over the connection's
+        assert goaway_code(many) == ErrorCode.ENHANCE_YOUR_CALM
+        server.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()

@@ -263,3 +263,60 @@ def test_an_unused_pooled_connection_is_released(ca, tmp_path, monkeypatch):
         app.close()
 
     asyncio.run(main())
+
+
+def test_the_authority_is_an_address_this_listener_serves_never_a_name_or_another_address(ca, tmp_path):
+    """Issue 17, item 6: the `:authority` was dialed as sent: loopback, link-local metadata, service VIPs,
+    and host names resolved on the event loop (4 s stalls for every pod). Only the pod's own addresses."""
+    from noded.tunnel.hbone import split_authority
+
+    for bad in ("localhost:80", "metadata.google.internal:80", "example.com:443", "10.0.0.1:", ":80", "1.2.3.4:٣"):
+        with pytest.raises(ValueError):
+            split_authority(bad)
+    assert split_authority("[fd00::1]:8080") == ("fd00::1", 8080)
+
+    async def main():
+        app, app_port = await echo_app()
+        root = ca_mod.cert_pem(ca.root)
+        dialed = []
+
+        def dial(peer, host, port):
+            dialed.append((host, port))
+            return dial_local(peer, host, port)
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = await serve(
+            listener,
+            context(True, workload(ca, ECHO), root, str(tmp_path)),
+            lambda: ServerConnection(TD, lambda *_: True, dial, serves=lambda host, _port: host == "127.0.0.2"),
+        )
+        port = listener.getsockname()[1]
+        for target in (f"127.0.0.1:{app_port}", "169.254.169.254:80", "10.96.0.1:443", "example.com:80"):
+            with pytest.raises(TunnelRefused) as e:
+                await open_stream("127.0.0.1", port, client_ctx(ca, tmp_path), target)
+            assert e.value.status == "400", target
+        assert dialed == []
+        server.close()
+        app.close()
+
+    asyncio.run(main())
+
+
+def test_the_client_refuses_a_server_that_is_not_the_destination_it_expects(ca, tmp_path):
+    """Issue 17, item 6: a client expecting ns/prod/sa/db accepted ns/evil/sa/attacker."""
+    from noded.tunnel.tls import PeerRejected
+    from tests.unit.test_tunnel_identity import spiffe_id
+
+    async def main():
+        app, _app_port = await echo_app()
+        server, port, seen = await hbone_server(ca, tmp_path, lambda *_: True)  # presents ECHO
+        with pytest.raises(PeerRejected, match="expected"):
+            await connect("127.0.0.1", port, client_ctx(ca, tmp_path), expect=spiffe_id(TD, "prod", "db"))
+        conn = await connect("127.0.0.1", port, client_ctx(ca, tmp_path), expect=ECHO)
+        conn.close()
+        assert seen == []  # the refused connection never asked for anything
+        server.close()
+        app.close()
+
+    asyncio.run(main())
