@@ -1,6 +1,7 @@
 """External entry points and traffic policies in a real 2-node lab, seen from the external host and from pods."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -109,7 +110,7 @@ def test_local_policy_load_balancer_ip_without_local_endpoints_drops_tcp_and_udp
     policy drops the traffic in every mode (kube-proxy's behaviour), TCP and UDP alike, and node1's health
     check node port tells the load balancer so."""
     e2 = pod_ip(lab, "default/echo-2")
-    lb_ip = "10.77.100.250"
+    lb_ip = "10.77.100.240"
     svc = service(
         "lb-remote",
         "10.96.210.9",
@@ -131,6 +132,7 @@ def test_local_policy_load_balancer_ip_without_local_endpoints_drops_tcp_and_udp
     assert out["answers"] == {} and out["errors"] == {"timed out": 2}
     # pods still get the service through the LB IP (short-circuit to every endpoint)
     assert probe(lab, "default/client", "tcp", lb_ip, 80, count=3)["answers"] == {"echo-2": 3}
+    os.unlink(f"{lab.manifests}/lb-remote.yaml")
 
 
 def test_node_port_without_endpoints_is_refused_from_outside(lab):
