@@ -4,9 +4,13 @@
  * interfaces; IPv4 and IPv6).
  *
  * ingress: a packet of a known flow is rewritten as its noded_nat entry says;
- *          the first packet of a flow to a NODED_SCOPE_EXTERNAL frontend picks
- *          a backend (session affinity by client IP, serving-terminating
- *          fallback) and records both directions of the flow.
+ *          the first packet of a flow (a TCP SYN, any UDP datagram) to a
+ *          NODED_SCOPE_EXTERNAL frontend picks a backend (session affinity by
+ *          client IP, serving-terminating fallback) and records both
+ *          directions of the flow in noded_nat_new, from where it moves to
+ *          noded_nat once proven two-way (noded_lb.h says how); a TCP segment
+ *          of no known flow other than a SYN is dropped, as conntrack drops
+ *          INVALID. Entries age and a FIN or RST closes them.
  *          A backend on this node (reached through another interface) gets
  *          the packet with only its destination rewritten: the client address
  *          is kept and replies pass back through this node. A backend reached
@@ -41,6 +45,11 @@
 #define NAT_PORT_SPAN  28232	/* 32768..60999 */
 #define NAT_PORT_TRIES 8
 
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
 #define ICMP_DEST_UNREACH   3	/* <linux/icmp.h> pulls in libc headers: the few constants here */
 #define ICMP_PORT_UNREACH   3
 #define ICMPV6_DEST_UNREACH 1
@@ -60,6 +69,20 @@ struct icmp_unreach {
 #define IP6_SRC_OFF  (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
 #define IP6_DST_OFF  (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
 
+/* The two entries of a new flow, built here rather than on the stack (512 bytes for the program and the
+ * functions it calls). Per CPU: a tc program runs to its end on one. */
+struct nat_pair {
+	struct noded_nat_val fwd;
+	struct noded_nat_val rev;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nat_pair);
+} noded_np_scratch SEC(".maps");
+
 struct flow {
 	__u32 saddr[4];		/* IPv4 mapped ::ffff:a.b.c.d */
 	__u32 daddr[4];
@@ -67,7 +90,11 @@ struct flow {
 	__u16 dport;
 	__u8  proto;
 	__u8  v6;
+	__u8  tcp_flags;	/* TCP: FIN SYN RST ... ACK */
+	__u8  est;		/* its entry is in noded_nat (not noded_nat_new) */
 	__u32 l4off;
+	__u32 seq;		/* TCP, network order */
+	__u32 ack_seq;
 };
 
 static __always_inline void map_v4(__u32 *a, __u32 v4)
@@ -99,11 +126,20 @@ static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
 static __always_inline int parse_ports(struct __sk_buff *skb, struct flow *f)
 {
 	__u16 *ports = (void *)(long)skb->data + f->l4off;
+	__u32 *seqs = (void *)(ports + 2);
+	__u8 *flags = (void *)(seqs + 2) + 1;	/* byte 13: the flags after data offset */
 
 	if ((void *)(ports + 2) > (void *)(long)skb->data_end)
 		return 0;
 	f->sport = ports[0];
 	f->dport = ports[1];
+	if (f->proto == IPPROTO_TCP) {
+		if ((void *)(flags + 1) > (void *)(long)skb->data_end)
+			return 0;
+		f->seq = seqs[0];
+		f->ack_seq = seqs[1];
+		f->tcp_flags = *flags;
+	}
 	return 1;
 }
 
@@ -253,6 +289,88 @@ static __always_inline int apply(struct __sk_buff *skb, struct flow *f, struct n
 	if (rewrite(skb, f, to))
 		return TC_ACT_SHOT;
 	return (to->flags & NODED_NAT_REDIRECT) ? send_out(skb, to->saddr, to->daddr) : TC_ACT_OK;
+}
+
+/* The entry for k, established or new (*est says which); an expired one counts as none. */
+static __always_inline struct noded_nat_val *nat_lookup(const struct noded_nat_key *k, int *est, __u64 now)
+{
+	struct noded_nat_val *v = bpf_map_lookup_elem(&noded_nat, k);
+
+	*est = 1;
+	if (!v) {
+		v = bpf_map_lookup_elem(&noded_nat_new, k);
+		*est = 0;
+	}
+	if (v && now - v->seen_ns > noded_ct_timeout(v->state, k->proto))
+		return NULL;
+	return v;
+}
+
+/* The key of the flow's other entry: the packet this entry produces, seen coming back. */
+static __always_inline void nat_partner(const struct noded_nat_key *k, const struct noded_nat_val *v,
+					struct noded_nat_key *p)
+{
+	addr_copy(p->saddr, v->daddr);
+	addr_copy(p->daddr, v->saddr);
+	p->sport = v->dport;
+	p->dport = v->sport;
+	p->proto = k->proto;
+	if ((v->flags & NODED_NAT_REPLY) || (v->flags & NODED_NAT_REDIRECT))
+		p->dir = NODED_NAT_DIR_INGRESS;
+	else
+		p->dir = NODED_NAT_DIR_EGRESS;
+}
+
+/* Bookkeeping for a packet of a known flow: its time (to the second), a FIN or RST closing it (both
+ * entries), a reply passing a new flow's reply entry (the SYN-ACK's sequence number kept), and a new
+ * flow proven two-way moving to noded_nat. */
+static __noinline void nat_track(const struct noded_nat_key *k, struct noded_nat_val *v, const struct flow *f,
+				 __u64 now, struct noded_nat_key *scratch)
+{
+	struct noded_nat_key *pkp = scratch;	/* the caller's room: the two frames must fit 512 bytes */
+	struct noded_nat_val *pv;
+	int est = f->est;
+
+	if (now - v->seen_ns > NODED_SEC)
+		v->seen_ns = now;
+	if (f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_FIN | TCP_RST))) {
+		if (v->state != NODED_CT_CLOSING) {
+			v->state = NODED_CT_CLOSING;
+			v->seen_ns = now;
+			nat_partner(k, v, pkp);
+			pv = est ? bpf_map_lookup_elem(&noded_nat, pkp) : bpf_map_lookup_elem(&noded_nat_new, pkp);
+			if (pv) {
+				pv->state = NODED_CT_CLOSING;
+				pv->seen_ns = now;
+			}
+		}
+		return;
+	}
+	if (est)
+		return;
+	if (v->flags & NODED_NAT_REPLY) {
+		if (v->state == NODED_CT_NEW &&
+		    (f->proto != IPPROTO_TCP || (f->tcp_flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK))) {
+			v->seq = f->seq;
+			v->state = NODED_CT_REPLIED;
+		}
+		return;
+	}
+	/* the client again: two-way once its reply entry has passed a reply (TCP: this acknowledges it) */
+	nat_partner(k, v, pkp);
+	pv = bpf_map_lookup_elem(&noded_nat_new, pkp);
+	if (!pv || pv->state != NODED_CT_REPLIED)
+		return;
+	if (f->proto == IPPROTO_TCP &&
+	    (!(f->tcp_flags & TCP_ACK) || (f->tcp_flags & TCP_SYN) ||
+	     bpf_ntohl(f->ack_seq) != bpf_ntohl(pv->seq) + 1))
+		return;
+	v->state = pv->state = NODED_CT_ESTABLISHED;
+	v->seen_ns = pv->seen_ns = now;
+	if (bpf_map_update_elem(&noded_nat, pkp, pv, BPF_ANY) || bpf_map_update_elem(&noded_nat, k, v, BPF_ANY))
+		return;
+	bpf_map_delete_elem(&noded_nat_new, pkp);
+	bpf_map_delete_elem(&noded_nat_new, k);
 }
 
 static __always_inline struct noded_svc_val *frontend(const struct flow *f, struct noded_svc_key *key)
@@ -442,25 +560,51 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 {
 	struct noded_nat_key k = {};
 	struct noded_nat_key rk = {};
-	struct noded_nat_val fwd = {}, rev = {}, *nat;
+	struct noded_nat_val *fwd, *rev, *nat;
+	struct nat_pair *pair;
+	__u32 zero = 0;
 	struct noded_svc_key key = {};
 	struct noded_svc_val *svc;
 	struct noded_backend *be;
 	struct bpf_fib_lookup p = {};
 	struct flow f = {};
 	__u32 backend_id, base, i;
+	__u64 now;
+	int est;
 
 	if (!parse(skb, &f))
 		return TC_ACT_OK;
+	now = bpf_ktime_get_ns();
 	nat_key(&k, &f, NODED_NAT_DIR_INGRESS);
-	nat = bpf_map_lookup_elem(&noded_nat, &k);
-	if (nat) {
-		fwd = *nat;
-		return apply(skb, &f, &fwd);
+	nat = nat_lookup(&k, &est, now);
+	if (nat && f.proto == IPPROTO_UDP && !(nat->flags & NODED_NAT_REPLY) &&
+	    !bpf_map_lookup_elem(&noded_backends, &nat->backend_id)) {
+		/* its backend left the service: the flow ends here and this datagram starts a new one */
+		nat_partner(&k, nat, &rk);
+		if (est) {
+			bpf_map_delete_elem(&noded_nat, &rk);
+			bpf_map_delete_elem(&noded_nat, &k);
+		} else {
+			bpf_map_delete_elem(&noded_nat_new, &rk);
+			bpf_map_delete_elem(&noded_nat_new, &k);
+		}
+		__builtin_memset(&rk, 0, sizeof(rk));
+		nat = NULL;
+	}
+	if (nat && !(nat->state == NODED_CT_CLOSING && (f.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
+		pair = bpf_map_lookup_elem(&noded_np_scratch, &zero);
+		if (!pair)
+			return TC_ACT_SHOT;
+		pair->fwd = *nat;
+		f.est = est;
+		nat_track(&k, nat, &f, now, &rk);
+		return apply(skb, &f, &pair->fwd);
 	}
 	svc = frontend(&f, &key);
 	if (!svc)
 		return TC_ACT_OK;
+	if (f.proto == IPPROTO_TCP && (f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN)
+		return TC_ACT_SHOT;	/* no flow of ours, and not its start */
 	backend_id = pick_backend(&f, &key, svc);
 	be = backend_id ? bpf_map_lookup_elem(&noded_backends, &backend_id) : NULL;
 	if (!be && (svc->flags & NODED_SVC_NO_ENDPOINTS)) {
@@ -476,60 +620,76 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 	if (fib(skb, &p, f.saddr, be->addr, FIB_SKIP_NEIGH | FIB_SRC) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_SHOT;
 
+	pair = bpf_map_lookup_elem(&noded_np_scratch, &zero);
+	if (!pair)
+		return TC_ACT_SHOT;
+	fwd = &pair->fwd;
+	rev = &pair->rev;
+	__builtin_memset(pair, 0, sizeof(*pair));
 	/* reply direction: the client sees the frontend it addressed */
-	addr_copy(rev.saddr, f.daddr);
-	addr_copy(rev.daddr, f.saddr);
-	rev.sport = f.dport;
-	rev.dport = f.sport;
+	rev->flags = NODED_NAT_REPLY;
+	rev->seen_ns = fwd->seen_ns = now;
+	rev->backend_id = fwd->backend_id = backend_id;
+	addr_copy(rev->saddr, f.daddr);
+	addr_copy(rev->daddr, f.saddr);
+	rev->sport = f.dport;
+	rev->dport = f.sport;
 	addr_copy(rk.saddr, be->addr);
 	rk.sport = be->port;
 	rk.proto = f.proto;
-	addr_copy(fwd.daddr, be->addr);
-	fwd.dport = be->port;
+	addr_copy(fwd->daddr, be->addr);
+	fwd->dport = be->port;
 	if (p.ifindex != skb->ifindex) {
 		/* a backend on this node: replies route back through us and leave by egress */
-		addr_copy(fwd.saddr, f.saddr);
-		fwd.sport = f.sport;
+		addr_copy(fwd->saddr, f.saddr);
+		fwd->sport = f.sport;
 		addr_copy(rk.daddr, f.saddr);
 		rk.dport = f.sport;
 		rk.dir = NODED_NAT_DIR_EGRESS;
 	} else {
 		/* another node's backend: source-NAT to this node so replies come back here */
-		fib_source(&p, fwd.saddr);
-		fwd.flags = NODED_NAT_REDIRECT;
-		rev.flags = NODED_NAT_REDIRECT;
-		addr_copy(rk.daddr, fwd.saddr);
+		fib_source(&p, fwd->saddr);
+		fwd->flags = NODED_NAT_REDIRECT;
+		rev->flags |= NODED_NAT_REDIRECT;
+		addr_copy(rk.daddr, fwd->saddr);
 		rk.dir = NODED_NAT_DIR_INGRESS;
 		base = bpf_get_prandom_u32();
 		for (i = 0; i < NAT_PORT_TRIES; i++) {
 			rk.dport = bpf_htons(NAT_PORT_MIN + (base + i) % NAT_PORT_SPAN);
-			if (!bpf_map_lookup_elem(&noded_nat, &rk))
+			if (!nat_lookup(&rk, &est, now))
 				break;
 		}
 		if (i == NAT_PORT_TRIES)
 			return TC_ACT_SHOT;
-		fwd.sport = rk.dport;
+		fwd->sport = rk.dport;
 	}
-	if (bpf_map_update_elem(&noded_nat, &rk, &rev, BPF_ANY) ||
-	    bpf_map_update_elem(&noded_nat, &k, &fwd, BPF_ANY))
+	/* a flow that closed and starts again: its old entries go (they would shadow the new ones) */
+	bpf_map_delete_elem(&noded_nat, &k);
+	if (bpf_map_update_elem(&noded_nat_new, &rk, rev, BPF_ANY) ||
+	    bpf_map_update_elem(&noded_nat_new, &k, fwd, BPF_ANY))
 		return TC_ACT_SHOT;
-	return apply(skb, &f, &fwd);
+	return apply(skb, &f, fwd);
 }
 
 SEC("tc")
 int noded_nodeport_egress(struct __sk_buff *skb)
 {
-	struct noded_nat_key k = {};
+	struct noded_nat_key k = {}, scratch = {};
 	struct noded_nat_val to, *nat;
 	struct flow f = {};
+	__u64 now;
+	int est;
 
 	if (!parse(skb, &f))
 		return TC_ACT_OK;
+	now = bpf_ktime_get_ns();
 	nat_key(&k, &f, NODED_NAT_DIR_EGRESS);
-	nat = bpf_map_lookup_elem(&noded_nat, &k);
+	nat = nat_lookup(&k, &est, now);
 	if (!nat)
 		return TC_ACT_OK;
 	to = *nat;
+	f.est = est;
+	nat_track(&k, nat, &f, now, &scratch);
 	return rewrite(skb, &f, &to) ? TC_ACT_SHOT : TC_ACT_OK;
 }
 

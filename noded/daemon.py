@@ -146,8 +146,16 @@ def make_proxier(config: NodedConfiguration, model: ServiceModel):
             terminator = SocketTerminator(
                 config.bpffsPath, config.services.cgroupPath, tcp=config.services.terminateTCPConnections
             )
+        from noded.bpf.nat_gc import NatCollector
+
         return EbpfProxier(
-            model, maps, config.bpffsPath, config.clusterCIDRs, config.services.cgroupPath, terminator=terminator
+            model,
+            maps,
+            config.bpffsPath,
+            config.clusterCIDRs,
+            config.services.cgroupPath,
+            terminator=terminator,
+            collector=NatCollector(config.bpffsPath),
         )
     raise SystemExit(f"services.mode: {mode!r} is not one of ebpf, nftables, iptables, none")
 
@@ -385,6 +393,7 @@ class Daemon:
             "lastSyncError": self.runner.last_error if self.runner else None,
             "dns": self.dns.status() if self.dns else None,
             "socketTermination": self._socket_termination(),
+            "nodePortFlows": self.proxier.collector.describe() if getattr(self.proxier, "collector", None) else None,
         }
         os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
         write_atomic(self.status_path, json.dumps(status))

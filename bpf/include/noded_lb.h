@@ -16,6 +16,7 @@
 #define NODED_REVNAT_MAP_SIZE   262144
 #define NODED_AFFINITY_MAP_SIZE 65536
 #define NODED_NAT_MAP_SIZE      262144
+#define NODED_NAT_NEW_MAP_SIZE  65536
 #define NODED_CIDR_MAP_SIZE     64
 #define NODED_SOCK_TERM_MAP_SIZE 65536
 
@@ -97,10 +98,35 @@ struct noded_affinity_val {
 
 /* NodePort / external IP translation state, one entry per direction of a
  * flow, keyed by the 5-tuple (addresses 16 bytes, IPv4 mapped) as the packet
- * carries it where it is looked up; the value is the 5-tuple to rewrite it to. */
+ * carries it where it is looked up; the value is the 5-tuple to rewrite it to.
+ *
+ * A flow is born in noded_nat_new (a TCP SYN, a UDP datagram) and moves to
+ * noded_nat once it is proven two-way: for TCP, the client's ACK of the
+ * SYN-ACK the backend sent (its sequence number is kept in the reply entry,
+ * so a spoofed source cannot guess it); for UDP, a client datagram after a
+ * reply. A flood from spoofed sources only ever churns noded_nat_new: the
+ * established flows in noded_nat are not evicted by it. Entries carry the
+ * time of their last packet and expire (NODED_CT_*_TIMEOUT: an expired entry
+ * is never used, and noded/bpf/nat_gc.py deletes it at the next full sync); a
+ * FIN or RST makes a flow closing. A UDP flow whose backend (backend_id) left
+ * its service is ended at its next packet and chosen anew, as kube-proxy
+ * deletes the conntrack entries of UDP endpoints that left. */
 #define NODED_NAT_DIR_INGRESS 0
 #define NODED_NAT_DIR_EGRESS  1
 #define NODED_NAT_REDIRECT    0x1	/* after the rewrite, send it back out (fib lookup) */
+#define NODED_NAT_REPLY       0x2	/* the flow's reply entry (rewrites back to the client) */
+
+#define NODED_CT_NEW         0	/* not proven two-way yet (in noded_nat_new) */
+#define NODED_CT_REPLIED     1	/* a reply entry in noded_nat_new that a reply has passed */
+#define NODED_CT_ESTABLISHED 2
+#define NODED_CT_CLOSING     3	/* a FIN or RST was seen */
+
+#define NODED_SEC 1000000000ULL
+#define NODED_CT_NEW_TIMEOUT_TCP  (60 * NODED_SEC)	/* an unanswered SYN (nf_conntrack: 60 s SYN_RECV) */
+#define NODED_CT_NEW_TIMEOUT_UDP  (30 * NODED_SEC)	/* nf_conntrack_udp_timeout */
+#define NODED_CT_TCP_TIMEOUT      (21600 * NODED_SEC)	/* established TCP: 6 h, as Cilium's CT */
+#define NODED_CT_UDP_TIMEOUT      (120 * NODED_SEC)	/* nf_conntrack_udp_timeout_stream */
+#define NODED_CT_CLOSING_TIMEOUT  (10 * NODED_SEC)
 
 struct noded_nat_key {
 	__u32 saddr[4];
@@ -117,8 +143,23 @@ struct noded_nat_val {
 	__u32 daddr[4];
 	__u16 sport;
 	__u16 dport;
-	__u32 flags;		/* NODED_NAT_* */
+	__u16 flags;		/* NODED_NAT_* */
+	__u8  state;		/* NODED_CT_* */
+	__u8  pad;
+	__u64 seen_ns;		/* bpf_ktime_get_ns() of its last packet (kept to the second) */
+	__u32 seq;		/* a reply entry's SYN-ACK sequence number (network order) */
+	__u32 backend_id;	/* the noded_backends entry the flow was given */
 };
+
+/* When an entry no longer counts: its state's timeout after its last packet. */
+static __always_inline __u64 noded_ct_timeout(__u8 state, __u8 proto)
+{
+	if (state == NODED_CT_CLOSING)
+		return NODED_CT_CLOSING_TIMEOUT;
+	if (state == NODED_CT_ESTABLISHED)
+		return proto == 6 ? NODED_CT_TCP_TIMEOUT : NODED_CT_UDP_TIMEOUT;
+	return proto == 6 ? NODED_CT_NEW_TIMEOUT_TCP : NODED_CT_NEW_TIMEOUT_UDP;
+}
 
 /* The cluster CIDRs (LPM trie): sources inside them are pods. IPv4 CIDRs
  * are stored mapped (prefix length + 96). */

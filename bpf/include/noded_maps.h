@@ -52,6 +52,14 @@ struct {
 } noded_nat SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NODED_NAT_NEW_MAP_SIZE);
+	__type(key, struct noded_nat_key);
+	__type(value, struct noded_nat_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} noded_nat_new SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, NODED_CIDR_MAP_SIZE);
 	__type(key, struct noded_cidr_key);

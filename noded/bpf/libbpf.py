@@ -37,7 +37,8 @@ ffi.cdef(
     int bpf_link__update_program(struct bpf_link *link, struct bpf_program *prog);
     int bpf_link__destroy(struct bpf_link *link);
     int bpf_link__fd(const struct bpf_link *link);
-    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog, const void *opts);
+    struct bpf_iter_attach_opts { size_t sz; void *link_info; unsigned int link_info_len; };
+    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog, const struct bpf_iter_attach_opts *opts);
     int bpf_iter_create(int link_fd);
     int bpf_obj_get(const char *pathname);
     int bpf_obj_pin(int fd, const char *pathname);
@@ -48,6 +49,9 @@ ffi.cdef(
     int bpf_map_lookup_elem(int fd, const void *key, void *value);
     int bpf_map_delete_elem(int fd, const void *key);
     int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+    int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values, unsigned int *count,
+                             const void *opts);
+    int bpf_map_delete_batch(int fd, const void *keys, unsigned int *count, const void *opts);
     typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *args);
     libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
     int vsnprintf(char *str, size_t size, const char *format, void *ap);
@@ -151,6 +155,41 @@ class Map(Generic[K, V]):
                 raise BpfError(ffi.errno, f"iterate {self.name}: {os.strerror(ffi.errno)}")
             yield nxt
             prev = ffi.from_buffer(nxt)
+
+    def raw_batches(self, size: int = 4096) -> Iterator[tuple[bytes, bytes, int]]:
+        """(keys, values, count) of every entry, `size` at a time, as the kernel lays them out (one syscall
+        per batch: a whole hash map without a syscall or two per entry)."""
+        ksize, vsize = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        keys, values = ffi.new("char[]", ksize * size), ffi.new("char[]", vsize * size)
+        token_in, token_out = ffi.new("unsigned int *"), ffi.new("unsigned int *")
+        first = True
+        while True:
+            count = ffi.new("unsigned int *", size)
+            ret = lib.bpf_map_lookup_batch(
+                self.fd, ffi.NULL if first else token_in, token_out, keys, values, count, ffi.NULL
+            )
+            err = ffi.errno if ret < 0 else 0
+            if ret < 0 and err != errno.ENOENT:
+                raise BpfError(err, f"batch lookup {self.name}: {os.strerror(err)}")
+            if count[0]:
+                yield ffi.buffer(keys, ksize * count[0])[:], ffi.buffer(values, vsize * count[0])[:], count[0]
+            if ret < 0:  # ENOENT: that was the last batch
+                return
+            token_in[0], first = token_out[0], False
+
+    def delete_raw(self, keys: bytes, count: int) -> int:
+        """Delete `count` packed keys in one syscall (those already gone are skipped one by one)."""
+        if not count:
+            return 0
+        n = ffi.new("unsigned int *", count)
+        if lib.bpf_map_delete_batch(self.fd, ffi.from_buffer(keys), n, ffi.NULL) == 0:
+            return count
+        ksize = ctypes.sizeof(self.key_type)  # one was gone meanwhile (ENOENT stops the batch): one by one
+        deleted = 0
+        for i in range(count):
+            if lib.bpf_map_delete_elem(self.fd, ffi.from_buffer(keys[i * ksize : (i + 1) * ksize])) == 0:
+                deleted += 1
+        return deleted
 
     def items(self) -> Iterator[tuple[K, V]]:
         for key in list(self.keys()):
@@ -285,9 +324,17 @@ def attach_tcx_pinned(prog, ifindex: int, attach_type: int, pin_path: str) -> st
 class IterLink:
     """A BPF iterator attached in memory (never pinned: it lives as long as the daemon holds it)."""
 
-    def __init__(self, prog, name: str) -> None:
+    def __init__(self, prog, name: str, map_fd: int | None = None) -> None:
+        """`map_fd`: the map a map-element iterator walks."""
         self.name = name
-        self._link = _check_ptr(lib.bpf_program__attach_iter(prog, ffi.NULL), f"attach iterator {name}")
+        opts = ffi.NULL
+        if map_fd is not None:
+            info = ffi.new("unsigned int[4]", [map_fd, 0, 0, 0])  # union bpf_iter_link_info {.map.map_fd}
+            opts = ffi.new("struct bpf_iter_attach_opts *", {"sz": ffi.sizeof("struct bpf_iter_attach_opts")})
+            opts.link_info = info
+            opts.link_info_len = ffi.sizeof(info)
+            self._info = info  # kept alive with the options
+        self._link = _check_ptr(lib.bpf_program__attach_iter(prog, opts), f"attach iterator {name}")
 
     def run(self) -> None:
         """Create an iterator in the calling thread's network namespace and read it to the end."""

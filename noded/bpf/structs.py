@@ -106,8 +106,17 @@ class NatVal(ctypes.Structure):
         ("daddr", ctypes.c_uint8 * 16),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
-        ("flags", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("state", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("seen_ns", ctypes.c_uint64),
+        ("seq", ctypes.c_uint32),
+        ("backend_id", ctypes.c_uint32),
     ]
+
+
+NAT_REDIRECT, NAT_REPLY = 0x1, 0x2
+CT_STATES = {0: "new", 1: "replied", 2: "established", 3: "closing"}
 
 
 class CidrKey(ctypes.Structure):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from noded.bpf import structs
+from noded.bpf.nat_gc import NatCollector
 from noded.bpf.sock_lb import LbMaps, attach_external, cgroup_links, external_links_missing, repair
 from noded.bpf.sock_term import Removed, SocketTerminator
 from noded.model.tracker import Backend, Frontend, FrontendState, ServiceKey, ServiceModel
@@ -127,9 +128,11 @@ class EbpfProxier:
         cluster_cidrs: list[str] | tuple = (),
         cgroup_path: str | None = None,
         terminator: SocketTerminator | None = None,
+        collector: NatCollector | None = None,
     ) -> None:
         self.model = model
         self.terminator = terminator
+        self.collector = collector
         self._removed: list[Removed] = []  # backends left by their frontend in this sync
         self.maps = maps
         self.bpffs = bpffs
@@ -178,6 +181,8 @@ class EbpfProxier:
         removed, self._removed = self._removed, []
         if self.terminator is not None and removed:
             self.terminator.terminate(removed)
+        if full and self.collector is not None:  # NodePort flows that expired give their room back
+            self.collector.collect()
         return len(changed)
 
     def _socket_lb_frontends(self, key: ServiceKey) -> dict[Frontend, FrontendState]:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from noded.bpf import sock_lb
+from noded.bpf.nat_gc import NatCollector
 from noded.bpf.sock_term import SocketTerminator
 from noded.lab import netns
 from noded.model.tracker import ServiceModel
@@ -128,7 +129,8 @@ class LbEnv(NetnsCgroupEnv):
         self.maps = sock_lb.load_and_attach(self.bpffs, self.cgroup)
         self.model = ServiceModel()
         self.terminator = SocketTerminator(self.bpffs, self.cgroup, tcp=True)
-        self.proxier = EbpfProxier(self.model, self.maps, terminator=self.terminator)
+        self.collector = NatCollector(self.bpffs)
+        self.proxier = EbpfProxier(self.model, self.maps, terminator=self.terminator, collector=self.collector)
 
     def close(self) -> None:
         if getattr(self, "terminator", None):

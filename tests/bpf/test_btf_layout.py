@@ -82,3 +82,12 @@ def test_a_pinned_map_left_with_an_older_layout_is_replaced_and_the_rest_kept(eb
         assert any(v.frontend.ip == "10.96.40.1" for v in ebpf.describe(maps))
     finally:
         maps.close()
+
+
+def test_the_nat_collector_reads_entries_as_the_kernel_lays_them_out():
+    from noded.bpf import nat_gc
+
+    assert nat_gc._KEY.size == ctypes.sizeof(structs.NatKey)
+    assert nat_gc._VALUE.size == ctypes.sizeof(structs.NatVal)
+    offsets = [structs.NatVal.state.offset, structs.NatVal.seen_ns.offset]
+    assert offsets == [38, 40]  # where _VALUE's fields 5 and 7 sit

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -254,3 +255,139 @@ def _dump_on_failure(lab, request):
     yield
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         subprocess.run(["nsenter", "--net=/run/netns/noded-node1", "nft", "list", "ruleset"], check=False)
+
+
+# -- the eBPF NodePort flow state (issue 17, item 11) ---------------------------------------------------
+def nat_entries(lab, node):
+    """{map name: [(key, value)]} of the node's NodePort translation state, read from the pinned maps."""
+    from noded.bpf import structs
+    from noded.bpf.libbpf import Map
+
+    bpffs = lab.state()["nodes"][node]["bpffsPath"]
+    out = {}
+    for name in ("noded_nat", "noded_nat_new"):
+        m = Map.open_pinned(f"{bpffs}/{name}", structs.NatKey, structs.NatVal)
+        try:
+            out[name] = list(m.items())
+        finally:
+            m.close()
+    return out
+
+
+def involving(entries, ip, port):
+    """Entries whose key or rewrite names ip:port (a backend)."""
+    from noded.bpf import structs
+
+    def names(addr, p):
+        return structs.unpack_addr(addr) == ip and structs.host_port(p) == port
+
+    return [(k, v) for k, v in entries if names(k.saddr, k.sport) or names(v.daddr, v.dport)]
+
+
+FLOOD = """
+import random, socket, struct, sys, time
+dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+d = socket.inet_aton(dst)
+rnd = random.Random(7)
+start = time.monotonic()
+for i in range(count):
+    src = struct.pack("!I", (198 << 24 | 18 << 16) + rnd.randrange(1 << 17))  # 198.18.0.0/15, spoofed
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, i & 0xFFFF, 0, 64, 6, 0, src, d)
+    tcp = struct.pack("!HHIIBBHHH", rnd.randrange(1024, 65535), port, rnd.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+    s.sendto(ip + tcp, (dst, 0))
+print(round(time.monotonic() - start, 2))
+"""
+
+
+def test_a_spoofed_syn_flood_does_not_evict_established_node_port_flows(lab):
+    """Spoofed SYNs only ever fill noded_nat_new: an established connection through a node port keeps
+    working through 300,000 of them (more than noded_nat holds), and noded_nat holds only real flows."""
+    if lab.mode != "ebpf":
+        pytest.skip("the eBPF NodePort flow state")
+    import ipaddress
+
+    from noded.bpf import structs
+
+    _vip, node_port = apply_service(lab, "np-flood", type="NodePort")
+    node2 = node_address(lab, "node2")
+    wait_programmed(lab, "node2", f"{node2}:{node_port}/TCP", ready=3)
+    hold = lab.popen(
+        "external",
+        ["python3", "-m", "noded.lab.probe", "hold", node2, str(node_port), "--seconds", "15", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)
+        flood = lab.run("external", ["python3", "-c", FLOOD, node2, str(node_port), "300000"], timeout=120)
+        assert flood.returncode == 0, flood.stderr
+        entries = nat_entries(lab, "node2")
+        spoofed = ipaddress.ip_network("198.18.0.0/15")
+
+        def from_spoofed(kv):
+            k, v = kv
+            return any(ipaddress.ip_address(structs.unpack_addr(a)) in spoofed for a in (k.saddr, v.daddr))
+
+        assert not any(map(from_spoofed, entries["noded_nat"]))  # the established flows are real ones only
+        assert sum(map(from_spoofed, entries["noded_nat_new"])) > 10_000  # the flood churns the new map
+        assert len(entries["noded_nat_new"]) <= 65536
+        out = json.loads(hold.communicate(timeout=60)[0])
+        assert out["failures"] == [] and out["replies"] > 100, out
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+def test_node_port_flows_close_age_and_go_with_their_backend(lab):
+    """A FIN makes a flow closing and the collector removes it once that state's timeout has passed; an
+    idle established flow outlives that; a UDP flow goes as soon as its backend is removed, as kube-proxy
+    deletes the conntrack entries of UDP endpoints that left."""
+    if lab.mode != "ebpf":
+        pytest.skip("the eBPF NodePort flow state")
+    from noded.bpf import structs
+    from noded.bpf.nat_gc import NatCollector
+
+    e2 = pod_ip(lab, "default/echo-2")
+    svc = service(
+        "np-ct",
+        "10.96.210.20",
+        [{"name": "t", "port": 80, "protocol": "TCP"}, {"name": "u", "port": 5300, "protocol": "UDP"}],
+        type="NodePort",
+    )
+    svc["spec"]["ports"][0]["nodePort"] = 32711
+    svc["spec"]["ports"][1]["nodePort"] = 32712
+    ports = [{"name": "t", "port": 8080, "protocol": "TCP"}, {"name": "u", "port": 5353, "protocol": "UDP"}]
+    write_manifest(lab, "np-ct.yaml", [svc, slice_("np-ct", [endpoint(e2, node="node2")], ports=ports)])
+    node2 = node_address(lab, "node2")
+    wait_programmed(lab, "node2", f"{node2}:32712/UDP", ready=1)
+    assert probe(lab, "external", "tcp", node2, 32711, count=1)["answers"] == {"echo-2": 1}  # opened and closed
+    udp = probe(lab, "external", "udp", node2, 32712, count=3)  # one socket: a reply, then the client again
+    assert sum(udp["answers"].values()) == 3
+    time.sleep(0.3)
+    entries = nat_entries(lab, "node2")
+    tcp_states = {structs.CT_STATES[v.state] for _k, v in involving(entries["noded_nat"], e2, 8080)}
+    assert tcp_states == {"closing"}, tcp_states
+    assert len(involving(entries["noded_nat"], e2, 5353)) == 2  # established: proven two-way
+    collector = NatCollector(lab.state()["nodes"]["node2"]["bpffsPath"])
+    assert collector.collect(age=15) >= 2  # as a run 15 s from now: closing (10 s) goes, the rest stays
+    entries = nat_entries(lab, "node2")
+    assert involving(entries["noded_nat"], e2, 8080) == []
+    assert len(involving(entries["noded_nat"], e2, 5353)) == 2
+    assert collector.collect(age=200) >= 2  # idle UDP (120 s) too
+    assert involving(nat_entries(lab, "node2")["noded_nat"], e2, 5353) == []
+    # a UDP flow follows its endpoints: the same client socket, its backend replaced, reaches the new one
+    code = (
+        "import socket, json\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
+        "s.bind(('0.0.0.0', 40123)); out = []\n"
+        f"for _ in range(3): s.sendto(b'x', ('{node2}', 32712)); out.append(s.recv(100).decode().split()[0])\n"
+        "print(json.dumps(out))"
+    )
+    assert json.loads(lab.run("external", ["python3", "-c", code]).stdout) == ["echo-2"] * 3
+    e1 = pod_ip(lab, "default/echo-1")
+    write_manifest(lab, "np-ct.yaml", [svc, slice_("np-ct", [endpoint(e1, node="node1")], ports=ports)])
+    wait_programmed(lab, "node2", f"{node2}:32712/UDP", ready_ips=[e1])
+    assert json.loads(lab.run("external", ["python3", "-c", code]).stdout) == ["echo-1"] * 3
+    assert involving(nat_entries(lab, "node2")["noded_nat"], e2, 5353) == []
+    os.unlink(f"{lab.manifests}/np-ct.yaml")
