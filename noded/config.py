@@ -101,6 +101,7 @@ class TunnelConfig:
     nodeCert: str = ""  # this node's certificate and key, presented to the CA service
     nodeKey: str = ""
     certTTL: float = 86400.0  # seconds a workload certificate lives (renewed at half)
+    caRevoked: str = ""  # with caListen: a file of revoked node certificates (hex serials or node names)
 
     def validate(self, at: str) -> None:
         if self.certTTL < 120:

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from noded.files import write_private
 
 SKEW = datetime.timedelta(minutes=1)
 ROOT_VALIDITY = datetime.timedelta(days=3650)
+CURVES = (ec.SECP256R1, ec.SECP384R1)  # keys the CA signs: ECDSA on these curves, or RSA of MIN_RSA bits
+MIN_RSA = 2048
 
 
 class NotAuthorized(Exception):
@@ -158,7 +160,7 @@ class CertificateAuthority:
         if domain != self.trust_domain:
             raise NotAuthorized(f"{identity}: not in trust domain {self.trust_domain}")
         now = now or _now()
-        public_key = serialization.load_pem_public_key(public_key_pem)
+        public_key = acceptable_key(public_key_pem)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, domain)]))
@@ -180,6 +182,46 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
         return cert_pem(cert)
+
+
+def acceptable_key(public_key_pem: bytes):
+    """The public key, if it is one the CA signs (ECDSA P-256/P-384, RSA of at least 2048 bits, as Istio's
+    CA requires); NotAuthorized otherwise (an RSA-1024 key was signed before)."""
+    try:
+        key = serialization.load_pem_public_key(public_key_pem)
+    except (ValueError, TypeError) as e:
+        raise NotAuthorized(f"not a public key: {e}") from None
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, CURVES):
+        return key
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA:
+        return key
+    raise NotAuthorized(f"key not accepted: {type(key).__name__} {getattr(key, 'key_size', '')} bits")
+
+
+def verify_issued(
+    cert_pem: bytes, identity: str, public_key_pem: bytes, root_pem: bytes, now: datetime.datetime | None = None
+) -> x509.Certificate:
+    """What a node checks of a certificate the CA service hands back: signed by the root, naming exactly
+    `identity`, over the key this node sent, valid now, not a CA. ValueError otherwise."""
+    now = now or _now()
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    root = x509.load_pem_x509_certificate(root_pem)
+    try:
+        cert.verify_directly_issued_by(root)
+    except Exception as e:  # InvalidSignature, ValueError, TypeError: not the root's
+        raise ValueError(f"not signed by the root: {type(e).__name__} {e}") from None
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    if uris != [identity] or names.get_values_for_type(x509.DNSName):
+        raise ValueError(f"names {uris}, asked for {identity}")
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != serialization.load_pem_public_key(public_key_pem).public_bytes(*spki):
+        raise ValueError("over another key than the one sent")
+    if not cert.not_valid_before_utc - SKEW <= now < cert.not_valid_after_utc:
+        raise ValueError(f"not valid now ({cert.not_valid_before_utc} to {cert.not_valid_after_utc})")
+    if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+        raise ValueError("a CA certificate")
+    return cert
 
 
 @dataclass

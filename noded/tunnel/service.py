@@ -19,8 +19,16 @@ from noded.config import TunnelConfig, split_hostport
 from noded.loopthread import LoopThread
 from noded.redirect.enrollment import Enrollment
 from noded.tunnel.ca import CertificateAuthority, Issuer, key_pem, new_key, public_pem, spiffe_id
-from noded.tunnel.caservice import NODE_CERT_TTL, RemoteIssuer, load_credentials, load_credentials_pem, serve
-from noded.tunnel.certs import CertManager
+from noded.tunnel.caservice import (
+    NODE_CERT_TTL,
+    RemoteIssuer,
+    Revocations,
+    load_credentials,
+    load_credentials_pem,
+    serve,
+)
+from noded.tunnel.certs import CertManager, WorkloadCert
+from noded.tunnel.tls import present
 
 log = structlog.get_logger("noded.tunnel")
 SYNC_PERIOD = 5.0
@@ -60,7 +68,11 @@ class IdentityService:
                 self._start_local(root)
             elif cfg.caAddress:
                 remote = RemoteIssuer(
-                    split_hostport(cfg.caAddress), load_credentials(cfg.nodeCert, cfg.nodeKey), root, self.key_dir
+                    split_hostport(cfg.caAddress),
+                    load_credentials(cfg.nodeCert, cfg.nodeKey),
+                    root,
+                    self.key_dir,
+                    paths=(cfg.nodeCert, cfg.nodeKey),  # renewed there at half life
                 )
                 self.certs = CertManager(remote.request)
                 self.issuer_kind = f"remote {cfg.caAddress}"
@@ -83,13 +95,27 @@ class IdentityService:
         self.certs = CertManager(lambda identity, public_key: issuer.request(self.node, identity, public_key))
         self.issuer_kind = "local"
         if cfg.caListen:
-            key = new_key()
-            own = ca.issue_node(self.node, public_pem(key), NODE_CERT_TTL)
-            creds = load_credentials_pem(own, key_pem(key))
+            self._ca = ca
+            creds = self._ca_credentials()
             host, port = split_hostport(cfg.caListen)
-            self.ca_server = self.loop.run(serve(host, port, issuer, creds, root, self.key_dir))
+            revoked = Revocations(cfg.caRevoked)
+            self.ca_server = self.loop.run(serve(host, port, issuer, creds, root, self.key_dir, revoked))
+            self._ca_creds = creds
             self.issuer_kind = f"local, serving {cfg.caListen}"
             log.info("CA serving certificate requests", address=cfg.caListen)
+
+    def _ca_credentials(self) -> WorkloadCert:
+        """The CA service's own node certificate (made here: this node holds the CA key)."""
+        key = new_key()
+        return load_credentials_pem(self._ca.issue_node(self.node, public_pem(key), NODE_CERT_TTL), key_pem(key))
+
+    def _renew_ca_server(self) -> None:
+        """The CA service presents a node certificate too: renewed at half life on the live server."""
+        if self.ca_server is None or datetime.datetime.now(datetime.UTC) < self._ca_creds.renew_at():
+            return
+        self._ca_creds = self._ca_credentials()
+        present(self.ca_server.tls_context, self._ca_creds, self.key_dir)
+        log.info("CA service certificate renewed", until=str(self._ca_creds.not_after))
 
     async def _keep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,6 +123,7 @@ class IdentityService:
             done = await loop.run_in_executor(None, lambda: self.certs.sync(self.wanted()))
             if done:
                 log.info("workload certificates", changes=done)
+            self._renew_ca_server()
             await asyncio.sleep(SYNC_PERIOD)
 
     def stop(self) -> None:

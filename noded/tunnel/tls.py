@@ -27,6 +27,12 @@ def context(server: bool, cert: WorkloadCert, root_pem: bytes, directory: str) -
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=root_pem.decode())
+    present(ctx, cert, directory)
+    return ctx
+
+
+def present(ctx: ssl.SSLContext, cert: WorkloadCert, directory: str) -> None:
+    """Make `ctx` present `cert` from its next handshake on (a renewed certificate on a live server)."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)  # one made earlier with a looser mode does not keep it
     fd, path = tempfile.mkstemp(dir=directory, suffix=".pem")
@@ -36,7 +42,6 @@ def context(server: bool, cert: WorkloadCert, root_pem: bytes, directory: str) -
         ctx.load_cert_chain(path)
     finally:
         os.unlink(path)
-    return ctx
 
 
 def peer_uris(cert: dict | None) -> list[str]:
