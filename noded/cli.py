@@ -154,7 +154,9 @@ def render_status(s: dict) -> str:
                 f"issuer {tunnel.get('issuer') or 'NONE'}; HBONE {tunnel.get('hbone_out', 0)} out, "
                 f"{tunnel.get('hbone_in', 0)} in; plain {tunnel.get('plain_out', 0)} out, "
                 f"{tunnel.get('plain_in', 0)} in; {tunnel.get('denied', 0)} denied; "
-                f"{len(tunnel.get('policies') or [])} policies",
+                f"{len(tunnel.get('policies') or [])} policies ({len(tunnel.get('rejected') or {})} failing closed); "
+                f"refused: {tunnel.get('refusedPeers', 0)} peers, {tunnel.get('selfCalls', 0)} self-calls, "
+                f"{sum((tunnel.get('endedConnections') or {}).values())} HBONE connections ended",
             )
         )
         for cert in tunnel.get("certificates") or []:

@@ -168,6 +168,7 @@ class Daemon:
         self.enrollment = Enrollment(config.nodeName)
         self.sink = ModelSink(self.model, self.enrollment)
         self.pods = None  # PodManager, when capture is enabled
+        self.proxy = None  # CaptureProxy, when capture is enabled
         self.api = None
         self.metrics = Metrics()
         self.stopping = threading.Event()
@@ -282,6 +283,18 @@ class Daemon:
             namespace = self.pods.namespace_of(address)
         return namespace
 
+    def _refusals(self) -> dict:
+        """Peers and pods refused: HBONE servers with the wrong identity, calls of a pod to its own capture
+        listeners, HBONE connections ended for protocol errors and abuse (by GOAWAY code)."""
+        from noded.tunnel.h2conn import REFUSALS
+
+        proxy = getattr(self, "proxy", None)
+        return {
+            "refusedPeers": proxy.refused_peers if proxy else 0,
+            "selfCalls": proxy.self_calls if proxy else 0,
+            "endedConnections": dict(REFUSALS),
+        }
+
     def cluster_dns(self) -> tuple[str, ...]:
         """The addresses pods use as their nameserver: configured, else kube-system/kube-dns's ClusterIPs."""
         return tuple(self.config.dns.clusterDNS) or self.model.cluster_ips("kube-system", "kube-dns")
@@ -299,6 +312,7 @@ class Daemon:
         self.identities.start()
         self.tunnel = Tunnel(self.model, self.enrollment, self.identities, self.sink.policies, key_dir)
         proxy = CaptureProxy(self.dns.resolver.resolve, self.loop, self.tunnel)
+        self.proxy = proxy
         state_dir = os.path.dirname(cfg.api.socket)
         direct = tuple(h for h, _ in (split_hostport(a) for a in cfg.dns.listen) if ":" not in h and h != "0.0.0.0")
         self.pods = PodManager(
@@ -315,7 +329,9 @@ class Daemon:
                 "synced": self.sink.all_synced.is_set(),
                 "dns": self.dns.status() if self.dns else None,
                 "socketTermination": self._socket_termination(),
-                "tunnel": {**self.identities.status(), **self.tunnel.status()} if self.tunnel else None,
+                "tunnel": {**self.identities.status(), **self.tunnel.status(), **self._refusals()}
+                if self.tunnel
+                else None,
             },
         }
         self.api = serve_api(cfg.api.socket, handlers)
@@ -336,6 +352,9 @@ class Daemon:
                 "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
                 "noded_rejected_objects_total": lambda: self.model.rejected + sum(self.sink.rejected_by_kind.values()),
                 "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
+                "noded_tunnel_refused_peers_total": lambda: self._refusals()["refusedPeers"],
+                "noded_capture_self_calls_total": lambda: self._refusals()["selfCalls"],
+                "noded_hbone_connections_ended_total": lambda: sum(self._refusals()["endedConnections"].values()),
                 "noded_netfilter_transactions_total": lambda: getattr(self.proxier, "transactions", 0),
             }
         )

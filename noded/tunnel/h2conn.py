@@ -15,6 +15,7 @@ What HBONE does with the streams (authorization, dialing, pooling) is hbone.py's
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 from collections.abc import Callable
 
@@ -40,6 +41,9 @@ MAX_EARLY = 8 * 1024 * 1024  # the same, all streams of a connection together
 MAX_RESETS = 200  # streams the peer resets before they are answered, per RESET_WINDOW ("rapid reset")
 RESET_WINDOW = 10.0
 SERVER_IDLE = POOL_IDLE + 60  # seconds a server connection is kept without a stream (the client releases first)
+
+
+REFUSALS: collections.Counter[str] = collections.Counter()  # peers this process ended, by why (noded status)
 
 
 class StreamsExhausted(Exception):
@@ -300,6 +304,7 @@ class Connection(asyncio.BufferedProtocol):
             self._take_input(scratch(0), len(self.carry) + nbytes)
         except (H2Error, hpack.HPACKError) as e:
             code = e.code if isinstance(e, H2Error) else ErrorCode.COMPRESSION_ERROR
+            REFUSALS[ErrorCode(code).name] += 1
             log.info("HBONE protocol error", error=str(e))
             self.flush(f.goaway(self.last_peer_id, code, str(e).encode()[:200]))
             self.transport.close()
@@ -472,6 +477,7 @@ class Connection(asyncio.BufferedProtocol):
         self.early += nbytes
         if self.early > MAX_EARLY:
             log.info("HBONE peer sent too much before its connections were up", held=self.early)
+            REFUSALS["ENHANCE_YOUR_CALM"] += 1
             self.flush(f.goaway(self.last_peer_id, ErrorCode.ENHANCE_YOUR_CALM, b"too much data held"))
             self.transport.close()
         elif stream.early_bytes > MAX_EARLY_STREAM:

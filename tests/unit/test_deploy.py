@@ -115,3 +115,26 @@ def test_status_table_names_each_subject():
     assert "kubernetes synced" in lines["sources"] and "3 services, 4 slices" in lines["services"]
     assert "10.0.0.2:53 DOWN" in lines["dns"] and "fast path 100 answered" in lines["dns"]
     assert "1 denied" in lines["tunnel"] and "sa/echo until 2026-11-23T10:24:10Z" in lines["certificate"]
+
+
+def test_status_shows_rejected_objects_refused_peers_and_socket_termination():
+    from noded.cli import render_status
+
+    text = render_status(
+        {
+            "node": "node1",
+            "running": True,
+            "rejectedByKind": {"AuthorizationPolicy": 2, "Pod": 1},
+            "socketTermination": {"enabled": False, "reason": "kernel without bpf_sock_destroy"},
+            "tunnel": {
+                "issuer": "local",
+                "rejected": {"default/bad": "spec.rules[0]: ..."},
+                "refusedPeers": 3,
+                "selfCalls": 4,
+                "endedConnections": {"ENHANCE_YOUR_CALM": 5},
+            },
+        }
+    )
+    assert "rejected      2 AuthorizationPolicy, 1 Pod" in text
+    assert "OFF: kernel without bpf_sock_destroy" in text
+    assert "1 failing closed" in text and "3 peers, 4 self-calls, 5 HBONE connections ended" in text
