@@ -156,7 +156,8 @@ class ClusterZone:
     def _fill(self, reply: dns.message.Message, name: dns.name.Name, rdtype: int, depth: int) -> dns.name.Name | None:
         """Put the records for name/rdtype in reply (following in-zone CNAMEs); an external target to chase."""
         index = self._current()
-        labels = [label.decode().lower() for label in name.relativize(self.origin).labels]
+        # latin-1 takes any byte: a label no service has (not UTF-8) is just a name that does not exist
+        labels = [label.decode("latin-1").lower() for label in name.relativize(self.origin).labels]
         found = self._lookup(index, labels, rdtype, name, reply)
         if found is None:
             if depth == 0:

@@ -431,6 +431,8 @@ class Connection(asyncio.BufferedProtocol):
                     self._count_reset()
                 stream.close("HBONE stream reset")
         elif ftype == f.GOAWAY:
+            if len(payload) < 8 or stream_id:
+                raise H2Error(ErrorCode.PROTOCOL_ERROR, "GOAWAY shorter than 8 bytes, or on a stream")
             self._goaway(int.from_bytes(payload[0:4], "big") & f.MAX_WINDOW, int.from_bytes(payload[4:8], "big"))
         elif ftype == f.PUSH_PROMISE:
             raise H2Error(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE (push is off)")
@@ -500,7 +502,8 @@ class Connection(asyncio.BufferedProtocol):
         for stream in [s for i, s in self.streams.items() if i > last_id and (i % 2 == 1) == self.client]:
             stream.close("HBONE connection going away")
         if code:
-            log.info("HBONE connection ended by the peer", error=ErrorCode(code).name if code in ErrorCode else code)
+            known = code in ErrorCode._value2member_map_  # `int in ErrorCode` raises TypeError on Python 3.11
+            log.info("HBONE connection ended by the peer", error=ErrorCode(code).name if known else code)
             self.transport.close()
 
     def _data_start(self, stream_id: int, length: int, flags: int, pad: int) -> None:

@@ -4,6 +4,7 @@ the resolver; everything else reaches the resolver."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -43,6 +44,14 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def env():
+    with dns_fast_env() as made:
+        yield made
+
+
+@contextlib.contextmanager
+def dns_fast_env():
+    """A node netns with the fast path on its bridge and the resolver behind it, a pod netns on the bridge:
+    (fast path, resolver, model, bridge). Also bench/fuzz.py's."""
     for ns in (NODE, POD):
         if netns.exists(ns):
             netns.remove(ns)
@@ -168,13 +177,13 @@ def test_model_changes_reach_the_map(env):
 
 MUTATE = """
 import dns.message, json, random, socket, sys
-random.seed(7)
+random.seed(int(sys.argv[3]) if len(sys.argv) > 3 else 7)
 seeds = [dns.message.make_query(n, t, use_edns=0 if e else False).to_wire() for n, t, e in json.loads(sys.argv[1])]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect(("169.254.20.10", 53))
 s.settimeout(0.3)
 bad = []
-for i in range(400):
+for i in range(int(sys.argv[2]) if len(sys.argv) > 2 else 400):
     data = bytearray(random.choice(seeds))
     for _ in range(random.randint(1, 3)):
         pos = random.randrange(len(data))

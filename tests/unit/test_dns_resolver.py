@@ -375,3 +375,18 @@ def test_a_refused_answer_is_never_larger_than_the_query():
             assert len(await resolver.resolve(q, Client(allowed=False))) <= len(q)
 
     asyncio.run(main())
+
+
+def test_a_label_that_is_not_utf8_is_a_name_that_does_not_exist():
+    """Found by bench/fuzz.py: the zone decoded labels as UTF-8; a byte like 0xa6 raised (SERVFAIL and a
+    traceback in the log per query)."""
+    import dns.name
+
+    async def main():
+        resolver = make_resolver([])
+        name = dns.name.Name([b"\xa6x", b"default", b"svc", *[label.encode() for label in Z.split(".")], b""])
+        q = dns.message.make_query(name, "A").to_wire()
+        reply = dns.message.from_wire(await resolver.resolve(q, Client(namespace="default")))
+        assert reply.rcode() == dns.rcode.NXDOMAIN
+
+    asyncio.run(main())

@@ -222,3 +222,38 @@ def test_data_held_for_streams_still_dialing_is_bounded(ca, tmp_path, monkeypatc
         for s in fillers:
             s.close()
         blackhole.close()
+
+
+def test_fuzz_findings_in_the_frame_reader_end_the_connection_with_goaway():
+    """Found by bench/fuzz.py: a GOAWAY with an error code RFC 9113 does not define raised TypeError
+    (`int in ErrorCode` on Python 3.11); a GOAWAY shorter than 8 bytes was read as one."""
+    from noded.tunnel import h2conn
+    from noded.tunnel.frames import H2Error
+
+    class Transport:
+        closed = False
+
+        def writelines(self, _chunks):
+            pass
+
+        def close(self):
+            self.closed = True
+
+        def is_closing(self):
+            return self.closed
+
+    async def main():
+        for payload, raises in ((b"\x00\x00\x00\x00\x00\x00\xf5\x00", False), (b"\x00\x00", True)):
+            conn = h2conn.Connection(client=False, on_request=lambda stream, headers: None)
+            conn.transport = Transport()
+            data = f.PREFACE + f.settings({}) + f.frame(f.GOAWAY, 0, 0, payload)
+            view = h2conn.scratch(len(data))
+            view[: len(data)] = data
+            if raises:
+                with pytest.raises(H2Error):
+                    conn._take_input(view, len(data))
+            else:
+                conn._take_input(view, len(data))
+                assert conn.transport.closed
+
+    asyncio.run(main())
