@@ -131,3 +131,41 @@ def test_a_directory_missing_at_start_is_not_synced(tmp_path):
         assert src.synced and ("synced", "directory") in sink.log
     finally:
         src.stop()
+
+
+def test_any_file_content_is_rejected_alone(tmp_path):
+    """Hypothesis over what a manifest file may hold (YAML-ish text, JSON values, huge and odd documents):
+    the source never raises, and the objects of the other files stay exactly as they were."""
+    import json as jsonlib
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = [service("web"), slice_("web", [endpoint("10.244.1.2")])]
+    values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+        max_leaves=10,
+    )
+    contents = st.one_of(
+        st.text(max_size=300),
+        values.map(jsonlib.dumps),
+        values.map(lambda v: yaml.safe_dump({"kind": "Service", "metadata": {"name": "x"}, "spec": v})),
+        st.lists(values, max_size=4).map(lambda docs: yaml.safe_dump_all(docs)),
+        st.just("kind: List\nitems: [1, {kind: Pod}, {kind: Service, metadata: {name: 7}}]\n"),
+        st.just("a: &a [*a]\n"),
+    )
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(contents)
+    def check(text):
+        d = tmp_path / "d"
+        d.mkdir(exist_ok=True)
+        (d / "a.yaml").write_text(yaml.safe_dump_all(good))
+        (d / "m.yaml").write_text(text)
+        sink = Recorder()
+        DirectorySource(str(d), sink).scan()
+        assert sink.objects[("Service", "default", "web")] == good[0]
+        assert sink.objects[("EndpointSlice", "default", "web-abc")] == good[1]
+
+    check()
