@@ -34,9 +34,7 @@ import contextlib
 
 from bench.common import rss_mib, table
 from noded.lab.lab import Lab
-from noded.lab.workloads import node_status, service_yaml, start_echo, wait_programmed
-
-AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+from noded.lab.workloads import mesh_pods, node_status, service_yaml, wait_programmed
 
 LOAD = """
 import json, socket, sys, time
@@ -203,16 +201,8 @@ def main() -> None:
     lab.up(2, "ebpf")
     servers = []
     try:
-        for pod, node, labels in (
-            ("default/echo-1", "node1", {"app": "echo"}),
-            ("default/echo-2", "node2", {"app": "echo"}),
-            ("default/mesh-echo", "node1", {"app": "mesh-echo", **AMBIENT}),
-        ):
-            lab.add_pod(pod, node, labels)
-            servers.append(start_echo(lab, pod, tcp=8080))
+        servers = mesh_pods(lab)
         lab.add_pod("default/client", "node1")
-        lab.add_pod("default/mesh-client", "node1", AMBIENT)
-        lab.add_pod("default/plain", "node1")
         path = os.path.join(lab.dir, "echo.yaml")
         with open(path, "w") as fh:
             fh.write(service_yaml("echo", {"app": "echo"}, [("http", "TCP", 80, 8080)]))
@@ -243,10 +233,10 @@ def main() -> None:
         sampler.start()
         results = {}
         time.sleep(2)
-        for pod in ("default/mesh-client", "default/plain"):
+        for pod in ("default/mesh-client", "default/plain-client"):
             out = lab.run(pod, [sys.executable, "-c", SELF_CALLS], timeout=300)
             results[f"self-calls from {pod}"] = out.stdout.strip() or out.stderr[-200:]
-        out = lab.run("default/plain", [sys.executable, "-c", DNS_FLOOD], timeout=300)
+        out = lab.run("default/plain-client", [sys.executable, "-c", DNS_FLOOD], timeout=300)
         results["DNS flood, every ID"] = out.stdout.strip() or out.stderr[-200:]
         ups = (node_status(lab, "node1")["dns"] or {}).get("upstreams", [])
         results["upstreams set aside afterwards"] = sum(1 for u in ups if u.get("looping"))

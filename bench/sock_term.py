@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from bench.control_plane import endpoints, vip
 from noded.bpf.sock_term import SocketTerminator
 from noded.lab import netns
 from noded.lab.lab import Lab
-from noded.lab.workloads import start_echo, wait_programmed
+from noded.lab.workloads import follow_until, start_echo, wait_programmed
 from tests.bpf.conftest import LbEnv, open_env, unique_tag
 from tests.objects import endpoint, service, slice_
 
@@ -76,10 +75,10 @@ def lab_trials(mode: str, trials: int) -> list[float]:
         current, other = "a", "b"
         try:
             for _ in range(trials):
-                _wait_answer(follower, current)
+                follow_until(follower, current, 10)
                 point_to(other)
                 changed = time.time()
-                delays.append((_wait_answer(follower, other)["t"] - changed) * 1000)
+                delays.append((follow_until(follower, other, 10)[0]["t"] - changed) * 1000)
                 current, other = other, current
         finally:
             follower.kill()
@@ -89,15 +88,6 @@ def lab_trials(mode: str, trials: int) -> list[float]:
         for s in servers:
             s.kill()
         lab.down()
-
-
-def _wait_answer(follower: subprocess.Popen, name: str) -> dict:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        event = json.loads(follower.stdout.readline())
-        if event.get("answer") == name:
-            return event
-    raise RuntimeError(f"no answer from {name}")
 
 
 UDP_PORT = [{"name": "u", "port": 80, "protocol": "UDP"}]

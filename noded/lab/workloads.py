@@ -117,3 +117,41 @@ def node_status(lab: Lab, node: str) -> dict:
     from noded.api import h2client
 
     return h2client.call(lab.api_socket(node), "/noded.v1.Noded/Status", {})
+
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+def mesh_pods(lab: Lab) -> list[subprocess.Popen]:
+    """The capture lab's pods: echo servers (TCP 8080, UDP 5353) echo-1 on node1, echo-2 on node2 and the
+    enrolled mesh-echo on node1; the clients mesh-client (enrolled) and plain-client on node1. Returns the
+    servers (to kill)."""
+    servers = []
+    for pod, node, labels in (
+        ("default/echo-1", "node1", {"app": "echo"}),
+        ("default/echo-2", "node2", {"app": "echo"}),
+        ("default/mesh-echo", "node1", {"app": "mesh-echo", **AMBIENT}),
+    ):
+        lab.add_pod(pod, node, labels)
+        servers.append(start_echo(lab, pod, tcp=8080, udp=5353))
+    lab.add_pod("default/mesh-client", "node1", AMBIENT)
+    lab.add_pod("default/plain-client", "node1")
+    return servers
+
+
+def follow_until(follower: subprocess.Popen, name: str, seconds: float = 5.0) -> tuple[dict, list[dict]]:
+    """Read a `probe follow` client's lines until one is answered by `name` (the echo server's name, the
+    answer's first word): (that line, the lines before). LabError when none is within `seconds`."""
+    import json
+
+    seen: list[dict] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = follower.stdout.readline()
+        if not line:
+            break
+        event = json.loads(line)
+        if event.get("answer", "").split(" ")[0] == name:
+            return event, seen
+        seen.append(event)
+    raise LabError(f"no answer from {name}: {seen[-5:]}")

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 from noded.bpf import sock_lb
+from noded.lab.workloads import follow_until
 from noded.services.ebpf import EbpfProxier, describe
 from tests.bpf.conftest import LINK_ADDRESS
 from tests.objects import endpoint, service, slice_
@@ -202,13 +203,7 @@ def test_restart_recovers_from_pinned_maps_and_rewrites_nothing(ebpf_lb):
 def test_udp_flow_follows_a_removed_endpoint_to_the_new_one(lb):
     """A UDP client keeps its source port; once its endpoint is gone its next datagram reaches the new one
     (the netfilter modes delete the stale conntrack flow, which would otherwise still DNAT to the old)."""
-    lb.echo(9001, "a", udp=5301)
-    lb.echo(9002, "b", udp=5302)
-    dns = [{"name": "dns", "port": 53, "protocol": "UDP"}]
-    lb.apply(
-        service("dns", VIP, dns),
-        slice_("dns", [endpoint(LINK_ADDRESS)], ports=[{**dns[0], "port": 5301}], name="a"),
-    )
+    dns = two_udp_backends(lb, "dns", 53)
     ask = (
         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2);"
         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 40053));"
@@ -220,39 +215,31 @@ def test_udp_flow_follows_a_removed_endpoint_to_the_new_one(lb):
     assert lb.python(ask).strip() == "b"
 
 
-def _follow_until(proc, want, deadline=5.0):
-    """Read the follower's lines until one answers `want`; returns (that line, the lines before)."""
-    seen = []
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        event = json.loads(line)
-        if event.get("answer", "").split(" ")[0] == want:
-            return event, seen
-        seen.append(event)
-    raise AssertionError(f"no answer from {want}: {seen[-5:]}")
+def two_udp_backends(lb, name, port):
+    """Echo servers a (UDP 5301) and b (UDP 5302) on the link address, and service `name` on VIP:port
+    whose one endpoint is a."""
+    lb.echo(9001, "a", udp=5301)
+    lb.echo(9002, "b", udp=5302)
+    ports = [{"name": "u", "port": port, "protocol": "UDP"}]
+    lb.apply(
+        service(name, VIP, ports),
+        slice_(name, [endpoint(LINK_ADDRESS)], ports=[{**ports[0], "port": 5301}], name="a"),
+    )
+    return ports
 
 
 def test_connected_udp_socket_follows_its_endpoints(lb):
     """A connected UDP socket (glibc's resolver, most UDP clients) keeps the backend it got at connect() in
     eBPF mode unless noded destroys it; in the netfilter modes the stale conntrack flow is deleted. Either
     way the client's traffic reaches the remaining endpoint right after the sync that removed its own."""
-    lb.echo(9001, "a", udp=5301)
-    lb.echo(9002, "b", udp=5302)
-    port = [{"name": "u", "port": 7000, "protocol": "UDP"}]
-    lb.apply(
-        service("follow", VIP, port),
-        slice_("follow", [endpoint(LINK_ADDRESS)], ports=[{**port[0], "port": 5301}], name="a"),
-    )
+    port = two_udp_backends(lb, "follow", 7000)
     proc = lb.follower(VIP, 7000)
     try:
-        _follow_until(proc, "a")
+        follow_until(proc, "a")
         lb.apply(slice_("follow", [endpoint(LINK_ADDRESS)], ports=[{**port[0], "port": 5302}], name="b"))
         lb.remove("EndpointSlice", "a")
         removed_at = time.time()
-        event, before = _follow_until(proc, "b")
+        event, before = follow_until(proc, "b")
         assert event["t"] - removed_at < 1.0, before
         if lb.mode == "ebpf":
             assert lb.terminator.stats.destroyed == 1
@@ -274,12 +261,12 @@ def test_only_sockets_the_socket_lb_translated_are_destroyed(ebpf_lb):
     via_vip = lb.follower(VIP, 7000)
     held = lb.follower(VIP, 80, mode="hold", seconds=3)
     try:
-        _follow_until(direct, "a")
-        _follow_until(via_vip, "a")
+        follow_until(direct, "a")
+        follow_until(via_vip, "a")
         time.sleep(0.3)  # the held TCP connection is up and answering
         lb.remove("EndpointSlice", "a")
         assert lb.terminator.stats.destroyed == 2  # the UDP socket through the VIP and the TCP connection
-        _event, before = _follow_until(direct, "a", deadline=1.0)
+        _event, before = follow_until(direct, "a", 1.0)
         assert not any("error" in e for e in before), before
         out = json.loads(held.communicate(timeout=10)[0])
         assert out["replies"] > 0 and out["failures"], out

@@ -13,11 +13,9 @@ import time
 import pytest
 
 from noded.lab import cni, netns
-from noded.lab.workloads import node_status, pod_capture, probe, start_echo, wait_programmed
+from noded.lab.workloads import AMBIENT, mesh_pods, node_status, pod_capture, probe, wait_programmed
 from tests.e2e.conftest import dig, echo_service, fresh_lab
 from tests.e2e.test_lab_services import pod_ip, write_manifest
-
-AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +23,7 @@ def lab():
     lab = fresh_lab()
     servers = []
     try:
-        for pod, node, labels in (
-            ("default/echo-1", "node1", {"app": "echo"}),
-            ("default/echo-2", "node2", {"app": "echo"}),
-            ("default/mesh-echo", "node1", {"app": "mesh-echo", **AMBIENT}),
-        ):
-            lab.add_pod(pod, node, labels)
-            servers.append(start_echo(lab, pod, tcp=8080, udp=5353))
-        lab.add_pod("default/mesh-client", "node1", AMBIENT)
-        lab.add_pod("default/plain-client", "node1")
+        servers = mesh_pods(lab)
         yield lab
     finally:
         for s in servers:

@@ -12,7 +12,7 @@ import yaml
 
 from noded.files import write_atomic
 from noded.lab import netns
-from noded.lab.workloads import node_status, probe, programmed, service_yaml, wait_programmed
+from noded.lab.workloads import follow_until, node_status, probe, programmed, service_yaml, wait_programmed
 from tests.e2e.conftest import apply_text, dig, echo_service
 from tests.objects import endpoint, service, slice_
 
@@ -99,19 +99,6 @@ def test_dns_to_a_service_of_its_own_reaches_that_server_and_cluster_dns_reaches
         assert dig(lab, "default/client", "echo.default.svc.cluster.local.", tcp=tcp) == ["NOERROR", [echo_vip]]
 
 
-def _next_answer_from(follower, want: str, deadline: float) -> tuple[dict, list[dict]]:
-    seen = []
-    while time.monotonic() < deadline:
-        line = follower.stdout.readline()
-        if not line:
-            break
-        event = json.loads(line)
-        if event.get("answer") == want:
-            return event, seen
-        seen.append(event)
-    raise AssertionError(f"no answer from {want}: {seen[-5:]}")
-
-
 def test_connected_udp_client_follows_its_endpoints(lab):
     """A connected UDP socket to a ClusterIP (glibc's resolver, most UDP clients) reaches the remaining
     endpoint right after its own is removed: eBPF mode destroys the socket (the client connects again),
@@ -142,12 +129,12 @@ def test_connected_udp_client_follows_its_endpoints(lab):
     try:
         delays = []
         for _ in range(5):
-            _next_answer_from(follower, names[current], time.monotonic() + 5)
+            follow_until(follower, names[current])
             write_manifest(
                 lab, "follow.yaml", [svc, slice_("follow", [endpoint(other, node=nodes[other])], ports=port)]
             )
             changed = time.time()
-            event, _before = _next_answer_from(follower, names[other], time.monotonic() + 5)
+            event, _before = follow_until(follower, names[other])
             delays.append(event["t"] - changed)
             current, other = other, current
         assert max(delays) < 1.5, delays  # the manifest directory is read within ~0.2 s, then one sync

@@ -19,8 +19,8 @@ from noded.model.tracker import ServiceModel
 from noded.redirect.enrollment import Enrollment
 from noded.sources import kube
 from noded.tunnel.policy import Authorizer, Connection, parse_policy
-from tests.fakeapi import FakeApiServer
 from tests.objects import endpoint, service, slice_
+from tests.unit.test_kube_source import wait_for
 
 NODE = "node1"
 ECHO = "cluster.local/ns/default/sa/echo"
@@ -236,23 +236,6 @@ def test_a_destination_whose_labels_are_not_known_yet_is_denied_when_policies_se
 
 
 # -- through the API source ------------------------------------------------------------------------
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
-@pytest.fixture
-def api():
-    server = FakeApiServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 def start(api, sink):
     cfg = client.Configuration(host=api.url)
     kinds = ("Service", "EndpointSlice", "Node", "Pod", "Namespace", "AuthorizationPolicy")

@@ -2,13 +2,11 @@
 
 import time
 
-import pytest
 import structlog.testing
 from kubernetes import client
 
 from noded.model.tracker import ZONE_LABEL, Frontend, ServiceModel
 from noded.sources import kube
-from tests.fakeapi import FakeApiServer
 from tests.objects import endpoint, service, slice_
 
 
@@ -34,14 +32,6 @@ class ModelSink:
 
     def synced(self, source):
         self.synced_sources.append(source)
-
-
-@pytest.fixture
-def api():
-    server = FakeApiServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def start_source(api, sink, node_name="node1"):
