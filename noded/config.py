@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
@@ -18,11 +19,20 @@ class ConfigError(ValueError):
     """A config file problem; the message names the key."""
 
 
+def default_node_name() -> str:
+    """NODE_NAME (the downward API's spec.nodeName in the DaemonSet), else the hostname lowercased, as the
+    kubelet registers it."""
+    return os.environ.get("NODE_NAME") or socket.gethostname().lower()
+
+
 @dataclass
 class SourceConfig:
     directory: str | None = None
     kubeconfig: str | None = None
     inCluster: bool = False
+    # with inCluster: the API server itself (https://HOST:PORT), never a ClusterIP noded must program first;
+    # empty: KUBERNETES_SERVICE_HOST/PORT, set in the DaemonSet to the real address (Cilium's k8sServiceHost)
+    apiServer: str = ""
 
     def validate(self, at: str) -> None:
         chosen = [k for k in ("directory", "kubeconfig") if getattr(self, k)] + (
@@ -30,6 +40,11 @@ class SourceConfig:
         )
         if len(chosen) > 1:
             raise ConfigError(f"{at}: choose one of directory, kubeconfig, inCluster (got {', '.join(chosen)})")
+        if self.apiServer:
+            if not self.inCluster:
+                raise ConfigError(f"{at}.apiServer: only with inCluster (a kubeconfig names its server)")
+            if not self.apiServer.startswith("https://") or not self.apiServer[len("https://") :].strip("/"):
+                raise ConfigError(f"{at}.apiServer: {self.apiServer!r} is not https://HOST:PORT")
 
 
 @dataclass
@@ -124,7 +139,7 @@ class ApiConfig:
 class NodedConfiguration:
     apiVersion: str = API_VERSION
     kind: str = KIND
-    nodeName: str = field(default_factory=socket.gethostname)
+    nodeName: str = field(default_factory=default_node_name)
     source: SourceConfig = field(default_factory=lambda: SourceConfig(directory="/etc/noded/manifests"))
     clusterDomain: str = "cluster.local"
     clusterCIDRs: list[str] = field(default_factory=lambda: ["10.244.0.0/16"])

@@ -114,7 +114,7 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
     kinds = ("Service", "EndpointSlice", "Node")
     if config.capture.enabled:
         kinds += ("Pod", "Namespace", "AuthorizationPolicy")
-    api = api_client(config.source.kubeconfig, config.source.inCluster)
+    api = api_client(config.source.kubeconfig, config.source.inCluster, config.source.apiServer)
     return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName)
 
 
@@ -164,7 +164,7 @@ class Daemon:
     def __init__(self, config: NodedConfiguration) -> None:
         self.config = config
         self.model = ServiceModel(node_name=config.nodeName)
-        self.health_checks = HealthCheckServers()
+        self.health_checks = HealthCheckServers(healthy=lambda: self.model.node_eligible)
         self.enrollment = Enrollment(config.nodeName)
         self.sink = ModelSink(self.model, self.enrollment)
         self.pods = None  # PodManager, when capture is enabled
@@ -311,6 +311,11 @@ class Daemon:
         self.identities = IdentityService(cfg.tunnel, cfg.nodeName, self.enrollment, self.loop, key_dir)
         self.identities.start()
         self.tunnel = Tunnel(self.model, self.enrollment, self.identities, self.sink.policies, key_dir)
+        source = self.source
+        if hasattr(source, "kind_synced"):  # the API: until policies are listed, inbound mesh traffic is denied
+            self.tunnel.policies_ready = lambda: source.kind_synced("AuthorizationPolicy")
+        else:
+            self.tunnel.policies_ready = lambda: source.synced
         proxy = CaptureProxy(self.dns.resolver.resolve, self.loop, self.tunnel)
         self.proxy = proxy
         state_dir = os.path.dirname(cfg.api.socket)
@@ -352,6 +357,7 @@ class Daemon:
                 "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
                 "noded_rejected_objects_total": lambda: self.model.rejected + sum(self.sink.rejected_by_kind.values()),
                 "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
+                "noded_api_errors_total": lambda: self.source.errors() if hasattr(self.source, "errors") else 0,
                 "noded_tunnel_refused_peers_total": lambda: self._refusals()["refusedPeers"],
                 "noded_capture_self_calls_total": lambda: self._refusals()["selfCalls"],
                 "noded_hbone_connections_ended_total": lambda: sum(self._refusals()["endedConnections"].values()),
@@ -364,11 +370,12 @@ class Daemon:
             last = self.metrics.last_sync_timestamp
             now = time.time()
             synced = self.runner is not None and self.runner.syncs > 0 and self.runner.last_error is None
-            ok = synced and now - last < 2 * self.config.services.syncPeriod + 1
+            eligible = self.model.node_eligible
+            ok = synced and now - last < 2 * self.config.services.syncPeriod + 1 and eligible
             body = {
                 "lastUpdated": _rfc3339(last) if last else "",
                 "currentTime": _rfc3339(now),
-                "nodeEligible": True,
+                "nodeEligible": eligible,
             }
             return (200 if ok else 503), "application/json", json.dumps(body) + "\n"
 
@@ -398,7 +405,13 @@ class Daemon:
             "pid": os.getpid(),
             "started": self.started,
             "mode": self.config.services.mode,
-            "sources": {self.source.name: {"synced": self.source.synced, "lastError": self.source.last_error}},
+            "sources": {
+                self.source.name: {
+                    "synced": self.source.synced,
+                    "lastError": self.source.last_error,
+                    **({"kinds": self.source.status()} if hasattr(self.source, "status") else {}),
+                }
+            },
             "services": services,
             "endpointSlices": slices,
             "rejectedObjects": self.model.rejected,

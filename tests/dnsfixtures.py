@@ -50,6 +50,7 @@ class FakeUpstream:
         self.ids: list[int] = []  # of the queries it saw
         self.pending: set[asyncio.Task] = set()
         self.port = 0
+        self._restarting = False  # start() again after stop(): the same port, as the tests expect
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
 
@@ -95,19 +96,31 @@ class FakeUpstream:
                 upstream.pending.add(task := asyncio.ensure_future(later()))
                 task.add_done_callback(upstream.pending.discard)
 
-        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", self.port))
-        self.port = self._udp.get_extra_info("sockname")[1]
-
-        async def tcp(reader, writer):
-            length = int.from_bytes(await reader.readexactly(2), "big")
-            wire = self.answer(await reader.readexactly(length))
-            writer.write(len(wire).to_bytes(2, "big") + wire)
-            await writer.drain()
-            writer.close()
-
-        self._tcp = await asyncio.start_server(tcp, "127.0.0.1", self.port)
+        for attempt in range(10):  # the UDP port's TCP twin may be taken (another test's ephemeral port)
+            self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", self.port))
+            self.port = self._udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._tcp_handler, "127.0.0.1", self.port)
+                return self
+            except OSError:
+                self._udp.close()
+                if attempt == 9 or self.fixed_port:
+                    raise
+                self.port = 0
         return self
 
+    @property
+    def fixed_port(self) -> bool:
+        return self._restarting
+
+    async def _tcp_handler(self, reader, writer) -> None:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+        wire = self.answer(await reader.readexactly(length))
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        writer.close()
+
     def stop(self) -> None:
+        self._restarting = True  # a start() after this is a restart on the same port
         self._udp.close()
         self._tcp.close()

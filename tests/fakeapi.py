@@ -3,7 +3,10 @@
 Lists with limit/continue pagination and a resourceVersion; watches stream
 chunked JSON events after a resourceVersion, send BOOKMARKs on request, answer
 410 Gone (as an ERROR event, like kube-apiserver) for compacted versions, and
-can drop every open watch or stop answering altogether.
+can drop every open watch or stop answering altogether. With `tls` (a server certificate and key) it
+speaks HTTPS, and with `token` it answers 401 to a request without that bearer token, as the API server
+does; `fail(path, status, times, headers)` makes the next requests to a path fail with that status (403,
+429 with Retry-After, 500...), and `delay` holds answers back (timeouts).
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -42,8 +47,14 @@ def _selected(obj: dict, q: dict) -> bool:
 
 
 class FakeApiServer:
-    def __init__(self, netns_name: str | None = None) -> None:
+    def __init__(
+        self, netns_name: str | None = None, tls: tuple[str, str] | None = None, token: str | None = None
+    ) -> None:
         self.netns_name = netns_name  # listen on loopback inside this network namespace
+        self.tls = tls  # (cert file, key file): HTTPS
+        self.token = token  # required as "Authorization: Bearer <token>"
+        self.failures: dict[str, list[tuple[int, dict[str, str]]]] = {}  # path -> statuses to answer next
+        self.delay = 0.0
         self.hidden: set[str] = set()  # paths answered 404, as for a CRD that is not installed
         self.rv = 100
         self.objects: dict[str, dict[tuple[str, str], dict]] = {p: {} for p in PATHS}
@@ -77,6 +88,10 @@ class FakeApiServer:
             if self.netns_name:
                 popns()
         self._server.daemon_threads = True
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
@@ -90,7 +105,11 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def fail(self, path: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
+        with self.cond:
+            self.failures.setdefault(path, []).extend([(status, headers or {})] * times)
 
     def _path(self, kind: str) -> str:
         return next(p for p, (k, _a, _l) in PATHS.items() if k == kind)
@@ -143,6 +162,19 @@ class FakeApiServer:
         url = urlparse(h.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append(h.path)
+        if self.delay:
+            time.sleep(self.delay)
+        scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")
+        if self.token is not None and (scheme.lower() != "bearer" or token != self.token):  # as kube-apiserver
+            self._json(h, 401, {"kind": "Status", "code": 401, "reason": "Unauthorized", "message": "Unauthorized"})
+            return
+        with self.cond:
+            failing = self.failures.get(url.path)
+            failure = failing.pop(0) if failing else None
+        if failure is not None:
+            status, headers = failure
+            self._json(h, status, {"kind": "Status", "code": status, "message": f"injected {status}"}, headers)
+            return
         if url.path not in PATHS or url.path in self.hidden:
             self._json(h, 404, {"kind": "Status", "code": 404, "message": "not found"})
         elif q.get("watch") in ("true", "1"):
@@ -150,9 +182,11 @@ class FakeApiServer:
         else:
             self._list(h, url.path, q)
 
-    def _json(self, h: BaseHTTPRequestHandler, code: int, body: dict) -> None:
+    def _json(self, h: BaseHTTPRequestHandler, code: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         h.send_response(code)
+        for key, value in (headers or {}).items():
+            h.send_header(key, value)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()

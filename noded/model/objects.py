@@ -156,6 +156,16 @@ def _metadata(obj: Any, kind: str) -> tuple[str, str, dict]:
     return namespace, name, meta
 
 
+# kube-proxy's label selector: objects with these labels are not its to proxy (another proxy owns the
+# service: service-proxy-name; or the endpoints controller marked them headless)
+NOT_PROXIED_LABELS = ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless")
+
+
+def _not_proxied(meta: dict, where: str) -> bool:
+    labels = _get(meta, "labels", dict, where, {}) or {}
+    return any(label in labels for label in NOT_PROXIED_LABELS)
+
+
 def parse_service(obj: Any) -> list[ServicePort]:
     """The service ports a Service defines (none for headless and ExternalName services)."""
     return parse_service_views(obj)[0]
@@ -163,7 +173,7 @@ def parse_service(obj: Any) -> list[ServicePort]:
 
 def parse_service_views(obj: Any) -> tuple[list[ServicePort], DnsService]:
     """One validating pass over a Service: its service ports (for the proxiers) and its DNS view."""
-    namespace, name, _meta = _metadata(obj, "Service")
+    namespace, name, meta = _metadata(obj, "Service")
     where = f"Service {namespace}/{name}: spec"
     spec = _get(obj, "spec", dict, f"Service {namespace}/{name}", {})
     svc_type = _get(spec, "type", str, where, "ClusterIP")
@@ -226,7 +236,7 @@ def parse_service_views(obj: Any) -> tuple[list[ServicePort], DnsService]:
         ports=tuple((pname, proto, port) for pname, proto, port, _np in checked),
         publish_not_ready=bool(_get(spec, "publishNotReadyAddresses", bool, where, False)),
     )
-    if svc_type == "ExternalName" or headless:
+    if svc_type == "ExternalName" or headless or _not_proxied(meta, f"Service {namespace}/{name}.metadata"):
         return [], dns_view
     ports = [
         ServicePort(

@@ -98,6 +98,7 @@ class ServiceModel:
         self.service_changes = 0
         self.endpoint_changes = 0
         self.rejected = 0
+        self.node_eligible = True  # for load balancers (KEP-3836): False while this node is being deleted
 
     # -- input from sources -------------------------------------------------
     def upsert(self, obj: Any) -> bool:
@@ -129,6 +130,7 @@ class ServiceModel:
                 if meta.get("name") == self.node_name:
                     labels = meta.get("labels") or {}
                     self._set_zone(labels.get(ZONE_LABEL) or None)
+                    self.node_eligible = node_eligible(obj)
         except ManifestError as e:
             with self._lock:
                 self.rejected += 1
@@ -140,6 +142,7 @@ class ServiceModel:
         key = (namespace or "default", name)
         if kind == "Node" and name == self.node_name:
             self._set_zone(None)
+            self.node_eligible = False  # deleted: load balancers should stop sending here
             return
         with self._lock:
             if kind == "Service" and self._dns.pop(key, None) is not None:
@@ -274,6 +277,20 @@ class ServiceModel:
                         local.setdefault(s.address_type, set()).add(ep.address)
             out[sp.health_check_node_port] = (f"{key[0]}/{key[1]}", max(map(len, local.values()), default=0))
         return out
+
+
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def node_eligible(node: dict) -> bool:
+    """Whether load balancers should send to this node (kube-proxy's /healthz, KEP-3836): not while it is
+    being deleted, nor while the cluster autoscaler has tainted it for deletion."""
+    meta = node.get("metadata") if isinstance(node.get("metadata"), dict) else {}
+    if meta.get("deletionTimestamp"):
+        return False
+    spec = node.get("spec") if isinstance(node.get("spec"), dict) else {}
+    taints = spec.get("taints") if isinstance(spec.get("taints"), list) else []
+    return not any(isinstance(t, dict) and t.get("key") == TO_BE_DELETED_TAINT for t in taints)
 
 
 def _family(ip: str) -> str:

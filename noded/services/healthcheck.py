@@ -15,27 +15,29 @@ from noded.observe import serve
 log = structlog.get_logger("noded.services.healthcheck")
 
 
-def health_response(service: str, local_endpoints: int) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body kube-proxy's health check server gives."""
+def health_response(service: str, local_endpoints: int, healthy: bool = True) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body kube-proxy's health check server gives; `healthy` False (this node is being
+    deleted or drained by the cluster autoscaler, KEP-3836) answers 503 whatever the endpoints."""
     namespace, name = service.split("/", 1)
     body = {
         "service": {"namespace": namespace, "name": name},
         "localEndpoints": local_endpoints,
-        "serviceProxyHealthy": True,
+        "serviceProxyHealthy": healthy,
     }
     headers = {
         "Content-Type": "application/json",
         "X-Content-Type-Options": "nosniff",
         "X-Load-Balancing-Endpoint-Weight": str(local_endpoints),
     }
-    return (200 if local_endpoints > 0 else 503), headers, json.dumps(body).encode()
+    return (200 if local_endpoints > 0 and healthy else 503), headers, json.dumps(body).encode()
 
 
 class HealthCheckServers:
     """Keeps one listener per wanted healthCheckNodePort; update() is cheap when nothing changed."""
 
-    def __init__(self, host: str = "0.0.0.0") -> None:
+    def __init__(self, host: str = "0.0.0.0", healthy=lambda: True) -> None:
         self.host = host
+        self.healthy = healthy  # the node's own state (eligible for load balancers)
         self._servers: dict[int, ThreadingHTTPServer] = {}
         self._state: dict[int, tuple[str, int]] = {}
         self._lock = threading.Lock()
@@ -63,6 +65,6 @@ class HealthCheckServers:
         def answer() -> tuple[int, dict[str, str], bytes]:
             with self._lock:
                 service, count = self._state.get(port, ("unknown/unknown", 0))
-            return health_response(service, count)
+            return health_response(service, count, self.healthy())
 
         return serve((self.host, port), {}, f"healthcheck-{port}", fallback=answer)

@@ -7,12 +7,15 @@ as a diff, so objects that did not change are not touched.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -38,6 +41,44 @@ class WatchedKind:
     api_version: str
     lister: Callable[[client.ApiClient, str], Callable[..., object]]  # (api, node name) -> list function
     optional: bool = False  # a CRD the cluster may not have: 404 counts as synced and empty (retried)
+
+    @property
+    def resource(self) -> str:
+        """As RBAC names it: group/plural (core: plural)."""
+        group = self.api_version.rpartition("/")[0]
+        lower = self.kind.lower()
+        plural = lower[:-1] + "ies" if lower.endswith("y") else lower + ("es" if lower.endswith("s") else "s")
+        return f"{group}/{plural}" if group else plural
+
+
+ESSENTIAL = ("Service", "EndpointSlice")  # what the first sync of the services waits for, as kube-proxy
+RETRY_AFTER_MAX = 60.0
+
+
+def classify(error: BaseException) -> tuple[str, float | None]:
+    """client-go's view of a failed request: its class (the HTTP status, 5xx, timeout, connection) and, for
+    429 and 5xx answers that carry one, the Retry-After to honour."""
+    status = getattr(error, "status", None)
+    headers = getattr(error, "headers", None) or {}
+    retry_after = None
+    value = headers.get("Retry-After") if hasattr(headers, "get") else None
+    if value is not None and (status == 429 or (isinstance(status, int) and status >= 500)):
+        try:
+            retry_after = min(max(float(value), 0.0), RETRY_AFTER_MAX)
+        except ValueError:
+            retry_after = None
+    if isinstance(status, int) and status:
+        return ("5xx" if status >= 500 else str(status)), retry_after
+    name = type(error).__name__.lower()
+    return ("timeout" if "timeout" in name or "timed out" in str(error).lower() else "connection"), None
+
+
+class WatchError(Exception):
+    """A watch stream's ERROR event other than 410: status and message as the API server sent them."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 KINDS = {
@@ -67,10 +108,24 @@ KINDS = {
 }
 
 
-def api_client(kubeconfig: str | None, in_cluster: bool) -> client.ApiClient:
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def api_client(
+    kubeconfig: str | None, in_cluster: bool, api_server: str = "", secrets: str = SERVICE_ACCOUNT_DIR
+) -> client.ApiClient:
+    """The API client. In cluster: the service account's token and CA (re-read as the token rotates), and
+    the API server at `api_server`, else KUBERNETES_SERVICE_HOST/PORT (which the DaemonSet sets to the real
+    address: the `kubernetes` ClusterIP would need noded to have programmed it first)."""
     if in_cluster:
         cfg = client.Configuration()
-        kube_config.load_incluster_config(client_configuration=cfg)
+        env: Mapping[str, str] = os.environ
+        if api_server:  # the loader takes the address from these (and sets it again at each token refresh)
+            url = urllib.parse.urlsplit(api_server)
+            env = {"KUBERNETES_SERVICE_HOST": url.hostname or "", "KUBERNETES_SERVICE_PORT": str(url.port or 443)}
+        kube_config.incluster_config.InClusterConfigLoader(
+            token_filename=f"{secrets}/token", cert_filename=f"{secrets}/ca.crt", environ=env
+        ).load_and_set(cfg)
         return client.ApiClient(cfg)
     return kube_config.new_client_from_config(config_file=kubeconfig)
 
@@ -112,6 +167,8 @@ class KindWatcher:
         self.relists = 0
         self.reconnects = 0
         self.last_error: str | None = None
+        self.errors: collections.Counter[str] = collections.Counter()  # by class: 401, 403, 429, 5xx, timeout...
+        self.verb = "list"
 
     def run(self) -> None:
         backoff = 0.5
@@ -127,23 +184,33 @@ class KindWatcher:
                 log.info("resourceVersion expired, relisting", kind=self.kind.kind)
                 need_list = True
             except Exception as e:  # connection refused/reset, timeouts, HTTP errors
-                self.last_error = f"{type(e).__name__}: {e}"
-                if getattr(e, "status", None) == 410:
+                status = getattr(e, "status", None)
+                if status == 410:
                     need_list = True
                     continue
-                if getattr(e, "status", None) == 404 and self.kind.optional:
+                if status == 404 and self.kind.optional:
                     self._absent()
                     continue
+                cls, retry_after = classify(e)
+                self.errors[cls] += 1
                 self.reconnects += 1
-                delay = backoff * (1 + random.random() * 0.2)
+                self.last_error = f"{cls} on {self.verb} {self.kind.resource}: {str(e).splitlines()[0][:200]}"
+                delay = retry_after if retry_after is not None else backoff * (1 + random.random() * 0.2)
                 log.warning(
-                    "API connection lost, retrying",
+                    "API request failed, retrying",
                     kind=self.kind.kind,
-                    error=self.last_error,
+                    resource=self.kind.resource,
+                    verb=self.verb,
+                    error=cls,
+                    detail=self.last_error,
                     retry_in=round(delay, 2),
+                    retry_after=retry_after is not None,
                 )
                 self._stop.wait(delay)
-                backoff = min(backoff * 2, self._max_backoff)
+                if retry_after is None:
+                    backoff = min(backoff * 2, self._max_backoff)
+                if cls in ("401", "403", "5xx"):
+                    need_list = True  # the state may have moved on meanwhile: list again, as client-go does
 
     def _absent(self) -> None:
         """An optional kind this API server does not serve (its CRD is not installed): nothing of it
@@ -163,6 +230,7 @@ class KindWatcher:
         self._stop.wait(self._max_backoff)
 
     def relist(self) -> None:
+        self.verb = "list"
         fresh: dict[ObjectKey, dict] = {}
         cont = None
         started = time.monotonic()
@@ -199,11 +267,13 @@ class KindWatcher:
                 apply_seconds=_since(listed),
             )
         self.relists += 1
+        self.last_error = None
         if not self.synced:
             self.synced = True
             self._on_synced()
 
     def watch(self) -> None:
+        self.verb = "watch"
         resp = self._list(
             watch=True,
             resource_version=self.resource_version,
@@ -225,7 +295,7 @@ class KindWatcher:
         if etype == "ERROR":
             if obj.get("code") == 410:
                 raise Gone()
-            raise RuntimeError(f"watch error: {obj.get('message')}")
+            raise WatchError(int(obj.get("code") or 500), f"watch error: {obj.get('message')}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if etype == "BOOKMARK":
             if rv:
@@ -261,7 +331,8 @@ class KubeSource:
     ) -> None:
         self.sink = sink
         self._stop = threading.Event()
-        self._pending = set(kinds)
+        self._pending = set(kinds) & set(ESSENTIAL) or set(kinds)  # the others arrive as they list
+        self.synced_kinds: set[str] = set()
         self._lock = threading.Lock()
         self.watchers = {
             k: KindWatcher(api, KINDS[k], sink, lambda k=k: self._kind_synced(k), self._stop, max_backoff, node_name)
@@ -279,8 +350,29 @@ class KubeSource:
     def last_error(self) -> str | None:
         return next((w.last_error for w in self.watchers.values() if w.last_error), None)
 
+    def kind_synced(self, kind: str) -> bool:
+        return kind in self.synced_kinds
+
+    def errors(self) -> int:
+        return sum(sum(w.errors.values()) for w in self.watchers.values())
+
+    def status(self) -> dict:
+        """Per kind: listed yet, the last error (class, verb, resource), errors by class, relists."""
+        return {
+            kind: {
+                "synced": w.synced,
+                "lastError": w.last_error,
+                "errors": dict(w.errors),
+                "relists": w.relists,
+            }
+            for kind, w in self.watchers.items()
+        }
+
     def _kind_synced(self, kind: str) -> None:
         with self._lock:
+            self.synced_kinds.add(kind)
+            if not self._pending:
+                return  # synced already
             self._pending.discard(kind)
             done = not self._pending
         if done:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -52,6 +53,7 @@ class Tunnel:
         self.trust_domain = identities.config.trustDomain
         self._contexts: dict[tuple[bool, int], tuple[WorkloadCert, ssl.SSLContext]] = {}
         self.counts = {"hbone_out": 0, "plain_out": 0, "hbone_in": 0, "plain_in": 0, "denied": 0}
+        self.policies_ready: Callable[[], bool] = lambda: True  # the daemon ties it to its source
 
     def identity_of(self, pod: PodKey) -> str | None:
         info = self.enrollment.pod(pod)
@@ -104,6 +106,10 @@ class Tunnel:
         return base
 
     def authorize(self, pod: PodKey, identity: str | None, source_ip: str, dest_ip: str, port: int) -> bool:
+        if not self.policies_ready():  # never listed (403, API server away): unknown policy means deny
+            self.counts["denied"] += 1
+            log.info("connection denied: policies not known yet", destination=f"{pod[0]}/{pod[1]}", port=port)
+            return False
         info = self.enrollment.pod(pod)
         principal = identity.removeprefix("spiffe://") if identity else None
         conn = Connection(pod[0], info.labels if info else {}, port, source_ip, dest_ip, principal, info is not None)

@@ -77,3 +77,27 @@ def test_cgroup2_mount_found_in_unified_and_hybrid_layouts(tmp_path):
     none.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n")
     with pytest.raises(ConfigError, match="cgroupPath"):
         cgroup2_mount(str(none))
+
+
+def test_node_name_from_node_name_else_the_lowercased_hostname(monkeypatch):
+    """Issue 16, item 3: the raw hostname (not lowercased) was the default; NODE_NAME was not read."""
+    import socket
+
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    monkeypatch.setattr(socket, "gethostname", lambda: "Worker-1.Example")
+    assert parse({}).nodeName == "worker-1.example"
+    monkeypatch.setenv("NODE_NAME", "node-7")
+    assert parse({}).nodeName == "node-7"
+    assert parse({"nodeName": "explicit"}).nodeName == "explicit"
+
+
+def test_api_server_goes_with_in_cluster_and_is_https():
+    cfg = parse({"source": {"inCluster": True, "apiServer": "https://10.0.0.1:6443"}})
+    assert cfg.source.apiServer == "https://10.0.0.1:6443"
+    bad_sources = (
+        {"inCluster": True, "apiServer": "http://10.0.0.1:6443"},
+        {"kubeconfig": "/k", "apiServer": "https://x"},
+    )
+    for bad in bad_sources:
+        with pytest.raises(ConfigError, match=r"source\.apiServer"):
+            parse({"source": bad})

@@ -253,7 +253,7 @@ def test_a_policy_that_broke_the_parser_does_not_stop_the_source_from_syncing(ap
     sink = ModelSink(ServiceModel(node_name=NODE), Enrollment(NODE), Authorizer())
     src = start(api, sink)
     try:
-        wait_for(lambda: src.synced)
+        wait_for(lambda: src.synced and src.kind_synced("AuthorizationPolicy"))
         assert sink.model.frontends_of(("default", "web"))
         assert not sink.policies.check(Connection("default", {}, 80, "10.1.2.3")).allowed  # bad DENY: closed
         api.put(policy("bad2", "default", {"rules": [{"when": [{"key": "source.ip", "values": ["x"]}]}]}))

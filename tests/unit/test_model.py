@@ -282,3 +282,45 @@ def test_nodeport_addresses_default_and_configured():
     addrs = ["127.0.0.1", "::1", "192.0.2.11", "10.244.1.1", "fe80::1", "2001:db8::11"]
     assert nodeport_addresses(addrs, [], ["10.244.0.0/16"]) == ["192.0.2.11", "2001:db8::11"]
     assert nodeport_addresses(addrs, ["192.0.2.0/24", "127.0.0.0/8"], []) == ["127.0.0.1", "192.0.2.11"]
+
+
+def test_what_real_clusters_send_is_handled_as_kube_proxy_handles_it():
+    """Issue 16, item 6: services another proxy owns (service-proxy-name) or marked headless are not
+    proxied (their DNS stays); FQDN slices are ignored; several slices of one service merge."""
+    m = ServiceModel()
+    for label in ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"):
+        svc = service("other-proxy", "10.96.0.70")
+        svc["metadata"]["labels"] = {label: "x"}
+        assert m.upsert(svc)
+        assert m.upsert(slice_("other-proxy", [endpoint("10.244.1.7")]))
+        assert m.frontends_of(("default", "other-proxy")) == {}
+        assert ("default", "other-proxy") in m.dns_snapshot()[1]  # CoreDNS still answers for it
+    m.upsert(service("web", "10.96.0.71"))
+    m.upsert(slice_("web", [endpoint("10.244.1.2")], name="web-a"))
+    m.upsert(slice_("web", [endpoint("10.244.2.2")], name="web-b"))
+    fqdn = slice_("web", [endpoint("10.244.9.9")], name="web-fqdn", address_type="FQDN")
+    fqdn["endpoints"][0]["addresses"] = ["db.example.com"]
+    assert m.upsert(fqdn)
+    fe = m.frontends_of(("default", "web"))[Frontend("10.96.0.71", 80, "TCP")]
+    assert sorted(fe.ready) == [("10.244.1.2", 8080), ("10.244.2.2", 8080)]
+
+
+def test_a_node_being_deleted_or_drained_by_the_autoscaler_is_not_eligible():
+    """Issue 16, item 5 (KEP-3836): load balancers stop sending to such a node."""
+    from noded.services.healthcheck import health_response
+
+    m = ServiceModel(node_name="node1")
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}, "spec": {}}
+    m.upsert(node)
+    assert m.node_eligible
+    m.upsert({**node, "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}})
+    assert not m.node_eligible
+    m.upsert(node)
+    assert m.node_eligible
+    m.upsert({**node, "metadata": {"name": "node1", "deletionTimestamp": "2026-12-06T10:00:00Z"}})
+    assert not m.node_eligible
+    m.upsert({**node, "metadata": {"name": "node2", "deletionTimestamp": "2026-12-06T10:00:00Z"}})  # another
+    assert not m.node_eligible
+    status, _headers, body = health_response("default/web", 3, healthy=False)
+    assert status == 503 and b'"serviceProxyHealthy": false' in body
+    assert health_response("default/web", 3)[0] == 200
