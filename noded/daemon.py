@@ -211,11 +211,28 @@ class Daemon:
         if not self.ready_notified:  # systemd (Type=notify): dependants start once the dataplane is programmed
             self.ready_notified = True
             sd_notify(f"READY=1\nSTATUS=synced: {self.model.counts()[0]} services")
+        else:
+            sd_notify(f"STATUS=synced: {self.model.counts()[0]} services")
+
+    def _ready_on_restored_state(self) -> None:
+        """READY=1 as soon as this node's dataplane serves what it last knew: the hooks attached and the
+        state pinned (eBPF) or left in the kernel (netfilter) by the last run restored, whatever the
+        sources say. The container runtime and kubelet are ordered after noded and must never wait for an
+        API server that kubelet itself may have to start (a static pod); the first sync follows."""
+        from noded.services.view import programmed_views
+
+        mode = self.config.services.mode
+        views = programmed_views(mode, self.config.bpffsPath) if mode != "none" else []
+        self.ready_notified = True
+        restored = f"{len(views)} frontends restored" if views else "nothing to restore"
+        log.info("dataplane serving its last known state; ready", state=restored)
+        sd_notify(f"READY=1\nSTATUS=serving the last known state ({restored}); waiting for sources")
 
     def run(self) -> int:
         cfg = self.config
         log.info("noded starting", node=cfg.nodeName, mode=cfg.services.mode, bpffs=cfg.bpffsPath)
         self.proxier = make_proxier(cfg, self.model)
+        self._ready_on_restored_state()
         self.source = make_source(cfg, self.sink)
         self.sink.expected = {self.source.name}
         self.runner = BoundedFrequencyRunner(

@@ -5,6 +5,8 @@ only to a cgroup this test made; clients run in a netns of the test's own.
 """
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,12 +58,13 @@ class DaemonEnv(NetnsCgroupEnv):
                 f,
             )
 
-    def start(self) -> None:
+    def start(self, env: dict | None = None) -> None:
         with open(f"{self.dir}/noded.log", "ab") as log:
             self.proc = subprocess.Popen(
                 netns.nsenter_argv(self.ns, [sys.executable, "-m", "noded", "run", "-c", self.config]),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
 
     def kill(self) -> None:
@@ -162,3 +165,44 @@ def test_no_write_before_sync_and_lost_api_keeps_serving(env):
     assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"a": 5}  # still served from the pinned maps
     env.api.start(env.api.port)  # the API returns: the deletion is reconciled
     env.wait(lambda: env.programmed() == {})
+
+
+def notifications(env, seconds: float) -> tuple[list[str], float]:
+    """Start the daemon as systemd would (NOTIFY_SOCKET) and collect what it says for `seconds`: (messages,
+    seconds until READY=1 or -1)."""
+    path = f"{env.dir}/notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    messages, ready_after = [], -1.0
+    started = time.monotonic()
+    env.start({"NOTIFY_SOCKET": path})
+    try:
+        while time.monotonic() - started < seconds:
+            try:
+                msg = sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            messages.append(msg)
+            if "READY=1" in msg and ready_after < 0:
+                ready_after = time.monotonic() - started
+    finally:
+        sock.close()
+    return messages, ready_after
+
+
+def test_ready_as_soon_as_the_last_known_state_is_served_whatever_the_api_server(env):
+    """Issue 16, item 3: READY=1 came only after every source synced, and the unit is ordered before the
+    container runtime and kubelet: with the API server a static pod kubelet must start, a deadlock. Now
+    READY=1 comes once the pinned state is restored (or at once on a new node)."""
+    env.echo(9001, "a")
+    env.api.put(service("web", "10.96.0.10"))
+    env.api.put(slice_("web", [endpoint("127.0.0.1")], ports=ports(9001)))
+    env.start()
+    env.wait(lambda: "10.96.0.10:80/TCP" in env.programmed())
+    env.kill()
+    env.api.stop()  # the API server is gone (kubelet has not started it yet)
+    messages, ready_after = notifications(env, 8)
+    assert 0 <= ready_after < 5, messages
+    assert any("1 frontends restored" in m for m in messages), messages
+    assert env.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}  # pods already programmed work
