@@ -63,6 +63,7 @@ class FakeApiServer:
         self.cond = threading.Condition()
         self.watch_conns: list[socket.socket] = []
         self.requests: list[str] = []
+        self.calls: set[tuple[str, str, str]] = set()  # (verb, API group, resource), as RBAC sees them
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
 
@@ -162,6 +163,9 @@ class FakeApiServer:
         url = urlparse(h.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append(h.path)
+        parts = url.path.strip("/").split("/")  # api/v1/RES or apis/GROUP/VERSION/RES
+        group, resource = ("", parts[-1]) if parts[0] == "api" else (parts[1] if len(parts) > 1 else "", parts[-1])
+        self.calls.add(("watch" if q.get("watch") in ("true", "1") else "list", group, resource))
         if self.delay:
             time.sleep(self.delay)
         scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")

@@ -206,3 +206,26 @@ def test_ready_as_soon_as_the_last_known_state_is_served_whatever_the_api_server
     assert 0 <= ready_after < 5, messages
     assert any("1 frontends restored" in m for m in messages), messages
     assert env.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}  # pods already programmed work
+
+
+def test_the_shipped_cluster_role_allows_every_request_noded_makes_and_nothing_more(env):
+    """Issue 16: least privilege, checked. The daemon (capture on: every kind it reads) runs against the
+    test API server, which records each request as RBAC sees it (verb, group, resource); the ClusterRole in
+    deploy/daemonset.yaml must allow each of them and grant nothing they do not use."""
+    env.api.put(service("web", "10.96.0.10"))
+    env.start()
+    env.wait(lambda: "10.96.0.10:80/TCP" in env.programmed())
+    env.wait(lambda: {c[2] for c in env.api.calls if c[0] == "watch"} >= {"services", "endpointslices", "nodes"})
+    time.sleep(1.5)  # the other kinds' watches too
+    used = set(env.api.calls)
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "daemonset.yaml")) as f:
+        role = next(d for d in yaml.safe_load_all(f) if d and d.get("kind") == "ClusterRole")
+    granted = {
+        (verb, group, resource)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert used <= granted, used - granted
+    assert granted <= used, f"granted and never used: {sorted(granted - used)}"
