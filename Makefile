@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := clang llvm libbpf-dev libbpf1 linux-libc-dev bpftool nftables iptables iproute2 util-linux \
+APT_PACKAGES := clang llvm libbpf-dev libbpf1 linux-libc-dev gcc libc6-dev bpftool nftables iptables iproute2 util-linux \
                 containernetworking-plugins python3-venv procps
 BENCH_APT_PACKAGES := dnsperf unbound dnsmasq-base knot-resolver
 BPF_SRC := $(wildcard bpf/*.c)
@@ -21,7 +21,12 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-bpf: deps $(BPF_OBJ)
+bpf: deps $(BPF_OBJ) noded/cni/bin/noded-cni
+
+# noded-cni as a DaemonSet installs it on a host: static, no interpreter, no library
+noded/cni/bin/noded-cni: cni/noded-cni.c
+	@mkdir -p $(dir $@)
+	gcc -static -O2 -Wall -Wextra -Werror $< -o $@
 
 noded/bpf/obj/%.o: bpf/%.c $(wildcard bpf/include/*.h)
 	@mkdir -p $(dir $@)
@@ -65,7 +70,7 @@ cleanup:
 	-$(BIN)/noded cleanup --all
 
 clean: cleanup
-	rm -rf $(VENV) noded/bpf/obj .pytest_cache
+	rm -rf $(VENV) noded/bpf/obj noded/cni/bin .pytest_cache
 
 # the Vagrant lab (README, "Vagrant lab"): too slow for CI, kept out of `make test`
 VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from noded import __version__
@@ -188,8 +189,13 @@ def cmd_cni(args: argparse.Namespace) -> int:
             print(f"restored: {', '.join(install.uninstall(args.conf_dir, args.bin_dir)) or 'nothing'}")
             return 0
         print(f"chained noded-cni into {install.install(args.conf_dir, args.bin_dir, args.socket)}")
-        if args.watch:
-            install.watch(args.conf_dir, args.bin_dir, args.socket)
+        if args.watch:  # the DaemonSet's install container: kept in place while it runs, removed when it goes
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            try:
+                install.watch(args.conf_dir, args.bin_dir, args.socket)
+            finally:
+                if args.uninstall_on_exit:
+                    print(f"noded cni: removed, restored {', '.join(install.uninstall(args.conf_dir, args.bin_dir))}")
     except install.InstallError as e:
         print(f"noded cni: {e}", file=sys.stderr)
         return 1
@@ -241,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     cni.add_argument("--bin-dir", default="/opt/cni/bin")
     cni.add_argument("--socket", default="/run/noded/noded.sock")
     cni.add_argument("--watch", action="store_true", help="keep it chained when the primary CNI rewrites its file")
+    cni.add_argument(
+        "--uninstall-on-exit",
+        action="store_true",
+        help="with --watch: on SIGTERM (the DaemonSet deleted) remove noded-cni and restore the original chain",
+    )
     cni.set_defaults(fn=cmd_cni)
 
     for name, helptext in (

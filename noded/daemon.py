@@ -357,6 +357,9 @@ class Daemon:
             },
         }
         self.api = serve_api(cfg.api.socket, handlers)
+        from noded.cni.forward import serve as serve_cni_forwarding
+
+        self.cni_forward = serve_cni_forwarding(cfg.api.socket)  # for the static noded-cni
 
     def _wait_for_pod(self, namespace: str, name: str, timeout: float = 2.0) -> bool:
         """A pod's labels decide its capture: wait briefly for its object if the source has not shown it."""

@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
 
+from noded.bounded import BoundedConnections
+
 
 def setup_logging(level: str = "info", json_logs: bool = False) -> None:
     renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
@@ -36,35 +38,18 @@ MAX_CONNECTIONS = 32  # per server: /healthz, /metrics, each health-check node p
 CONNECTION_TIMEOUT = 5.0  # seconds a connection may sit idle or trickle a request
 
 
-class BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most MAX_CONNECTIONS at once: one more is closed at once, unanswered
-    (these ports face the network: 0.0.0.0:10256 and the health-check node ports)."""
+class BoundedHTTPServer(BoundedConnections, ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once (these ports face the network: 0.0.0.0:10256
+    and the health-check node ports)."""
 
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 128  # the listen backlog (socketserver's 5 drops SYNs under a burst)
+    max_connections = MAX_CONNECTIONS
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.refused = 0
-
-    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        if not self.slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+        self.bound()
 
 
 def serve(

@@ -70,10 +70,19 @@ def launcher() -> str:
     )
 
 
+def static_plugin() -> str | None:
+    """The static noded-cni built from cni/noded-cni.c (`make bpf` builds it), if this package has it: it
+    runs on any host, without this interpreter (what a DaemonSet's install container must put there)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "noded-cni")
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
 def install_plugin(bin_dir: str, executable: str | None = None) -> str:
-    """Put noded-cni in bin_dir (the launcher, or a copy of `executable`); returns its path."""
+    """Put noded-cni in bin_dir: a copy of `executable`, else the static plugin, else the launcher (which
+    needs this interpreter on the host: the systemd install). Returns its path."""
     os.makedirs(bin_dir, exist_ok=True)
     target = os.path.join(bin_dir, "noded-cni")
+    executable = executable or static_plugin()
     if executable:
         tmp = os.path.join(bin_dir, ".noded-cni.tmp")
         shutil.copy2(executable, tmp)

@@ -194,15 +194,12 @@ class Daemon:
             pass
 
 
-def main() -> int:
-    env = dict(os.environ)
-    try:
-        stdin = "" if env.get("CNI_COMMAND") == "VERSION" else sys.stdin.read()
-    except (OSError, UnicodeDecodeError) as e:
-        return _fail("1.1.0", CniFailure(ERR_DECODING, "cannot read the network configuration", str(e)))
+def call(env: dict[str, str], stdin: str) -> tuple[int, str]:
+    """The exit code and what to print, for any input: run()'s answer, or the CNI error (never a traceback).
+    What the launcher's main() and the daemon's forwarding socket (for the static plugin) both answer."""
     try:
         try:
-            code, out = run(env, stdin)
+            return run(env, stdin)
         except CniFailure:
             raise
         except Exception as e:  # whatever the input: a CNI error on stdout, never a traceback
@@ -213,9 +210,21 @@ def main() -> int:
             parsed = json.loads(stdin)
             if isinstance(parsed, dict) and parsed.get("cniVersion") in SUPPORTED:
                 version = parsed["cniVersion"]
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, TypeError):
             pass
-        return _fail(version, e)
+        out = {"cniVersion": version, "code": e.code, "msg": e.msg}
+        if e.details:
+            out["details"] = e.details
+        return 1, json.dumps(out)
+
+
+def main() -> int:
+    env = dict(os.environ)
+    try:
+        stdin = "" if env.get("CNI_COMMAND") == "VERSION" else sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as e:
+        return _fail("1.1.0", CniFailure(ERR_DECODING, "cannot read the network configuration", str(e)))
+    code, out = call(env, stdin)
     if out:
         print(out)
     return code

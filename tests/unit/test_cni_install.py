@@ -64,3 +64,26 @@ def test_watch_survives_a_half_written_conflist_and_chains_it_once_complete(tmp_
     install.watch(str(conf), str(bins), "/run/noded/noded.sock", interval=0.01, rounds=1)
     doc = json.loads((conf / "10-k8s.conflist").read_text())
     assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap", "noded-cni"]
+
+
+def test_the_chain_container_removes_noded_cni_when_it_is_stopped(tmp_path):
+    """Issue 16, item 2: the DaemonSet deleted (its containers get SIGTERM), the node's CNI configuration is
+    as it was and noded-cni is gone from the bin dir, as istio-cni's install container does."""
+    import signal
+
+    conf, bins = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    original = json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": [BRIDGE]})
+    (conf / "10-k8s.conflist").write_text(original)
+    argv = [sys.executable, "-m", "noded", "cni", "install", "--conf-dir", str(conf), "--bin-dir", str(bins)]
+    proc = subprocess.Popen([*argv, "--watch", "--uninstall-on-exit"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "chained" in proc.stdout.readline()
+        assert (bins / "noded-cni").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "removed" in proc.stdout.read()
+        assert (conf / "10-k8s.conflist").read_text() == original
+        assert not (bins / "noded-cni").exists()
+    finally:
+        proc.kill()
