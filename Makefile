@@ -9,7 +9,7 @@ BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,noded/bpf/obj/%.o,$(BPF_SRC))
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I bpf/include -I/usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: deps bpf test test-unit lint demo bench clean cleanup install uninstall
+.PHONY: deps bpf test test-unit lint demo bench clean cleanup install uninstall image
 
 deps: $(VENV)/.deps-stamp
 
@@ -39,7 +39,7 @@ test-unit: deps
 	$(BIN)/pytest -ra -m unit
 
 lint: deps
-	$(BIN)/ruff check noded tests bench vagrant
+	$(BIN)/ruff check noded tests bench vagrant image
 
 demo: bpf
 	$(BIN)/noded lab demo
@@ -64,6 +64,11 @@ uninstall:
 	rm -f /usr/local/bin/noded
 	rm -rf $(PREFIX)
 	systemctl daemon-reload 2>/dev/null || true
+
+# the OCI image, built here (debootstrap + this checkout's wheels), no registry: build/noded-image.tar
+image: bpf
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+	$(BIN)/python image/build.py
 
 cleanup:
 	-$(BIN)/noded lab down
