@@ -267,6 +267,12 @@ class Daemon:
         )
         self.runner.start()
         if self.pods:
+            # enrollment comes from Pods and Namespaces: until both are listed, no pod's capture is changed
+            # (a pod not known yet would look not enrolled: its capture must not be dropped on a restart)
+            kind_synced = getattr(self.source, "kind_synced", None)
+            while kind_synced and not (kind_synced("Pod") and kind_synced("Namespace")):
+                if self.stopping.wait(0.2):
+                    return 0
             self.pods.restore()
             self.sink.on_pods_change = self.pods.reconcile
             self.pods.reconcile()

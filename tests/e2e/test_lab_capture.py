@@ -107,7 +107,7 @@ def test_a_pod_calling_its_own_capture_listeners_is_refused_and_the_node_keeps_s
             outcome = json.loads(res.stdout)
             assert set(outcome.values()) <= {"closed", "ConnectionResetError", "ConnectionRefusedError"}, outcome
     time.sleep(0.5)
-    assert daemon_fds(lab, "node1") < fds_before + 20
+    assert daemon_fds(lab, "node1") < fds_before + 50  # the loop took thousands
     # the node still serves DNS and the VIP for everyone
     assert dig(lab, "default/plain-client", "echo.default.svc.cluster.local.") == ["NOERROR", [vip]]
     assert sum(probe(lab, "default/mesh-client", "tcp", vip, 80, count=5)["answers"].values()) == 5

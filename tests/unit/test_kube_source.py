@@ -76,7 +76,7 @@ def test_only_this_nodes_node_object_is_watched_for_its_zone(api):
     src = start_source(api, sink)
     try:
         wait_for(lambda: src.synced)
-        assert sink.model.node_zone == "zone-a"
+        wait_for(lambda: sink.model.node_zone == "zone-a")  # Nodes list beside the services' first sync
         api.put(node("node2", "zone-c"))
         api.put(node("node1", "zone-d"))
         wait_for(lambda: sink.model.node_zone == "zone-d")
@@ -232,8 +232,10 @@ def test_authorization_policies_and_every_nodes_pods_are_watched(api):
     sink = RecordingSink()
     src = mesh_source(api, sink)
     try:
-        wait_for(lambda: sink.synced_sources == ["kubernetes"])
-        assert set(sink.others) == {("AuthorizationPolicy", "p1"), ("Pod", "here"), ("Pod", "there")}
+        wait_for(lambda: sink.synced_sources == ["kubernetes"])  # Services and EndpointSlices listed
+        wanted = {("AuthorizationPolicy", "p1"), ("Pod", "here"), ("Pod", "there")}
+        wait_for(lambda: set(sink.others) == wanted)  # the other kinds as they list
+        assert src.kind_synced("Pod") and src.kind_synced("AuthorizationPolicy")
         api.remove("AuthorizationPolicy", "default", "p1")
         wait_for(lambda: ("AuthorizationPolicy", "p1") not in sink.others)
     finally:
