@@ -80,7 +80,7 @@ clean: cleanup
 # the Vagrant lab (README, "Vagrant lab"): too slow for CI, kept out of `make test`
 VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils \
                         debootstrap fdisk extlinux syslinux-common dnsmasq-base rsync openssh-client curl
-.PHONY: vagrant-deps vagrant-box vagrant-lab vagrant-check vagrant-down
+.PHONY: vagrant-deps vagrant-box vagrant-lab vagrant-check vagrant-down vagrant-daemonset
 
 vagrant-deps:
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VAGRANT_APT_PACKAGES) >/dev/null
@@ -94,6 +94,13 @@ vagrant-lab: bpf vagrant-deps
 
 vagrant-check:
 	python3 vagrant/lab.py check
+
+# deploy/daemonset.yaml's pod template run by containerd on the nodes (make image's archive) instead of the
+# unit, the same check, then the DaemonSet deleted
+vagrant-daemonset: image vagrant-deps
+	cp build/noded-image.tar vagrant/.cache/noded-image.tar
+	python3 vagrant/lab.py up
+	python3 vagrant/lab.py daemonset
 
 vagrant-down:
 	python3 vagrant/lab.py down

@@ -384,6 +384,51 @@ def check() -> int:
     return 0
 
 
+DAEMONSET = "/opt/noded/venv/bin/python /noded/vagrant/guest/daemonset.py"
+CNI_STATE = "sha256sum /etc/cni/net.d/*.conflist; ls /opt/cni/bin | tr '\\n' ' '"
+
+
+def daemonset() -> int:
+    """deploy/daemonset.yaml's pod template run by containerd on every node (vagrant/guest/daemonset.py),
+    with `make image`'s archive, instead of the systemd unit: the same check, then the DaemonSet deleted:
+    the CNI configuration as it was before it came."""
+    config = ssh_config()
+    nodes = [f"node{i}" for i in range(1, NODES + 1)]
+    before = {}
+    for node in nodes:  # the node as it would be without noded: the unit off, its chain and state removed
+        on(
+            node,
+            "systemctl disable --now noded >/dev/null 2>&1; noded cni uninstall >/dev/null; "
+            "noded cleanup --all >/dev/null",
+            config,
+        )
+        before[node] = on(node, CNI_STATE, config)
+        on(node, f"{DAEMONSET} run /noded/vagrant/.cache/noded-image.tar /etc/noded", config)
+        deadline = time.monotonic() + 120
+        while "noded-cni" not in on(
+            node, "cat /etc/cni/net.d/*.conflist; test -S /run/noded/noded.sock && echo SOCK", config, check=False
+        ) or "SOCK" not in on(node, "test -S /run/noded/noded.sock && echo SOCK", config, check=False):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node}: the DaemonSet's noded did not come up")
+            time.sleep(1)
+        plugin = on(node, "head -c 4 /opt/cni/bin/noded-cni | od -c | head -1; ctr -n k8s.io task ls", config)
+        say(f"{node}: DaemonSet running (containerd): {' '.join(plugin.split())}")
+    result = check()
+    for node in nodes:
+        on(node, f"{DAEMONSET} delete", config)
+        after = on(node, CNI_STATE, config)
+        say(f"{node}: DaemonSet deleted; CNI configuration {'as it was' if after == before[node] else 'CHANGED'}")
+        if after != before[node]:
+            say(f"  before: {before[node]!r}\n  after: {after!r}")
+            result = 1
+    say(
+        "PASS: the DaemonSet ran as written and went without a trace in the CNI configuration"
+        if result == 0
+        else "FAIL"
+    )
+    return result
+
+
 def main() -> int:
     if os.geteuid() != 0:
         sys.exit("lab.py: run as root")
@@ -406,6 +451,8 @@ def main() -> int:
         return 0
     if verb == "check":
         return check()
+    if verb == "daemonset":
+        return daemonset()
     if verb == "down":
         if os.path.exists(f"/run/netns/{NETNS}") and libvirt_running():
             vagrant("destroy", "-f", check=False)
