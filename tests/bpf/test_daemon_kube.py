@@ -148,12 +148,17 @@ def test_daemon_on_api_source_programs_and_follows_watch(env):
     assert health["nodeEligible"] is True and health["lastUpdated"].endswith("Z")
 
 
-def test_no_write_before_sync_and_lost_api_keeps_serving(env):
+def serving_web(env):
+    """Echo server a on 9001 behind web (10.96.0.10:80), listed by a daemon that has programmed it."""
     env.echo(9001, "a")
     env.api.put(service("web", "10.96.0.10"))
     env.api.put(slice_("web", [endpoint("127.0.0.1")], ports=ports(9001)))
     env.start()
     env.wait(lambda: "10.96.0.10:80/TCP" in env.programmed())
+
+
+def test_no_write_before_sync_and_lost_api_keeps_serving(env):
+    serving_web(env)
     # The daemon dies and the API server goes away; meanwhile the service is deleted in the API.
     env.kill()
     env.api.stop()
@@ -195,11 +200,7 @@ def test_ready_as_soon_as_the_last_known_state_is_served_whatever_the_api_server
     """Issue 16, item 3: READY=1 came only after every source synced, and the unit is ordered before the
     container runtime and kubelet: with the API server a static pod kubelet must start, a deadlock. Now
     READY=1 comes once the pinned state is restored (or at once on a new node)."""
-    env.echo(9001, "a")
-    env.api.put(service("web", "10.96.0.10"))
-    env.api.put(slice_("web", [endpoint("127.0.0.1")], ports=ports(9001)))
-    env.start()
-    env.wait(lambda: "10.96.0.10:80/TCP" in env.programmed())
+    serving_web(env)
     env.kill()
     env.api.stop()  # the API server is gone (kubelet has not started it yet)
     messages, ready_after = notifications(env, 8)

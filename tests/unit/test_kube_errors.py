@@ -8,7 +8,6 @@ import datetime
 import ipaddress
 import time
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,6 +77,14 @@ def plain(api):
     return client.ApiClient(client.Configuration(host=api.url))
 
 
+def web_source(api):
+    """Service web and its slice in the API; a source started on it: (its sink, the source)."""
+    api.put(service("web"))
+    api.put(slice_("web", [endpoint("10.244.1.2")]))
+    s = sink()
+    return s, start(plain(api), s)
+
+
 def test_in_cluster_over_https_with_the_service_account_token_and_ca(tmp_path):
     """The in-cluster path for real: token and CA files where a pod has them, HTTPS, a bearer token; the
     API server's address from the config (never the kubernetes ClusterIP)."""
@@ -114,11 +121,8 @@ def test_in_cluster_over_https_with_the_service_account_token_and_ca(tmp_path):
 def test_a_403_on_one_kind_does_not_stop_the_others(api):
     """A Node list the node's identity may not make (a 403) neither holds back the services' first sync nor
     the other kinds; it is retried with backoff, named with its verb and resource."""
-    api.put(service("web"))
-    api.put(slice_("web", [endpoint("10.244.1.2")]))
     api.fail(NODES, 403, times=1000)
-    s = sink()
-    src = start(plain(api), s)
+    s, src = web_source(api)
     try:
         wait_for(lambda: src.synced)
         assert s.model.frontends_of(("default", "web"))
@@ -130,11 +134,8 @@ def test_a_403_on_one_kind_does_not_stop_the_others(api):
 
 
 def test_an_essential_kind_forbidden_holds_the_first_sync_until_it_lists(api):
-    api.put(service("web"))
-    api.put(slice_("web", [endpoint("10.244.1.2")]))
     api.fail(SLICES, 403, times=3)
-    s = sink()
-    src = start(plain(api), s)
+    _s, src = web_source(api)
     try:
         wait_for(lambda: src.watchers["EndpointSlice"].errors["403"] == 3)
         wait_for(lambda: src.synced)  # once the slices list, the first sync goes ahead
@@ -177,11 +178,3 @@ def test_error_classes():
         "security.istio.io/authorizationpolicies"
     )
     assert kube.WatchedKind("EndpointSlice", "discovery.k8s.io/v1", None).resource == "discovery.k8s.io/endpointslices"
-
-
-@pytest.fixture
-def api():
-    server = FakeApiServer()
-    server.start()
-    yield server
-    server.stop()
