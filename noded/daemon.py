@@ -311,7 +311,7 @@ class Daemon:
         listeners, HBONE connections ended for protocol errors and abuse (by GOAWAY code)."""
         from noded.tunnel.h2conn import REFUSALS
 
-        proxy = getattr(self, "proxy", None)
+        proxy = self.proxy
         return {
             "refusedPeers": proxy.refused_peers if proxy else 0,
             "selfCalls": proxy.self_calls if proxy else 0,

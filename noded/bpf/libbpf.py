@@ -37,8 +37,7 @@ ffi.cdef(
     int bpf_link__update_program(struct bpf_link *link, struct bpf_program *prog);
     int bpf_link__destroy(struct bpf_link *link);
     int bpf_link__fd(const struct bpf_link *link);
-    struct bpf_iter_attach_opts { size_t sz; void *link_info; unsigned int link_info_len; };
-    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog, const struct bpf_iter_attach_opts *opts);
+    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog, const void *opts);
     int bpf_iter_create(int link_fd);
     int bpf_obj_get(const char *pathname);
     int bpf_obj_pin(int fd, const char *pathname);
@@ -324,17 +323,9 @@ def attach_tcx_pinned(prog, ifindex: int, attach_type: int, pin_path: str) -> st
 class IterLink:
     """A BPF iterator attached in memory (never pinned: it lives as long as the daemon holds it)."""
 
-    def __init__(self, prog, name: str, map_fd: int | None = None) -> None:
-        """`map_fd`: the map a map-element iterator walks."""
+    def __init__(self, prog, name: str) -> None:
         self.name = name
-        opts = ffi.NULL
-        if map_fd is not None:
-            info = ffi.new("unsigned int[4]", [map_fd, 0, 0, 0])  # union bpf_iter_link_info {.map.map_fd}
-            opts = ffi.new("struct bpf_iter_attach_opts *", {"sz": ffi.sizeof("struct bpf_iter_attach_opts")})
-            opts.link_info = info
-            opts.link_info_len = ffi.sizeof(info)
-            self._info = info  # kept alive with the options
-        self._link = _check_ptr(lib.bpf_program__attach_iter(prog, opts), f"attach iterator {name}")
+        self._link = _check_ptr(lib.bpf_program__attach_iter(prog, ffi.NULL), f"attach iterator {name}")
 
     def run(self) -> None:
         """Create an iterator in the calling thread's network namespace and read it to the end."""

@@ -19,13 +19,12 @@ log = structlog.get_logger("noded.bpf.nat_gc")
 MAPS = ("noded_nat", "noded_nat_new")
 SEC = 1_000_000_000
 TCP, UDP = 6, 17
-NEW, REPLIED, ESTABLISHED, CLOSING = 0, 1, 2, 3  # NODED_CT_*
-# noded_ct_timeout() in bpf/include/noded_lb.h, mirrored (tests/bpf check them against the programs)
+# noded_ct_timeout() in bpf/include/noded_lb.h, mirrored by hand: keep the two in step
 TIMEOUTS = {
-    (CLOSING, TCP): 10 * SEC,
-    (CLOSING, UDP): 10 * SEC,
-    (ESTABLISHED, TCP): 21600 * SEC,
-    (ESTABLISHED, UDP): 120 * SEC,
+    (structs.CT_CLOSING, TCP): 10 * SEC,
+    (structs.CT_CLOSING, UDP): 10 * SEC,
+    (structs.CT_ESTABLISHED, TCP): 21600 * SEC,
+    (structs.CT_ESTABLISHED, UDP): 120 * SEC,
 }
 NEW_TIMEOUT = {TCP: 60 * SEC, UDP: 30 * SEC}
 _KEY = struct.Struct("=16s16sHHBBH")  # struct noded_nat_key
@@ -84,6 +83,3 @@ class NatCollector:
             "entries": dict(self.entries),
             "lastSeconds": round(self.last_seconds, 4),
         }
-
-    def close(self) -> None:
-        pass

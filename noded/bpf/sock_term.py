@@ -6,7 +6,7 @@ the void). After a sync, the proxier hands the removed (service id, backend) pai
 `noded_sock_term` map, and the iterators of `bpf/sock_term.c` run once in every network namespace that has
 a process in noded's cgroup, destroying with `bpf_sock_destroy()` the sockets translated for exactly those
 pairs (Cilium's answer to the same problem, on kernels >= 6.5). UDP always; TCP when asked
-(`services.terminateTCP`, Cilium's "terminate pod connections").
+(`services.terminateTCPConnections`, Cilium's "terminate pod connections").
 
 Where the kernel lacks the kfunc or the iterators, `available` is False and `reason` says why: the
 proxier goes on without this protection and `noded status` shows it off.

@@ -115,8 +115,8 @@ class NatVal(ctypes.Structure):
     ]
 
 
-NAT_REDIRECT, NAT_REPLY = 0x1, 0x2
-CT_STATES = {0: "new", 1: "replied", 2: "established", 3: "closing"}
+CT_NEW, CT_REPLIED, CT_ESTABLISHED, CT_CLOSING = 0, 1, 2, 3  # NODED_CT_* (noded_nat_val.state)
+CT_STATES = {CT_NEW: "new", CT_REPLIED: "replied", CT_ESTABLISHED: "established", CT_CLOSING: "closing"}
 
 
 class CidrKey(ctypes.Structure):

@@ -39,12 +39,12 @@ class CniFailure(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
-def _fail(version: str, err: CniFailure) -> int:
+def error_reply(version: str, err: CniFailure) -> str:
+    """The CNI error result for err, as the plugin prints it."""
     out = {"cniVersion": version, "code": err.code, "msg": err.msg}
     if err.details:
         out["details"] = err.details
-    print(json.dumps(out))
-    return 1
+    return json.dumps(out)
 
 
 def run(env: dict[str, str], stdin: str) -> tuple[int, str]:
@@ -212,10 +212,7 @@ def call(env: dict[str, str], stdin: str) -> tuple[int, str]:
                 version = parsed["cniVersion"]
         except (json.JSONDecodeError, TypeError):
             pass
-        out = {"cniVersion": version, "code": e.code, "msg": e.msg}
-        if e.details:
-            out["details"] = e.details
-        return 1, json.dumps(out)
+        return 1, error_reply(version, e)
 
 
 def main() -> int:
@@ -223,7 +220,8 @@ def main() -> int:
     try:
         stdin = "" if env.get("CNI_COMMAND") == "VERSION" else sys.stdin.read()
     except (OSError, UnicodeDecodeError) as e:
-        return _fail("1.1.0", CniFailure(ERR_DECODING, "cannot read the network configuration", str(e)))
+        print(error_reply("1.1.0", CniFailure(ERR_DECODING, "cannot read the network configuration", str(e))))
+        return 1
     code, out = call(env, stdin)
     if out:
         print(out)

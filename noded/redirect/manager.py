@@ -156,13 +156,7 @@ class PodManager:
 
     def reconcile(self) -> None:
         """Enrollment may have changed (labels): re-install where it did."""
-        with self._lock:
-            for cid, record in list(self.pods.items()):
-                if self.enrollment.enrolled(record["namespace"], record["name"]) != self._applied.get(cid):
-                    try:
-                        self._apply(record)
-                    except (podns.CaptureError, OSError) as e:
-                        log.error("capture update failed", pod=cid, error=str(e))
+        self._reapply(lambda cid, r: self.enrollment.enrolled(r["namespace"], r["name"]) != self._applied.get(cid))
 
     def set_cluster_dns(self, addresses: tuple[str, ...]) -> None:
         """The cluster DNS addresses changed (the kube-dns Service appeared or moved): every pod's rules."""
@@ -171,11 +165,18 @@ class PodManager:
                 return
             log.info("cluster DNS addresses", addresses=list(addresses))
             self.cluster_dns = addresses
+            self._reapply(lambda _cid, _record: True)
+
+    def _reapply(self, needed: Callable[[str, dict], bool]) -> None:
+        """Install again the capture of every pod `needed(container id, record)` names; a failure is logged
+        and the others go on."""
+        with self._lock:
             for cid, record in list(self.pods.items()):
-                try:
-                    self._apply(record)
-                except (podns.CaptureError, OSError) as e:
-                    log.error("capture update failed", pod=cid, error=str(e))
+                if needed(cid, record):
+                    try:
+                        self._apply(record)
+                    except (podns.CaptureError, OSError) as e:
+                        log.error("capture update failed", pod=cid, error=str(e))
 
     def _apply(self, record: dict) -> bool:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])

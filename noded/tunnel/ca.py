@@ -34,6 +34,11 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
+def trust_domain_of(uri: str) -> str:
+    """The trust domain a SPIFFE ID (spiffe://DOMAIN/...) names."""
+    return uri.removeprefix("spiffe://").split("/", 1)[0]
+
+
 def parse_spiffe(uri: str) -> tuple[str, str, str]:
     """(trust domain, namespace, service account) of a workload SPIFFE ID; ValueError otherwise."""
     if not uri.startswith("spiffe://"):

@@ -34,6 +34,7 @@ from noded.tunnel.ca import (
     new_key,
     node_id,
     parse_node,
+    trust_domain_of,
     verify_issued,
 )
 from noded.tunnel.ca import public_pem as public_key_pem
@@ -171,7 +172,7 @@ class RemoteIssuer:
         self.root_pem = root_pem
         self.key_dir = key_dir
         self.paths = paths
-        self.trust_domain = credentials.identity.removeprefix("spiffe://").split("/", 1)[0]
+        self.trust_domain = trust_domain_of(credentials.identity)
         self._use(credentials)
 
     def _use(self, credentials: WorkloadCert) -> None:

@@ -38,7 +38,9 @@ TLS_READ = 2 * READ_SIZE  # more than one read of the TLS socket decrypts to: ta
 MAX_HEADER_BLOCK = 64 * 1024  # a header block, CONTINUATIONs included (nghttp2's CONTINUATION-flood guard)
 MAX_EARLY_STREAM = 1024 * 1024  # bytes a stream holds while its application socket is being dialed
 MAX_EARLY = 8 * 1024 * 1024  # the same, all streams of a connection together
-MAX_RESETS = 200  # streams the peer resets before they are answered, per RESET_WINDOW ("rapid reset")
+# streams the peer resets before they are answered (or opens while too many dials are pending), per
+# RESET_WINDOW: the "rapid reset" class
+MAX_RESETS = 200
 RESET_WINDOW = 10.0
 SERVER_IDLE = POOL_IDLE + 60  # seconds a server connection is kept without a stream (the client releases first)
 
@@ -428,7 +430,7 @@ class Connection(asyncio.BufferedProtocol):
             stream = self.streams.get(stream_id)
             if stream is not None:
                 if not self.client and stream.app is None:  # reset before it was answered: counted
-                    self._count_reset()
+                    self.count_reset()
                 stream.close("HBONE stream reset")
         elif ftype == f.GOAWAY:
             if len(payload) < 8 or stream_id:
@@ -465,7 +467,7 @@ class Connection(asyncio.BufferedProtocol):
                 stream.remote_ended = True
             self.on_request(stream, fields)
 
-    def _count_reset(self) -> None:
+    def count_reset(self) -> None:
         """The HTTP/2 "rapid reset" class: streams opened and reset at once cost a dial each."""
         now = asyncio.get_running_loop().time()
         self.resets = [t for t in self.resets if now - t < RESET_WINDOW]

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from noded.tunnel import frames as f
+from noded.tunnel.ca import trust_domain_of
 from noded.tunnel.h2conn import Connection, Stream, StreamsExhausted
 from noded.tunnel.relay import finish_connect, live, spawn
 from noded.tunnel.tls import PeerRejected, peer_identity
@@ -107,6 +108,7 @@ class ServerConnection(Connection):
         elif status == "200" and self.dialing >= MAX_DIALS:
             status = "503"
             log.info("HBONE connection refused: too many dials in progress", peer=self.identity)
+            self.count_reset()  # a flood of CONNECTs is the rapid-reset class too: past the budget, GOAWAY
         sock, connected = None, False
         if status == "200":
             try:
@@ -118,6 +120,8 @@ class ServerConnection(Connection):
             return
         if connected:
             stream.sock = sock
+        else:  # counted from now: a burst of CONNECTs in one read sees the dials before it
+            self.dialing += 1
         spawn(self.tasks, self._splice(stream, sock, connected, host, port))
 
     def _unreachable(self, host: str, port: int, error: OSError) -> str:
@@ -139,7 +143,6 @@ class ServerConnection(Connection):
 
     async def _splice(self, stream: Stream, sock: socket.socket, connected: bool, host: str, port: int) -> None:
         if not connected:
-            self.dialing += 1
             try:
                 await finish_connect(sock, (host, port))
             except (OSError, TimeoutError) as e:
@@ -187,9 +190,8 @@ async def connect(
         **where,
     )
     if expect is not None:
-        domain = expect.removeprefix("spiffe://").split("/", 1)[0]
         try:
-            got = peer_identity(transport.get_extra_info("ssl_object"), domain)
+            got = peer_identity(transport.get_extra_info("ssl_object"), trust_domain_of(expect))
         except (PeerRejected, ValueError) as e:
             transport.abort()
             raise PeerRejected(f"HBONE server at {host}:{port}: {e}") from None
@@ -230,10 +232,9 @@ async def open_stream(
     context: ssl.SSLContext,
     authority: str,
     sock: socket.socket | None = None,
-    expect: str | None = None,
 ) -> tuple[Stream, Connection]:
     """A CONNECT stream on a connection of its own, and that connection."""
-    conn = await connect(host, port, context, sock, expect)
+    conn = await connect(host, port, context, sock)
     try:
         return await request(conn, authority), conn
     except BaseException:
