@@ -19,7 +19,7 @@ log = structlog.get_logger("noded.bpf.nat_gc")
 MAPS = ("noded_nat", "noded_nat_new")
 SEC = 1_000_000_000
 TCP, UDP = 6, 17
-# noded_ct_timeout() in bpf/include/noded_lb.h, mirrored by hand: keep the two in step
+# noded_ct_timeout() in bpf/include/noded_lb.h, mirrored (tests/unit/test_nat_timeouts.py compares the two)
 TIMEOUTS = {
     (structs.CT_CLOSING, TCP): 10 * SEC,
     (structs.CT_CLOSING, UDP): 10 * SEC,
