@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import dns.flags
 import dns.message
@@ -14,6 +15,29 @@ from noded.model.tracker import ServiceModel
 from tests.objects import endpoint, service, slice_
 
 Z = "cluster.local"
+
+
+def udp_tcp_pair(port: int = 0) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on one loopback port, as a DNS server listens (non-blocking, TCP listening).
+    With port 0, a free UDP port whose TCP twin another test's ephemeral port holds is given up for another."""
+    for attempt in range(10):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", port))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart on its port, as asyncio's servers
+        try:
+            tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            tcp.close()
+            if port or attempt == 9:
+                raise
+            continue
+        tcp.listen(16)
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        return udp, tcp
+    raise AssertionError("unreachable")
 
 
 def cluster_model() -> ServiceModel:
@@ -50,7 +74,6 @@ class FakeUpstream:
         self.ids: list[int] = []  # of the queries it saw
         self.pending: set[asyncio.Task] = set()
         self.port = 0
-        self._restarting = False  # start() again after stop(): the same port, as the tests expect
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
 
@@ -96,22 +119,11 @@ class FakeUpstream:
                 upstream.pending.add(task := asyncio.ensure_future(later()))
                 task.add_done_callback(upstream.pending.discard)
 
-        for attempt in range(10):  # the UDP port's TCP twin may be taken (another test's ephemeral port)
-            self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", self.port))
-            self.port = self._udp.get_extra_info("sockname")[1]
-            try:
-                self._tcp = await asyncio.start_server(self._tcp_handler, "127.0.0.1", self.port)
-                return self
-            except OSError:
-                self._udp.close()
-                if attempt == 9 or self.fixed_port:
-                    raise
-                self.port = 0
+        udp, tcp = udp_tcp_pair(self.port)  # after stop(), the same port again
+        self.port = udp.getsockname()[1]
+        self._udp, _ = await loop.create_datagram_endpoint(Udp, sock=udp)
+        self._tcp = await asyncio.start_server(self._tcp_handler, sock=tcp)
         return self
-
-    @property
-    def fixed_port(self) -> bool:
-        return self._restarting
 
     async def _tcp_handler(self, reader, writer) -> None:
         length = int.from_bytes(await reader.readexactly(2), "big")
@@ -121,6 +133,5 @@ class FakeUpstream:
         writer.close()
 
     def stop(self) -> None:
-        self._restarting = True  # a start() after this is a restart on the same port
         self._udp.close()
         self._tcp.close()

@@ -5,7 +5,6 @@ upstreams are real DNS servers (tests/dnsfixtures.py) in the same event loop."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import dns.asyncquery
 import dns.flags
@@ -19,7 +18,7 @@ from noded.dns.cache import AnswerCache
 from noded.dns.resolver import Client, Resolver
 from noded.dns.server import Clients, serve
 from noded.dns.upstream import Upstreams
-from tests.dnsfixtures import FakeUpstream, Z, cluster_model
+from tests.dnsfixtures import FakeUpstream, Z, cluster_model, udp_tcp_pair
 from tests.objects import endpoint, service, slice_
 
 
@@ -37,13 +36,7 @@ def make_resolver(upstreams, model=None, **kw) -> Resolver:
 
 
 async def listening(resolver, classify=lambda _peer: Client()):
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    udp.setblocking(False)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.bind(("127.0.0.1", udp.getsockname()[1]))
-    tcp.listen(16)
-    tcp.setblocking(False)
+    udp, tcp = udp_tcp_pair()
     closers = await serve(udp, tcp, resolver.resolve, classify)
     return udp.getsockname()[1], closers
 
