@@ -88,15 +88,17 @@ vagrant-deps:
 vagrant-box: vagrant-deps
 	bash vagrant/build-box.sh
 
+# up, the end-to-end check, then the deadlock scenario (node1's API server unreachable across a restart)
 vagrant-lab: bpf vagrant-deps
 	python3 vagrant/lab.py up
 	python3 vagrant/lab.py check
+	python3 vagrant/lab.py deadlock
 
 vagrant-check:
 	python3 vagrant/lab.py check
 
 # deploy/daemonset.yaml's pod template run by containerd on the nodes (make image's archive) instead of the
-# unit, the same check, then the DaemonSet deleted
+# unit, the same check, a pod replacement (state kept), then the DaemonSet deleted (no CNI or kernel trace)
 vagrant-daemonset: image vagrant-deps
 	cp build/noded-image.tar vagrant/.cache/noded-image.tar
 	python3 vagrant/lab.py up

@@ -116,7 +116,12 @@ def render_status(s: dict) -> str:
             f"{s.get('services', 0)} services, {s.get('endpointSlices', 0)} slices, "
             f"{s.get('rejectedObjects', 0)} rejected; {s.get('syncs', 0)} syncs, last "
             f"{(s.get('lastSyncSeconds') or 0) * 1000:.1f} ms"
-            + (f", error: {s['lastSyncError']}" if s.get("lastSyncError") else ""),
+            + (f", error: {s['lastSyncError']}" if s.get("lastSyncError") else "")
+            + (
+                f"; until the first sync: {s.get('restoredFrontends', 0)} frontends restored from the last run"
+                if s.get("running") and not s.get("syncs")
+                else ""
+            ),
         ),
         ("programs", ", ".join(s.get("attachedPrograms") or []) or "-"),
     ]
@@ -194,12 +199,26 @@ def cmd_cni(args: argparse.Namespace) -> int:
             try:
                 install.watch(args.conf_dir, args.bin_dir, args.socket)
             finally:
-                if args.uninstall_on_exit:
+                if args.uninstall_on_exit and _chain_goes(args):
                     print(f"noded cni: removed, restored {', '.join(install.uninstall(args.conf_dir, args.bin_dir))}")
     except install.InstallError as e:
         print(f"noded cni: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _chain_goes(args: argparse.Namespace) -> bool:
+    """On exit with --uninstall-on-exit: without NODED_DAEMONSET, always; with it, only when that DaemonSet
+    is gone or being deleted (read from --config's source), so a restart or an upgrade of the DaemonSet never
+    lets a pod start unchained in between (istio-cni's rule)."""
+    from noded.sources.owner import daemonset_ref, uninstalling
+
+    if daemonset_ref() is None:
+        return True
+    goes = uninstalling(_config(args.config).source)
+    if not goes:
+        print("noded cni: kept chained (noded's DaemonSet is still there: a restart or an upgrade)")
+    return goes
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
@@ -247,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     cni.add_argument("--bin-dir", default="/opt/cni/bin")
     cni.add_argument("--socket", default="/run/noded/noded.sock")
     cni.add_argument("--watch", action="store_true", help="keep it chained when the primary CNI rewrites its file")
+    cni.add_argument("--config", "-c", help="with NODED_DAEMONSET: the source asked whether the DaemonSet is deleted")
     cni.add_argument(
         "--uninstall-on-exit",
         action="store_true",
-        help="with --watch: on SIGTERM (the DaemonSet deleted) remove noded-cni and restore the original chain",
+        help="with --watch: on SIGTERM remove noded-cni and restore the original chain (with NODED_DAEMONSET: "
+        "only when that DaemonSet is gone or being deleted)",
     )
     cni.set_defaults(fn=cmd_cni)
 

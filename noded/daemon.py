@@ -182,6 +182,7 @@ class Daemon:
         self.identities = None  # IdentityService, with capture
         self.tunnel = None  # Tunnel, with capture
         self.ready_notified = False
+        self.restored_frontends = 0  # what the dataplane serves from the last run until the first sync
         self.node_addresses: set[str] = set()  # every address of this node: DNS clients it answers
 
     def _refresh_node_addresses(self) -> None:
@@ -224,6 +225,7 @@ class Daemon:
         mode = self.config.services.mode
         views = programmed_views(mode, self.config.bpffsPath) if mode != "none" else []
         self.ready_notified = True
+        self.restored_frontends = len(views)
         restored = f"{len(views)} frontends restored" if views else "nothing to restore"
         log.info("dataplane serving its last known state; ready", state=restored)
         sd_notify(f"READY=1\nSTATUS=serving the last known state ({restored}); waiting for sources")
@@ -247,11 +249,36 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.source.start()
+        if self._wait_for_sources():
+            self.runner.start()
+            if self.pods and self._wait_for_enrollment():
+                self.pods.restore()
+                self.sink.on_pods_change = self.pods.reconcile
+                self.pods.reconcile()
+        self.stopping.wait()
+        log.info("noded stopping")
+        if self.api:
+            self.api.stop(1)
+        self.source.stop()
+        self.runner.stop()
+        self.health_checks.close()
+        self.dns.stop()
+        if self.identities:
+            self.identities.stop()
+        self._uninstall_if_daemonset_deleted()
+        return 0
+
+    def _wait_for_sources(self) -> bool:
+        """Until every source synced (True), or noded is stopping (False)."""
         started = time.monotonic()
-        waiting_logged = started
+        waiting_logged = status_written = started
+        self._write_status(waiting=True)  # `noded status`: running, syncing, and what the API answers
         while not self.sink.all_synced.wait(0.2):
             if self.stopping.is_set():
-                return 0
+                return False
+            if time.monotonic() - status_written >= 1:
+                status_written = time.monotonic()
+                self._write_status(waiting=True)
             if time.monotonic() - waiting_logged >= 10:  # a slow API server: say what is still awaited
                 waiting_logged = time.monotonic()
                 log.info(
@@ -265,28 +292,27 @@ class Daemon:
             seconds=round(time.monotonic() - started, 3),
             services_and_slices=self.model.counts(),
         )
-        self.runner.start()
-        if self.pods:
-            # enrollment comes from Pods and Namespaces: until both are listed, no pod's capture is changed
-            # (a pod not known yet would look not enrolled: its capture must not be dropped on a restart)
-            kind_synced = getattr(self.source, "kind_synced", None)
-            while kind_synced and not (kind_synced("Pod") and kind_synced("Namespace")):
-                if self.stopping.wait(0.2):
-                    return 0
-            self.pods.restore()
-            self.sink.on_pods_change = self.pods.reconcile
-            self.pods.reconcile()
-        self.stopping.wait()
-        log.info("noded stopping; kernel state stays for the next start")
-        if self.api:
-            self.api.stop(1)
-        self.source.stop()
-        self.runner.stop()
-        self.health_checks.close()
-        self.dns.stop()
-        if self.identities:
-            self.identities.stop()
-        return 0
+        return True
+
+    def _wait_for_enrollment(self) -> bool:
+        """Enrollment comes from Pods and Namespaces: until both are listed (True) no pod's capture is
+        changed (a pod not known yet would look not enrolled: its capture must not be dropped on a restart);
+        False: noded is stopping."""
+        kind_synced = getattr(self.source, "kind_synced", None)
+        while kind_synced and not (kind_synced("Pod") and kind_synced("Namespace")):
+            if self.stopping.wait(0.2):
+                return False
+        return True
+
+    def _uninstall_if_daemonset_deleted(self) -> None:
+        """A DaemonSet's noded whose DaemonSet was deleted leaves nothing behind (noded/sources/owner.py);
+        a restart or an upgrade keeps every kernel object for the next start."""
+        from noded.cleanup import cleanup
+        from noded.sources.owner import uninstalling
+
+        if uninstalling(self.config.source):
+            removed = cleanup(self.config)
+            log.info("noded's DaemonSet was deleted: kernel state removed", removed=len(removed))
 
     def _start_dns(self) -> None:
         from noded.dns.server import Clients
@@ -424,7 +450,8 @@ class Daemon:
             return {"enabled": False, "reason": "services.socketTermination is false"}
         return terminator.describe()
 
-    def _write_status(self) -> None:
+    def _write_status(self, waiting: bool = False) -> None:
+        """status.json for `noded status`: after each sync, and every second while the sources sync."""
         services, slices = self.model.counts()
         status = {
             "node": self.config.nodeName,
@@ -443,9 +470,10 @@ class Daemon:
             "rejectedObjects": self.model.rejected,
             "rejectedByKind": dict(self.sink.rejected_by_kind),
             "lastRejected": self.sink.last_rejected,
-            "syncs": self.runner.syncs + 1 if self.runner else 0,
-            "lastSync": time.time(),
-            "lastSyncSeconds": self.metrics.sync_duration.last,
+            "syncs": 0 if waiting else self.runner.syncs + 1 if self.runner else 0,
+            "lastSync": None if waiting else time.time(),
+            "lastSyncSeconds": None if waiting else self.metrics.sync_duration.last,
+            "restoredFrontends": self.restored_frontends,
             "nodePortAddresses": list(self.model.node_ips),
             "healthCheckPorts": self.health_checks.ports(),
             "lastSyncError": self.runner.last_error if self.runner else None,

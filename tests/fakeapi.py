@@ -63,7 +63,9 @@ class FakeApiServer:
         self.cond = threading.Condition()
         self.watch_conns: list[socket.socket] = []
         self.requests: list[str] = []
-        self.calls: set[tuple[str, str, str]] = set()  # (verb, API group, resource), as RBAC sees them
+        # (verb, API group, resource, namespace, name), as RBAC sees them ("" where the request has none)
+        self.calls: set[tuple[str, str, str, str, str]] = set()
+        self.daemonsets: dict[tuple[str, str], dict] = {}  # read one at a time (GET), never listed
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
 
@@ -163,9 +165,15 @@ class FakeApiServer:
         url = urlparse(h.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append(h.path)
-        parts = url.path.strip("/").split("/")  # api/v1/RES or apis/GROUP/VERSION/RES
-        group, resource = ("", parts[-1]) if parts[0] == "api" else (parts[1] if len(parts) > 1 else "", parts[-1])
-        self.calls.add(("watch" if q.get("watch") in ("true", "1") else "list", group, resource))
+        # api/v1/[namespaces/NS/]RES[/NAME] or apis/GROUP/VERSION/[namespaces/NS/]RES[/NAME]
+        parts = url.path.strip("/").split("/")
+        group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1] if len(parts) > 1 else "", parts[3:])
+        namespace = ""
+        if rest[:1] == ["namespaces"] and len(rest) >= 3:
+            namespace, rest = rest[1], rest[2:]
+        resource, name = [*rest, "", ""][:2]
+        verb = "get" if name else "watch" if q.get("watch") in ("true", "1") else "list"
+        self.calls.add((verb, group, resource, namespace, name))
         if self.delay:
             time.sleep(self.delay)
         scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")
@@ -179,7 +187,14 @@ class FakeApiServer:
             status, headers = failure
             self._json(h, status, {"kind": "Status", "code": status, "message": f"injected {status}"}, headers)
             return
-        if url.path not in PATHS or url.path in self.hidden:
+        if (group, resource) == ("apps", "daemonsets") and name:
+            with self.cond:
+                ds = self.daemonsets.get((namespace, name))
+            if ds is None:
+                self._json(h, 404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": "not found"})
+            else:
+                self._json(h, 200, ds)
+        elif url.path not in PATHS or url.path in self.hidden:
             self._json(h, 404, {"kind": "Status", "code": 404, "message": "not found"})
         elif q.get("watch") in ("true", "1"):
             self._watch(h, url.path, q)

@@ -5,6 +5,10 @@
                     `vagrant up` of NODED_NODES nodes (2)
     lab.py check    the end-to-end check: a container on node1 reaches, by DNS name, a service whose backend
                     is a container on the last node
+    lab.py deadlock after check: node1's noded restarted with its API server unreachable; a unit ordered
+                    after it (as containerd and kubelet are) starts within seconds, programmed pods keep working
+    lab.py daemonset  deploy/daemonset.yaml run by containerd instead of the unit, check, a pod replacement,
+                    then the DaemonSet deleted (CNI configuration and kernel as before)
     lab.py down     destroys the VMs and stops what `up` started
     lab.py vagrant ARGS...  / lab.py ssh NODE [CMD]   vagrant or ssh inside the lab's namespace
 
@@ -384,8 +388,40 @@ def check() -> int:
     return 0
 
 
+def still_serving(config: str, mesh: bool = True, seconds: float = 60) -> bool:
+    """After check(): node1's client pods still reach echo by name (and mesh-echo through the tunnel)."""
+    far = f"node{NODES}"
+    wanted = {"default/client": ("http://echo/", f"hello from default/echo on {far}")}
+    if mesh:
+        wanted["default/mesh-client"] = ("http://mesh-echo/", f"hello from default/mesh-echo on {far}")
+    ok = True
+    for client, (url, expected) in wanted.items():
+        deadline = time.monotonic() + seconds
+        while (body := fetch(client, url, config)) != expected and time.monotonic() < deadline:
+            time.sleep(1)
+        say(f"  wget {url} from {client} -> {body!r}")
+        ok = ok and body == expected
+    return ok
+
+
 DAEMONSET = "/opt/noded/venv/bin/python /noded/vagrant/guest/daemonset.py"
 CNI_STATE = "sha256sum /etc/cni/net.d/*.conflist; ls /opt/cni/bin | tr '\\n' ' '"
+# every kernel object noded makes: pinned BPF, its nft tables and iptables chains (host and pod netns), the
+# node-local DNS interface
+KERNEL_STATE = (
+    "ls /sys/fs/bpf/noded 2>/dev/null; nft list tables | grep noded; iptables-save | grep -i noded; "
+    "ip -br link show noded-dns 2>/dev/null; for n in $(ip netns list | cut -d' ' -f1); do "
+    'ip netns exec $n nft list tables 2>/dev/null | grep noded | sed "s/^/$n: /"; done; true'
+)
+DS_OBJECT = "/etc/noded/manifests/daemonset.yaml"  # the source plays the API server: the DaemonSet it holds
+
+
+def daemonset_object() -> str:
+    """deploy/daemonset.yaml's DaemonSet as the API server holds it once applied."""
+    with open(os.path.join(ROOT, "deploy", "daemonset.yaml")) as f:
+        text = f.read()
+    start = text.index("\napiVersion: apps/v1\nkind: DaemonSet")
+    return text[start:]
 
 
 def daemonset() -> int:
@@ -403,6 +439,7 @@ def daemonset() -> int:
             config,
         )
         before[node] = on(node, CNI_STATE, config)
+        on(node, f"cat > {DS_OBJECT}", config, stdin=daemonset_object())
         on(node, f"{DAEMONSET} run /noded/vagrant/.cache/noded-image.tar /etc/noded", config)
         deadline = time.monotonic() + 120
         while "noded-cni" not in on(
@@ -414,18 +451,117 @@ def daemonset() -> int:
         plugin = on(node, "head -c 4 /opt/cni/bin/noded-cni | od -c | head -1; ctr -n k8s.io task ls", config)
         say(f"{node}: DaemonSet running (containerd): {' '.join(plugin.split())}")
     result = check()
+    node = nodes[0]  # a rolling update first: the pods go and come back, the DaemonSet stays
+    held = on(node, KERNEL_STATE, config)
+    on(node, f"{DAEMONSET} delete && {DAEMONSET} run /noded/vagrant/.cache/noded-image.tar /etc/noded", config)
+    kept = on(node, KERNEL_STATE, config)
+    chained = "noded-cni" in on(node, "cat /etc/cni/net.d/*.conflist", config)
+    say(
+        f"{node}: DaemonSet pods replaced (DaemonSet kept): kernel state {'kept' if kept == held else 'CHANGED'}"
+        f", noded-cni {'still chained' if chained else 'UNCHAINED'} ({len(held.splitlines())} objects)"
+    )
+    if kept != held or not chained:
+        result = 1
+    if not still_serving(config):
+        result = 1
     for node in nodes:
+        on(node, f"rm {DS_OBJECT}", config)  # kubectl delete daemonset: the object goes, then its pods
         on(node, f"{DAEMONSET} delete", config)
         after = on(node, CNI_STATE, config)
-        say(f"{node}: DaemonSet deleted; CNI configuration {'as it was' if after == before[node] else 'CHANGED'}")
-        if after != before[node]:
+        left = on(node, KERNEL_STATE, config).strip()
+        say(
+            f"{node}: DaemonSet deleted; CNI configuration {'as it was' if after == before[node] else 'CHANGED'}, "
+            f"noded kernel state {'none' if not left else 'LEFT: ' + left}"
+        )
+        if after != before[node] or left:
             say(f"  before: {before[node]!r}\n  after: {after!r}")
             result = 1
     say(
-        "PASS: the DaemonSet ran as written and went without a trace in the CNI configuration"
+        "PASS: the DaemonSet ran as written, kept the dataplane across a pod replacement, and went without a "
+        "trace in the CNI configuration or the kernel"
         if result == 0
         else "FAIL"
     )
+    return result
+
+
+PROBE_UNIT = """[Unit]
+Description=stands in for containerd and kubelet: ordered after noded, as they are
+Wants=noded.service
+After=noded.service
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/true
+"""
+# a kubeadm control-plane node whose API server is a static pod kubelet has not started: refused
+UNREACHABLE = """apiVersion: v1
+kind: Config
+current-context: c
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+users: [{name: u, user: {token: "not-yet"}}]
+"""
+SWAP_SOURCE = (
+    "/opt/noded/venv/bin/python -c \"import yaml; c = yaml.safe_load(open('/etc/noded/config.yaml.lab')); "
+    "c['source'] = {'kubeconfig': '/etc/noded/kubeconfig-unreachable'}; "
+    "yaml.safe_dump(c, open('/etc/noded/config.yaml', 'w'))\""
+)
+
+
+def monotonic_us(node: str, unit: str, prop: str, config: str) -> int:
+    return int(on(node, f"systemctl show -P {prop} {unit}", config).strip() or 0)
+
+
+def deadlock() -> int:
+    """Issue 16's deadlock scenario, after `check`: node1's noded (systemd) restarted with its API server
+    unreachable, as on a control-plane node whose API server kubelet must start; a unit ordered after noded
+    (containerd and kubelet are) starts within seconds, and the pods already programmed keep working."""
+    config = ssh_config()
+    node = "node1"
+    on(node, "cat > /etc/systemd/system/noded-after.service && systemctl daemon-reload", config, stdin=PROBE_UNIT)
+    on(node, "cat > /etc/noded/kubeconfig-unreachable", config, stdin=UNREACHABLE)
+    on(node, f"cp /etc/noded/config.yaml /etc/noded/config.yaml.lab && {SWAP_SOURCE}", config)
+    result = 0
+    try:
+        on(node, "systemctl stop noded-after noded", config)
+        started = time.monotonic()
+        on(node, "systemctl start noded-after", config)  # pulls noded in first, and waits for its READY=1
+        waited = time.monotonic() - started
+        noded_start = monotonic_us(node, "noded", "ExecMainStartTimestampMonotonic", config)
+        noded_ready = monotonic_us(node, "noded", "ActiveEnterTimestampMonotonic", config)
+        after_start = monotonic_us(node, "noded-after", "ActiveEnterTimestampMonotonic", config)
+        ready_s, after_s = (noded_ready - noded_start) / 1e6, (after_start - noded_start) / 1e6
+        say(
+            f"{node}: API server unreachable (https://127.0.0.1:6443 refused): `systemctl start noded-after` "
+            f"returned in {waited:.1f} s; noded READY {ready_s:.2f} s after its start, the unit ordered after "
+            f"it started {after_s:.2f} s after noded's start"
+        )
+        for line in on(node, "noded status", config, check=False).splitlines()[:8]:
+            say(f"  {node} status: {line}")
+        journal = on(
+            node,
+            'journalctl -u noded -n 40 --no-pager -o cat | grep -o \'"event": "[^"]*"\' | sort | uniq -c',
+            config,
+            check=False,
+        )
+        for line in journal.splitlines():
+            say(f"  {node} journal: {line.strip()}")
+        if not (0 < ready_s < 10 and 0 < after_s < 10):
+            say("FAILED: the unit ordered after noded waited for the API server")
+            result = 1
+        if not still_serving(config, mesh=False, seconds=20):
+            say("FAILED: a programmed pod lost its service while the API server is unreachable")
+            result = 1
+        mesh = fetch("default/mesh-client", "http://mesh-echo/", config)
+        say(f"  ambient default/mesh-client -> {mesh!r} (its capture is restored once Pods are listed: fails closed)")
+    finally:
+        on(node, "mv /etc/noded/config.yaml.lab /etc/noded/config.yaml && systemctl restart noded", config)
+        on(node, "systemctl stop noded-after; rm -f /etc/systemd/system/noded-after.service", config, check=False)
+    say(f"{node}: source restored; noded restarted")
+    if not still_serving(config):
+        result = 1
+    say("PASS: no deadlock; the programmed pods kept their services" if result == 0 else "FAIL")
     return result
 
 
@@ -453,6 +589,8 @@ def main() -> int:
         return check()
     if verb == "daemonset":
         return daemonset()
+    if verb == "deadlock":
+        return deadlock()
     if verb == "down":
         if os.path.exists(f"/run/netns/{NETNS}") and libvirt_running():
             vagrant("destroy", "-f", check=False)

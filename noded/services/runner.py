@@ -49,7 +49,8 @@ class BoundedFrequencyRunner:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started (noded may stop before its sources synced)
+            self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         next_full = time.monotonic() + self._max

@@ -166,6 +166,15 @@ def test_no_write_before_sync_and_lost_api_keeps_serving(env):
     env.start()
     time.sleep(2)  # the daemon is up but its source cannot sync: nothing may be written
     assert "all sources synced" not in env.log().split("noded starting")[-1]
+    # what the operator sees: running, the source syncing with the API's error, the last run's state served
+    res = subprocess.run(
+        [sys.executable, "-m", "noded", "status", "-c", env.config, "-o", "json"], capture_output=True, text=True
+    )
+    status = json.loads(res.stdout)
+    assert res.returncode == 0 and status["running"] and status["syncs"] == 0, res.stdout
+    assert status["restoredFrontends"] == 1
+    source = status["sources"]["kubernetes"]
+    assert not source["synced"] and "connection" in source["lastError"], source
     assert env.programmed() == {"10.96.0.10:80/TCP": ["127.0.0.1:9001"]}
     assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"a": 5}  # still served from the pinned maps
     env.api.start(env.api.port)  # the API returns: the deletion is reconciled
@@ -209,24 +218,90 @@ def test_ready_as_soon_as_the_last_known_state_is_served_whatever_the_api_server
     assert env.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}  # pods already programmed work
 
 
-def test_the_shipped_cluster_role_allows_every_request_noded_makes_and_nothing_more(env):
-    """Issue 16: least privilege, checked. The daemon (capture on: every kind it reads) runs against the
-    test API server, which records each request as RBAC sees it (verb, group, resource); the ClusterRole in
-    deploy/daemonset.yaml must allow each of them and grant nothing they do not use."""
+DAEMONSET = {
+    "apiVersion": "apps/v1",
+    "kind": "DaemonSet",
+    "metadata": {"name": "noded", "namespace": "kube-system", "uid": "4f7a"},
+    "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": "noded"}}},
+}
+AS_DAEMONSET = {"NODED_DAEMONSET": "kube-system/noded"}
+
+
+def stop(env) -> None:
+    """SIGTERM, as the kubelet stops a pod's containers, and wait for the daemon to finish."""
+    env.proc.terminate()
+    env.proc.wait(timeout=30)
+    env.proc = None
+
+
+def pinned(env) -> list[str]:
+    return sorted(os.listdir(env.bpffs)) if os.path.isdir(env.bpffs) else []
+
+
+def test_a_daemonset_restart_keeps_the_kernel_state_and_its_deletion_removes_it(env):
+    """Issue 16: deleting the DaemonSet leaves no noded kernel state; a restart or an upgrade (the
+    DaemonSet still there), or a DaemonSet that cannot be read (the API server gone), keeps it all so the
+    node's pods keep their dataplane; as istio-cni tells an uninstall from an upgrade."""
+    env.api.daemonsets[("kube-system", "noded")] = DAEMONSET
+    env.echo(9001, "a")
     env.api.put(service("web", "10.96.0.10"))
-    env.start()
+    env.api.put(slice_("web", [endpoint("127.0.0.1")], ports=ports(9001)))
+    env.start(AS_DAEMONSET)
+    env.wait(lambda: "10.96.0.10:80/TCP" in env.programmed())
+    stop(env)  # a rolling update: the DaemonSet is there
+    assert "restart or upgrade" in env.log()
+    assert env.programmed() and env.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}
+
+    env.start(AS_DAEMONSET)
+    env.wait(lambda: env.log().count("all sources synced") == 2)
+    env.api.stop()  # no answer: treated as a restart
+    stop(env)
+    assert "unknown: treated as a restart" in env.log()
+    assert env.programmed() and env.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}
+
+    env.api.start(env.api.port)
+    env.start(AS_DAEMONSET)
+    env.wait(lambda: env.log().count("all sources synced") == 3)
+    deleting = {**DAEMONSET, "metadata": {**DAEMONSET["metadata"], "deletionTimestamp": "2026-12-06T16:00:00Z"}}
+    env.api.daemonsets[("kube-system", "noded")] = deleting  # kubectl delete --cascade=foreground
+    stop(env)
+    assert "kernel state removed" in env.log()
+    assert pinned(env) == [] and env.programmed() == {}
+    assert env.client("tcp", "10.96.0.10", 80, count=2, timeout=1)["answers"] == {}
+
+
+def test_the_shipped_cluster_role_allows_every_request_noded_makes_and_nothing_more(env):
+    """Issue 16: least privilege, checked. The daemon (capture on: every kind it reads), as the DaemonSet
+    runs it, against the test API server, which records each request as RBAC sees it (verb, group,
+    resource, namespace, name), from start to shutdown (where it reads its own DaemonSet); the ClusterRole
+    and the Role in deploy/daemonset.yaml must allow each of them and grant nothing they do not use."""
+    env.api.daemonsets[("kube-system", "noded")] = DAEMONSET
+    env.api.put(service("web", "10.96.0.10"))
+    env.start(AS_DAEMONSET)
     env.wait(lambda: "10.96.0.10:80/TCP" in env.programmed())
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "daemonset.yaml")) as f:
-        role = next(d for d in yaml.safe_load_all(f) if d and d.get("kind") == "ClusterRole")
-    watched = {r for rule in role["rules"] for r in rule["resources"]}
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    cluster_role = next(d for d in docs if d.get("kind") == "ClusterRole")
+    role = next(d for d in docs if d.get("kind") == "Role")
+    watched = {r for rule in cluster_role["rules"] for r in rule["resources"]}
     env.wait(lambda: {c[2] for c in env.api.calls if c[0] == "watch"} >= watched)  # every kind listed and watching
+    stop(env)
     used = set(env.api.calls)
-    granted = {
-        (verb, group, resource)
-        for rule in role["rules"]
+    # (rule, verb, group, resource): each grant, with the namespace it holds in ("": every namespace)
+    grants = [
+        (rule, namespace, verb, group, resource)
+        for rules, namespace in ((cluster_role["rules"], ""), (role["rules"], role["metadata"]["namespace"]))
+        for rule in rules
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
-    }
-    assert used <= granted, used - granted
-    assert granted <= used, f"granted and never used: {sorted(granted - used)}"
+    ]
+
+    def allows(grant, call) -> bool:
+        rule, namespace, verb, group, resource = grant
+        names = rule.get("resourceNames")
+        return call[:3] == (verb, group, resource) and namespace in ("", call[3]) and (not names or call[4] in names)
+
+    assert not [c for c in used if not any(allows(g, c) for g in grants)]
+    unused = [g[1:] for g in grants if not any(allows(g, c) for c in used)]
+    assert not unused, f"granted and never used: {sorted(unused)}"

@@ -61,7 +61,15 @@ def test_the_daemonset_manifest_validates_against_the_kubernetes_models():
     with open(os.path.join(DEPLOY, "daemonset.yaml")) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     kinds = {d["kind"] for d in docs}
-    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"}
+    assert kinds == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    }
     api = client.ApiClient()
     for doc in docs:
         type_name = f"V1{doc['kind']}"
@@ -76,6 +84,19 @@ def test_the_daemonset_manifest_validates_against_the_kubernetes_models():
     assert {v for rule in role["rules"] for v in rule["verbs"]} == {"list", "watch"}  # read-only, what noded uses
     watched = {r for rule in role["rules"] for r in rule["resources"]}
     assert watched == {"services", "pods", "namespaces", "nodes", "endpointslices", "authorizationpolicies"}
+    # and one namespaced read: its own DaemonSet, by name (uninstall or restart, at shutdown)
+    own = next(d for d in docs if d["kind"] == "Role")
+    assert own["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["daemonsets"],
+            "resourceNames": [daemonset["metadata"]["name"]],
+            "verbs": ["get"],
+        }
+    ]
+    ref = f"{daemonset['metadata']['namespace']}/{daemonset['metadata']['name']}"
+    for c in pod["containers"]:
+        assert {"name": "NODED_DAEMONSET", "value": ref} in c["env"], c["name"]
     # the config it mounts is a valid noded config
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     config.parse(yaml.safe_load(cm["data"]["config.yaml"]))
