@@ -223,7 +223,7 @@ class Daemon:
         from noded.services.view import programmed_views
 
         mode = self.config.services.mode
-        views = programmed_views(mode, self.config.bpffsPath) if mode != "none" else []
+        views = (programmed_views(mode, self.config.bpffsPath) if mode != "none" else []) or []
         self.ready_notified = True
         self.restored_frontends = len(views)
         restored = f"{len(views)} frontends restored" if views else "nothing to restore"
@@ -235,12 +235,11 @@ class Daemon:
         log.info("noded starting", node=cfg.nodeName, mode=cfg.services.mode, bpffs=cfg.bpffsPath)
         self.proxier = make_proxier(cfg, self.model)
         self._ready_on_restored_state()
-        self.source = make_source(cfg, self.sink)
-        self.sink.expected = {self.source.name}
         self.runner = BoundedFrequencyRunner(
             "services", self._sync, cfg.services.minSyncPeriod, cfg.services.syncPeriod
         )
-        self.sink.on_change = self.runner.run
+        # what pods use locally first (health, DNS, the capture and CNI sockets): the API client after them
+        # takes seconds of imports on a small node
         self._serve()
         self.loop.start()
         self._start_dns()
@@ -248,6 +247,10 @@ class Daemon:
             self._start_capture()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        self._write_status(waiting=True)
+        self.source = make_source(cfg, self.sink)
+        self.sink.expected = {self.source.name}
+        self.sink.on_change = self.runner.run
         self.source.start()
         if self._wait_for_sources():
             self.runner.start()
@@ -360,11 +363,7 @@ class Daemon:
         self.identities = IdentityService(cfg.tunnel, cfg.nodeName, self.enrollment, self.loop, key_dir)
         self.identities.start()
         self.tunnel = Tunnel(self.model, self.enrollment, self.identities, self.sink.policies, key_dir)
-        source = self.source
-        if hasattr(source, "kind_synced"):  # the API: until policies are listed, inbound mesh traffic is denied
-            self.tunnel.policies_ready = lambda: source.kind_synced("AuthorizationPolicy")
-        else:
-            self.tunnel.policies_ready = lambda: source.synced
+        self.tunnel.policies_ready = self._policies_listed
         proxy = CaptureProxy(self.dns.resolver.resolve, self.loop, self.tunnel)
         self.proxy = proxy
         state_dir = os.path.dirname(cfg.api.socket)
@@ -393,6 +392,15 @@ class Daemon:
 
         self.cni_forward = serve_cni_forwarding(cfg.api.socket)  # for the static noded-cni
 
+    def _policies_listed(self) -> bool:
+        """Until the source has listed AuthorizationPolicies, inbound mesh traffic is denied."""
+        source = self.source
+        if source is None:
+            return False
+        if hasattr(source, "kind_synced"):
+            return source.kind_synced("AuthorizationPolicy")
+        return source.synced
+
     def _wait_for_pod(self, namespace: str, name: str, timeout: float = 2.0) -> bool:
         """A pod's labels decide its capture: wait briefly for its object if the source has not shown it."""
         deadline = time.monotonic() + timeout
@@ -409,7 +417,7 @@ class Daemon:
                 "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
                 "noded_rejected_objects_total": lambda: self.model.rejected + sum(self.sink.rejected_by_kind.values()),
                 "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
-                "noded_api_errors_total": lambda: self.source.errors() if hasattr(self.source, "errors") else 0,
+                "noded_api_errors_total": lambda: getattr(self.source, "errors", lambda: 0)(),
                 "noded_tunnel_refused_peers_total": lambda: self._refusals()["refusedPeers"],
                 "noded_capture_self_calls_total": lambda: self._refusals()["selfCalls"],
                 "noded_hbone_connections_ended_total": lambda: sum(self._refusals()["endedConnections"].values()),
@@ -458,7 +466,9 @@ class Daemon:
             "pid": os.getpid(),
             "started": self.started,
             "mode": self.config.services.mode,
-            "sources": {
+            "sources": {}
+            if self.source is None
+            else {
                 self.source.name: {
                     "synced": self.source.synced,
                     "lastError": self.source.last_error,

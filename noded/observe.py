@@ -148,6 +148,9 @@ def sd_notify(message: str) -> bool:
         return False
     if path.startswith("@"):  # an abstract socket
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message.encode(), path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), path)
+    except OSError:  # the manager went away (or never listened): nothing to tell, nothing to fail
+        return False
     return True
