@@ -202,6 +202,8 @@ class ClusterZone:
         if svc is None:
             return None
         if len(rel) == 2:
+            if svc.headless and not index.hosts.get(key):
+                return None  # a headless service with no ready endpoint has no records: NXDOMAIN (spec, CoreDNS)
             return self._service(index, svc, rdtype, name)
         if len(rel) == 3:
             if rel[0].startswith("_"):  # _proto.svc.ns: an empty non-terminal when some port has that protocol

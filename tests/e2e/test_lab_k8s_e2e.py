@@ -368,6 +368,11 @@ def test_dns_for_services(lab, manifests):
     hosts = sorted(r.split()[3] for r in records)
     assert hosts == sorted(f"{ip.replace('.', '-')}.headless-test.{zone}" for ip in (e1, e2))
     assert all(r.split()[2] == "8080" for r in records)
+    # no ready endpoint left: the headless name does not exist (the DNS spec; CoreDNS), fast path or not
+    unready = [endpoint(e1, ready=False, node="node1")]
+    manifests("dns-services.yaml", [service("headless-test", ["None"]), slice_("headless-test", unready, HTTP)])
+    expected = ["NXDOMAIN", []]
+    assert resolves(lab, f"headless-test.{zone}", "A", expected) == expected
 
 
 def test_dns_for_pods_hostname_and_subdomain(lab, manifests):

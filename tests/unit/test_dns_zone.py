@@ -9,7 +9,7 @@ import pytest
 
 from noded.dns.zone import ClusterZone
 from tests.dnsfixtures import Z, cluster_model
-from tests.objects import service
+from tests.objects import endpoint, service, slice_
 
 
 @pytest.fixture
@@ -75,6 +75,24 @@ def test_headless_service_answers_its_ready_endpoints(zone):
         ["15432", f"10-244-2-7.db.default.svc.{Z}."],
         ["15432", f"db-0.db.default.svc.{Z}."],
     ]
+
+
+def test_headless_service_without_ready_endpoints_is_nxdomain():
+    """The DNS spec (2.4.1) and CoreDNS: a headless service with no ready endpoint has no A/AAAA records and
+    the name does not exist; one family only is NODATA for the other."""
+    m = cluster_model()
+    m.upsert(service("idle", "None"))
+    m.upsert(slice_("idle", [endpoint("10.244.1.9", ready=False)], name="idle-x"))
+    m.upsert(service("bare", "None"))  # no slice at all
+    zone = ClusterZone(m, Z, ttl=5)
+    for name in (f"idle.default.svc.{Z}", f"bare.default.svc.{Z}"):
+        for rdtype in ("A", "AAAA"):
+            ans = ask(zone, name, rdtype)
+            assert ans.reply.rcode() == dns.rcode.NXDOMAIN, (name, rdtype)
+            assert records(ans, "authority")[0][1] == "SOA"
+    assert (f"idle.default.svc.{Z}".lower() + ".", 1) not in zone.address_records()  # the fast path defers
+    ans = ask(zone, f"db.default.svc.{Z}", "AAAA")  # IPv4 endpoints only: the name exists
+    assert ans.reply.rcode() == dns.rcode.NOERROR and not ans.reply.answer
 
 
 def test_publish_not_ready_addresses(zone):
