@@ -84,6 +84,9 @@ class DnsConfig:
     # kube-system/kube-dns when that Service exists. The in-pod DNS capture takes queries to these (and
     # only these) to noded; a query to any other address goes where the pod sent it.
     clusterDNS: list[str] = field(default_factory=list)
+    # answer those addresses on the node too (port 53: listeners, NOTRACK, the fast path), for every pod in
+    # every services mode, captured or not; no proxier translates them (NodeLocal DNSCache's takeover)
+    serveClusterDNS: bool = True
 
     def validate(self, at: str) -> None:
         for i, address in enumerate(self.clusterDNS):

@@ -198,6 +198,7 @@ class Daemon:
     def _sync(self, full: bool) -> None:
         if full:
             self._refresh_node_addresses()
+        self._serve_cluster_dns()
         start = time.perf_counter()
         n = self.proxier.sync(full) if self.proxier else 0
         took = time.perf_counter() - start
@@ -346,6 +347,14 @@ class Daemon:
             "selfCalls": proxy.self_calls if proxy else 0,
             "endedConnections": dict(REFUSALS),
         }
+
+    def _serve_cluster_dns(self) -> None:
+        """The cluster DNS addresses' port 53 is noded's own DNS on this node: served, and never translated."""
+        if not (self.config.dns.serveClusterDNS and self.dns and self.dns.listen_on):
+            return
+        addresses = self.cluster_dns()
+        self.model.set_served_locally(frozenset((a, 53) for a in addresses))
+        self.dns.serve_cluster_dns(addresses)
 
     def cluster_dns(self) -> tuple[str, ...]:
         """The addresses pods use as their nameserver: configured, else kube-system/kube-dns's ClusterIPs."""

@@ -102,6 +102,17 @@ def sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     return out[0], out[1]
 
 
+def retire(host: str) -> bool:
+    """Take one address noded added away again (a cluster DNS address no longer in use); True if it was there."""
+    ip = ipaddress.ip_address(host)
+    with IPRoute() as ipr:
+        for addr in ipr.get_addr():
+            if addr.get_attr("IFA_PROTO") == ADDRESS_PROTO and addr.get_attr("IFA_ADDRESS") == str(ip):
+                ipr.addr("del", index=addr["index"], address=str(ip), prefixlen=addr["prefixlen"])
+                return True
+    return False
+
+
 def remove() -> list[str]:
     removed = []
     with IPRoute() as ipr:

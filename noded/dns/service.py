@@ -70,6 +70,7 @@ class DnsService:
         self.cluster_cidrs = cluster_cidrs or []
         self.fast = None  # DnsFastPath
         self._task: asyncio.Task | None = None
+        self.cluster_dns: dict[tuple[str, int], list] = {}  # the cluster DNS addresses served too -> closers
 
     def start(self) -> None:
         """Prepare and open the node-local listeners; one that fails is logged and the others serve. The
@@ -94,6 +95,40 @@ class DnsService:
                 log.error("DNS listener failed", address=f"{host}:{port}", error=str(e))
         if self.fast_path_bpffs and any(":" not in h for h, _ in self.listen_on):
             self._start_fast_path()
+
+    def serve_cluster_dns(self, addresses: tuple[str, ...]) -> None:
+        """Answer the pods' nameserver addresses (the kubelet's clusterDNS) on this node too, port 53, as
+        NodeLocal DNSCache answers the kube-dns ClusterIP: the address on noded-dns, NOTRACK, listeners and
+        the fast path, so every pod's query is answered here in every services mode, captured or not, with no
+        DNS pod behind the address. Addresses no longer named are closed and taken away."""
+        if not self.listen_on:  # the node-local DNS side is off
+            return
+        wanted = {(a, 53) for a in addresses} - set(self.listen_on)
+        if wanted == set(self.cluster_dns):
+            return
+        try:
+            listen.prepare(self.listen_on + sorted(wanted))
+        except Exception as e:
+            self.errors["prepare"] = str(e)
+            log.error("cluster DNS address setup failed", error=str(e))
+        for host, port in set(self.cluster_dns) - wanted:
+            for closer in self.cluster_dns.pop((host, port)):
+                self.loop.loop.call_soon_threadsafe(closer.close)
+            listen.retire(host)
+            log.info("cluster DNS address no longer served", address=f"{host}:{port}")
+        for host, port in sorted(wanted - set(self.cluster_dns)):
+            try:
+                udp, tcp = listen.sockets(host, port)
+                self.cluster_dns[(host, port)] = self.loop.run(
+                    serve(udp, tcp, self.resolver.resolve, self.clients.classify)
+                )
+                self.errors.pop(f"{host}:{port}", None)
+                log.info("DNS listening at a cluster DNS address", address=f"{host}:{port}")
+            except OSError as e:
+                self.errors[f"{host}:{port}"] = str(e)
+                log.error("DNS listener failed", address=f"{host}:{port}", error=str(e))
+        if self.fast is not None:
+            self.fast.set_listen(self.listen_on + sorted(self.cluster_dns))
 
     def _start_fast_path(self) -> None:
         from noded.bpf.dns_fast import DnsFastPath
@@ -137,9 +172,10 @@ class DnsService:
     def stop(self) -> None:
         if self._task is not None:
             self.loop.loop.call_soon_threadsafe(self._task.cancel)
-        for closer in self.closers:
+        for closer in self.closers + [c for closers in self.cluster_dns.values() for c in closers]:
             self.loop.loop.call_soon_threadsafe(closer.close)
 
     def status(self) -> dict:
         fast = self.fast.stats() if self.fast else None
-        return {**self.resolver.status(), "fastPath": fast, "errors": self.errors}
+        served = [f"{h}:{p}" for h, p in sorted(self.cluster_dns)]
+        return {**self.resolver.status(), "fastPath": fast, "clusterDNS": served, "errors": self.errors}

@@ -99,6 +99,9 @@ class ServiceModel:
         self.endpoint_changes = 0
         self.rejected = 0
         self.node_eligible = True  # for load balancers (KEP-3836): False while this node is being deleted
+        # cluster IP:port pairs this node answers itself (the cluster DNS addresses' port 53, which noded's DNS
+        # serves): no proxier translates them, whatever Service names them
+        self.served_locally: frozenset[tuple[str, int]] = frozenset()
 
     # -- input from sources -------------------------------------------------
     def upsert(self, obj: Any) -> bool:
@@ -195,6 +198,14 @@ class ServiceModel:
             self.taken_since, self._dirty_since = self._dirty_since, None
         return dirty
 
+    def set_served_locally(self, pairs: frozenset[tuple[str, int]]) -> bool:
+        """Change the cluster IP:port pairs the node answers itself; True (every service to sync) when changed."""
+        if pairs == self.served_locally:
+            return False
+        self.served_locally = pairs
+        self.mark_all_changed()
+        return True
+
     def mark_all_changed(self) -> None:
         with self._lock:
             self._dirty |= set(self._services) | {k for k, v in self._slices_of.items() if v}
@@ -231,7 +242,7 @@ class ServiceModel:
                 in_cluster = internal if sp.external_traffic_local else None
                 proto = sp.name.protocol
                 for ip in sp.cluster_ips:
-                    if _family(ip) == family:
+                    if _family(ip) == family and (ip, sp.port) not in self.served_locally:
                         out[Frontend(ip, sp.port, proto)] = FrontendState(sp, *internal)
                 entries = [(ip, sp.port, "ExternalIP") for ip in sp.external_ips]
                 if sp.type == "LoadBalancer":

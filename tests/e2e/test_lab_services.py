@@ -99,6 +99,42 @@ def test_dns_to_a_service_of_its_own_reaches_that_server_and_cluster_dns_reaches
         assert dig(lab, "default/client", "echo.default.svc.cluster.local.", tcp=tcp) == ["NOERROR", [echo_vip]]
 
 
+def test_the_cluster_dns_address_is_answered_on_the_node_for_every_pod(lab):
+    """Issue 20, item 1: a query to the cluster DNS address (what the kubelet puts in resolv.conf) that no
+    in-pod capture takes (capture off, or a socket the capture lets through) reaches the node, which answers
+    it itself: cluster names from the fast path, the rest (TCP, misses) from the resolver, in every
+    services mode; a kube-dns Service at that address with an endpoint of its own is not translated on
+    port 53 (noded is the cluster's DNS), its other ports are."""
+    vip = echo_service(lab)
+    name = "echo.default.svc.cluster.local."
+    deadline = time.monotonic() + 10
+    while "10.96.0.10:53" not in (node_status(lab, "node1")["dns"].get("clusterDNS") or []):
+        assert time.monotonic() < deadline, node_status(lab, "node1")["dns"]
+        time.sleep(0.1)
+    while True:  # the fast path sits on the pods' bridge once the interface check has seen it (every 2 s)
+        before = node_status(lab, "node1")["dns"]
+        answer = dig(lab, "default/client", name, "10.96.0.10", uncaptured=True)
+        after = node_status(lab, "node1")["dns"]
+        if answer == ["NOERROR", [vip]] and after["fastPath"]["answered"] - before["fastPath"]["answered"] == 1:
+            assert after["queries"] == before["queries"]  # the resolver never saw it
+            break
+        assert time.monotonic() < deadline, (answer, after)
+        time.sleep(0.2)
+    assert dig(lab, "default/client", name, "10.96.0.10", tcp=True, uncaptured=True) == ["NOERROR", [vip]]
+    missing = dig(lab, "default/client", "nope.default.svc.cluster.local.", "10.96.0.10", uncaptured=True)
+    assert missing[0] == "NXDOMAIN"
+    assert node_status(lab, "node1")["dns"]["queries"] == after["queries"] + 2  # TCP and the miss: the resolver
+    # a kube-dns Service at the address, backed by a pod that answers DNS itself (TXT: its name)
+    dns_ports = [("dns", "UDP", 53, 5353), ("metrics", "TCP", 9153, 8080)]
+    text = service_yaml("kube-dns", {"app": "echo"}, dns_ports, namespace="kube-system")
+    text = text.replace("spec:\n", "spec:\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10]\n", 1)
+    apply_text(lab, text, "kube-dns.yaml")
+    wait_programmed(lab, "node1", "10.96.0.10:9153/TCP")
+    assert "10.96.0.10:53/UDP" not in programmed(lab, "node1")
+    assert dig(lab, "default/client", name, "10.96.0.10", uncaptured=True) == ["NOERROR", [vip]]
+    lab.delete("kube-dns.yaml")
+
+
 def test_connected_udp_client_follows_its_endpoints(lab):
     """A connected UDP socket to a ClusterIP (glibc's resolver, most UDP clients) reaches the remaining
     endpoint right after its own is removed: eBPF mode destroys the socket (the client connects again),
