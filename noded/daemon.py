@@ -206,7 +206,7 @@ class Daemon:
         if self.proxier:
             self.health_checks.update(self.model.health_checks())
         if self.pods is not None:
-            self.pods.set_cluster_dns(self.cluster_dns())
+            self.pods.set_cluster_dns(self._in_pod_dns())
         if n or full:
             log.info("services synced", full=full, services=n, seconds=round(took, 4))
         self._write_status()
@@ -350,11 +350,15 @@ class Daemon:
 
     def _serve_cluster_dns(self) -> None:
         """The cluster DNS addresses' port 53 is noded's own DNS on this node: served, and never translated."""
-        if not (self.config.dns.serveClusterDNS and self.dns and self.dns.listen_on):
+        if not (self.dns and self.dns.listen_on):
             return
-        addresses = self.cluster_dns()
+        addresses = self.cluster_dns() if self.config.dns.serveClusterDNS else ()
         self.model.set_served_locally(frozenset((a, 53) for a in addresses))
         self.dns.serve_cluster_dns(addresses)
+
+    def _in_pod_dns(self) -> tuple[str, ...]:
+        """The addresses whose DNS the in-pod capture takes to 15053: none where the node serves them."""
+        return () if self.config.dns.serveClusterDNS else self.cluster_dns()
 
     def cluster_dns(self) -> tuple[str, ...]:
         """The addresses pods use as their nameserver: configured, else kube-system/kube-dns's ClusterIPs."""
@@ -377,8 +381,17 @@ class Daemon:
         self.proxy = proxy
         state_dir = os.path.dirname(cfg.api.socket)
         direct = tuple(h for h, _ in (split_hostport(a) for a in cfg.dns.listen) if ":" not in h and h != "0.0.0.0")
+        # where the node answers the cluster DNS addresses itself, the pods' DNS meets the fast path there and
+        # no pod redirects it in-pod (nor needs a DNS-only capture); else 15053 in the pod, ztunnel's contract
+        in_pod_dns = not cfg.dns.serveClusterDNS
         self.pods = PodManager(
-            state_dir, self.enrollment, proxy, cfg.capture.dnsForAllPods, self._wait_for_pod, direct, self.cluster_dns()
+            state_dir,
+            self.enrollment,
+            proxy,
+            cfg.capture.dnsForAllPods and in_pod_dns,
+            self._wait_for_pod,
+            direct,
+            self._in_pod_dns(),
         )
         handlers = {
             "PodAdd": self.pods.add,

@@ -65,7 +65,9 @@ class DnsFastPath:
         self._held: dict[bytes, bytes] | None = None  # key bytes -> value bytes, as written
         self.writes = 0
 
-    def set_listen(self, addresses: list[tuple[str, int]]) -> None:
+    def set_listen(self, addresses: list[tuple[str, int]], prune: bool = True) -> None:
+        """The addresses the fast path answers for; prune=False keeps the others the pinned map holds (at
+        start, the cluster DNS addresses the last run served, until the first sync names them again)."""
         wanted = {}
         for host, port in addresses:
             ip = ipaddress.ip_address(host)
@@ -73,7 +75,7 @@ class DnsFastPath:
                 key = structs.DnsListenKey(port=structs.net_port(port))
                 ctypes.memmove(key.addr, ip.packed, 4)
                 wanted[bytes(key)] = key
-        for key in list(self.listen.keys()):
+        for key in list(self.listen.keys()) if prune else ():
             if bytes(key) not in wanted:
                 self.listen.delete(key)
         for key in wanted.values():

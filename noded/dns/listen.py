@@ -102,15 +102,18 @@ def sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     return out[0], out[1]
 
 
-def retire(host: str) -> bool:
-    """Take one address noded added away again (a cluster DNS address no longer in use); True if it was there."""
-    ip = ipaddress.ip_address(host)
+def retire_all_but(keep: list[str]) -> list[str]:
+    """Take away the addresses noded added that are not in `keep` (a cluster DNS address no longer served,
+    now or by the last run); the addresses removed."""
+    keep_ips = {ipaddress.ip_address(h) for h in keep}
+    removed = []
     with IPRoute() as ipr:
         for addr in ipr.get_addr():
-            if addr.get_attr("IFA_PROTO") == ADDRESS_PROTO and addr.get_attr("IFA_ADDRESS") == str(ip):
-                ipr.addr("del", index=addr["index"], address=str(ip), prefixlen=addr["prefixlen"])
-                return True
-    return False
+            ip = addr.get_attr("IFA_ADDRESS")
+            if addr.get_attr("IFA_PROTO") == ADDRESS_PROTO and ipaddress.ip_address(ip) not in keep_ips:
+                ipr.addr("del", index=addr["index"], address=ip, prefixlen=addr["prefixlen"])
+                removed.append(ip)
+    return removed
 
 
 def remove() -> list[str]:

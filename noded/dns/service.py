@@ -71,6 +71,7 @@ class DnsService:
         self.fast = None  # DnsFastPath
         self._task: asyncio.Task | None = None
         self.cluster_dns: dict[tuple[str, int], list] = {}  # the cluster DNS addresses served too -> closers
+        self._pruned = False  # the fast path's listen map still holds what the last run left
 
     def start(self) -> None:
         """Prepare and open the node-local listeners; one that fails is logged and the others serve. The
@@ -104,8 +105,9 @@ class DnsService:
         if not self.listen_on:  # the node-local DNS side is off
             return
         wanted = {(a, 53) for a in addresses} - set(self.listen_on)
-        if wanted == set(self.cluster_dns):
+        if wanted == set(self.cluster_dns) and self._pruned:
             return
+        self._pruned = True
         try:
             listen.prepare(self.listen_on + sorted(wanted))
         except Exception as e:
@@ -114,8 +116,12 @@ class DnsService:
         for host, port in set(self.cluster_dns) - wanted:
             for closer in self.cluster_dns.pop((host, port)):
                 self.loop.loop.call_soon_threadsafe(closer.close)
-            listen.retire(host)
-            log.info("cluster DNS address no longer served", address=f"{host}:{port}")
+        try:
+            retired = listen.retire_all_but([h for h, _ in self.listen_on] + [h for h, _ in wanted])
+            if retired:
+                log.info("cluster DNS addresses no longer served", addresses=retired)
+        except Exception as e:
+            self.errors["retire"] = str(e)
         for host, port in sorted(wanted - set(self.cluster_dns)):
             try:
                 udp, tcp = listen.sockets(host, port)
@@ -135,7 +141,7 @@ class DnsService:
 
         try:
             self.fast = DnsFastPath(self.fast_path_bpffs)
-            self.fast.set_listen(self.listen_on)
+            self.fast.set_listen(self.listen_on, prune=False)  # the first sync prunes (serve_cluster_dns)
         except Exception as e:  # no BPF here: userspace answers everything
             self.errors["fastPath"] = str(e)
             log.error("DNS fast path not loaded; the resolver answers every query", error=str(e))

@@ -11,7 +11,10 @@ import sys
 import time
 
 import pytest
+import yaml
 
+from noded.api import h2client
+from noded.files import write_atomic
 from noded.lab import cni, netns
 from noded.lab.workloads import AMBIENT, mesh_pods, node_status, pod_capture, probe, wait_programmed
 from tests.e2e.conftest import dig, echo_service, fresh_lab
@@ -54,7 +57,7 @@ def test_inbound_to_an_enrolled_pod_goes_through_15006(lab):
     assert [r["original"] for r in inbound] == [f"{target}:8080"] * 2
 
 
-def test_non_enrolled_pod_tcp_is_untouched_but_its_dns_is_intercepted(lab):
+def test_non_enrolled_pod_tcp_is_untouched_and_its_dns_answered_by_the_node(lab):
     out = probe(lab, "default/plain-client", "tcp", pod_ip(lab, "default/echo-1"), 8080, count=2)
     assert out["answers"] == {"echo-1": 2}
     info = pod_capture(lab, "default/plain-client")
@@ -67,7 +70,7 @@ def test_non_enrolled_pod_tcp_is_untouched_but_its_dns_is_intercepted(lab):
         assert dig(lab, pod, "echo.default.svc.cluster.local.") == ["NOERROR", [vip]]
         assert dig(lab, pod, "ECHO.default.svc.cluster.local.", tcp=True) == ["NOERROR", [vip]]
         assert dig(lab, pod, "nope.default.svc.cluster.local.")[0] == "NXDOMAIN"
-        # over IPv6 too: redirected to the pod's [::1]:15053
+        # over IPv6 too (the node holds fd96::a as it holds 10.96.0.10)
         for tcp in (False, True):
             assert dig(lab, pod, "echo.default.svc.cluster.local.", server="fd96::a", tcp=tcp) == [
                 "NOERROR",
@@ -76,6 +79,41 @@ def test_non_enrolled_pod_tcp_is_untouched_but_its_dns_is_intercepted(lab):
         # any other address is the pod's own business: not intercepted (a pod with no DNS server behind it)
         with pytest.raises(AssertionError, match=r"Timeout|Error"):
             dig(lab, pod, "echo.default.svc.cluster.local.", server=pod_ip(lab, "default/echo-1"))
+
+
+def test_with_the_node_not_serving_the_cluster_dns_address_the_pods_capture_takes_it_to_15053(lab):
+    """dns.serveClusterDNS: false (another DNS owns the address): ztunnel's in-pod contract, DNS to the
+    cluster DNS addresses redirected to the pod's own 15053 listener, for enrolled pods and (dnsForAllPods)
+    the others; the node gives the address back. Then the default again."""
+    vip = echo_service(lab)
+    node = lab.state()["nodes"]["node1"]
+    with open(node["config"]) as f:
+        original = f.read()
+    config = yaml.safe_load(original)
+    config["dns"]["serveClusterDNS"] = False
+    write_atomic(node["config"], yaml.safe_dump(config))
+    try:
+        lab.restart_daemon("node1")
+        lab.wait_ready("node1")
+        deadline = time.monotonic() + 10
+        while "10.96.0.10" in netns.nsenter(node["netns"], ["ip", "addr"], capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "the node kept the cluster DNS address"
+            time.sleep(0.1)
+        for pod in ("default/plain-client", "default/mesh-client"):
+            while "redirect to :15053" not in lab.run(pod, ["nft", "list", "table", "inet", "noded-capture"]).stdout:
+                assert time.monotonic() < deadline, pod
+                time.sleep(0.1)
+            assert dig(lab, pod, "echo.default.svc.cluster.local.") == ["NOERROR", [vip]]
+    finally:
+        write_atomic(node["config"], original)
+        lab.restart_daemon("node1")
+        lab.wait_ready("node1")
+    deadline = time.monotonic() + 10
+    listing = ["nft", "list", "table", "inet", "noded-capture"]
+    while "redirect to :15053" in lab.run("default/mesh-client", listing).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert dig(lab, "default/plain-client", "echo.default.svc.cluster.local.") == ["NOERROR", [vip]]
 
 
 def daemon_fds(lab, node):
@@ -224,7 +262,10 @@ def test_relabelling_the_namespace_enrolls_and_unenrolls_running_pods(lab):
     write_manifest(lab, "ns-shop.yaml", [namespace])
     wait_enrolled(lab, "shop/cart", False)
     assert probe(lab, "shop/cart", "tcp", *target.split(":"), count=1)["answers"] == {"echo-1": 1}
-    assert len(pod_capture(lab, "shop/cart")["recent"]) == 1  # no new capture
+    # no capture left: the node answers its DNS (dns.serveClusterDNS), so it needs no DNS-only capture either
+    info = pod_capture(lab, "shop/cart")
+    assert info["recent"] == [] and not info["listening"]
+    assert lab.run("shop/cart", ["nft", "list", "table", "inet", "noded-capture"]).returncode != 0
 
 
 def test_del_removes_everything_and_is_idempotent(lab):
@@ -279,9 +320,9 @@ def test_fifty_pods_added_in_parallel_all_come_up(lab):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda inv: cni.add(conflist, inv, lab.cni_path, node["netns"]), invs))
         assert len({cni.result_ips(r)[0] for r in results}) == 50
-        for inv in invs:
-            listening = netns.nsenter(inv.netns_path.rsplit("/", 1)[1], ["ss", "-Hltn"], capture_output=True, text=True)
-            assert "127.0.0.1:15053" in listening.stdout
+        for inv in invs:  # each one known to its node (not enrolled: nothing to capture)
+            info = h2client.call(lab.api_socket("node2"), "/noded.v1.Noded/PodInfo", {"containerId": inv.container_id})
+            assert info["ok"] and info["enrolled"] is False, info
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda inv: cni.delete(conflist, inv, lab.cni_path, node["netns"]), invs))
     finally:
@@ -301,7 +342,7 @@ def bulk_pod(name: str) -> dict:
 
 def test_full_cleanup_removes_the_capture_from_live_pods_and_a_restart_puts_it_back(lab):
     node = lab.state()["nodes"]["node1"]
-    pods = [key for key, p in lab.state()["pods"].items() if p["node"] == "node1"]
+    pods = [key for key, p in lab.state()["pods"].items() if p["node"] == "node1" and pod_capture(lab, key)["enrolled"]]
     assert pods and all(lab.run(pod, ["nft", "list", "table", "inet", "noded-capture"]).returncode == 0 for pod in pods)
     lab.stop_daemon("node1")
     try:
