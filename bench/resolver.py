@@ -30,7 +30,7 @@ from noded.bpf import sock_lb
 from noded.lab import netns
 
 NODE, POD = "noded-bench-dnsnode", "noded-bench-dnspod"
-LISTEN = "169.254.20.10"
+LISTEN = "169.254.20.10"  # --address 10.96.0.10: the cluster DNS ClusterIP pods' resolv.conf names instead
 UPSTREAM = ("127.0.0.2", 5300)
 BPFFS = "/sys/fs/bpf/noded/bench-dns"
 BRIDGE = "br-dns"
@@ -159,7 +159,7 @@ def start_unbound(tmp: str, n: int) -> Server:
     conf = os.path.join(tmp, "unbound.conf")
     with open(conf, "w") as f:
         f.write(
-            "server:\n  num-threads: 1\n  interface: 169.254.20.10\n  access-control: 0.0.0.0/0 allow\n"
+            "server:\n  num-threads: 1\n  interface: " + LISTEN + "\n  access-control: 0.0.0.0/0 allow\n"
             '  do-not-query-localhost: no\n  chroot: ""\n  username: ""\n  use-syslog: no\n  logfile: ""\n'
             '  pidfile: ""\n  msg-cache-size: 64m\n  rrset-cache-size: 64m\n  so-reuseport: no\n'
             '  local-zone: "cluster.local." static\n'
@@ -251,11 +251,16 @@ def measure(server: Server, files: dict[str, str], seconds: int) -> dict:
 
 
 def main() -> None:
+    global LISTEN
     parser = argparse.ArgumentParser()
     parser.add_argument("--names", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--servers", default="noded,noded-fast,unbound,dnsmasq,kresd")
+    parser.add_argument(
+        "--address", default=LISTEN, help="where every server listens and dnsperf asks (e.g. the cluster DNS IP)"
+    )
     args = parser.parse_args()
+    LISTEN = args.address
     tmp = tempfile.mkdtemp(prefix="noded-bench-dns-")
     setup()
     up = None

@@ -3,7 +3,8 @@
 noded-cni runs once per pod setup and must start fast: importing grpcio alone costs ~80 ms, this
 costs nothing (it avoids even the `socket` and `struct` modules). It speaks just enough HTTP/2 for one
 call: the preface, SETTINGS (and their ACK), one HEADERS frame (HPACK literals, no Huffman, no dynamic
-table), one DATA frame, and reads DATA frames until the stream ends. The daemon always answers with a
+table), one DATA frame, and reads DATA frames until the stream ends, giving each one's bytes back with
+WINDOW_UPDATE (a reply past the initial 64 KiB window would stall otherwise), up to MAX_REPLY. The daemon always answers with a
 reply message, so the response headers and trailers never need decoding; a stream that ends without a
 message is reported as a failure.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import _socket  # not `socket`: its import (enum, selectors) costs ~3 ms of the plugin's start
 import json
 
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
+MAX_REPLY = 64 << 20  # a reply larger than this is refused (the daemon's status at 5,000 services is ~3 MiB)
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -76,7 +78,8 @@ def call(socket_path: str, method: str, message: dict, timeout: float = 10.0) ->
             + _frame(HEADERS, END_HEADERS, 1, request_headers(method))
             + _frame(DATA, END_STREAM, 1, b"\x00" + len(body).to_bytes(4, "big") + body)
         )
-        data = b""
+        chunks: list[bytes] = []
+        received = 0
         reader = _Frames(s)
         while True:
             ftype, flags, stream, payload = reader.next()
@@ -87,11 +90,18 @@ def call(socket_path: str, method: str, message: dict, timeout: float = 10.0) ->
             elif ftype == GOAWAY or (ftype == RST_STREAM and stream == 1):
                 raise CallError("the daemon closed the call")
             elif stream == 1 and ftype == DATA:
-                data += payload
+                chunks.append(payload)
+                received += len(payload)
+                if received > MAX_REPLY:
+                    raise CallError(f"the daemon's reply to {method} exceeds {MAX_REPLY} bytes")
+                if payload and not flags & END_STREAM:  # give the window back: a reply may exceed 64 KiB
+                    increment = len(payload).to_bytes(4, "big")
+                    s.sendall(_frame(WINDOW_UPDATE, 0, 0, increment) + _frame(WINDOW_UPDATE, 0, 1, increment))
             if stream == 1 and ftype in (DATA, HEADERS) and flags & END_STREAM:
                 break
     finally:
         s.close()
+    data = b"".join(chunks)
     if len(data) < 5:
         raise CallError(f"the daemon did not answer {method} (no reply message)")
     length = int.from_bytes(data[1:5], "big")
