@@ -20,7 +20,7 @@ from noded.files import write_atomic
 from noded.loopthread import LoopThread
 from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
-from noded.observe import Metrics, sd_notify, serve
+from noded.observe import Metrics, liveness, rfc3339, sd_notify, serve
 from noded.redirect.enrollment import Enrollment
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.runner import BoundedFrequencyRunner
@@ -455,14 +455,20 @@ class Daemon:
             eligible = self.model.node_eligible
             ok = synced and now - last < 2 * self.config.services.syncPeriod + 1 and eligible
             body = {
-                "lastUpdated": _rfc3339(last) if last else "",
-                "currentTime": _rfc3339(now),
+                "lastUpdated": rfc3339(last) if last else "",
+                "currentTime": rfc3339(now),
                 "nodeEligible": eligible,
             }
             return (200 if ok else 503), "application/json", json.dumps(body) + "\n"
 
         def livez() -> tuple[int, str, str]:
-            return 200, "text/plain", "ok\n"
+            return liveness(
+                self.model.pending_since(),
+                self.metrics.last_sync_timestamp,
+                self.runner.last_error if self.runner else None,
+                self.started,
+                2 * self.config.services.syncPeriod + 1,
+            )
 
         serve(split_hostport(self.config.healthzBindAddress), {"/healthz": healthz, "/livez": livez}, "healthz")
         serve(
@@ -515,7 +521,3 @@ class Daemon:
         }
         os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
         write_atomic(self.status_path, json.dumps(status))
-
-
-def _rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -154,3 +155,30 @@ def sd_notify(message: str) -> bool:
     except OSError:  # the manager went away (or never listened): nothing to tell, nothing to fail
         return False
     return True
+
+
+def liveness(
+    pending_since: float | None,
+    last_sync: float,
+    last_error: str | None,
+    started: float,
+    timeout: float,
+    now: float | None = None,
+    monotonic_now: float | None = None,
+) -> tuple[int, str, str]:
+    """kube-proxy's /livez: /healthz without the node's eligibility, and never failing for lack of a first
+    sync (an API server away is no reason for the kubelet to restart noded): 503 only when the proxier is
+    stale, a change (pending since `pending_since`, monotonic) waiting longer than `timeout`, or syncs
+    failing for that long since the last good one (`last_sync`, wall clock; else since `started`)."""
+    now = time.time() if now is None else now
+    monotonic_now = time.monotonic() if monotonic_now is None else monotonic_now
+    stale = pending_since is not None and monotonic_now - pending_since > timeout
+    failing = last_error is not None and now - (last_sync or started) > timeout
+    body: dict = {"lastUpdated": rfc3339(last_sync) if last_sync else "", "currentTime": rfc3339(now)}
+    if stale or failing:
+        body["reason"] = "a change has waited longer than the timeout" if stale else f"syncs failing: {last_error}"
+    return (503 if stale or failing else 200), "application/json", json.dumps(body) + "\n"
+
+
+def rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"

@@ -4,9 +4,9 @@ noded-cni runs once per pod setup and must start fast: importing grpcio alone co
 costs nothing (it avoids even the `socket` and `struct` modules). It speaks just enough HTTP/2 for one
 call: the preface, SETTINGS (and their ACK), one HEADERS frame (HPACK literals, no Huffman, no dynamic
 table), one DATA frame, and reads DATA frames until the stream ends, giving each one's bytes back with
-WINDOW_UPDATE (a reply past the initial 64 KiB window would stall otherwise), up to MAX_REPLY. The daemon always answers with a
-reply message, so the response headers and trailers never need decoding; a stream that ends without a
-message is reported as a failure.
+WINDOW_UPDATE (a reply past the initial 64 KiB window would stall otherwise), up to MAX_REPLY. The
+daemon always answers with a reply message, so the response headers and trailers never need decoding; a
+stream that ends without a message is reported as a failure.
 """
 
 from __future__ import annotations

@@ -198,6 +198,10 @@ class ServiceModel:
             self.taken_since, self._dirty_since = self._dirty_since, None
         return dirty
 
+    def pending_since(self) -> float | None:
+        """Monotonic time of the oldest change no sync has taken yet (None: nothing pending)."""
+        return self._dirty_since
+
     def set_served_locally(self, pairs: frozenset[tuple[str, int]]) -> bool:
         """Change the cluster IP:port pairs the node answers itself; True (every service to sync) when changed."""
         if pairs == self.served_locally:

@@ -175,6 +175,14 @@ def test_no_write_before_sync_and_lost_api_keeps_serving(env):
     assert status["restoredFrontends"] == 1
     source = status["sources"]["kubernetes"]
     assert not source["synced"] and "connection" in source["lastError"], source
+    # alive (no reason for the kubelet to restart it), not healthy (not synced): as kube-proxy
+    probe = (
+        "import urllib.request as u, urllib.error as e\n"
+        "try: print(u.urlopen('http://127.0.0.1:10256/{}').status)\n"
+        "except e.HTTPError as x: print(x.code)"
+    )
+    assert env.python(probe.format("livez")).strip() == "200"
+    assert env.python(probe.format("healthz")).strip() == "503"
     assert env.programmed() == {"10.96.0.10:80/TCP": ["127.0.0.1:9001"]}
     assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"a": 5}  # still served from the pinned maps
     env.api.start(env.api.port)  # the API returns: the deletion is reconciled

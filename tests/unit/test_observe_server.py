@@ -31,3 +31,20 @@ def test_idle_connections_are_bounded_and_time_out_and_the_server_keeps_answerin
             s.close()
         server.shutdown()
         server.server_close()
+
+
+def test_livez_fails_only_when_the_proxier_is_stale():
+    """kube-proxy's /livez: no first sync yet (the API server away) is alive; a change waiting past the
+    timeout, or syncs failing that long since the last good one, is not."""
+    import json
+
+    from noded.observe import liveness
+
+    started, timeout = 1_000.0, 61.0
+    assert liveness(None, 0.0, None, started, timeout, now=started + 3600, monotonic_now=50)[0] == 200
+    assert liveness(40.0, 0.0, None, started, timeout, now=started + 10, monotonic_now=50)[0] == 200
+    code, _, body = liveness(40.0, started + 5, None, started, timeout, now=started + 200, monotonic_now=102)
+    assert code == 503 and "waited" in json.loads(body)["reason"]
+    assert liveness(None, started + 100, "nft: boom", started, timeout, now=started + 150, monotonic_now=0)[0] == 200
+    code, _, body = liveness(None, started + 100, "nft: boom", started, timeout, now=started + 200, monotonic_now=0)
+    assert code == 503 and "nft: boom" in json.loads(body)["reason"]
