@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from noded.daemon import Daemon
     from noded.observe import setup_logging
 
-    setup_logging(args.log_level, args.json_logs)
+    setup_logging(args.log_level, args.json_logs, args.verbose)
     return Daemon(_config(args.config)).run()
 
 
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", "-c")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "-v", "--verbose", action="count", default=0, help="-v: noded's debug lines; -vv: the libraries' too"
+    )
     run.add_argument("--json-logs", action="store_true")
     run.set_defaults(fn=cmd_run)
 

@@ -17,19 +17,49 @@ import structlog
 from noded.bounded import BoundedConnections
 
 
-def setup_logging(level: str = "info", json_logs: bool = False) -> None:
+class _NamedPrintLogger(structlog.PrintLogger):
+    """structlog's fast print logger, knowing the name it was asked for (`structlog.get_logger(name)`)."""
+
+    def __init__(self, file: object, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+def _add_logger_name(logger: object, _method: str, event: dict) -> dict:
+    event.setdefault("logger", getattr(logger, "name", None) or "noded")
+    return event
+
+
+def setup_logging(level: str = "info", json_logs: bool = False, verbosity: int = 0) -> None:
+    """One format for every logger in the process: noded's (structlog) and the libraries' (the Kubernetes
+    client, urllib3, asyncio, grpc: through the standard library's logging), each line with its logger's
+    name and level, JSON with `json_logs`. `verbosity` 1 (-v) is debug for noded, 2 (-vv) for the libraries
+    too; the libraries stay at warning otherwise."""
+    own = logging.DEBUG if verbosity >= 1 else getattr(logging, level.upper())
     renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
+    shared = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso"),
+    ]
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[*shared, _add_logger_name, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(own),
+        logger_factory=lambda *args: _NamedPrintLogger(sys.stderr, str(args[0]) if args else "noded"),
         cache_logger_on_first_use=True,  # a log call on the tunnel's per-connection path costs less
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.processors.format_exc_info],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbosity >= 2 else max(own, logging.WARNING))
+    logging.captureWarnings(True)
 
 
 Handler = Callable[[], tuple[int, str | dict[str, str], str | bytes]]  # -> (status, content type or headers, body)

@@ -48,3 +48,41 @@ def test_livez_fails_only_when_the_proxier_is_stale():
     assert liveness(None, started + 100, "nft: boom", started, timeout, now=started + 150, monotonic_now=0)[0] == 200
     code, _, body = liveness(None, started + 100, "nft: boom", started, timeout, now=started + 200, monotonic_now=0)
     assert code == 503 and "nft: boom" in json.loads(body)["reason"]
+
+
+def test_json_logs_cover_every_logger_in_the_process_with_its_name_and_level(capsys):
+    """--json-logs: noded's structlog lines and the libraries' standard-library ones (the Kubernetes client,
+    urllib3, asyncio) are one JSON format, each with its logger's name and level; -v levels."""
+    import json
+    import logging
+
+    import structlog
+
+    from noded.observe import setup_logging
+
+    try:
+        setup_logging("info", json_logs=True)
+        structlog.get_logger("noded.test").info("from noded", n=1)
+        structlog.get_logger("noded.test").debug("hidden at info")
+        logging.getLogger("urllib3.connectionpool").warning("retrying")
+        logging.getLogger("asyncio").error("task exception")
+        logging.getLogger("kubernetes.client.rest").info("hidden: libraries at warning")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert [(d["logger"], d["level"], d["event"]) for d in lines] == [
+            ("noded.test", "info", "from noded"),
+            ("urllib3.connectionpool", "warning", "retrying"),
+            ("asyncio", "error", "task exception"),
+        ]
+        assert all("timestamp" in d for d in lines) and lines[0]["n"] == 1
+        setup_logging("info", json_logs=True, verbosity=2)  # -vv: debug everywhere
+        structlog.get_logger("noded.test2").debug("shown")
+        logging.getLogger("kubernetes.client.rest").debug("shown too")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert [(d["logger"], d["level"]) for d in lines] == [
+            ("noded.test2", "debug"),
+            ("kubernetes.client.rest", "debug"),
+        ]
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+        logging.getLogger().setLevel(logging.WARNING)
