@@ -193,9 +193,10 @@ def cmd_cni(args: argparse.Namespace) -> int:
         if args.action == "uninstall":
             print(f"restored: {', '.join(install.uninstall(args.conf_dir, args.bin_dir)) or 'nothing'}")
             return 0
-        print(f"chained noded-cni into {install.install(args.conf_dir, args.bin_dir, args.socket)}")
-        if args.watch:  # the DaemonSet's install container: kept in place while it runs, removed when it goes
+        if args.watch:  # SIGTERM from here on ends the watch through the finally below, never half-way
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print(f"chained noded-cni into {install.install(args.conf_dir, args.bin_dir, args.socket)}", flush=True)
+        if args.watch:  # the DaemonSet's install container: kept in place while it runs, removed when it goes
             try:
                 install.watch(args.conf_dir, args.bin_dir, args.socket)
             finally:
@@ -211,11 +212,17 @@ def _chain_goes(args: argparse.Namespace) -> bool:
     """On exit with --uninstall-on-exit: without NODED_DAEMONSET, always; with it, only when that DaemonSet
     is gone or being deleted (read from --config's source), so a restart or an upgrade of the DaemonSet never
     lets a pod start unchained in between (istio-cni's rule)."""
+    from noded.config import load_source
     from noded.sources.owner import daemonset_ref, uninstalling
 
     if daemonset_ref() is None:
         return True
-    goes = uninstalling(_config(args.config).source)
+    try:
+        source = load_source(args.config or DEFAULT_CONFIG)
+    except ConfigError as e:  # cannot tell: kept, as with no answer (a pod must never start unchained)
+        print(f"noded cni: kept chained: {e}", file=sys.stderr)
+        return False
+    goes = uninstalling(source)
     if not goes:
         print("noded cni: kept chained (noded's DaemonSet is still there: a restart or an upgrade)")
     return goes

@@ -257,18 +257,35 @@ def parse(data: Any) -> NodedConfiguration:
     return config
 
 
-def load(path: str) -> NodedConfiguration:
+def _read(path: str) -> Any:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def load(path: str) -> NodedConfiguration:
+    data = _read(path)
     try:
         return parse(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_source(path: str) -> SourceConfig:
+    """Only the `source` section (validated), for a helper that needs nothing else of the node (the
+    DaemonSet's cni-chain container, which mounts no cgroup or BPF file system)."""
+    data = _read(path)
+    section = data.get("source") if isinstance(data, dict) else None
+    try:
+        source = _build(SourceConfig, section if section is not None else {}, "source")
+        source.validate("source")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return source
 
 
 def cgroup2_mount(mounts: str = "/proc/self/mounts") -> str:

@@ -87,3 +87,43 @@ def test_the_chain_container_removes_noded_cni_when_it_is_stopped(tmp_path):
         assert not (bins / "noded-cni").exists()
     finally:
         proc.kill()
+
+
+def test_the_chain_container_keeps_noded_cni_across_a_restart_and_removes_it_with_the_daemonset(tmp_path):
+    """With NODED_DAEMONSET (as the DaemonSet sets it) the chain goes only when that DaemonSet is gone or
+    being deleted, read from the config's source (here a manifest directory; only the source section is
+    read: the container mounts no cgroup or BPF file system); a restart or an upgrade keeps it."""
+    import os
+    import signal
+
+    import yaml
+
+    conf, bins, manifests = tmp_path / "net.d", tmp_path / "bin", tmp_path / "manifests"
+    conf.mkdir()
+    manifests.mkdir()
+    original = json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": [BRIDGE]})
+    (conf / "10-k8s.conflist").write_text(original)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"source": {"directory": str(manifests)}, "services": {"cgroupPath": ""}}))
+    ds = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "noded", "namespace": "kube-system"}}
+    (manifests / "ds.yaml").write_text(yaml.safe_dump(ds))
+    argv = [sys.executable, "-m", "noded", "cni", "install", "--conf-dir", str(conf), "--bin-dir", str(bins)]
+    argv += ["--watch", "--uninstall-on-exit", "--config", str(config)]
+    env = {**os.environ, "NODED_DAEMONSET": "kube-system/noded"}
+    for deleted in (False, True):
+        if deleted:
+            (manifests / "ds.yaml").unlink()  # kubectl delete daemonset: the object first, then its pods
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert "chained" in proc.stdout.readline()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            out = proc.stdout.read()
+        finally:
+            proc.kill()
+        if deleted:
+            assert "removed" in out and (conf / "10-k8s.conflist").read_text() == original, out
+            assert not (bins / "noded-cni").exists()
+        else:
+            assert "kept chained" in out and "noded-cni" in (conf / "10-k8s.conflist").read_text(), out
+            assert (bins / "noded-cni").exists()
