@@ -1,4 +1,5 @@
-"""The `noded` command line: run, status, services, cleanup, version, lab."""
+"""The `noded` command line: run, status, services, config, preflight, completion, cleanup, cni, install,
+version, lab."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def cmd_services(args: argparse.Namespace) -> int:
     if views is None:
         print(f"nothing programmed in {cfg.services.mode} mode", file=sys.stderr)
         return 1
+    names = _frontend_names(cfg)
     if args.output == "json":
         print(
             json.dumps(
@@ -47,6 +49,7 @@ def cmd_services(args: argparse.Namespace) -> int:
                         "ip": v.frontend.ip,
                         "port": v.frontend.port,
                         "protocol": v.frontend.protocol,
+                        "service": names.get(str(v.frontend)),
                         "svcId": v.svc_id,
                         "affinityTimeout": v.affinity_timeout,
                         "ready": [f"{a}:{p}" for a, p in v.ready],
@@ -58,12 +61,26 @@ def cmd_services(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"{'FRONTEND':<28} {'ID':>6} {'AFFINITY':>8}  BACKENDS")
+    width = max([28, *(len(n) for n in names.values())])
+    print(f"{'FRONTEND':<28} {'SERVICE':<{width}} {'ID':>6} {'AFFINITY':>8}  BACKENDS")
     for v in views:
         backends = [f"{a}:{p}" for a, p in v.ready] + [f"{a}:{p}(terminating)" for a, p in v.terminating]
         shown = ", ".join(backends) or "(none: rejects)"
-        print(f"{v.frontend!s:<28} {v.svc_id:>6} {v.affinity_timeout or '-':>8}  {shown}")
+        name = names.get(str(v.frontend), "-")
+        print(f"{v.frontend!s:<28} {name:<{width}} {v.svc_id:>6} {v.affinity_timeout or '-':>8}  {shown}")
     return 0
+
+
+def _frontend_names(cfg: NodedConfiguration) -> dict[str, str]:
+    """Frontend -> the Service port behind it, asked of the running daemon ({} when it does not answer)."""
+    if not os.path.exists(cfg.api.socket):
+        return {}
+    from noded.api import h2client
+
+    try:
+        return h2client.call(cfg.api.socket, "/noded.v1.Noded/Frontends", {}, timeout=5).get("services") or {}
+    except (OSError, h2client.CallError):
+        return {}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -100,7 +117,7 @@ def render_status(s: dict) -> str:
         (
             "node",
             f"{s.get('node', '?')}: {'running, pid ' + str(s.get('pid')) if s.get('running') else 'NOT RUNNING'}"
-            f", mode {s.get('mode', '?')}",
+            f", mode {s.get('mode', '?')}" + (f", noded {s['version']}" if s.get("version") else ""),
         ),
         (
             "sources",
@@ -229,8 +246,74 @@ def _chain_goes(args: argparse.Namespace) -> bool:
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
-    print(f"noded {__version__}")
+    print(build_info())
     return 0
+
+
+def build_info() -> str:
+    """noded's version and what it runs on (`noded version`, `noded --version`)."""
+    import platform
+
+    return (
+        f"noded {__version__} (python {platform.python_version()}, {platform.system()} {platform.release()}, "
+        f"{platform.machine()})"
+    )
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """The effective configuration, defaults filled in (kube-proxy's --write-config-to)."""
+    import dataclasses
+
+    import yaml
+
+    cfg = _config(args.config)
+    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    if args.write_to:
+        from noded.files import write_atomic
+
+        write_atomic(args.write_to, text)
+        print(f"wrote {args.write_to}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_preflight(_args: argparse.Namespace) -> int:
+    from noded.preflight import render, run_checks
+
+    checks = run_checks()
+    print(render(checks))
+    missing = [c.name for c in checks if c.required and not c.ok]
+    if missing:
+        print(f"\nmissing what the default configuration needs: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(completion_script(build_parser()))
+    return 0
+
+
+def completion_script(parser: argparse.ArgumentParser) -> str:
+    """A bash completion function for every command and its flags, generated from the parser."""
+    words: dict[str, list[str]] = {}
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        options, commands = [], []
+        for action in p._actions:
+            options += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                commands += list(action.choices)
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}".strip())
+            elif not action.option_strings and action.choices:
+                commands += [str(c) for c in action.choices]
+        words[path] = sorted(set(commands)) + sorted(set(options))
+
+    walk(parser, "")
+    cases = "\n".join(f'    "{path}") echo "{" ".join(ws)}" ;;' for path, ws in sorted(words.items()))
+    return BASH_COMPLETION.replace("@CASES@", cases)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -242,39 +325,101 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="noded", description="node networking daemon for Kubernetes")
-    sub = p.add_subparsers(dest="command", required=True)
+BASH_COMPLETION = r"""# bash completion for noded: eval "$(noded completion bash)"
+_noded_words() {
+  case "$1" in
+@CASES@
+  esac
+}
+_noded() {
+  local cur=${COMP_WORDS[COMP_CWORD]} path="" w
+  for w in "${COMP_WORDS[@]:1:COMP_CWORD-1}"; do
+    case $w in
+      -*) ;;
+      *) [[ -n "$(_noded_words "${path:+$path }$w")" ]] && path="${path:+$path }$w" ;;
+    esac
+  done
+  COMPREPLY=($(compgen -W "$(_noded_words "$path")" -- "$cur"))
+}
+complete -F _noded noded"""
 
-    run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", "-c")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+EXAMPLES = """examples:
+  noded run -c /etc/noded/config.yaml --json-logs   the daemon (the systemd unit and the DaemonSet run this)
+  noded status                                      what the running daemon is doing
+  noded services -o json                            what the kernel holds, with the Service behind each frontend
+  noded config -c /etc/noded/config.yaml            the effective configuration, defaults filled in
+  noded preflight                                   what this host has of what each feature needs
+  noded cleanup --all                               remove every kernel object noded made on this machine
+  noded lab demo --mesh                             a 2-node lab in network namespaces, the ambient scenario
+  eval "$(noded completion bash)"                   bash completion
+"""
+
+
+class Help(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default shown (where it has a meaningful one), and the examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" not in text and default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="noded",
+        description="noded: one node networking daemon for Kubernetes (services, capture, DNS, tunnel)",
+        epilog=EXAMPLES,
+        formatter_class=Help,
+    )
+    p.add_argument("--version", action="version", version=build_info(), help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"the noded configuration file (default: {DEFAULT_CONFIG} if it exists, else the defaults)"
+
+    def command(name: str, helptext: str, fn) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=helptext, description=helptext, formatter_class=Help)
+        c.set_defaults(fn=fn)
+        return c
+
+    run = command("run", "run the daemon", cmd_run)
+    run.add_argument("--config", "-c", help=config_help)
+    run.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="noded's own log level"
+    )
+    run.add_argument("--json-logs", action="store_true", help="one JSON object per line, for every logger")
     run.add_argument(
         "-v", "--verbose", action="count", default=0, help="-v: noded's debug lines; -vv: the libraries' too"
     )
-    run.add_argument("--json-logs", action="store_true")
-    run.set_defaults(fn=cmd_run)
 
     for name, fn, helptext in (
-        ("status", cmd_status, "what the daemon is doing"),
-        ("services", cmd_services, "what is programmed, read from the kernel's maps"),
+        ("status", cmd_status, "what the daemon is doing (sources, services, programs, DNS, tunnel)"),
+        ("services", cmd_services, "what is programmed, read from the kernel, with the Service behind each"),
     ):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--config", "-c")
-        s.add_argument("-o", "--output", choices=["table", "json"], default="table")
-        s.set_defaults(fn=fn)
-    sub.choices["services"].add_argument("--bpffs-path")
+        s = command(name, helptext, fn)
+        s.add_argument("--config", "-c", help=config_help)
+        s.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    sub.choices["services"].add_argument("--bpffs-path", help="read these pinned maps (default: the config's)")
 
-    c = sub.add_parser("cleanup", help="remove every kernel object noded made")
-    c.add_argument("--config", "-c")
+    cfg = command("config", "print the effective configuration, defaults filled in", cmd_config)
+    cfg.add_argument("--config", "-c", help=config_help)
+    cfg.add_argument("--write-to", metavar="PATH", help="write it to PATH instead (kube-proxy's --write-config-to)")
+
+    command("preflight", "check this host's kernel and tools for what each feature needs", cmd_preflight)
+
+    comp = command("completion", "print a shell completion script", cmd_completion)
+    comp.add_argument("shell", choices=["bash"], help="the shell")
+
+    c = command("cleanup", "remove every kernel object noded made", cmd_cleanup)
+    c.add_argument("--config", "-c", help=config_help)
     c.add_argument("--all", action="store_true", help="every noded instance on this machine")
-    c.set_defaults(fn=cmd_cleanup)
 
-    cni = sub.add_parser("cni", help="chain noded-cni into the node's CNI configuration, or undo it")
-    cni.add_argument("action", choices=["install", "uninstall"])
-    cni.add_argument("--conf-dir", default="/etc/cni/net.d")
-    cni.add_argument("--bin-dir", default="/opt/cni/bin")
-    cni.add_argument("--socket", default="/run/noded/noded.sock")
+    cni = command("cni", "chain noded-cni into the node's CNI configuration, or undo it", cmd_cni)
+    cni.add_argument("action", choices=["install", "uninstall"], help="chain it, or restore the original")
+    cni.add_argument("--conf-dir", default="/etc/cni/net.d", help="the runtime's CNI configuration directory")
+    cni.add_argument("--bin-dir", default="/opt/cni/bin", help="the runtime's CNI plugin directory")
+    cni.add_argument("--socket", default="/run/noded/noded.sock", help="the daemon's API socket noded-cni calls")
     cni.add_argument("--watch", action="store_true", help="keep it chained when the primary CNI rewrites its file")
     cni.add_argument("--config", "-c", help="with NODED_DAEMONSET: the source asked whether the DaemonSet is deleted")
     cni.add_argument(
@@ -283,18 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --watch: on SIGTERM remove noded-cni and restore the original chain (with NODED_DAEMONSET: "
         "only when that DaemonSet is gone or being deleted)",
     )
-    cni.set_defaults(fn=cmd_cni)
 
     for name, helptext in (
         ("install", "put the systemd unit, a config and noded-cni in place"),
         ("uninstall", "remove what install put in place"),
     ):
-        i = sub.add_parser(name, help=helptext)
+        i = command(name, helptext, cmd_install)
         i.add_argument("--root", default="/", help="install under this directory (packaging, tests)")
-        i.set_defaults(fn=cmd_install)
 
-    v = sub.add_parser("version")
-    v.set_defaults(fn=cmd_version)
+    command("version", "print the version and what it runs on", cmd_version)
 
     from noded.lab.cli import add_lab_parser
 

@@ -15,6 +15,7 @@ import time
 
 import structlog
 
+from noded import __version__
 from noded.config import NodedConfiguration, split_hostport
 from noded.files import write_atomic
 from noded.loopthread import LoopThread
@@ -399,6 +400,7 @@ class Daemon:
             "PodCheck": self.pods.check,
             "PodGc": self.pods.gc,
             "PodInfo": self.pods.info,
+            "Frontends": lambda _req: {"ok": True, "services": self.model.frontend_names()},
             "Status": lambda _req: {
                 "ok": True,
                 "synced": self.sink.all_synced.is_set(),
@@ -491,6 +493,7 @@ class Daemon:
         services, slices = self.model.counts()
         status = {
             "node": self.config.nodeName,
+            "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
             "mode": self.config.services.mode,

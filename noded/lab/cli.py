@@ -69,27 +69,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_lab_parser(sub: argparse._SubParsersAction) -> None:
-    lab = sub.add_parser("lab", help="the multi-node lab on network namespaces")
+    from noded.cli import Help
+
+    lab = sub.add_parser(
+        "lab", help="the multi-node lab on network namespaces", description="the multi-node lab on network namespaces"
+    )
     lab.set_defaults(fn=run)
-    verbs = lab.add_subparsers(dest="lab_command", required=True)
-    up = verbs.add_parser("up")
-    up.add_argument("--nodes", type=int, default=2)
-    up.add_argument("--mode", default="ebpf", choices=["ebpf", "nftables", "iptables"])
-    verbs.add_parser("down")
-    for verb in ("apply", "delete"):
-        v = verbs.add_parser(verb)
-        v.add_argument("-f", "--file", required=True)
-    pod = verbs.add_parser("pod")
-    pod.add_argument("pod", metavar="NAMESPACE/NAME")
-    pod.add_argument("--node", required=True)
-    pod.add_argument("--labels", type=_labels, default={})
-    pod.add_argument("--serviceaccount", default="default")
-    ex = verbs.add_parser("exec")
-    ex.add_argument("target", metavar="NAMESPACE/NAME|node/NODE|external")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER)
-    st = verbs.add_parser("status")
-    st.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    demo = verbs.add_parser("demo")
+    verbs = lab.add_subparsers(dest="lab_command", required=True, metavar="VERB")
+
+    def verb(name: str, helptext: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, help=helptext, description=helptext, formatter_class=Help)
+
+    up = verb("up", "bring up nodes (netns, fabric, CNI chain, a noded each)")
+    up.add_argument("--nodes", type=int, default=2, help="how many nodes")
+    up.add_argument("--mode", default="ebpf", choices=["ebpf", "nftables", "iptables"], help="services mode")
+    verb("down", "remove the lab and everything it made")
+    for name, helptext in (("apply", "add the objects of a manifest file"), ("delete", "remove a file's objects")):
+        v = verb(name, helptext)
+        v.add_argument("-f", "--file", required=True, help="the manifest file (YAML or JSON)")
+    pod = verb("pod", "add a pod (its netns, the CNI chain: noded-cni hands it to the node's daemon)")
+    pod.add_argument("pod", metavar="NAMESPACE/NAME", help="the pod's namespace and name")
+    pod.add_argument("--node", required=True, help="the node it runs on")
+    pod.add_argument("--labels", type=_labels, default={}, help="labels, key=value[,key=value]")
+    pod.add_argument("--serviceaccount", default="default", help="its service account (its mesh identity)")
+    ex = verb("exec", "run a command in a pod, on a node, or on the external host")
+    ex.add_argument("target", metavar="NAMESPACE/NAME|node/NODE|external", help="where to run it")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command and its arguments")
+    st = verb("status", "the lab's nodes, pods and services")
+    st.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    demo = verb("demo", "bring up a lab and show the main job working")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
-    demo.add_argument("--mode", default="ebpf", choices=["ebpf"])
+    demo.add_argument("--mode", default="ebpf", choices=["ebpf"], help="services mode")
     demo.add_argument("--mesh", action="store_true", help="the podless ambient scenario: DNS, VIP, tunnel, policy")

@@ -260,6 +260,23 @@ class ServiceModel:
                         )
         return out
 
+    def frontend_names(self) -> dict[str, str]:
+        """Every frontend this node may program -> the service port behind it (`noded services`), cheaply:
+        from the services alone, no endpoint selection."""
+        with self._lock:
+            ports = [sp for sps in self._services.values() for sp in sps]
+        out: dict[str, str] = {}
+        for sp in ports:
+            addresses = [(ip, sp.port) for ip in sp.cluster_ips if (ip, sp.port) not in self.served_locally]
+            addresses += [(ip, sp.port) for ip in sp.external_ips]
+            if sp.type == "LoadBalancer":
+                addresses += [(ip, sp.port) for ip in sp.load_balancer_ips]
+            if sp.node_port and sp.type in ("NodePort", "LoadBalancer"):
+                addresses += [(ip, sp.node_port) for ip in self.node_ips]
+            for ip, port in addresses:
+                out[str(Frontend(ip, port, sp.name.protocol))] = str(sp.name)
+        return out
+
     def cluster_frontend(self, ip: str, port: int, protocol: str = "TCP") -> FrontendState | None:
         """What a cluster IP frontend translates to (the tunnel resolves VIPs itself), or None."""
         with self._lock:
