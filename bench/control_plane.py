@@ -94,7 +94,8 @@ def daemon(mode: str, n: int, m: int) -> dict:
         "kind": "NodedConfiguration",
         "nodeName": f"{TAG}-daemon",
         "source": {"directory": f"{base}/manifests"},
-        "services": {"mode": mode.removesuffix("-legacy"), "cgroupPath": cgroup},
+        # every change synced on its own: what one change costs, not kube-proxy's 1s batching
+        "services": {"mode": mode.removesuffix("-legacy"), "cgroupPath": cgroup, "minSyncPeriod": "0s"},
         "api": {"socket": f"{base}/noded.sock"},
         "metricsBindAddress": "127.0.0.1:0",
         "healthzBindAddress": "127.0.0.1:0",

@@ -210,15 +210,16 @@ def cmd_cni(args: argparse.Namespace) -> int:
         if args.action == "uninstall":
             print(f"restored: {', '.join(install.uninstall(args.conf_dir, args.bin_dir)) or 'nothing'}")
             return 0
-        if args.watch:  # SIGTERM from here on ends the watch through the finally below, never half-way
+        if args.watch:  # SIGTERM ends the watch through the finally below (set before anything is chained)
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print(f"chained noded-cni into {install.install(args.conf_dir, args.bin_dir, args.socket)}", flush=True)
-        if args.watch:  # the DaemonSet's install container: kept in place while it runs, removed when it goes
-            try:
+        conflist = install.install(args.conf_dir, args.bin_dir, args.socket)
+        try:
+            print(f"chained noded-cni into {conflist}", flush=True)
+            if args.watch:  # the DaemonSet's install container: kept in place while it runs, removed when it goes
                 install.watch(args.conf_dir, args.bin_dir, args.socket)
-            finally:
-                if args.uninstall_on_exit and _chain_goes(args):
-                    print(f"noded cni: removed, restored {', '.join(install.uninstall(args.conf_dir, args.bin_dir))}")
+        finally:
+            if args.watch and args.uninstall_on_exit and _chain_goes(args):
+                print(f"noded cni: removed, restored {', '.join(install.uninstall(args.conf_dir, args.bin_dir))}")
     except install.InstallError as e:
         print(f"noded cni: {e}", file=sys.stderr)
         return 1
@@ -262,12 +263,12 @@ def build_info() -> str:
 
 def cmd_config(args: argparse.Namespace) -> int:
     """The effective configuration, defaults filled in (kube-proxy's --write-config-to)."""
-    import dataclasses
-
     import yaml
 
+    from noded.config import to_dict
+
     cfg = _config(args.config)
-    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
     if args.write_to:
         from noded.files import write_atomic
 

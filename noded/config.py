@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
@@ -17,6 +19,39 @@ SERVICE_MODES = ("ebpf", "nftables", "iptables", "none")
 
 class ConfigError(ValueError):
     """A config file problem; the message names the key."""
+
+
+DURATION = {"duration": True}  # field metadata: a Go duration string ("30s", "1m30s", "500ms") or seconds
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from a duration as KubeProxyConfiguration writes them (`30s`, `1m30s`, `500ms`, `0s`), or
+    a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration such as 30s, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value and _PART.sub("", value) == "":
+        seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(value))
+    elif value == "0":
+        seconds = 0.0
+    else:
+        raise ConfigError(f"{key}: expected a duration such as 30s, 1m30s or 500ms, got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact Go-style duration for seconds (`noded config`)."""
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    text = (f"{int(h)}h" if h else "") + (f"{int(m)}m" if m else "") + (f"{s:g}s" if s or not (h or m) else "")
+    return text
 
 
 def default_node_name() -> str:
@@ -52,8 +87,9 @@ class ServicesConfig:
     mode: str = "ebpf"
     cgroupPath: str = ""  # empty: where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid mode)
     nodePortAddresses: list[str] = field(default_factory=list)
-    minSyncPeriod: float = 0.0
-    syncPeriod: float = 30.0
+    # kube-proxy's: at most one sync per minSyncPeriod (a burst of changes is one sync), a full one every syncPeriod
+    minSyncPeriod: float = field(default=1.0, metadata=DURATION)
+    syncPeriod: float = field(default=30.0, metadata=DURATION)
     # eBPF mode: sockets the socket-LB connected to a backend that is no longer an endpoint are destroyed
     # after the sync (bpf_sock_destroy), so connected UDP clients reconnect to a current one; TCP too with
     # terminateTCPConnections (Cilium's "terminate pod connections"), off by default as in Cilium
@@ -118,7 +154,7 @@ class TunnelConfig:
     caAddress: str = ""  # without caKey: the CA service to ask (host:port)
     nodeCert: str = ""  # this node's certificate and key, presented to the CA service
     nodeKey: str = ""
-    certTTL: float = 86400.0  # seconds a workload certificate lives (renewed at half)
+    certTTL: float = field(default=86400.0, metadata=DURATION)  # a workload certificate's life (renewed at half)
     caRevoked: str = ""  # with caListen: a file of revoked node certificates (hex serials or node names)
 
     def validate(self, at: str) -> None:
@@ -210,13 +246,19 @@ def _build(cls: type, data: Any, at: str) -> Any:
     for key in data:
         if key not in known:
             where = f"{at}.{key}" if at else str(key)
-            raise ConfigError(f"{where}: unknown key")
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            if not close:  # a case slip (syncperiod, NodeName) is the usual one
+                close = [k for k in sorted(known) if k.lower() == str(key).lower()]
+            raise ConfigError(f"{where}: unknown key" + (f"; did you mean {close[0]!r}?" if close else ""))
     obj = cls()
     for f in fields(cls):
         if f.name not in data:
             continue
         key = f"{at}.{f.name}" if at else f.name
-        setattr(obj, f.name, _coerce(hints[f.name], data[f.name], key))
+        if f.metadata.get("duration"):
+            setattr(obj, f.name, parse_duration(data[f.name], key))
+        else:
+            setattr(obj, f.name, _coerce(hints[f.name], data[f.name], key))
     if hasattr(obj, "validate") and at:
         obj.validate(at)
     return obj
@@ -268,11 +310,28 @@ def _read(path: str) -> Any:
 
 
 def load(path: str) -> NodedConfiguration:
+    """A config file: apiVersion and kind required (component config's rule), then parse()."""
     data = _read(path)
+    for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        if not isinstance(data, dict) or key not in data:
+            raise ConfigError(f"{path}: {key}: required ({key}: {expected})")
     try:
         return parse(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(config: Any) -> dict:
+    """The configuration as a file would hold it: durations written as durations (`noded config`)."""
+    out: dict = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            value = to_dict(value)
+        elif f.metadata.get("duration"):
+            value = format_duration(value)
+        out[f.name] = value
+    return out
 
 
 def load_source(path: str) -> SourceConfig:

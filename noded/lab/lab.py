@@ -172,7 +172,8 @@ class Lab:
             "nodeName": name,
             "source": {"directory": self.manifests},
             "clusterCIDRs": [CLUSTER_CIDR, CLUSTER_CIDR6],
-            "services": {"mode": mode, "cgroupPath": node["cgroup"]},
+            # a lab follows each change at once (kube-proxy's 1s default would merge the tests' quick edits)
+            "services": {"mode": mode, "cgroupPath": node["cgroup"], "minSyncPeriod": "100ms"},
             "dns": {"clusterDNS": list(controller.CLUSTER_DNS)},
             "api": {"socket": self.api_socket(name)},
             "bpffsPath": node["bpffsPath"],

@@ -50,14 +50,19 @@ def test_version(capsys):
 
 def test_config_prints_the_effective_configuration_with_defaults(tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"nodeName": "n1", "services": {"mode": "nftables", "cgroupPath": "/x"}}))
+    header = {"apiVersion": "noded.io/v1alpha1", "kind": "NodedConfiguration"}
+    path.write_text(yaml.safe_dump({**header, "nodeName": "n1", "services": {"mode": "nftables", "cgroupPath": "/x"}}))
     assert main(["config", "-c", str(path)]) == 0
     effective = yaml.safe_load(capsys.readouterr().out)
     assert effective["nodeName"] == "n1" and effective["services"]["mode"] == "nftables"
-    assert effective["services"]["syncPeriod"] == 30.0 and effective["dns"]["listen"] == ["169.254.20.10:53"]
+    assert effective["services"]["syncPeriod"] == "30s" and effective["services"]["minSyncPeriod"] == "1s"
+    assert effective["dns"]["listen"] == ["169.254.20.10:53"] and effective["kind"] == "NodedConfiguration"
     out = tmp_path / "written.yaml"
     assert main(["config", "-c", str(path), "--write-to", str(out)]) == 0
     assert yaml.safe_load(out.read_text()) == effective
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    out.write_text(out.read_text())  # what it wrote loads back as the same configuration
+    assert main(["config", "-c", str(out)]) == 0 and yaml.safe_load(capsys.readouterr().out) == effective
 
 
 def test_preflight_names_each_piece_and_what_needs_it():

@@ -101,3 +101,49 @@ def test_api_server_goes_with_in_cluster_and_is_https():
     for bad in bad_sources:
         with pytest.raises(ConfigError, match=r"source\.apiServer"):
             parse({"source": bad})
+
+
+def test_durations_as_kube_proxy_writes_them_and_kube_proxys_defaults():
+    from noded.config import format_duration, parse_duration
+
+    assert parse({}).services.minSyncPeriod == 1.0 and parse({}).services.syncPeriod == 30.0
+    cfg = parse({"services": {"syncPeriod": "1m30s", "minSyncPeriod": "500ms"}, "tunnel": {"certTTL": "24h"}})
+    assert (cfg.services.syncPeriod, cfg.services.minSyncPeriod, cfg.tunnel.certTTL) == (90.0, 0.5, 86400.0)
+    assert parse({"services": {"syncPeriod": 15}}).services.syncPeriod == 15.0  # plain seconds still
+    assert parse({"services": {"minSyncPeriod": "0s"}}).services.minSyncPeriod == 0.0
+    for bad in ("30", "thirty", "5x", "-1s", True, "1s5"):
+        with pytest.raises(ConfigError, match=r"services\.syncPeriod"):
+            parse({"services": {"syncPeriod": bad}})
+    assert [format_duration(s) for s in (30, 90, 0.5, 86400, 0, 3725)] == [
+        "30s",
+        "1m30s",
+        "500ms",
+        "24h",
+        "0s",
+        "1h2m5s",
+    ]
+    assert all(parse_duration(format_duration(s), "k") == s for s in (30, 90, 0.5, 86400, 0, 3725, 0.1))
+
+
+def test_an_unknown_key_is_named_with_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"services\.syncPeriods: unknown key; did you mean 'syncPeriod'\?"):
+        parse({"services": {"syncPeriods": "30s"}})
+    with pytest.raises(ConfigError, match=r"nodename: unknown key; did you mean 'nodeName'\?"):
+        parse({"nodename": "x"})
+    with pytest.raises(ConfigError, match=r"zzz: unknown key$"):
+        parse({"zzz": 1})
+
+
+def test_a_config_file_must_say_what_it_is(tmp_path):
+    from noded.config import load
+
+    path = tmp_path / "c.yaml"
+    body = "nodeName: n1\nsource: {directory: /x}\nservices: {cgroupPath: /x}\n"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match="apiVersion: required"):
+        load(str(path))
+    path.write_text(f"apiVersion: noded.io/v1alpha1\n{body}")
+    with pytest.raises(ConfigError, match="kind: required"):
+        load(str(path))
+    path.write_text(f"apiVersion: noded.io/v1alpha1\nkind: NodedConfiguration\n{body}")
+    assert load(str(path)).nodeName == "n1"
