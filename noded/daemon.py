@@ -19,9 +19,10 @@ from noded import __version__
 from noded.config import NodedConfiguration, split_hostport
 from noded.files import write_atomic
 from noded.loopthread import LoopThread
+from noded.metrics import CONTENT_TYPE, DaemonMetrics
 from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
-from noded.observe import Metrics, liveness, rfc3339, sd_notify, serve
+from noded.observe import liveness, rfc3339, sd_notify, serve
 from noded.redirect.enrollment import Enrollment
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.runner import BoundedFrequencyRunner
@@ -171,7 +172,7 @@ class Daemon:
         self.pods = None  # PodManager, when capture is enabled
         self.proxy = None  # CaptureProxy, when capture is enabled
         self.api = None
-        self.metrics = Metrics()
+        self.metrics = DaemonMetrics()
         self.stopping = threading.Event()
         self.proxier = None
         self.runner: BoundedFrequencyRunner | None = None
@@ -196,14 +197,22 @@ class Daemon:
         if hasattr(self.proxier, "set_external_interfaces"):
             self.proxier.set_external_interfaces(dict(local[a] for a in addrs if local[a][0] != "lo"))
 
+    def _queue_sync(self) -> None:
+        self.metrics.proxy.queued()
+        self.runner.run()
+
     def _sync(self, full: bool) -> None:
         if full:
             self._refresh_node_addresses()
         self._serve_cluster_dns()
         start = time.perf_counter()
-        n = self.proxier.sync(full) if self.proxier else 0
+        try:
+            n = self.proxier.sync(full) if self.proxier else 0
+        except Exception:
+            self.metrics.proxy.failures.inc()
+            raise
         took = time.perf_counter() - start
-        self.metrics.observe_sync(took, full, self.model.taken_since)
+        self.metrics.proxy.observe_sync(took, full, self.model.taken_since)
         if self.proxier:
             self.health_checks.update(self.model.health_checks())
         if self.pods is not None:
@@ -252,7 +261,7 @@ class Daemon:
         self._write_status(waiting=True)
         self.source = make_source(cfg, self.sink)
         self.sink.expected = {self.source.name}
-        self.sink.on_change = self.runner.run
+        self.sink.on_change = self._queue_sync
         self.source.start()
         if self._wait_for_sources():
             self.runner.start()
@@ -435,23 +444,13 @@ class Daemon:
         return True
 
     def _serve(self) -> None:
-        self.metrics.gauges.update(
-            {
-                "kubeproxy_sync_proxy_rules_service_changes_total": lambda: self.model.service_changes,
-                "kubeproxy_sync_proxy_rules_endpoint_changes_total": lambda: self.model.endpoint_changes,
-                "noded_rejected_objects_total": lambda: self.model.rejected + sum(self.sink.rejected_by_kind.values()),
-                "noded_bpf_map_writes_total": lambda: getattr(self.proxier, "map_writes", 0),
-                "noded_api_errors_total": lambda: getattr(self.source, "errors", lambda: 0)(),
-                "noded_tunnel_refused_peers_total": lambda: self._refusals()["refusedPeers"],
-                "noded_capture_self_calls_total": lambda: self._refusals()["selfCalls"],
-                "noded_hbone_connections_ended_total": lambda: sum(self._refusals()["endedConnections"].values()),
-                "noded_netfilter_transactions_total": lambda: getattr(self.proxier, "transactions", 0),
-            }
-        )
+        from noded.daemon_metrics import register_pulled
+
+        register_pulled(self)
 
         def healthz() -> tuple[int, str, str]:
             # kube-proxy's answer: healthy once synced, and while the last sync is younger than 2 sync periods
-            last = self.metrics.last_sync_timestamp
+            last = self.metrics.proxy.last_sync_timestamp
             now = time.time()
             synced = self.runner is not None and self.runner.syncs > 0 and self.runner.last_error is None
             eligible = self.model.node_eligible
@@ -461,21 +460,25 @@ class Daemon:
                 "currentTime": rfc3339(now),
                 "nodeEligible": eligible,
             }
-            return (200 if ok else 503), "application/json", json.dumps(body) + "\n"
+            code = 200 if ok else 503
+            self.metrics.proxy.healthz.labels(str(code)).inc()
+            return code, "application/json", json.dumps(body) + "\n"
 
         def livez() -> tuple[int, str, str]:
-            return liveness(
+            answer = liveness(
                 self.model.pending_since(),
-                self.metrics.last_sync_timestamp,
+                self.metrics.proxy.last_sync_timestamp,
                 self.runner.last_error if self.runner else None,
                 self.started,
                 2 * self.config.services.syncPeriod + 1,
             )
+            self.metrics.proxy.livez.labels(str(answer[0])).inc()
+            return answer
 
         serve(split_hostport(self.config.healthzBindAddress), {"/healthz": healthz, "/livez": livez}, "healthz")
         serve(
             split_hostport(self.config.metricsBindAddress),
-            {"/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render())},
+            {"/metrics": lambda: (200, CONTENT_TYPE, self.metrics.render())},
             "metrics",
         )
 
@@ -513,7 +516,7 @@ class Daemon:
             "lastRejected": self.sink.last_rejected,
             "syncs": 0 if waiting else self.runner.syncs + 1 if self.runner else 0,
             "lastSync": None if waiting else time.time(),
-            "lastSyncSeconds": None if waiting else self.metrics.sync_duration.last,
+            "lastSyncSeconds": None if waiting else self.metrics.proxy.last_sync_seconds,
             "restoredFrontends": self.restored_frontends,
             "nodePortAddresses": list(self.model.node_ips),
             "healthCheckPorts": self.health_checks.ports(),

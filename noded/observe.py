@@ -1,4 +1,5 @@
-"""Logging setup, the /healthz + /livez server and the Prometheus /metrics server."""
+"""Logging setup, the bounded HTTP server behind /healthz, /livez and /metrics (noded/metrics.py has the
+families), liveness, and sd_notify."""
 
 from __future__ import annotations
 
@@ -107,69 +108,6 @@ def serve(
     server = BoundedHTTPServer(address, _Handler)
     threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
     return server
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count, kept forever (never a window)."""
-
-    def __init__(self, name: str, buckets: tuple[float, ...]) -> None:
-        self.name = name
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
-        self.last: float | None = None
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-        self.last = value
-
-    def render(self) -> list[str]:
-        lines = [f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)]
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines += [f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {self.count}"]
-        return lines
-
-
-# kube-proxy's buckets: exponential from 1 ms for sync duration, 0.25 s-wide steps for programming latency
-SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
-PROGRAMMING_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
-
-
-class Metrics:
-    """kube-proxy's metric names where the meaning is the same."""
-
-    def __init__(self) -> None:
-        self.sync_duration = Histogram("kubeproxy_sync_proxy_rules_duration_seconds", SYNC_BUCKETS)
-        self.full_sync_duration = Histogram("kubeproxy_sync_full_proxy_rules_duration_seconds", SYNC_BUCKETS)
-        self.partial_sync_duration = Histogram("kubeproxy_sync_partial_proxy_rules_duration_seconds", SYNC_BUCKETS)
-        self.programming = Histogram("kubeproxy_network_programming_duration_seconds", PROGRAMMING_BUCKETS)
-        self.last_sync_timestamp = 0.0
-        self.gauges: dict[str, Callable[[], float]] = {}
-
-    def observe_sync(self, seconds: float, full: bool = False, changed_since: float | None = None) -> None:
-        """One sync took `seconds`; the oldest change it applied arrived at monotonic `changed_since`."""
-        self.sync_duration.observe(seconds)
-        (self.full_sync_duration if full else self.partial_sync_duration).observe(seconds)
-        if changed_since is not None:
-            self.programming.observe(time.monotonic() - changed_since)
-        self.last_sync_timestamp = time.time()
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for h in (self.sync_duration, self.full_sync_duration, self.partial_sync_duration, self.programming):
-            lines += h.render()
-        lines.append("# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge")
-        lines.append(f"kubeproxy_sync_proxy_rules_last_timestamp_seconds {self.last_sync_timestamp:.3f}")
-        for gname, fn in sorted(self.gauges.items()):
-            lines.append(f"# TYPE {gname} {'counter' if gname.endswith('_total') else 'gauge'}")
-            lines.append(f"{gname} {fn()}")
-        return "\n".join(lines) + "\n"
 
 
 def sd_notify(message: str) -> bool:

@@ -49,9 +49,13 @@ class AnswerCache:
         self._denial: collections.OrderedDict[CacheKey, _Entry] = collections.OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.hits_by_type = {"success": 0, "denial": 0}  # CoreDNS's coredns_cache_hits_total{type}
 
     def __len__(self) -> int:
         return len(self._success) + len(self._denial)
+
+    def entries(self) -> dict[str, int]:
+        return {"success": len(self._success), "denial": len(self._denial)}
 
     def ttl_for(self, reply: dns.message.Message) -> tuple[int, bool]:
         """(seconds to keep the reply, whether it is a denial); 0 seconds: do not cache."""
@@ -81,7 +85,7 @@ class AnswerCache:
     def get(self, key: CacheKey, now: float) -> tuple[dns.message.Message, float] | None:
         """A copy of the cached reply with its TTLs aged, and until when that copy stays exact (its age in
         whole seconds changes, or it expires); None on a miss."""
-        for table in (self._success, self._denial):
+        for table, kind in ((self._success, "success"), (self._denial, "denial")):
             entry = table.get(key)
             if entry is None:
                 continue
@@ -90,6 +94,7 @@ class AnswerCache:
                 break
             table.move_to_end(key)
             self.hits += 1
+            self.hits_by_type[kind] += 1
             age = int(now - entry.stored)
             return _aged(entry.reply, age), min(entry.expires, entry.stored + age + 1)
         self.misses += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import dns.edns
@@ -33,6 +34,7 @@ from noded.dns import wire
 from noded.dns.cache import AnswerCache, key_of
 from noded.dns.upstream import Overloaded, Upstreams
 from noded.dns.zone import Answer, ClusterZone
+from noded.metrics import DNS_BUCKETS, LatencyHistogram
 from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
@@ -47,6 +49,7 @@ class Client:
     allowed: bool = True  # a pod of this node or the node itself
     namespace: str | None = None  # the querying pod's namespace, when known
     tcp: bool = False
+    family: int = 4  # the query's transport, 4 or 6 (metrics)
 
 
 def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
@@ -88,11 +91,23 @@ class Resolver:
         self.search = [n for n in names if not n.is_subdomain(origin) and n != dns.name.root]
         kinds = ("queries", "local", "forwarded", "cached", "refused", "servfail", "autopath")
         self.counts = dict.fromkeys(kinds, 0)
+        self.stats = DnsStats()
         self._memo: dict[tuple[bytes, Client], tuple[bytes, float]] = {}  # -> (reply[2:], valid until)
         self._memo_generation = -1
 
     async def resolve(self, data: bytes, client: Client = Client()) -> bytes | None:
         """The reply to send for one query, or None (a response, or nothing worth answering)."""
+        start = time.perf_counter()
+        token = _ANSWERED_BY.set("")
+        try:
+            out = await self._resolve(data, client)
+            if out is not None:
+                self.stats.record(data, out, client, _ANSWERED_BY.get(), time.perf_counter() - start)
+        finally:
+            _ANSWERED_BY.reset(token)
+        return out
+
+    async def _resolve(self, data: bytes, client: Client) -> bytes | None:
         if self._memo_generation != self.zone.model.generation or len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
             self._memo_generation = self.zone.model.generation
@@ -101,6 +116,7 @@ class Resolver:
         if known is not None and known[1] > self.clock():  # the same question, bytes for bytes, answered before
             self.counts["queries"] += 1
             self.counts["local" if known[1] == math.inf else "cached"] += 1
+            _ANSWERED_BY.set("kubernetes" if known[1] == math.inf else "cache")
             return data[:2] + known[0]
         try:
             query = dns.message.from_wire(data)
@@ -160,6 +176,7 @@ class Resolver:
 
     async def _finish_local(self, answer: Answer, query: dns.message.Message, client: Client) -> dns.message.Message:
         self.counts["local"] += 1
+        _ANSWERED_BY.set("kubernetes")
         reply = answer.reply
         reply.flags |= dns.flags.RA  # noded recurses for its clients (CoreDNS leaves RA off here)
         if answer.chase is not None:  # ExternalName to an outside name: its records follow the CNAME
@@ -210,8 +227,10 @@ class Resolver:
         cached = self.cache.get(key, now)
         if cached is not None:
             self.counts["cached"] += 1
+            _ANSWERED_BY.set("cache")
             return _as_reply(query, cached[0]), cached[1]
         self.counts["forwarded"] += 1
+        _ANSWERED_BY.set("forward")
         try:
             upstream = await self.upstreams.exchange(key, query)
         except Overloaded:
@@ -231,6 +250,32 @@ class Resolver:
 
     def status(self) -> dict:
         return {**self.counts, "cacheEntries": len(self.cache), "upstreams": self.upstreams.status()}
+
+
+# CoreDNS's `plugin` label: what wrote the answer (kubernetes: the zone; cache; forward: upstream); per task
+_ANSWERED_BY: ContextVar[str] = ContextVar("noded_dns_answered_by", default="")
+TYPES = frozenset(("A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "NAPTR", "DS", "DNSKEY", "HTTPS"))
+
+
+class DnsStats:
+    """CoreDNS's request and response counts and request durations, as plain counters on the DNS loop (read
+    by the metrics collector at scrape time): requests by (proto, family, type), responses by (rcode,
+    plugin), durations by type."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.responses: dict[tuple[str, str], int] = {}
+        self.duration = LatencyHistogram(DNS_BUCKETS)
+
+    def record(self, query: bytes, reply: bytes, client: Client, plugin: str, seconds: float) -> None:
+        qtype = wire.question_type(query)
+        text = dns.rdatatype.to_text(qtype) if qtype is not None else "other"
+        qtype_label = text if text in TYPES else "other"
+        key = ("tcp" if client.tcp else "udp", "2" if client.family == 6 else "1", qtype_label)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        rcode = dns.rcode.to_text(reply[3] & 0x0F) if len(reply) > 3 else "SERVFAIL"
+        self.responses[(rcode, plugin)] = self.responses.get((rcode, plugin), 0) + 1
+        self.duration.observe((qtype_label,), seconds)
 
 
 def _query_for(name: dns.name.Name, query: dns.message.Message) -> dns.message.Message:

@@ -33,8 +33,8 @@ class Clients:
         text = str(ip)
         namespace = self.pod_namespace(text)
         if namespace is not None:
-            return Client(namespace=namespace)
-        return Client(allowed=ip.is_loopback or text in self.node_addresses())
+            return Client(namespace=namespace, family=ip.version)
+        return Client(allowed=ip.is_loopback or text in self.node_addresses(), family=ip.version)
 
 
 class UdpServer(asyncio.DatagramProtocol):

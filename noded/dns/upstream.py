@@ -21,14 +21,18 @@ import asyncio
 import contextlib
 import random
 import secrets
+import time
 from dataclasses import dataclass
 
 import dns.exception
 import dns.flags
 import dns.message
 import dns.name
+import dns.rcode
 import dns.rdatatype
 import structlog
+
+from noded.metrics import DNS_BUCKETS, LatencyHistogram
 
 log = structlog.get_logger("noded.dns.upstream")
 UDP_PAYLOAD = 1232  # DNS flag day 2020: no fragmentation on any path
@@ -50,6 +54,7 @@ class Upstream:
     fails: int = 0
     queries: int = 0
     errors: int = 0
+    healthcheck_failures: int = 0  # probes of a down upstream that failed (CoreDNS forward's counter)
     last_error: str | None = None
 
     @property
@@ -80,6 +85,7 @@ class Upstreams:
         self.max_fails = max_fails
         self.probe_interval = probe_interval
         self.active = 0
+        self.latency = LatencyHistogram(DNS_BUCKETS)  # (upstream, rcode) -> seconds per answered query
         self._inflight: dict[FlightKey, asyncio.Future] = {}
         self._probes: dict[str, asyncio.Task] = {}
         self.loop_check_interval = loop_check_interval
@@ -161,12 +167,14 @@ class Upstreams:
         wire = out.to_wire()
         for up in self.usable():
             up.queries += 1
+            start = time.perf_counter()
             try:
                 reply = await asyncio.wait_for(_exchange(wire, out, up.host, up.port), self.timeout)
             except (TimeoutError, OSError, dns.exception.DNSException) as e:
                 self._failed(up, e)
                 continue
             up.fails = 0
+            self.latency.observe((up.address, dns.rcode.to_text(reply.rcode())), time.perf_counter() - start)
             return reply
         return None
 
@@ -185,10 +193,13 @@ class Upstreams:
         while not up.healthy and not up.looping:
             await asyncio.sleep(self.probe_interval)
             probe.id = random.randrange(65536)
-            with contextlib.suppress(TimeoutError, OSError, dns.exception.DNSException):
+            try:
                 await asyncio.wait_for(_exchange(probe.to_wire(), probe, up.host, up.port), self.timeout)
-                up.healthy, up.fails = True, 0
-                log.info("upstream back", upstream=up.address)
+            except (TimeoutError, OSError, dns.exception.DNSException):
+                up.healthcheck_failures += 1
+                continue
+            up.healthy, up.fails = True, 0
+            log.info("upstream back", upstream=up.address)
         self._probes.pop(up.address, None)
 
     def status(self) -> list[dict]:

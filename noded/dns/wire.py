@@ -51,3 +51,17 @@ def header_error(wire: bytes, rcode: int) -> bytes | None:
         return None
     flags = ((wire[2] | 0x80) & 0xF9) << 8 | (rcode & 0xF)  # QR, opcode and RD kept; AA, TC cleared
     return wire[:2] + flags.to_bytes(2, "big") + bytes(8)
+
+
+def question_type(wire: bytes) -> int | None:
+    """The first question's type, read from the bytes (no parse: a memoized answer has none); None when the
+    question is cut short or compressed."""
+    pos = 12
+    while pos < len(wire):
+        length = wire[pos]
+        if length == 0:
+            return int.from_bytes(wire[pos + 1 : pos + 3], "big") if pos + 3 <= len(wire) else None
+        if length & 0xC0:
+            return None
+        pos += 1 + length
+    return None

@@ -98,6 +98,7 @@ class ServiceModel:
         self.service_changes = 0
         self.endpoint_changes = 0
         self.rejected = 0
+        self.rejected_by_kind: dict[str, int] = {}  # what `rejected` counts, by the objects' kind
         self.node_eligible = True  # for load balancers (KEP-3836): False while this node is being deleted
         # cluster IP:port pairs this node answers itself (the cluster DNS addresses' port 53, which noded's DNS
         # serves): no proxier translates them, whatever Service names them
@@ -137,6 +138,8 @@ class ServiceModel:
         except ManifestError as e:
             with self._lock:
                 self.rejected += 1
+                kind = str(obj.get("kind")) if isinstance(obj, dict) else "?"
+                self.rejected_by_kind[kind] = self.rejected_by_kind.get(kind, 0) + 1
             log.error("object rejected", object=object_ref(obj), error=str(e))
             return False
         return True
@@ -197,6 +200,32 @@ class ServiceModel:
             dirty, self._dirty = self._dirty, set()
             self.taken_since, self._dirty_since = self._dirty_since, None
         return dirty
+
+    def pending_changes(self) -> int:
+        """Services changed and not yet taken by a sync (kube-proxy's changes pending)."""
+        return len(self._dirty)
+
+    def no_local_endpoints(self) -> dict[tuple[str, str], int]:
+        """(traffic policy, IP family) -> service ports with that policy Local and no serving endpoint on this
+        node (kube-proxy's kubeproxy_sync_proxy_rules_no_local_endpoints_total)."""
+        with self._lock:
+            local = [
+                (key, sp)
+                for key, sps in self._services.items()
+                for sp in sps
+                if sp.internal_traffic_local or sp.external_traffic_local
+            ]
+            slices = {key: [self._slices[k] for k in self._slices_of.get(key, ())] for key, _sp in local}
+        out: dict[tuple[str, str], int] = {}
+        for key, sp in local:
+            for family in sorted({_family(ip) for ip in sp.cluster_ips}):
+                eps = _endpoints(sp, [s for s in slices[key] if s.address_type == family])
+                if any(ep.node_name == self.node_name and (ep.ready or ep.serving) for _b, ep in eps):
+                    continue
+                for policy, on in (("internal", sp.internal_traffic_local), ("external", sp.external_traffic_local)):
+                    if on:
+                        out[(policy, family)] = out.get((policy, family), 0) + 1
+        return out
 
     def pending_since(self) -> float | None:
         """Monotonic time of the oldest change no sync has taken yet (None: nothing pending)."""

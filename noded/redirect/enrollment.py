@@ -22,6 +22,21 @@ class PodInfo:
     node: str
     ips: tuple[str, ...]
     account: str  # service account
+    workload: str = ""  # its workload's name: the owner (a ReplicaSet's hash taken off), else the pod's name
+
+
+def workload_name(meta: dict) -> str:
+    """A pod's workload as Istio names it: its controller's name, a Deployment's (the ReplicaSet's pod-
+    template hash taken off) for a ReplicaSet's pods; the pod's own name without a controller."""
+    owners = meta.get("ownerReferences") if isinstance(meta.get("ownerReferences"), list) else []
+    owner = next((o for o in owners if isinstance(o, dict) and o.get("controller")), None)
+    owner = owner or next((o for o in owners if isinstance(o, dict)), None)
+    name = str(owner.get("name") or "") if owner else ""
+    if owner and owner.get("kind") == "ReplicaSet" and "-" in name:
+        base, _, suffix = name.rpartition("-")
+        if base and suffix.isalnum() and 5 <= len(suffix) <= 10:
+            name = base
+    return name or str(meta.get("name") or "")
 
 
 class Enrollment:
@@ -48,7 +63,8 @@ class Enrollment:
                 ips = () if host else tuple(_pod_ips(obj.get("status") or {}))
                 self._forget(key)
                 account = spec.get("serviceAccountName") or "default"
-                self._pods[key] = PodInfo(labels, host, local, spec.get("nodeName") or "", ips, account)
+                workload = workload_name(meta)
+                self._pods[key] = PodInfo(labels, host, local, spec.get("nodeName") or "", ips, account, workload)
                 self._by_address.update(dict.fromkeys(ips, key))
                 return True
             if kind == "Namespace":

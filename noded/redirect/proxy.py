@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import ipaddress
 import socket
 import struct
@@ -30,6 +31,7 @@ from noded.tunnel.h2conn import Stream
 from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
 from noded.tunnel.relay import Acceptor, finish_connect, spawn, splice_sockets, start_connect
+from noded.tunnel.telemetry import UNKNOWN
 from noded.tunnel.tls import PeerRejected
 
 log = structlog.get_logger("noded.redirect.proxy")
@@ -236,6 +238,9 @@ class CaptureProxy:
             sock.close()
             return
         record.update(hbone=authority(route.ip, HBONE_PORT), peer_identity=route.peer_identity, source_identity=source)
+        record["telemetry"] = tunnel.telemetry.key(
+            "source", tunnel.workload_of(pod.key), tunnel.workload_at(route.ip), tunnel.service_at(*dst), True
+        )
         # pooled per expected identity too: a connection verified for one workload never carries another's
         key, target = (pod.netns, route.ip, route.peer_identity), authority(route.ip, route.port)
         stream = self.pool.stream_now(key, id(ctx), target)
@@ -285,7 +290,17 @@ class CaptureProxy:
 
         stream.response.add_done_callback(answered)
         stream.send_first(sock)
-        spawn(self.tasks, stream.attach(sock))
+        telemetry = self.tunnel.telemetry
+        key = telemetry.open(record["telemetry"]) if "telemetry" in record else None
+
+        async def spliced() -> None:
+            try:
+                await stream.attach(sock)
+            finally:
+                if key is not None:
+                    telemetry.close(key, stream.bytes_out, stream.bytes_in)
+
+        spawn(self.tasks, spliced())
 
     async def _plain_out(self, pod: PodListeners, sock: socket.socket, dst: tuple, record: dict) -> None:
         try:
@@ -294,9 +309,21 @@ class CaptureProxy:
             record["error"] = repr(e)
             sock.close()
             return
-        if self.tunnel:
-            self.tunnel.counts["plain_out"] += 1
-        await splice_sockets(sock, up)
+        tunnel = self.tunnel
+        if not tunnel:
+            await splice_sockets(sock, up)
+            return
+        tunnel.counts["plain_out"] += 1
+        key = tunnel.telemetry.open(
+            tunnel.telemetry.key(
+                "source", tunnel.workload_of(pod.key), tunnel.workload_at(dst[0]), tunnel.service_at(*dst[:2]), False
+            )
+        )
+        request, response = 0, 0
+        try:
+            request, response = await splice_sockets(sock, up)
+        finally:
+            tunnel.telemetry.close(key, request, response)
 
     def _inbound(self, pod: PodListeners, sock: socket.socket, peer: tuple) -> None:
         """Plaintext to an enrolled pod (TPROXY to 15006): the same policy, without a principal."""
@@ -313,13 +340,26 @@ class CaptureProxy:
             self.tunnel.counts["plain_in"] += 1
 
         async def splice() -> None:
+            tunnel = self.tunnel
             try:
-                up = await self._pod_connected(pod, dst, source=peer[0] if self.tunnel else None)
+                up = await self._pod_connected(pod, dst, source=peer[0] if tunnel else None)
             except (TimeoutError, OSError, podns.CaptureError) as e:
                 record["error"] = repr(e)
                 sock.close()
                 return
-            await splice_sockets(sock, up)
+            if not (tunnel and pod.key):
+                await splice_sockets(sock, up)
+                return
+            # plaintext: the source's principal is not known (Istio's "unknown"), its workload by address
+            source = dataclasses.replace(tunnel.workload_at(peer[0]), principal=UNKNOWN)
+            key = tunnel.telemetry.open(
+                tunnel.telemetry.key("destination", source, tunnel.workload_of(pod.key), None, False)
+            )
+            request, response = 0, 0
+            try:
+                request, response = await splice_sockets(sock, up)
+            finally:
+                tunnel.telemetry.close(key, request, response)
 
         spawn(self.tasks, splice())
 
@@ -347,7 +387,14 @@ class CaptureProxy:
             own = pod.ips or frozenset(_addresses(info.ips if info else ()))  # as CNI reported, else the API
             return host in own and port not in CAPTURE_PORTS
 
-        return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected, serves)
+        def on_stream(identity: str, peer: tuple, _host: str, _port: int) -> Callable[[int, int], None]:
+            source = dataclasses.replace(tunnel.workload_at(peer[0]), principal=identity)
+            key = tunnel.telemetry.open(
+                tunnel.telemetry.key("destination", source, tunnel.workload_of(pod.key), None, True)
+            )
+            return lambda request, response: tunnel.telemetry.close(key, request, response)
+
+        return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected, serves, on_stream)
 
 
 def _addresses(ips: object) -> list[str]:

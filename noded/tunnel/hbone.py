@@ -69,8 +69,12 @@ class ServerConnection(Connection):
         dial: Callable[[tuple, str, int], tuple[socket.socket, bool]],
         on_connection: Callable[[asyncio.BaseTransport, str], None] | None = None,
         serves: Callable[[str, int], bool] = lambda _host, _port: True,
+        on_stream: Callable[[str, tuple, str, int], Callable[[int, int], None]] | None = None,
     ) -> None:
         super().__init__(client=False, on_request=self._request)
+        # telemetry: called as a stream is spliced (identity, client address, host, port); what it returns is
+        # called with the bytes received from the client and sent back to it once the stream is over
+        self.on_stream = on_stream
         self.trust_domain, self.authorize, self.dial, self.on_connection = trust_domain, authorize, dial, on_connection
         self.serves = serves  # whether an address:port is one this listener reaches (its pod's own)
         self.dialing = 0
@@ -155,7 +159,12 @@ class ServerConnection(Connection):
             sock.close()
             return
         started = time.monotonic()
-        await stream.attach(sock, lambda: self._answer(stream, "200"))
+        closed = self.on_stream(self.identity, self.peer, host, port) if self.on_stream else None
+        try:
+            await stream.attach(sock, lambda: self._answer(stream, "200"))
+        finally:
+            if closed is not None:
+                closed(stream.bytes_in, stream.bytes_out)
         log.info(  # an access log line per connection, as ztunnel's, once it is over: off the connection's path
             "HBONE connection complete",
             peer=self.identity,

@@ -23,6 +23,7 @@ from noded.tunnel.ca import spiffe_id
 from noded.tunnel.certs import WorkloadCert
 from noded.tunnel.policy import Authorizer, Connection
 from noded.tunnel.service import IdentityService
+from noded.tunnel.telemetry import TcpTelemetry, Workload, canonical
 from noded.tunnel.tls import context
 
 log = structlog.get_logger("noded.tunnel")
@@ -53,11 +54,29 @@ class Tunnel:
         self.trust_domain = identities.config.trustDomain
         self._contexts: dict[tuple[bool, int], tuple[WorkloadCert, ssl.SSLContext]] = {}
         self.counts = {"hbone_out": 0, "plain_out": 0, "hbone_in": 0, "plain_in": 0, "denied": 0}
+        self.telemetry = TcpTelemetry()
         self.policies_ready: Callable[[], bool] = lambda: True  # the daemon ties it to its source
 
     def identity_of(self, pod: PodKey) -> str | None:
         info = self.enrollment.pod(pod)
         return spiffe_id(self.trust_domain, pod[0], info.account) if info else None
+
+    def workload_of(self, pod: PodKey | None) -> Workload:
+        """One side of a connection for telemetry: a pod's workload, labels and principal (unknown if not)."""
+        info = self.enrollment.pod(pod) if pod else None
+        if info is None or pod is None:
+            return Workload()
+        service, revision, app, version = canonical(info.labels, info.workload or pod[1])
+        principal = spiffe_id(self.trust_domain, pod[0], info.account)
+        return Workload(info.workload or pod[1], pod[0], principal, service, revision, app, version)
+
+    def workload_at(self, ip: str) -> Workload:
+        return self.workload_of(self.enrollment.workload_at(ip))
+
+    def service_at(self, ip: str, port: int) -> tuple[str, str] | None:
+        """(name, namespace) of the Service whose cluster IP:port this is, or None."""
+        state = self.model.cluster_frontend(ip, port)
+        return (state.service.name.name, state.service.name.namespace) if state is not None else None
 
     def route(self, ip: str, port: int) -> Route:
         state = self.model.cluster_frontend(ip, port)

@@ -145,6 +145,7 @@ class Side(asyncio.BufferedProtocol):
         self.other: Side | None = None
         self.eof = False  # this side has sent its EOF (passed on to the other)
         self.done = asyncio.get_running_loop().create_future()
+        self.read = 0  # bytes read from this socket (and passed to the other): telemetry
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -155,6 +156,7 @@ class Side(asyncio.BufferedProtocol):
         return scratch(READ_SIZE)[:READ_SIZE]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.read += nbytes
         other = self.other
         if other is not None and live(other.transport):
             other.transport.write(scratch(READ_SIZE)[:nbytes])  # sent, or what is left copied
@@ -192,8 +194,9 @@ class Side(asyncio.BufferedProtocol):
                 side.transport.close()
 
 
-async def splice_sockets(a: socket.socket, b: socket.socket) -> None:
-    """Copy between the connected sockets `a` and `b` until both directions have ended."""
+async def splice_sockets(a: socket.socket, b: socket.socket) -> tuple[int, int]:
+    """Copy between the connected sockets `a` and `b` until both directions have ended; the bytes copied
+    from a to b and from b to a."""
     loop = asyncio.get_running_loop()
     left, right = Side(), Side()
     left.other, right.other = right, left
@@ -203,3 +206,4 @@ async def splice_sockets(a: socket.socket, b: socket.socket) -> None:
         if not side.transport.is_closing():
             side.transport.resume_reading()
     await asyncio.gather(left.done, right.done)
+    return left.read, right.read

@@ -125,21 +125,43 @@ def test_daemon_on_api_source_programs_and_follows_watch(env):
     assert env.client("tcp", "10.96.0.10", 80, count=5)["answers"] == {"b": 5}
     assert "10.96.0.11:80/TCP" not in env.programmed()
     assert "Service default/bad" in env.log() and "protocol" in env.log()
-    # what kube-proxy users scrape and probe
+    # what kube-proxy users scrape and probe, read with Prometheus's own text parser
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics = env.python(
         "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10249/metrics').read().decode())"
     )
-    for name in (
-        "kubeproxy_sync_proxy_rules_duration_seconds_count",
-        "kubeproxy_network_programming_duration_seconds_bucket",
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    for name, kind in (
+        ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
+        ("kubeproxy_sync_full_proxy_rules_duration_seconds", "histogram"),
+        ("kubeproxy_sync_partial_proxy_rules_duration_seconds", "histogram"),
+        ("kubeproxy_network_programming_duration_seconds", "histogram"),
+        ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge"),
+        ("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "gauge"),
+        ("kubeproxy_sync_proxy_rules_endpoint_changes", "counter"),
+        ("kubeproxy_sync_proxy_rules_service_changes", "counter"),
+        ("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "gauge"),
+        ("kubeproxy_sync_proxy_rules_failures", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("noded_rejected_objects", "counter"),
+        ("noded_api_errors", "counter"),
     ):
-        assert name in metrics, name
-    programming = next(
-        line for line in metrics.split("\n") if line.startswith("kubeproxy_network_programming_duration_seconds_count")
-    )
-    assert int(programming.split()[1]) >= 1
+        assert name in families and families[name].type == kind, (name, families.get(name))
+        assert families[name].documentation, name  # HELP text
+
+    def value(name, suffix="", **labels):
+        return next(
+            s.value
+            for s in families[name].samples
+            if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert value("kubeproxy_network_programming_duration_seconds", "_count") >= 1
+    assert value("kubeproxy_sync_proxy_rules_service_changes", "_total") >= 1  # web (bad was rejected)
+    assert value("kubeproxy_sync_proxy_rules_endpoint_changes", "_total") >= 2  # its slice, then the update
+    assert value("noded_rejected_objects", "_total", kind="Service") >= 1  # default/bad
+    assert value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > time.time() - 60
     health = json.loads(
         env.python(
             "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10256/healthz').read().decode())"

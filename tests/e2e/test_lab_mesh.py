@@ -213,3 +213,83 @@ def test_ipv6_service_vip_resolves_to_a_meshed_endpoint(lab):
     # the socket-LB translated the VIP at connect(), before the capture: as with IPv4
     assert out["original"] == f"{server}:8080" and out["hbone"] == f"[{server}]:15008" and "error" not in out
     lab.delete(path)
+
+
+def scrape(lab, node):
+    """The node's /metrics, parsed by Prometheus's own text parser: {family name: family}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10249/metrics').read().decode())"
+    res = lab.run(f"node/{node}", [sys.executable, "-c", code], timeout=20)
+    assert res.returncode == 0, res.stderr
+    return {f.name: f for f in text_string_to_metric_families(res.stdout)}
+
+
+def samples(families, name, suffix="_total", **labels):
+    return [
+        s
+        for s in families[name].samples
+        if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def test_metrics_every_node_exposes_under_the_anchors_names_after_traffic(lab):
+    """Issue 22: after mesh traffic, a denied connection, DNS and a VIP, every node's /metrics (read with
+    prometheus_client's parser) has kube-proxy's, CoreDNS's and ztunnel's families with their labels and
+    plausible values, and noded's own."""
+    wait_certificates(lab)
+    server = pod_ip(lab, "default/mesh-server")
+    assert talk(lab, "default/mesh-client", server, "x" * 1000)[1] == "mesh-server"
+    code = (
+        "import dns.message, dns.query\n"
+        "for name in ('kubernetes.default.svc.cluster.local.', 'nope.default.svc.cluster.local.'):\n"
+        "    dns.query.udp(dns.message.make_query(name, 'A'), '10.96.0.10', timeout=3)\n"
+    )
+    assert lab.run("default/mesh-client", [sys.executable, "-c", code], timeout=20).returncode == 0
+    time.sleep(0.3)  # the connection's close is counted once both directions ended
+    node1, node2 = scrape(lab, "node1"), scrape(lab, "node2")
+    for families in (node1, node2):
+        for name in (
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "kubeproxy_network_programming_duration_seconds",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "coredns_dns_requests",
+            "coredns_cache_entries",
+            "istio_tcp_connections_opened",
+            "process_cpu_seconds",
+            "python_info",
+        ):
+            assert name in families, name
+    # CoreDNS's: the two questions (no such services here), by type and transport
+    assert sum(s.value for s in samples(node1, "coredns_dns_requests", type="A", proto="udp", family="1")) >= 2
+    nxdomain = samples(node1, "coredns_dns_responses", rcode="NXDOMAIN")
+    assert sum(s.value for s in nxdomain) >= 2  # the search path tried upstream too (autopath): plugin forward
+    assert {s.labels["plugin"] for s in nxdomain} <= {"kubernetes", "forward", "cache"}
+    assert samples(node1, "coredns_dns_request_duration_seconds", "_count", type="A")[0].value >= 2
+    # ztunnel's: the client's node reports the source side, the server's node the destination side, mTLS
+    source = "spiffe://cluster.local/ns/default/sa/default"
+    opened = samples(
+        node1,
+        "istio_tcp_connections_opened",
+        reporter="source",
+        source_workload="mesh-client",
+        source_workload_namespace="default",
+        source_principal=source,
+        destination_workload="mesh-server",
+        destination_principal=source,
+        destination_canonical_service="mesh-server",
+        connection_security_policy="mutual_tls",
+        request_protocol="tcp",
+    )
+    assert opened and opened[0].value >= 1, node1["istio_tcp_connections_opened"].samples
+    # Istio's directions, whichever side reports: received is the request (client to server), sent the response
+    request = samples(node1, "istio_tcp_received_bytes", reporter="source", destination_workload="mesh-server")
+    assert request and request[0].value >= 1000
+    response = samples(node1, "istio_tcp_sent_bytes", reporter="source", destination_workload="mesh-server")
+    assert response and 20 <= response[0].value < 1000
+    received = samples(node2, "istio_tcp_received_bytes", reporter="destination", source_principal=source)
+    assert received and received[0].value >= 1000, node2["istio_tcp_received_bytes"].samples
+    closed = samples(node2, "istio_tcp_connections_closed", reporter="destination", destination_workload="mesh-server")
+    assert closed and closed[0].value >= 1
+    # the connection the policy test denied, on the server's node
+    assert samples(node2, "noded_tunnel_denied_connections")[0].value >= 1

@@ -1,0 +1,60 @@
+"""The metrics registry: pulled families render as Prometheus text a parser reads back, a failing source
+is left out alone, hot-path histograms are cumulative, tunnel label sets are bounded, workload names as
+Istio derives them."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from noded.metrics import DaemonMetrics, LatencyHistogram
+from noded.redirect.enrollment import workload_name
+from noded.tunnel import telemetry
+
+
+def parsed(metrics: DaemonMetrics) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+
+
+def test_pulled_families_render_and_a_failing_source_is_left_out():
+    m = DaemonMetrics()
+    m.pulled.add("noded_things_total", "counter", "Things", ("kind",), lambda: {("a",): 2, ("b",): 3})
+    m.pulled.add("noded_level", "gauge", "A level", (), lambda: {(): 7.5})
+    m.pulled.add("noded_broken_total", "counter", "Broken", (), lambda: 1 / 0)
+    h = LatencyHistogram((0.001, 0.01))
+    for v in (0.0005, 0.005, 0.5):
+        h.observe(("A",), v)
+    m.pulled.add("noded_latency_seconds", "histogram", "Latency", ("type",), h.snapshot)
+    m.proxy.observe_sync(0.002, full=True)
+    fams = parsed(m)
+    assert {(s.labels["kind"], s.value) for s in fams["noded_things"].samples} == {("a", 2), ("b", 3)}
+    assert fams["noded_things"].type == "counter" and fams["noded_things"].documentation == "Things"
+    assert fams["noded_level"].samples[0].value == 7.5
+    assert "noded_broken" not in fams
+    buckets = {s.labels["le"]: s.value for s in fams["noded_latency_seconds"].samples if s.name.endswith("_bucket")}
+    assert buckets == {"0.001": 1, "0.01": 2, "+Inf": 3}
+    count = next(s.value for s in fams["noded_latency_seconds"].samples if s.name.endswith("_count"))
+    assert count == 3
+    full = fams["kubeproxy_sync_full_proxy_rules_duration_seconds"]
+    assert next(s.value for s in full.samples if s.name.endswith("_count")) == 1
+    assert "process_resident_memory_bytes" in fams and "python_info" in fams
+
+
+def test_tunnel_label_sets_are_bounded(monkeypatch):
+    monkeypatch.setattr(telemetry, "MAX_SERIES", 3)
+    t = telemetry.TcpTelemetry()
+    keys = [t.open(t.key("source", telemetry.Workload(f"w{i}"), telemetry.Workload(), None, True)) for i in range(5)]
+    assert len(t.opened) == 4 and keys[-1][1] == telemetry.UNKNOWN  # three kept, the rest folded into one
+    t.close(keys[0], 100, 20)
+    assert t.request_bytes[keys[0]] == 100 and t.response_bytes[keys[0]] == 20 and t.closed[keys[0]] == 1
+
+
+def test_workload_names_as_istio_derives_them():
+    owner = {"kind": "ReplicaSet", "name": "web-7d4b9c6f5d", "controller": True}
+    assert workload_name({"name": "web-7d4b9c6f5d-x2x9z", "ownerReferences": [owner]}) == "web"
+    sts = {"name": "db-0", "ownerReferences": [{"kind": "StatefulSet", "name": "db", "controller": True}]}
+    assert workload_name(sts) == "db"
+    assert workload_name({"name": "lonely"}) == "lonely"
+    odd = {"name": "x", "ownerReferences": [{"kind": "ReplicaSet", "name": "plain", "controller": True}]}
+    assert workload_name(odd) == "plain"
+    assert telemetry.canonical({"app": "web", "version": "v2"}, "web") == ("web", "v2", "web", "v2")
+    assert telemetry.canonical({}, "lonely") == ("lonely", "latest", "unknown", "unknown")
