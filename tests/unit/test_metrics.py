@@ -58,3 +58,32 @@ def test_workload_names_as_istio_derives_them():
     assert workload_name(odd) == "plain"
     assert telemetry.canonical({"app": "web", "version": "v2"}, "web") == ("web", "v2", "web", "v2")
     assert telemetry.canonical({}, "lonely") == ("lonely", "latest", "unknown", "unknown")
+
+
+def test_the_grafana_dashboard_graphs_only_families_noded_exports():
+    """deploy/grafana-dashboard.json: valid, every panel has a query, and every metric name in a query is
+    one /metrics has (kube-proxy's, CoreDNS's, ztunnel's, noded's, the process collector's)."""
+    import json
+    import os
+    import re
+    from types import SimpleNamespace
+    from unittest.mock import MagicMock
+
+    from noded.daemon_metrics import register_pulled
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "grafana-dashboard.json")
+    with open(path) as f:
+        dashboard = json.load(f)
+    pushed = {f.name for f in text_string_to_metric_families(DaemonMetrics().render().decode())}
+    metrics = DaemonMetrics()
+    register_pulled(SimpleNamespace(metrics=metrics, model=MagicMock()))  # the names only: nothing read
+    exported = set(metrics.pulled.sources) | pushed
+    exported |= {f"{n}_total" for n in exported} | {f"{n}_{s}" for n in exported for s in ("bucket", "sum", "count")}
+    used = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\b((?:kubeproxy|coredns|istio|noded|process)_[a-z_]+)", target["expr"]))
+    assert used and not used - exported, sorted(used - exported)
+    assert {"kubeproxy_sync_proxy_rules_duration_seconds_bucket", "coredns_dns_requests_total"} <= used
+    assert any(name.startswith("istio_tcp_") for name in used)
