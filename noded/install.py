@@ -24,7 +24,9 @@ CNI_PLUGIN = "opt/cni/bin/noded-cni"
 DEFAULT_CONFIG = {
     "apiVersion": "noded.io/v1alpha1",
     "kind": "NodedConfiguration",
-    "source": {"inCluster": False, "kubeconfig": "/etc/kubernetes/kubelet.conf"},
+    # noded's own identity (group noded:nodes in deploy/daemonset.yaml's ClusterRoleBinding), never the
+    # kubelet's: the Node authorizer scopes that one to the node's own pods
+    "source": {"kubeconfig": "/etc/noded/kubeconfig"},
     "services": {"mode": "ebpf"},
 }
 

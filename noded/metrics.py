@@ -37,23 +37,13 @@ class ProxyMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.sync = Histogram(
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds",
-            buckets=SYNC_BUCKETS,
-            registry=r,
-        )
-        self.full = Histogram(
-            "kubeproxy_sync_full_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for full resyncs",
-            buckets=SYNC_BUCKETS,
-            registry=r,
-        )
-        self.partial = Histogram(
-            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for partial resyncs",
-            buckets=SYNC_BUCKETS,
-            registry=r,
+        self.sync, self.full, self.partial = (
+            Histogram(f"kubeproxy_sync{kind}_proxy_rules_duration_seconds", text, buckets=SYNC_BUCKETS, registry=r)
+            for kind, text in (
+                ("", "SyncProxyRules latency in seconds"),
+                ("_full", "SyncProxyRules latency in seconds for full resyncs"),
+                ("_partial", "SyncProxyRules latency in seconds for partial resyncs"),
+            )
         )
         self.programming = Histogram(
             "kubeproxy_network_programming_duration_seconds",

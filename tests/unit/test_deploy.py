@@ -28,7 +28,8 @@ def test_the_unit_as_installed_passes_systemd_analyze_verify(tmp_path):
     assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
     text = unit.read_text()
     assert "Type=notify" in text and re.search(r"^ExecStart=/\S+/noded run", text, re.M)
-    config.parse(yaml.safe_load((tmp_path / install.CONFIG).read_text()))  # the default config is valid
+    installed = config.load(str(tmp_path / install.CONFIG))  # the default config is valid
+    assert installed.source.kubeconfig == "/etc/noded/kubeconfig"  # its own identity, never the kubelet's
     assert sorted(install.uninstall(str(tmp_path))) == sorted(done)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
@@ -84,6 +85,11 @@ def test_the_daemonset_manifest_validates_against_the_kubernetes_models():
     assert {v for rule in role["rules"] for v in rule["verbs"]} == {"list", "watch"}  # read-only, what noded uses
     watched = {r for rule in role["rules"] for r in rule["resources"]}
     assert watched == {"services", "pods", "namespaces", "nodes", "endpointslices", "authorizationpolicies"}
+    # one ClusterRole for both modes: bound to the DaemonSet's ServiceAccount and the systemd nodes' group
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    subjects = {(s["kind"], s["name"]) for s in binding["subjects"]}
+    assert subjects == {("ServiceAccount", "noded"), ("Group", "noded:nodes")}
     # and one namespaced read: its own DaemonSet, by name (uninstall or restart, at shutdown)
     own = next(d for d in docs if d["kind"] == "Role")
     assert own["rules"] == [
