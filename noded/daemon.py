@@ -15,7 +15,7 @@ import time
 
 import structlog
 
-from noded import __version__
+from noded import __version__, graph
 from noded.config import NodedConfiguration, split_hostport
 from noded.files import write_atomic
 from noded.loopthread import LoopThread
@@ -478,9 +478,20 @@ class Daemon:
         serve(split_hostport(self.config.healthzBindAddress), {"/healthz": healthz, "/livez": livez}, "healthz")
         serve(
             split_hostport(self.config.metricsBindAddress),
-            {"/metrics": lambda: (200, CONTENT_TYPE, self.metrics.render())},
+            {
+                "/metrics": lambda: (200, CONTENT_TYPE, self.metrics.render()),
+                "/graph": lambda: (200, "text/html; charset=utf-8", graph.PAGE),
+                "/graph.json": lambda: (200, "application/json", json.dumps(graph.merge([self._graph_snapshot()]))),
+                "/graph/snapshot.json": lambda: (200, "application/json", json.dumps(self._graph_snapshot())),
+            },
             "metrics",
         )
+
+    def _graph_snapshot(self) -> dict:
+        """This node's part of the traffic graph (noded/graph.py): what its tunnel saw."""
+        if self.tunnel is None:
+            return {"nodes": [self.config.nodeName], "generated": time.time(), "edges": []}
+        return graph.snapshot(self.tunnel.telemetry, self.config.nodeName)
 
     def _socket_termination(self) -> dict | None:
         """eBPF mode: whether sockets to removed backends are destroyed (and why not)."""

@@ -54,6 +54,17 @@ def run(args: argparse.Namespace) -> int:
                     print(f"pod  {p['namespace']}/{p['name']:<20} {p['node']:<8} {', '.join(p['ips'])}")
                 for s in status["services"]:
                     print(f"svc  {s['namespace']}/{s['name']:<20} {', '.join(s['clusterIPs'])}")
+        elif args.lab_command == "graph":
+            import threading
+
+            from noded.lab.graphview import serve
+
+            server = serve(lab, args.port)
+            print(f"the lab's traffic graph: http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C ends it)")
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                server.shutdown()
         elif args.lab_command == "demo":
             from noded.lab.demo import demo
 
@@ -97,6 +108,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command and its arguments")
     st = verb("status", "the lab's nodes, pods and services")
     st.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    graph = verb("graph", "serve the lab-wide traffic graph (every node's merged) on a loopback port")
+    graph.add_argument("--port", type=int, default=8088, help="the port on 127.0.0.1")
     demo = verb("demo", "bring up a lab and show the main job working")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     demo.add_argument("--mode", default="ebpf", choices=["ebpf"], help="services mode")

@@ -9,6 +9,7 @@ AuthorizationPolicies (noded/tunnel/policy.py) for the destination pod; denials 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import ssl
@@ -127,6 +128,7 @@ class Tunnel:
     def authorize(self, pod: PodKey, identity: str | None, source_ip: str, dest_ip: str, port: int) -> bool:
         if not self.policies_ready():  # never listed (403, API server away): unknown policy means deny
             self.counts["denied"] += 1
+            self._denied(pod, identity, source_ip)
             log.info("connection denied: policies not known yet", destination=f"{pod[0]}/{pod[1]}", port=port)
             return False
         info = self.enrollment.pod(pod)
@@ -135,6 +137,7 @@ class Tunnel:
         decision = self.authorizer.check(conn)
         if not decision.allowed:
             self.counts["denied"] += 1
+            self._denied(pod, identity, source_ip)
             log.info(
                 "connection denied",
                 destination=f"{pod[0]}/{pod[1]}",
@@ -144,6 +147,12 @@ class Tunnel:
                 reason=decision.reason,
             )
         return decision.allowed
+
+    def _denied(self, pod: PodKey, identity: str | None, source_ip: str) -> None:
+        source = self.workload_at(source_ip)
+        if identity:
+            source = dataclasses.replace(source, principal=identity)
+        self.telemetry.deny(source, self.workload_of(pod), identity is not None)
 
     def status(self) -> dict:
         return {**self.counts, "policies": sorted(self.authorizer.policies), "rejected": self.authorizer.rejected}

@@ -78,6 +78,7 @@ class TcpTelemetry:
         self.closed: dict[tuple[str, ...], int] = {}
         self.request_bytes: dict[tuple[str, ...], int] = {}  # source -> destination: Istio's "received"
         self.response_bytes: dict[tuple[str, ...], int] = {}  # destination -> source: Istio's "sent"
+        self.denied: dict[tuple[str, str, str, str, str], int] = {}  # (src ns, src, dst ns, dst, security)
 
     @staticmethod
     def key(
@@ -114,6 +115,12 @@ class TcpTelemetry:
             "-",
             "mutual_tls" if mtls else "unknown",
         )
+
+    def deny(self, source: Workload, destination: Workload, mtls: bool) -> None:
+        """A connection AuthorizationPolicy refused (for the traffic graph's denied edges)."""
+        key = (source.namespace, source.name, destination.namespace, destination.name, "mutual_tls" if mtls else "none")
+        if key in self.denied or len(self.denied) < MAX_SERIES:
+            self.denied[key] = self.denied.get(key, 0) + 1
 
     def open(self, key: tuple[str, ...]) -> tuple[str, ...]:
         if key not in self.opened and len(self.opened) >= MAX_SERIES:

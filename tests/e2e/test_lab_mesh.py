@@ -129,13 +129,9 @@ def test_enrolled_pods_on_two_nodes_talk_mtls_and_nothing_readable_crosses_the_f
     assert marker.encode() in sniffer.done()
 
 
-def test_authorization_policy_allows_the_principal_and_refuses_the_rest(lab):
-    wait_certificates(lab)
-    server = pod_ip(lab, "default/mesh-server")
-    deadline = time.monotonic() + 20
-    while "ns/other/sa/default" not in json.dumps(node_status(lab, "node1")["tunnel"]["certificates"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+@contextlib.contextmanager
+def only_default_may_call_mesh_server(lab):
+    """An ALLOW policy on mesh-server for default/default's principal, in force on node2 meanwhile."""
     policy = {
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
@@ -152,13 +148,24 @@ def test_authorization_policy_allows_the_principal_and_refuses_the_rest(lab):
         while "default/mesh-server-from-default" not in node_status(lab, "node2")["tunnel"]["policies"]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        yield
+    finally:
+        os.unlink(f"{lab.manifests}/policy.yaml")
+
+
+def test_authorization_policy_allows_the_principal_and_refuses_the_rest(lab):
+    wait_certificates(lab)
+    server = pod_ip(lab, "default/mesh-server")
+    deadline = time.monotonic() + 20
+    while "ns/other/sa/default" not in json.dumps(node_status(lab, "node1")["tunnel"]["certificates"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with only_default_may_call_mesh_server(lab):
         denied_before = node_status(lab, "node2")["tunnel"]["denied"]
         assert talk(lab, "default/mesh-client", server, "hello")[1] == "mesh-server"
         refused = talk(lab, "other/outsider", server, "hello")
         assert refused == ["", ""], refused  # the stream was refused: the connection closes without an answer
         assert node_status(lab, "node2")["tunnel"]["denied"] == denied_before + 1
-    finally:
-        os.unlink(f"{lab.manifests}/policy.yaml")
 
 
 def pod_ip6(lab, key):
@@ -293,3 +300,67 @@ def test_metrics_every_node_exposes_under_the_anchors_names_after_traffic(lab):
     assert closed and closed[0].value >= 1
     # the connection the policy test denied, on the server's node
     assert samples(node2, "noded_tunnel_denied_connections")[0].value >= 1
+
+
+ARTIFACTS = os.path.join(os.path.dirname(__file__), "..", "..", "build", "test-artifacts")
+
+
+def test_the_traffic_graph_in_a_real_browser(lab):
+    """Issue 22, item 4: the lab-wide traffic graph (every node's part merged) loaded in headless Chromium
+    while lab traffic flows: the workloads as nodes, mTLS and plaintext edges with their counts, the edge
+    the policy denied marked; a screenshot kept under build/test-artifacts/."""
+    import re
+    import shutil
+    import subprocess
+
+    from noded.lab.graphview import serve
+
+    browser = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    assert browser, "chromium-headless-shell (Debian) is in the Makefile's APT_PACKAGES"
+    wait_certificates(lab)
+    mesh_server, plain_server = pod_ip(lab, "default/mesh-server"), pod_ip(lab, "default/plain-server")
+    assert talk(lab, "default/mesh-client", mesh_server, "graph")[1] == "mesh-server"
+    assert talk(lab, "default/mesh-client", plain_server, "graph")[1] == "plain-server"
+    deadline = time.monotonic() + 20
+    while "ns/other/sa/default" not in json.dumps(node_status(lab, "node1")["tunnel"]["certificates"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with only_default_may_call_mesh_server(lab):
+        assert talk(lab, "other/outsider", mesh_server, "graph") == ["", ""]  # denied: an edge to mark
+    time.sleep(0.3)
+    server = serve(lab)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    flows = threading.Event()
+
+    def traffic() -> None:  # connections keep coming while the page loads and refreshes
+        while not flows.is_set():
+            talk(lab, "default/mesh-client", mesh_server, "graph")
+
+    talker = threading.Thread(target=traffic, daemon=True)
+    talker.start()
+    try:
+        base = [browser, "--no-sandbox", "--disable-gpu", "--window-size=1280,900", "--virtual-time-budget=4000"]
+        dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        shot = os.path.abspath(os.path.join(ARTIFACTS, "traffic-graph.png"))
+        subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, timeout=60, cwd=ARTIFACTS)
+    finally:
+        flows.set()
+        talker.join(30)
+        server.shutdown()
+    assert 'data-rendered="true"' in dom, dom[:2000]
+    nodes = set(re.findall(r'<g class="node[^"]*" data-id="([^"]+)"', dom))
+    assert {"default/mesh-client", "default/mesh-server", "default/plain-server", "other/outsider"} <= nodes, nodes
+    edges = {
+        (m["source"], m["target"]): m
+        for m in (
+            dict(re.findall(r'data-([a-z]+)="([^"]*)"', tag)) for tag in re.findall(r'<g class="edge[^"]*"[^>]*>', dom)
+        )
+    }
+    mtls = edges[("default/mesh-client", "default/mesh-server")]
+    assert mtls["security"] == "mutual_tls" and int(mtls["opened"]) >= 2 and int(mtls["bytes"]) > 0, mtls
+    plain = edges[("default/mesh-client", "default/plain-server")]
+    assert plain["security"] != "mutual_tls" and int(plain["opened"]) >= 1, plain
+    denied = edges[("other/outsider", "default/mesh-server")]
+    assert int(denied["denied"]) >= 1, denied
+    assert os.path.getsize(shot) > 10_000  # a drawn page, kept as the test's artifact

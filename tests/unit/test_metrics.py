@@ -87,3 +87,28 @@ def test_the_grafana_dashboard_graphs_only_families_noded_exports():
     assert used and not used - exported, sorted(used - exported)
     assert {"kubeproxy_sync_proxy_rules_duration_seconds_bucket", "coredns_dns_requests_total"} <= used
     assert any(name.startswith("istio_tcp_") for name in used)
+
+
+def test_the_traffic_graph_counts_a_connection_once_whoever_reports_it():
+    """Both ends of a mesh connection report it: the destination's report wins; a source's report stands
+    where no destination reported (a destination outside the mesh); denied edges are marked."""
+    from noded import graph
+
+    client = telemetry.Workload("client", "default", "spiffe://cluster.local/ns/default/sa/c", "client")
+    server = telemetry.Workload("server", "default", "spiffe://cluster.local/ns/default/sa/s", "server")
+    plain = telemetry.Workload("plain", "default")
+    node1, node2 = telemetry.TcpTelemetry(), telemetry.TcpTelemetry()
+    for t, reporter in ((node1, "source"), (node2, "destination")):
+        key = t.open(t.key(reporter, client, server, ("server", "default"), True))
+        t.close(key, 100, 10)
+    node1.close(node1.open(node1.key("source", client, plain, None, False)), 5, 1)
+    node2.deny(telemetry.Workload("outsider", "other"), server, True)
+    merged = graph.merge([graph.snapshot(node1, "node1"), graph.snapshot(node2, "node2")])
+    edges = {(e["source"], e["target"], e["security"]): e for e in merged["edges"]}
+    mesh = edges[("default/client", "default/server", "mutual_tls")]
+    assert (mesh["opened"], mesh["bytes"], mesh["service"]) == (1, 110, "server.default.svc.cluster.local")
+    assert edges[("default/client", "default/plain", "unknown")]["opened"] == 1
+    assert edges[("other/outsider", "default/server", "mutual_tls")]["denied"] == 1
+    kinds = {n["id"]: n["kind"] for n in merged["nodes"]}
+    assert kinds["svc:server.default.svc.cluster.local"] == "service" and kinds["default/client"] == "workload"
+    assert merged["reporters"] == ["node1", "node2"]
