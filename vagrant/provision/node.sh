@@ -28,8 +28,10 @@ fi
 # noded: its wheel and its dependencies' wheels were built on the host (vagrant/lab.py wheels); no index
 say "noded from $src"
 [ -x /opt/noded/venv/bin/python ] || python3 -m venv /opt/noded/venv
-/opt/noded/venv/bin/pip install -q --no-index --find-links "$src/vagrant/.cache/wheels" noded
+# this checkout's noded first, then what its metadata requires (the other order misses a dependency added
+# since the installed one: pip finds noded "already satisfied" by the old metadata)
 /opt/noded/venv/bin/pip install -q --no-index --find-links "$src/vagrant/.cache/wheels" --force-reinstall --no-deps noded
+/opt/noded/venv/bin/pip install -q --no-index --find-links "$src/vagrant/.cache/wheels" noded
 ln -sf /opt/noded/venv/bin/noded /usr/local/bin/noded
 
 # CNI: the reference plugins where runtimes look, the primary config, noded-cni chained last
