@@ -203,7 +203,7 @@ def start_kresd(tmp: str, n: int) -> Server | None:
         return None
 
 
-def start_noded(tmp: str, n: int, fast: bool) -> Server:
+def start_noded(tmp: str, n: int, fast: bool, metrics: bool = True) -> Server:
     argv = [
         sys.executable,
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "resolver_server.py"),
@@ -216,7 +216,10 @@ def start_noded(tmp: str, n: int, fast: bool) -> Server:
     ]
     if fast:
         argv += ["--fast-path", BPFFS, "--bridge", BRIDGE]
-    return Server("noded fast path" if fast else "noded", argv, ready="ready")
+    if not metrics:
+        argv.append("--no-metrics")
+    name = "noded fast path" if fast else "noded" if metrics else "noded (metrics off)"
+    return Server(name, argv, ready="ready")
 
 
 def dnsperf(qfile: str, seconds: int, verbose: bool = False) -> dict:
@@ -274,6 +277,7 @@ def main() -> None:
         starters = {
             "noded": lambda n: start_noded(tmp, n, False),
             "noded-fast": lambda n: start_noded(tmp, n, True),
+            "noded-nometrics": lambda n: start_noded(tmp, n, False, metrics=False),
             "unbound": lambda n: start_unbound(tmp, n),
             "dnsmasq": lambda n: start_dnsmasq(tmp, n),
             "kresd": lambda n: start_kresd(tmp, n),
@@ -300,7 +304,7 @@ def main() -> None:
                     f"{r['cluster']['lost']}/{r['external']['lost']}",
                 ]
             )
-            if key != "noded-fast":
+            if key not in ("noded-fast", "noded-nometrics"):
                 big = starters[key](10 * args.names)
                 try:
                     rss_big = big.rss()

@@ -41,6 +41,8 @@ async def main(args: argparse.Namespace) -> None:
     host, port = args.upstream.rsplit(":", 1)
     resolver = Resolver(model, Upstreams([(host, int(port))]), "cluster.local")
     resolver.zone.address_records()  # the index built before the first query
+    if args.no_metrics:  # bench/metrics_cost.py: the same server without its per-query metrics
+        resolver.stats.record = lambda *_args: None
     udp, tcp = listen.sockets(args.listen, 53)
     await serve(udp, tcp, resolver.resolve, lambda _peer: Client(namespace="default"))
     if args.fast_path:
@@ -64,4 +66,5 @@ if __name__ == "__main__":
     parser.add_argument("--upstream", default="127.0.0.2:5300")
     parser.add_argument("--fast-path", default="", help="bpffs directory: load and attach the fast path")
     parser.add_argument("--bridge", default="br-dns")
+    parser.add_argument("--no-metrics", action="store_true", help="skip the per-query metrics (their cost)")
     asyncio.run(main(parser.parse_args()))

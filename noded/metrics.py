@@ -8,6 +8,7 @@ per-connection paths only bump plain counters of their own, so metrics cost them
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterable
 
@@ -149,12 +150,7 @@ class LatencyHistogram:
         if counts is None:
             counts = self.counts[key] = [0] * (len(self.bounds) + 1)
             self.sums[key] = 0.0
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                counts[i] += 1
-                break
-        else:
-            counts[-1] += 1
+        counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value; past the last: +Inf
         self.sums[key] += value
 
     def snapshot(self) -> dict[tuple, tuple[tuple[float, ...], list[int], float]]:

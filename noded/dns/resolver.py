@@ -92,32 +92,35 @@ class Resolver:
         kinds = ("queries", "local", "forwarded", "cached", "refused", "servfail", "autopath")
         self.counts = dict.fromkeys(kinds, 0)
         self.stats = DnsStats()
-        self._memo: dict[tuple[bytes, Client], tuple[bytes, float]] = {}  # -> (reply[2:], valid until)
+        self._memo: dict[tuple[bytes, Client], tuple[bytes, float, str]] = {}  # -> (reply[2:], until, type)
         self._memo_generation = -1
 
     async def resolve(self, data: bytes, client: Client = Client()) -> bytes | None:
         """The reply to send for one query, or None (a response, or nothing worth answering)."""
         start = time.perf_counter()
-        token = _ANSWERED_BY.set("")
-        try:
-            out = await self._resolve(data, client)
-            if out is not None:
-                self.stats.record(data, out, client, _ANSWERED_BY.get(), time.perf_counter() - start)
-        finally:
-            _ANSWERED_BY.reset(token)
-        return out
-
-    async def _resolve(self, data: bytes, client: Client) -> bytes | None:
         if self._memo_generation != self.zone.model.generation or len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
             self._memo_generation = self.zone.model.generation
         memo_key = (data[2:], client)
         known = self._memo.get(memo_key)
         if known is not None and known[1] > self.clock():  # the same question, bytes for bytes, answered before
+            local = known[1] == math.inf
             self.counts["queries"] += 1
-            self.counts["local" if known[1] == math.inf else "cached"] += 1
-            _ANSWERED_BY.set("kubernetes" if known[1] == math.inf else "cache")
-            return data[:2] + known[0]
+            self.counts["local" if local else "cached"] += 1
+            out = data[:2] + known[0]
+            self.stats.record(known[2], out, client, "kubernetes" if local else "cache", time.perf_counter() - start)
+            return out
+        token = _ANSWERED_BY.set("")
+        try:
+            out = await self._resolve(data, client, memo_key)
+            if out is not None:
+                label = _TYPE_LABELS.get(wire.question_type(data), "other")  # type: ignore[arg-type]
+                self.stats.record(label, out, client, _ANSWERED_BY.get(), time.perf_counter() - start)
+        finally:
+            _ANSWERED_BY.reset(token)
+        return out
+
+    async def _resolve(self, data: bytes, client: Client, memo_key: tuple) -> bytes | None:
         try:
             query = dns.message.from_wire(data)
         except Exception:
@@ -138,8 +141,9 @@ class Resolver:
             out = wire.encode(reply, min(limit, len(data)))
             return out if len(out) <= len(data) else wire.header_error(data, dns.rcode.REFUSED)
         out = wire.encode(reply, limit)
-        if until is not None and generation == self._memo_generation:
-            self._memo[memo_key] = (out[2:], until)
+        if until is not None and generation == self._memo_generation:  # with the type label, for the metrics
+            label = _TYPE_LABELS.get(query.question[0].rdtype, "other") if query.question else "other"
+            self._memo[memo_key] = (out[2:], until, label)
         return out
 
     async def _reply(self, query: dns.message.Message, client: Client) -> tuple[dns.message.Message, float | None]:
@@ -254,7 +258,9 @@ class Resolver:
 
 # CoreDNS's `plugin` label: what wrote the answer (kubernetes: the zone; cache; forward: upstream); per task
 _ANSWERED_BY: ContextVar[str] = ContextVar("noded_dns_answered_by", default="")
-TYPES = frozenset(("A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "NAPTR", "DS", "DNSKEY", "HTTPS"))
+TYPES = ("A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "NAPTR", "DS", "DNSKEY", "HTTPS")
+_TYPE_LABELS = {int(dns.rdatatype.from_text(t)): t for t in TYPES}  # CoreDNS's: anything else is "other"
+_RCODES = {i: dns.rcode.to_text(i) for i in range(16)}
 
 
 class DnsStats:
@@ -267,13 +273,10 @@ class DnsStats:
         self.responses: dict[tuple[str, str], int] = {}
         self.duration = LatencyHistogram(DNS_BUCKETS)
 
-    def record(self, query: bytes, reply: bytes, client: Client, plugin: str, seconds: float) -> None:
-        qtype = wire.question_type(query)
-        text = dns.rdatatype.to_text(qtype) if qtype is not None else "other"
-        qtype_label = text if text in TYPES else "other"
+    def record(self, qtype_label: str, reply: bytes, client: Client, plugin: str, seconds: float) -> None:
         key = ("tcp" if client.tcp else "udp", "2" if client.family == 6 else "1", qtype_label)
         self.requests[key] = self.requests.get(key, 0) + 1
-        rcode = dns.rcode.to_text(reply[3] & 0x0F) if len(reply) > 3 else "SERVFAIL"
+        rcode = _RCODES[reply[3] & 0x0F] if len(reply) > 3 else "SERVFAIL"
         self.responses[(rcode, plugin)] = self.responses.get((rcode, plugin), 0) + 1
         self.duration.observe((qtype_label,), seconds)
 
