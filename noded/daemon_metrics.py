@@ -56,6 +56,21 @@ def register_pulled(daemon: Any) -> None:
         model.no_local_endpoints,
     )
 
+    add(
+        "kubeproxy_conntrack_reconciler_deleted_entries_total",
+        "counter",
+        "Cumulative conntrack flows deleted by conntrack reconciler (the netfilter modes' stale UDP flows)",
+        ("ip_family",),
+        lambda: {(family,): n for family, n in daemon.proxier.conntrack.deleted.items()},
+    )
+    add(
+        "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+        "histogram",
+        "ReconcileConntrackFlowsLatency latency in seconds",
+        (),
+        lambda: daemon.proxier.conntrack.durations.snapshot(),
+    )
+
     # -- noded's own ----------------------------------------------------------------------------------
     add(
         "noded_rejected_objects_total",

@@ -10,6 +10,7 @@ now has backends, and the flow is deleted, so the client's next datagram is tran
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import structlog
 from pyroute2 import Conntrack
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from noded.metrics import SYNC_BUCKETS, LatencyHistogram
 
 log = structlog.get_logger("noded.services.conntrack")
 
@@ -49,16 +52,22 @@ class ConntrackCleaner:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
+        # kube-proxy's conntrack reconciler metrics: entries deleted by IP family, and each pass's duration
+        self.deleted: dict[str, int] = {"IPv4": 0, "IPv6": 0}
+        self.durations = LatencyHistogram(SYNC_BUCKETS)
 
     def clear(self, serving: Serving) -> int:
         """Deletes the stale flows among these frontends'; a failure is logged, the sync it follows stands."""
         if not serving:
             return 0
+        started = time.perf_counter()
         try:
             return self._clear(serving)
         except Exception as e:  # e.g. no nf_conntrack_netlink: the rules are in, only old flows linger
             log.warning("could not clear stale UDP flows", error=repr(e))
             return 0
+        finally:
+            self.durations.observe((), time.perf_counter() - started)
 
     def _clear(self, serving: Serving) -> int:
         count = 0
@@ -76,6 +85,7 @@ class ConntrackCleaner:
                     try:
                         ct.delete(flow.entry)
                         count += 1
+                        self.deleted["IPv6" if family == socket.AF_INET6 else "IPv4"] += 1
                     except OSError:  # gone meanwhile
                         pass
             finally:

@@ -19,6 +19,7 @@ from noded.lab.workloads import node_status, pod_capture, start_echo
 from noded.redirect import podns
 from tests.e2e.conftest import fresh_lab
 from tests.e2e.test_lab_services import pod_ip, write_manifest
+from tests.objects import endpoint, service, slice_
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 DEFAULT_SA = "spiffe://cluster.local/ns/default/sa/default"
@@ -247,6 +248,17 @@ def test_metrics_every_node_exposes_under_the_anchors_names_after_traffic(lab):
     wait_certificates(lab)
     server = pod_ip(lab, "default/mesh-server")
     assert talk(lab, "default/mesh-client", server, "x" * 1000)[1] == "mesh-server"
+    # a VIP too: a service in front of mesh-server, reached through the socket-LB and the tunnel
+    ports = [{"name": "echo", "port": 8080, "protocol": "TCP"}]
+    svc = service("mesh-server", "10.96.230.1", ports)
+    write_manifest(lab, "metrics-svc.yaml", [svc, slice_("mesh-server", [endpoint(server, node="node2")], ports)])
+    deadline = time.monotonic() + 10
+    while (reply := talk(lab, "default/mesh-client", "10.96.230.1", "vip")) != [
+        f"mesh-server {pod_ip(lab, 'default/mesh-client')}",
+        "mesh-server",
+    ]:
+        assert time.monotonic() < deadline, reply
+        time.sleep(0.2)
     code = (
         "import dns.message, dns.query\n"
         "for name in ('kubernetes.default.svc.cluster.local.', 'nope.default.svc.cluster.local.'):\n"
@@ -298,6 +310,12 @@ def test_metrics_every_node_exposes_under_the_anchors_names_after_traffic(lab):
     assert received and received[0].value >= 1000, node2["istio_tcp_received_bytes"].samples
     closed = samples(node2, "istio_tcp_connections_closed", reporter="destination", destination_workload="mesh-server")
     assert closed and closed[0].value >= 1
+    # kube-proxy's, for the VIP: the change counted, programmed, and how long that took
+    assert samples(node1, "kubeproxy_sync_proxy_rules_service_changes")[0].value >= 1
+    assert samples(node1, "kubeproxy_sync_proxy_rules_endpoint_changes")[0].value >= 1
+    assert samples(node1, "kubeproxy_network_programming_duration_seconds", "_count")[0].value >= 1
+    assert samples(node1, "noded_bpf_map_writes")[0].value >= 1
+    os.unlink(f"{lab.manifests}/metrics-svc.yaml")
     # the connection the policy test denied, on the server's node
     assert samples(node2, "noded_tunnel_denied_connections")[0].value >= 1
 
