@@ -97,6 +97,33 @@ def register_pulled(daemon: Any) -> None:
         (),
         lambda: {(): getattr(daemon.proxier, "map_writes", 0)},
     )
+
+    fill_memo: list = [0.0, {}]  # one count per scrape for both families
+
+    def map_fill() -> dict[tuple[str], tuple[int, int]]:
+        import os
+        import time
+
+        from noded.bpf.libbpf import pinned_map_fill
+
+        if time.monotonic() - fill_memo[0] < 1.0:
+            return fill_memo[1]
+        bpffs = daemon.config.bpffsPath
+        out = {}
+        for name in sorted(os.listdir(bpffs)) if os.path.isdir(bpffs) else []:
+            path = os.path.join(bpffs, name)
+            if os.path.isfile(path):  # the maps (links live under links/)
+                fill = pinned_map_fill(path)
+                if fill is not None:
+                    out[(name,)] = fill
+        fill_memo[:] = [time.monotonic(), out]
+        return out
+
+    for metric, index, text in (
+        ("noded_bpf_map_entries", 0, "Entries in each of noded's pinned BPF maps"),
+        ("noded_bpf_map_max_entries", 1, "Capacity of each of noded's pinned BPF maps"),
+    ):
+        add(metric, "gauge", text, ("map",), lambda index=index: {k: v[index] for k, v in map_fill().items()})
     add(
         "noded_netfilter_transactions_total",
         "counter",

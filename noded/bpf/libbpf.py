@@ -267,6 +267,29 @@ def pinned_map_sizes(path: str) -> tuple[int, int] | None:
         os.close(fd)
 
 
+HASH_MAPS = (1, 9)  # BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH: the ones whose fill level varies
+ARRAY_MAPS = (2,)  # BPF_MAP_TYPE_ARRAY: always full
+
+
+def pinned_map_fill(path: str, batch: int = 4096) -> tuple[int, int] | None:
+    """(entries, max entries) of the hash or array map pinned at path (`noded_bpf_map_entries`): a hash map
+    counted by batch lookups (a syscall per `batch` entries); None for other kinds (per-CPU: not counted)."""
+    fd = _check(lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
+    try:
+        info = ffi.new("unsigned int[32]")  # struct bpf_map_info: type, id, key_size, value_size, max_entries
+        size = ffi.new("unsigned int *", ffi.sizeof(info))
+        _check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"info of {path}")
+        kind, ksize, vsize, max_entries = int(info[0]), int(info[2]), int(info[3]), int(info[4])
+        if kind in ARRAY_MAPS:
+            return max_entries, max_entries
+        if kind not in HASH_MAPS:
+            return None
+        m = Map(fd, ctypes.c_char * ksize, ctypes.c_char * vsize, os.path.basename(path))
+        return sum(count for _k, _v, count in m.raw_batches(batch)), max_entries
+    finally:
+        os.close(fd)
+
+
 def attach_cgroup_pinned(prog, cgroup_path: str, pin_path: str) -> str:
     """Attach prog to a cgroup with a BPF link pinned at pin_path.
 

@@ -265,6 +265,12 @@ def test_metrics_every_node_exposes_under_the_anchors_names_after_traffic(lab):
         "    dns.query.udp(dns.message.make_query(name, 'A'), '10.96.0.10', timeout=3)\n"
     )
     assert lab.run("default/mesh-client", [sys.executable, "-c", code], timeout=20).returncode == 0
+    deadline = time.monotonic() + 20  # and one connection a policy denies
+    while "ns/other/sa/default" not in json.dumps(node_status(lab, "node1")["tunnel"]["certificates"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with only_default_may_call_mesh_server(lab):
+        assert talk(lab, "other/outsider", server, "denied") == ["", ""]
     time.sleep(0.3)  # the connection's close is counted once both directions ended
     node1, node2 = scrape(lab, "node1"), scrape(lab, "node2")
     for families in (node1, node2):
@@ -315,8 +321,11 @@ def test_metrics_every_node_exposes_under_the_anchors_names_after_traffic(lab):
     assert samples(node1, "kubeproxy_sync_proxy_rules_endpoint_changes")[0].value >= 1
     assert samples(node1, "kubeproxy_network_programming_duration_seconds", "_count")[0].value >= 1
     assert samples(node1, "noded_bpf_map_writes")[0].value >= 1
+    svc_map = samples(node1, "noded_bpf_map_entries", "", map="noded_svc")
+    assert svc_map and svc_map[0].value >= 1  # the VIP's frontend
+    assert samples(node1, "noded_bpf_map_max_entries", "", map="noded_svc")[0].value >= svc_map[0].value
     os.unlink(f"{lab.manifests}/metrics-svc.yaml")
-    # the connection the policy test denied, on the server's node
+    # the connection the policy denied, on the server's node
     assert samples(node2, "noded_tunnel_denied_connections")[0].value >= 1
 
 
