@@ -72,14 +72,19 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def _frontend_names(cfg: NodedConfiguration) -> dict[str, str]:
-    """Frontend -> the Service port behind it, asked of the running daemon ({} when it does not answer)."""
-    if not os.path.exists(cfg.api.socket):
-        return {}
-    from noded.api import h2client
+    """Frontend -> the Service port behind it, asked of the running daemon's metrics server ({} when it
+    does not answer)."""
+    import urllib.request
 
+    from noded.config import split_hostport
+
+    host, port = split_hostport(cfg.metricsBindAddress)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/frontends.json"
     try:
-        return h2client.call(cfg.api.socket, "/noded.v1.Noded/Frontends", {}, timeout=5).get("services") or {}
-    except (OSError, h2client.CallError):
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return json.loads(reply.read())
+    except (OSError, ValueError):
         return {}
 
 

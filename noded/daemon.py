@@ -409,7 +409,6 @@ class Daemon:
             "PodCheck": self.pods.check,
             "PodGc": self.pods.gc,
             "PodInfo": self.pods.info,
-            "Frontends": lambda _req: {"ok": True, "services": self.model.frontend_names()},
             "Status": lambda _req: {
                 "ok": True,
                 "synced": self.sink.all_synced.is_set(),
@@ -483,6 +482,8 @@ class Daemon:
                 "/graph": lambda: (200, "text/html; charset=utf-8", graph.PAGE),
                 "/graph.json": lambda: (200, "application/json", json.dumps(graph.merge([self._graph_snapshot()]))),
                 "/graph/snapshot.json": lambda: (200, "application/json", json.dumps(self._graph_snapshot())),
+                # `noded services`: the Service behind each frontend (with capture or without)
+                "/frontends.json": lambda: (200, "application/json", json.dumps(self.model.frontend_names())),
             },
             "metrics",
         )

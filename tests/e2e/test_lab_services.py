@@ -250,7 +250,11 @@ def test_cli_views(lab):
     )
     assert {n["name"] for n in status["nodes"]} == {"node1", "node2"}
     assert {p["name"] for p in status["pods"]} >= {"echo-1", "client"}
-    vip = lab.state()["clusterIPs"]["default/echo"]
+    vip = echo_service(lab)
+    wait_programmed(lab, "node2", f"{vip}:80/TCP", ready=3)
+    status = json.loads(
+        subprocess.run([*noded, "lab", "status", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    )
     assert any(s["clusterIPs"] == [vip] for s in status["services"])
     svcs = json.loads(
         netns.nsenter(
@@ -263,6 +267,7 @@ def test_cli_views(lab):
     )
     echo = next(s for s in svcs if s["frontend"] == f"{vip}:80/TCP")
     assert len(echo["ready"]) == 3
+    assert echo["service"] == "default/echo:http/TCP"  # named by the running daemon, in every mode
     ex = subprocess.run(
         [*noded, "lab", "exec", "default/client", "--", "cat", "/proc/self/cgroup"],
         capture_output=True,
