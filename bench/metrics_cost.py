@@ -25,15 +25,14 @@ def per_call() -> list[tuple[str, float]]:
     import dns.message
 
     query = dns.message.make_query("svc-1.default.svc.cluster.local.", "A").to_wire()
-    reply = bytearray(query)
-    reply[2] |= 0x80
+    reply = bytes([*query[:2], query[2] | 0x80, *query[3:]])
     stats, metrics, tel = DnsStats(), DaemonMetrics(), TcpTelemetry()
     client = Client(namespace="default")
     key = tel.key("source", Workload("a", "default"), Workload("b", "default"), None, True)
     n = 200_000
     out = []
     for name, fn in (
-        ("DNS query: DnsStats.record", lambda: stats.record(query, bytes(reply), client, "kubernetes", 0.0001)),
+        ("DNS query: DnsStats.record", lambda: stats.record(0, reply, client, "kubernetes", 0.0001)),
         ("sync: observe_sync (4 histograms, gauge)", lambda: metrics.proxy.observe_sync(0.0002, False, None)),
         ("tunnel connection: open + close", lambda: tel.close(tel.open(key), 100, 10)),
     ):

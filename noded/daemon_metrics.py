@@ -186,7 +186,7 @@ def register_pulled(daemon: Any) -> None:
         "histogram",
         "Histogram of the time (in seconds) each request took",
         ("server", "zone", "view", "type"),
-        lambda: {(DNS_SERVER, DNS_ZONE, "", *k): v for k, v in resolver().stats.duration.snapshot().items()},
+        lambda: {(DNS_SERVER, DNS_ZONE, "", *k): v for k, v in resolver().stats.duration_snapshot().items()},
     )
     add(
         "coredns_cache_entries",

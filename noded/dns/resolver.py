@@ -14,6 +14,8 @@ exists, so the pod's four or five more queries are never sent and each expansion
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from noded.dns import wire
 from noded.dns.cache import AnswerCache, key_of
 from noded.dns.upstream import Overloaded, Upstreams
 from noded.dns.zone import Answer, ClusterZone
-from noded.metrics import DNS_BUCKETS, LatencyHistogram
+from noded.metrics import DNS_BUCKETS
 from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
@@ -92,7 +94,7 @@ class Resolver:
         kinds = ("queries", "local", "forwarded", "cached", "refused", "servfail", "autopath")
         self.counts = dict.fromkeys(kinds, 0)
         self.stats = DnsStats()
-        self._memo: dict[tuple[bytes, Client], tuple[bytes, float, str]] = {}  # -> (reply[2:], until, type)
+        self._memo: dict[tuple[bytes, Client], tuple[bytes, float, int]] = {}  # -> (reply[2:], until, type)
         self._memo_generation = -1
 
     async def resolve(self, data: bytes, client: Client = Client()) -> bytes | None:
@@ -114,8 +116,8 @@ class Resolver:
         try:
             out = await self._resolve(data, client, memo_key)
             if out is not None:
-                label = _TYPE_LABELS.get(wire.question_type(data), "other")  # type: ignore[arg-type]
-                self.stats.record(label, out, client, _ANSWERED_BY.get(), time.perf_counter() - start)
+                qtype = type_index(wire.question_type(data))
+                self.stats.record(qtype, out, client, _ANSWERED_BY.get(), time.perf_counter() - start)
         finally:
             _ANSWERED_BY.reset(token)
         return out
@@ -142,8 +144,8 @@ class Resolver:
             return out if len(out) <= len(data) else wire.header_error(data, dns.rcode.REFUSED)
         out = wire.encode(reply, limit)
         if until is not None and generation == self._memo_generation:  # with the type label, for the metrics
-            label = _TYPE_LABELS.get(query.question[0].rdtype, "other") if query.question else "other"
-            self._memo[memo_key] = (out[2:], until, label)
+            qtype = type_index(query.question[0].rdtype if query.question else None)
+            self._memo[memo_key] = (out[2:], until, qtype)
         return out
 
     async def _reply(self, query: dns.message.Message, client: Client) -> tuple[dns.message.Message, float | None]:
@@ -258,27 +260,55 @@ class Resolver:
 
 # CoreDNS's `plugin` label: what wrote the answer (kubernetes: the zone; cache; forward: upstream); per task
 _ANSWERED_BY: ContextVar[str] = ContextVar("noded_dns_answered_by", default="")
-TYPES = ("A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "NAPTR", "DS", "DNSKEY", "HTTPS")
-_TYPE_LABELS = {int(dns.rdatatype.from_text(t)): t for t in TYPES}  # CoreDNS's: anything else is "other"
-_RCODES = {i: dns.rcode.to_text(i) for i in range(16)}
+TYPES = ("A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "NAPTR", "DS", "DNSKEY", "HTTPS", "other")
+OTHER = len(TYPES) - 1  # CoreDNS's label for any type it does not name
+_TYPE_INDEX = {int(dns.rdatatype.from_text(t)): i for i, t in enumerate(TYPES[:-1])}
+PLUGINS = ("", "kubernetes", "cache", "forward")
+_PLUGIN_INDEX = {p: i for i, p in enumerate(PLUGINS)}
+
+
+def type_index(rdtype: int | None) -> int:
+    return _TYPE_INDEX.get(rdtype, OTHER)  # type: ignore[arg-type]
 
 
 class DnsStats:
-    """CoreDNS's request and response counts and request durations, as plain counters on the DNS loop (read
-    by the metrics collector at scrape time): requests by (proto, family, type), responses by (rcode,
-    plugin), durations by type."""
+    """CoreDNS's request and response counts and request durations, as flat integer lists bumped on the DNS
+    loop (no allocation per query) and turned into labelled families at scrape time: requests by (proto,
+    family, type), responses by (rcode, plugin), durations by type."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.responses: dict[tuple[str, str], int] = {}
-        self.duration = LatencyHistogram(DNS_BUCKETS)
+        self._requests = [0] * (len(TYPES) * 4)  # type * 4 + tcp * 2 + ipv6
+        self._responses = [0] * (16 * len(PLUGINS))  # rcode * plugins + plugin
+        self._buckets = [[0] * (len(DNS_BUCKETS) + 1) for _ in TYPES]
+        self._sums = [0.0] * len(TYPES)
 
-    def record(self, qtype_label: str, reply: bytes, client: Client, plugin: str, seconds: float) -> None:
-        key = ("tcp" if client.tcp else "udp", "2" if client.family == 6 else "1", qtype_label)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        rcode = _RCODES[reply[3] & 0x0F] if len(reply) > 3 else "SERVFAIL"
-        self.responses[(rcode, plugin)] = self.responses.get((rcode, plugin), 0) + 1
-        self.duration.observe((qtype_label,), seconds)
+    def record(self, qtype: int, reply: bytes, client: Client, plugin: str, seconds: float) -> None:
+        self._requests[qtype * 4 + client.tcp * 2 + (client.family == 6)] += 1
+        rcode = reply[3] & 0x0F if len(reply) > 3 else 2  # SERVFAIL
+        self._responses[rcode * 4 + _PLUGIN_INDEX.get(plugin, 0)] += 1
+        self._buckets[qtype][bisect.bisect_left(DNS_BUCKETS, seconds)] += 1
+        self._sums[qtype] += seconds
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str], int]:
+        """(proto, family "1"/"2", type) -> count, for the series that have any."""
+        return {
+            ("tcp" if i & 2 else "udp", "2" if i & 1 else "1", TYPES[i // 4]): n
+            for i, n in enumerate(self._requests)
+            if n
+        }
+
+    @property
+    def responses(self) -> dict[tuple[str, str], int]:
+        """(rcode, plugin) -> count."""
+        return {(dns.rcode.to_text(i // 4), PLUGINS[i % 4]): n for i, n in enumerate(self._responses) if n}
+
+    def duration_snapshot(self) -> dict[tuple[str], tuple[tuple[float, ...], list[int], float]]:
+        out = {}
+        for i, counts in enumerate(self._buckets):
+            if any(counts):
+                out[(TYPES[i],)] = (DNS_BUCKETS, list(itertools.accumulate(counts)), self._sums[i])
+        return out
 
 
 def _query_for(name: dns.name.Name, query: dns.message.Message) -> dns.message.Message:
