@@ -189,10 +189,15 @@ def test_no_write_before_sync_and_lost_api_keeps_serving(env):
     time.sleep(2)  # the daemon is up but its source cannot sync: nothing may be written
     assert "all sources synced" not in env.log().split("noded starting")[-1]
     # what the operator sees: running, the source syncing with the API's error, the last run's state served
-    res = subprocess.run(
-        [sys.executable, "-m", "noded", "status", "-c", env.config, "-o", "json"], capture_output=True, text=True
-    )
-    status = json.loads(res.stdout)
+    deadline = time.monotonic() + 15
+    while True:  # status.json is written every second while the sources sync, the error once a list failed
+        res = subprocess.run(
+            [sys.executable, "-m", "noded", "status", "-c", env.config, "-o", "json"], capture_output=True, text=True
+        )
+        status = json.loads(res.stdout)
+        if (status.get("sources") or {}).get("kubernetes", {}).get("lastError") or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert res.returncode == 0 and status["running"] and status["syncs"] == 0, res.stdout
     assert status["restoredFrontends"] == 1
     source = status["sources"]["kubernetes"]
