@@ -285,8 +285,7 @@ class Daemon:
     def _wait_for_sources(self) -> bool:
         """Until every source synced (True), or noded is stopping (False)."""
         started = time.monotonic()
-        waiting_logged = status_written = started
-        self._write_status(waiting=True)  # `noded status`: running, syncing, and what the API answers
+        waiting_logged = status_written = started  # run() wrote the first status.json just before the source
         while not self.sink.all_synced.wait(0.2):
             if self.stopping.is_set():
                 return False
@@ -446,14 +445,15 @@ class Daemon:
         from noded.daemon_metrics import register_pulled
 
         register_pulled(self)
+        stale_after = 2 * self.config.services.syncPeriod + 1  # kube-proxy's: two sync periods without a sync
 
         def healthz() -> tuple[int, str, str]:
-            # kube-proxy's answer: healthy once synced, and while the last sync is younger than 2 sync periods
+            # kube-proxy's answer: healthy once synced, and while the last sync is younger than `stale_after`
             last = self.metrics.proxy.last_sync_timestamp
             now = time.time()
             synced = self.runner is not None and self.runner.syncs > 0 and self.runner.last_error is None
             eligible = self.model.node_eligible
-            ok = synced and now - last < 2 * self.config.services.syncPeriod + 1 and eligible
+            ok = synced and now - last < stale_after and eligible
             body = {
                 "lastUpdated": rfc3339(last) if last else "",
                 "currentTime": rfc3339(now),
@@ -469,7 +469,7 @@ class Daemon:
                 self.metrics.proxy.last_sync_timestamp,
                 self.runner.last_error if self.runner else None,
                 self.started,
-                2 * self.config.services.syncPeriod + 1,
+                stale_after,
             )
             self.metrics.proxy.livez.labels(str(answer[0])).inc()
             return answer

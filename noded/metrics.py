@@ -9,8 +9,9 @@ per-connection paths only bump plain counters of their own, so metrics cost them
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -137,15 +138,16 @@ class DaemonMetrics:
 
 
 class LatencyHistogram:
-    """A histogram for a hot path: plain cumulative-at-read bucket counts per label key, no lock (the DNS
-    loop is one thread; a scrape reading a count mid-update is off by one at most)."""
+    """A histogram for a hot path: plain cumulative-at-read bucket counts per key (a label tuple, or any
+    hashable the reader maps to labels: an int costs no allocation), no lock (the DNS loop is one thread; a
+    scrape reading a count mid-update is off by one at most)."""
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts: dict[tuple, list[int]] = {}
-        self.sums: dict[tuple, float] = {}
+        self.counts: dict[Hashable, list[int]] = {}
+        self.sums: dict[Hashable, float] = {}
 
-    def observe(self, key: tuple, value: float) -> None:
+    def observe(self, key: Hashable, value: float) -> None:
         counts = self.counts.get(key)
         if counts is None:
             counts = self.counts[key] = [0] * (len(self.bounds) + 1)
@@ -153,12 +155,9 @@ class LatencyHistogram:
         counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value; past the last: +Inf
         self.sums[key] += value
 
-    def snapshot(self) -> dict[tuple, tuple[tuple[float, ...], list[int], float]]:
-        out = {}
-        for key, counts in list(self.counts.items()):
-            cumulative, running = [], 0
-            for c in counts:
-                running += c
-                cumulative.append(running)
-            out[key] = (self.bounds, cumulative, self.sums.get(key, 0.0))
-        return out
+    def snapshot(self) -> dict[Hashable, tuple[tuple[float, ...], list[int], float]]:
+        """key -> (bounds, cumulative counts with +Inf last, sum), as the Pulled collector reads histograms."""
+        return {
+            key: (self.bounds, list(itertools.accumulate(counts)), self.sums.get(key, 0.0))
+            for key, counts in list(self.counts.items())
+        }

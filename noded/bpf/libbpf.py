@@ -253,16 +253,21 @@ class Object:
             self._obj = None
 
 
+def _map_info(fd: int, path: str) -> tuple[int, int, int, int]:
+    """(type, key size, value size, max entries) of an open map (struct bpf_map_info's first fields)."""
+    info = ffi.new("unsigned int[32]")  # struct bpf_map_info: type, id, key_size, value_size, max_entries, ...
+    size = ffi.new("unsigned int *", ffi.sizeof(info))
+    _check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"info of {path}")
+    return int(info[0]), int(info[2]), int(info[3]), int(info[4])
+
+
 def pinned_map_sizes(path: str) -> tuple[int, int] | None:
     """(key size, value size) of the map pinned at path, or None when nothing is pinned there."""
     if not os.path.exists(path):
         return None
     fd = _check(lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
     try:
-        info = ffi.new("unsigned int[32]")  # struct bpf_map_info: type, id, key_size, value_size, ...
-        size = ffi.new("unsigned int *", ffi.sizeof(info))
-        _check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"info of {path}")
-        return int(info[2]), int(info[3])
+        return _map_info(fd, path)[1:3]
     finally:
         os.close(fd)
 
@@ -276,10 +281,7 @@ def pinned_map_fill(path: str, batch: int = 4096) -> tuple[int, int] | None:
     counted by batch lookups (a syscall per `batch` entries); None for other kinds (per-CPU: not counted)."""
     fd = _check(lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
     try:
-        info = ffi.new("unsigned int[32]")  # struct bpf_map_info: type, id, key_size, value_size, max_entries
-        size = ffi.new("unsigned int *", ffi.sizeof(info))
-        _check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"info of {path}")
-        kind, ksize, vsize, max_entries = int(info[0]), int(info[2]), int(info[3]), int(info[4])
+        kind, ksize, vsize, max_entries = _map_info(fd, path)
         if kind in ARRAY_MAPS:
             return max_entries, max_entries
         if kind not in HASH_MAPS:

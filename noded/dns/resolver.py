@@ -14,8 +14,6 @@ exists, so the pod's four or five more queries are never sent and each expansion
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from noded.dns import wire
 from noded.dns.cache import AnswerCache, key_of
 from noded.dns.upstream import Overloaded, Upstreams
 from noded.dns.zone import Answer, ClusterZone
-from noded.metrics import DNS_BUCKETS
+from noded.metrics import DNS_BUCKETS, LatencyHistogram
 from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
@@ -279,15 +277,13 @@ class DnsStats:
     def __init__(self) -> None:
         self._requests = [0] * (len(TYPES) * 4)  # type * 4 + tcp * 2 + ipv6
         self._responses = [0] * (16 * len(PLUGINS))  # rcode * plugins + plugin
-        self._buckets = [[0] * (len(DNS_BUCKETS) + 1) for _ in TYPES]
-        self._sums = [0.0] * len(TYPES)
+        self.duration = LatencyHistogram(DNS_BUCKETS)  # by type index
 
     def record(self, qtype: int, reply: bytes, client: Client, plugin: str, seconds: float) -> None:
         self._requests[qtype * 4 + client.tcp * 2 + (client.family == 6)] += 1
         rcode = reply[3] & 0x0F if len(reply) > 3 else 2  # SERVFAIL
         self._responses[rcode * 4 + _PLUGIN_INDEX.get(plugin, 0)] += 1
-        self._buckets[qtype][bisect.bisect_left(DNS_BUCKETS, seconds)] += 1
-        self._sums[qtype] += seconds
+        self.duration.observe(qtype, seconds)
 
     @property
     def requests(self) -> dict[tuple[str, str, str], int]:
@@ -304,11 +300,7 @@ class DnsStats:
         return {(dns.rcode.to_text(i // 4), PLUGINS[i % 4]): n for i, n in enumerate(self._responses) if n}
 
     def duration_snapshot(self) -> dict[tuple[str], tuple[tuple[float, ...], list[int], float]]:
-        out = {}
-        for i, counts in enumerate(self._buckets):
-            if any(counts):
-                out[(TYPES[i],)] = (DNS_BUCKETS, list(itertools.accumulate(counts)), self._sums[i])
-        return out
+        return {(TYPES[i],): v for i, v in self.duration.snapshot().items()}
 
 
 def _query_for(name: dns.name.Name, query: dns.message.Message) -> dns.message.Message:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
-from noded import graph
+from noded import graph, observe
 from noded.lab import netns
 from noded.lab.lab import Lab
 
@@ -33,27 +32,18 @@ def snapshots(lab: Lab) -> list[dict]:
 
 
 def serve(lab: Lab, port: int = 0) -> ThreadingHTTPServer:
-    """The page at http://127.0.0.1:PORT/ (and /graph), the merged JSON at /graph.json; in a thread."""
+    """The page at http://127.0.0.1:PORT/ (and /graph), the merged JSON at /graph.json; in a thread (the
+    daemon's own bounded server, noded/observe.py)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path in ("/", "/graph"):
-                body, kind = graph.PAGE.encode(), "text/html; charset=utf-8"
-            elif self.path.split("?")[0] == "/graph.json":
-                body, kind = json.dumps(graph.merge(snapshots(lab))).encode(), "application/json"
-            else:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def page() -> tuple[int, str, str]:
+        return 200, "text/html; charset=utf-8", graph.PAGE
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return observe.serve(
+        ("127.0.0.1", port),
+        {
+            "/": page,
+            "/graph": page,
+            "/graph.json": lambda: (200, "application/json", json.dumps(graph.merge(snapshots(lab)))),
+        },
+        "lab-graph",
+    )

@@ -97,8 +97,7 @@ class ServiceModel:
         self.generation = 0  # bumped on every change to services or slices (DNS caches key on it)
         self.service_changes = 0
         self.endpoint_changes = 0
-        self.rejected = 0
-        self.rejected_by_kind: dict[str, int] = {}  # what `rejected` counts, by the objects' kind
+        self.rejected_by_kind: dict[str, int] = {}  # objects rejected, by their kind
         self.node_eligible = True  # for load balancers (KEP-3836): False while this node is being deleted
         # cluster IP:port pairs this node answers itself (the cluster DNS addresses' port 53, which noded's DNS
         # serves): no proxier translates them, whatever Service names them
@@ -137,7 +136,6 @@ class ServiceModel:
                     self.node_eligible = node_eligible(obj)
         except ManifestError as e:
             with self._lock:
-                self.rejected += 1
                 kind = str(obj.get("kind")) if isinstance(obj, dict) else "?"
                 self.rejected_by_kind[kind] = self.rejected_by_kind.get(kind, 0) + 1
             log.error("object rejected", object=object_ref(obj), error=str(e))
@@ -200,6 +198,10 @@ class ServiceModel:
             dirty, self._dirty = self._dirty, set()
             self.taken_since, self._dirty_since = self._dirty_since, None
         return dirty
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_kind.values())
 
     def pending_changes(self) -> int:
         """Services changed and not yet taken by a sync (kube-proxy's changes pending)."""
@@ -274,19 +276,26 @@ class ServiceModel:
                 external = local if sp.external_traffic_local else cluster
                 in_cluster = internal if sp.external_traffic_local else None
                 proto = sp.name.protocol
-                for ip in sp.cluster_ips:
-                    if _family(ip) == family and (ip, sp.port) not in self.served_locally:
-                        out[Frontend(ip, sp.port, proto)] = FrontendState(sp, *internal)
-                entries = [(ip, sp.port, "ExternalIP") for ip in sp.external_ips]
-                if sp.type == "LoadBalancer":
-                    entries += [(ip, sp.port, "LoadBalancer") for ip in sp.load_balancer_ips]
-                if sp.node_port and sp.type in ("NodePort", "LoadBalancer"):
-                    entries += [(ip, sp.node_port, "NodePort") for ip in self.node_ips]
-                for ip, port, kind in entries:
-                    if _family(ip) == family:
+                for ip, port, kind in self._addresses(sp):
+                    if _family(ip) != family:
+                        continue
+                    if kind == "ClusterIP":
+                        out[Frontend(ip, port, proto)] = FrontendState(sp, *internal)
+                    else:
                         out[Frontend(ip, port, proto)] = FrontendState(
                             sp, *external, kind=kind, local_external=sp.external_traffic_local, in_cluster=in_cluster
                         )
+        return out
+
+    def _addresses(self, sp: ServicePort) -> list[tuple[str, int, str]]:
+        """Where one service port is reached, (address, port, kind): its cluster IPs (those this node does not
+        answer itself), external IPs, load-balancer IPs and node ports."""
+        out = [(ip, sp.port, "ClusterIP") for ip in sp.cluster_ips if (ip, sp.port) not in self.served_locally]
+        out += [(ip, sp.port, "ExternalIP") for ip in sp.external_ips]
+        if sp.type == "LoadBalancer":
+            out += [(ip, sp.port, "LoadBalancer") for ip in sp.load_balancer_ips]
+        if sp.node_port and sp.type in ("NodePort", "LoadBalancer"):
+            out += [(ip, sp.node_port, "NodePort") for ip in self.node_ips]
         return out
 
     def frontend_names(self) -> dict[str, str]:
@@ -294,17 +303,11 @@ class ServiceModel:
         from the services alone, no endpoint selection."""
         with self._lock:
             ports = [sp for sps in self._services.values() for sp in sps]
-        out: dict[str, str] = {}
-        for sp in ports:
-            addresses = [(ip, sp.port) for ip in sp.cluster_ips if (ip, sp.port) not in self.served_locally]
-            addresses += [(ip, sp.port) for ip in sp.external_ips]
-            if sp.type == "LoadBalancer":
-                addresses += [(ip, sp.port) for ip in sp.load_balancer_ips]
-            if sp.node_port and sp.type in ("NodePort", "LoadBalancer"):
-                addresses += [(ip, sp.node_port) for ip in self.node_ips]
-            for ip, port in addresses:
-                out[str(Frontend(ip, port, sp.name.protocol))] = str(sp.name)
-        return out
+        return {
+            str(Frontend(ip, port, sp.name.protocol)): str(sp.name)
+            for sp in ports
+            for ip, port, _kind in self._addresses(sp)
+        }
 
     def cluster_frontend(self, ip: str, port: int, protocol: str = "TCP") -> FrontendState | None:
         """What a cluster IP frontend translates to (the tunnel resolves VIPs itself), or None."""

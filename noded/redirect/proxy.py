@@ -31,7 +31,7 @@ from noded.tunnel.h2conn import Stream
 from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
 from noded.tunnel.node import Tunnel
 from noded.tunnel.relay import Acceptor, finish_connect, spawn, splice_sockets, start_connect
-from noded.tunnel.telemetry import UNKNOWN
+from noded.tunnel.telemetry import UNKNOWN, TcpTelemetry
 from noded.tunnel.tls import PeerRejected
 
 log = structlog.get_logger("noded.redirect.proxy")
@@ -314,16 +314,10 @@ class CaptureProxy:
             await splice_sockets(sock, up)
             return
         tunnel.counts["plain_out"] += 1
-        key = tunnel.telemetry.open(
-            tunnel.telemetry.key(
-                "source", tunnel.workload_of(pod.key), tunnel.workload_at(dst[0]), tunnel.service_at(*dst[:2]), False
-            )
+        key = tunnel.telemetry.key(
+            "source", tunnel.workload_of(pod.key), tunnel.workload_at(dst[0]), tunnel.service_at(*dst[:2]), False
         )
-        request, response = 0, 0
-        try:
-            request, response = await splice_sockets(sock, up)
-        finally:
-            tunnel.telemetry.close(key, request, response)
+        await counted_splice(tunnel.telemetry, key, sock, up)
 
     def _inbound(self, pod: PodListeners, sock: socket.socket, peer: tuple) -> None:
         """Plaintext to an enrolled pod (TPROXY to 15006): the same policy, without a principal."""
@@ -352,14 +346,8 @@ class CaptureProxy:
                 return
             # plaintext: the source's principal is not known (Istio's "unknown"), its workload by address
             source = dataclasses.replace(tunnel.workload_at(peer[0]), principal=UNKNOWN)
-            key = tunnel.telemetry.open(
-                tunnel.telemetry.key("destination", source, tunnel.workload_of(pod.key), None, False)
-            )
-            request, response = 0, 0
-            try:
-                request, response = await splice_sockets(sock, up)
-            finally:
-                tunnel.telemetry.close(key, request, response)
+            key = tunnel.telemetry.key("destination", source, tunnel.workload_of(pod.key), None, False)
+            await counted_splice(tunnel.telemetry, key, sock, up)
 
         spawn(self.tasks, splice())
 
@@ -395,6 +383,18 @@ class CaptureProxy:
             return lambda request, response: tunnel.telemetry.close(key, request, response)
 
         return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected, serves, on_stream)
+
+
+async def counted_splice(
+    telemetry: TcpTelemetry, key: tuple[str, ...], client: socket.socket, up: socket.socket
+) -> None:
+    """splice_sockets, the connection counted as opened and, with its bytes each way, as closed."""
+    key = telemetry.open(key)
+    request, response = 0, 0
+    try:
+        request, response = await splice_sockets(client, up)
+    finally:
+        telemetry.close(key, request, response)
 
 
 def _addresses(ips: object) -> list[str]:
