@@ -1,5 +1,6 @@
 """noded's resolver as its own process for bench/resolver.py: N generated ClusterIP services, served on an address
-(UDP and TCP), forwarding the rest to one upstream; optionally the eBPF fast path on a bridge.
+(UDP and TCP), forwarding the rest to one upstream; optionally the eBPF fast path on a bridge (cluster names and
+the in-kernel cache of external answers).
 
 Run inside the bench's node netns. Prints "ready" once serving (and, with --fast-path, once the map holds
 every record), then serves until killed.
@@ -54,6 +55,7 @@ async def main(args: argparse.Namespace) -> None:
         fast.sync(resolver.zone.address_records(), 5)
         took = time.perf_counter() - started
         fast.attach({args.bridge: socket.if_nametoindex(args.bridge)})
+        resolver.learned = fast.learned  # answers learned upstream: into the in-kernel cache, as the daemon does
         print(f"fast-path records={fast.stats()['records']} sync={took:.3f}s", flush=True)
     print("ready", flush=True)
     await asyncio.Event().wait()

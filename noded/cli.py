@@ -171,7 +171,8 @@ def render_status(s: dict) -> str:
                 "dns",
                 f"{dns.get('queries', 0)} queries: {dns.get('local', 0)} local, {dns.get('cached', 0)} "
                 f"cached, {dns.get('forwarded', 0)} forwarded, {dns.get('refused', 0)} refused; fast path "
-                f"{fast.get('answered', 0)} answered, {fast.get('records', 0)} records; upstreams {ups or '-'}",
+                f"{fast.get('answered', 0)} answered, {fast.get('cachedAnswered', 0)} from its cache, "
+                f"{fast.get('records', 0)} records; upstreams {ups or '-'}",
             )
         )
     tunnel = s.get("tunnel")

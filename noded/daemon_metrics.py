@@ -240,6 +240,16 @@ def register_pulled(daemon: Any) -> None:
     for name, field, text in (
         ("noded_dns_fastpath_answered_total", "answered", "DNS queries answered by the eBPF fast path"),
         ("noded_dns_fastpath_passed_total", "passed", "DNS queries the eBPF fast path passed to the resolver"),
+        (
+            "noded_dns_fastpath_cache_answered_total",
+            "cachedAnswered",
+            "DNS queries for external names answered by the eBPF fast path from its cache",
+        ),
+        (
+            "noded_dns_fastpath_cache_expired_total",
+            "cacheExpired",
+            "Expired entries the eBPF fast path found in its cache (removed; the query went to the resolver)",
+        ),
     ):
         add(name, "counter", text, (), lambda field=field: {(): daemon.dns.fast.stats()[field]})
 

@@ -60,7 +60,8 @@ def cluster_model() -> ServiceModel:
 
 
 class FakeUpstream:
-    """A DNS server on 127.0.0.1 (UDP and TCP) answering A records from `records`, NXDOMAIN otherwise.
+    """A DNS server on 127.0.0.1 (UDP and TCP) answering A and AAAA records from `records` (NODATA for a
+    family a name lacks), NXDOMAIN otherwise.
 
     It counts the questions it saw; `stop()`/`start()` take it away and bring it back on the same port;
     `delay` holds every answer back. Runs on the test's own event loop.
@@ -88,8 +89,11 @@ class FakeUpstream:
         self.seen.append(name)
         reply = dns.message.make_response(query)
         if name in self.records:
-            if q.rdtype == dns.rdatatype.A:
-                reply.answer.append(dns.rrset.from_text_list(q.name, self.ttl, "IN", "A", self.records[name]))
+            family = {dns.rdatatype.A: ".", dns.rdatatype.AAAA: ":"}.get(q.rdtype)
+            same = [ip for ip in self.records[name] if family and family in ip]
+            if same:
+                rdtype = dns.rdatatype.to_text(q.rdtype)
+                reply.answer.append(dns.rrset.from_text_list(q.name, self.ttl, "IN", rdtype, same))
         else:
             reply.set_rcode(dns.rcode.NXDOMAIN)
             reply.authority.append(dns.rrset.from_text(".", 3600, "IN", "SOA", "a.root. nstld. 1 1800 900 604800 60"))

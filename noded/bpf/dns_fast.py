@@ -1,8 +1,11 @@
-"""The DNS fast path's kernel side: loads bpf/dns.c, pins its maps and tcx links, fills noded_dns.
+"""The DNS fast path's kernel side: loads bpf/dns.c, pins its maps and tcx links, fills noded_dns and
+noded_dns_cache.
 
 `sync(records)` writes the difference between what the map holds and the zone's A/AAAA answers
 (ClusterZone.address_records); names longer than the program reads or with more addresses than it
-answers are left out, so userspace answers them. Links are pinned as `links/dns-<ifname>-<ifindex>`.
+answers are left out, so userspace answers them. `learned(reply, stored, expires)` puts one answer the
+resolver got upstream into the in-kernel cache (`cached_entry` turns the resolver's reply bytes into
+the map value). Links are pinned as `links/dns-<ifname>-<ifindex>`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ log = structlog.get_logger("noded.bpf.dns")
 OBJECT = "dns.o"
 LINK_PREFIX = "dns-"
 A, AAAA = 1, 28
+STATS = ("answered", "passed", "cachedAnswered", "cacheExpired")  # noded_dns_stats' indexes (noded_dns.h)
 
 
 def _possible_cpus() -> int:
@@ -48,6 +52,72 @@ def record_value(addresses: list[str], ttl: int) -> structs.DnsVal | None:
     return val
 
 
+def cached_entry(reply: bytes, stored: float, expires: float) -> tuple[structs.DnsKey, structs.DnsCached] | None:
+    """The cache map's key and value for a reply to a plain query (one A or AAAA question, class IN, no
+    EDNS), as the resolver writes it; None for what the program would not serve (a name or answer longer
+    than it holds, more records than it ages, a compressed or cut question). Times: CLOCK_MONOTONIC s."""
+    if len(reply) < 12 or reply[4:6] != b"\0\1":
+        return None
+    pos, labels = 12, []
+    while pos < len(reply) and reply[pos] != 0:
+        if reply[pos] > 63:
+            return None
+        labels.append(reply[pos : pos + 1 + reply[pos]])
+        pos += 1 + reply[pos]
+    name = b"".join(labels) + b"\0"
+    end = 12 + len(name) + 4
+    if end > len(reply) or len(name) > structs.DNS_NAME_MAX:
+        return None
+    qtype, qclass = int.from_bytes(reply[end - 4 : end - 2], "big"), int.from_bytes(reply[end - 2 : end], "big")
+    data = reply[end:]
+    counts = [int.from_bytes(reply[i : i + 2], "big") for i in (6, 8, 10)]
+    offsets = _ttl_offsets(reply, end, sum(counts))
+    if qtype not in (A, AAAA) or qclass != 1 or offsets is None or len(data) > structs.DNS_CACHE_DATA:
+        return None
+    if len(offsets) > structs.DNS_CACHE_TTLS:
+        return None
+    key = structs.DnsKey(qtype=qtype)
+    ctypes.memmove(key.name, name.lower(), len(name))
+    val = structs.DnsCached(
+        stored_ns=round(stored * 1e9),
+        expires_ns=round(expires * 1e9),
+        len=len(data),
+        flags2=reply[3],
+        nttl=len(offsets),
+        ancount=counts[0],
+        nscount=counts[1],
+        arcount=counts[2],
+    )
+    for i, off in enumerate(offsets):
+        val.ttl_off[i] = off
+    ctypes.memmove(val.data, data, len(data))
+    return key, val
+
+
+def _ttl_offsets(wire: bytes, start: int, records: int) -> list[int] | None:
+    """Where each record's TTL sits, relative to start; None when the records do not parse."""
+    out, pos = [], start
+    for _ in range(records):
+        while True:  # the owner name: labels, ended by the root or a pointer
+            if pos >= len(wire):
+                return None
+            length = wire[pos]
+            if length == 0:
+                pos += 1
+                break
+            if length & 0xC0 == 0xC0:
+                pos += 2
+                break
+            if length > 63:
+                return None
+            pos += 1 + length
+        if pos + 10 > len(wire):
+            return None
+        out.append(pos + 4 - start)
+        pos += 10 + int.from_bytes(wire[pos + 8 : pos + 10], "big")
+    return out if pos == len(wire) else None
+
+
 class DnsFastPath:
     def __init__(self, bpffs: str) -> None:
         self.bpffs = bpffs
@@ -58,22 +128,22 @@ class DnsFastPath:
         self.obj.load()
         self.program = next(prog for name, _s, prog in self.obj.programs() if name == "noded_dns_fast")
         self.records = Map.open_pinned(f"{bpffs}/noded_dns", structs.DnsKey, structs.DnsVal)
+        self.cache = Map.open_pinned(f"{bpffs}/noded_dns_cache", structs.DnsKey, structs.DnsCached)
         self.listen = Map.open_pinned(f"{bpffs}/noded_dns_listen", structs.DnsListenKey, ctypes.c_uint32)
         self.stats_map = Map.open_pinned(
             f"{bpffs}/noded_dns_stats", ctypes.c_uint32, ctypes.c_uint64 * _possible_cpus()
         )
         self._held: dict[bytes, bytes] | None = None  # key bytes -> value bytes, as written
         self.writes = 0
+        self.cached = 0  # answers put into noded_dns_cache
 
     def set_listen(self, addresses: list[tuple[str, int]], prune: bool = True) -> None:
         """The addresses the fast path answers for; prune=False keeps the others the pinned map holds (at
         start, the cluster DNS addresses the last run served, until the first sync names them again)."""
         wanted = {}
         for host, port in addresses:
-            ip = ipaddress.ip_address(host)
-            if ip.version == 4 and not ip.is_unspecified:
-                key = structs.DnsListenKey(port=structs.net_port(port))
-                ctypes.memmove(key.addr, ip.packed, 4)
+            if not ipaddress.ip_address(host).is_unspecified:
+                key = structs.DnsListenKey(addr=structs.pack_addr(host), port=structs.net_port(port))
                 wanted[bytes(key)] = key
         for key in list(self.listen.keys()) if prune else ():
             if bytes(key) not in wanted:
@@ -117,14 +187,24 @@ class DnsFastPath:
         self.writes += writes
         return writes
 
+    def learned(self, reply: bytes, stored: float, expires: float) -> bool:
+        """Put an answer the resolver learned upstream into the in-kernel cache (its reply to a plain query,
+        stored and expires in CLOCK_MONOTONIC seconds); whether the program can serve it."""
+        entry = cached_entry(reply, stored, expires)
+        if entry is None:
+            return False
+        self.cache.update(*entry)
+        self.cached += 1
+        return True
+
     def stats(self) -> dict[str, int]:
         out = {}
-        for index, name in ((0, "answered"), (1, "passed")):
+        for index, name in enumerate(STATS):
             per_cpu = self.stats_map.lookup(ctypes.c_uint32(index))
             out[name] = sum(per_cpu) if per_cpu is not None else 0
         return {**out, "records": len(self._held or {})}
 
     def close(self) -> None:
-        for m in (self.records, self.listen, self.stats_map):
+        for m in (self.records, self.cache, self.listen, self.stats_map):
             m.close()
         self.obj.close()

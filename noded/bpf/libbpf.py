@@ -30,6 +30,8 @@ ffi.cdef(
     _Bool bpf_map__is_internal(const struct bpf_map *map);
     unsigned int bpf_map__key_size(const struct bpf_map *map);
     unsigned int bpf_map__value_size(const struct bpf_map *map);
+    int bpf_map__type(const struct bpf_map *map);
+    unsigned int bpf_map__max_entries(const struct bpf_map *map);
     int bpf_obj_get_info_by_fd(int bpf_fd, void *info, unsigned int *info_len);
     struct bpf_link *bpf_program__attach_cgroup(const struct bpf_program *prog, int cgroup_fd);
     int bpf_link__pin(struct bpf_link *link, const char *path);
@@ -220,14 +222,20 @@ class Object:
             p = lib.bpf_object__next_program(self._obj, p)
 
     def pin_maps_under(self, directory: str) -> None:
-        """Reuse maps pinned in directory, or pin new ones there, at load. A pinned map whose key or value
-        layout differs from this object's (left by an older noded) is unpinned, so a new one replaces it."""
+        """Reuse maps pinned in directory, or pin new ones there, at load. A pinned map whose kind, key or
+        value layout or size differs from this object's (left by an older noded) is unpinned, so a new one
+        replaces it."""
         for name, m in self.maps():
             if lib.bpf_map__is_internal(m):  # the object's own .rodata/.bss: private to it
                 continue
             path = f"{directory}/{name}"
-            pinned = pinned_map_sizes(path)
-            wanted = (lib.bpf_map__key_size(m), lib.bpf_map__value_size(m))
+            pinned = pinned_map_layout(path)
+            wanted = (
+                lib.bpf_map__type(m),
+                lib.bpf_map__key_size(m),
+                lib.bpf_map__value_size(m),
+                lib.bpf_map__max_entries(m),
+            )
             if pinned is not None and pinned != wanted:
                 log.warning(
                     "pinned map has another layout: replaced, its entries are lost",
@@ -261,15 +269,21 @@ def _map_info(fd: int, path: str) -> tuple[int, int, int, int]:
     return int(info[0]), int(info[2]), int(info[3]), int(info[4])
 
 
-def pinned_map_sizes(path: str) -> tuple[int, int] | None:
-    """(key size, value size) of the map pinned at path, or None when nothing is pinned there."""
+def pinned_map_layout(path: str) -> tuple[int, int, int, int] | None:
+    """(type, key size, value size, max entries) of the map pinned at path, or None when nothing is pinned."""
     if not os.path.exists(path):
         return None
     fd = _check(lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
     try:
-        return _map_info(fd, path)[1:3]
+        return _map_info(fd, path)
     finally:
         os.close(fd)
+
+
+def pinned_map_sizes(path: str) -> tuple[int, int] | None:
+    """(key size, value size) of the map pinned at path, or None when nothing is pinned there."""
+    layout = pinned_map_layout(path)
+    return layout[1:3] if layout is not None else None
 
 
 HASH_MAPS = (1, 9)  # BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH: the ones whose fill level varies

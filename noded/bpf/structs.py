@@ -125,6 +125,8 @@ class CidrKey(ctypes.Structure):
 
 DNS_NAME_MAX = 128
 DNS_ADDRS_MAX = 8
+DNS_CACHE_DATA = 512
+DNS_CACHE_TTLS = 16
 
 
 class DnsKey(ctypes.Structure):
@@ -135,8 +137,24 @@ class DnsVal(ctypes.Structure):
     _fields_ = [("ttl", ctypes.c_uint32), ("count", ctypes.c_uint32), ("addr", Addr16 * DNS_ADDRS_MAX)]
 
 
+class DnsCached(ctypes.Structure):
+    _fields_ = [
+        ("stored_ns", ctypes.c_uint64),
+        ("expires_ns", ctypes.c_uint64),
+        ("len", ctypes.c_uint16),
+        ("flags2", ctypes.c_uint8),
+        ("nttl", ctypes.c_uint8),
+        ("ancount", ctypes.c_uint16),
+        ("nscount", ctypes.c_uint16),
+        ("arcount", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("ttl_off", ctypes.c_uint16 * DNS_CACHE_TTLS),
+        ("data", ctypes.c_uint8 * DNS_CACHE_DATA),
+    ]
+
+
 class DnsListenKey(ctypes.Structure):
-    _fields_ = [("addr", ctypes.c_uint8 * 4), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+    _fields_ = [("addr", Addr16), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class TermKey(ctypes.Structure):
@@ -166,6 +184,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
 DNS_MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_dns_key": DnsKey,
     "noded_dns_val": DnsVal,
+    "noded_dns_cached": DnsCached,
     "noded_dns_listen_key": DnsListenKey,
 }
 

@@ -72,15 +72,17 @@ class AnswerCache:
         ttls = [rrset.ttl for section in (reply.answer, reply.authority) for rrset in section]
         return min([self.max_ttl, *ttls]), False
 
-    def put(self, key: CacheKey, reply: dns.message.Message, now: float) -> None:
+    def put(self, key: CacheKey, reply: dns.message.Message, now: float) -> float | None:
+        """Keep the reply; until when (None: not cached)."""
         ttl, denial = self.ttl_for(reply)
         if ttl <= 0 or self.capacity <= 0:
-            return
+            return None
         table = self._denial if denial else self._success
         table[key] = _Entry(reply, now, now + ttl)
         table.move_to_end(key)
         while len(table) > self.capacity:
             table.popitem(last=False)
+        return now + ttl
 
     def get(self, key: CacheKey, now: float) -> tuple[dns.message.Message, float] | None:
         """A copy of the cached reply with its TTLs aged, and until when that copy stays exact (its age in
@@ -102,7 +104,7 @@ class AnswerCache:
 
 
 def _aged(reply: dns.message.Message, age: int) -> dns.message.Message:
-    copy = dns.message.from_wire(reply.to_wire(max_size=65535))
+    copy = dns.message.from_wire(reply.to_wire(max_size=65535, want_shuffle=False))
     for section in (copy.answer, copy.authority, copy.additional):
         for rrset in section:
             rrset.ttl = max(0, rrset.ttl - age)

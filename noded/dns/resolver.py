@@ -39,6 +39,7 @@ from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
 TTL = 5
+KERNEL_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)  # what the eBPF fast path answers from its cache
 MEMO_SIZE = 10000  # replies kept by query bytes: zone ones until the model changes, cached ones for <= 1 s
 
 
@@ -92,6 +93,9 @@ class Resolver:
         kinds = ("queries", "local", "forwarded", "cached", "refused", "servfail", "autopath")
         self.counts = dict.fromkeys(kinds, 0)
         self.stats = DnsStats()
+        # told each answer cached from upstream for a plain A/AAAA question: (the reply to it as written for a
+        # query without EDNS, stored, expires); the eBPF fast path's cache (noded/bpf/dns_fast.py)
+        self.learned: Callable[[bytes, float, float], object] | None = None
         self._memo: dict[tuple[bytes, Client], tuple[bytes, float, int]] = {}  # -> (reply[2:], until, type)
         self._memo_generation = -1
 
@@ -167,7 +171,7 @@ class Resolver:
             answer = self.zone.answer(query)
             if answer is not None:
                 autopath = answer.reply.rcode() == dns.rcode.NXDOMAIN and client.namespace is not None
-                until = math.inf if answer.chase is None and not autopath else None
+                until = math.inf if answer.chase is None and not autopath and not answer.rotated else None
                 return await self._finish_local(answer, query, client), until
         return await self._forward(query)
 
@@ -242,7 +246,14 @@ class Resolver:
         if upstream is None:  # every upstream failed
             self.counts["servfail"] += 1
             upstream = self._error(query, dns.rcode.SERVFAIL)
-        self.cache.put(key, upstream, self.clock())
+        stored = self.clock()
+        expires = self.cache.put(key, upstream, stored)
+        if expires is not None and self.learned is not None and not key[3] and key[1] in KERNEL_TYPES:
+            plain = dns.message.make_query(query.question[0].name, key[1], key[2], use_edns=False)
+            try:
+                self.learned(wire.encode(_as_reply(plain, upstream), wire.MAX_TCP), stored, expires)
+            except Exception as e:  # the kernel cache is an optimisation: userspace answers regardless
+                log.warning("answer not put into the kernel cache", question=key[0], error=str(e))
         return _as_reply(query, upstream), None
 
     def _error(self, query: dns.message.Message, rcode: int) -> dns.message.Message:

@@ -146,6 +146,7 @@ class DnsService:
             self.errors["fastPath"] = str(e)
             log.error("DNS fast path not loaded; the resolver answers every query", error=str(e))
             return
+        self.resolver.learned = self.fast.learned  # answers learned upstream: into the in-kernel cache too
         self._task = self.loop.spawn(self._keep_in_step())
 
     async def _keep_in_step(self) -> None:

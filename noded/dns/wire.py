@@ -28,8 +28,8 @@ def encode(reply: dns.message.Message, limit: int) -> bytes:
     """The reply in at most `limit` bytes: whole, or truncated to its question with TC set."""
     if reply.edns >= 0:
         reply.use_edns(reply.edns, reply.ednsflags, MAX_UDP, options=reply.options)  # what noded accepts
-    try:
-        return reply.to_wire(max_size=limit)
+    try:  # records in the order the answer holds them (dnspython shuffles by default): the fast path's order
+        return reply.to_wire(max_size=limit, want_shuffle=False)
     except dns.exception.TooBig:
         pass
     truncated = dns.message.Message(id=reply.id)
@@ -39,7 +39,7 @@ def encode(reply: dns.message.Message, limit: int) -> bytes:
         truncated.use_edns(reply.edns, reply.ednsflags, MAX_UDP)
     truncated.set_rcode(reply.rcode())
     try:
-        return truncated.to_wire(max_size=limit)
+        return truncated.to_wire(max_size=limit, want_shuffle=False)
     except dns.exception.TooBig:  # not even the question fits: the header alone, TC set
         header = truncated.to_wire()[:12]
         return header[:4] + bytes(8)

@@ -52,6 +52,21 @@ class HostRecord:
 class Answer:
     reply: dns.message.Message
     chase: dns.name.Name | None = None  # an external CNAME target for the caller to resolve and append
+    rotated: bool = False  # an address rrset was turned by the query ID: the reply bytes depend on the ID
+
+
+def rotate_addresses(rrsets: list[dns.rrset.RRset], query_id: int) -> bool:
+    """Turn each A/AAAA rrset of several records by the query ID (its first record: number ID mod count), the
+    round robin CoreDNS's loadbalance plugin gives, made deterministic so the eBPF fast path writes the same
+    bytes for the same query; whether any was turned."""
+    rotated = False
+    for i, rrset in enumerate(rrsets):
+        if rrset.rdtype in (A, AAAA) and len(rrset) > 1:
+            records = list(rrset)
+            k = query_id % len(records)
+            rrsets[i] = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, records[k:] + records[:k])
+            rotated = True
+    return rotated
 
 
 @dataclass
@@ -146,7 +161,7 @@ class ClusterZone:
             return None
         reply = self._reply(query)
         chase = self._fill(reply, q.name, q.rdtype, 0)
-        return Answer(reply, chase)
+        return Answer(reply, chase, rotate_addresses(reply.answer, query.id))
 
     def _reply(self, query: dns.message.Message) -> dns.message.Message:
         reply = dns.message.make_response(query)

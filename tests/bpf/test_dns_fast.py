@@ -1,6 +1,7 @@
 """The DNS fast path for real: a pod netns behind a node netns's bridge, the program on the bridge's ingress,
-the userspace resolver on 169.254.20.10 behind it. The fast path answers what it holds, byte-compatible with
-the resolver; everything else reaches the resolver."""
+the userspace resolver on 169.254.20.10 and fd00:10:96::a behind it, forwarding to an upstream on loopback.
+The fast path answers what it holds (cluster names, and the external answers the resolver learned), byte for
+byte as the resolver would; everything else reaches the resolver."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,19 +22,26 @@ from noded.dns.upstream import Upstreams
 from noded.lab import netns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
-from tests.dnsfixtures import Z, cluster_model
+from tests.dnsfixtures import FakeUpstream, Z, cluster_model
 from tests.objects import service
 
 NODE, POD = "noded-test-dnsnode", "noded-test-dnspod"
 BPFFS = "/sys/fs/bpf/noded/test-dns"
 LISTEN = ("169.254.20.10", 53)
+LISTEN6 = ("fd00:10:96::a", 53)
+EXTERNAL = {
+    "ext.example.org": ["192.0.2.10", "192.0.2.11", "2001:db8::10"],
+    "v4only.example.org": ["192.0.2.20"],
+    "short.example.org": ["192.0.2.30"],
+    "many.example.org": [f"192.0.2.{i}" for i in range(100, 140)],  # 40 records: more than the kernel ages
+}
 
 ASK = """
 import dns.message, dns.query, json, sys
 out = []
 for name, rdtype, edns in json.loads(sys.argv[1]):
     q = dns.message.make_query(name, rdtype, use_edns=0 if edns else False)
-    r = dns.query.udp(q, "169.254.20.10", timeout=3)
+    r = dns.query.udp(q, sys.argv[2] if len(sys.argv) > 2 else "169.254.20.10", timeout=3)
     out.append({
         "rcode": r.rcode(), "flags": r.flags, "question": r.question[0].name.to_text(), "edns": r.edns,
         "payload": r.payload if r.edns >= 0 else None,
@@ -60,23 +69,33 @@ def dns_fast_env():
     loop = LoopThread("dns-test")
     fast = None
     try:
+        for ns in (NODE, POD):
+            netns.sysctl(ns, {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"})
         netns.add_bridge(NODE, "br0")
         netns.set_address(NODE, "br0", "10.244.9.1", 24)
+        netns.set_address(NODE, "br0", "fd00:244:9::1", 64)
         netns.connect_to_bridge(NODE, "br0", "veth-pod", POD, "eth0")
         netns.set_address(POD, "eth0", "10.244.9.2", 24)
+        netns.set_address(POD, "eth0", "fd00:244:9::2", 64)
         netns.add_route(POD, "0.0.0.0/0", "10.244.9.1")
+        netns.add_route(POD, "::/0", "fd00:244:9::1")
         model = cluster_model()
-        resolver = Resolver(model, Upstreams([]), Z)
         loop.start()
+        # the upstream on the root netns's loopback, where the loop thread's sockets live
+        upstream = loop.run(FakeUpstream(EXTERNAL, ttl=300).start())
+        resolver = Resolver(model, Upstreams([upstream.address]), Z)
+        servers = []
         with podns.entered(f"/run/netns/{NODE}"):
-            listen.prepare([LISTEN])
-            udp, tcp = listen.sockets(*LISTEN)
+            listen.prepare([LISTEN, LISTEN6])
+            servers = [listen.sockets(*LISTEN), listen.sockets(*LISTEN6)]
             fast = DnsFastPath(BPFFS)
-            fast.set_listen([LISTEN])
+            fast.set_listen([LISTEN, LISTEN6])
             fast.sync(resolver.zone.address_records(), 5)
             bridge = {"br0": netns_ifindex("br0")}
             fast.attach(bridge)
-        loop.run(serve(udp, tcp, resolver.resolve, lambda _peer: Client(namespace="default")))
+        resolver.learned = fast.learned
+        for udp, tcp in servers:
+            loop.run(serve(udp, tcp, resolver.resolve, lambda _peer: Client(namespace="default")))
         yield fast, resolver, model, bridge
     finally:
         loop.stop()
@@ -94,10 +113,10 @@ def netns_ifindex(name: str) -> int:
         return ipr.link_lookup(ifname=name)[0]
 
 
-def in_pod(code: str, queries: list) -> object:
+def in_pod(code: str, queries: list, *args: str) -> object:
     """Run a script in the pod netns with the queries as its JSON argument; its JSON output."""
     res = subprocess.run(
-        netns.nsenter_argv(POD, [sys.executable, "-c", code, json.dumps(queries)]),
+        netns.nsenter_argv(POD, [sys.executable, "-c", code, json.dumps(queries), *args]),
         capture_output=True,
         text=True,
         timeout=300,
@@ -106,8 +125,8 @@ def in_pod(code: str, queries: list) -> object:
     return json.loads(res.stdout)
 
 
-def ask(queries: list[tuple[str, str, bool]]) -> list[dict]:
-    return in_pod(ASK, queries)
+def ask(queries: list[tuple[str, str, bool]], server: str = LISTEN[0]) -> list[dict]:
+    return in_pod(ASK, queries, server)
 
 
 QUERIES = [
@@ -150,16 +169,23 @@ def test_what_it_does_not_hold_reaches_the_resolver(env):
     assert fast.stats()["passed"] - passed == 3 and resolver.counts["queries"] - queries == 3
 
 
-def test_fast_and_userspace_answers_are_the_same(env):
-    fast, _resolver, _model, bridge = env
-    fast_replies = ask(QUERIES)
+@contextlib.contextmanager
+def userspace_only(fast: DnsFastPath, bridge: dict):
+    """The fast path detached from the bridge meanwhile: every query reaches the resolver."""
     with podns.entered(f"/run/netns/{NODE}"):
         fast.attach({})
     try:
-        slow_replies = ask(QUERIES)
+        yield
     finally:
         with podns.entered(f"/run/netns/{NODE}"):
             fast.attach(bridge)
+
+
+def test_fast_and_userspace_answers_are_the_same(env):
+    fast, _resolver, _model, bridge = env
+    fast_replies = ask(QUERIES)
+    with userspace_only(fast, bridge):
+        slow_replies = ask(QUERIES)
     assert fast_replies == slow_replies
 
 
@@ -252,3 +278,144 @@ def test_a_query_with_more_than_one_additional_record_is_left_to_userspace(env):
         after = fast.stats()
         assert after["answered"] == before["answered"], count
         assert after["passed"] == before["passed"] + 1, count  # to the resolver
+
+
+RAW_ASK = """
+import dns.message, json, socket, sys
+server = sys.argv[2]
+s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((server, 53))
+s.settimeout(3)
+out = []
+for name, rdtype, edns, do in json.loads(sys.argv[1]):
+    q = dns.message.make_query(name, rdtype, use_edns=0 if edns else False, want_dnssec=do)
+    q.id = 4242
+    s.send(q.to_wire())
+    out.append(s.recv(65535).hex())
+print(json.dumps(out))
+"""
+
+EXT_QUERIES = [
+    ("ext.example.org", "A", False, False),
+    ("EXT.Example.ORG", "A", True, False),
+    ("ext.example.org", "AAAA", True, False),
+    ("v4only.example.org", "AAAA", False, False),  # NODATA
+    ("nowhere.example.org", "A", True, False),  # NXDOMAIN, the upstream's SOA in authority
+]
+
+
+def raw(queries: list, server: str = LISTEN[0]) -> list[str]:
+    return in_pod(RAW_ASK, queries, server)
+
+
+def assert_same_as_userspace(fast, bridge, queries, server=LISTEN[0]) -> list[str]:
+    """The fast path's reply bytes for each query are the resolver's: asked of the fast path, of the resolver
+    alone, of the fast path again (a TTL ages a second between two askings: the resolver's reply matches the
+    one on the same side of that second). The fast path's first replies."""
+    before = raw(queries, server)
+    with userspace_only(fast, bridge):
+        slow = raw(queries, server)
+    after = raw(queries, server)
+    for q, b, s, a in zip(queries, before, slow, after, strict=True):
+        assert s in (b, a), q
+    return before
+
+
+def test_learned_external_answers_are_served_from_the_kernel_cache(env):
+    fast, resolver, _model, bridge = env
+    forwarded = resolver.counts["forwarded"]
+    raw(EXT_QUERIES)  # learned: each question went to the resolver and upstream once (the second A: cached)
+    assert resolver.counts["forwarded"] - forwarded == len({(n.lower(), t) for n, t, _e, _d in EXT_QUERIES})
+    stats, queries = fast.stats(), resolver.counts["queries"]
+    replies = raw(EXT_QUERIES)
+    assert fast.stats()["cachedAnswered"] - stats["cachedAnswered"] == len(EXT_QUERIES)
+    assert resolver.counts["queries"] == queries  # none of them reached the resolver
+    import dns.message
+
+    a, a_edns, aaaa, nodata, nx = (dns.message.from_wire(bytes.fromhex(r)) for r in replies)
+    assert sorted(x.to_text() for x in a.answer[0]) == ["192.0.2.10", "192.0.2.11"]
+    assert a_edns.question[0].name.to_text() == "EXT.Example.ORG." and a_edns.payload == 1232
+    assert [x.to_text() for x in aaaa.answer[0]] == ["2001:db8::10"]
+    assert nodata.rcode() == 0 and not nodata.answer
+    assert nx.rcode() == 3 and nx.authority[0].rdtype == 6  # SOA
+    assert_same_as_userspace(fast, bridge, EXT_QUERIES)
+
+
+def test_kernel_cached_ttls_age_as_the_resolvers_do(env):
+    import dns.message
+
+    fast, _resolver, _model, bridge = env
+    question = [("v4only.example.org", "A", False, False)]
+    first = dns.message.from_wire(bytes.fromhex(raw(question)[0]))  # learned now
+    time.sleep(1.2)
+    later = dns.message.from_wire(bytes.fromhex(assert_same_as_userspace(fast, bridge, question)[0]))
+    assert first.answer[0].ttl == 300 and 297 <= later.answer[0].ttl <= 299
+
+
+def test_expired_entries_are_never_served(env):
+    fast, resolver, _model, _bridge = env
+    question = [("short.example.org", "A", False, False)]
+    resolver.cache.max_ttl = 1  # kept for a second
+    try:
+        raw(question)
+    finally:
+        resolver.cache.max_ttl = 30
+    stats = fast.stats()
+    raw(question)
+    assert fast.stats()["cachedAnswered"] == stats["cachedAnswered"] + 1
+    time.sleep(1.1)
+    forwarded = resolver.counts["forwarded"]
+    raw(question)
+    after = fast.stats()
+    assert after["cacheExpired"] == stats["cacheExpired"] + 1 and after["cachedAnswered"] == stats["cachedAnswered"] + 1
+    assert resolver.counts["forwarded"] == forwarded + 1  # asked upstream again
+
+
+def test_answers_the_kernel_cannot_hold_or_should_not_give_stay_in_userspace(env):
+    fast, resolver, _model, _bridge = env
+    many = [("many.example.org", "A", False, False)]
+    with_do = [("ext.example.org", "A", True, True)]  # the DO bit: another cache key
+    raw(many)
+    raw(with_do)
+    stats, cached = fast.stats(), resolver.counts["cached"]
+    raw(many)
+    raw(with_do)
+    assert fast.stats()["cachedAnswered"] == stats["cachedAnswered"]
+    assert resolver.counts["cached"] == cached + 2  # the resolver's own cache answered them
+
+
+def test_a_cached_answer_larger_than_the_clients_udp_size_is_left_to_userspace(env):
+    """The fast path never truncates: a reply over 512 bytes to a query without EDNS0 goes to the resolver
+    (which sets TC); with EDNS0 and a payload of 1232 the same entry is answered."""
+    import dns.message
+    import dns.rrset
+
+    fast, resolver, _model, _bridge = env
+    name = "big-answer.example.org."
+    reply = dns.message.make_response(dns.message.make_query(name, "A", use_edns=False))
+    reply.answer.append(dns.rrset.from_text_list(name, 60, "IN", "A", [f"192.0.2.{i}" for i in range(1, 16)]))
+    reply.additional.append(dns.rrset.from_text(name, 60, "IN", "TXT", '"' + "x" * 250 + '"'))
+    wire = reply.to_wire()
+    assert len(wire) > 512 and fast.learned(wire, time.monotonic(), time.monotonic() + 60)
+    stats = fast.stats()
+    queries = resolver.counts["queries"]
+    large = bytes.fromhex(raw([(name, "A", True, False)])[0])
+    assert fast.stats()["cachedAnswered"] == stats["cachedAnswered"] + 1 and resolver.counts["queries"] == queries
+    assert len(large) == len(wire) + 11 and not large[2] & 0x02  # all of it, and an OPT
+    raw([(name, "A", False, False)])  # the resolver's to answer (it asks upstream: another answer)
+    assert fast.stats()["cachedAnswered"] == stats["cachedAnswered"] + 1
+    assert resolver.counts["queries"] == queries + 1
+
+
+def test_ipv6_transport_is_answered_with_a_valid_checksum(env):
+    """Over IPv6 the UDP checksum is mandatory: the pod's kernel drops a reply whose sum is wrong, so an
+    answer at all proves it."""
+    fast, resolver, _model, bridge = env
+    raw(EXT_QUERIES, LISTEN6[0])  # the external ones are learned by now; these are all cached
+    stats, queries = fast.stats(), resolver.counts["queries"]
+    cluster = [(n, t, e, False) for n, t, e in QUERIES]
+    assert_same_as_userspace(fast, bridge, cluster + EXT_QUERIES, LISTEN6[0])
+    after = fast.stats()
+    assert after["answered"] - stats["answered"] == 2 * len(cluster)
+    assert after["cachedAnswered"] - stats["cachedAnswered"] == 2 * len(EXT_QUERIES)
+    assert resolver.counts["queries"] - queries == len(cluster) + len(EXT_QUERIES)  # the userspace round only
