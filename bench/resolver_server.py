@@ -2,8 +2,8 @@
 (UDP and TCP), forwarding the rest to one upstream; optionally the eBPF fast path on a bridge (cluster names and
 the in-kernel cache of external answers).
 
-Run inside the bench's node netns. Prints "ready" once serving (and, with --fast-path, once the map holds
-every record), then serves until killed.
+Run inside the bench's node netns. Prints the RSS with the model alone (`model-rss-kib=`), then "ready" once
+serving (and, with --fast-path, once the map holds every record), then serves until killed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import socket
 import time
+from collections.abc import Iterator
 
 from noded.dns import listen
 from noded.dns.resolver import Client, Resolver
@@ -20,25 +21,28 @@ from noded.dns.upstream import Upstreams
 from noded.model.tracker import ServiceModel
 
 
-def service_objects(n: int) -> list[dict]:
-    out = []
+def service_objects(n: int) -> Iterator[dict]:
+    """The N services one at a time, as a watch or a paginated list delivers them (never all parsed at once)."""
     for i in range(n):
         ip = f"10.96.{i // 250}.{i % 250 + 1}"
-        out.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": f"svc-{i}", "namespace": "default"},
-                "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80}]},
-            }
-        )
-    return out
+        yield {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": f"svc-{i}", "namespace": "default"},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80}]},
+        }
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 async def main(args: argparse.Namespace) -> None:
     model = ServiceModel()
     for obj in service_objects(args.services):
         model.upsert(obj)
+    print(f"model-rss-kib={rss_kib()}", flush=True)  # the model alone: what the proxiers share with DNS
     host, port = args.upstream.rsplit(":", 1)
     resolver = Resolver(model, Upstreams([(host, int(port))]), "cluster.local")
     resolver.zone.address_records()  # the index built before the first query

@@ -1,11 +1,11 @@
 """The DNS fast path's kernel side: loads bpf/dns.c, pins its maps and tcx links, fills noded_dns and
 noded_dns_cache.
 
-`sync(records)` writes the difference between what the map holds and the zone's A/AAAA answers
-(ClusterZone.address_records); names longer than the program reads or with more addresses than it
-answers are left out, so userspace answers them. `learned(reply, stored, expires)` puts one answer the
-resolver got upstream into the in-kernel cache (`cached_entry` turns the resolver's reply bytes into
-the map value). Links are pinned as `links/dns-<ifname>-<ifindex>`.
+`sync(records)` makes the map hold exactly the zone's A/AAAA answers (ClusterZone.address_records, by
+service), `update(records)` rewrites just the services that changed; names longer than the program reads or
+with more addresses than it answers are left out, so userspace answers them. `learned(reply, stored,
+expires)` puts one answer the resolver got upstream into the in-kernel cache (`cached_entry` turns the
+resolver's reply bytes into the map value). Links are pinned as `links/dns-<ifname>-<ifindex>`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import structlog
 from noded.bpf import structs
 from noded.bpf.libbpf import BPF_TCX_INGRESS, Map, Object, attach_tcx_pinned
 from noded.bpf.sock_lb import LINKS_DIR, ensure_bpffs, object_path
+from noded.model.tracker import ServiceKey
 
 log = structlog.get_logger("noded.bpf.dns")
 OBJECT = "dns.o"
@@ -133,7 +134,7 @@ class DnsFastPath:
         self.stats_map = Map.open_pinned(
             f"{bpffs}/noded_dns_stats", ctypes.c_uint32, ctypes.c_uint64 * _possible_cpus()
         )
-        self._held: dict[bytes, bytes] | None = None  # key bytes -> value bytes, as written
+        self._held: dict[ServiceKey, tuple[bytes, ...]] = {}  # each service's map keys, as written
         self.writes = 0
         self.cached = 0  # answers put into noded_dns_cache
 
@@ -165,25 +166,35 @@ class DnsFastPath:
                 changed.append(f"{attach_tcx_pinned(self.program, index, BPF_TCX_INGRESS, f'{links}/{pin}')} {pin}")
         return changed
 
-    def sync(self, records: dict[tuple[str, int], list[str]], ttl: int) -> int:
-        """Make noded_dns hold exactly these records (those the program can answer); map writes made."""
-        if self._held is None:  # first sync after a start: what an earlier run left
-            self._held = {bytes(k): bytes(v) for k, v in self.records.items()}
-        wanted: dict[bytes, tuple[structs.DnsKey, structs.DnsVal]] = {}
-        for (name, qtype), addresses in records.items():
-            key, val = record_key(name, qtype), record_value(addresses, ttl)
-            if key is not None and val is not None:
-                wanted[bytes(key)] = (key, val)
-        writes = 0
-        for raw in [k for k in self._held if k not in wanted]:
+    def sync(self, records: dict[ServiceKey, dict[tuple[str, int], list[str]]], ttl: int) -> int:
+        """Make noded_dns hold exactly these records, by service (those the program can answer); the map
+        writes made. Entries an earlier run left that no service names any more are deleted."""
+        held = {bytes(k) for k in self.records.keys()}  # noqa: SIM118 (a map, not a dict)
+        self._held = {}
+        writes = self.update(records, ttl)
+        wanted = {raw for raws in self._held.values() for raw in raws}
+        for raw in held - wanted:
             self.records.delete(structs.DnsKey.from_buffer_copy(raw))
-            del self._held[raw]
             writes += 1
-        for raw, (key, val) in wanted.items():
-            if self._held.get(raw) != bytes(val):
-                self.records.update(key, val)
-                self._held[raw] = bytes(val)
-                writes += 1
+        self.writes += len(held - wanted)
+        return writes
+
+    def update(self, records: dict[ServiceKey, dict[tuple[str, int], list[str]]], ttl: int) -> int:
+        """Replace the records of just these services (one with none: its entries deleted); map writes made."""
+        writes = 0
+        for service, named in records.items():
+            old = self._held.pop(service, ())
+            keys = []
+            for (name, qtype), addresses in named.items():
+                key, val = record_key(name, qtype), record_value(addresses, ttl)
+                if key is not None and val is not None:
+                    self.records.update(key, val)
+                    keys.append(bytes(key))
+            for raw in set(old) - set(keys):
+                self.records.delete(structs.DnsKey.from_buffer_copy(raw))
+            writes += len(keys) + len(set(old) - set(keys))
+            if keys:
+                self._held[service] = tuple(keys)
         self.writes += writes
         return writes
 
@@ -202,7 +213,7 @@ class DnsFastPath:
         for index, name in enumerate(STATS):
             per_cpu = self.stats_map.lookup(ctypes.c_uint32(index))
             out[name] = sum(per_cpu) if per_cpu is not None else 0
-        return {**out, "records": len(self._held or {})}
+        return {**out, "records": sum(len(keys) for keys in self._held.values())}
 
     def close(self) -> None:
         for m in (self.records, self.cache, self.listen, self.stats_map):

@@ -102,9 +102,9 @@ class Resolver:
     async def resolve(self, data: bytes, client: Client = Client()) -> bytes | None:
         """The reply to send for one query, or None (a response, or nothing worth answering)."""
         start = time.perf_counter()
-        if self._memo_generation != self.zone.model.generation or len(self._memo) >= MEMO_SIZE:
+        if self._memo_generation != self.zone.model.dns_generation or len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
-            self._memo_generation = self.zone.model.generation
+            self._memo_generation = self.zone.model.dns_generation
         memo_key = (data[2:], client)
         known = self._memo.get(memo_key)
         if known is not None and known[1] > self.clock():  # the same question, bytes for bytes, answered before
@@ -133,7 +133,7 @@ class Resolver:
             return None
         self.counts["queries"] += 1
         limit = wire.MAX_TCP if client.tcp else wire.udp_limit(query)
-        generation = self.zone.model.generation
+        generation = self.zone.model.dns_generation
         try:
             reply, until = await self._reply(query, client)
         except Exception:  # a bug must cost one SERVFAIL, not the listener

@@ -3,7 +3,8 @@ and the eBPF fast path kept in step with the model.
 
 Built from `dns` in the config: upstreams from it or the host's resolv.conf (and the node's search
 domains for the search-path shortcut), the cache caps, the zone TTL. Serves on the shared loop thread.
-The fast path's records follow every model change within `FAST_SYNC` seconds; it sits on the ingress of
+The fast path's records follow every model change within `FAST_SYNC` seconds (only the services that
+changed are rewritten, from a change tracker of its own); it sits on the ingress of
 the interfaces holding an address inside the cluster CIDRs (the pods' bridge), checked every
 `INTERFACE_CHECK` seconds since the bridge appears with the node's first pod.
 """
@@ -152,7 +153,7 @@ class DnsService:
     async def _keep_in_step(self) -> None:
         from noded.nodeaddrs import local_addresses
 
-        generation, next_check = -1, 0.0
+        changes, synced, next_check = self.resolver.zone.model.dns_changes(), False, 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -164,9 +165,15 @@ class DnsService:
                     next_check = loop.time() + INTERFACE_CHECK
                 # not before the sources have synced: an empty model would empty the map, and a restarted
                 # daemon's fast path would stop answering what the last one left it
-                if self.resolver.ready() and self.resolver.zone.model.generation != generation:
-                    generation = self.resolver.zone.model.generation
-                    writes = self.fast.sync(self.resolver.zone.address_records(), self.resolver.zone.ttl)
+                if self.resolver.ready():
+                    zone = self.resolver.zone
+                    if not synced:  # the whole zone once (pruning what the last run left), then what changed
+                        changes.take()
+                        writes = self.fast.sync(zone.address_records(), zone.ttl)
+                        synced = True
+                    else:
+                        changed = changes.take()
+                        writes = self.fast.update(zone.address_records(changed), zone.ttl) if changed else 0
                     if writes:
                         log.debug("DNS fast path records", writes=writes)
                 self.errors.pop("fastPathSync", None)

@@ -11,7 +11,7 @@ caller resolves an external target and appends it: `Answer.chase`).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dns.exception
 import dns.flags
@@ -38,10 +38,11 @@ A, AAAA, SRV, PTR, TXT, SOA, CNAME = (
     dns.rdatatype.SOA,
     dns.rdatatype.CNAME,
 )
+AddressRecords = dict[tuple[str, int], list[str]]  # (absolute lowercase name, type) -> addresses
 REVERSE = (dns.name.from_text("in-addr.arpa."), dns.name.from_text("ip6.arpa."))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostRecord:
     label: str  # the endpoint's hostname, or its address dashed
     address: str
@@ -69,13 +70,54 @@ def rotate_addresses(rrsets: list[dns.rrset.RRset], query_id: int) -> bool:
     return rotated
 
 
-@dataclass
 class _Index:
-    generation: int = -1
-    services: dict[ServiceKey, DnsService] = field(default_factory=dict)
-    hosts: dict[ServiceKey, list[HostRecord]] = field(default_factory=dict)
-    namespaces: set[str] = field(default_factory=set)
-    reverse: dict[str, list[str]] = field(default_factory=dict)  # address -> names (relative to the zone)
+    """The zone's view of the model, updated service by service as the model reports changes: the services,
+    headless services' host records, namespaces, and each address's owners for reverse names."""
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.services: dict[ServiceKey, DnsService] = {}
+        self.hosts: dict[ServiceKey, list[HostRecord]] = {}
+        self.namespaces: dict[str, int] = {}  # namespace -> services in it
+        self.reverse: dict[str, list[tuple[ServiceKey, str]]] = {}  # address -> (service, host label or "")
+
+    def put(self, key: ServiceKey, svc: DnsService | None, slices: list[EndpointSlice]) -> None:
+        """Replace what the index holds for one service (None: it is gone)."""
+        self._drop(key)
+        if svc is None:
+            return
+        self.services[key] = svc
+        self.namespaces[svc.namespace] = self.namespaces.get(svc.namespace, 0) + 1
+        for ip in svc.cluster_ips:
+            self.reverse.setdefault(ip, []).append((key, ""))
+        if svc.headless:
+            hosts = _host_records(svc, slices)
+            if hosts:
+                self.hosts[key] = hosts
+            for host in hosts:
+                self.reverse.setdefault(host.address, []).append((key, host.label))
+
+    def _drop(self, key: ServiceKey) -> None:
+        svc = self.services.pop(key, None)
+        if svc is None:
+            return
+        left = self.namespaces.pop(svc.namespace) - 1
+        if left:
+            self.namespaces[svc.namespace] = left
+        addresses = set(svc.cluster_ips) | {h.address for h in self.hosts.pop(key, ())}
+        for ip in addresses:
+            owners = [o for o in self.reverse.get(ip, ()) if o[0] != key]
+            if owners:
+                self.reverse[ip] = owners
+            else:
+                self.reverse.pop(ip, None)
+
+    def names_of(self, ip: str) -> list[str]:
+        """The names (relative to the zone) an address has."""
+        out = []
+        for (namespace, name), label in self.reverse.get(ip, ()):
+            out.append(f"{label}.{name}.{namespace}.svc" if label else f"{name}.{namespace}.svc")
+        return out
 
 
 def _dashed(ip: str) -> str:
@@ -104,43 +146,49 @@ class ClusterZone:
         self.model = model
         self.origin = dns.name.from_text(domain.strip(".") + ".")
         self.ttl = ttl
+        self._changes = model.dns_changes()
         self._index = _Index()
 
-    # -- the index, rebuilt when the model changed ----------------------------------------
+    # -- the index, kept in step with the model -------------------------------------------
     def _current(self) -> _Index:
-        if self.model.generation == self._index.generation:
+        """The index as of the model's latest DNS change: built whole once, then updated only for the services
+        the model reports changed (a change costs its own service, not the zone's size)."""
+        generation = self.model.dns_generation
+        if generation == self._index.generation:
             return self._index
-        generation, services, slices = self.model.dns_snapshot()
-        index = _Index(generation, services)
-        for key, svc in services.items():
-            index.namespaces.add(svc.namespace)
-            base = f"{svc.name}.{svc.namespace}.svc"
-            for ip in svc.cluster_ips:
-                index.reverse.setdefault(ip, []).append(base)
-            if svc.headless:
-                index.hosts[key] = _host_records(svc, slices.get(key, []))
-                for host in index.hosts[key]:
-                    index.reverse.setdefault(host.address, []).append(f"{host.label}.{base}")
-        self._index = index
-        return index
+        changed = self._changes.take()
+        if self._index.generation < 0:
+            generation, services, slices = self.model.dns_snapshot()
+            index = _Index()
+            for key, svc in services.items():
+                index.put(key, svc, slices.get(key, []))
+            self._index = index
+        else:
+            for key in changed:
+                self._index.put(key, *self.model.dns_entry(key))
+        self._index.generation = generation
+        return self._index
 
-    def address_records(self) -> dict[tuple[str, int], list[str]]:
-        """Every A/AAAA answer for a service name or a headless endpoint's name: {(absolute lowercase name,
-        type): addresses in answer order}. What the eBPF fast path (noded/bpf/dns_fast.py) serves."""
+    def address_records(self, keys: set[ServiceKey] | None = None) -> dict[ServiceKey, AddressRecords]:
+        """The A/AAAA answers for service names and headless endpoints' names, by service: {service: {(absolute
+        lowercase name, type): addresses in answer order}} for these services (all: None; a service gone has
+        none). What the eBPF fast path (noded/bpf/dns_fast.py) serves."""
         index = self._current()
-        out: dict[tuple[str, int], list[str]] = {}
-        for key, svc in index.services.items():
-            if svc.type == "ExternalName":
-                continue
-            base = f"{svc.name}.{svc.namespace}.svc.{self.origin}".lower()
-            hosts = index.hosts.get(key, [])
-            ips = sorted({h.address for h in hosts}) if svc.headless else list(svc.cluster_ips)
-            for rdtype in (A, AAAA):
-                same = [ip for ip in ips if _family(ip) == rdtype]
-                if same:
-                    out[(base, rdtype)] = same
-            for host in hosts:
-                out.setdefault((f"{host.label}.{base}", _family(host.address)), []).append(host.address)
+        out: dict[ServiceKey, AddressRecords] = {}
+        for key in index.services if keys is None else keys:
+            records: AddressRecords = {}
+            svc = index.services.get(key)
+            if svc is not None and svc.type != "ExternalName":
+                base = f"{svc.name}.{svc.namespace}.svc.{self.origin}".lower()
+                hosts = index.hosts.get(key, [])
+                ips = sorted({h.address for h in hosts}) if svc.headless else list(svc.cluster_ips)
+                for rdtype in (A, AAAA):
+                    same = [ip for ip in ips if _family(ip) == rdtype]
+                    if same:
+                        records[(base, rdtype)] = same
+                for host in hosts:
+                    records.setdefault((f"{host.label}.{base}", _family(host.address)), []).append(host.address)
+            out[key] = records
         return out
 
     # -- queries ----------------------------------------------------------------------------
@@ -288,7 +336,7 @@ class ClusterZone:
             ip = str(ipaddress.ip_address(dns.reversename.to_address(name)))
         except (dns.exception.SyntaxError, ValueError):
             return None
-        names = self._current().reverse.get(ip)
+        names = self._current().names_of(ip)
         if not names:
             return None  # not an address of ours: the upstream's
         reply = self._reply(query)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ class ManifestError(ValueError):
     """A malformed object; the message names it and the field at fault."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePortName:
     namespace: str
     name: str
@@ -33,7 +34,7 @@ class ServicePortName:
         return f"{self.namespace}/{self.name}{suffix}/{self.protocol}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: ServicePortName
     cluster_ips: tuple[str, ...]
@@ -49,7 +50,7 @@ class ServicePort:
     prefer_close: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     address: str
     ready: bool
@@ -61,7 +62,7 @@ class Endpoint:
     hostname: str | None = None  # DNS: <hostname>.<service>.<ns>.svc for headless services
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DnsService:
     """What the cluster DNS zone needs of a Service, headless and ExternalName ones included."""
 
@@ -75,7 +76,7 @@ class DnsService:
     publish_not_ready: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     namespace: str
     name: str
@@ -153,7 +154,7 @@ def _metadata(obj: Any, kind: str) -> tuple[str, str, dict]:
     check_name(name, pattern, limit, what, f"{kind}: metadata.name")
     namespace = _get(meta, "namespace", str, f"{kind} {name}.metadata", "default")
     check_name(namespace, _DNS1123_LABEL, 63, "a DNS-1123 label", f"{kind} {name}: metadata.namespace")
-    return namespace, name, meta
+    return sys.intern(namespace), name, meta
 
 
 # kube-proxy's label selector: objects with these labels are not its to proxy (another proxy owns the
@@ -226,11 +227,13 @@ def parse_service_views(obj: Any) -> tuple[list[ServicePort], DnsService]:
     external_name = _get(spec, "externalName", str, where, "") if svc_type == "ExternalName" else ""
     if svc_type == "ExternalName" and not external_name:
         raise ManifestError(f"{where}.externalName: required for type ExternalName")
+    cluster_ip_tuple = tuple(ips)  # one tuple shared by the DNS view and every port
+    svc_type = sys.intern(svc_type)
     dns_view = DnsService(
         namespace=namespace,
         name=name,
         type=svc_type,
-        cluster_ips=() if svc_type == "ExternalName" else tuple(ips),
+        cluster_ips=() if svc_type == "ExternalName" else cluster_ip_tuple,
         headless=headless,
         external_name=external_name.rstrip("."),
         ports=tuple((pname, proto, port) for pname, proto, port, _np in checked),
@@ -241,7 +244,7 @@ def parse_service_views(obj: Any) -> tuple[list[ServicePort], DnsService]:
     ports = [
         ServicePort(
             name=ServicePortName(namespace, name, pname, proto),
-            cluster_ips=tuple(ips),
+            cluster_ips=cluster_ip_tuple,
             port=port,
             node_port=node_port,
             type=svc_type,
@@ -280,7 +283,7 @@ def _check_ports(ports: list, where: str) -> list[tuple[str, str, int, int]]:
         if (pname, proto) in seen:
             raise ManifestError(f"{at}.name: duplicate port {pname!r}/{proto}")
         seen.add((pname, proto))
-        out.append((pname, proto, port, node_port))
+        out.append((sys.intern(pname), sys.intern(proto), port, node_port))
     return out
 
 

@@ -34,7 +34,7 @@ ServiceKey = tuple[str, str]  # (namespace, name)
 Backend = tuple[str, int]  # (address, port)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     ip: str
     port: int
@@ -52,7 +52,7 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 EXTERNAL_KINDS = ("NodePort", "ExternalIP", "LoadBalancer")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrontendState:
     """What one frontend should translate to."""
 
@@ -76,6 +76,20 @@ class FrontendState:
         return frozenset((*self.ready, *self.terminating, *in_cluster[0], *in_cluster[1]))
 
 
+class KeyChanges:
+    """The service keys changed since their consumer last took them (kube-proxy's per-consumer change
+    tracker); filled by the model under its lock. Bounded by the number of services."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self.keys: set[ServiceKey] = set()
+
+    def take(self) -> set[ServiceKey]:
+        with self._lock:
+            keys, self.keys = self.keys, set()
+        return keys
+
+
 class ServiceModel:
     """Services and EndpointSlices by key, and the set of services changed since the last sync."""
 
@@ -94,7 +108,9 @@ class ServiceModel:
         self._dirty_since: float | None = None  # monotonic time of the oldest change not yet taken
         self._health_checked: set[ServiceKey] = set()  # services with a healthCheckNodePort to serve
         self._dns: dict[ServiceKey, DnsService] = {}  # every Service as DNS sees it (headless, ExternalName too)
-        self.generation = 0  # bumped on every change to services or slices (DNS caches key on it)
+        self.generation = 0  # bumped on every change to services or slices
+        self.dns_generation = 0  # bumped on every change DNS can see (a Service, a headless Service's slices)
+        self._dns_consumers: list[KeyChanges] = []
         self.service_changes = 0
         self.endpoint_changes = 0
         self.rejected_by_kind: dict[str, int] = {}  # objects rejected, by their kind
@@ -115,6 +131,7 @@ class ServiceModel:
                     if self._dns.get(key) != dns_view:
                         self._dns[key] = dns_view
                         self.generation += 1
+                        self._dns_touch(key)
                     if self._services.get(key) != ports:
                         self._services[key] = ports
                         if any(p.health_check_node_port and p.external_traffic_local for p in ports):
@@ -151,6 +168,7 @@ class ServiceModel:
         with self._lock:
             if kind == "Service" and self._dns.pop(key, None) is not None:
                 self.generation += 1
+                self._dns_touch(key)
             if kind == "Service" and self._services.pop(key, None) is not None:
                 self._health_checked.discard(key)
                 self._touch(key)
@@ -163,6 +181,10 @@ class ServiceModel:
         if old == parsed:
             return
         self.generation += 1
+        for owner in {(s.namespace, s.service) for s in (old, parsed) if s is not None}:
+            svc = self._dns.get(owner)
+            if svc is not None and svc.headless:  # only a headless service's endpoints have names
+                self._dns_touch(owner)
         if old is not None:
             self._slices_of[(old.namespace, old.service)].discard(key)
             self._touch((old.namespace, old.service))
@@ -186,6 +208,25 @@ class ServiceModel:
         self.node_ips = ips
         self.mark_all_changed()
         return True
+
+    def _dns_touch(self, key: ServiceKey) -> None:
+        self.dns_generation += 1
+        for consumer in self._dns_consumers:
+            consumer.keys.add(key)
+
+    # -- output to the DNS zone and the fast path -------------------------------
+    def dns_changes(self) -> KeyChanges:
+        """A change tracker of its own for one DNS consumer: the services whose DNS view changed since it
+        last took them."""
+        tracker = KeyChanges(self._lock)
+        with self._lock:
+            self._dns_consumers.append(tracker)
+        return tracker
+
+    def dns_entry(self, key: ServiceKey) -> tuple[DnsService | None, list[EndpointSlice]]:
+        """One service as DNS sees it (None: gone) and its slices."""
+        with self._lock:
+            return self._dns.get(key), [self._slices[s] for s in self._slices_of.get(key, ())]
 
     # -- output to the sync runner -------------------------------------------
     def _touch(self, key: ServiceKey) -> None:
@@ -252,10 +293,11 @@ class ServiceModel:
             return ports[0].cluster_ips if ports else ()
 
     def dns_snapshot(self) -> tuple[int, dict[ServiceKey, DnsService], dict[ServiceKey, list[EndpointSlice]]]:
-        """(generation, every service, each service's slices): what the DNS zone indexes."""
+        """(DNS generation, every service, each headless service's slices): what the DNS zone indexes."""
         with self._lock:
-            slices = {k: [self._slices[s] for s in self._slices_of.get(k, ())] for k in self._dns}
-            return self.generation, dict(self._dns), slices
+            headless = [k for k, svc in self._dns.items() if svc.headless]
+            slices = {k: [self._slices[s] for s in self._slices_of.get(k, ())] for k in headless}
+            return self.dns_generation, dict(self._dns), slices
 
     def counts(self) -> tuple[int, int]:
         with self._lock:

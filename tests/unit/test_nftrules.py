@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 from noded.model.objects import parse_service
@@ -146,7 +147,7 @@ def test_names_that_could_carry_rule_text_are_rejected_by_the_model_and_never_re
     # a state built around the parser (as a bug would) still renders one safe word per name
     st = state([("10.244.1.2", 8080)], externalTrafficPolicy="Local", type="NodePort")
     hostile = st.service.name.__class__("default", "web", 'p\nflush ruleset ; "', "TCP")
-    st = FrontendState(st.service.__class__(**{**st.service.__dict__, "name": hostile}), st.ready, st.terminating)
+    st = FrontendState(dataclasses.replace(st.service, name=hostile), st.ready, st.terminating)
     nft = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), st, ["10.244.0.0/16"])
     for name in nft.chains:
         assert NAME_OK.match(name), name
