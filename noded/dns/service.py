@@ -3,8 +3,8 @@ and the eBPF fast path kept in step with the model.
 
 Built from `dns` in the config: upstreams from it or the host's resolv.conf (and the node's search
 domains for the search-path shortcut), the cache caps, the zone TTL. Serves on the shared loop thread.
-The fast path's records follow every model change within `FAST_SYNC` seconds (only the services that
-changed are rewritten, from a change tracker of its own); it sits on the ingress of
+The fast path's records follow every model change as it happens: the model wakes it (a change tracker of its
+own; only the services that changed are rewritten); it sits on the ingress of
 the interfaces holding an address inside the cluster CIDRs (the pods' bridge), checked every
 `INTERFACE_CHECK` seconds since the bridge appears with the node's first pod.
 """
@@ -12,6 +12,7 @@ the interfaces holding an address inside the cluster CIDRs (the pods' bridge), c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 
 import structlog
@@ -70,7 +71,7 @@ class DnsService:
         self.fast_path_bpffs = fast_path_bpffs
         self.cluster_cidrs = cluster_cidrs or []
         self.fast = None  # DnsFastPath
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.cluster_dns: dict[tuple[str, int], list] = {}  # the cluster DNS addresses served too -> closers
         self._pruned = False  # the fast path's listen map still holds what the last run left
 
@@ -148,44 +149,63 @@ class DnsService:
             log.error("DNS fast path not loaded; the resolver answers every query", error=str(e))
             return
         self.resolver.learned = self.fast.learned  # answers learned upstream: into the in-kernel cache too
-        self._task = self.loop.spawn(self._keep_in_step())
+        self._tasks = [self.loop.spawn(self._keep_attached()), self.loop.spawn(self.keep_records_in_step())]
 
-    async def _keep_in_step(self) -> None:
+    async def _keep_attached(self) -> None:
+        """The program on the pods' interfaces, checked every INTERFACE_CHECK seconds (the bridge appears with
+        the node's first pod)."""
         from noded.nodeaddrs import local_addresses
 
-        changes, synced, next_check = self.resolver.zone.model.dns_changes(), False, 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
-                if loop.time() >= next_check:
-                    addresses = await loop.run_in_executor(None, local_addresses)  # pyroute2 runs its own loop
-                    changed = self.fast.attach(pod_interfaces(addresses, self.cluster_cidrs))
-                    if changed:
-                        log.info("DNS fast path attachments", changed=changed)
-                    next_check = loop.time() + INTERFACE_CHECK
-                # not before the sources have synced: an empty model would empty the map, and a restarted
-                # daemon's fast path would stop answering what the last one left it
-                if self.resolver.ready():
-                    zone = self.resolver.zone
-                    if not synced:  # the whole zone once (pruning what the last run left), then what changed
-                        changes.take()
-                        writes = self.fast.sync(zone.address_records(), zone.ttl)
-                        synced = True
-                    else:
-                        changed = changes.take()
-                        writes = self.fast.update(zone.address_records(changed), zone.ttl) if changed else 0
-                    if writes:
-                        log.debug("DNS fast path records", writes=writes)
+                addresses = await loop.run_in_executor(None, local_addresses)  # pyroute2 runs its own loop
+                attached = self.fast.attach(pod_interfaces(addresses, self.cluster_cidrs))
+                if attached:
+                    log.info("DNS fast path attachments", changed=attached)
+                self.errors.pop("fastPathAttach", None)
+            except Exception as e:  # logged and retried
+                if self.errors.get("fastPathAttach") != str(e):
+                    log.error("DNS fast path attachment failed", error=str(e))
+                self.errors["fastPathAttach"] = str(e)
+            await asyncio.sleep(INTERFACE_CHECK)
+
+    async def keep_records_in_step(self) -> None:
+        """noded_dns as the zone answers: the whole zone once the sources have synced (pruning what the last
+        run left), then the services that changed, woken by the model as each change arrives (nothing polls
+        it). Not before the sources have synced: an empty model would empty the map, and a restarted daemon's
+        fast path would stop answering what the last one left it."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        zone = self.resolver.zone
+        changes = zone.model.dns_changes(wake=lambda: loop.call_soon_threadsafe(changed.set))
+        synced = False
+        while True:
+            changed.clear()
+            try:
+                if synced:
+                    keys = changes.take()
+                    writes = self.fast.update(zone.address_records(keys), zone.ttl) if keys else 0
+                elif self.resolver.ready():
+                    changes.take()
+                    writes = self.fast.sync(zone.address_records(), zone.ttl)
+                    synced = True
+                else:
+                    writes = 0
+                if writes:
+                    log.debug("DNS fast path records", writes=writes)
                 self.errors.pop("fastPathSync", None)
             except Exception as e:  # logged and retried; userspace keeps answering meanwhile
                 if self.errors.get("fastPathSync") != str(e):
                     log.error("DNS fast path sync failed", error=str(e))
                 self.errors["fastPathSync"] = str(e)
-            await asyncio.sleep(FAST_SYNC)
+                synced = False  # the next round makes the map whole again
+            with contextlib.suppress(TimeoutError):  # until the sources are ready: checked every FAST_SYNC
+                await asyncio.wait_for(changed.wait(), None if synced else FAST_SYNC)
 
     def stop(self) -> None:
-        if self._task is not None:
-            self.loop.loop.call_soon_threadsafe(self._task.cancel)
+        for task in self._tasks:
+            self.loop.loop.call_soon_threadsafe(task.cancel)
         for closer in self.closers + [c for closers in self.cluster_dns.values() for c in closers]:
             self.loop.loop.call_soon_threadsafe(closer.close)
 

@@ -80,9 +80,15 @@ class KeyChanges:
     """The service keys changed since their consumer last took them (kube-proxy's per-consumer change
     tracker); filled by the model under its lock. Bounded by the number of services."""
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self, lock: threading.Lock, wake: Callable[[], None] | None = None) -> None:
         self._lock = lock
         self.keys: set[ServiceKey] = set()
+        self.wake = wake  # called (under the model's lock: keep it short) when the first key of a batch arrives
+
+    def add(self, key: ServiceKey) -> None:
+        if not self.keys and self.wake is not None:
+            self.wake()
+        self.keys.add(key)
 
     def take(self) -> set[ServiceKey]:
         with self._lock:
@@ -212,13 +218,13 @@ class ServiceModel:
     def _dns_touch(self, key: ServiceKey) -> None:
         self.dns_generation += 1
         for consumer in self._dns_consumers:
-            consumer.keys.add(key)
+            consumer.add(key)
 
     # -- output to the DNS zone and the fast path -------------------------------
-    def dns_changes(self) -> KeyChanges:
+    def dns_changes(self, wake: Callable[[], None] | None = None) -> KeyChanges:
         """A change tracker of its own for one DNS consumer: the services whose DNS view changed since it
-        last took them."""
-        tracker = KeyChanges(self._lock)
+        last took them; `wake` is called when a change arrives after the consumer took the last ones."""
+        tracker = KeyChanges(self._lock, wake)
         with self._lock:
             self._dns_consumers.append(tracker)
         return tracker

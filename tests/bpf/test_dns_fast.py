@@ -51,10 +51,17 @@ print(json.dumps(out))
 """
 
 
+LOOPS: list[LoopThread] = []  # the env's loop thread (the resolver's), for a test to run a task on
+
+
 @pytest.fixture(scope="module")
 def env():
     with dns_fast_env() as made:
         yield made
+
+
+def env_loop() -> LoopThread:
+    return LOOPS[-1]
 
 
 @contextlib.contextmanager
@@ -67,6 +74,7 @@ def dns_fast_env():
     netns.create(NODE)
     netns.create(POD)
     loop = LoopThread("dns-test")
+    LOOPS.append(loop)
     fast = None
     try:
         for ns in (NODE, POD):
@@ -99,6 +107,7 @@ def dns_fast_env():
         yield fast, resolver, model, bridge
     finally:
         loop.stop()
+        LOOPS.remove(loop)
         if fast is not None:
             fast.close()
         sock_lb.remove(BPFFS)
@@ -427,3 +436,81 @@ def test_ipv6_transport_is_answered_with_a_valid_checksum(env):
     assert after["answered"] - stats["answered"] == 2 * len(cluster)
     assert after["cachedAnswered"] - stats["cachedAnswered"] == 2 * len(EXT_QUERIES)
     assert resolver.counts["queries"] - queries == len(cluster) + len(EXT_QUERIES)  # the userspace round only
+
+
+CHURN_ASK = """
+import dns.message, json, socket, sys, time
+name, seconds = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("169.254.20.10", 53))
+s.settimeout(0.5)
+out, end = [], time.monotonic() + seconds
+print("started", flush=True)
+while time.monotonic() < end:
+    q = dns.message.make_query(name, "A")
+    sent = time.monotonic()
+    s.send(q.to_wire())
+    try:
+        r = dns.message.from_wire(s.recv(65535))
+    except (TimeoutError, Exception):
+        continue
+    out.append([sent, r.rcode(), [x.to_text() for rr in r.answer for x in rr]])
+    time.sleep(0.002)
+print(json.dumps(out))
+"""
+
+
+def test_a_deleted_service_is_never_answered_once_the_model_has_dropped_it_even_under_churn(env):
+    """Issue 20: the fast path follows the model as changes arrive (the model wakes it; no polling): with 100
+    other Service changes a second going on, a pod asking for a service every 2 ms gets its address from the
+    kernel until the model drops it, NXDOMAIN within 100 ms after, and never the stale address again."""
+    import threading
+
+    from noded.dns.service import DnsService
+
+    fast, resolver, model, _bridge = env
+    task_loop = env_loop()
+    dns_service = DnsService(resolver, task_loop, [], clients=None)  # type: ignore[arg-type]
+    dns_service.fast = fast
+    task = task_loop.spawn(dns_service.keep_records_in_step())
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            name = f"churn-{i % 100}"
+            if (i // 100) % 2:
+                model.delete("Service", "default", name)
+            else:
+                model.upsert(service(name, f"10.96.200.{i % 100 + 1}"))
+            i += 1
+            time.sleep(0.01)
+
+    churner = threading.Thread(target=churn, daemon=True)
+    try:
+        model.upsert(service("gone", "10.96.0.99"))
+        deadline = time.monotonic() + 5
+        before = fast.stats()["answered"]
+        held = [[f"gone.default.svc.{Z}.", 5, ["10.96.0.99"]]]
+        while ask([(f"gone.default.svc.{Z}", "A", False)])[0]["answer"] != held:
+            assert time.monotonic() < deadline
+        assert fast.stats()["answered"] > before  # the kernel's answer
+        churner.start()
+        proc = subprocess.Popen(
+            netns.nsenter_argv(POD, [sys.executable, "-c", CHURN_ASK, f"gone.default.svc.{Z}", "1.5"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(0.5)
+        dropped = time.monotonic()
+        model.delete("Service", "default", "gone")
+        out = json.loads(proc.communicate(timeout=30)[0])
+    finally:
+        stop.set()
+        task_loop.loop.call_soon_threadsafe(task.cancel)
+    assert out and all(rcode == 0 for sent, rcode, _a in out if sent < dropped)  # answered until then
+    first_nx = min(sent for sent, rcode, _a in out if rcode == 3)
+    assert first_nx - dropped < 0.1, first_nx - dropped
+    stale = [(sent - dropped, answer) for sent, rcode, answer in out if sent >= first_nx and rcode != 3]
+    assert not stale

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -97,6 +98,40 @@ def test_dns_to_a_service_of_its_own_reaches_that_server_and_cluster_dns_reaches
     wait_programmed(lab, "node1", f"{echo_vip}:80/TCP", ready=3)
     for tcp in (False, True):
         assert dig(lab, "default/client", "echo.default.svc.cluster.local.", tcp=tcp) == ["NOERROR", [echo_vip]]
+
+
+POD_RESOLV_CONF = (  # what the kubelet writes for a ClusterFirst pod in default (clusterDNS 10.96.0.10)
+    "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+)
+
+
+def run_with_pod_resolv_conf(lab, pod: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """argv in the pod with the kubelet's resolv.conf: bind-mounted over /etc/resolv.conf in a mount namespace
+    of the command's own (the host's file is untouched)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="noded-test-resolv-"), "resolv.conf")
+    with open(path, "w") as f:
+        f.write(POD_RESOLV_CONF)
+    script = f'mount --bind {path} /etc/resolv.conf && exec "$@"'
+    return lab.run(pod, ["unshare", "--mount", "sh", "-c", script, "sh", *argv], timeout=30)
+
+
+def test_glibc_and_musl_style_clients_resolve_through_the_search_path(lab):
+    """Issue 20: real stub resolvers — glibc's (`getent ahosts`, A and AAAA in parallel from one socket) and
+    busybox's static nslookup (its own resolver, as musl-based images have) — resolve a service by its short,
+    partial and full names through the pod's search path at the cluster DNS address, in every services mode.
+    The pod's first expansion of a partial name is answered by the resolver's search-path shortcut (a CNAME),
+    the full names by the fast path."""
+    vip = echo_service(lab)
+    for name in ("echo", "echo.default", "echo.default.svc", "echo.default.svc.cluster.local"):
+        deadline = time.monotonic() + 10
+        while True:
+            glibc = run_with_pod_resolv_conf(lab, "default/client", ["getent", "ahostsv4", name])
+            musl = run_with_pod_resolv_conf(lab, "default/client", ["busybox", "nslookup", "-type=a", name])
+            got = (glibc.stdout.split()[:1], vip in musl.stdout.split())
+            if got == ([vip], True):
+                break
+            assert time.monotonic() < deadline, (name, glibc, musl)
+            time.sleep(0.2)
 
 
 def test_the_cluster_dns_address_is_answered_on_the_node_for_every_pod(lab):
