@@ -79,7 +79,9 @@ class _Index:
         self.services: dict[ServiceKey, DnsService] = {}
         self.hosts: dict[ServiceKey, list[HostRecord]] = {}
         self.namespaces: dict[str, int] = {}  # namespace -> services in it
-        self.reverse: dict[str, list[tuple[ServiceKey, str]]] = {}  # address -> (service, host label or "")
+        # address -> its owner: a service (its cluster IP), or a list of (service, host label or "") when it has
+        # a host name or several owners (the common single owner costs no object of its own)
+        self.reverse: dict[str, ServiceKey | list[tuple[ServiceKey, str]]] = {}
 
     def put(self, key: ServiceKey, svc: DnsService | None, slices: list[EndpointSlice]) -> None:
         """Replace what the index holds for one service (None: it is gone)."""
@@ -89,13 +91,25 @@ class _Index:
         self.services[key] = svc
         self.namespaces[svc.namespace] = self.namespaces.get(svc.namespace, 0) + 1
         for ip in svc.cluster_ips:
-            self.reverse.setdefault(ip, []).append((key, ""))
+            self._own(ip, key, "")
         if svc.headless:
             hosts = _host_records(svc, slices)
             if hosts:
                 self.hosts[key] = hosts
             for host in hosts:
-                self.reverse.setdefault(host.address, []).append((key, host.label))
+                self._own(host.address, key, host.label)
+
+    def _owners(self, ip: str) -> list[tuple[ServiceKey, str]]:
+        held = self.reverse.get(ip)
+        if held is None:
+            return []
+        return held if isinstance(held, list) else [(held, "")]
+
+    def _own(self, ip: str, key: ServiceKey, label: str) -> None:
+        if ip not in self.reverse and not label:
+            self.reverse[ip] = key
+        else:
+            self.reverse[ip] = [*self._owners(ip), (key, label)]
 
     def _drop(self, key: ServiceKey) -> None:
         svc = self.services.pop(key, None)
@@ -106,16 +120,18 @@ class _Index:
             self.namespaces[svc.namespace] = left
         addresses = set(svc.cluster_ips) | {h.address for h in self.hosts.pop(key, ())}
         for ip in addresses:
-            owners = [o for o in self.reverse.get(ip, ()) if o[0] != key]
-            if owners:
-                self.reverse[ip] = owners
-            else:
+            owners = [o for o in self._owners(ip) if o[0] != key]
+            if not owners:
                 self.reverse.pop(ip, None)
+            elif len(owners) == 1 and not owners[0][1]:
+                self.reverse[ip] = owners[0][0]
+            else:
+                self.reverse[ip] = owners
 
     def names_of(self, ip: str) -> list[str]:
         """The names (relative to the zone) an address has."""
         out = []
-        for (namespace, name), label in self.reverse.get(ip, ()):
+        for (namespace, name), label in self._owners(ip):
             out.append(f"{label}.{name}.{namespace}.svc" if label else f"{name}.{namespace}.svc")
         return out
 

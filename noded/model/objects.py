@@ -117,6 +117,20 @@ def _port(value: Any, where: str, allow_zero: bool = False) -> int:
     return value
 
 
+_SHAPES: dict[tuple, tuple] = {}  # port lists many Services share, kept once
+_SHAPES_MAX = 4096
+
+
+def _shared(ports: tuple) -> tuple:
+    """One tuple for every Service with the same ports (most clusters have a few dozen shapes), bounded."""
+    known = _SHAPES.get(ports)
+    if known is not None:
+        return known
+    if len(_SHAPES) < _SHAPES_MAX:
+        _SHAPES[ports] = ports
+    return ports
+
+
 def _ip(value: Any, where: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
@@ -236,7 +250,7 @@ def parse_service_views(obj: Any) -> tuple[list[ServicePort], DnsService]:
         cluster_ips=() if svc_type == "ExternalName" else cluster_ip_tuple,
         headless=headless,
         external_name=external_name.rstrip("."),
-        ports=tuple((pname, proto, port) for pname, proto, port, _np in checked),
+        ports=_shared(tuple((pname, proto, port) for pname, proto, port, _np in checked)),
         publish_not_ready=bool(_get(spec, "publishNotReadyAddresses", bool, where, False)),
     )
     if svc_type == "ExternalName" or headless or _not_proxied(meta, f"Service {namespace}/{name}.metadata"):

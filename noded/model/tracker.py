@@ -105,7 +105,7 @@ class ServiceModel:
         self.node_zone: str | None = None  # from this node's Node object
         self.taken_since: float | None = None  # when the oldest change in the last take_changes() arrived
         self._lock = threading.Lock()
-        self._services: dict[ServiceKey, list[ServicePort]] = {}
+        self._services: dict[ServiceKey, tuple[ServicePort, ...]] = {}
         self._vips: dict[tuple[str, int, str], ServiceKey] = {}
         self._vip_generation = -1
         self._slices: dict[ServiceKey, EndpointSlice] = {}
@@ -131,7 +131,8 @@ class ServiceModel:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         try:
             if kind == "Service":
-                ports, dns_view = parse_service_views(obj)
+                ports_list, dns_view = parse_service_views(obj)
+                ports = tuple(ports_list)  # kept as a tuple (a list is 16 bytes more per service)
                 key = _key(obj)
                 with self._lock:
                     if self._dns.get(key) != dns_view:

@@ -135,3 +135,86 @@ def test_answers_follow_the_model_at_once(zone):
     assert [r[2] for r in records(ask(zone, f"new.default.svc.{Z}"))] == ["10.96.0.77"]
     zone.model.delete("Service", "default", "new")
     assert ask(zone, f"new.default.svc.{Z}").reply.rcode() == dns.rcode.NXDOMAIN
+
+
+def _change_strategy():
+    from hypothesis import strategies as st
+
+    names = st.sampled_from(["a", "b", "c", "d"])
+    namespaces = st.sampled_from(["default", "other"])
+    ip = st.builds(lambda i: f"10.98.0.{i}", st.integers(1, 6))  # few addresses: shared owners happen
+    pod = st.builds(lambda i: f"10.244.7.{i}", st.integers(1, 6))
+    upsert_service = st.tuples(
+        st.just("service"), namespaces, names, st.sampled_from(["ClusterIP", "headless", "ExternalName"]), ip
+    )
+    upsert_slice = st.tuples(
+        st.just("slice"), namespaces, names, st.lists(st.tuples(pod, st.booleans(), st.booleans()), max_size=4)
+    )
+    delete = st.tuples(st.sampled_from(["delete-service", "delete-slice"]), namespaces, names)
+    return st.lists(st.one_of(upsert_service, upsert_slice, delete), max_size=40)
+
+
+def _apply(model, change) -> None:
+    kind, namespace, name = change[:3]
+    if kind == "service":
+        spec_kind, ip = change[3], change[4]
+        obj = service(name, "None" if spec_kind == "headless" else ip, namespace=namespace)
+        if spec_kind == "ExternalName":
+            obj["spec"] = {"type": "ExternalName", "externalName": "example.org"}
+        model.upsert(obj)
+    elif kind == "slice":
+        eps = []
+        for address, ready, named in change[3]:
+            eps.append(endpoint(address, ready=ready))
+            if named:
+                eps[-1]["hostname"] = f"h{address.rsplit('.', 1)[1]}"
+        model.upsert(slice_(name, eps, name=f"{name}-x", namespace=namespace))
+    elif kind == "delete-service":
+        model.delete("Service", namespace, name)
+    else:
+        model.delete("EndpointSlice", namespace, f"{name}-x")
+
+
+def _everything(zone: ClusterZone) -> list:
+    """Every answer the zone gives for the names and addresses the changes can make."""
+    out = []
+    questions = [(f"{ns}.svc.{Z}", "A") for ns in ("default", "other", "none")]
+    for ns in ("default", "other"):
+        for name in "abcd":
+            base = f"{name}.{ns}.svc.{Z}"
+            questions += [(base, "A"), (base, "CNAME"), (f"_http._tcp.{base}", "SRV")]
+            questions += [(f"h{i}.{base}", "A") for i in range(1, 7)]
+            questions += [(f"10-244-7-{i}.{base}", "A") for i in range(1, 7)]
+    questions += [(dns.reversename.from_address(f"10.98.0.{i}").to_text(), "PTR") for i in range(1, 7)]
+    questions += [(dns.reversename.from_address(f"10.244.7.{i}").to_text(), "PTR") for i in range(1, 7)]
+    for name, rdtype in questions:
+        q = dns.message.make_query(name, rdtype)
+        q.id = 7
+        answer = zone.answer(q)
+        out.append((name, rdtype, None if answer is None else answer.reply.to_wire(want_shuffle=False)))
+    return out
+
+
+def test_property_the_zone_kept_in_step_answers_as_one_built_afresh():
+    """Issue 20, item 5: the zone follows the model service by service (its own change tracker); after any
+    sequence of Service and EndpointSlice changes, asked between changes, it answers every question exactly as
+    a zone built from the model at that point does."""
+    from hypothesis import given, settings
+
+    from noded.model.tracker import ServiceModel
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(_change_strategy(), _change_strategy())
+    def check(first, second):
+        model = ServiceModel()
+        kept = ClusterZone(model, Z, ttl=5)
+        for change in first:
+            _apply(model, change)
+        _everything(kept)  # asked halfway: the next answers come from updates, not a first build
+        for change in second:
+            _apply(model, change)
+            if change[0] == "service":
+                kept._current()  # sometimes in between too
+        assert _everything(kept) == _everything(ClusterZone(model, Z, ttl=5))
+
+    check()
