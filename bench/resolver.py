@@ -207,7 +207,7 @@ def start_kresd(tmp: str, n: int) -> Server | None:
         return None
 
 
-def start_noded(tmp: str, n: int, fast: bool, metrics: bool = True) -> Server:
+def start_noded(tmp: str, n: int, fast: bool, metrics: bool = True, name: str = "") -> Server:
     argv = [
         sys.executable,
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "resolver_server.py"),
@@ -222,8 +222,17 @@ def start_noded(tmp: str, n: int, fast: bool, metrics: bool = True) -> Server:
         argv += ["--fast-path", BPFFS, "--bridge", BRIDGE]
     if not metrics:
         argv.append("--no-metrics")
-    name = "noded fast path" if fast else "noded" if metrics else "noded (metrics off)"
+    name = name or ("noded fast path" if fast else "noded" if metrics else "noded (metrics off)")
     return Server(name, argv, ready="ready")
+
+
+def enroll_pod(enrolled: bool) -> None:
+    """The bench pod as an ambient mesh pod (noded's in-pod capture ruleset, with the cluster DNS address
+    served on the node as the daemon sets it: its DNS reaches the node, the rest is captured), or not."""
+    from noded.redirect.rules import capture_script, remove_script
+
+    script = capture_script(True, direct_dns=(LISTEN,), cluster_dns=(LISTEN,)) if enrolled else remove_script()
+    subprocess.run(netns.nsenter_argv(POD, ["nft", "-f", "-"]), input=script, text=True, check=True)
 
 
 def dnsperf(qfile: str, seconds: int, verbose: bool = False) -> dict:
@@ -261,7 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--names", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--servers", default="noded,noded-fast,unbound,dnsmasq,kresd")
+    parser.add_argument("--servers", default="noded,noded-fast,noded-fast-enrolled,unbound,dnsmasq,kresd")
     parser.add_argument(
         "--address", default=LISTEN, help="where every server listens and dnsperf asks (e.g. the cluster DNS IP)"
     )
@@ -280,6 +289,7 @@ def main() -> None:
         starters = {
             "noded": lambda n: start_noded(tmp, n, False),
             "noded-fast": lambda n: start_noded(tmp, n, True),
+            "noded-fast-enrolled": lambda n: start_noded(tmp, n, True, name="noded fast path, enrolled pod"),
             "noded-nometrics": lambda n: start_noded(tmp, n, False, metrics=False),
             "unbound": lambda n: start_unbound(tmp, n),
             "dnsmasq": lambda n: start_dnsmasq(tmp, n),
@@ -292,9 +302,13 @@ def main() -> None:
                 rows.append([key, "did not start", "", "", "", "", "", ""])
                 continue
             try:
+                if key == "noded-fast-enrolled":
+                    enroll_pod(True)
                 r = measure(server, files, args.seconds)
             finally:
                 server.stop()
+                if key == "noded-fast-enrolled":
+                    enroll_pod(False)
             rows.append(
                 [
                     server.name,
@@ -307,7 +321,7 @@ def main() -> None:
                     f"{r['cluster']['lost']}/{r['external']['lost']}",
                 ]
             )
-            if key not in ("noded-fast", "noded-nometrics"):
+            if key not in ("noded-fast", "noded-fast-enrolled", "noded-nometrics"):
                 big = starters[key](10 * args.names)
                 try:
                     rss_big = big.rss()
@@ -320,7 +334,7 @@ def main() -> None:
                     own = ((rss_big - big_model) - (r["rss"] - server.model_rss)) / 9 * 1000 / args.names
                     row[4] = f"{own * 1024:.0f}"
                 mem_rows.append(row)
-            if key == "noded-fast":
+            if key in ("noded-fast", "noded-fast-enrolled"):
                 sock_lb.remove(BPFFS)
         print(
             table(

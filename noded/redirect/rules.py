@@ -2,12 +2,13 @@
 
 Istio ambient's in-pod contract, in nftables: outbound TCP is REDIRECTed to 15001, inbound TCP is
 TPROXYed to 15006 (HBONE on 15008 kept as addressed), DNS over UDP and TCP to port 53 of the cluster DNS
-addresses (the kubelet's clusterDNS) is REDIRECTed to 15053; port 53 of any other address goes where the
-pod sent it (its own DNS server, or a service's), payload untouched. Sockets of the tunnel itself carry
-mark 0x539/0xfff and are never captured; connections the tunnel accepted get conntrack mark 0x111,
-restored on the pod's replies so that they are routed back to the tunnel through table 100 (a local route
-for everything). Non-enrolled pods get only the DNS rules. IPv4 and IPv6 alike: the listeners are on
-127.0.0.1 and ::1.
+addresses (the kubelet's clusterDNS) is REDIRECTed to 15053 where the node does not answer them itself;
+DNS over UDP to the addresses the node answers (node-local, and cluster DNS it serves) is NOTRACK; port 53
+of any other address goes where the pod sent it (its own DNS server, or a service's), payload untouched.
+Sockets of the tunnel itself carry mark 0x539/0xfff and are never captured; connections the tunnel
+accepted get conntrack mark 0x111, restored on the pod's replies so that they are routed back to the
+tunnel through table 100 (a local route for everything). Non-enrolled pods get only the DNS rules. IPv4
+and IPv6 alike: the listeners are on 127.0.0.1 and ::1.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = (), cluster_dns
         f"ct mark & {MARK_MASK:#x} == {CONN_MARK:#x} meta mark set ct mark",
     ]
     output_nat = [f"meta mark & {MARK_MASK:#x} == {TUNNEL_MARK:#x} return"]
+    # DNS over UDP to the addresses the node answers itself is never tracked in the pod (as NodeLocal DNSCache
+    # does on the node): no conntrack entry per query, and no insertion race dropping one of the A and AAAA
+    # queries a glibc client sends at once from one socket (the "5 s DNS delay")
+    raw_out, raw_in = [], []
+    for family in ("ip", "ip6"):
+        direct = ", ".join(a for a in direct_dns if (":" in a) == (family == "ip6") and _is_address(a))
+        if direct:
+            raw_out.append(f"{family} daddr {{ {direct} }} udp dport 53 notrack")
+            raw_in.append(f"{family} saddr {{ {direct} }} udp sport 53 notrack")
     for family in ("ip", "ip6"):
         addresses = ", ".join(
             a for a in cluster_dns if a not in direct_dns and (":" in a) == (family == "ip6") and _is_address(a)
@@ -72,11 +82,13 @@ def capture_script(enrolled: bool, direct_dns: tuple[str, ...] = (), cluster_dns
             f"ip6 daddr != ::1 meta l4proto tcp redirect to :{OUTBOUND_PORT}",
         ]
     chains = {
+        "raw-out": ("type filter hook output priority raw ; policy accept ;", raw_out),
+        "raw-in": ("type filter hook prerouting priority raw ; policy accept ;", raw_in),
         "prerouting": ("type filter hook prerouting priority mangle ; policy accept ;", prerouting),
         "output-route": ("type route hook output priority mangle ; policy accept ;", output_route),
         "output-nat": ("type nat hook output priority -100 ; policy accept ;", output_nat),
     }
-    # flush, not delete: the same three chains always exist, and deleting a table with base chains costs
+    # flush, not delete: the same chains always exist, and deleting a table with base chains costs
     # the kernel an RCU grace period (~10 ms per pod setup)
     lines = [f"add table {TABLE}", f"flush table {TABLE}"]
     for name, (spec, rules) in chains.items():
