@@ -53,6 +53,7 @@ ffi.cdef(
     int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values, unsigned int *count,
                              const void *opts);
     int bpf_map_delete_batch(int fd, const void *keys, unsigned int *count, const void *opts);
+    int bpf_map_update_batch(int fd, const void *keys, const void *values, unsigned int *count, const void *opts);
     typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *args);
     libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
     int vsnprintf(char *str, size_t size, const char *format, void *ap);
@@ -177,6 +178,15 @@ class Map(Generic[K, V]):
             if ret < 0:  # ENOENT: that was the last batch
                 return
             token_in[0], first = token_out[0], False
+
+    def update_raw(self, keys: bytes, values: bytes, count: int) -> None:
+        """Write `count` packed keys and values in one syscall."""
+        if not count:
+            return
+        n = ffi.new("unsigned int *", count)
+        if lib.bpf_map_update_batch(self.fd, ffi.from_buffer(keys), ffi.from_buffer(values), n, ffi.NULL) < 0:
+            err = ffi.errno
+            raise BpfError(err, f"batch update {self.name} ({n[0]} of {count} written): {os.strerror(err)}")
 
     def delete_raw(self, keys: bytes, count: int) -> int:
         """Delete `count` packed keys in one syscall (those already gone are skipped one by one)."""

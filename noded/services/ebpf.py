@@ -1,7 +1,8 @@
 """eBPF proxier: turns desired frontends into socket-LB map entries, touching only what changed.
 
 Mirrors what it programmed; after a restart it reads the pinned maps back, so
-the first sync rewrites nothing that is already right.
+the first sync rewrites nothing that is already right. A sync's writes are applied
+together, in phases and batches (MapWrites).
 """
 
 from __future__ import annotations
@@ -115,6 +116,44 @@ def describe(maps: LbMaps) -> list[ProgrammedView]:
     return views
 
 
+class MapWrites:
+    """The map writes of one sync, applied in phases with a syscall per BATCH entries instead of one per
+    entry: every backend, then every slot, then every master, then the deletes that shrink. The order the
+    datapath relies on holds across the whole sync: a slot never names a backend not yet written, a master
+    never counts a slot not yet written, and nothing is deleted while a master may still count it."""
+
+    BATCH = 4096
+    PHASES = ("backends", "slots", "masters")
+
+    def __init__(self) -> None:
+        self.updates: dict[str, dict[int, tuple[object, list[bytes], list[bytes]]]] = {p: {} for p in self.PHASES}
+        self.deletes: list[tuple[object, bytes]] = []
+
+    def update(self, phase: str, m, key, value) -> None:
+        _m, keys, values = self.updates[phase].setdefault(id(m), (m, [], []))
+        keys.append(bytes(key))
+        values.append(bytes(value))
+
+    def delete(self, m, key) -> None:
+        self.deletes.append((m, bytes(key)))
+
+    def apply(self) -> None:
+        for phase in self.PHASES:
+            for m, keys, values in self.updates[phase].values():
+                for i in range(0, len(keys), self.BATCH):
+                    chunk = keys[i : i + self.BATCH]
+                    m.update_raw(b"".join(chunk), b"".join(values[i : i + self.BATCH]), len(chunk))
+            self.updates[phase] = {}
+        run: list[bytes] = []
+        for i, (m, key) in enumerate(self.deletes):  # consecutive deletes from one map: one syscall
+            run.append(key)
+            nxt = self.deletes[i + 1][0] if i + 1 < len(self.deletes) else None
+            if nxt is not m or len(run) == self.BATCH:
+                m.delete_raw(b"".join(run), len(run))
+                run = []
+        self.deletes = []
+
+
 class EbpfProxier:
     """Programs the socket-LB maps from the model, one changed service at a time."""
 
@@ -148,6 +187,7 @@ class EbpfProxier:
         self._next_svc_id = max_svc + 1
         self._next_backend_id = max_backend + 1
         self.map_writes = 0
+        self._writes = MapWrites()
         if programmed:
             log.info("recovered programmed frontends from pinned maps", frontends=len(programmed))
 
@@ -168,11 +208,14 @@ class EbpfProxier:
         for key in changed:
             for fe in set(self._by_service.get(key, {})) - set(desired[key]):
                 self._remove_frontend(key, fe)
-        for key, frontends in desired.items():
-            for fe, state in frontends.items():
-                self._program_frontend(key, fe, state)
-            if not self._by_service.get(key):
-                self._by_service.pop(key, None)
+        try:
+            for key, frontends in desired.items():
+                for fe, state in frontends.items():
+                    self._program_frontend(key, fe, state)
+                if not self._by_service.get(key):
+                    self._by_service.pop(key, None)
+        finally:
+            self._writes.apply()
         if full and self._unclaimed:
             for fe, p in list(self._unclaimed.items()):
                 log.info("removing stale frontend", frontend=str(fe))
@@ -249,7 +292,8 @@ class EbpfProxier:
         new_slots = ready + terminating
         for i, bid in enumerate(new_slots):
             if i >= len(old_slots) or old_slots[i] != bid:
-                self._write(self.maps.svc, _svc_key(fe, i + 1), structs.SvcVal(backend_id=bid, svc_id=cur.svc_id))
+                slot = structs.SvcVal(backend_id=bid, svc_id=cur.svc_id)
+                self._write_later("slots", self.maps.svc, _svc_key(fe, i + 1), slot)
         # 3. master
         timeout = state.service.affinity_timeout
         # no endpoint anywhere, for anyone: refused (a Local-policy frontend with only remote ones drops)
@@ -261,7 +305,8 @@ class EbpfProxier:
             or timeout != cur.affinity_timeout
             or flags != cur.flags
         ):
-            self._write(
+            self._write_later(
+                "masters",
                 self.maps.svc,
                 _svc_key(fe, 0),
                 structs.SvcVal(
@@ -274,10 +319,10 @@ class EbpfProxier:
             )
         # 4. slots past the end, 5. backends no longer wanted
         for i in range(len(new_slots), len(old_slots)):
-            self._delete(self.maps.svc, _svc_key(fe, i + 1))
+            self._delete_later(self.maps.svc, _svc_key(fe, i + 1))
         for be, (bid, _t) in cur.backends.items():
             if be not in backends:
-                self._delete(self.maps.backends, ctypes.c_uint32(bid))
+                self._delete_later(self.maps.backends, ctypes.c_uint32(bid))
                 self._backend_left(fe, cur.svc_id, be)
         cur.ready, cur.terminating, cur.backends, cur.affinity_timeout = ready, terminating, backends, timeout
         cur.flags = flags
@@ -309,10 +354,15 @@ class EbpfProxier:
             proto=structs.IPPROTO[protocol],
             flags=structs.BACKEND_TERMINATING if terminating else 0,
         )
-        self._write(self.maps.backends, ctypes.c_uint32(bid), value)
+        self._write_later("backends", self.maps.backends, ctypes.c_uint32(bid), value)
 
-    def _write(self, m, key, value) -> None:
-        m.update(key, value)
+    def _write_later(self, phase: str, m, key, value) -> None:
+        """A write applied with the sync's others (MapWrites: in phases, batched)."""
+        self._writes.update(phase, m, key, value)
+        self.map_writes += 1
+
+    def _delete_later(self, m, key) -> None:
+        self._writes.delete(m, key)
         self.map_writes += 1
 
     def _delete(self, m, key) -> None:
