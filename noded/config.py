@@ -115,7 +115,7 @@ class DnsConfig:
     cacheMaxTTL: int = 30  # seconds a forwarded answer or denial is kept at most
     servfailTTL: int = 5
     maxConcurrent: int = 1000  # upstream queries in flight; beyond, REFUSED (CoreDNS forward's max_concurrent)
-    fastPath: bool = True  # the eBPF answerer on the pods' bridge for A/AAAA of service names (IPv4 listen)
+    fastPath: bool = True  # the eBPF answerer on the pods' bridge: A/AAAA of cluster names and cached external ones
     # the addresses the kubelet hands pods as their nameserver (its clusterDNS); empty: the ClusterIPs of
     # kube-system/kube-dns when that Service exists. The in-pod DNS capture takes queries to these (and
     # only these) to noded; a query to any other address goes where the pod sent it.

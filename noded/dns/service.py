@@ -42,12 +42,12 @@ def make_resolver(config: NodedConfiguration, model: ServiceModel, ready=lambda:
 
 
 def pod_interfaces(addresses: dict[str, tuple[str, int]], cluster_cidrs: list[str]) -> dict[str, int]:
-    """{name: ifindex} of the interfaces holding an IPv4 address inside the cluster CIDRs (the pod gateways)."""
+    """{name: ifindex} of the interfaces holding an address inside the cluster CIDRs (the pod gateways)."""
     nets = [ipaddress.ip_network(c, strict=False) for c in cluster_cidrs]
     out = {}
     for text, (name, index) in addresses.items():
         ip = ipaddress.ip_address(text.split("%")[0])
-        if ip.version == 4 and name != "lo" and any(ip in net for net in nets):
+        if name != "lo" and any(ip.version == net.version and ip in net for net in nets):
             out[name] = index
     return out
 
@@ -96,7 +96,7 @@ class DnsService:
             except OSError as e:
                 self.errors[f"{host}:{port}"] = str(e)
                 log.error("DNS listener failed", address=f"{host}:{port}", error=str(e))
-        if self.fast_path_bpffs and any(":" not in h for h, _ in self.listen_on):
+        if self.fast_path_bpffs:
             self._start_fast_path()
 
     def serve_cluster_dns(self, addresses: tuple[str, ...]) -> None:

@@ -383,3 +383,16 @@ def test_a_label_that_is_not_utf8_is_a_name_that_does_not_exist():
         assert reply.rcode() == dns.rcode.NXDOMAIN
 
     asyncio.run(main())
+
+
+def test_the_fast_path_sits_on_interfaces_holding_a_pod_gateway_address_of_either_family():
+    from noded.dns.service import pod_interfaces
+
+    addresses = {
+        "10.244.1.1": ("cni0", 5),
+        "fd44:0:0:1::1": ("cni6", 6),  # an IPv6-only cluster's bridge
+        "fe80::1%cni0": ("cni0", 5),
+        "192.0.2.2": ("eth0", 2),
+        "127.0.0.1": ("lo", 1),
+    }
+    assert pod_interfaces(addresses, ["10.244.0.0/16", "fd44::/48"]) == {"cni0": 5, "cni6": 6}
