@@ -52,6 +52,8 @@ def objects(n: int, m: int) -> list[dict]:
 
 def in_process(mode: str, n: int, m: int, changes: int) -> dict:
     env = open_env(ENVS[mode], f"{TAG}-{unique_tag()}")
+    if getattr(env, "terminator", None) is not None:  # the daemon's default (services.terminateTCPConnections)
+        env.terminator.tcp = False
     try:
         objs = objects(n, m)
         rss0 = rss_mib()

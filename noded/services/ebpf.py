@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import struct
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -36,6 +37,19 @@ class Programmed:
     terminating: list[int] = field(default_factory=list)
     backends: dict[Backend, tuple[int, bool]] = field(default_factory=dict)  # -> (id, terminating)
     flags: int = 0  # structs.SVC_*
+
+
+SVC_KEY, SVC_VAL, BACKEND, BACKEND_ID = (
+    structs.packer(structs.SvcKey),
+    structs.packer(structs.SvcVal),
+    structs.packer(structs.Backend),
+    struct.Struct("=I"),
+)
+
+
+def _packed_svc_key(fe: Frontend, slot: int, addr: bytes) -> bytes:
+    """The map key of a frontend's slot (0: its master), as bytes; `addr` its address packed already."""
+    return SVC_KEY.pack(addr, structs.net_port(fe.port), structs.IPPROTO[fe.protocol], fe.scope, slot, 0)
 
 
 def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
@@ -129,13 +143,13 @@ class MapWrites:
         self.updates: dict[str, dict[int, tuple[object, list[bytes], list[bytes]]]] = {p: {} for p in self.PHASES}
         self.deletes: list[tuple[object, bytes]] = []
 
-    def update(self, phase: str, m, key, value) -> None:
+    def update(self, phase: str, m, key: bytes, value: bytes) -> None:
         _m, keys, values = self.updates[phase].setdefault(id(m), (m, [], []))
-        keys.append(bytes(key))
-        values.append(bytes(value))
+        keys.append(key)
+        values.append(value)
 
-    def delete(self, m, key) -> None:
-        self.deletes.append((m, bytes(key)))
+    def delete(self, m, key: bytes) -> None:
+        self.deletes.append((m, key))
 
     def apply(self) -> None:
         for phase in self.PHASES:
@@ -286,14 +300,15 @@ class EbpfProxier:
             self._write_backend(bid, be, fe.protocol, terminating)
             backends[be] = (bid, terminating)
         # 2. slots
+        addr = structs.addr_bytes(fe.ip)
         ready = plan_slots(cur.ready, [backends[b][0] for b in state.ready])
         terminating = plan_slots(cur.terminating, [backends[b][0] for b in state.terminating])
         old_slots = cur.ready + cur.terminating
         new_slots = ready + terminating
         for i, bid in enumerate(new_slots):
             if i >= len(old_slots) or old_slots[i] != bid:
-                slot = structs.SvcVal(backend_id=bid, svc_id=cur.svc_id)
-                self._write_later("slots", self.maps.svc, _svc_key(fe, i + 1), slot)
+                slot = SVC_VAL.pack(bid, cur.svc_id, 0, 0, 0, 0)
+                self._write_later("slots", self.maps.svc, _packed_svc_key(fe, i + 1, addr), slot)
         # 3. master
         timeout = state.service.affinity_timeout
         # no endpoint anywhere, for anyone: refused (a Local-policy frontend with only remote ones drops)
@@ -305,24 +320,14 @@ class EbpfProxier:
             or timeout != cur.affinity_timeout
             or flags != cur.flags
         ):
-            self._write_later(
-                "masters",
-                self.maps.svc,
-                _svc_key(fe, 0),
-                structs.SvcVal(
-                    svc_id=cur.svc_id,
-                    ready=len(ready),
-                    terminating=len(terminating),
-                    affinity_timeout=timeout,
-                    flags=flags,
-                ),
-            )
+            master = SVC_VAL.pack(0, cur.svc_id, len(ready), len(terminating), timeout, flags)
+            self._write_later("masters", self.maps.svc, _packed_svc_key(fe, 0, addr), master)
         # 4. slots past the end, 5. backends no longer wanted
         for i in range(len(new_slots), len(old_slots)):
-            self._delete_later(self.maps.svc, _svc_key(fe, i + 1))
+            self._delete_later(self.maps.svc, _packed_svc_key(fe, i + 1, addr))
         for be, (bid, _t) in cur.backends.items():
             if be not in backends:
-                self._delete_later(self.maps.backends, ctypes.c_uint32(bid))
+                self._delete_later(self.maps.backends, BACKEND_ID.pack(bid))
                 self._backend_left(fe, cur.svc_id, be)
         cur.ready, cur.terminating, cur.backends, cur.affinity_timeout = ready, terminating, backends, timeout
         cur.flags = flags
@@ -348,20 +353,16 @@ class EbpfProxier:
 
     # -- map writes -------------------------------------------------------------
     def _write_backend(self, bid: int, be: Backend, protocol: str, terminating: bool) -> None:
-        value = structs.Backend(
-            addr=structs.pack_addr(be[0]),
-            port=structs.net_port(be[1]),
-            proto=structs.IPPROTO[protocol],
-            flags=structs.BACKEND_TERMINATING if terminating else 0,
-        )
-        self._write_later("backends", self.maps.backends, ctypes.c_uint32(bid), value)
+        flags = structs.BACKEND_TERMINATING if terminating else 0
+        value = BACKEND.pack(structs.addr_bytes(be[0]), structs.net_port(be[1]), structs.IPPROTO[protocol], flags)
+        self._write_later("backends", self.maps.backends, BACKEND_ID.pack(bid), value)
 
-    def _write_later(self, phase: str, m, key, value) -> None:
+    def _write_later(self, phase: str, m, key: bytes, value: bytes) -> None:
         """A write applied with the sync's others (MapWrites: in phases, batched)."""
         self._writes.update(phase, m, key, value)
         self.map_writes += 1
 
-    def _delete_later(self, m, key) -> None:
+    def _delete_later(self, m, key: bytes) -> None:
         self._writes.delete(m, key)
         self.map_writes += 1
 

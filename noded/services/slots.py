@@ -9,6 +9,8 @@ def plan_slots(old: list[int], want: list[int]) -> list[int]:
     A removed member's hole takes a new member, or else the last member moves
     into it (swap-remove): one endpoint change rewrites at most two slots.
     """
+    if not old:  # a new frontend (every one in a first sync): nothing to keep in place
+        return list(want)
     want_set = set(want)
     old_set = set(old)
     slots: list[int | None] = [x if x in want_set else None for x in old]
