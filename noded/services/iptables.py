@@ -99,8 +99,9 @@ class IptablesProxier:
     def sync(self, full: bool = False) -> int:
         desired_by_key = self.mirror.changes(full)
         old, new = self.mirror.programmed, self.mirror.after(desired_by_key)
+        changed = None if full else {fe for k, d in desired_by_key.items() for fe in (*self.mirror.old_of(k), *d)}
         for version in VERSIONS:
-            script = self._script(version, old, new, full)
+            script = self._script(version, old, new, changed)
             if script:
                 self.tools.restore(version, script)
                 self.transactions += 1
@@ -110,19 +111,29 @@ class IptablesProxier:
         return len(desired_by_key)
 
     def _script(
-        self, version: int, old: dict[Frontend, FrontendRules], new: dict[Frontend, FrontendRules], full: bool
+        self,
+        version: int,
+        old: dict[Frontend, FrontendRules],
+        new: dict[Frontend, FrontendRules],
+        changed: set[Frontend] | None,
     ) -> str:
-        old_v = {fe: r for fe, r in old.items() if r.version == version}
+        """The restore script of one family: everything (changed None: a full sync), or the chains of just
+        the frontends that changed (their chains are theirs alone: names hash the frontend) and the
+        NODED-SERVICES lists, as kube-proxy's partial sync; "" when nothing of this family changed."""
+        full = changed is None
         new_v = {fe: r for fe, r in new.items() if r.version == version}
-        if not full and old_v == new_v:
-            return ""
-        wanted = {name: rules for r in new_v.values() for name, rules in r.chains.items()}
-        had = {name: rules for r in old_v.values() for name, rules in r.chains.items()}
+        if changed is not None:
+            old_c = {fe: old[fe] for fe in changed if fe in old and old[fe].version == version}
+            new_c = {fe: new_v[fe] for fe in changed if fe in new_v}
+            if old_c == new_c:
+                return ""
         saved = {t: self.tools.save(version, t) for t in ("nat", "filter")} if full else {}
         if full:
-            write = dict(wanted)
-            stale = [c for c in noded_chains(saved["nat"]) if c not in wanted and c not in iptrules.NAT_CHAINS]
+            write = {name: rules for r in new_v.values() for name, rules in r.chains.items()}
+            stale = [c for c in noded_chains(saved["nat"]) if c not in write and c not in iptrules.NAT_CHAINS]
         else:
+            wanted = {name: rules for r in new_c.values() for name, rules in r.chains.items()}
+            had = {name: rules for r in old_c.values() for name, rules in r.chains.items()}
             write = {name: rules for name, rules in wanted.items() if had.get(name) != rules}
             stale = [c for c in had if c not in wanted]
         nat = ["*nat", *(f":{c} - [0:0]" for c in iptrules.NAT_CHAINS if full or c == "NODED-SERVICES")]

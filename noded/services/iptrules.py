@@ -9,7 +9,6 @@ connections to frontends without endpoints and drops external traffic a Local po
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -70,7 +69,7 @@ def _safe(text: str) -> str:
 def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
     sp = state.service
     p = plan(fe, state, cluster_cidrs)
-    version = ipaddress.ip_address(fe.ip).version
+    version = 6 if ":" in fe.ip else 4  # normalised by the model
     host = f"{fe.ip}/{32 if version == 4 else 128}"
     proto = fe.protocol.lower()
     match = f"-d {host} -p {proto} -m {proto} --dport {fe.port}"
@@ -109,7 +108,7 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
 def _pick_endpoint(fe: Frontend, state: FrontendState, pick: Pick, chains: dict[str, tuple[str, ...]]) -> list[str]:
     """Rules choosing one backend: `recent` for affinity first, then `statistic` so each is equally likely."""
     sp = state.service
-    version = ipaddress.ip_address(fe.ip).version
+    version = 6 if ":" in fe.ip else 4  # normalised by the model
     mask = "255.255.255.255" if version == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
     proto = fe.protocol.lower()
     affinity: list[str] = []

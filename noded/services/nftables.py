@@ -70,19 +70,27 @@ class NftProxier:
 
     def sync(self, full: bool = False) -> int:
         desired_by_key = self.mirror.changes(full)
+        delta: Counter[str] | None = None
         if full:
             after = self.mirror.after(desired_by_key)
             script, hairpin_refs = self._full_script(after), Counter(ip for r in after.values() for ip in r.hairpin)
         else:
             script, delta = self._partial_script(desired_by_key)
-            hairpin_refs = self.hairpin_refs + delta  # keeps positive counts only
         if script:
             nft(script, self.cmd)
             self.transactions += 1
             self.last_script = script
         self.mirror.commit(desired_by_key)
         self.conntrack.clear(self.mirror.touched_udp)
-        self.hairpin_refs = hairpin_refs
+        if delta is None:
+            self.hairpin_refs = hairpin_refs
+        else:  # in place, once nft took the script: a copy of 100,000 counts cost 70 ms per change
+            for ip, change in delta.items():
+                left = self.hairpin_refs[ip] + change
+                if left > 0:
+                    self.hairpin_refs[ip] = left
+                else:
+                    self.hairpin_refs.pop(ip, None)
         return len(desired_by_key)
 
     def _partial_script(
