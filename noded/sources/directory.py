@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from collections.abc import Iterable
+from typing import Any
 
 import structlog
 import yaml
@@ -17,9 +20,18 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML h
 
 
 def parse_manifests(text: str, origin: str) -> list[dict]:
-    """The objects in one file (multi-document YAML, `kind: List` expanded). Raises yaml.YAMLError."""
+    """The objects in one file (multi-document YAML, `kind: List` expanded). Raises yaml.YAMLError. A
+    `.json` file is read by the json module first (JSON is YAML too, but libyaml reads ~3 MB/s: 4 s for
+    10,000 Services with their slices, json 0.2 s); one that is not a single JSON value goes to YAML."""
+    if origin.endswith(".json"):
+        try:
+            docs: Iterable[Any] = [json.loads(text)]
+        except ValueError:
+            docs = yaml.load_all(text, Loader=_Loader)
+    else:
+        docs = yaml.load_all(text, Loader=_Loader)
     out: list[dict] = []
-    for doc in yaml.load_all(text, Loader=_Loader):
+    for doc in docs:
         if doc is None:
             continue
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):

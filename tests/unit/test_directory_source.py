@@ -169,3 +169,12 @@ def test_any_file_content_is_rejected_alone(tmp_path):
         assert sink.objects[("EndpointSlice", "default", "web-abc")] == good[1]
 
     check()
+
+
+def test_json_manifests_are_read_by_the_json_module_and_yaml_streams_still_parse():
+    from noded.sources.directory import parse_manifests
+
+    listed = '{"apiVersion": "v1", "kind": "List", "items": [{"kind": "Service", "metadata": {"name": "a"}}]}'
+    assert parse_manifests(listed, "x/all.json") == [{"kind": "Service", "metadata": {"name": "a"}}]
+    two_docs = '{"kind": "Service", "metadata": {"name": "a"}}\n---\n{"kind": "Service", "metadata": {"name": "b"}}\n'
+    assert [d["metadata"]["name"] for d in parse_manifests(two_docs, "x/two.json")] == ["a", "b"]

@@ -324,3 +324,17 @@ def test_a_node_being_deleted_or_drained_by_the_autoscaler_is_not_eligible():
     status, _headers, body = health_response("default/web", 3, healthy=False)
     assert status == 503 and b'"serviceProxyHealthy": false' in body
     assert health_response("default/web", 3)[0] == 200
+
+
+def test_an_address_that_is_a_number_is_rejected_not_read_as_0_0_0_5():
+    """ipaddress takes the integer 5 for 0.0.0.5; an endpoint or cluster IP written as a number is a
+    malformed object, rejected alone with a message naming it."""
+    bad_slice = slice_("web", [endpoint("10.244.1.2")])
+    bad_slice["endpoints"][0]["addresses"] = [5]
+    with pytest.raises(ManifestError, match=r"endpoints\[0\]\.addresses\[0\]: 5 is not an IP address"):
+        parse_endpoint_slice(bad_slice)
+    bad_service = service("web", "10.96.0.10")
+    bad_service["spec"]["clusterIPs"] = [167772160]
+    del bad_service["spec"]["clusterIP"]
+    with pytest.raises(ManifestError, match="is not an IP address"):
+        parse_service(bad_service)
