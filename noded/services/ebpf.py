@@ -217,6 +217,31 @@ class EbpfProxier:
         else:
             stale_keys = set()
         changed = self.model.take_changes() | stale_keys
+        try:
+            self._apply(changed, full)
+        except Exception:
+            self._believe_the_maps()
+            raise
+        return len(changed)
+
+    def _believe_the_maps(self) -> None:
+        """After a failed sync what noded believes it programmed may not be what the maps hold (a write that
+        never happened, a batch cut short): forget it and adopt the maps as they are, so the full sync the
+        runner retries with compares against the kernel, rewriting exactly what is missing or wrong."""
+        programmed, max_svc, max_backend = read_maps(self.maps)
+        referenced = {bid for p in programmed.values() for bid, _t in p.backends.values()}
+        for key in list(self.maps.backends.keys()):  # written, then the slot naming it never was
+            if int(key.value) not in referenced:
+                self.maps.backends.delete(key)
+        self._unclaimed = programmed
+        self._by_service = {}
+        self._owner = {}
+        self._next_svc_id = max(self._next_svc_id, max_svc + 1)  # ids are never reused
+        self._next_backend_id = max(self._next_backend_id, max_backend + 1)
+        self._writes = MapWrites()
+        self._removed = []
+
+    def _apply(self, changed: set[ServiceKey], full: bool) -> None:
         desired = {key: self._socket_lb_frontends(key) for key in changed}
         # Removals first, so a VIP that moves between services in one batch is free to take.
         for key in changed:
@@ -240,7 +265,6 @@ class EbpfProxier:
             self.terminator.terminate(removed)
         if full and self.collector is not None:  # NodePort flows that expired give their room back
             self.collector.collect()
-        return len(changed)
 
     def _socket_lb_frontends(self, key: ServiceKey) -> dict[Frontend, FrontendState]:
         return map_frontends(self.model.frontends_of(key))
