@@ -1,0 +1,95 @@
+"""The bounded-frequency runner: its schedule on a fake clock, and the thread around it."""
+
+import threading
+import time
+
+from noded.services.runner import BoundedFrequencyRunner, Schedule
+
+
+def test_the_first_sync_is_at_once_and_full():
+    s = Schedule(1.0, 30.0, 2.0, now=100.0)
+    assert s.take(100.0) is True
+    s.finished(100.1, True, ok=True)
+    assert s.take(100.2) is None  # nothing wanted
+    assert s.next_at() == 130.1  # the periodic full sync
+
+
+def test_requests_coalesce_and_keep_the_minimum_gap_from_the_last_sync():
+    s = Schedule(1.0, 30.0, 2.0, now=0.0)
+    s.take(0.0)
+    s.finished(0.5, True, ok=True)
+    for t in (0.6, 0.7, 0.9):  # three changes within the gap: one sync, when the gap has passed
+        s.request(t)
+        assert s.take(t) is None
+    assert s.next_at() == 1.5
+    assert s.take(1.5) is False  # a partial sync
+    s.finished(1.6, False, ok=True)
+    assert s.take(5.0) is None  # nothing new
+
+
+def test_a_request_after_a_quiet_spell_syncs_at_once():
+    s = Schedule(1.0, 30.0, 2.0, now=0.0)
+    s.take(0.0)
+    s.finished(0.1, True, ok=True)
+    s.request(10.0)
+    assert s.take(10.0) is False
+
+
+def test_the_periodic_full_sync_comes_even_without_requests():
+    s = Schedule(1.0, 30.0, 2.0, now=0.0)
+    s.take(0.0)
+    s.finished(0.2, True, ok=True)
+    assert s.take(30.1) is None
+    assert s.take(30.2) is True
+
+
+def test_a_failed_sync_is_retried_as_a_full_one_after_the_retry_interval():
+    s = Schedule(0.0, 30.0, 2.0, now=0.0)
+    s.take(0.0)
+    s.finished(0.1, True, ok=True)
+    s.request(5.0)
+    assert s.take(5.0) is False
+    s.finished(5.1, False, ok=False)
+    assert s.take(6.0) is None
+    assert s.take(7.1) is True  # full: what the kernel holds is not known
+
+
+def test_a_request_before_the_retry_is_due_brings_the_full_retry_forward():
+    s = Schedule(0.5, 30.0, 5.0, now=0.0)
+    s.take(0.0)
+    s.finished(1.0, True, ok=False)
+    s.request(1.2)
+    assert s.take(1.2) is None  # the minimum gap still holds
+    assert s.take(1.5) is True
+
+
+def test_the_runner_coalesces_a_burst_into_few_syncs_and_retries_failures():
+    calls: list[bool] = []
+    failing = threading.Event()
+    failing.set()
+
+    def sync(full: bool) -> None:
+        calls.append(full)
+        if failing.is_set() and len(calls) == 2:
+            raise RuntimeError("kernel said no")
+
+    runner = BoundedFrequencyRunner("test", sync, min_interval=0.2, max_interval=60, retry_interval=0.3)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(50):  # a burst of changes
+            runner.run()
+            time.sleep(0.002)
+        while len(calls) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert calls[0] is True  # the first sync is full
+        assert calls[1] is False and runner.syncs >= 3  # the burst: one partial sync (it failed) ...
+        assert calls[2] is True  # ... retried as a full one
+        assert len(calls) <= 4 and runner.last_error is None
+    finally:
+        runner.stop()
