@@ -25,6 +25,7 @@ from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import liveness, rfc3339, sd_notify, serve
 from noded.redirect.enrollment import Enrollment
 from noded.services.healthcheck import HealthCheckServers
+from noded.services.proxier import Proxier
 from noded.services.runner import BoundedFrequencyRunner
 from noded.tunnel.policy import Authorizer
 
@@ -120,7 +121,7 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
     return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName)
 
 
-def make_proxier(config: NodedConfiguration, model: ServiceModel):
+def make_proxier(config: NodedConfiguration, model: ServiceModel) -> Proxier:
     from noded.cleanup import cleanup
 
     mode = config.services.mode
@@ -174,7 +175,7 @@ class Daemon:
         self.api = None
         self.metrics = DaemonMetrics()
         self.stopping = threading.Event()
-        self.proxier = None
+        self.proxier: Proxier | None = None
         self.runner: BoundedFrequencyRunner | None = None
         self.source = None
         self.started = time.time()
@@ -194,7 +195,7 @@ class Daemon:
         addrs = nodeport_addresses(local, cfg.services.nodePortAddresses, cfg.clusterCIDRs)
         if self.model.set_node_ips(addrs):
             log.info("node port addresses", addresses=addrs)
-        if hasattr(self.proxier, "set_external_interfaces"):
+        if self.proxier is not None:
             self.proxier.set_external_interfaces(dict(local[a] for a in addrs if local[a][0] != "lo"))
 
     def _queue_sync(self) -> None:
@@ -412,7 +413,7 @@ class Daemon:
                 "ok": True,
                 "synced": self.sink.all_synced.is_set(),
                 "dns": self.dns.status() if self.dns else None,
-                "socketTermination": self._socket_termination(),
+                "socketTermination": (self.proxier.extras() if self.proxier else {}).get("socketTermination"),
                 "tunnel": {**self.identities.status(), **self.tunnel.status(), **self._refusals()}
                 if self.tunnel
                 else None,
@@ -494,15 +495,6 @@ class Daemon:
             return {"nodes": [self.config.nodeName], "generated": time.time(), "edges": []}
         return graph.snapshot(self.tunnel.telemetry, self.config.nodeName)
 
-    def _socket_termination(self) -> dict | None:
-        """eBPF mode: whether sockets to removed backends are destroyed (and why not)."""
-        if self.config.services.mode != "ebpf":
-            return None
-        terminator = getattr(self.proxier, "terminator", None)
-        if terminator is None:
-            return {"enabled": False, "reason": "services.socketTermination is false"}
-        return terminator.describe()
-
     def _write_status(self, waiting: bool = False) -> None:
         """status.json for `noded status`: after each sync, and every second while the sources sync."""
         services, slices = self.model.counts()
@@ -534,8 +526,9 @@ class Daemon:
             "healthCheckPorts": self.health_checks.ports(),
             "lastSyncError": self.runner.last_error if self.runner else None,
             "dns": self.dns.status() if self.dns else None,
-            "socketTermination": self._socket_termination(),
-            "nodePortFlows": self.proxier.collector.describe() if getattr(self.proxier, "collector", None) else None,
+            "socketTermination": None,
+            "nodePortFlows": None,
+            **(self.proxier.extras() if self.proxier is not None else {}),
         }
         os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
         write_atomic(self.status_path, json.dumps(status))

@@ -266,6 +266,15 @@ class EbpfProxier:
         if full and self.collector is not None:  # NodePort flows that expired give their room back
             self.collector.collect()
 
+    def extras(self) -> dict[str, object]:
+        """For `noded status`: socket termination (or why it is off) and the NodePort flow table."""
+        return {
+            "socketTermination": self.terminator.describe()
+            if self.terminator is not None
+            else {"enabled": False, "reason": "services.socketTermination is false"},
+            "nodePortFlows": self.collector.describe() if self.collector is not None else None,
+        }
+
     def _socket_lb_frontends(self, key: ServiceKey) -> dict[Frontend, FrontendState]:
         return map_frontends(self.model.frontends_of(key))
 

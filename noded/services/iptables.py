@@ -19,6 +19,7 @@ from noded.services import iptrules
 from noded.services.conntrack import ConntrackCleaner
 from noded.services.iptrules import FrontendRules
 from noded.services.mirror import RuleMirror
+from noded.services.proxier import NetfilterExtras
 from noded.services.view import ProgrammedView
 
 log = structlog.get_logger("noded.services.iptables")
@@ -78,7 +79,7 @@ def missing_jumps(saved: dict[str, str]) -> list[tuple[str, str, str]]:
     return [(t, c, spec) for t, c, spec in iptrules.JUMPS if f"-A {c} {spec}" not in saved[t]]
 
 
-class IptablesProxier:
+class IptablesProxier(NetfilterExtras):
     name = "iptables"
 
     def __init__(

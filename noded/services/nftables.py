@@ -17,6 +17,7 @@ from noded.services import nftrules
 from noded.services.conntrack import ConntrackCleaner
 from noded.services.mirror import RuleMirror
 from noded.services.nftrules import TABLE, FrontendRules
+from noded.services.proxier import NetfilterExtras
 from noded.services.view import ProgrammedView
 
 log = structlog.get_logger("noded.services.nftables")
@@ -51,7 +52,7 @@ def delete_table(cmd: tuple[str, ...] = NFT) -> bool:
     return True
 
 
-class NftProxier:
+class NftProxier(NetfilterExtras):
     name = "nftables"
 
     def __init__(

@@ -1,0 +1,35 @@
+"""What the daemon asks of a services mode: the `Proxier` protocol the eBPF, nftables and iptables proxiers
+implement, so the daemon calls them alike (no probing for attributes).
+
+- `sync(full)`: apply the model's pending changes (every service when full, repairing what was changed
+  behind noded's back); the number of services synced. Raises when the kernel refused; the runner retries
+  with a full sync.
+- `set_external_interfaces(interfaces)`: where packets from outside arrive (eBPF attaches its tc programs
+  there; the netfilter modes match on addresses, not interfaces, and ignore it).
+- `extras()`: mode-specific state for `noded status`: socket termination and NodePort flows (eBPF), none
+  elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Proxier(Protocol):
+    name: str
+
+    def sync(self, full: bool = False) -> int: ...
+
+    def set_external_interfaces(self, interfaces: dict[str, int]) -> None: ...
+
+    def extras(self) -> dict[str, object]: ...
+
+
+class NetfilterExtras:
+    """The two hooks the netfilter proxiers have nothing to do for."""
+
+    def set_external_interfaces(self, interfaces: dict[str, int]) -> None:
+        return None
+
+    def extras(self) -> dict[str, object]:
+        return {}
