@@ -42,6 +42,7 @@ async def main(args: argparse.Namespace) -> None:
     model = ServiceModel()
     for obj in service_objects(args.services):
         model.upsert(obj)
+    model.take_changes()  # as the daemon's first sync leaves the model (no change pending)
     print(f"model-rss-kib={rss_kib()}", flush=True)  # the model alone: what the proxiers share with DNS
     host, port = args.upstream.rsplit(":", 1)
     resolver = Resolver(model, Upstreams([(host, int(port))]), "cluster.local")
