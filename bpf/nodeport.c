@@ -36,6 +36,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "noded_maps.h"
+#include "noded_select.h"
 
 #define AF_INET  2
 #define AF_INET6 10
@@ -393,40 +394,14 @@ static __always_inline struct noded_svc_val *frontend(const struct flow *f, stru
 	return bpf_map_lookup_elem(&noded_svc, key);
 }
 
+/* The backend for a packet from outside (noded_select.h; affinity by client address). */
 static __always_inline __u32 pick_backend(const struct flow *f, struct noded_svc_key *key,
 					  const struct noded_svc_val *svc)
 {
 	struct noded_affinity_key akey = { .netns_cookie = NODED_AFFINITY_BY_ADDRESS, .svc_id = svc->svc_id };
-	struct noded_affinity_val aval = {}, *aff;
-	struct noded_backend *be;
-	struct noded_svc_val *slot;
-	__u32 count = svc->ready ? svc->ready : svc->terminating;
-	__u64 now = 0;
 
-	if (!count)
-		return 0;
-	if (svc->affinity_timeout) {
-		addr_copy(akey.client, f->saddr);
-		now = bpf_ktime_get_ns();
-		aff = bpf_map_lookup_elem(&noded_affinity, &akey);
-		if (aff && now - aff->last_used_ns <= (__u64)svc->affinity_timeout * 1000000000ULL) {
-			be = bpf_map_lookup_elem(&noded_backends, &aff->backend_id);
-			if (be && !((be->flags & NODED_BACKEND_TERMINATING) && svc->ready)) {
-				aff->last_used_ns = now;
-				return aff->backend_id;
-			}
-		}
-	}
-	key->slot = 1 + bpf_get_prandom_u32() % count;
-	slot = bpf_map_lookup_elem(&noded_svc, key);
-	if (!slot)
-		return 0;
-	if (svc->affinity_timeout) {
-		aval.last_used_ns = now;
-		aval.backend_id = slot->backend_id;
-		bpf_map_update_elem(&noded_affinity, &akey, &aval, BPF_ANY);
-	}
-	return slot->backend_id;
+	addr_copy(akey.client, f->saddr);
+	return noded_pick_backend(key, svc, &akey);
 }
 
 static __always_inline __u16 csum_fold(__s64 sum)

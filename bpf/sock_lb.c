@@ -12,6 +12,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "noded_maps.h"
+#include "noded_select.h"
 
 #define ECONNREFUSED 111
 
@@ -21,79 +22,30 @@ enum lb_verdict {
 	LB_TRANSLATED,
 };
 
-static __always_inline struct noded_backend *
-lb_affine_backend(struct bpf_sock_addr *ctx, const struct noded_svc_val *svc, __u64 now)
-{
-	struct noded_affinity_key akey = {
-		.netns_cookie = bpf_get_netns_cookie(ctx),
-		.svc_id = svc->svc_id,
-	};
-	struct noded_affinity_val *aff = bpf_map_lookup_elem(&noded_affinity, &akey);
-	struct noded_backend *be;
-
-	if (!aff || now - aff->last_used_ns > (__u64)svc->affinity_timeout * 1000000000ULL)
-		return NULL;
-	be = bpf_map_lookup_elem(&noded_backends, &aff->backend_id);
-	if (!be || ((be->flags & NODED_BACKEND_TERMINATING) && svc->ready))
-		return NULL;
-	aff->last_used_ns = now;
-	return be;
-}
-
-static __always_inline void
-lb_remember_affinity(struct bpf_sock_addr *ctx, const struct noded_svc_val *svc,
-		     __u32 backend_id, __u64 now)
-{
-	struct noded_affinity_key akey = {
-		.netns_cookie = bpf_get_netns_cookie(ctx),
-		.svc_id = svc->svc_id,
-	};
-	struct noded_affinity_val aval = { .last_used_ns = now, .backend_id = backend_id };
-
-	bpf_map_update_elem(&noded_affinity, &akey, &aval, BPF_ANY);
-}
-
-/* Look the frontend in key up and choose a backend for it. */
+/* Look the frontend in key up and choose a backend for it (noded_select.h; affinity by netns). */
 static __always_inline enum lb_verdict
 lb_select(struct bpf_sock_addr *ctx, struct noded_svc_key *key,
 	  struct noded_backend **chosen, __u32 *svc_id)
 {
-	struct noded_svc_val *svc, *slot;
+	struct noded_svc_val *svc;
 	struct noded_backend *be;
-	__u32 first, count;
-	__u64 now = 0;
+	__u32 backend_id;
 
 	key->slot = 0;
 	svc = bpf_map_lookup_elem(&noded_svc, key);
 	if (!svc)
 		return LB_PASS;
 	*svc_id = svc->svc_id;
-	if (svc->ready) {
-		first = 1;
-		count = svc->ready;
-	} else if (svc->terminating) {
-		first = 1;
-		count = svc->terminating;
-	} else {
+	struct noded_affinity_key akey = {
+		.netns_cookie = svc->affinity_timeout ? bpf_get_netns_cookie(ctx) : 0,
+		.svc_id = svc->svc_id,
+	};
+	backend_id = noded_pick_backend(key, svc, &akey);
+	if (!backend_id)
 		return LB_REJECT;
-	}
-	if (svc->affinity_timeout) {
-		now = bpf_ktime_get_ns();
-		be = lb_affine_backend(ctx, svc, now);
-		if (be) {
-			*chosen = be;
-			return LB_TRANSLATED;
-		}
-	}
-	key->slot = first + bpf_get_prandom_u32() % count;
-	slot = bpf_map_lookup_elem(&noded_svc, key);
-	if (!slot)
-		return LB_REJECT;
-	be = bpf_map_lookup_elem(&noded_backends, &slot->backend_id);
+	be = bpf_map_lookup_elem(&noded_backends, &backend_id);
 	if (!be)
 		return LB_REJECT;
-	if (svc->affinity_timeout)
-		lb_remember_affinity(ctx, svc, slot->backend_id, now);
 	*chosen = be;
 	return LB_TRANSLATED;
 }
