@@ -6,6 +6,14 @@ import time
 from noded.services.runner import BoundedFrequencyRunner, Schedule
 
 
+def after_first_sync(min_interval: float, ended: float, ok: bool = True) -> Schedule:
+    """A schedule (max 30 s, retry 2 s) whose first, full sync ran at 0 and ended at `ended`."""
+    s = Schedule(min_interval, 30.0, 2.0, now=0.0)
+    assert s.take(0.0) is True
+    s.finished(ended, True, ok=ok)
+    return s
+
+
 def test_the_first_sync_is_at_once_and_full():
     s = Schedule(1.0, 30.0, 2.0, now=100.0)
     assert s.take(100.0) is True
@@ -15,9 +23,7 @@ def test_the_first_sync_is_at_once_and_full():
 
 
 def test_requests_coalesce_and_keep_the_minimum_gap_from_the_last_sync():
-    s = Schedule(1.0, 30.0, 2.0, now=0.0)
-    s.take(0.0)
-    s.finished(0.5, True, ok=True)
+    s = after_first_sync(1.0, 0.5)
     for t in (0.6, 0.7, 0.9):  # three changes within the gap: one sync, when the gap has passed
         s.request(t)
         assert s.take(t) is None
@@ -28,25 +34,19 @@ def test_requests_coalesce_and_keep_the_minimum_gap_from_the_last_sync():
 
 
 def test_a_request_after_a_quiet_spell_syncs_at_once():
-    s = Schedule(1.0, 30.0, 2.0, now=0.0)
-    s.take(0.0)
-    s.finished(0.1, True, ok=True)
+    s = after_first_sync(1.0, 0.1)
     s.request(10.0)
     assert s.take(10.0) is False
 
 
 def test_the_periodic_full_sync_comes_even_without_requests():
-    s = Schedule(1.0, 30.0, 2.0, now=0.0)
-    s.take(0.0)
-    s.finished(0.2, True, ok=True)
+    s = after_first_sync(1.0, 0.2)
     assert s.take(30.1) is None
     assert s.take(30.2) is True
 
 
 def test_a_failed_sync_is_retried_as_a_full_one_after_the_retry_interval():
-    s = Schedule(0.0, 30.0, 2.0, now=0.0)
-    s.take(0.0)
-    s.finished(0.1, True, ok=True)
+    s = after_first_sync(0.0, 0.1)
     s.request(5.0)
     assert s.take(5.0) is False
     s.finished(5.1, False, ok=False)
