@@ -86,7 +86,10 @@ class KeyChanges:
 
     def add(self, key: ServiceKey) -> None:
         if not self.keys and self.wake is not None:
-            self.wake()
+            try:
+                self.wake()
+            except RuntimeError:  # the consumer's loop has closed (noded stopping): nobody to wake
+                self.wake = None
         self.keys.add(key)
 
     def take(self) -> set[ServiceKey]:

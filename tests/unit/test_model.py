@@ -338,3 +338,16 @@ def test_an_address_that_is_a_number_is_rejected_not_read_as_0_0_0_5():
     del bad_service["spec"]["clusterIP"]
     with pytest.raises(ManifestError, match="is not an IP address"):
         parse_service(bad_service)
+
+
+def test_a_dns_consumer_whose_loop_has_closed_never_fails_an_update():
+    """The fast path's wake-up goes through its asyncio loop; once that loop is closed (noded stopping) a
+    source's update must still be taken, not rejected."""
+    import asyncio
+
+    model = ServiceModel()
+    loop = asyncio.new_event_loop()
+    changes = model.dns_changes(wake=lambda: loop.call_soon_threadsafe(lambda: None))
+    loop.close()
+    assert model.upsert(service("web", "10.96.0.10")) is True
+    assert changes.take() == {("default", "web")}
