@@ -20,6 +20,7 @@ import structlog
 from noded.bpf import structs
 from noded.bpf.libbpf import BPF_TCX_INGRESS, Map, Object, attach_tcx_pinned
 from noded.bpf.sock_lb import LINKS_DIR, ensure_bpffs, object_path
+from noded.dns.wire import question_name_end
 from noded.model.tracker import ServiceKey
 
 log = structlog.get_logger("noded.bpf.dns")
@@ -57,18 +58,10 @@ def cached_entry(reply: bytes, stored: float, expires: float) -> tuple[structs.D
     """The cache map's key and value for a reply to a plain query (one A or AAAA question, class IN, no
     EDNS), as the resolver writes it; None for what the program would not serve (a name or answer longer
     than it holds, more records than it ages, a compressed or cut question). Times: CLOCK_MONOTONIC s."""
-    if len(reply) < 12 or reply[4:6] != b"\0\1":
+    name_end = question_name_end(reply) if reply[4:6] == b"\0\1" else None
+    if name_end is None or name_end + 4 > len(reply) or name_end - 12 > structs.DNS_NAME_MAX:
         return None
-    pos, labels = 12, []
-    while pos < len(reply) and reply[pos] != 0:
-        if reply[pos] > 63:
-            return None
-        labels.append(reply[pos : pos + 1 + reply[pos]])
-        pos += 1 + reply[pos]
-    name = b"".join(labels) + b"\0"
-    end = 12 + len(name) + 4
-    if end > len(reply) or len(name) > structs.DNS_NAME_MAX:
-        return None
+    name, end = reply[12:name_end], name_end + 4
     qtype, qclass = int.from_bytes(reply[end - 4 : end - 2], "big"), int.from_bytes(reply[end - 2 : end], "big")
     data = reply[end:]
     counts = [int.from_bytes(reply[i : i + 2], "big") for i in (6, 8, 10)]

@@ -53,15 +53,22 @@ def header_error(wire: bytes, rcode: int) -> bytes | None:
     return wire[:2] + flags.to_bytes(2, "big") + bytes(8)
 
 
-def question_type(wire: bytes) -> int | None:
-    """The first question's type, read from the bytes (no parse: a memoized answer has none); None when the
-    question is cut short or compressed."""
+def question_name_end(wire: bytes) -> int | None:
+    """Where the first question's name ends (just past its root label), read from the bytes; None when the
+    name is cut short or compressed."""
     pos = 12
     while pos < len(wire):
         length = wire[pos]
         if length == 0:
-            return int.from_bytes(wire[pos + 1 : pos + 3], "big") if pos + 3 <= len(wire) else None
+            return pos + 1
         if length & 0xC0:
             return None
         pos += 1 + length
     return None
+
+
+def question_type(wire: bytes) -> int | None:
+    """The first question's type, read from the bytes (no parse: a memoized answer has none); None when the
+    question is cut short or compressed."""
+    end = question_name_end(wire)
+    return int.from_bytes(wire[end : end + 2], "big") if end is not None and end + 2 <= len(wire) else None

@@ -52,16 +52,6 @@ def _packed_svc_key(fe: Frontend, slot: int, addr: bytes) -> bytes:
     return SVC_KEY.pack(addr, structs.net_port(fe.port), structs.IPPROTO[fe.protocol], fe.scope, slot, 0)
 
 
-def _svc_key(fe: Frontend, slot: int) -> structs.SvcKey:
-    return structs.SvcKey(
-        addr=structs.pack_addr(fe.ip),
-        port=structs.net_port(fe.port),
-        proto=structs.IPPROTO[fe.protocol],
-        scope=fe.scope,
-        slot=slot,
-    )
-
-
 def map_frontends(frontends: dict[Frontend, FrontendState]) -> dict[Frontend, FrontendState]:
     """The map entries a service's frontends need: each for this node's sockets (in-cluster backends),
     and external frontends once more for packets arriving from outside (tc, external policy)."""
@@ -373,11 +363,12 @@ class EbpfProxier:
         self._delete_programmed(fe, p)
 
     def _delete_programmed(self, fe: Frontend, p: Programmed) -> None:
-        self._delete(self.maps.svc, _svc_key(fe, 0))  # the VIP stops translating first
+        addr = structs.addr_bytes(fe.ip)
+        self._delete(self.maps.svc, _packed_svc_key(fe, 0, addr))  # the VIP stops translating first
         for i in range(len(p.ready) + len(p.terminating)):
-            self._delete(self.maps.svc, _svc_key(fe, i + 1))
+            self._delete(self.maps.svc, _packed_svc_key(fe, i + 1, addr))
         for be, (bid, _t) in p.backends.items():
-            self._delete(self.maps.backends, ctypes.c_uint32(bid))
+            self._delete(self.maps.backends, BACKEND_ID.pack(bid))
             self._backend_left(fe, p.svc_id, be)
 
     def _backend_left(self, fe: Frontend, svc_id: int, be: Backend) -> None:
