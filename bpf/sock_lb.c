@@ -67,7 +67,11 @@ lb_remember_vip(struct bpf_sock_addr *ctx, const struct noded_backend *be,
 
 static __always_inline int lb_proto_ok(struct bpf_sock_addr *ctx)
 {
-	return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
+	if (ctx->protocol == IPPROTO_TCP) {
+		__u64 netns = bpf_get_netns_cookie(ctx);
+		return !bpf_map_lookup_elem(&noded_mesh_netns, &netns);	/* a mesh pod: its capture resolves it */
+	}
+	return ctx->protocol == IPPROTO_UDP;
 }
 
 static __always_inline void key_from_ip4(struct noded_svc_key *key, __u32 ip4)

@@ -36,9 +36,12 @@ class ModelSink:
     """Feeds the model (and the pods' enrollment) and asks for a sync when it changed."""
 
     def __init__(self, model: ServiceModel, enrollment: Enrollment, policies: Authorizer | None = None) -> None:
+        from noded.waypoint.registry import Registry
+
         self.model = model
         self.enrollment = enrollment
         self.policies = policies or Authorizer()
+        self.waypoints = Registry()  # Gateways, use-waypoint labels, appProtocols, HTTPRoutes
         self.on_change = lambda: None
         self.on_pods_change = lambda: None
         self.synced_sources: set[str] = set()
@@ -69,6 +72,13 @@ class ModelSink:
         log.error("object rejected", object=name, error=error[:300])
 
     def _upsert(self, obj: dict) -> bool:
+        if isinstance(obj, dict) and obj.get("kind") in ("Gateway", "HTTPRoute"):
+            ok = bool(self.waypoints.upsert(obj))
+            if not ok:
+                self._rejected(obj, self.waypoints.status()["rejected"].get(_named(obj), "not a waypoint object"))
+            return ok
+        if isinstance(obj, dict) and obj.get("kind") in ("Service", "Namespace"):
+            self.waypoints.upsert(obj)  # its use-waypoint label and appProtocols; the model and enrollment too
         if isinstance(obj, dict) and self.enrollment.upsert(obj):
             self.on_pods_change()
             return True
@@ -90,6 +100,10 @@ class ModelSink:
         return ok
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
+        if kind in ("Gateway", "HTTPRoute", "Service", "Namespace"):
+            self.waypoints.delete(kind, namespace, name)
+            if kind in ("Gateway", "HTTPRoute"):
+                return
         if kind in ("Pod", "Namespace"):
             self.enrollment.delete(kind, namespace, name)
             self.on_pods_change()
@@ -107,6 +121,11 @@ class ModelSink:
             self.all_synced.set()
 
 
+def _named(obj: dict) -> str:
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    return f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+
 def make_source(config: NodedConfiguration, sink: ModelSink):
     if config.source.directory:
         from noded.sources.directory import DirectorySource
@@ -116,7 +135,7 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
 
     kinds = ("Service", "EndpointSlice", "Node")
     if config.capture.enabled:
-        kinds += ("Pod", "Namespace", "AuthorizationPolicy")
+        kinds += ("Pod", "Namespace", "AuthorizationPolicy", "Gateway", "HTTPRoute")
     api = api_client(config.source.kubeconfig, config.source.inCluster, config.source.apiServer)
     return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName)
 
@@ -383,11 +402,18 @@ class Daemon:
 
         cfg = self.config
         key_dir = os.path.join(os.path.dirname(cfg.api.socket), "keys")
-        self.identities = IdentityService(cfg.tunnel, cfg.nodeName, self.enrollment, self.loop, key_dir)
+        from noded.waypoint.service import WaypointService
+
+        self.identities = IdentityService(
+            cfg.tunnel, cfg.nodeName, self.enrollment, self.loop, key_dir, waypoints=self.sink.waypoints
+        )
         self.identities.start()
         self.tunnel = Tunnel(self.model, self.enrollment, self.identities, self.sink.policies, key_dir)
         self.tunnel.policies_ready = self._policies_listed
+        self.tunnel.waypoints = WaypointService(self.tunnel, self.sink.waypoints)
         proxy = CaptureProxy(self.dns.resolver.resolve, self.loop, self.tunnel)
+        if self.proxier is not None:
+            proxy.on_mesh_netns = self.proxier.set_mesh_netns
         self.proxy = proxy
         state_dir = os.path.dirname(cfg.api.socket)
         direct = tuple(h for h, _ in (split_hostport(a) for a in cfg.dns.listen) if ":" not in h and h != "0.0.0.0")
@@ -417,6 +443,7 @@ class Daemon:
                 "tunnel": {**self.identities.status(), **self.tunnel.status(), **self._refusals()}
                 if self.tunnel
                 else None,
+                "waypoint": self.tunnel.waypoints.status() if self.tunnel else None,
             },
         }
         self.api = serve_api(cfg.api.socket, handlers)

@@ -7,6 +7,8 @@ pushed (noded/metrics.py's Pulled collector), each under its anchor's name and l
   plus the eBPF fast path's answered and passed queries;
 - ztunnel (the tunnel): istio_tcp_connections_opened/closed_total and istio_tcp_sent/received_bytes_total
   with Istio's standard labels, and connections denied by policy;
+- the waypoint (Envoy's): istio_requests_total and istio_request_duration_milliseconds with Istio's labels
+  (reporter "waypoint", response_code), request and response body bytes, requests denied by L7 policy;
 - noded: objects rejected by kind, API errors by kind and class, refused peers, self-calls, HBONE
   connections ended by reason, certificate expiry per identity, BPF map writes, netfilter transactions.
 """
@@ -17,6 +19,7 @@ import datetime
 from typing import Any
 
 from noded.tunnel.telemetry import LABELS as TCP_LABELS
+from noded.waypoint.telemetry import LABELS as REQUEST_LABELS
 
 DNS_SERVER = "dns://:53"  # CoreDNS's server label: one server block here, every listener
 DNS_ZONE = "."
@@ -272,6 +275,46 @@ def register_pulled(daemon: Any) -> None:
         ),
     ):
         add(name, "counter", text, TCP_LABELS, lambda attr=attr: dict(getattr(telemetry(), attr)))
+
+    # -- Istio's request metrics, for the waypoint ----------------------------------------------------------
+    def requests():
+        return daemon.tunnel.waypoints.telemetry
+
+    add(
+        "istio_requests_total",
+        "counter",
+        "Total requests handled by an Istio proxy",
+        REQUEST_LABELS,
+        lambda: dict(requests().requests),
+    )
+    add(
+        "istio_request_duration_milliseconds",
+        "histogram",
+        "Histogram of request durations in milliseconds",
+        REQUEST_LABELS,
+        lambda: requests().duration.snapshot(),
+    )
+    add(
+        "istio_request_bytes_sum_total",
+        "counter",
+        "Bytes of request bodies (the sum of Istio's istio_request_bytes histogram)",
+        REQUEST_LABELS,
+        lambda: dict(requests().request_bytes),
+    )
+    add(
+        "istio_response_bytes_sum_total",
+        "counter",
+        "Bytes of response bodies (the sum of Istio's istio_response_bytes histogram)",
+        REQUEST_LABELS,
+        lambda: dict(requests().response_bytes),
+    )
+    add(
+        "noded_waypoint_denied_requests_total",
+        "counter",
+        "Requests the waypoint's L7 AuthorizationPolicies denied",
+        (),
+        lambda: {(): daemon.tunnel.waypoints.counts["denied"]},
+    )
     add(
         "noded_tunnel_denied_connections_total",
         "counter",

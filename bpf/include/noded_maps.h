@@ -77,4 +77,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } noded_sock_term SEC(".maps");
 
+/* The network namespaces (cookies) of mesh pods: their TCP connects keep the VIP, so that the capture
+ * listener sees the Service the pod asked for (the tunnel resolves it, and a waypoint is chosen by it), as
+ * Cilium's socket LB stays out of pods for Istio ambient. Their UDP is translated as any pod's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NODED_MESH_NETNS_MAP_SIZE);
+	__type(key, __u64);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} noded_mesh_netns SEC(".maps");
+
 #endif

@@ -57,6 +57,7 @@ MAP_SPECS = {  # field: (pin name, key type, value type)
     "affinity": ("noded_affinity", structs.AffinityKey, structs.AffinityVal),
     "nat": ("noded_nat", structs.NatKey, structs.NatVal),
     "cluster_cidrs": ("noded_cluster_cidrs", structs.CidrKey, ctypes.c_uint32),
+    "mesh_netns": ("noded_mesh_netns", ctypes.c_uint64, ctypes.c_uint32),
 }
 
 
@@ -68,6 +69,7 @@ class LbMaps:
     affinity: Map[structs.AffinityKey, structs.AffinityVal]
     nat: Map[structs.NatKey, structs.NatVal]
     cluster_cidrs: Map[structs.CidrKey, ctypes.c_uint32]
+    mesh_netns: Map[ctypes.c_uint64, ctypes.c_uint32]  # mesh pods' netns cookies: TCP left to their capture
 
     @classmethod
     def open_pinned(cls, bpffs: str) -> LbMaps:
@@ -83,7 +85,7 @@ class LbMaps:
         return cls(**opened)
 
     def close(self) -> None:
-        for m in (self.svc, self.backends, self.revnat, self.affinity, self.nat, self.cluster_cidrs):
+        for m in (self.svc, self.backends, self.revnat, self.affinity, self.nat, self.cluster_cidrs, self.mesh_netns):
             m.close()
 
 

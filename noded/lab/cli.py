@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         elif args.lab_command == "demo":
             from noded.lab.demo import demo
 
+            if args.mesh and args.waypoint:
+                from noded.lab.waypoint_demo import waypoint_demo
+
+                return waypoint_demo(lab, keep=args.keep)
             if args.mesh:
                 from noded.lab.mesh_demo import mesh_demo
 
@@ -114,3 +118,6 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     demo.add_argument("--mode", default="ebpf", choices=["ebpf"], help="services mode")
     demo.add_argument("--mesh", action="store_true", help="the podless ambient scenario: DNS, VIP, tunnel, policy")
+    demo.add_argument(
+        "--waypoint", action="store_true", help="with --mesh: the waypoint (L7 policy, request IDs, canary split)"
+    )

@@ -31,6 +31,20 @@ def start_echo(lab: Lab, pod: str, name: str | None = None, tcp: int = 8080, udp
     return proc
 
 
+def start_http_echo(
+    lab: Lab, pod: str, name: str | None = None, port: int = 8080, status: int = 200
+) -> subprocess.Popen:
+    """noded/lab/httpecho.py in the pod: JSON of what each request carried."""
+    argv = [sys.executable, "-m", "noded.lab.httpecho", "--name", name or pod.split("/")[-1], "--port", str(port)]
+    argv += ["--status", str(status)]
+    proc = lab.popen(pod, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise LabError(f"HTTP echo server in {pod} did not start: {line}{proc.stdout.read()}")
+    return proc
+
+
 def probe(lab: Lab, pod: str, mode: str, host: str, port: int, **opts: object) -> dict:
     argv = [sys.executable, "-m", "noded.lab.probe", mode, host, str(port)]
     for key, value in opts.items():
@@ -117,6 +131,15 @@ def node_status(lab: Lab, node: str) -> dict:
     from noded.api import h2client
 
     return h2client.call(lab.api_socket(node), "/noded.v1.Noded/Status", {})
+
+
+def node_metrics(lab: Lab, node: str) -> str:
+    """The node daemon's /metrics text (its metrics port inside the node's netns)."""
+    code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10249/metrics').read().decode())"
+    res = lab.run(f"node/{node}", [sys.executable, "-c", code], timeout=20)
+    if res.returncode != 0:
+        raise LabError(f"metrics of {node}: {res.stderr.strip()}")
+    return res.stdout
 
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}

@@ -183,7 +183,12 @@ class PodManager:
         if enrolled or self.dns_only:
             podns.install(record["netns"], enrolled, self.direct_dns, self.cluster_dns)
             self.proxy.open_pod(
-                record["containerId"], record["netns"], record["namespace"], record["name"], record.get("ips") or ()
+                record["containerId"],
+                record["netns"],
+                record["namespace"],
+                record["name"],
+                record.get("ips") or (),
+                mesh=enrolled,
             )
         else:
             podns.uninstall(record["netns"])

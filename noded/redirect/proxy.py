@@ -33,6 +33,7 @@ from noded.tunnel.node import Tunnel
 from noded.tunnel.relay import Acceptor, finish_connect, spawn, splice_sockets, start_connect
 from noded.tunnel.telemetry import UNKNOWN, TcpTelemetry
 from noded.tunnel.tls import PeerRejected
+from noded.waypoint.service import Origin
 
 log = structlog.get_logger("noded.redirect.proxy")
 
@@ -85,6 +86,8 @@ class PodListeners:
     netns: str
     key: tuple[str, str] | None = None  # (namespace, name)
     ips: frozenset[str] = frozenset()  # the pod's own addresses: the only destinations its 15008 dials
+    netns_cookie: int = 0  # SO_NETNS_COOKIE of its network namespace
+    mesh: bool = False  # enrolled (not only DNS capture): its TCP connects keep their VIP for us
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
     acceptors: list[Acceptor] = field(default_factory=list)
     transports: list[asyncio.BaseTransport] = field(default_factory=list)
@@ -101,6 +104,8 @@ class CaptureProxy:
         self.tasks: set[asyncio.Task] = set()
         self.self_calls = 0  # connections refused because they were addressed to a capture listener
         self.refused_peers = 0  # HBONE servers that presented another identity than the destination's
+        # told when a mesh pod's netns comes and goes (cookie, mesh): the eBPF socket LB leaves its TCP to us
+        self.on_mesh_netns: Callable[[int, bool], None] = lambda _cookie, _mesh: None
 
     def stop(self) -> None:
         for key in list(self.pods):
@@ -113,12 +118,22 @@ class CaptureProxy:
         namespace: str | None = None,
         name: str | None = None,
         ips: list[str] | tuple[str, ...] = (),
+        mesh: bool = False,
     ) -> None:
         """Listening sockets in the pod's netns (kept if already open); DNS knows the pod's namespace, the
-        tunnel the pod itself and its addresses."""
+        tunnel the pod itself and its addresses; `mesh`: enrolled, not only DNS-captured."""
         self.thread.run(self._open(key, netns_path, namespace, name, ips))
+        self._set_mesh(key, mesh)
+
+    def _set_mesh(self, key: str, mesh: bool) -> None:
+        pod = self.pods.get(key)
+        if pod is None or pod.mesh == mesh or not pod.netns_cookie:
+            return
+        pod.mesh = mesh
+        self.on_mesh_netns(pod.netns_cookie, mesh)
 
     def close_pod(self, key: str) -> bool:
+        self._set_mesh(key, False)
         return bool(self.thread.run(self._close(key)))
 
     def recent(self, key: str) -> list[dict]:
@@ -153,6 +168,8 @@ class CaptureProxy:
                     raise
                 for name, sock in made.items():
                     socks.setdefault(name, []).append(sock)
+                if not pod.netns_cookie:
+                    pod.netns_cookie = netns_cookie(made["outbound"])
         handlers = {"outbound": self._outbound, "inbound": self._inbound, "hbone": self._hbone_closed}
         for name, handler in handlers.items():
             for sock in socks[name]:
@@ -224,10 +241,11 @@ class CaptureProxy:
         tunnel = self.tunnel
         route = tunnel.route(*dst) if tunnel and pod.key else None
         try:
-            if route is None or route.peer_identity is None:  # not meshed: plain TCP, as addressed
+            if route is None or route.peer_identity is None:  # not meshed: plain TCP to the endpoint chosen
                 if route is not None and route.refused:
                     raise ConnectionRefusedError("service port without endpoints")
-                spawn(self.tasks, self._plain_out(pod, sock, dst, record))
+                target = (route.ip, route.port) if route is not None else dst
+                spawn(self.tasks, self._plain_out(pod, sock, target, record, dst))
                 return
             source = tunnel.identity_of(pod.key)
             ctx = tunnel.context(False, source)
@@ -237,12 +255,17 @@ class CaptureProxy:
             record["error"] = repr(e)
             sock.close()
             return
+        waypoint = tunnel.waypoints.target(*dst) if tunnel.waypoints is not None else None
+        # through a waypoint: the CONNECT names the Service's VIP:port and the endpoint's node runs the L7 hop
+        target = authority(*dst) if waypoint is not None else authority(route.ip, route.port)
         record.update(hbone=authority(route.ip, HBONE_PORT), peer_identity=route.peer_identity, source_identity=source)
+        if waypoint is not None:
+            record["waypoint"] = f"{waypoint.waypoint.namespace}/{waypoint.waypoint.name}"
         record["telemetry"] = tunnel.telemetry.key(
             "source", tunnel.workload_of(pod.key), tunnel.workload_at(route.ip), tunnel.service_at(*dst), True
         )
         # pooled per expected identity too: a connection verified for one workload never carries another's
-        key, target = (pod.netns, route.ip, route.peer_identity), authority(route.ip, route.port)
+        key = (pod.netns, route.ip, route.peer_identity)
         stream = self.pool.stream_now(key, id(ctx), target)
         if stream is not None:
             self._splice_stream(stream, sock, record)
@@ -302,7 +325,11 @@ class CaptureProxy:
 
         spawn(self.tasks, spliced())
 
-    async def _plain_out(self, pod: PodListeners, sock: socket.socket, dst: tuple, record: dict) -> None:
+    async def _plain_out(
+        self, pod: PodListeners, sock: socket.socket, dst: tuple, record: dict, asked: tuple | None = None
+    ) -> None:
+        """Plain TCP to `dst` (the endpoint chosen for the address the pod `asked` for, or that address)."""
+        asked = asked or dst
         try:
             up = await self._pod_connected(pod, dst)
         except (TimeoutError, OSError, podns.CaptureError) as e:
@@ -315,7 +342,7 @@ class CaptureProxy:
             return
         tunnel.counts["plain_out"] += 1
         key = tunnel.telemetry.key(
-            "source", tunnel.workload_of(pod.key), tunnel.workload_at(dst[0]), tunnel.service_at(*dst[:2]), False
+            "source", tunnel.workload_of(pod.key), tunnel.workload_at(dst[0]), tunnel.service_at(*asked[:2]), False
         )
         await counted_splice(tunnel.telemetry, key, sock, up)
 
@@ -365,12 +392,20 @@ class CaptureProxy:
             tunnel.counts["hbone_in"] += 1
 
         def authorize(identity: str, peer: tuple, host: str, port: int) -> bool:
+            if tunnel.waypoints is not None and tunnel.waypoints.target(host, port) is not None:
+                return True  # the waypoint decides each request (L7 policy with this identity)
             return tunnel.authorize(pod.key, identity, peer[0], host, port)
 
-        def dial(peer: tuple, host: str, port: int) -> tuple:
+        def dial(identity: str, peer: tuple, host: str, port: int) -> tuple:
+            target = tunnel.waypoints.target(host, port) if tunnel.waypoints is not None else None
+            if target is not None:
+                origin = Origin(lambda as_identity, address: self._waypoint_dial(pod, as_identity, address))
+                return tunnel.waypoints.accept(target, peer[0], identity, origin), True
             return self._pod_socket(pod, (host, port), peer[0])
 
         def serves(host: str, port: int) -> bool:  # this pod's own addresses only, never a capture port
+            if tunnel.waypoints is not None and tunnel.waypoints.target(host, port) is not None:
+                return True  # a Service VIP:port through the waypoint, which runs here
             info = tunnel.enrollment.pod(pod.key) if pod.key else None
             own = pod.ips or frozenset(_addresses(info.ips if info else ()))  # as CNI reported, else the API
             return host in own and port not in CAPTURE_PORTS
@@ -382,7 +417,40 @@ class CaptureProxy:
             )
             return lambda request, response: tunnel.telemetry.close(key, request, response)
 
-        return lambda: ServerConnection(tunnel.trust_domain, authorize, dial, connected, serves, on_stream)
+        def factory() -> ServerConnection:
+            conn = ServerConnection(tunnel.trust_domain, authorize, None, connected, serves, on_stream)
+            conn.dial = lambda peer, host, port: dial(conn.identity, peer, host, port)
+            return conn
+
+        return factory
+
+    async def _waypoint_dial(self, pod: PodListeners, identity: str, address: tuple[str, int]) -> tuple:
+        """A connection from the waypoint to a backend, from the pod whose 15008 took the client's: HBONE
+        presenting the waypoint's identity to a meshed backend (pooled like the pods' own), plain TCP to any
+        other; asyncio streams over it."""
+        tunnel = self.tunnel
+        route = tunnel.route(*address)
+        if route.peer_identity is None:
+            up = await self._pod_connected(pod, address)
+            return await asyncio.open_connection(sock=up)
+        ctx = tunnel.context(False, identity)
+        if ctx is None:  # fail closed: no certificate for the waypoint yet, no plaintext either
+            raise ConnectionRefusedError(f"no certificate yet for {identity}")
+
+        async def dial_hbone() -> object:
+            up = await self._pod_connected(pod, (route.ip, HBONE_PORT))
+            return await connect(route.ip, HBONE_PORT, ctx, up, expect=route.peer_identity)
+
+        key = (pod.netns, route.ip, route.peer_identity, identity)
+        try:
+            stream = await self.pool.stream(key, id(ctx), authority(route.ip, route.port), dial_hbone)
+        except PeerRejected as e:
+            self.refused_peers += 1
+            raise ConnectionRefusedError(str(e)) from None
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        spawn(self.tasks, stream.attach(ours))
+        return await asyncio.open_connection(sock=theirs)
 
 
 async def counted_splice(
@@ -395,6 +463,17 @@ async def counted_splice(
         request, response = await splice_sockets(client, up)
     finally:
         telemetry.close(key, request, response)
+
+
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie(sock: socket.socket) -> int:
+    """The cookie of the network namespace a socket was made in (what bpf_get_netns_cookie returns)."""
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return 0
 
 
 def _addresses(ips: object) -> list[str]:

@@ -194,6 +194,16 @@ class EbpfProxier:
         self._writes = MapWrites()
         if programmed:
             log.info("recovered programmed frontends from pinned maps", frontends=len(programmed))
+        for key in list(maps.mesh_netns.keys()):  # the capture registers the mesh pods' anew as it reopens them
+            maps.mesh_netns.delete(key)
+
+    def set_mesh_netns(self, cookie: int, mesh: bool) -> None:
+        """A mesh pod's netns: its TCP connects keep their VIP for the capture (see noded_maps.h)."""
+        key = ctypes.c_uint64(cookie)
+        if mesh:
+            self.maps.mesh_netns.update(key, ctypes.c_uint32(1))
+        else:
+            self.maps.mesh_netns.delete(key)
 
     # -- the sync -------------------------------------------------------------
     def sync(self, full: bool = False) -> int:

@@ -8,6 +8,9 @@ implement, so the daemon calls them alike (no probing for attributes).
   there; the netfilter modes match on addresses, not interfaces, and ignore it).
 - `extras()`: mode-specific state for `noded status`: socket termination and NodePort flows (eBPF), none
   elsewhere.
+- `set_mesh_netns(cookie, mesh)`: a mesh pod's network namespace came or went. eBPF leaves its TCP connects
+  untranslated (its capture sees the VIP and resolves it); the netfilter modes translate after the pod's
+  own capture has seen the VIP anyway, and ignore it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ class Proxier(Protocol):
 
     def extras(self) -> dict[str, object]: ...
 
+    def set_mesh_netns(self, cookie: int, mesh: bool) -> None: ...
+
 
 class NetfilterExtras:
-    """The two hooks the netfilter proxiers have nothing to do for."""
+    """The hooks the netfilter proxiers have nothing to do for."""
+
+    def set_mesh_netns(self, cookie: int, mesh: bool) -> None:
+        return None
 
     def set_external_interfaces(self, interfaces: dict[str, int]) -> None:
         return None

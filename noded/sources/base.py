@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any, Protocol
 
-WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Namespace", "Node", "AuthorizationPolicy")
+WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Namespace", "Node", "AuthorizationPolicy", "Gateway", "HTTPRoute")
 
 ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
 

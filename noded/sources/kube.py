@@ -99,6 +99,23 @@ KINDS = {
         optional=True,
     ),
     "Namespace": WatchedKind("Namespace", "v1", lambda api, _n: client.CoreV1Api(api).list_namespace),
+    # the waypoint's API (gateway.networking.k8s.io/v1); optional: a cluster without the Gateway API CRDs
+    "Gateway": WatchedKind(
+        "Gateway",
+        "gateway.networking.k8s.io/v1",
+        lambda api, _n: functools.partial(
+            client.CustomObjectsApi(api).list_cluster_custom_object, "gateway.networking.k8s.io", "v1", "gateways"
+        ),
+        optional=True,
+    ),
+    "HTTPRoute": WatchedKind(
+        "HTTPRoute",
+        "gateway.networking.k8s.io/v1",
+        lambda api, _n: functools.partial(
+            client.CustomObjectsApi(api).list_cluster_custom_object, "gateway.networking.k8s.io", "v1", "httproutes"
+        ),
+        optional=True,
+    ),
     # only this node's own Node object (its zone label), as kube-proxy watches it
     "Node": WatchedKind(
         "Node",

@@ -57,6 +57,7 @@ class Tunnel:
         self.counts = {"hbone_out": 0, "plain_out": 0, "hbone_in": 0, "plain_in": 0, "denied": 0}
         self.telemetry = TcpTelemetry()
         self.policies_ready: Callable[[], bool] = lambda: True  # the daemon ties it to its source
+        self.waypoints = None  # noded/waypoint/service.py WaypointService, set by the daemon
 
     def identity_of(self, pod: PodKey) -> str | None:
         info = self.enrollment.pod(pod)

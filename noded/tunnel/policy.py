@@ -14,6 +14,13 @@ cannot be read), or an ALLOW that allows nothing, for a bad ALLOW; a selector th
 every workload of the namespace. The other policies keep applying. No input makes the parser raise
 anything but PolicyError, and a policy's values are checked when it is parsed, never when a connection
 is decided.
+
+Policies with `targetRefs` (a waypoint's Gateway, or a Service) are the waypoint's, as in ambient: the L4
+check leaves them out, and `check_waypoint` applies them to each request with its L7 attributes
+(`to.operation` hosts, methods, paths and ports; `when` on `request.headers[...]`; `from.source`
+principals and namespaces of the client the tunnel verified). Request principals (JWT) are never present,
+and conditions noded cannot evaluate keep failing closed there too. A targeted policy whose targets cannot
+be read stands for every waypoint request of its namespace.
 """
 
 from __future__ import annotations
@@ -39,11 +46,24 @@ SOURCE_L7 = ("requestPrincipals", "notRequestPrincipals")
 OPERATION_L4 = ("ports", "notPorts")
 OPERATION_L7 = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 WHEN_L4 = ("source.ip", "source.namespace", "source.principal", "destination.port", "destination.ip", "remote.ip")
+WHEN_HEADER = "request.headers["
+ANY_TARGET = ("*", "*")  # a targeted policy whose targets cannot be read: every waypoint request of its namespace
+GATEWAY_GROUP = "gateway.networking.k8s.io"
 _PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
 
 
 class PolicyError(ValueError):
     """A malformed AuthorizationPolicy; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the waypoint knows of one HTTP request."""
+
+    method: str
+    host: str  # the Host header (authority), as sent
+    path: str  # without the query string, as Envoy's url_path
+    headers: dict[str, str]  # lowercased names
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class Connection:
     destination_ip: str = ""
     principal: str | None = None  # "cluster.local/ns/NS/sa/SA" when the source is authenticated (HBONE)
     labels_known: bool = True  # False: the destination pod has not been seen yet (its labels are unknown)
+    request: Request | None = None  # at the waypoint: the request's L7 attributes
 
     @property
     def source_namespace(self) -> str | None:
@@ -77,6 +98,7 @@ class _Rule:
     operations: list[dict[str, list[str]]]
     when: list[tuple[str, list[str], list[str]]]  # (key, values, notValues)
     l7: bool  # uses an attribute L4 cannot see
+    unsupported: bool = False  # uses an attribute noded cannot see even at L7 (request.auth.*, ...)
 
 
 @dataclass
@@ -86,12 +108,15 @@ class Policy:
     action: str
     selector: dict[str, str] | None
     rules: list[_Rule] = field(default_factory=list)
+    targets: tuple[tuple[str, str], ...] = ()  # (kind, name): Gateway or Service; set: the waypoint's policy
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def applies_to(self, conn: Connection) -> bool:
+        if self.targets:
+            return False  # the waypoint's (check_waypoint), never the L4 check's
         if self.namespace != ROOT_NAMESPACE and self.namespace != conn.namespace:
             return False
         return all(conn.labels.get(k) == v for k, v in (self.selector or {}).items())
@@ -117,11 +142,39 @@ def fail_closed(obj: object) -> Policy:
     labels = raw.get("matchLabels") if isinstance(raw, dict) else None
     if isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         selector = dict(labels)  # readable: the same workloads; otherwise every workload of the namespace
+    targets: tuple[tuple[str, str], ...] = ()
+    if "targetRefs" in spec or "targetRef" in spec:
+        try:
+            targets = _targets(spec)
+        except PolicyError:
+            targets = (ANY_TARGET,)
+        selector = None
     if action == "ALLOW":
-        return Policy(namespace, name, "ALLOW", selector, [])  # present, matching nothing
+        return Policy(namespace, name, "ALLOW", selector, [], targets)  # present, matching nothing
     if action in ("AUDIT", "CUSTOM"):
-        return Policy(namespace, name, action, selector, [])
-    return Policy(namespace, name, "DENY", selector, [_MATCH_ALL])
+        return Policy(namespace, name, action, selector, [], targets)
+    return Policy(namespace, name, "DENY", selector, [_MATCH_ALL], targets)
+
+
+def _targets(spec: dict) -> tuple[tuple[str, str], ...]:
+    """`targetRefs` (or the older single `targetRef`): Gateways and Services of the policy's namespace."""
+    raw = spec.get("targetRefs") if "targetRefs" in spec else [spec.get("targetRef")]
+    out = []
+    for i, ref in enumerate(_list(raw, "spec.targetRefs")):
+        at = f"spec.targetRefs[{i}]"
+        ref = _mapping(ref, at)
+        kind, group, name = ref.get("kind"), ref.get("group", ""), ref.get("name")
+        if not isinstance(name, str) or not name:
+            raise PolicyError(f"{at}.name: required")
+        if kind == "Gateway" and group == GATEWAY_GROUP:
+            out.append(("Gateway", name))
+        elif kind == "Service" and group in ("", "core"):
+            out.append(("Service", name))
+        else:
+            raise PolicyError(f"{at}: {group or 'core'}/{kind} is not a target noded serves (Gateway or Service)")
+    if not out:
+        raise PolicyError("spec.targetRefs: at least one target")
+    return tuple(out)
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -151,7 +204,7 @@ def _fields(raw: dict, l4: tuple[str, ...], l7: tuple[str, ...], at: str) -> tup
     out, uses_l7 = {}, False
     for key, value in raw.items():
         if key in l7:
-            _strings(value, f"{at}.{key}")
+            out[key] = _strings(value, f"{at}.{key}")
             uses_l7 = True
         elif key in l4:
             out[key] = _strings(value, f"{at}.{key}")
@@ -198,6 +251,11 @@ def parse_policy(obj: dict) -> Policy:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise PolicyError("spec.selector.matchLabels: expected string keys and values")
         selector = labels
+    targets: tuple[tuple[str, str], ...] = ()
+    if "targetRefs" in spec or "targetRef" in spec:
+        if selector is not None:
+            raise PolicyError("spec: selector and targetRefs cannot both be set")
+        targets = _targets(spec)
     rules_raw = spec.get("rules", [])
     if not isinstance(rules_raw, list):
         raise PolicyError("spec.rules: expected a list")
@@ -211,6 +269,8 @@ def parse_policy(obj: dict) -> Policy:
         sources, source_l7 = _clauses(raw, "from", "source", SOURCE_L4, SOURCE_L7, at)
         operations, operation_l7 = _clauses(raw, "to", "operation", OPERATION_L4, OPERATION_L7, at)
         l7 = source_l7 or operation_l7
+        source_jwt = any("requestPrincipals" in src for src in sources)  # no request is ever authenticated
+        unsupported = False
         when = []
         for j, cond in enumerate(_list(raw.get("when"), f"{at}.when")):
             cond = _mapping(cond, f"{at}.when[{j}]")
@@ -226,12 +286,17 @@ def parse_policy(obj: dict) -> Policy:
                             ipaddress.ip_network(cidr, strict=False)
                         except ValueError:
                             raise PolicyError(f"{at}.when[{j}].{what}[{n}]: {cidr!r} is not an IP or CIDR") from None
+            unsupported_key = False
             if key in WHEN_L4:
                 when.append((key, values, not_values))
+            elif key.startswith(WHEN_HEADER) and key.endswith("]") and len(key) > len(WHEN_HEADER) + 1:
+                when.append((key, values, not_values))
+                l7 = True
             else:
-                l7 = True  # request.*, connection.sni, ...: not known at L4
-        rules.append(_Rule(sources, operations, when, l7))
-    return Policy(namespace, name, action, selector, rules)
+                l7 = unsupported_key = True  # request.auth.*, connection.sni, ...: noded never sees them
+            unsupported = unsupported or unsupported_key
+        rules.append(_Rule(sources, operations, when, l7, unsupported or source_jwt))
+    return Policy(namespace, name, action, selector, rules, targets)
 
 
 # -- matching ----------------------------------------------------------------------------------
@@ -266,16 +331,38 @@ def _source_matches(src: dict[str, list[str]], conn: Connection) -> bool:
         "remoteIpBlocks": lambda v: _in_blocks(conn.source_ip, v),
         "notRemoteIpBlocks": lambda v: not _in_blocks(conn.source_ip, v),
     }
-    return all(checks[key](values) for key, values in src.items())
+    # request principals: never known (no JWT is read); the rule is marked unsupported instead
+    return all(checks[key](values) for key, values in src.items() if key in checks)
+
+
+def _host_matches(patterns: list[str], host: str) -> bool:
+    host = host.lower()
+    bare = host.rsplit(":", 1)[0] if host.count(":") == 1 or "]:" in host else host  # the port taken off
+    return any(_glob(p.lower(), host) or _glob(p.lower(), bare) for p in patterns)
 
 
 def _operation_matches(op: dict[str, list[str]], conn: Connection) -> bool:
     if "ports" in op and str(conn.port) not in op["ports"]:
         return False
-    return not ("notPorts" in op and str(conn.port) in op["notPorts"])
+    if "notPorts" in op and str(conn.port) in op["notPorts"]:
+        return False
+    request = conn.request
+    if request is None:
+        return True  # L4: the L7 fields are not seen (the rule's l7 flag decides what that means)
+    checks = {
+        "hosts": lambda v: _host_matches(v, request.host),
+        "notHosts": lambda v: not _host_matches(v, request.host),
+        "methods": lambda v: any(_glob(p, request.method) for p in v),
+        "notMethods": lambda v: not any(_glob(p, request.method) for p in v),
+        "paths": lambda v: any(_glob(p, request.path) for p in v),
+        "notPaths": lambda v: not any(_glob(p, request.path) for p in v),
+    }
+    return all(checks[key](values) for key, values in op.items() if key in checks)
 
 
 def _when_value(key: str, conn: Connection) -> str | None:
+    if key.startswith(WHEN_HEADER):
+        return conn.request.headers.get(key[len(WHEN_HEADER) : -1].lower()) if conn.request else None
     return {
         "source.ip": conn.source_ip,
         "remote.ip": conn.source_ip,
@@ -287,6 +374,8 @@ def _when_value(key: str, conn: Connection) -> str | None:
 
 
 def _when_matches(key: str, values: list[str], not_values: list[str], conn: Connection) -> bool:
+    if conn.request is None and key.startswith(WHEN_HEADER):
+        return True  # L4: not seen (the rule's l7 flag decides what that means)
     value = _when_value(key, conn)
     is_ip = key.endswith(".ip")
 
@@ -297,8 +386,10 @@ def _when_matches(key: str, values: list[str], not_values: list[str], conn: Conn
 
 
 def _rule_matches(rule: _Rule, conn: Connection, action: str) -> bool:
-    if rule.l7 and action != "DENY":
-        return False  # an ALLOW (or AUDIT) rule L4 cannot check never matches
+    seen = not rule.unsupported and (conn.request is not None or not rule.l7)
+    if not seen and action != "DENY":
+        return False  # an ALLOW (or AUDIT) rule that cannot be checked in full never matches
+    # a DENY rule: what can be checked decides (failing closed)
     if rule.sources and not any(_source_matches(s, conn) for s in rule.sources):
         return False
     if rule.operations and not any(_operation_matches(o, conn) for o in rule.operations):
@@ -340,14 +431,27 @@ class Authorizer:
             ]
             if selecting:  # unknown means deny for a workload policies may select
                 return Decision(False, selecting[0], "the destination's labels are not known yet")
-        applicable = [p for p in self.policies.values() if p.applies_to(conn)]
-        for p in applicable:
-            if p.action == "DENY" and p.matches(conn):
-                return Decision(False, p.key, "denied by a DENY policy")
-        allows = [p for p in applicable if p.action == "ALLOW"]
-        if not allows:
-            return Decision(True, None, "no ALLOW policy applies")
-        for p in allows:
-            if p.matches(conn):
-                return Decision(True, p.key, "allowed by an ALLOW policy")
-        return Decision(False, None, "no ALLOW policy matches")
+        return _decide([p for p in self.policies.values() if p.applies_to(conn)], conn)
+
+    def check_waypoint(self, conn: Connection, waypoint: str, service: str) -> Decision:
+        """A request at the waypoint `waypoint` (its Gateway's name) for the Service `service`, both in
+        conn.namespace: the policies targeting either (or a targeted policy that could not be read)."""
+        wanted = {("Gateway", waypoint), ("Service", service), ANY_TARGET}
+        applicable = [
+            p for p in self.policies.values() if p.targets and p.namespace == conn.namespace and wanted & set(p.targets)
+        ]
+        return _decide(applicable, conn)
+
+
+def _decide(applicable: list[Policy], conn: Connection) -> Decision:
+    """Istio's order: a matching DENY denies; with no ALLOW the default allows; else an ALLOW must match."""
+    for p in applicable:
+        if p.action == "DENY" and p.matches(conn):
+            return Decision(False, p.key, "denied by a DENY policy")
+    allows = [p for p in applicable if p.action == "ALLOW"]
+    if not allows:
+        return Decision(True, None, "no ALLOW policy applies")
+    for p in allows:
+        if p.matches(conn):
+            return Decision(True, p.key, "allowed by an ALLOW policy")
+    return Decision(False, None, "no ALLOW policy matches")

@@ -42,8 +42,10 @@ class IdentityService:
         enrollment: Enrollment,
         loop: LoopThread,
         key_dir: str = "/run/noded/keys",
+        waypoints=None,
     ) -> None:
         self.config = config
+        self.waypoints = waypoints  # noded/waypoint/registry.py Registry: the waypoints a node may carry
         self.key_dir = key_dir
         self.issuer_kind: str | None = None
         self.ca_server = None
@@ -55,9 +57,16 @@ class IdentityService:
         self._task: asyncio.Task | None = None
 
     def wanted(self, node: str | None = None) -> set[str]:
-        """The identities of the enrolled pods of this node (or of `node`)."""
+        """The identities of the enrolled pods of this node (or of `node`), and of the waypoints of the
+        namespaces those pods are in: the waypoint runs on the node of the endpoint a client reaches, so a
+        node carries the waypoint of a namespace where it runs an enrolled pod (and no other)."""
         accounts = self.enrollment.enrolled_accounts(None if node in (None, self.node) else node)
-        return {spiffe_id(self.config.trustDomain, ns, sa) for ns, sa in accounts}
+        wanted = {spiffe_id(self.config.trustDomain, ns, sa) for ns, sa in accounts}
+        namespaces = {ns for ns, _sa in accounts}
+        for waypoint in self.waypoints.waypoints() if self.waypoints is not None else ():
+            if waypoint.namespace in namespaces:
+                wanted.add(waypoint.identity(self.config.trustDomain))
+        return wanted
 
     def start(self) -> None:
         cfg = self.config

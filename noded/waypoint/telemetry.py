@@ -1,0 +1,89 @@
+"""Istio's standard request metrics and an access log line, per request through the waypoint.
+
+`istio_requests_total` and `istio_request_duration_milliseconds` (Istio's buckets), `istio_request_bytes`
+and `istio_response_bytes` sums, with reporter `waypoint` and Istio's labels (the TCP telemetry's, with
+`request_protocol` http, `response_code` and `grpc_response_status`). Counters are plain dictionaries
+bumped on the loop thread and read at scrape time; label sets are bounded (MAX_SERIES) as the tunnel's.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from noded.metrics import LatencyHistogram
+from noded.tunnel.telemetry import CLUSTER, MAX_SERIES, UNKNOWN, Workload
+from noded.tunnel.telemetry import LABELS as TCP_LABELS
+
+log = structlog.get_logger("noded.waypoint.access")
+
+LABELS = (*TCP_LABELS, "response_code", "grpc_response_status")
+BUCKETS = (
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+)
+
+
+def key(
+    source: Workload, destination: Workload, service: tuple[str, str] | None, status: int, flags: str, mtls: bool
+) -> tuple[str, ...]:
+    svc_name, svc_ns = service or (UNKNOWN, UNKNOWN)
+    return (
+        "waypoint",
+        source.name,
+        source.canonical_service,
+        source.canonical_revision,
+        source.namespace,
+        source.principal,
+        source.app,
+        source.version,
+        CLUSTER,
+        f"{svc_name}.{svc_ns}.svc.cluster.local" if service else UNKNOWN,
+        svc_ns,
+        svc_name,
+        destination.name,
+        destination.canonical_service,
+        destination.canonical_revision,
+        destination.namespace,
+        destination.principal,
+        destination.app,
+        destination.version,
+        CLUSTER,
+        "http",
+        flags or "-",
+        "mutual_tls" if mtls else "unknown",
+        str(status),
+        "-",
+    )
+
+
+class RequestTelemetry:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, ...], int] = {}
+        self.duration = LatencyHistogram(BUCKETS)  # milliseconds
+        self.request_bytes: dict[tuple[str, ...], int] = {}
+        self.response_bytes: dict[tuple[str, ...], int] = {}
+
+    def record(self, labels: tuple[str, ...], duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        if labels not in self.requests and len(self.requests) >= MAX_SERIES:
+            labels = ("waypoint",) + (UNKNOWN,) * (len(LABELS) - 1)
+        self.requests[labels] = self.requests.get(labels, 0) + 1
+        self.duration.observe(labels, duration_ms)
+        self.request_bytes[labels] = self.request_bytes.get(labels, 0) + request_bytes
+        self.response_bytes[labels] = self.response_bytes.get(labels, 0) + response_bytes
