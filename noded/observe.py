@@ -31,12 +31,16 @@ def _add_logger_name(logger: object, _method: str, event: dict) -> dict:
     return event
 
 
+LOG_FORMAT = {"json": False}  # what setup_logging chose: writers that format their own lines follow it
+
+
 def setup_logging(level: str = "info", json_logs: bool = False, verbosity: int = 0) -> None:
     """One format for every logger in the process: noded's (structlog) and the libraries' (the Kubernetes
     client, urllib3, asyncio, grpc: through the standard library's logging), each line with its logger's
     name and level, JSON with `json_logs`. `verbosity` 1 (-v) is debug for noded, 2 (-vv) for the libraries
     too; the libraries stay at warning otherwise."""
     own = logging.DEBUG if verbosity >= 1 else getattr(logging, level.upper())
+    LOG_FORMAT["json"] = json_logs
     renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
     shared = [
         structlog.processors.add_log_level,

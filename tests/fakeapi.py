@@ -33,6 +33,8 @@ PATHS = {
         "security.istio.io/v1",
         "AuthorizationPolicyList",
     ),
+    "/apis/gateway.networking.k8s.io/v1/gateways": ("Gateway", "gateway.networking.k8s.io/v1", "GatewayList"),
+    "/apis/gateway.networking.k8s.io/v1/httproutes": ("HTTPRoute", "gateway.networking.k8s.io/v1", "HTTPRouteList"),
 }
 
 

@@ -196,6 +196,10 @@ class CaptureProxy:
             transport.close()
         return True
 
+    def _local_pod(self, ip: str) -> PodListeners | None:
+        """The mesh pod of this node holding `ip`, if one is open here."""
+        return next((p for p in self.pods.values() if p.mesh and ip in p.ips), None)
+
     def _record(self, pod: PodListeners, direction: str, peer: tuple, dst: tuple) -> dict:
         record = {"direction": direction, "peer": f"{peer[0]}:{peer[1]}", "original": f"{dst[0]}:{dst[1]}"}
         record["time"] = time.time()
@@ -400,7 +404,10 @@ class CaptureProxy:
             target = tunnel.waypoints.target(host, port) if tunnel.waypoints is not None else None
             if target is not None:
                 origin = Origin(lambda as_identity, address: self._waypoint_dial(pod, as_identity, address))
-                return tunnel.waypoints.accept(target, peer[0], identity, origin), True
+                accepted = tunnel.waypoints.accept(target, peer[0], identity, origin)
+                if accepted is None:
+                    raise ConnectionRefusedError("the waypoint is at its connection limit")
+                return accepted, True
             return self._pod_socket(pod, (host, port), peer[0])
 
         def serves(host: str, port: int) -> bool:  # this pod's own addresses only, never a capture port
@@ -425,10 +432,18 @@ class CaptureProxy:
         return factory
 
     async def _waypoint_dial(self, pod: PodListeners, identity: str, address: tuple[str, int]) -> tuple:
-        """A connection from the waypoint to a backend, from the pod whose 15008 took the client's: HBONE
-        presenting the waypoint's identity to a meshed backend (pooled like the pods' own), plain TCP to any
-        other; asyncio streams over it."""
+        """A connection from the waypoint to a backend, from the pod whose 15008 took the client's, as the
+        waypoint's identity: to a mesh pod of this node, its L4 policy decided here and the app dialed in its
+        netns (no TLS to itself; the app sees the accepting pod's address, as over HBONE); to a meshed backend
+        elsewhere, HBONE (pooled like the pods' own); to any other, plain TCP. asyncio streams over it."""
         tunnel = self.tunnel
+        local = self._local_pod(address[0])
+        if local is not None and local.key:  # a pod of this node: its L4 policy here, then straight in
+            if not tunnel.authorize(local.key, identity, _first_ip(pod, address[0]), address[0], address[1]):
+                raise ConnectionRefusedError(f"{identity} denied by {local.key[0]}/{local.key[1]}'s policy")
+            source = None if local is pod else _first_ip(pod, address[0])
+            up = await self._pod_connected(local, address, source)
+            return await asyncio.open_connection(sock=up)
         route = tunnel.route(*address)
         if route.peer_identity is None:
             up = await self._pod_connected(pod, address)
@@ -466,6 +481,12 @@ async def counted_splice(
 
 
 SO_NETNS_COOKIE = 71
+
+
+def _first_ip(pod: PodListeners, like: str) -> str | None:
+    """The pod's own address of the same family as `like` (what its sockets would come from)."""
+    v6 = ":" in like
+    return next((ip for ip in sorted(pod.ips) if (":" in ip) == v6), None)
 
 
 def netns_cookie(sock: socket.socket) -> int:

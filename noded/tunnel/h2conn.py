@@ -1,5 +1,6 @@
 """HTTP/2 (RFC 9113) as HBONE uses it: `Connection`, an asyncio protocol under a TLS transport, and its
-`Stream`s, each spliced to one TCP socket (`_AppSide`). Frames are built and parsed by frames.py.
+`Stream`s, each spliced to one TCP socket (`_AppSide`) or to a protocol of this process (`_InProcessApp`, the
+waypoint's proxy: no socket pair in between). Frames are built and parsed by frames.py.
 
 The input is cut into frames as it is decrypted: the payload of a DATA frame goes straight from the TLS
 buffer to its stream's socket; on the way out a stream's socket is read into a buffer 9 bytes in, the DATA
@@ -18,6 +19,7 @@ import asyncio
 import collections
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import hpack
 import structlog
@@ -88,6 +90,14 @@ class Stream:
         if not self.response.done():
             self.response.set_exception(ConnectionResetError(why))
             self.response.exception()  # retrieved: no "never retrieved" warning where nobody waits
+
+    async def attach_protocol(self, protocol: asyncio.Protocol, attached: Callable[[], None] | None = None) -> None:
+        """Splice the stream to a protocol of this process, no socket in between (the waypoint's HTTP
+        proxy): what the stream receives is its data_received, what it writes leaves as DATA frames."""
+        _InProcessApp(self, protocol).start()
+        if attached is not None:
+            attached()
+        await self.finished
 
     async def attach(self, sock: socket.socket, attached: Callable[[], None] | None = None) -> None:
         """Splice the stream to a connected socket until both directions have ended; `attached()` runs once
@@ -240,6 +250,188 @@ class _AppSide(asyncio.BufferedProtocol):
         stream.conn.forget(stream.id)
         if not stream.finished.done():
             stream.finished.set_result(None)
+
+
+@dataclass
+class InProcess:
+    """What a server's dial gives instead of a socket when the stream ends in this process."""
+
+    protocol: asyncio.Protocol
+
+
+class _InProcessApp:
+    """A stream's application inside this process. The connection drives `transport` as it drives an
+    application socket's transport (write delivers to the protocol, pause_reading holds back what the
+    protocol sends); the protocol writes to `outbound`, a transport whose bytes leave as DATA frames within
+    the stream's and the connection's windows (held in `pending` while there is no credit, the protocol
+    paused past PENDING_HIGH). `write_paused`: the protocol asked for no more data, so the stream's window
+    is not given back and the peer stops."""
+
+    PENDING_HIGH = 256 * 1024
+
+    def __init__(self, stream: Stream, protocol: asyncio.Protocol) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.transport = _Delivery(self)
+        self.outbound = _Outbound(self)
+        self.write_paused = False
+        self.eof = False
+        self.done = False
+
+    def start(self) -> None:
+        stream = self.stream
+        stream.app = self
+        stream.sock = None
+        self.protocol.connection_made(self.outbound)
+        if stream.closed:
+            self.finish(ConnectionResetError("HBONE stream reset"))
+            return
+        for data in stream.early:
+            self.protocol.data_received(data)
+        stream.release_early()
+        if stream.remote_ended:
+            self.transport.write_eof()
+        stream.conn.give_back(stream)
+
+    def end_refused(self) -> None:
+        self.finish(None)
+
+    def finish(self, exc: Exception | None) -> None:
+        """The application side is over: the protocol told, the stream reset if it did not end both ways."""
+        if self.done:
+            return
+        self.done = True
+        stream = self.stream
+        if not stream.closed and not (stream.local_ended and stream.remote_ended):
+            stream.conn.reset(stream)
+        stream.conn.forget(stream.id)
+        self.protocol.connection_lost(exc)
+        if not stream.finished.done():
+            stream.finished.set_result(None)
+
+
+class _Delivery:
+    """The connection's side of an in-process application (see _InProcessApp)."""
+
+    def __init__(self, app: _InProcessApp) -> None:
+        self.app = app
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not self.app.done:
+            self.app.protocol.data_received(bytes(data))
+
+    def write_eof(self) -> None:
+        if not self.app.done and not self.app.protocol.eof_received():
+            self.app.outbound.close()
+
+    def close(self) -> None:
+        self.app.finish(None)
+
+    def abort(self) -> None:
+        self.app.finish(ConnectionResetError("HBONE stream reset"))
+
+    def is_closing(self) -> bool:
+        return self.app.done
+
+    def pause_reading(self) -> None:  # no credit: what the protocol writes waits
+        self.app.outbound.paused = True
+
+    def resume_reading(self) -> None:
+        self.app.outbound.paused = False
+        self.app.outbound.send()
+
+
+class _Outbound(asyncio.Transport):
+    """The transport an in-process application writes to (see _InProcessApp)."""
+
+    def __init__(self, app: _InProcessApp) -> None:
+        super().__init__()
+        self.app = app
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.pending_bytes = 0
+        self.paused = False  # no credit
+        self.protocol_paused = False
+        self.eof_pending = False
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing or self.app.done or not data:
+            return
+        self.pending.append(bytes(data))
+        self.pending_bytes += len(data)
+        self.send()
+        if self.pending_bytes > _InProcessApp.PENDING_HIGH and not self.protocol_paused:
+            self.protocol_paused = True
+            self.app.protocol.pause_writing()
+
+    def send(self) -> None:
+        stream = self.app.stream
+        conn = stream.conn
+        while self.pending and not self.paused and not self.app.done and not stream.closed:
+            size = min(FRAME, conn.max_send_frame, stream.credit)
+            if size <= 0:
+                self.paused = True
+                break
+            data = self.pending.popleft()
+            piece, rest = data[:size], data[size:]
+            if rest:
+                self.pending.appendleft(rest)
+            self.pending_bytes -= len(piece)
+            buf = scratch(9 + FRAME)
+            buf[9 : 9 + len(piece)] = piece
+            conn.send_data(stream, buf, len(piece))
+        if not self.pending:
+            if self.protocol_paused:
+                self.protocol_paused = False
+                self.app.protocol.resume_writing()
+            if self.eof_pending:
+                self.eof_pending = False
+                conn.end_stream(stream)
+                if self.closing:
+                    self.app.finish(None)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self.app.done:
+            return
+        self.app.eof = True
+        self.eof_pending = True
+        self.send()
+
+    def close(self) -> None:
+        if self.closing or self.app.done:
+            return
+        self.closing = True
+        self.write_eof()
+
+    def abort(self) -> None:
+        self.pending.clear()
+        self.app.finish(ConnectionAbortedError("aborted"))
+
+    def is_closing(self) -> bool:
+        return self.closing or self.app.done
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:  # the protocol takes no more: its window is held back
+        self.app.write_paused = True
+
+    def resume_reading(self) -> None:
+        self.app.write_paused = False
+        if not self.app.done:
+            self.app.stream.conn.give_back(self.app.stream)
+
+    def is_reading(self) -> bool:
+        return not self.app.write_paused
+
+    def get_write_buffer_size(self) -> int:
+        return self.pending_bytes
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        return None
 
 
 class Connection(asyncio.BufferedProtocol):

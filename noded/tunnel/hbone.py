@@ -21,7 +21,7 @@ import structlog
 
 from noded.tunnel import frames as f
 from noded.tunnel.ca import trust_domain_of
-from noded.tunnel.h2conn import Connection, Stream, StreamsExhausted
+from noded.tunnel.h2conn import Connection, InProcess, Stream, StreamsExhausted
 from noded.tunnel.relay import finish_connect, live, spawn
 from noded.tunnel.tls import PeerRejected, peer_identity
 
@@ -122,6 +122,9 @@ class ServerConnection(Connection):
         if sock is None:
             self._answer(stream, status)
             return
+        if isinstance(sock, InProcess):  # the stream ends in this process (the waypoint)
+            spawn(self.tasks, self._serve_in_process(stream, sock.protocol, host, port))
+            return
         if connected:
             stream.sock = sock
         else:  # counted from now: a burst of CONNECTs in one read sees the dials before it
@@ -174,6 +177,14 @@ class ServerConnection(Connection):
             bytes_out=stream.bytes_out,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    async def _serve_in_process(self, stream: Stream, protocol: asyncio.Protocol, host: str, port: int) -> None:
+        closed = self.on_stream(self.identity, self.peer, host, port) if self.on_stream else None
+        try:
+            await stream.attach_protocol(protocol, lambda: self._answer(stream, "200"))
+        finally:
+            if closed is not None:
+                closed(stream.bytes_in, stream.bytes_out)
 
 
 async def serve(sock: socket.socket, context: ssl.SSLContext, factory: Callable[[], Connection]) -> asyncio.Server:

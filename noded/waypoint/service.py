@@ -2,8 +2,8 @@
 
 `target(ip, port)` says whether a cluster IP:port is an HTTP port of a Service that uses a waypoint (the
 client's node then sends the connection over HBONE naming that VIP:port, and the destination pod's 15008
-hands it here). `accept(ctx)` serves one such connection: the HBONE stream is spliced to one end of a
-socket pair, the HTTP/1.1 proxy (http1.py) reads the other. For each request the proxy asks `authorize`
+hands it here). `accept(...)` serves one such connection: the HBONE stream is attached in-process to the
+HTTP/1.1 proxy's protocol (http1.py), no socket in between. For each request the proxy asks `authorize`
 (the AuthorizationPolicies targeting the waypoint's Gateway or the Service, with the L7 request and the
 client's verified identity; unknown policies deny), `route` (the HTTPRoutes attached to the Service, else
 the Service itself; an endpoint of the chosen backend Service, ready ones first) and `connect` (the
@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
 
+from noded.observe import LOG_FORMAT
+from noded.tunnel.h2conn import InProcess
 from noded.tunnel.policy import Connection, Request
 from noded.tunnel.relay import spawn
 from noded.waypoint import telemetry as request_telemetry
@@ -32,6 +34,9 @@ from noded.waypoint.routes import choose
 
 log = structlog.get_logger("noded.waypoint")
 MAX_CONNECTIONS = 4096  # client connections through this node's waypoint at once; past it, refused
+READ_LIMIT = 256 * 1024  # what the proxy's reader holds before the stream's window is held back
+WORKLOAD_CACHE_SECONDS = 5.0
+WORKLOAD_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ class WaypointService(Upstream):
         self.telemetry = request_telemetry.RequestTelemetry()
         self.tasks: set[asyncio.Task] = set()
         self.counts = {"connections": 0, "refused": 0, "requests": 0, "denied": 0}
+        self.access_log = request_telemetry.AccessLog(LOG_FORMAT["json"])
+        self._workload_cache: dict[tuple, tuple] = {}
+        self._cache_since = 0.0
+        self._backends: dict[tuple[str, str, int], tuple] = {}  # (ns, name, port) -> endpoints, per model generation
+        self._backends_generation = -1
 
     # -- which connections -----------------------------------------------------------------------
     def target(self, ip: str, port: int) -> Target | None:
@@ -73,15 +83,12 @@ class WaypointService(Upstream):
     def identity(self, waypoint: Waypoint) -> str:
         return waypoint.identity(self.tunnel.trust_domain)
 
-    def accept(self, target: Target, client_ip: str, identity: str | None, origin: Origin) -> socket.socket:
-        """One end of a socket pair for the HBONE stream; the proxy serves the other."""
-        ours, theirs = socket.socketpair()
-        for s in (ours, theirs):
-            s.setblocking(False)
+    def accept(self, target: Target, client_ip: str, identity: str | None, origin: Origin) -> InProcess | None:
+        """The proxy's side of one client connection, for the HBONE stream to attach in-process; None when
+        this node's waypoint is at its connection limit (the stream is refused)."""
         if self.proxy.active >= MAX_CONNECTIONS:
             self.counts["refused"] += 1
-            ours.close()
-            return theirs  # closed at once on our side: the client sees the stream end
+            return None
         self.counts["connections"] += 1
         principal = identity.removeprefix("spiffe://") if identity else None
         ctx = Context(
@@ -94,12 +101,12 @@ class WaypointService(Upstream):
             target.vip,
             origin,
         )
-        spawn(self.tasks, self._serve(ours, ctx))
-        return theirs
+        reader = asyncio.StreamReader(limit=READ_LIMIT)
 
-    async def _serve(self, sock: socket.socket, ctx: Context) -> None:
-        reader, writer = await asyncio.open_connection(sock=sock)
-        await self.proxy.serve(reader, writer, ctx)
+        def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            spawn(self.tasks, self.proxy.serve(r, w, ctx))
+
+        return InProcess(asyncio.StreamReaderProtocol(reader, connected))
 
     # -- what the proxy asks ---------------------------------------------------------------------
     def authorize(self, ctx: Context, request: Request) -> tuple[bool, str | None]:
@@ -136,16 +143,30 @@ class WaypointService(Upstream):
 
     def _to_service(self, namespace: str, name: str, port: int, decision: Decision) -> Decision:
         decision.backend = f"{namespace}/{name}:{port}"
-        for vip in self.tunnel.model.cluster_ips(namespace, name):
-            state = self.tunnel.model.cluster_frontend(vip, port)
-            if state is None:
-                continue
-            backends = state.ready or state.terminating
-            if backends:
-                decision.address = random.choice(backends)
-                return decision
-        decision.status, decision.body = 503, "no healthy upstream"
+        backends = self._endpoints(namespace, name, port)
+        if backends:
+            decision.address = random.choice(backends)
+        else:
+            decision.status, decision.body = 503, "no healthy upstream"
         return decision
+
+    def _endpoints(self, namespace: str, name: str, port: int) -> tuple:
+        """A Service port's endpoints (ready ones, else serving-terminating), kept while the model is unchanged."""
+        model = self.tunnel.model
+        if self._backends_generation != model.generation or len(self._backends) > WORKLOAD_CACHE_SIZE:
+            self._backends.clear()
+            self._backends_generation = model.generation
+        key = (namespace, name, port)
+        found = self._backends.get(key)
+        if found is None:
+            found = ()
+            for vip in model.cluster_ips(namespace, name):
+                state = model.cluster_frontend(vip, port)
+                if state is not None and (state.ready or state.terminating):
+                    found = state.ready or state.terminating
+                    break
+            self._backends[key] = found
+        return found
 
     async def connect(
         self, ctx: Context, address: tuple[str, int]
@@ -156,38 +177,52 @@ class WaypointService(Upstream):
     # -- telemetry -------------------------------------------------------------------------------
     def _recorded(self, record: RequestRecord) -> None:
         self.counts["requests"] += 1
-        tunnel = self.tunnel
         ctx = record.ctx
-        source = tunnel.workload_at(ctx.client_ip)
-        if ctx.principal:
-            source = dataclasses.replace(source, principal=f"spiffe://{ctx.principal}")
         address = record.address
-        destination = tunnel.workload_at(address[0]) if address else request_telemetry.Workload()
-        service = (
-            tuple(reversed(record.backend.split(":")[0].split("/"))) if record.backend else (ctx.service, ctx.namespace)
-        )
+        source, destination = self._workloads(ctx.client_ip, ctx.principal, address[0] if address else None)
+        backend = record.backend or f"{ctx.namespace}/{ctx.service}:{ctx.port}"
+        namespace, _, rest = backend.partition("/")
+        service = (rest.rsplit(":", 1)[0], namespace)
         labels = request_telemetry.key(
             source, destination, service, record.status, record.flags, ctx.principal is not None
         )
         self.telemetry.record(labels, record.duration_ms, record.request_bytes, record.response_bytes)
-        request_telemetry.log.info(
-            "request",
-            method=record.method,
-            authority=record.authority,
-            path=record.path[:512],
-            response_code=record.status,
-            duration_ms=round(record.duration_ms, 2),
-            request_id=record.request_id,
-            source=source.principal,
-            source_address=ctx.client_ip,
-            destination_service=record.backend or f"{ctx.namespace}/{ctx.service}:{ctx.port}",
-            destination=destination.principal,
-            upstream=f"{address[0]}:{address[1]}" if address else None,
-            route=record.route,
-            policy=record.policy,
-            flags=record.flags,
-            attempts=record.attempts,
+        self.access_log.add(
+            {
+                "method": record.method,
+                "authority": record.authority,
+                "path": record.path[:512],
+                "response_code": record.status,
+                "duration_ms": round(record.duration_ms, 2),
+                "request_id": record.request_id,
+                "source": source.principal,
+                "source_address": ctx.client_ip,
+                "destination_service": backend,
+                "destination": destination.principal,
+                "upstream": f"{address[0]}:{address[1]}" if address else None,
+                "route": record.route,
+                "policy": record.policy,
+                "flags": record.flags,
+                "attempts": record.attempts,
+            }
         )
+
+    def _workloads(self, client_ip: str, principal: str | None, backend_ip: str | None) -> tuple:
+        """(source, destination) workloads for telemetry, kept a few seconds (pods change rarely; a request
+        should not walk the enrollment twice)."""
+        now = time.monotonic()
+        if now - self._cache_since > WORKLOAD_CACHE_SECONDS or len(self._workload_cache) > WORKLOAD_CACHE_SIZE:
+            self._workload_cache.clear()
+            self._cache_since = now
+        key = (client_ip, principal, backend_ip)
+        found = self._workload_cache.get(key)
+        if found is None:
+            source = self.tunnel.workload_at(client_ip)
+            if principal:
+                source = dataclasses.replace(source, principal=f"spiffe://{principal}")
+            destination = self.tunnel.workload_at(backend_ip) if backend_ip else request_telemetry.Workload()
+            found = self._workload_cache[key] = (source, destination)
+        return found
 
     def status(self) -> dict:
         return {**self.registry.status(), **self.counts, "active": self.proxy.active}

@@ -4,17 +4,26 @@
 and `istio_response_bytes` sums, with reporter `waypoint` and Istio's labels (the TCP telemetry's, with
 `request_protocol` http, `response_code` and `grpc_response_status`). Counters are plain dictionaries
 bumped on the loop thread and read at scrape time; label sets are bounded (MAX_SERIES) as the tunnel's.
+
+`AccessLog` writes one line per request in the daemon's log format (key=value after the logger's name, or
+JSON), formatted here and written in batches (at most FLUSH_LINES, or every FLUSH_AFTER seconds): through
+structlog's console renderer a line cost about as much as the rest of the request.
 """
 
 from __future__ import annotations
 
-import structlog
+import asyncio
+import json
+import sys
+import time
 
 from noded.metrics import LatencyHistogram
 from noded.tunnel.telemetry import CLUSTER, MAX_SERIES, UNKNOWN, Workload
 from noded.tunnel.telemetry import LABELS as TCP_LABELS
 
-log = structlog.get_logger("noded.waypoint.access")
+LOGGER = "noded.waypoint.access"
+FLUSH_LINES = 256
+FLUSH_AFTER = 0.2
 
 LABELS = (*TCP_LABELS, "response_code", "grpc_response_status")
 BUCKETS = (
@@ -87,3 +96,42 @@ class RequestTelemetry:
         self.duration.observe(labels, duration_ms)
         self.request_bytes[labels] = self.request_bytes.get(labels, 0) + request_bytes
         self.response_bytes[labels] = self.response_bytes.get(labels, 0) + response_bytes
+
+
+class AccessLog:
+    def __init__(self, json_lines: bool = False, out=None) -> None:
+        self.json = json_lines
+        self.out = out  # None: the process's stderr at flush time (where the daemon's log goes)
+        self.lines: list[str] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, fields: dict) -> None:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+        if self.json:
+            line = json.dumps({**fields, "event": "request", "level": "info", "logger": LOGGER, "timestamp": stamp})
+        else:
+            pairs = " ".join(f"{k}={v}" for k, v in sorted(fields.items()) if v is not None)
+            line = f"{stamp} [info     ] request                        [{LOGGER}] {pairs}"
+        self.lines.append(line + "\n")
+        if len(self.lines) >= FLUSH_LINES:
+            self.flush()
+        elif self.timer is None:
+            try:
+                self.timer = asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
+            except RuntimeError:  # no loop (a test): at once
+                self.flush()
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.lines:
+            return
+        out = self.out or sys.stderr
+        try:
+            out.write("".join(self.lines))
+            out.flush()
+        except (OSError, ValueError):
+            pass  # a closed stream: the lines are dropped, the requests are not
+        self.lines.clear()

@@ -218,8 +218,9 @@ def test_ipv6_service_vip_resolves_to_a_meshed_endpoint(lab):
         time.sleep(0.5)
     out = [r for r in pod_capture(lab, "default/mesh-client")["recent"] if r["direction"] == "outbound"][-1]
     server = pod_ip6(lab, "default/mesh-server")
-    # the socket-LB translated the VIP at connect(), before the capture: as with IPv4
-    assert out["original"] == f"{server}:8080" and out["hbone"] == f"[{server}]:15008" and "error" not in out
+    # a mesh pod's connect keeps the VIP (the socket LB leaves its TCP alone): the capture resolves it, as in the
+    # netfilter modes, and the tunnel goes to the endpoint's 15008
+    assert out["original"] == f"{vip6}:8080" and out["hbone"] == f"[{server}]:15008" and "error" not in out
     lab.delete(path)
 
 

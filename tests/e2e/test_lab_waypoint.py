@@ -155,6 +155,9 @@ def test_a_503_is_retried_as_istio_retries_by_default(lab):
         before = _attempts(lab)
         answer = curl(lab, "default/shell", "broken")[0]
         assert answer["status"] == 503
+        deadline = time.monotonic() + 5  # the access log is written in batches
+        while _attempts(lab) - before < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert _attempts(lab) - before == 3  # the first try and Istio's default 2 retries
     finally:
         server.kill()

@@ -320,3 +320,51 @@ def test_the_client_refuses_a_server_that_is_not_the_destination_it_expects(ca, 
         app.close()
 
     asyncio.run(main())
+
+
+def test_a_stream_attached_in_process_carries_data_both_ways_within_the_windows(ca, tmp_path):
+    """The waypoint's attachment: the server's dial gives a protocol of this process (h2conn.InProcess); an
+    echo on asyncio streams behind it, reading slowly, takes 10 MiB each way (past the 4 MiB windows, so
+    the stream's window must be held back and given again) and ends the stream when the client does."""
+
+    async def main():
+        ended = asyncio.Event()
+
+        async def echo(reader, writer):
+            while data := await reader.read(65536):
+                await asyncio.sleep(0)  # a consumer slower than the stream
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+            ended.set()
+
+        def dial_in_process(peer, host, port):
+            reader = asyncio.StreamReader(limit=64 * 1024)
+            return h2conn.InProcess(asyncio.StreamReaderProtocol(reader, echo)), True
+
+        root = ca_mod.cert_pem(ca.root)
+        ctx = context(True, workload(ca, ECHO), root, str(tmp_path))
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = await serve(listener, ctx, lambda: ServerConnection(TD, lambda *_: True, dial_in_process))
+        port = listener.getsockname()[1]
+        stream, conn = await open_stream("127.0.0.1", port, client_ctx(ca, tmp_path), "10.0.0.1:80")
+        reader, writer, attached = await spliced(stream)
+        payload = os.urandom(10 * 1024 * 1024)
+
+        async def send():
+            for i in range(0, len(payload), 100_000):
+                writer.write(payload[i : i + 100_000])
+                await writer.drain()
+            writer.write_eof()
+
+        _, echoed = await asyncio.gather(send(), reader.read())
+        assert echoed == payload
+        await asyncio.wait_for(ended.wait(), 5)
+        await asyncio.wait_for(attached, 5)
+        assert not conn.streams
+        writer.close()
+        conn.close()
+        server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
