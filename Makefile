@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 linux-libc-dev gcc libc6-dev bpftool nftables iptables iproute2 util-linux \
                 containernetworking-plugins python3-venv procps chromium-headless-shell busybox-static
-BENCH_APT_PACKAGES := dnsperf unbound dnsmasq-base knot-resolver
+BENCH_APT_PACKAGES := dnsperf unbound dnsmasq-base knot-resolver haproxy wrk
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,noded/bpf/obj/%.o,$(BPF_SRC))
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I bpf/include -I/usr/include/$(shell uname -m)-linux-gnu

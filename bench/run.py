@@ -18,6 +18,7 @@ RUNS = (
     ("cni_latency.py", []),
     ("resolver.py", []),
     ("tunnel.py", []),
+    ("waypoint.py", []),
     ("soak.py", ["--seconds", "180"]),
 )
 for script, args in RUNS:

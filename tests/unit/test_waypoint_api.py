@@ -369,3 +369,51 @@ def test_a_broken_targeted_policy_fails_closed_for_the_waypoint_only():
         policy("both", {"selector": {"matchLabels": {"app": "x"}}, "targetRefs": [{"kind": "Service", "name": "x"}]})
     )
     assert "selector and targetRefs" in auth.rejected["default/both"]
+
+
+def test_the_daemons_sink_feeds_the_registry_and_rejects_a_bad_route_alone():
+    from noded.daemon import ModelSink
+    from noded.model.tracker import ServiceModel
+    from noded.redirect.enrollment import Enrollment
+
+    sink = ModelSink(ServiceModel(), Enrollment())
+    sink.upsert(namespace("default", {"istio.io/use-waypoint": "waypoint"}))
+    sink.upsert(gateway())
+    assert sink.upsert(route([{"backendRefs": [{"name": "v1", "port": 80}]}], name="good"))
+    assert not sink.upsert(route([{"filters": [{"type": "Mirror"}]}], name="bad"))
+    assert sink.rejected_by_kind["HTTPRoute"] == 1
+    assert "spec.rules[0].filters[0].type" in sink.last_rejected["HTTPRoute default/bad"]
+    assert sink.waypoints.waypoint_of("default", "echo") == Waypoint("default", "waypoint")
+    assert [r.name for r in sink.waypoints.routes_for("default", "echo", 80)] == ["good"]
+    sink.upsert(service("echo", labels={"istio.io/use-waypoint": "none"}))
+    assert sink.waypoints.waypoint_of("default", "echo") is None
+    assert sink.model.counts()[0] == 1  # the Service reached the model too
+    sink.delete("Gateway", "default", "waypoint")
+    assert sink.waypoints.waypoints() == []
+
+
+def test_a_node_is_issued_the_waypoint_identity_only_where_it_runs_an_enrolled_pod_of_its_namespace():
+    from noded.config import TunnelConfig
+    from noded.redirect.enrollment import Enrollment
+    from noded.tunnel.service import IdentityService
+
+    enrollment = Enrollment("node1")
+    enrollment.upsert(namespace("default", {"istio.io/dataplane-mode": "ambient"}))
+    for name, node in (("shell", "node1"), ("db", "node2")):
+        enrollment.upsert(
+            {
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": node, "serviceAccountName": name},
+                "status": {"podIP": "10.244.1.5"},
+            }
+        )
+    reg = Registry()
+    reg.upsert(gateway())
+    reg.upsert(gateway("elsewhere", ns="other"))
+    identities = IdentityService(TunnelConfig(), "node1", enrollment, loop=None, waypoints=reg)
+    assert identities.wanted() == {
+        "spiffe://cluster.local/ns/default/sa/shell",
+        "spiffe://cluster.local/ns/default/sa/waypoint",
+    }
+    assert "spiffe://cluster.local/ns/other/sa/elsewhere" not in identities.wanted("node2")
