@@ -84,7 +84,16 @@ def test_the_daemonset_manifest_validates_against_the_kubernetes_models():
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert {v for rule in role["rules"] for v in rule["verbs"]} == {"list", "watch"}  # read-only, what noded uses
     watched = {r for rule in role["rules"] for r in rule["resources"]}
-    assert watched == {"services", "pods", "namespaces", "nodes", "endpointslices", "authorizationpolicies"}
+    assert watched == {
+        "services",
+        "pods",
+        "namespaces",
+        "nodes",
+        "endpointslices",
+        "authorizationpolicies",
+        "gateways",
+        "httproutes",
+    }
     # one ClusterRole for both modes: bound to the DaemonSet's ServiceAccount and the systemd nodes' group
     binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
