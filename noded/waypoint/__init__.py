@@ -1,10 +1,10 @@
 """The waypoint: Istio ambient's L7 hop for a namespace, as a function of the daemon (no pod).
 
 `registry` owns what users write to enrol services (Gateway `istio-waypoint`, the `istio.io/use-waypoint`
-labels, appProtocol and port names) and their HTTPRoutes (`routes`); `http1` is the HTTP/1.1 proxy that
-applies L7 AuthorizationPolicy (noded/tunnel/policy.py), the routes, request IDs and per-request
-telemetry (`telemetry`); `service` ties it to the tunnel: where connections come in and how each request
-reaches its backend.
+labels, appProtocol and port names) and their HTTPRoutes (`routes`); `http1` is the HTTP/1.1 proxy (and
+`http2` its HTTP/2 side, for h2c and gRPC) that applies L7 AuthorizationPolicy (noded/tunnel/policy.py),
+the routes, request IDs and per-request telemetry (`telemetry`); `service` ties it to the tunnel: where
+connections come in and how each request reaches its backend.
 
 Where it runs: on the node of the endpoint the client's node picked, in that pod's HBONE listener (a
 CONNECT naming the Service's VIP:port instead of a pod address says "through the waypoint"). The

@@ -1,4 +1,5 @@
-"""The waypoint's HTTP/1.1 proxy: one client connection in, requests forwarded to the backends the routes
+"""The waypoint's HTTP/1.1 proxy (a connection that starts with HTTP/2's preface goes to http2.py): one client
+connection in, requests forwarded to the backends the routes
 pick, L7 policy on each request. Parsing is llhttp's (httptools; 12× faster than h11 here, bench/waypoint.py).
 
 Per request, in order: parsed (a malformed one is answered 400 and the connection closed; a body over
@@ -35,6 +36,7 @@ from noded.tunnel.policy import Request
 log = structlog.get_logger("noded.waypoint")
 
 RESET = "upstream connect error or disconnect/reset before headers. reset reason: "  # Envoy's words
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # HTTP/2 with prior knowledge (h2c, gRPC) starts so
 MAX_BODY = 1 << 20  # buffered request body (retries replay it), as Envoy's per-connection buffer limit
 MAX_HEAD = 64 * 1024  # request or response head
 MAX_HEADERS = 100
@@ -131,6 +133,7 @@ class RequestRecord:
     response_bytes: int = 0
     attempts: int = 1
     policy: str | None = None
+    grpc_status: str | None = None  # HTTP/2: the grpc-status the backend answered
 
 
 @dataclass
@@ -262,18 +265,32 @@ class Proxy:
     """The HTTP/1.1 side of the waypoint: `serve(reader, writer, ctx)` for each client connection."""
 
     def __init__(self, upstream: Upstream, on_request: Callable[[RequestRecord], None] = lambda r: None) -> None:
+        from noded.waypoint.http2 import Http2Proxy
+
         self.upstream = upstream
         self.on_request = on_request
+        self.http2 = Http2Proxy(self)
         self.idle: dict[tuple[str, int, str], list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
         self.active = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: Context) -> None:
+        """One client connection: HTTP/2 with prior knowledge (its preface first) goes to http2.py, anything
+        else is HTTP/1.1."""
         parsing = _RequestParsing()
         self.active += 1
         try:
+            first = await reader.read(READ)
+            while first and len(first) < len(PREFACE) and PREFACE.startswith(first):
+                more = await reader.read(READ)
+                if not more:
+                    break
+                first += more
+            if first.startswith(PREFACE):
+                await self.http2.serve(reader, writer, ctx, first)
+                return
             while True:
                 if not parsing.done:
-                    data = await reader.read(READ)
+                    data, first = (first, b"") if first else (await reader.read(READ), b"")
                     if not data:
                         return
                     upgrade_rest = None
@@ -600,6 +617,7 @@ class Proxy:
         idle.append((reader, writer, time.monotonic()))
 
     def close(self) -> None:
+        self.http2.close()
         for idle in self.idle.values():
             for _r, w, _t in idle:
                 w.close()

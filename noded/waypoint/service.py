@@ -29,7 +29,7 @@ from noded.tunnel.policy import Connection, Request
 from noded.tunnel.relay import spawn
 from noded.waypoint import telemetry as request_telemetry
 from noded.waypoint.http1 import Context, Decision, Proxy, RequestRecord, Upstream
-from noded.waypoint.registry import HTTP, Registry, Waypoint
+from noded.waypoint.registry import TCP, Registry, Waypoint
 from noded.waypoint.routes import choose
 
 log = structlog.get_logger("noded.waypoint")
@@ -76,8 +76,8 @@ class WaypointService(Upstream):
             return None
         name = state.service.name
         waypoint = self.registry.waypoint_of(name.namespace, name.name)
-        if waypoint is None or self.registry.protocol_of(name.namespace, name.name, port, name.port) != HTTP:
-            return None  # TCP, HTTP/2 and gRPC ports stay on the L4 path
+        if waypoint is None or self.registry.protocol_of(name.namespace, name.name, port, name.port) == TCP:
+            return None  # TCP ports stay on the L4 path
         return Target(waypoint, name.namespace, name.name, port, ip)
 
     def identity(self, waypoint: Waypoint) -> str:
@@ -204,6 +204,7 @@ class WaypointService(Upstream):
                 "policy": record.policy,
                 "flags": record.flags,
                 "attempts": record.attempts,
+                "grpc_status": record.grpc_status,
             }
         )
 

@@ -50,7 +50,14 @@ BUCKETS = (
 
 
 def key(
-    source: Workload, destination: Workload, service: tuple[str, str] | None, status: int, flags: str, mtls: bool
+    source: Workload,
+    destination: Workload,
+    service: tuple[str, str] | None,
+    status: int,
+    flags: str,
+    mtls: bool,
+    grpc_status: str | None = None,
+    protocol: str = "http",
 ) -> tuple[str, ...]:
     svc_name, svc_ns = service or (UNKNOWN, UNKNOWN)
     return (
@@ -74,11 +81,11 @@ def key(
         destination.app,
         destination.version,
         CLUSTER,
-        "http",
+        protocol,
         flags or "-",
         "mutual_tls" if mtls else "unknown",
         str(status),
-        "-",
+        grpc_status or "-",
     )
 
 
