@@ -42,7 +42,9 @@ MAX_HEAD = 64 * 1024  # request or response head
 MAX_HEADERS = 100
 READ = 64 * 1024
 MAX_IDLE_PER_BACKEND = 32
-IDLE_TIMEOUT = 60.0
+IDLE_TIMEOUT = 60.0  # a kept-alive backend connection unused so long is not reused
+IDLE_CLIENT = 300.0  # seconds a client connection may stay idle between requests (then closed)
+HEAD_TIMEOUT = 30.0  # seconds a client has to send a whole request head once begun (slowloris)
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
@@ -278,8 +280,11 @@ class Proxy:
         else is HTTP/1.1."""
         parsing = _RequestParsing()
         self.active += 1
+        loop = asyncio.get_running_loop()
         try:
+            timer = loop.call_later(HEAD_TIMEOUT, writer.close)
             first = await reader.read(READ)
+            timer.cancel()
             while first and len(first) < len(PREFACE) and PREFACE.startswith(first):
                 more = await reader.read(READ)
                 if not more:
@@ -290,7 +295,12 @@ class Proxy:
                 return
             while True:
                 if not parsing.done:
-                    data, first = (first, b"") if first else (await reader.read(READ), b"")
+                    if first:
+                        data, first = first, b""
+                    else:  # a client is given so long between requests, and to finish a head it began
+                        timer = loop.call_later(IDLE_CLIENT if parsing.current is None else HEAD_TIMEOUT, writer.close)
+                        data = await reader.read(READ)
+                        timer.cancel()
                     if not data:
                         return
                     upgrade_rest = None

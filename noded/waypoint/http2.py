@@ -30,7 +30,7 @@ import h2.exceptions
 import h2.settings
 
 from noded.tunnel.policy import Request
-from noded.waypoint.http1 import READ, Context, Decision, ProxyError, RequestRecord
+from noded.waypoint.http1 import IDLE_CLIENT, READ, Context, Decision, ProxyError, RequestRecord
 
 MAX_STREAMS = 256  # concurrent streams a client may open through the waypoint on one connection
 WINDOW = 1 << 20
@@ -226,7 +226,11 @@ class Http2Proxy:
                             streams.pop(event.stream_id, None)
                 down.flush()
                 await writer.drain()
+                idle = conn.open_inbound_streams == 0  # no stream open: the connection is idle, and may time out
+                timer = asyncio.get_running_loop().call_later(IDLE_CLIENT, writer.close) if idle else None
                 data = await reader.read(READ)
+                if timer is not None:
+                    timer.cancel()
         finally:
             for task in tasks:
                 task.cancel()

@@ -331,3 +331,27 @@ def test_expect_100_continue_is_answered_by_the_waypoint(expect):
         writer.close()
 
     run(main())
+
+
+def test_a_slow_head_and_an_idle_client_are_closed(monkeypatch):
+    from noded.waypoint import http1
+
+    monkeypatch.setattr(http1, "HEAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(http1, "IDLE_CLIENT", 0.5)
+
+    async def main():
+        backend = Backend()
+        proxy, address, _ = await _proxy(FakeUpstream(await backend.start()))
+        slow_reader, slow_writer = await asyncio.open_connection(*address)
+        slow_writer.write(b"GET / HTTP/1.1\r\nHost: ec")  # and then nothing (slowloris)
+        idle_reader, idle_writer = await asyncio.open_connection(*address)
+        idle_writer.write(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+        await _response(idle_reader)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(slow_reader.read(), 3) == b""  # closed
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert await asyncio.wait_for(idle_reader.read(), 3) == b""  # closed once idle past the limit
+        await asyncio.sleep(0.05)
+        assert proxy.active == 0
+
+    run(main())
