@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import urllib.parse
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +45,7 @@ MAX_IDLE_PER_BACKEND = 32
 IDLE_TIMEOUT = 60.0  # a kept-alive backend connection unused so long is not reused
 IDLE_CLIENT = 300.0  # seconds a client connection may stay idle between requests (then closed)
 HEAD_TIMEOUT = 30.0  # seconds a client has to send a whole request head once begun (slowloris)
+SWEEP = 1.0  # how often overdue clients are looked for
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
@@ -235,6 +236,18 @@ class _ResponseParsing:
             self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the feed returns
 
 
+_random = random.SystemRandom().getrandbits(64)  # a per-process seed for the request IDs' generator
+_ids = random.Random(_random)
+
+
+def new_request_id() -> str:
+    """A new x-request-id: a version 4 UUID (random bits, version and variant set), as Envoy makes them;
+    from a seeded PRNG (an ID must be unique, not secret): a quarter of uuid.uuid4()'s cost here."""
+    n = _ids.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for n, v in headers:
         if n.lower() == name:
@@ -273,6 +286,8 @@ class Proxy:
         self.on_request = on_request
         self.http2 = Http2Proxy(self)
         self.idle: dict[tuple[str, int, str], list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
+        self.deadlines: dict[asyncio.StreamWriter, float] = {}  # clients awaited, and until when
+        self.sweeper: asyncio.TimerHandle | None = None
         self.active = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: Context) -> None:
@@ -280,11 +295,10 @@ class Proxy:
         else is HTTP/1.1."""
         parsing = _RequestParsing()
         self.active += 1
-        loop = asyncio.get_running_loop()
         try:
-            timer = loop.call_later(HEAD_TIMEOUT, writer.close)
+            self.expect(writer, HEAD_TIMEOUT)
             first = await reader.read(READ)
-            timer.cancel()
+            self.expected(writer)
             while first and len(first) < len(PREFACE) and PREFACE.startswith(first):
                 more = await reader.read(READ)
                 if not more:
@@ -298,9 +312,9 @@ class Proxy:
                     if first:
                         data, first = first, b""
                     else:  # a client is given so long between requests, and to finish a head it began
-                        timer = loop.call_later(IDLE_CLIENT if parsing.current is None else HEAD_TIMEOUT, writer.close)
+                        self.expect(writer, IDLE_CLIENT if parsing.current is None else HEAD_TIMEOUT)
                         data = await reader.read(READ)
-                        timer.cancel()
+                        self.expected(writer)
                     if not data:
                         return
                     upgrade_rest = None
@@ -337,7 +351,26 @@ class Proxy:
             return
         finally:
             self.active -= 1
+            self.expected(writer)
             writer.close()
+
+    # -- client deadlines: one sweep a SWEEP seconds for every connection, not a timer per read ---------
+    def expect(self, writer: asyncio.StreamWriter, seconds: float) -> None:
+        """The client must send something within `seconds`, or its connection is closed."""
+        self.deadlines[writer] = time.monotonic() + seconds
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
+
+    def expected(self, writer: asyncio.StreamWriter) -> None:
+        self.deadlines.pop(writer, None)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for writer, deadline in list(self.deadlines.items()):
+            if deadline <= now:
+                del self.deadlines[writer]
+                writer.close()
+        self.sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep) if self.deadlines else None
 
     # -- one request -----------------------------------------------------------------------------
     def _prepare(self, message: _Message, ctx: Context) -> tuple[Request, dict[str, str], str, list[tuple[str, str]]]:
@@ -363,7 +396,7 @@ class Proxy:
         """Serve one request; whether the client connection stays open."""
         started = time.monotonic()
         request, query, raw_path, headers = self._prepare(message, ctx)
-        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        request_id = request.headers.get("x-request-id") or new_request_id()
         record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
         record.request_bytes = len(message.body)
         keep = message.keep_alive
@@ -539,7 +572,7 @@ class Proxy:
         """An Upgrade request (WebSocket): forwarded; a 101 turns both connections into a splice."""
         started = time.monotonic()
         request, query, raw_path, headers = self._prepare(message, ctx)
-        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        request_id = request.headers.get("x-request-id") or new_request_id()
         record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
         try:
             allowed, record.policy = self.upstream.authorize(ctx, request)
@@ -627,6 +660,8 @@ class Proxy:
         idle.append((reader, writer, time.monotonic()))
 
     def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         self.http2.close()
         for idle in self.idle.values():
             for _r, w, _t in idle:

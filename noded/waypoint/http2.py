@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import time
 import urllib.parse
-import uuid
 from collections import deque
 from collections.abc import Callable
 
@@ -30,7 +29,7 @@ import h2.exceptions
 import h2.settings
 
 from noded.tunnel.policy import Request
-from noded.waypoint.http1 import IDLE_CLIENT, READ, Context, Decision, ProxyError, RequestRecord
+from noded.waypoint.http1 import IDLE_CLIENT, READ, Context, Decision, ProxyError, RequestRecord, new_request_id
 
 MAX_STREAMS = 256  # concurrent streams a client may open through the waypoint on one connection
 WINDOW = 1 << 20
@@ -226,11 +225,10 @@ class Http2Proxy:
                             streams.pop(event.stream_id, None)
                 down.flush()
                 await writer.drain()
-                idle = conn.open_inbound_streams == 0  # no stream open: the connection is idle, and may time out
-                timer = asyncio.get_running_loop().call_later(IDLE_CLIENT, writer.close) if idle else None
+                if conn.open_inbound_streams == 0:  # no stream open: the connection is idle, and may time out
+                    self.proxy.expect(writer, IDLE_CLIENT)
                 data = await reader.read(READ)
-                if timer is not None:
-                    timer.cancel()
+                self.proxy.expected(writer)
         finally:
             for task in tasks:
                 task.cancel()
@@ -257,7 +255,7 @@ class Http2Proxy:
         query = {k: v[0] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
         authority = pseudo.get(":authority") or headers.get("host", "")
         request = Request(pseudo.get(":method", ""), authority, path, headers)
-        request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        request_id = headers.get("x-request-id") or new_request_id()
         record = RequestRecord(request.method, authority, raw_path, 0, 0.0, request_id, ctx)
         ended = event.stream_ended is not None
         state = {"up": None, "upstream": None, "request_pipe": None, "response_pipe": None, "headers_sent": False}

@@ -188,23 +188,23 @@ class WaypointService(Upstream):
         )
         self.telemetry.record(labels, record.duration_ms, record.request_bytes, record.response_bytes)
         self.access_log.add(
-            {
-                "method": record.method,
+            {  # alphabetical, as the daemon's other lines
+                "attempts": record.attempts,
                 "authority": record.authority,
-                "path": record.path[:512],
-                "response_code": record.status,
+                "destination": destination.principal,
+                "destination_service": backend,
                 "duration_ms": round(record.duration_ms, 2),
+                "flags": record.flags,
+                "grpc_status": record.grpc_status,
+                "method": record.method,
+                "path": record.path[:512],
+                "policy": record.policy,
                 "request_id": record.request_id,
+                "response_code": record.status,
+                "route": record.route,
                 "source": source.principal,
                 "source_address": ctx.client_ip,
-                "destination_service": backend,
-                "destination": destination.principal,
                 "upstream": f"{address[0]}:{address[1]}" if address else None,
-                "route": record.route,
-                "policy": record.policy,
-                "flags": record.flags,
-                "attempts": record.attempts,
-                "grpc_status": record.grpc_status,
             }
         )
 

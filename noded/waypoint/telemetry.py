@@ -24,6 +24,7 @@ from noded.tunnel.telemetry import LABELS as TCP_LABELS
 LOGGER = "noded.waypoint.access"
 FLUSH_LINES = 256
 FLUSH_AFTER = 0.2
+_TEXT_HEAD = f"[info     ] request                        [{LOGGER}] "  # as the daemon's console lines
 
 LABELS = (*TCP_LABELS, "response_code", "grpc_response_status")
 BUCKETS = (
@@ -111,15 +112,21 @@ class AccessLog:
         self.out = out  # None: the process's stderr at flush time (where the daemon's log goes)
         self.lines: list[str] = []
         self.timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._date = ""
 
     def add(self, fields: dict) -> None:
+        """One request's line; `fields` in the order they are written (the caller's, alphabetical)."""
         now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+        second = int(now)
+        if second != self._second:  # the date part once a second: strftime costs more than the rest
+            self._second = second
+            self._date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = f"{self._date}.{int((now - second) * 1e6):06d}Z"
         if self.json:
             line = json.dumps({**fields, "event": "request", "level": "info", "logger": LOGGER, "timestamp": stamp})
         else:
-            pairs = " ".join(f"{k}={v}" for k, v in sorted(fields.items()) if v is not None)
-            line = f"{stamp} [info     ] request                        [{LOGGER}] {pairs}"
+            line = f"{stamp} {_TEXT_HEAD}" + " ".join([f"{k}={v}" for k, v in fields.items() if v is not None])
         self.lines.append(line + "\n")
         if len(self.lines) >= FLUSH_LINES:
             self.flush()

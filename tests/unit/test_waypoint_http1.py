@@ -338,6 +338,7 @@ def test_a_slow_head_and_an_idle_client_are_closed(monkeypatch):
 
     monkeypatch.setattr(http1, "HEAD_TIMEOUT", 0.3)
     monkeypatch.setattr(http1, "IDLE_CLIENT", 0.5)
+    monkeypatch.setattr(http1, "SWEEP", 0.05)
 
     async def main():
         backend = Backend()
