@@ -383,7 +383,7 @@ class Proxy:
             + ("?" + parsed.query.decode("latin-1") if parsed.query else "")
         )
         path, _, query_text = raw_path.partition("?")
-        query = {k: v[0] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
+        query = parse_query(query_text)
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in message.headers]
         lowered = {}
         for n, v in headers:
@@ -706,9 +706,22 @@ async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
             dropped += len(data)
 
 
+DRAIN_ABOVE = 64 * 1024  # what a writer may hold before the proxy waits for it to drain
+
+
 async def _drain(writer: asyncio.StreamWriter) -> None:
+    """Wait for the writer to take what it holds, when it holds much (waiting costs a round of the loop)."""
+    if writer.transport.get_write_buffer_size() <= DRAIN_ABOVE and not writer.transport.is_closing():
+        return
     with contextlib.suppress(ConnectionError):
         await writer.drain()
+
+
+def parse_query(text: str) -> dict[str, str]:
+    """The first value of each query parameter (HTTPRoute queryParams matches)."""
+    if not text:
+        return {}
+    return {k: v[0] for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
 
 
 async def _splice(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable
 
@@ -29,7 +28,16 @@ import h2.exceptions
 import h2.settings
 
 from noded.tunnel.policy import Request
-from noded.waypoint.http1 import IDLE_CLIENT, READ, Context, Decision, ProxyError, RequestRecord, new_request_id
+from noded.waypoint.http1 import (
+    IDLE_CLIENT,
+    READ,
+    Context,
+    Decision,
+    ProxyError,
+    RequestRecord,
+    new_request_id,
+    parse_query,
+)
 
 MAX_STREAMS = 256  # concurrent streams a client may open through the waypoint on one connection
 WINDOW = 1 << 20
@@ -252,7 +260,7 @@ class Http2Proxy:
                 headers.setdefault(n, v)
         raw_path = pseudo.get(":path", "/")
         path, _, query_text = raw_path.partition("?")
-        query = {k: v[0] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
+        query = parse_query(query_text)
         authority = pseudo.get(":authority") or headers.get("host", "")
         request = Request(pseudo.get(":method", ""), authority, path, headers)
         request_id = headers.get("x-request-id") or new_request_id()
