@@ -188,24 +188,24 @@ class WaypointService(Upstream):
         )
         self.telemetry.record(labels, record.duration_ms, record.request_bytes, record.response_bytes)
         self.access_log.add(
-            {  # alphabetical, as the daemon's other lines
-                "attempts": record.attempts,
-                "authority": record.authority,
-                "destination": destination.principal,
-                "destination_service": backend,
-                "duration_ms": round(record.duration_ms, 2),
-                "flags": record.flags,
-                "grpc_status": record.grpc_status,
-                "method": record.method,
-                "path": record.path[:512],
-                "policy": record.policy,
-                "request_id": record.request_id,
-                "response_code": record.status,
-                "route": record.route,
-                "source": source.principal,
-                "source_address": ctx.client_ip,
-                "upstream": f"{address[0]}:{address[1]}" if address else None,
-            }
+            (  # request_telemetry.ACCESS_FIELDS
+                record.attempts,
+                record.authority,
+                destination.principal,
+                backend,
+                round(record.duration_ms, 2),
+                record.flags,
+                record.grpc_status,
+                record.method,
+                record.path[:512],
+                record.policy,
+                record.request_id,
+                record.status,
+                record.route,
+                source.principal,
+                ctx.client_ip,
+                f"{address[0]}:{address[1]}" if address else None,
+            )
         )
 
     def _workloads(self, client_ip: str, principal: str | None, backend_ip: str | None) -> tuple:

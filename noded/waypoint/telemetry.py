@@ -24,7 +24,30 @@ from noded.tunnel.telemetry import LABELS as TCP_LABELS
 LOGGER = "noded.waypoint.access"
 FLUSH_LINES = 256
 FLUSH_AFTER = 0.2
-_TEXT_HEAD = f"[info     ] request                        [{LOGGER}] "  # as the daemon's console lines
+ACCESS_FIELDS = (  # alphabetical, as the daemon's other lines
+    "attempts",
+    "authority",
+    "destination",
+    "destination_service",
+    "duration_ms",
+    "flags",
+    "grpc_status",
+    "method",
+    "path",
+    "policy",
+    "request_id",
+    "response_code",
+    "route",
+    "source",
+    "source_address",
+    "upstream",
+)
+_TEXT_LINE = (
+    "{} [info     ] request                        ["
+    + LOGGER
+    + "] "
+    + " ".join(f"{name}={{}}" for name in ACCESS_FIELDS)
+)  # as the daemon's console lines
 
 LABELS = (*TCP_LABELS, "response_code", "grpc_response_status")
 BUCKETS = (
@@ -115,8 +138,8 @@ class AccessLog:
         self._second = -1
         self._date = ""
 
-    def add(self, fields: dict) -> None:
-        """One request's line; `fields` in the order they are written (the caller's, alphabetical)."""
+    def add(self, values: tuple) -> None:
+        """One request's line: `values` of ACCESS_FIELDS, in their order (None written "-", as Envoy does)."""
         now = time.time()
         second = int(now)
         if second != self._second:  # the date part once a second: strftime costs more than the rest
@@ -124,9 +147,10 @@ class AccessLog:
             self._date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         stamp = f"{self._date}.{int((now - second) * 1e6):06d}Z"
         if self.json:
+            fields = dict(zip(ACCESS_FIELDS, values, strict=True))
             line = json.dumps({**fields, "event": "request", "level": "info", "logger": LOGGER, "timestamp": stamp})
         else:
-            line = f"{stamp} {_TEXT_HEAD}" + " ".join([f"{k}={v}" for k, v in fields.items() if v is not None])
+            line = _TEXT_LINE.format(stamp, *["-" if v is None else v for v in values])
         self.lines.append(line + "\n")
         if len(self.lines) >= FLUSH_LINES:
             self.flush()
