@@ -403,6 +403,9 @@ class Authorizer:
     def __init__(self) -> None:
         self.policies: dict[str, Policy] = {}
         self.rejected: dict[str, str] = {}  # namespace/name -> why
+        self.generation = 0  # bumped on every change: the waypoint's per-target lists follow it
+        self._targeted: dict[tuple[str, str, str], list[Policy]] = {}
+        self._targeted_generation = -1
 
     def upsert(self, obj: dict) -> bool:
         """Parse and put in force; a policy that cannot be parsed is put in force failing closed (see
@@ -413,12 +416,15 @@ class Authorizer:
             policy = fail_closed(obj)
             self.rejected[policy.key] = str(e) if isinstance(e, PolicyError) else f"{type(e).__name__}: {e}"
             self.policies[policy.key] = policy
+            self.generation += 1
             return False
         self.rejected.pop(policy.key, None)
         self.policies[policy.key] = policy
+        self.generation += 1
         return True
 
     def delete(self, namespace: str, name: str) -> None:
+        self.generation += 1
         self.policies.pop(f"{namespace}/{name}", None)
         self.rejected.pop(f"{namespace}/{name}", None)
 
@@ -436,10 +442,19 @@ class Authorizer:
     def check_waypoint(self, conn: Connection, waypoint: str, service: str) -> Decision:
         """A request at the waypoint `waypoint` (its Gateway's name) for the Service `service`, both in
         conn.namespace: the policies targeting either (or a targeted policy that could not be read)."""
-        wanted = {("Gateway", waypoint), ("Service", service), ANY_TARGET}
-        applicable = [
-            p for p in self.policies.values() if p.targets and p.namespace == conn.namespace and wanted & set(p.targets)
-        ]
+        key = (conn.namespace, waypoint, service)
+        generation = self.generation  # read first: a change while the list is made makes it stale at once
+        if self._targeted_generation != generation or len(self._targeted) > 4096:
+            self._targeted.clear()
+            self._targeted_generation = generation
+        applicable = self._targeted.get(key)
+        if applicable is None:
+            wanted = {("Gateway", waypoint), ("Service", service), ANY_TARGET}
+            applicable = self._targeted[key] = [
+                p
+                for p in list(self.policies.values())
+                if p.targets and p.namespace == conn.namespace and wanted & set(p.targets)
+            ]
         return _decide(applicable, conn)
 
 

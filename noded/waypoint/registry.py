@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from noded.waypoint.routes import HTTPRoute, RouteError, parse_route
+from noded.waypoint.routes import HTTPRoute, RouteError, parse_route, route_order
 
 USE_LABEL = "istio.io/use-waypoint"
 USE_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
@@ -72,6 +72,8 @@ class Registry:
         self.routes: dict[tuple[str, str], HTTPRoute] = {}
         self.rejected: dict[str, str] = {}  # "Kind ns/name" -> why
         self.generation = 0
+        self._routes_for: dict[tuple[str, str, int], list[HTTPRoute]] = {}
+        self._routes_generation = -1
 
     # -- objects in -------------------------------------------------------------------------------
     def upsert(self, obj: dict) -> bool | None:
@@ -171,14 +173,22 @@ class Registry:
         return protocol(app, port_name)
 
     def routes_for(self, namespace: str, service: str, port: int) -> list[HTTPRoute]:
-        """The HTTPRoutes attached to this Service port (a parentRef with no port: every port)."""
+        """The HTTPRoutes attached to this Service port (a parentRef with no port: every port), oldest first
+        (routes.choose's tie order); kept per generation."""
+        key = (namespace, service, port)
         with self._lock:
-            out = [
-                r
-                for r in self.routes.values()
-                if any(p[:2] == (namespace, service) and p[2] in (None, port) for p in r.parents)
-            ]
-        return out[:MAX_ROUTES_PER_SERVICE]
+            if self._routes_generation != self.generation or len(self._routes_for) > 4096:
+                self._routes_for.clear()
+                self._routes_generation = self.generation
+            found = self._routes_for.get(key)
+            if found is None:
+                found = [
+                    r
+                    for r in self.routes.values()
+                    if any(p[:2] == (namespace, service) and p[2] in (None, port) for p in r.parents)
+                ]
+                found = self._routes_for[key] = sorted(found, key=route_order)[:MAX_ROUTES_PER_SERVICE]
+        return found
 
     def waypoints(self) -> list[Waypoint]:
         with self._lock:

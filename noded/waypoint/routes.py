@@ -347,12 +347,17 @@ def parse_route(obj: dict) -> HTTPRoute:
     return HTTPRoute(namespace, name, tuple(parents), rules, created)
 
 
+def route_order(route: HTTPRoute) -> tuple[str, str, str]:
+    """The Gateway API's tie order: the older route first (by creationTimestamp), then namespace/name."""
+    return (route.created or "~", route.namespace, route.name)
+
+
 def choose(routes: list[HTTPRoute], method: str, path: str, query: dict[str, str], headers: dict[str, str]) -> Choice:
     """The rule a request gets among the routes attached to its Service and port (`headers` lowercased)."""
     if not routes:
         return Choice()
     best, best_key = None, None
-    ordered = sorted(routes, key=lambda r: (r.created or "~", r.namespace, r.name))  # older first
+    ordered = routes if len(routes) < 2 else sorted(routes, key=route_order)
     for rank, route in enumerate(ordered):
         for index, rule in enumerate(route.rules):
             for m in rule.matches:

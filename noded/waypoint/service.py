@@ -65,6 +65,7 @@ class WaypointService(Upstream):
         self.counts = {"connections": 0, "refused": 0, "requests": 0, "denied": 0}
         self.access_log = request_telemetry.AccessLog(LOG_FORMAT["json"])
         self._workload_cache: dict[tuple, tuple] = {}
+        self._labels: dict[tuple, tuple[str, ...]] = {}  # the metrics' label tuples, by what makes them
         self._cache_since = 0.0
         self._backends: dict[tuple[str, str, int], tuple] = {}  # (ns, name, port) -> endpoints, per model generation
         self._backends_generation = -1
@@ -183,9 +184,21 @@ class WaypointService(Upstream):
         backend = record.backend or f"{ctx.namespace}/{ctx.service}:{ctx.port}"
         namespace, _, rest = backend.partition("/")
         service = (rest.rsplit(":", 1)[0], namespace)
-        labels = request_telemetry.key(
-            source, destination, service, record.status, record.flags, ctx.principal is not None
-        )
+        label_key = (source, destination, service, record.status, record.flags, ctx.principal, record.grpc_status)
+        labels = self._labels.get(label_key)
+        if labels is None:
+            if len(self._labels) > WORKLOAD_CACHE_SIZE:
+                self._labels.clear()
+            labels = self._labels[label_key] = request_telemetry.key(
+                source,
+                destination,
+                service,
+                record.status,
+                record.flags,
+                ctx.principal is not None,
+                record.grpc_status,
+                "grpc" if record.grpc_status is not None else "http",
+            )
         self.telemetry.record(labels, record.duration_ms, record.request_bytes, record.response_bytes)
         self.access_log.add(
             (  # request_telemetry.ACCESS_FIELDS

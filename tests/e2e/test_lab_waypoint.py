@@ -271,5 +271,13 @@ def test_grpc_through_the_waypoint_with_trailers_and_the_l7_policy(lab):
         assert uuid.UUID(ok["trailers"]["x-request-id-seen"]).version == 4  # added by the waypoint
         refused = grpc_call("other/test")
         assert refused["code"] == "PERMISSION_DENIED", refused
+        grpc_lines = [
+            line
+            for line in node_metrics(lab, "node2").splitlines()
+            if line.startswith("istio_requests_total{") and 'destination_service_name="grpc-echo"' in line
+        ]
+        assert any('request_protocol="grpc"' in ln and 'grpc_response_status="0"' in ln for ln in grpc_lines), (
+            grpc_lines
+        )
     finally:
         server.kill()
