@@ -106,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         try:
             live = h2client.call(cfg.api.socket, "/noded.v1.Noded/Status", {})
-            status.update({k: live.get(k) for k in ("synced", "dns", "tunnel")})
+            status.update({k: live.get(k) for k in ("synced", "dns", "tunnel", "waypoint")})
         except OSError as e:
             status["apiError"] = str(e)
     if args.output == "json":
@@ -192,6 +192,20 @@ def render_status(s: dict) -> str:
             rows.append(("certificate", f"{cert['identity']} until {cert['notAfter'][:19]}Z"))
         for what, error in (tunnel.get("errors") or {}).items():
             rows.append(("tunnel error", f"{what}: {error}"))
+    waypoint = s.get("waypoint")
+    if waypoint and (waypoint.get("waypoints") or waypoint.get("rejected") or waypoint.get("unbound")):
+        rows.append(
+            (
+                "waypoint",
+                f"{', '.join(waypoint.get('waypoints') or []) or 'none'}; {len(waypoint.get('routes') or [])} routes; "
+                f"{waypoint.get('connections', 0)} connections, {waypoint.get('requests', 0)} requests, "
+                f"{waypoint.get('denied', 0)} denied, {waypoint.get('refused', 0)} refused",
+            )
+        )
+        for what, why in (waypoint.get("rejected") or {}).items():
+            rows.append(("rejected", f"{what}: {why}"))
+        for what, why in (waypoint.get("unbound") or {}).items():
+            rows.append(("not bound", f"{what}: {why}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

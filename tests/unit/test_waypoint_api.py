@@ -417,3 +417,25 @@ def test_a_node_is_issued_the_waypoint_identity_only_where_it_runs_an_enrolled_p
         "spiffe://cluster.local/ns/default/sa/waypoint",
     }
     assert "spiffe://cluster.local/ns/other/sa/elsewhere" not in identities.wanted("node2")
+
+
+def test_noded_status_shows_the_waypoint_and_what_it_rejected():
+    from noded.cli import render_status
+
+    out = render_status(
+        {
+            "waypoint": {
+                "waypoints": ["default/waypoint"],
+                "routes": ["default/r"],
+                "rejected": {"HTTPRoute default/bad": "spec.rules[0].filters[0].type: 'Mirror' is not supported"},
+                "unbound": {"Namespace shop": "istio.io/use-waypoint=wp: no Gateway of class istio-waypoint"},
+                "connections": 3,
+                "requests": 7,
+                "denied": 1,
+                "refused": 0,
+            }
+        }
+    )
+    assert "default/waypoint; 1 routes; 3 connections, 7 requests, 1 denied" in out
+    assert "HTTPRoute default/bad: spec.rules[0].filters[0].type" in out
+    assert "Namespace shop: istio.io/use-waypoint=wp" in out
