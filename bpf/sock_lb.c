@@ -15,6 +15,8 @@
 #include "noded_select.h"
 
 #define ECONNREFUSED 111
+#define NODED_TUNNEL_MARK 0x539	/* noded/redirect/rules.py TUNNEL_MARK: the tunnel's sockets */
+#define NODED_TUNNEL_MARK_MASK 0xfff
 
 enum lb_verdict {
 	LB_PASS,	/* not a service: leave the address alone */
@@ -68,8 +70,11 @@ lb_remember_vip(struct bpf_sock_addr *ctx, const struct noded_backend *be,
 static __always_inline int lb_proto_ok(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol == IPPROTO_TCP) {
+		struct bpf_sock *sk = ctx->sk;
+		if (sk && (sk->mark & NODED_TUNNEL_MARK_MASK) == NODED_TUNNEL_MARK)
+			return 1;	/* the tunnel's own socket (its dial to a LB IP, a node port): translated */
 		__u64 netns = bpf_get_netns_cookie(ctx);
-		return !bpf_map_lookup_elem(&noded_mesh_netns, &netns);	/* a mesh pod: its capture resolves it */
+		return !bpf_map_lookup_elem(&noded_mesh_netns, &netns);	/* a mesh pod's: its capture resolves it */
 	}
 	return ctx->protocol == IPPROTO_UDP;
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
 import uuid
 
@@ -279,5 +280,29 @@ def test_grpc_through_the_waypoint_with_trailers_and_the_l7_policy(lab):
         assert any('request_protocol="grpc"' in ln and 'grpc_response_status="0"' in ln for ln in grpc_lines), (
             grpc_lines
         )
+    finally:
+        server.kill()
+
+
+def test_a_mesh_pod_reaches_a_node_port_in_ebpf_mode(lab):
+    """A mesh pod's own connects keep their address for its capture (noded_mesh_netns); the capture's dial to
+    an address that is not a cluster IP (its own node's node port here) is the tunnel's socket, which the
+    socket LB still translates, so the pod gets there as before."""
+    lab.add_pod("default/np-backend", "node2", {"app": "np-backend"}, service_account="np")
+    server = start_http_echo(lab, "default/np-backend")
+    try:
+        doc = yaml.safe_load(service_yaml("echo-np", {"app": "np-backend"}, [("tcp-web", "TCP", 80, 8080)]))
+        doc["spec"]["type"] = "NodePort"
+        _apply(lab, [doc])
+        node_port = lab.state()["nodePorts"]["default/echo-np/tcp-web/TCP"]
+        node1 = lab.state()["nodes"]["node1"]["address"]  # shell's own node: its socket LB must translate it
+        wait_programmed(lab, "node1", f"{node1}:{node_port}/TCP", ready=1, timeout=30)
+        res = lab.run(
+            "default/shell",
+            [sys.executable, "-m", "noded.lab.httpclient", node1, str(node_port), "--namespace", "default"],
+            timeout=60,
+        )
+        answer = json.loads(res.stdout)[0]
+        assert answer.get("status") == 200 and answer["body"]["name"] == "np-backend", answer
     finally:
         server.kill()
