@@ -363,16 +363,27 @@ class ServiceModel:
     def cluster_frontend(self, ip: str, port: int, protocol: str = "TCP") -> FrontendState | None:
         """What a cluster IP frontend translates to (the tunnel resolves VIPs itself), or None."""
         with self._lock:
-            if self._vip_generation != self.generation:
-                self._vips = {
-                    (vip, sp.port, sp.name.protocol): key
-                    for key, ports in self._services.items()
-                    for sp in ports
-                    for vip in sp.cluster_ips
-                }
-                self._vip_generation = self.generation
-            key = self._vips.get((ip, port, protocol))
+            key = self._vip_owner(ip, port, protocol)
         return self.frontends_of(key).get(Frontend(ip, port, protocol)) if key else None
+
+    def cluster_port(self, ip: str, port: int, protocol: str = "TCP") -> ServicePort | None:
+        """The Service port behind a cluster IP frontend, without choosing its endpoints, or None."""
+        with self._lock:
+            key = self._vip_owner(ip, port, protocol)
+            ports = self._services.get(key, ()) if key else ()
+            return next((sp for sp in ports if sp.port == port and sp.name.protocol == protocol), None)
+
+    def _vip_owner(self, ip: str, port: int, protocol: str) -> ServiceKey | None:
+        """The service owning a cluster IP frontend (the index rebuilt after a change); under the lock."""
+        if self._vip_generation != self.generation:
+            self._vips = {
+                (vip, sp.port, sp.name.protocol): key
+                for key, ports in self._services.items()
+                for sp in ports
+                for vip in sp.cluster_ips
+            }
+            self._vip_generation = self.generation
+        return self._vips.get((ip, port, protocol))
 
     def health_checks(self) -> dict[int, tuple[str, int]]:
         """kube-proxy's service health checks: healthCheckNodePort -> (namespace/name, local ready endpoints)."""

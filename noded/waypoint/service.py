@@ -72,10 +72,11 @@ class WaypointService(Upstream):
 
     # -- which connections -----------------------------------------------------------------------
     def target(self, ip: str, port: int) -> Target | None:
-        state = self.tunnel.model.cluster_frontend(ip, port)
-        if state is None:
+        """Through which waypoint a cluster IP:port goes (a Service's name and port, no endpoint chosen)."""
+        service_port = self.tunnel.model.cluster_port(ip, port)
+        if service_port is None:
             return None
-        name = state.service.name
+        name = service_port.name
         waypoint = self.registry.waypoint_of(name.namespace, name.name)
         if waypoint is None or self.registry.protocol_of(name.namespace, name.name, port, name.port) == TCP:
             return None  # TCP ports stay on the L4 path

@@ -351,3 +351,17 @@ def test_a_dns_consumer_whose_loop_has_closed_never_fails_an_update():
     loop.close()
     assert model.upsert(service("web", "10.96.0.10")) is True
     assert changes.take() == {("default", "web")}
+
+
+def test_cluster_port_names_the_service_port_behind_a_vip_and_agrees_with_cluster_frontend():
+    model = ServiceModel()
+    model.upsert(service("web", "10.96.0.20", ports=[{"name": "http", "port": 80, "targetPort": 8080}]))
+    model.upsert(slice_("web", [endpoint("10.244.1.5")], ports=[{"name": "http", "port": 8080}]))
+    found = model.cluster_port("10.96.0.20", 80)
+    assert found is not None and (found.name.namespace, found.name.name, found.name.port) == ("default", "web", "http")
+    assert found is model.cluster_frontend("10.96.0.20", 80).service
+    assert model.cluster_port("10.96.0.20", 81) is None
+    assert model.cluster_port("10.96.0.21", 80) is None
+    assert model.cluster_port("10.96.0.20", 80, "UDP") is None
+    model.delete("Service", "default", "web")
+    assert model.cluster_port("10.96.0.20", 80) is None
