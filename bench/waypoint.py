@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import rss_mib, table
@@ -132,8 +134,6 @@ def setup(lab: Lab) -> tuple[list, dict[str, str], int]:
         ("echo-l7", 80, 8080, {}),
         ("echo-haproxy", 80, 8081, {"istio.io/use-waypoint": "none"}),
     ):
-        import yaml
-
         doc = yaml.safe_load(service_yaml(name, {"app": "echo"}, [("http", "TCP", port, target)]))
         doc["metadata"]["labels"] = labels
         docs.append(doc)

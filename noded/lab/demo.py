@@ -7,7 +7,7 @@ import tempfile
 from collections import Counter
 
 from noded.lab.lab import Lab
-from noded.lab.workloads import probe, service_yaml, start_echo, wait_programmed
+from noded.lab.workloads import end_demo, probe, service_yaml, start_echo, wait_programmed
 
 
 def demo(lab: Lab, keep: bool = False, mode: str = "ebpf") -> int:
@@ -39,8 +39,4 @@ def demo(lab: Lab, keep: bool = False, mode: str = "ebpf") -> int:
         print("== demo", "OK" if ok else "FAILED")
         return 0 if ok else 1
     finally:
-        for s in servers:
-            s.kill()
-        if not keep:
-            lab.down()
-            print("== lab removed (use --keep to leave it up)")
+        end_demo(lab, servers, keep)

@@ -17,7 +17,7 @@ import time
 import yaml
 
 from noded.lab.lab import Lab
-from noded.lab.workloads import node_status, pod_capture, service_yaml, start_echo, wait_programmed
+from noded.lab.workloads import end_demo, node_status, pod_capture, service_yaml, start_echo, wait_programmed
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -145,8 +145,4 @@ def mesh_demo(lab: Lab, keep: bool = False) -> int:
         )
         return 0 if ok else 1
     finally:
-        for s in servers:
-            s.kill()
-        if not keep:
-            lab.down()
-            print("== lab removed (use --keep to leave it up)")
+        end_demo(lab, servers, keep)

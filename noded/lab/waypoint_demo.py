@@ -20,7 +20,7 @@ import time
 
 from noded.lab.lab import Lab
 from noded.lab.mesh_demo import AMBIENT, _apply, _wait
-from noded.lab.workloads import node_metrics, node_status, service_yaml, start_http_echo, wait_programmed
+from noded.lab.workloads import end_demo, node_metrics, node_status, service_yaml, start_http_echo, wait_programmed
 
 WAYPOINT_SA = "cluster.local/ns/default/sa/waypoint"
 SHELL_SA = "cluster.local/ns/default/sa/shell"
@@ -197,8 +197,4 @@ def waypoint_demo(lab: Lab, keep: bool = False) -> int:
         print("== verified: request IDs, L7 policy, canary split, request metrics" if ok else "== waypoint demo FAILED")
         return 0 if ok else 1
     finally:
-        for s in servers:
-            s.kill()
-        if not keep:
-            lab.down()
-            print("== lab removed (use --keep to leave it up)")
+        end_demo(lab, servers, keep)

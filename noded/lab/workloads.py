@@ -11,38 +11,37 @@ from noded.lab import netns
 from noded.lab.lab import Lab, LabError
 
 
-def start_echo(lab: Lab, pod: str, name: str | None = None, tcp: int = 8080, udp: int = 0) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "noded.lab.echo",
-        "--name",
-        name or pod.split("/")[-1],
-        "--tcp",
-        str(tcp),
-        "--udp",
-        str(udp),
-    ]
+def end_demo(lab: Lab, servers: list[subprocess.Popen], keep: bool) -> None:
+    """A demo's end: its workloads stopped, and the lab taken down unless asked to keep it."""
+    for server in servers:
+        server.kill()
+    if not keep:
+        lab.down()
+        print("== lab removed (use --keep to leave it up)")
+
+
+def start_server(lab: Lab, pod: str, module: str, *args: str) -> subprocess.Popen:
+    """A lab workload (`python -m module args…`) in the pod, once it has said it is serving."""
+    argv = [sys.executable, "-m", module, *args]
     proc = lab.popen(pod, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     if "serving" not in line:
         proc.kill()
-        raise LabError(f"echo server in {pod} did not start: {line}{proc.stdout.read()}")
+        raise LabError(f"{module} in {pod} did not start: {line}{proc.stdout.read()}")
     return proc
+
+
+def start_echo(lab: Lab, pod: str, name: str | None = None, tcp: int = 8080, udp: int = 0) -> subprocess.Popen:
+    name = name or pod.split("/")[-1]
+    return start_server(lab, pod, "noded.lab.echo", "--name", name, "--tcp", str(tcp), "--udp", str(udp))
 
 
 def start_http_echo(
     lab: Lab, pod: str, name: str | None = None, port: int = 8080, status: int = 200
 ) -> subprocess.Popen:
     """noded/lab/httpecho.py in the pod: JSON of what each request carried."""
-    argv = [sys.executable, "-m", "noded.lab.httpecho", "--name", name or pod.split("/")[-1], "--port", str(port)]
-    argv += ["--status", str(status)]
-    proc = lab.popen(pod, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise LabError(f"HTTP echo server in {pod} did not start: {line}{proc.stdout.read()}")
-    return proc
+    name = name or pod.split("/")[-1]
+    return start_server(lab, pod, "noded.lab.httpecho", "--name", name, "--port", str(port), "--status", str(status))
 
 
 def probe(lab: Lab, pod: str, mode: str, host: str, port: int, **opts: object) -> dict:

@@ -81,6 +81,18 @@ class WatchError(Exception):
         self.status = status
 
 
+def _custom(kind: str, group: str, version: str, plural: str) -> WatchedKind:
+    """A custom resource listed cluster-wide; optional: a cluster without its CRD serves none (404)."""
+    return WatchedKind(
+        kind,
+        f"{group}/{version}",
+        lambda api, _n: functools.partial(
+            client.CustomObjectsApi(api).list_cluster_custom_object, group, version, plural
+        ),
+        optional=True,
+    )
+
+
 KINDS = {
     "Service": WatchedKind("Service", "v1", lambda api, _n: client.CoreV1Api(api).list_service_for_all_namespaces),
     "EndpointSlice": WatchedKind(
@@ -90,32 +102,11 @@ KINDS = {
     ),
     # every pod, as ztunnel knows every workload: the tunnel must tell a meshed pod on another node
     "Pod": WatchedKind("Pod", "v1", lambda api, _n: client.CoreV1Api(api).list_pod_for_all_namespaces),
-    "AuthorizationPolicy": WatchedKind(
-        "AuthorizationPolicy",
-        "security.istio.io/v1",
-        lambda api, _n: functools.partial(
-            client.CustomObjectsApi(api).list_cluster_custom_object, "security.istio.io", "v1", "authorizationpolicies"
-        ),
-        optional=True,
-    ),
+    "AuthorizationPolicy": _custom("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
     "Namespace": WatchedKind("Namespace", "v1", lambda api, _n: client.CoreV1Api(api).list_namespace),
     # the waypoint's API (gateway.networking.k8s.io/v1); optional: a cluster without the Gateway API CRDs
-    "Gateway": WatchedKind(
-        "Gateway",
-        "gateway.networking.k8s.io/v1",
-        lambda api, _n: functools.partial(
-            client.CustomObjectsApi(api).list_cluster_custom_object, "gateway.networking.k8s.io", "v1", "gateways"
-        ),
-        optional=True,
-    ),
-    "HTTPRoute": WatchedKind(
-        "HTTPRoute",
-        "gateway.networking.k8s.io/v1",
-        lambda api, _n: functools.partial(
-            client.CustomObjectsApi(api).list_cluster_custom_object, "gateway.networking.k8s.io", "v1", "httproutes"
-        ),
-        optional=True,
-    ),
+    "Gateway": _custom("Gateway", "gateway.networking.k8s.io", "v1", "gateways"),
+    "HTTPRoute": _custom("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
     # only this node's own Node object (its zone label), as kube-proxy watches it
     "Node": WatchedKind(
         "Node",

@@ -85,6 +85,25 @@ class Stream:
         self.early_bytes = 0
         self.early.clear()
 
+    def hand_to(self, app: _AppSide | _InProcessApp) -> bool:
+        """The application side is there: what waited for it goes to its transport (or, the stream being
+        gone already, it is ended); whether the stream goes on."""
+        self.app = app
+        self.sock = None
+        if self.closed:
+            if self.refused:
+                app.end_refused()
+            else:
+                app.transport.abort()
+            return False
+        for data in self.early:
+            app.transport.write(data)
+        self.release_early()
+        if self.remote_ended:
+            app.transport.write_eof()
+        self.conn.give_back(self)
+        return True
+
     def fail(self, why: str) -> None:
         """No response will come: whoever awaits it gets the error (on the server side nobody does)."""
         if not self.response.done():
@@ -191,20 +210,8 @@ class _AppSide(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         no_delay(transport)
         stream = self.stream
-        stream.app = self
-        stream.sock = None
-        if stream.closed:
-            if stream.refused:
-                self.end_refused()
-            else:
-                self.transport.abort()
+        if not stream.hand_to(self):
             return
-        for data in stream.early:
-            self.transport.write(data)
-        stream.release_early()
-        if stream.remote_ended:
-            self.transport.write_eof()
-        stream.conn.give_back(stream)
         if stream.credit <= 0 or stream.conn.write_paused:
             self.transport.pause_reading()
 
@@ -279,19 +286,8 @@ class _InProcessApp:
         self.done = False
 
     def start(self) -> None:
-        stream = self.stream
-        stream.app = self
-        stream.sock = None
         self.protocol.connection_made(self.outbound)
-        if stream.closed:
-            self.finish(ConnectionResetError("HBONE stream reset"))
-            return
-        for data in stream.early:
-            self.protocol.data_received(data)
-        stream.release_early()
-        if stream.remote_ended:
-            self.transport.write_eof()
-        stream.conn.give_back(stream)
+        self.stream.hand_to(self)
 
     def end_refused(self) -> None:
         self.finish(None)

@@ -162,12 +162,7 @@ class ServerConnection(Connection):
             sock.close()
             return
         started = time.monotonic()
-        closed = self.on_stream(self.identity, self.peer, host, port) if self.on_stream else None
-        try:
-            await stream.attach(sock, lambda: self._answer(stream, "200"))
-        finally:
-            if closed is not None:
-                closed(stream.bytes_in, stream.bytes_out)
+        await self._counted(stream, host, port, stream.attach(sock, lambda: self._answer(stream, "200")))
         log.info(  # an access log line per connection, as ztunnel's, once it is over: off the connection's path
             "HBONE connection complete",
             peer=self.identity,
@@ -179,9 +174,13 @@ class ServerConnection(Connection):
         )
 
     async def _serve_in_process(self, stream: Stream, protocol: asyncio.Protocol, host: str, port: int) -> None:
+        await self._counted(stream, host, port, stream.attach_protocol(protocol, lambda: self._answer(stream, "200")))
+
+    async def _counted(self, stream: Stream, host: str, port: int, attached: Awaitable[None]) -> None:
+        """The stream's splice (`attached`), told to the telemetry as it opens and, with its bytes, as it ends."""
         closed = self.on_stream(self.identity, self.peer, host, port) if self.on_stream else None
         try:
-            await stream.attach_protocol(protocol, lambda: self._answer(stream, "200"))
+            await attached
         finally:
             if closed is not None:
                 closed(stream.bytes_in, stream.bytes_out)

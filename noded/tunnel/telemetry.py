@@ -87,7 +87,10 @@ class TcpTelemetry:
         destination: Workload,
         service: tuple[str, str] | None,
         mtls: bool,
+        protocol: str = "tcp",
+        flags: str = "-",
     ) -> tuple[str, ...]:
+        """Istio's standard labels (LABELS, in order); the waypoint's request metrics add theirs after."""
         svc_name, svc_ns = service or (UNKNOWN, UNKNOWN)
         host = f"{svc_name}.{svc_ns}.svc.cluster.local" if service else UNKNOWN
         return (
@@ -111,8 +114,8 @@ class TcpTelemetry:
             destination.app,
             destination.version,
             CLUSTER,
-            "tcp",
-            "-",
+            protocol,
+            flags,
             "mutual_tls" if mtls else "unknown",
         )
 

@@ -401,14 +401,7 @@ class Proxy:
         record.request_bytes = len(message.body)
         keep = message.keep_alive
         try:
-            allowed, policy = self.upstream.authorize(ctx, request)
-            record.policy = policy
-            if not allowed:
-                raise ProxyError(403, "RBAC: access denied", "UAEX")
-            decision = self.upstream.route(ctx, request, query)
-            record.backend, record.route, record.address = decision.backend, decision.route, decision.address
-            if decision.status:
-                raise ProxyError(decision.status, decision.body, "NR" if decision.status == 404 else "-")
+            decision = self.decide(ctx, request, query, record)
             forwarded = self._forward_headers(headers, request, request_id, ctx, decision)
             head = f"{request.method} {raw_path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in forwarded)
             head += (
@@ -438,6 +431,18 @@ class Proxy:
                 self.on_request(record)
         await _drain(writer)
         return keep
+
+    def decide(self, ctx: Context, request: Request, query: dict[str, str], record: RequestRecord) -> Decision:
+        """The L7 policy, then the route, for one request (HTTP/1.1 or HTTP/2); what they chose goes into
+        `record`. ProxyError when the request is answered here: 403 denied, or the route's status."""
+        allowed, record.policy = self.upstream.authorize(ctx, request)
+        if not allowed:
+            raise ProxyError(403, "RBAC: access denied", "UAEX")
+        decision = self.upstream.route(ctx, request, query)
+        record.backend, record.route, record.address = decision.backend, decision.route, decision.address
+        if decision.status:
+            raise ProxyError(decision.status, decision.body, "NR" if decision.status == 404 else "-")
+        return decision
 
     def _forward_headers(
         self, headers: list[tuple[str, str]], request: Request, request_id: str, ctx: Context, decision: Decision
@@ -575,13 +580,7 @@ class Proxy:
         request_id = request.headers.get("x-request-id") or new_request_id()
         record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
         try:
-            allowed, record.policy = self.upstream.authorize(ctx, request)
-            if not allowed:
-                raise ProxyError(403, "RBAC: access denied", "UAEX")
-            decision = self.upstream.route(ctx, request, query)
-            record.backend, record.route, record.address = decision.backend, decision.route, decision.address
-            if decision.status:
-                raise ProxyError(decision.status, decision.body)
+            decision = self.decide(ctx, request, query, record)
             forwarded = self._forward_headers(headers, request, request_id, ctx, decision)
             upgrade = request.headers.get("upgrade", "")
             head = f"{request.method} {raw_path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in forwarded)

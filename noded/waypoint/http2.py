@@ -31,6 +31,7 @@ from noded.tunnel.policy import Request
 from noded.waypoint.http1 import (
     IDLE_CLIENT,
     READ,
+    RESET,
     Context,
     Decision,
     ProxyError,
@@ -55,6 +56,12 @@ class _Side:
         self.conn = conn
         self.writer = writer
         self.pipes: dict[int, _Pipe] = {}  # stream -> what is sent on it (to wake on WINDOW_UPDATE)
+
+    def reset(self, stream_id: int, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.CANCEL) -> None:
+        """RST_STREAM, out at once; a stream that is already gone is left alone."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            self.conn.reset_stream(stream_id, code)
+        self.flush()
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -241,10 +248,8 @@ class Http2Proxy:
             for task in tasks:
                 task.cancel()
             for upstream, stream_id in opened:  # the client is gone: what it still had open is cancelled
-                with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-                    if upstream.side.conn.streams.get(stream_id) is not None and not upstream.closed:
-                        upstream.side.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-                        upstream.side.flush()
+                if upstream.side.conn.streams.get(stream_id) is not None and not upstream.closed:
+                    upstream.side.reset(stream_id)
 
     def _stream(
         self, down: _Side, event: h2.events.RequestReceived, ctx: Context, tasks: set, opened: list
@@ -294,19 +299,11 @@ class Http2Proxy:
             done(status, flags)
 
         try:
-            allowed, record.policy = self.proxy.upstream.authorize(ctx, request)
-            if not allowed:
-                raise ProxyError(403, "RBAC: access denied", "UAEX")
-            decision: Decision = self.proxy.upstream.route(ctx, request, query)
-            record.backend, record.route, record.address = decision.backend, decision.route, decision.address
-            if decision.status:
-                raise ProxyError(decision.status, decision.body, "NR" if decision.status == 404 else "-")
+            decision: Decision = self.proxy.decide(ctx, request, query, record)
         except ProxyError as e:
             answer(e.status, e.body, e.flags)
             if not ended:
-                with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    down.conn.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
-                down.flush()
+                down.reset(sid, h2.errors.ErrorCodes.NO_ERROR)
             return None
 
         forwarded = self.proxy._forward_headers(list(headers.items()), request, request_id, ctx, decision)
@@ -351,26 +348,16 @@ class Http2Proxy:
                 done(state.get("status"))
             elif isinstance(ev, h2.events.StreamReset):
                 if state["headers_sent"]:
-                    with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                        down.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
-                    down.flush()
+                    down.reset(sid)
                     done(state.get("status"), "UR")
                 else:
-                    answer(
-                        503,
-                        "upstream connect error or disconnect/reset before headers. reset reason: remote reset",
-                        "UR",
-                    )
+                    answer(503, f"{RESET}remote reset", "UR")
 
         async def start() -> None:
             try:
                 upstream = await self._upstream(ctx, decision.address)
             except (OSError, TimeoutError) as e:
-                answer(
-                    503,
-                    f"upstream connect error or disconnect/reset before headers. reset reason: connection failure, {e}",
-                    "UF",
-                )
+                answer(503, f"{RESET}connection failure, {e}", "UF")
                 return
             state["upstream"] = upstream
             state["up"] = upstream.open(out, ended, on_response)
@@ -385,14 +372,9 @@ class Http2Proxy:
         def timed_out() -> None:
             if record.status or (state.get("response_pipe") is not None and state["response_pipe"].done):
                 return
-            up = state["upstream"]
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                up.side.conn.reset_stream(state["up"], h2.errors.ErrorCodes.CANCEL)
-            up.side.flush()
+            state["upstream"].side.reset(state["up"])
             if state["headers_sent"]:
-                with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    down.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
-                down.flush()
+                down.reset(sid)
                 done(state.get("status"), "UT")
             else:
                 answer(504, "upstream request timeout", "UT")
@@ -412,10 +394,7 @@ class Http2Proxy:
                 pipe.finish([(n, v) for n, v in ev.headers if not n.startswith(":")])
             elif isinstance(ev, h2.events.StreamReset):
                 pipe.close()
-                up = state["upstream"]
-                with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    up.side.conn.reset_stream(state["up"], h2.errors.ErrorCodes.CANCEL)
-                up.side.flush()
+                state["upstream"].side.reset(state["up"])
                 done(state.get("status") or 499, "DC")
 
         task = asyncio.ensure_future(start())

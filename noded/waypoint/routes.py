@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 GROUP = "gateway.networking.k8s.io"
@@ -65,21 +66,22 @@ class Match:
             return False
         if self.method is not None and method != self.method:
             return False
-        for kind, name, value in self.headers:
-            got = headers.get(name)
-            if got is None or (got != value if kind == "Exact" else not re.fullmatch(value, got)):
-                return False
-        for kind, name, value in self.query:
-            got = query.get(name)
-            if got is None or (got != value if kind == "Exact" else not re.fullmatch(value, got)):
-                return False
-        return True
+        return _values_match(self.headers, headers) and _values_match(self.query, query)
 
     def precedence(self) -> tuple:
         """Bigger is more specific (the Gateway API's order)."""
         exact = self.path_type == "Exact"
         prefix_len = len(self.path) if self.path_type == "PathPrefix" else 0
         return (exact, prefix_len, self.method is not None, len(self.headers), len(self.query))
+
+
+def _values_match(conditions: tuple[tuple[str, str, str], ...], values: dict[str, str]) -> bool:
+    """Every (type, name, value or pattern) condition holds for the request's values."""
+    for kind, name, value in conditions:
+        got = values.get(name)
+        if got is None or (got != value if kind == "Exact" else not re.fullmatch(value, got)):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -211,15 +213,7 @@ def _match(raw: dict, at: str) -> Match:
         raise RouteError(f"{at}.path.value: expected a path starting with /")
     if path_type == "RegularExpression":
         _regex(value, f"{at}.path.value")
-    headers = []
-    for i, h in enumerate(_list(raw.get("headers"), f"{at}.headers")):
-        h = _map(h, f"{at}.headers[{i}]")
-        kind = h.get("type", "Exact")
-        if kind not in ("Exact", "RegularExpression"):
-            raise RouteError(f"{at}.headers[{i}].type: {kind!r} is not Exact or RegularExpression")
-        name = _header_name(h.get("name"), f"{at}.headers[{i}].name").lower()
-        val = _header_value(h.get("value"), f"{at}.headers[{i}].value")
-        headers.append((kind, name, _regex(val, f"{at}.headers[{i}].value") if kind != "Exact" else val))
+    headers = _value_matches(raw.get("headers"), f"{at}.headers", lambda v, w: _header_name(v, w).lower())
     method = raw.get("method")
     if method is not None and method not in (
         "GET",
@@ -233,16 +227,22 @@ def _match(raw: dict, at: str) -> Match:
         "PATCH",
     ):
         raise RouteError(f"{at}.method: {method!r} is not an HTTP method")
-    query = []
-    for i, q in enumerate(_list(raw.get("queryParams"), f"{at}.queryParams")):
-        q = _map(q, f"{at}.queryParams[{i}]")
-        kind = q.get("type", "Exact")
+    query = _value_matches(raw.get("queryParams"), f"{at}.queryParams", _str)
+    return Match(path_type, value, headers, method, query)
+
+
+def _value_matches(raw: object, at: str, name_of: Callable[[object, str], str]) -> tuple[tuple[str, str, str], ...]:
+    """Header or query parameter matches: (type, name as `name_of` reads it, value or pattern)."""
+    out = []
+    for i, item in enumerate(_list(raw, at)):
+        item = _map(item, f"{at}[{i}]")
+        kind = item.get("type", "Exact")
         if kind not in ("Exact", "RegularExpression"):
-            raise RouteError(f"{at}.queryParams[{i}].type: {kind!r} is not Exact or RegularExpression")
-        name = _str(q.get("name"), f"{at}.queryParams[{i}].name")
-        val = _header_value(q.get("value"), f"{at}.queryParams[{i}].value")
-        query.append((kind, name, _regex(val, f"{at}.queryParams[{i}].value") if kind != "Exact" else val))
-    return Match(path_type, value, tuple(headers), method, tuple(query))
+            raise RouteError(f"{at}[{i}].type: {kind!r} is not Exact or RegularExpression")
+        name = name_of(item.get("name"), f"{at}[{i}].name")
+        val = _header_value(item.get("value"), f"{at}[{i}].value")
+        out.append((kind, name, _regex(val, f"{at}[{i}].value") if kind != "Exact" else val))
+    return tuple(out)
 
 
 def _changes(raw: dict, at: str) -> HeaderChanges:

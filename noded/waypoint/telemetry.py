@@ -18,8 +18,8 @@ import sys
 import time
 
 from noded.metrics import LatencyHistogram
-from noded.tunnel.telemetry import CLUSTER, MAX_SERIES, UNKNOWN, Workload
 from noded.tunnel.telemetry import LABELS as TCP_LABELS
+from noded.tunnel.telemetry import MAX_SERIES, UNKNOWN, TcpTelemetry, Workload
 
 LOGGER = "noded.waypoint.access"
 FLUSH_LINES = 256
@@ -83,34 +83,9 @@ def key(
     grpc_status: str | None = None,
     protocol: str = "http",
 ) -> tuple[str, ...]:
-    svc_name, svc_ns = service or (UNKNOWN, UNKNOWN)
-    return (
-        "waypoint",
-        source.name,
-        source.canonical_service,
-        source.canonical_revision,
-        source.namespace,
-        source.principal,
-        source.app,
-        source.version,
-        CLUSTER,
-        f"{svc_name}.{svc_ns}.svc.cluster.local" if service else UNKNOWN,
-        svc_ns,
-        svc_name,
-        destination.name,
-        destination.canonical_service,
-        destination.canonical_revision,
-        destination.namespace,
-        destination.principal,
-        destination.app,
-        destination.version,
-        CLUSTER,
-        protocol,
-        flags or "-",
-        "mutual_tls" if mtls else "unknown",
-        str(status),
-        grpc_status or "-",
-    )
+    """LABELS: the tunnel's standard labels for reporter `waypoint`, then response_code and grpc_response_status."""
+    labels = TcpTelemetry.key("waypoint", source, destination, service, mtls, protocol, flags or "-")
+    return (*labels, str(status), grpc_status or "-")
 
 
 class RequestTelemetry:

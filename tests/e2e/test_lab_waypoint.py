@@ -17,7 +17,14 @@ import yaml
 
 from noded.lab.mesh_demo import _apply, _wait
 from noded.lab.waypoint_demo import curl, setup
-from noded.lab.workloads import node_metrics, node_status, service_yaml, start_http_echo, wait_programmed
+from noded.lab.workloads import (
+    node_metrics,
+    node_status,
+    service_yaml,
+    start_http_echo,
+    start_server,
+    wait_programmed,
+)
 from tests.e2e.conftest import fresh_lab
 from tests.e2e.test_lab_services import pod_ip
 
@@ -219,18 +226,12 @@ def test_grpc_through_the_waypoint_with_trailers_and_the_l7_policy(lab):
     """A real grpcio client (shell) and server (grpc-echo on node2) on a Service port with appProtocol grpc:
     HTTP/2 through the waypoint, the request ID in the trailers the server sent back; the gRPC paths allowed
     for shell by a policy targeting the Service, and refused for other/test (PERMISSION_DENIED)."""
-    import subprocess
-    import sys
 
     lab.add_pod("default/grpc-echo", "node2", {"app": "grpc-echo"}, service_account="grpc")
-    server = lab.popen(
-        "default/grpc-echo",
-        [sys.executable, "-m", "noded.lab.grpcecho", "serve", "--name", "grpc-echo", "--port", "9090"],
-        stdout=subprocess.PIPE,
-        text=True,
+    server = start_server(
+        lab, "default/grpc-echo", "noded.lab.grpcecho", "serve", "--name", "grpc-echo", "--port", "9090"
     )
     try:
-        assert "serving" in server.stdout.readline()
         svc = yaml.safe_load(service_yaml("grpc-echo", {"app": "grpc-echo"}, [("rpc", "TCP", 80, 9090)]))
         svc["spec"]["ports"][0]["appProtocol"] = "grpc"
         policy = {
