@@ -298,13 +298,25 @@ static __always_inline struct noded_nat_val *nat_lookup(const struct noded_nat_k
 	struct noded_nat_val *v = bpf_map_lookup_elem(&noded_nat, k);
 
 	*est = 1;
+	if (v && now - v->seen_ns > noded_ct_timeout(v->state, k->proto))
+		v = NULL;	/* expired: a new flow of the same key may be in noded_nat_new */
 	if (!v) {
 		v = bpf_map_lookup_elem(&noded_nat_new, k);
 		*est = 0;
+		if (v && now - v->seen_ns > noded_ct_timeout(v->state, k->proto))
+			return NULL;
 	}
-	if (v && now - v->seen_ns > noded_ct_timeout(v->state, k->proto))
-		return NULL;
 	return v;
+}
+
+/* Whether a new flow may take reply key rk: free, expired, or held by a flow that is closing. */
+static __always_inline int reply_key_free(const struct noded_nat_key *rk, __u64 now)
+{
+	struct noded_nat_val *v;
+	int est;
+
+	v = nat_lookup(rk, &est, now);
+	return !v || v->state == NODED_CT_CLOSING;
 }
 
 /* The key of the flow's other entry: the packet this entry produces, seen coming back. */
@@ -615,12 +627,25 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 	addr_copy(fwd->daddr, be->addr);
 	fwd->dport = be->port;
 	if (p.ifindex != skb->ifindex) {
-		/* a backend on this node: replies route back through us and leave by egress */
+		/* a backend on this node: replies route back through us and leave by egress. Their key names no
+		 * frontend, so the same client port can reach this backend through two frontends (a node port
+		 * and an LB IP): when another live flow holds the key, the client's port is changed, as conntrack
+		 * resolves a clash; the reply entry gives the client its own port back. */
 		addr_copy(fwd->saddr, f.saddr);
-		fwd->sport = f.sport;
 		addr_copy(rk.daddr, f.saddr);
 		rk.dport = f.sport;
 		rk.dir = NODED_NAT_DIR_EGRESS;
+		if (!reply_key_free(&rk, now)) {
+			base = bpf_get_prandom_u32();
+			for (i = 0; i < NAT_PORT_TRIES; i++) {
+				rk.dport = bpf_htons(NAT_PORT_MIN + (base + i) % NAT_PORT_SPAN);
+				if (reply_key_free(&rk, now))
+					break;
+			}
+			if (i == NAT_PORT_TRIES)
+				return TC_ACT_SHOT;
+		}
+		fwd->sport = rk.dport;
 	} else {
 		/* another node's backend: source-NAT to this node so replies come back here */
 		fib_source(&p, fwd->saddr);
@@ -631,15 +656,17 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 		base = bpf_get_prandom_u32();
 		for (i = 0; i < NAT_PORT_TRIES; i++) {
 			rk.dport = bpf_htons(NAT_PORT_MIN + (base + i) % NAT_PORT_SPAN);
-			if (!nat_lookup(&rk, &est, now))
+			if (reply_key_free(&rk, now))
 				break;
 		}
 		if (i == NAT_PORT_TRIES)
 			return TC_ACT_SHOT;
 		fwd->sport = rk.dport;
 	}
-	/* a flow that closed and starts again: its old entries go (they would shadow the new ones) */
+	/* a flow that closed and starts again, or a reply key taken from a closed or expired flow: the old
+	 * established entries go (they would shadow the new ones) */
 	bpf_map_delete_elem(&noded_nat, &k);
+	bpf_map_delete_elem(&noded_nat, &rk);
 	if (bpf_map_update_elem(&noded_nat_new, &rk, rev, BPF_ANY) ||
 	    bpf_map_update_elem(&noded_nat_new, &k, fwd, BPF_ANY))
 		return TC_ACT_SHOT;

@@ -391,3 +391,42 @@ def test_node_port_flows_close_age_and_go_with_their_backend(lab):
     assert json.loads(lab.run("external", ["python3", "-c", code]).stdout) == ["echo-1"] * 3
     assert involving(nat_entries(lab, "node2")["noded_nat"], e2, 5353) == []
     os.unlink(f"{lab.manifests}/np-ct.yaml")
+
+
+def test_one_client_port_reaches_one_backend_through_two_frontends(lab):
+    """Replies of a backend on the node name no frontend (backend -> client address and port), so one
+    client port used towards two node ports of the same backend collides there: held open at once, and
+    one after the other while the first closes. Both connections are answered, by the right frontend,
+    with the client's address kept (conntrack changes the client's port on such a clash; so does noded)."""
+    e2 = pod_ip(lab, "default/echo-2")
+    ports = [{"name": "t", "port": 8080, "protocol": "TCP"}]
+    objects = []
+    for name, vip, node_port in (("np-a", "10.96.210.21", 32713), ("np-b", "10.96.210.22", 32714)):
+        svc = service(name, vip, [{"name": "t", "port": 80, "protocol": "TCP"}], type="NodePort")
+        svc["spec"]["ports"][0]["nodePort"] = node_port
+        objects += [svc, slice_(name, [endpoint(e2, node="node2")], ports=ports)]
+    write_manifest(lab, "np-clash.yaml", objects)
+    node2 = node_address(lab, "node2")
+    for node_port in (32713, 32714):
+        wait_programmed(lab, "node2", f"{node2}:{node_port}/TCP", ready=1)
+    code = (
+        "import socket, json\n"
+        "def ask(port, src):\n"
+        "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"    s.bind(('0.0.0.0', src)); s.settimeout(3); s.connect(('{node2}', port))\n"
+        "    s.sendall(b'peer\\n'); return s, [port, s.getpeername()[1], s.makefile().readline().split()]\n"
+        "a, first = ask(32713, 20125); b, second = ask(32714, 20125)\n"  # both open at once
+        "a.sendall(b'peer\\n'); again = a.makefile().readline().split()\n"
+        "a.close(); b.close()\n"
+        "c, third = ask(32713, 20126); c.close()\n"
+        "d, fourth = ask(32714, 20126); d.close()\n"  # the first one closing
+        "print(json.dumps([first, second, again, third, fourth]))"
+    )
+    res = lab.run("external", ["python3", "-c", code], timeout=30)  # source ports outside the ephemeral range
+    assert res.returncode == 0, res.stderr
+    first, second, again, third, fourth = json.loads(res.stdout)
+    # eBPF keeps the client's address for a backend on the node; kube-proxy's modes masquerade it
+    for port, peer_port, (name, client) in (first, second, third, fourth, [32713, 32713, again]):
+        assert peer_port == port and name == "echo-2", (first, second, third, fourth)
+        assert client == EXTERNAL or lab.mode != "ebpf"
+    os.unlink(f"{lab.manifests}/np-clash.yaml")
