@@ -403,7 +403,7 @@ class CaptureProxy:
         def dial(identity: str, peer: tuple, host: str, port: int) -> tuple:
             target = tunnel.waypoints.target(host, port) if tunnel.waypoints is not None else None
             if target is not None:
-                origin = Origin(lambda as_identity, address: self._waypoint_dial(pod, as_identity, address))
+                origin = Origin(lambda as_identity, to, factory: self._waypoint_dial(pod, as_identity, to, factory))
                 accepted = tunnel.waypoints.accept(target, peer[0], identity, origin)
                 if accepted is None:
                     raise ConnectionRefusedError("the waypoint is at its connection limit")
@@ -431,23 +431,26 @@ class CaptureProxy:
 
         return factory
 
-    async def _waypoint_dial(self, pod: PodListeners, identity: str, address: tuple[str, int]) -> tuple:
+    async def _waypoint_dial(
+        self, pod: PodListeners, identity: str, address: tuple[str, int], factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         """A connection from the waypoint to a backend, from the pod whose 15008 took the client's, as the
         waypoint's identity: to a mesh pod of this node, its L4 policy decided here and the app dialed in its
         netns (no TLS to itself; the app sees the accepting pod's address, as over HBONE); to a meshed backend
         elsewhere, HBONE (pooled like the pods' own); to any other, plain TCP. asyncio streams over it."""
         tunnel = self.tunnel
+        loop = asyncio.get_running_loop()
         local = self._local_pod(address[0])
         if local is not None and local.key:  # a pod of this node: its L4 policy here, then straight in
             if not tunnel.authorize(local.key, identity, _first_ip(pod, address[0]), address[0], address[1]):
                 raise ConnectionRefusedError(f"{identity} denied by {local.key[0]}/{local.key[1]}'s policy")
             source = None if local is pod else _first_ip(pod, address[0])
             up = await self._pod_connected(local, address, source)
-            return await asyncio.open_connection(sock=up)
+            return await loop.create_connection(factory, sock=up)
         route = tunnel.route(*address)
         if route.peer_identity is None:
             up = await self._pod_connected(pod, address)
-            return await asyncio.open_connection(sock=up)
+            return await loop.create_connection(factory, sock=up)
         ctx = tunnel.context(False, identity)
         if ctx is None:  # fail closed: no certificate for the waypoint yet, no plaintext either
             raise ConnectionRefusedError(f"no certificate yet for {identity}")
@@ -465,7 +468,7 @@ class CaptureProxy:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         spawn(self.tasks, stream.attach(ours))
-        return await asyncio.open_connection(sock=theirs)
+        return await loop.create_connection(factory, sock=theirs)
 
 
 async def counted_splice(

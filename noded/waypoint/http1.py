@@ -49,6 +49,7 @@ SWEEP = 1.0  # how often overdue clients are looked for
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
+HOP_BY_HOP_STR = frozenset(n.decode() for n in HOP_BY_HOP)
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -113,10 +114,21 @@ class Upstream:
     def route(self, ctx: Context, request: Request, query: dict[str, str]) -> Decision:
         raise NotImplementedError
 
+    async def open(
+        self, ctx: Context, address: tuple[str, int], factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        """A connection to a backend address with the protocol `factory` makes (loop.create_connection's
+        contract); OSError or TimeoutError when none can be made."""
+        raise NotImplementedError
+
     async def connect(
         self, ctx: Context, address: tuple[str, int]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        raise NotImplementedError
+        """The same as asyncio streams (HTTP/2 and upgrades)."""
+        reader = asyncio.StreamReader(limit=READ)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await self.open(ctx, address, lambda: protocol)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, asyncio.get_running_loop())
 
 
 @dataclass
@@ -240,11 +252,14 @@ _random = random.SystemRandom().getrandbits(64)  # a per-process seed for the re
 _ids = random.Random(_random)
 
 
+_UUID_KEEP = ~(0xF000 << 64) & ~(0xC000 << 48)  # all but the version and variant bits
+_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_request_id() -> str:
     """A new x-request-id: a version 4 UUID (random bits, version and variant set), as Envoy makes them;
     from a seeded PRNG (an ID must be unique, not secret): a quarter of uuid.uuid4()'s cost here."""
-    n = _ids.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
-    h = f"{n:032x}"
+    h = (_ids.getrandbits(128) & _UUID_KEEP | _UUID_V4).to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -277,7 +292,13 @@ def _answer(status: int, body: str, close: bool = False, extra: list[tuple[str, 
 
 
 class Proxy:
-    """The HTTP/1.1 side of the waypoint: `serve(reader, writer, ctx)` for each client connection."""
+    """The HTTP/1.1 side of the waypoint: `protocol(ctx)` is the asyncio protocol of one client connection.
+
+    Requests and responses are handled in the protocols' callbacks (a request parsed in `data_received`
+    goes out to its backend there; the response goes back to the client in the backend's), with no task
+    or stream per connection: what costs a request here is its parsing, its policy and route, and the
+    writes. A new backend connection is the one thing awaited. HTTP/2 with prior knowledge and upgrades
+    switch the client connection to asyncio streams (http2.py, `_upgrade`)."""
 
     def __init__(self, upstream: Upstream, on_request: Callable[[RequestRecord], None] = lambda r: None) -> None:
         from noded.waypoint.http2 import Http2Proxy
@@ -285,152 +306,64 @@ class Proxy:
         self.upstream = upstream
         self.on_request = on_request
         self.http2 = Http2Proxy(self)
-        self.idle: dict[tuple[str, int, str], list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
-        self.deadlines: dict[asyncio.StreamWriter, float] = {}  # clients awaited, and until when
+        self.idle: dict[tuple[str, int, str], list[_BackendSide]] = {}
+        self.deadlines: dict[object, float] = {}  # clients awaited (anything with close()), and until when
         self.sweeper: asyncio.TimerHandle | None = None
         self.active = 0
+        self.tasks: set[asyncio.Task] = set()
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: Context) -> None:
-        """One client connection: HTTP/2 with prior knowledge (its preface first) goes to http2.py, anything
-        else is HTTP/1.1."""
-        parsing = _RequestParsing()
-        self.active += 1
-        try:
-            self.expect(writer, HEAD_TIMEOUT)
-            first = await reader.read(READ)
-            self.expected(writer)
-            while first and len(first) < len(PREFACE) and PREFACE.startswith(first):
-                more = await reader.read(READ)
-                if not more:
-                    break
-                first += more
-            if first.startswith(PREFACE):
-                await self.http2.serve(reader, writer, ctx, first)
-                return
-            while True:
-                if not parsing.done:
-                    if first:
-                        data, first = first, b""
-                    else:  # a client is given so long between requests, and to finish a head it began
-                        self.expect(writer, IDLE_CLIENT if parsing.current is None else HEAD_TIMEOUT)
-                        data = await reader.read(READ)
-                        self.expected(writer)
-                    if not data:
-                        return
-                    upgrade_rest = None
-                    try:
-                        parsing.parser.feed_data(data)
-                    except httptools.HttpParserUpgrade as e:
-                        upgrade_rest = data[e.args[0] :] if e.args else b""
-                    except (httptools.HttpParserError, ProxyError, ValueError):
-                        await _refuse(reader, writer, 400, "Bad Request")
-                        return
-                    if upgrade_rest is not None:
-                        if parsing.current is not None and not parsing.current.complete:
-                            parsing.on_message_complete()  # an upgrade request ends at its head
-                        message = parsing.done.pop()
-                        if parsing.done:  # pipelined before an upgrade: not served
-                            await _refuse(reader, writer, 400, "Bad Request")
-                            return
-                        await self._upgrade(message, upgrade_rest, reader, writer, ctx)
-                        return
-                    if parsing.current is not None and parsing.current.too_big and not parsing.done:
-                        await _refuse(reader, writer, 413, "Payload Too Large")
-                        return
-                    if parsing.current is not None and _expects_continue(parsing.current):
-                        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    continue
-                message = parsing.done.popleft()
-                if message.too_big:
-                    await _refuse(reader, writer, 413, "Payload Too Large")
-                    return
-                keep = await self._request(message, writer, ctx)
-                if not keep:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            self.active -= 1
-            self.expected(writer)
-            writer.close()
+    def protocol(self, ctx: Context) -> asyncio.Protocol:
+        """The protocol for one client connection through the waypoint."""
+        return _ClientSide(self, ctx)
 
     # -- client deadlines: one sweep a SWEEP seconds for every connection, not a timer per read ---------
-    def expect(self, writer: asyncio.StreamWriter, seconds: float) -> None:
+    def expect(self, client: object, seconds: float) -> None:
         """The client must send something within `seconds`, or its connection is closed."""
-        self.deadlines[writer] = time.monotonic() + seconds
+        self.deadlines[client] = time.monotonic() + seconds
         if self.sweeper is None:
             self.sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
 
-    def expected(self, writer: asyncio.StreamWriter) -> None:
-        self.deadlines.pop(writer, None)
+    def expected(self, client: object) -> None:
+        self.deadlines.pop(client, None)
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for writer, deadline in list(self.deadlines.items()):
+        for client, deadline in list(self.deadlines.items()):
             if deadline <= now:
-                del self.deadlines[writer]
-                writer.close()
+                del self.deadlines[client]
+                client.close()
         self.sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep) if self.deadlines else None
 
+    def spawn(self, coro: Awaitable[None], transport: asyncio.BaseTransport | None = None) -> None:
+        """A task of the proxy's (a connection made, HTTP/2, an upgrade); `transport` closed when it ends."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+
+        def ended(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
+            if transport is not None:
+                transport.close()
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("waypoint task failed", error=repr(t.exception()))
+
+        task.add_done_callback(ended)
+
     # -- one request -----------------------------------------------------------------------------
-    def _prepare(self, message: _Message, ctx: Context) -> tuple[Request, dict[str, str], str, list[tuple[str, str]]]:
+    def _prepare(self, message: _Message) -> tuple[Request, dict[str, str], str, list[tuple[str, str]]]:
         url = message.url.decode("latin-1")
-        parsed = httptools.parse_url(bytes(message.url)) if url.startswith(("http://", "https://")) else None
-        raw_path = (
-            url
-            if parsed is None
-            else (parsed.path or b"/").decode("latin-1")
-            + ("?" + parsed.query.decode("latin-1") if parsed.query else "")
-        )
-        path, _, query_text = raw_path.partition("?")
-        query = parse_query(query_text)
+        if url.startswith(("http://", "https://")):
+            parsed = httptools.parse_url(bytes(message.url))
+            url = (parsed.path or b"/").decode("latin-1")
+            if parsed.query:
+                url += "?" + parsed.query.decode("latin-1")
+        path, _, query_text = url.partition("?")
+        query = parse_query(query_text) if query_text else {}
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in message.headers]
-        lowered = {}
+        lowered: dict[str, str] = {}
         for n, v in headers:
             lowered.setdefault(n.lower(), v)
-        host = lowered.get("host", "")
-        request = Request(message.method.decode("latin-1"), host, path, lowered)
-        return request, query, raw_path, headers
-
-    async def _request(self, message: _Message, writer: asyncio.StreamWriter, ctx: Context) -> bool:
-        """Serve one request; whether the client connection stays open."""
-        started = time.monotonic()
-        request, query, raw_path, headers = self._prepare(message, ctx)
-        request_id = request.headers.get("x-request-id") or new_request_id()
-        record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
-        record.request_bytes = len(message.body)
-        keep = message.keep_alive
-        try:
-            decision = self.decide(ctx, request, query, record)
-            forwarded = self._forward_headers(headers, request, request_id, ctx, decision)
-            head = f"{request.method} {raw_path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in forwarded)
-            head += (
-                f"content-length: {len(message.body)}\r\n\r\n"
-                if message.body or request.method in ("POST", "PUT", "PATCH")
-                else "\r\n"
-            )
-            payload = head.encode("latin-1") + bytes(message.body)
-            coro = self._exchange(payload, request.method == "HEAD", writer, ctx, decision, record)
-            if decision.timeout:
-                try:
-                    keep_upstream_ok = await asyncio.wait_for(coro, decision.timeout)
-                except TimeoutError:
-                    if record.status:  # the response had begun: the client connection cannot be reused
-                        return False
-                    raise ProxyError(504, "upstream request timeout", "UT") from None
-            else:
-                keep_upstream_ok = await coro
-            keep = keep and keep_upstream_ok
-        except ProxyError as e:
-            record.status, record.flags = e.status, e.flags
-            writer.write(_answer(e.status, e.body, close=not keep))
-            record.response_bytes = len(e.body)
-        finally:
-            record.duration_ms = (time.monotonic() - started) * 1000
-            if record.status:
-                self.on_request(record)
-        await _drain(writer)
-        return keep
+        request = Request(message.method.decode("latin-1"), lowered.get("host", ""), path, lowered)
+        return request, query, url, headers
 
     def decide(self, ctx: Context, request: Request, query: dict[str, str], record: RequestRecord) -> Decision:
         """The L7 policy, then the route, for one request (HTTP/1.1 or HTTP/2); what they chose goes into
@@ -447,14 +380,14 @@ class Proxy:
     def _forward_headers(
         self, headers: list[tuple[str, str]], request: Request, request_id: str, ctx: Context, decision: Decision
     ) -> list[tuple[str, str]]:
-        drop = {
-            t.decode("latin-1")
-            for t in _connection_tokens([(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers])
-        }
+        drop = {"content-length", "expect"}
+        for n, v in headers:
+            if n.lower() == "connection":
+                drop.update(t.strip().lower() for t in v.split(","))
         out, xff = [], None
         for n, v in headers:
             low = n.lower()
-            if low.encode() in HOP_BY_HOP or low in drop or low in ("content-length", "expect"):
+            if low in HOP_BY_HOP_STR or low in drop:
                 continue
             if low == "x-forwarded-for":
                 xff = f"{xff}, {v}" if xff else v
@@ -467,116 +400,12 @@ class Proxy:
             out.append(("x-request-id", request_id))
         return decision.request_headers(out)
 
-    async def _exchange(
-        self,
-        payload: bytes,
-        head_only: bool,
-        writer: asyncio.StreamWriter,
-        ctx: Context,
-        decision: Decision,
-        record: RequestRecord,
-    ) -> bool:
-        """Send the request, stream the response back; retried as the rule says. Whether the backend
-        connection ended cleanly (the client's may stay open)."""
-        attempts = decision.retries + 1
-        for attempt in range(1, attempts + 1):
-            record.attempts = attempt
-            last = attempt == attempts
-            try:
-                up_reader, up_writer, reused = await self._backend(ctx, decision.address)
-            except (OSError, TimeoutError) as e:
-                if last:
-                    raise ProxyError(
-                        503,
-                        f"{RESET}connection failure, {e}",
-                        "UF",
-                    ) from None
-                continue
-            try:
-                up_writer.write(payload)
-                response = _ResponseParsing()
-                while not response.head_done:
-                    data = await up_reader.read(READ)
-                    if not data:
-                        raise ConnectionResetError("backend closed before answering")
-                    _feed(response, data)
-                    if response.head_done and head_only:
-                        response.complete = True
-                        response.keep_alive = _header(response.headers, b"connection") != b"close"
-            except (OSError, ProxyError, httptools.HttpParserError) as e:
-                up_writer.close()
-                if reused and not last:
-                    continue  # a kept-alive connection the backend had closed: try afresh
-                if last:
-                    status = e.status if isinstance(e, ProxyError) else 503
-                    raise ProxyError(
-                        status,
-                        f"{RESET}connection termination",
-                        "UC",
-                    ) from None
-                continue
-            if response.status in decision.retry_codes and not last:
-                up_writer.close()
-                continue
-            return await self._respond(response, up_reader, up_writer, writer, decision, record, ctx)
-        raise ProxyError(503, "no healthy upstream", "UH")
-
-    async def _respond(
-        self,
-        response: _ResponseParsing,
-        up_reader: asyncio.StreamReader,
-        up_writer: asyncio.StreamWriter,
-        writer: asyncio.StreamWriter,
-        decision: Decision,
-        record: RequestRecord,
-        ctx: Context,
-    ) -> bool:
-        record.status = response.status
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers]
-        chunked = (_header(response.headers, b"transfer-encoding") or b"").lower().endswith(b"chunked")
-        length = _header(response.headers, b"content-length")
-        delimited = chunked or length is not None or record.method == "HEAD" or response.status in (204, 304)
-        drop = {t.decode("latin-1") for t in _connection_tokens(response.headers)}
-        kept = [(n, v) for n, v in headers if n.lower().encode() not in HOP_BY_HOP and n.lower() not in drop]
-        kept = decision.response_headers(kept)
-        head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}"] + [f"{n}: {v}" for n, v in kept]
-        if chunked:
-            head.append("transfer-encoding: chunked")
-        if not delimited:
-            head.append("connection: close")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        sent = 0
-        while True:
-            for chunk in response.chunks:
-                sent += len(chunk)
-                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            response.chunks.clear()
-            if response.complete:
-                break
-            await _drain(writer)
-            data = await up_reader.read(READ)
-            if not data:
-                if not delimited:
-                    break
-                up_writer.close()
-                record.response_bytes = sent
-                return False  # the backend broke off mid-body: the client's connection cannot go on
-            _feed(response, data)
-        if chunked:
-            writer.write(b"0\r\n\r\n")
-        record.response_bytes = sent
-        if delimited and response.keep_alive:
-            self._keep_idle(ctx, decision.address, up_reader, up_writer)
-        else:
-            up_writer.close()
-        return delimited
-
     async def _upgrade(
         self, message: _Message, rest: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: Context
     ) -> None:
         """An Upgrade request (WebSocket): forwarded; a 101 turns both connections into a splice."""
         started = time.monotonic()
-        request, query, raw_path, headers = self._prepare(message, ctx)
+        request, query, raw_path, headers = self._prepare(message)
         request_id = request.headers.get("x-request-id") or new_request_id()
         record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
         try:
@@ -588,22 +417,14 @@ class Proxy:
             try:
                 up_reader, up_writer = await self.upstream.connect(ctx, decision.address)
             except (OSError, TimeoutError):
-                raise ProxyError(
-                    503,
-                    f"{RESET}connection failure",
-                    "UF",
-                ) from None
+                raise ProxyError(503, f"{RESET}connection failure", "UF") from None
             up_writer.write(head.encode("latin-1") + rest)
             response = _ResponseParsing()
             data = b""
             while not response.head_done:
                 data = await up_reader.read(READ)
                 if not data:
-                    raise ProxyError(
-                        503,
-                        f"{RESET}connection termination",
-                        "UC",
-                    )
+                    raise ProxyError(503, f"{RESET}connection termination", "UC")
                 try:
                     response.parser.feed_data(data)
                 except httptools.HttpParserUpgrade as e:
@@ -635,44 +456,536 @@ class Proxy:
             await _drain(writer)
 
     # -- backend connections ---------------------------------------------------------------------
-    async def _backend(
-        self, ctx: Context, address: tuple[str, int]
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-        key = (address[0], address[1], ctx.namespace)
-        idle = self.idle.get(key) or []
+    def _idle_backend(self, key: tuple[str, int, str]) -> _BackendSide | None:
+        idle = self.idle.get(key)
         now = time.monotonic()
         while idle:
-            r, w, since = idle.pop()
-            if now - since < IDLE_TIMEOUT and not w.is_closing() and not r.at_eof():
-                return r, w, True
-            w.close()
-        reader, writer = await self.upstream.connect(ctx, address)
-        return reader, writer, False
+            backend = idle.pop()
+            if now - backend.since < IDLE_TIMEOUT and not backend.closed:
+                return backend
+            backend.close()
+        return None
 
-    def _keep_idle(
-        self, ctx: Context, address: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        idle = self.idle.setdefault((address[0], address[1], ctx.namespace), [])
+    def _keep_idle(self, backend: _BackendSide) -> None:
+        idle = self.idle.setdefault(backend.key, [])
         if len(idle) >= MAX_IDLE_PER_BACKEND:
-            writer.close()
+            backend.close()
             return
-        idle.append((reader, writer, time.monotonic()))
+        backend.since = time.monotonic()
+        idle.append(backend)
 
     def close(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
         self.http2.close()
         for idle in self.idle.values():
-            for _r, w, _t in idle:
-                w.close()
+            for backend in idle:
+                backend.close()
         self.idle.clear()
+        for task in list(self.tasks):
+            task.cancel()
 
 
-def _feed(response: _ResponseParsing, data: bytes) -> None:
-    try:
-        response.parser.feed_data(data)
-    except httptools.HttpParserUpgrade:
-        response.head_done = True  # a 101 to a request that did not ask for it: the head is what counts
+class _ClientSide(asyncio.Protocol):
+    """One client connection: requests parsed as they come, served one at a time and in order (pipelined
+    ones wait, the connection's reading paused meanwhile)."""
+
+    def __init__(self, proxy: Proxy, ctx: Context) -> None:
+        self.proxy = proxy
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.parsing = _RequestParsing()
+        self.first = b""  # what came before the protocol is known (the start of HTTP/2's preface?)
+        self.known = False
+        self.exchange: _Exchange | None = None  # the request being served
+        self.inner: asyncio.StreamReaderProtocol | None = None  # HTTP/2 or an upgrade: streams from here on
+        self.broken: tuple[int, str] | None = None  # a parse error, answered once what came before is served
+        self.lingering = -1  # bytes dropped since the connection was refused; -1: not refused
+        self.eof = False
+        self.closing = False  # closed by us
+        self.gone = False  # connection_lost
+        self.reading_paused = False
+        self.writing_paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.proxy.active += 1
+        self.proxy.expect(self, HEAD_TIMEOUT)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        self.proxy.active -= 1
+        self.proxy.expected(self)
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+        if self.exchange is not None:
+            self.exchange.abandon()
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+            return
+        if self.lingering >= 0:
+            self.lingering += len(data)
+            if self.lingering > LINGER_BYTES:
+                self.transport.close()
+            return
+        if self.broken is not None:
+            return
+        if not self.known:
+            data = self.first + data
+            if len(data) < len(PREFACE) and PREFACE.startswith(data):
+                self.first = data
+                return
+            self.known, self.first = True, b""
+            if data.startswith(PREFACE):
+                self.proxy.expected(self)
+                reader, writer = self._streams()
+                self.proxy.spawn(self.proxy.http2.serve(reader, writer, self.ctx, data), self.transport)
+                return
+        self._feed(data)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
+        self.eof = True
+        if self.exchange is None:
+            self.transport.close()
+        return True  # the response in flight still goes out
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+            return
+        self.writing_paused = True
+        if self.exchange is not None:
+            self.exchange.pause()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+            return
+        self.writing_paused = False
+        if self.exchange is not None:
+            self.exchange.resume()
+
+    def close(self) -> None:
+        """The deadline sweep's: the client took too long."""
+        self.transport.close()
+
+    # -- requests --------------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        parsing = self.parsing
+        self.proxy.expected(self)
+        try:
+            parsing.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0] :] if e.args else b""
+            if parsing.current is not None and not parsing.current.complete:
+                parsing.on_message_complete()  # an upgrade request ends at its head
+            message = parsing.done.pop()
+            if parsing.done or self.exchange is not None:  # pipelined before an upgrade: not served
+                self.broken = (400, "Bad Request")
+            else:
+                reader, writer = self._streams()
+                self.proxy.spawn(self.proxy._upgrade(message, rest, reader, writer, self.ctx), self.transport)
+                return
+        except (httptools.HttpParserError, ProxyError, ValueError):
+            self.broken = (400, "Bad Request")
+        if self.exchange is not None:
+            if parsing.done and not self.reading_paused:  # pipelined: read no more until it is served
+                self.reading_paused = True
+                self.transport.pause_reading()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Serve what is parsed, in order; then wait for the client (with a deadline)."""
+        parsing = self.parsing
+        while parsing.done:
+            if self.gone or self.closing or self.lingering >= 0:
+                return
+            message = parsing.done.popleft()
+            if message.too_big:
+                self._refuse(413, "Payload Too Large")
+                return
+            if self._start(message):
+                return  # its response comes back in the backend's callbacks
+        if self.gone or self.closing or self.lingering >= 0:
+            return
+        if self.broken is not None:
+            self._refuse(*self.broken)
+            return
+        if self.eof:
+            self.transport.close()
+            return
+        current = parsing.current
+        if current is not None and current.too_big:
+            self._refuse(413, "Payload Too Large")
+            return
+        if current is not None and _expects_continue(current):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        # a client is given so long between requests, and to finish a request it began
+        self.proxy.expect(self, IDLE_CLIENT if current is None else HEAD_TIMEOUT)
+
+    def _start(self, message: _Message) -> bool:
+        """One request: answered here (False), or on its way to a backend (True)."""
+        started = time.monotonic()
+        proxy, ctx = self.proxy, self.ctx
+        request, query, raw_path, headers = proxy._prepare(message)
+        request_id = request.headers.get("x-request-id") or new_request_id()
+        record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
+        record.request_bytes = len(message.body)
+        try:
+            decision = proxy.decide(ctx, request, query, record)
+        except ProxyError as e:
+            record.status, record.flags, record.response_bytes = e.status, e.flags, len(e.body)
+            self.transport.write(_answer(e.status, e.body, close=not message.keep_alive))
+            record.duration_ms = (time.monotonic() - started) * 1000
+            proxy.on_request(record)
+            if not message.keep_alive:
+                self.closing = True
+                self.transport.close()
+            return False
+        forwarded = proxy._forward_headers(headers, request, request_id, ctx, decision)
+        head = f"{request.method} {raw_path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in forwarded)
+        body = message.body
+        if body or request.method in ("POST", "PUT", "PATCH"):
+            head += f"content-length: {len(body)}\r\n\r\n"
+        else:
+            head += "\r\n"
+        payload = head.encode("latin-1") + bytes(body) if body else head.encode("latin-1")
+        self.exchange = _Exchange(self, payload, request.method == "HEAD", decision, record, started)
+        self.exchange.keep = message.keep_alive
+        self.exchange.attempt()
+        return True
+
+    def finished(self, keep: bool) -> None:
+        """The exchange in flight is over: the next request, or the connection closed."""
+        self.exchange = None
+        if self.gone or self.closing:
+            return
+        if not keep:
+            self.closing = True
+            self.transport.close()
+            return
+        self._next()
+
+    def _refuse(self, status: int, body: str) -> None:
+        """Answer and close as a lingering close does: our side shut, what the client still sends read and
+        dropped for a while (LINGER seconds, LINGER_BYTES), so its kernel does not reset the answer away."""
+        self.proxy.expected(self)
+        self.transport.write(_answer(status, body, close=True))
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        self.lingering = 0
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER, self.transport.close)
+
+    def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """This connection as asyncio streams from now on (HTTP/2, an upgrade)."""
+        reader = asyncio.StreamReader(limit=READ)
+        inner = asyncio.StreamReaderProtocol(reader)
+        inner.connection_made(self.transport)
+        self.inner = inner
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return reader, asyncio.StreamWriter(self.transport, inner, reader, asyncio.get_running_loop())
+
+
+class _Exchange:
+    """One request and its response: attempts (a kept-alive backend connection, else a new one), retries,
+    the route's timeout, and the response streamed to the client as it comes."""
+
+    def __init__(
+        self,
+        client: _ClientSide,
+        payload: bytes,
+        head_only: bool,
+        decision: Decision,
+        record: RequestRecord,
+        started: float,
+    ) -> None:
+        self.client = client
+        self.payload = payload
+        self.head_only = head_only
+        self.decision = decision
+        self.record = record
+        self.started = started
+        self.keep = True  # the client's connection, if the response ends cleanly
+        self.backend: _BackendSide | None = None
+        self.reused = False
+        self.head_sent = False
+        self.chunked = False
+        self.delimited = True
+        self.done = False
+        self.record.attempts = 0
+        self.key = (decision.address[0], decision.address[1], client.ctx.namespace)
+        self.timer = (
+            asyncio.get_running_loop().call_later(decision.timeout, self._timed_out) if decision.timeout else None
+        )
+
+    @property
+    def last(self) -> bool:
+        return self.record.attempts > self.decision.retries
+
+    def attempt(self) -> None:
+        self.record.attempts += 1
+        backend = self.client.proxy._idle_backend(self.key)
+        if backend is not None:
+            self._send(backend, True)
+        else:
+            self.client.proxy.spawn(self._connect())
+
+    async def _connect(self) -> None:
+        ctx = self.client.ctx
+        try:
+            opened = self.client.proxy.upstream.open(ctx, self.decision.address, lambda: _BackendSide(self.key))
+            _, backend = await opened
+        except (OSError, TimeoutError) as e:
+            if self.done:
+                return
+            if self.last:
+                self._answer(503, f"{RESET}connection failure, {e}", "UF")
+            else:
+                self.attempt()
+            return
+        if self.done:  # timed out, or the client left, meanwhile
+            backend.close()
+            return
+        self._send(backend, False)
+
+    def _send(self, backend: _BackendSide, reused: bool) -> None:
+        self.backend, self.reused = backend, reused
+        backend.begin(self)
+        backend.transport.write(self.payload)
+        backend.pause(self.client.writing_paused)
+
+    # -- what the backend's protocol reports -------------------------------------------------------
+    def received(self, backend: _BackendSide) -> None:
+        """After a feed of the backend's data: the head (once), body pieces, the end."""
+        out = []
+        if not self.head_sent:
+            if not backend.head_done:
+                return
+            if backend.status in self.decision.retry_codes and not self.last:
+                self._drop_backend()
+                self.attempt()
+                return
+            out.append(self._response_head(backend))
+        chunks = backend.chunks
+        if chunks:
+            for chunk in chunks:
+                self.record.response_bytes += len(chunk)
+                out.append(b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.chunked else chunk)
+            chunks.clear()
+        if backend.complete:
+            if self.chunked:
+                out.append(b"0\r\n\r\n")
+            self.client.transport.write(b"".join(out))
+            if self.delimited and backend.keep_alive:
+                backend.exchange = None
+                backend.pause(False)
+                self.client.proxy._keep_idle(backend)
+            else:
+                self._drop_backend()
+            self._end(self.delimited)
+        elif out:
+            self.client.transport.write(b"".join(out))
+
+    def _response_head(self, backend: _BackendSide) -> bytes:
+        record = self.record
+        record.status = status = backend.status
+        transfer = _header(backend.headers, b"transfer-encoding")
+        self.chunked = chunked = transfer is not None and transfer.lower().endswith(b"chunked")
+        self.delimited = (
+            chunked or _header(backend.headers, b"content-length") is not None or self.head_only or status in (204, 304)
+        )
+        drop = _connection_tokens(backend.headers)
+        kept = [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in backend.headers
+            if (low := n.lower()) not in HOP_BY_HOP and low not in drop
+        ]
+        kept = self.decision.response_headers(kept)
+        head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in kept)
+        if chunked:
+            head += "transfer-encoding: chunked\r\n"
+        if not self.delimited:
+            head += "connection: close\r\n"
+        self.head_sent = True
+        return (head + "\r\n").encode("latin-1")
+
+    def failed(self, backend: _BackendSide, error: BaseException | None) -> None:
+        """The backend's connection ended or spoke garbage before its response was whole."""
+        if self.done or backend is not self.backend:
+            return
+        self._drop_backend()
+        if self.head_sent:
+            # read-until-close ends so; a delimited one broke off mid-body: the client cannot go on
+            self._end(False)
+            return
+        if not self.last:
+            self.attempt()  # a kept-alive connection the backend had closed, or another try
+            return
+        status = error.status if isinstance(error, ProxyError) else 503
+        self._answer(status, f"{RESET}connection termination", "UC")
+
+    # -- endings ---------------------------------------------------------------------------------
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        self._drop_backend()
+        if self.head_sent:  # the response had begun: the client connection cannot be reused
+            self._end(False)
+        else:
+            self._answer(504, "upstream request timeout", "UT")
+
+    def _answer(self, status: int, body: str, flags: str) -> None:
+        record = self.record
+        record.status, record.flags, record.response_bytes = status, flags, len(body)
+        self.client.transport.write(_answer(status, body, close=not self.keep))
+        self._end(True)
+
+    def _end(self, clean: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        record = self.record
+        record.duration_ms = (time.monotonic() - self.started) * 1000
+        if record.status:
+            self.client.proxy.on_request(record)
+        self.client.finished(self.keep and clean)
+
+    def _drop_backend(self) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.exchange = None
+            backend.close()
+
+    def abandon(self) -> None:
+        """The client is gone: the backend connection goes too (its response would have nowhere to go)."""
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self._drop_backend()
+        if self.record.status:
+            self.record.duration_ms = (time.monotonic() - self.started) * 1000
+            self.client.proxy.on_request(self.record)
+
+    def pause(self) -> None:
+        if self.backend is not None:
+            self.backend.pause(True)
+
+    def resume(self) -> None:
+        if self.backend is not None:
+            self.backend.pause(False)
+
+
+class _BackendSide(asyncio.Protocol):
+    """One backend connection: an exchange's response parsed (a new parser per response), kept alive in the
+    proxy's pool between exchanges."""
+
+    def __init__(self, key: tuple[str, int, str]) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.exchange: _Exchange | None = None
+        self.closed = False
+        self.reading_paused = False
+        self.since = 0.0
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.chunks: list[bytes] = []
+
+    def begin(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.parser = httptools.HttpResponseParser(self)
+        self.status, self.headers, self.head_size = 0, [], 0
+        self.head_done = self.complete = self.keep_alive = False
+        self.chunks = []
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause(self, paused: bool) -> None:
+        """Reading held while the client's connection takes no more (and given back before reuse)."""
+        if paused != self.reading_paused and not self.closed:
+            self.reading_paused = paused
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.failed(self, exc)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:  # an idle connection talking: not reused
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, ProxyError) as e:
+            self.exchange = None  # garbage, or a 101 nobody asked for: this connection is done
+            exchange.failed(self, e)
+            return
+        exchange.received(self)
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEAD or len(self.headers) > MAX_HEADERS:
+            raise ProxyError(502, "upstream response head too large")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.headers = []  # an interim answer (100 Continue): the client had ours already
+            return
+        self.status, self.head_done = status, True
+        if self.exchange is not None and self.exchange.head_only:  # a HEAD's answer has no body
+            self.complete = True
+            self.keep_alive = _header(self.headers, b"connection") != b"close"
+
+    def on_body(self, body: bytes) -> None:
+        if not self.complete:
+            self.chunks.append(bytes(body))
+
+    def on_message_complete(self) -> None:
+        if self.head_done and not self.complete:
+            self.complete = True
+            self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the feed returns
 
 
 def _expects_continue(message: _Message) -> bool:
@@ -685,24 +998,6 @@ def _expects_continue(message: _Message) -> bool:
 
 LINGER = 2.0  # seconds, and LINGER_BYTES, of what a refused client still sends, read and dropped
 LINGER_BYTES = 4 << 20
-
-
-async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, body: str) -> None:
-    """Answer and close the connection as a lingering close does: our side shut, what the client is still
-    sending read and dropped for a while, so its kernel does not reset the answer away."""
-    writer.write(_answer(status, body, close=True))
-    await _drain(writer)
-    with contextlib.suppress(OSError):
-        if writer.can_write_eof():
-            writer.write_eof()
-    dropped, deadline = 0, asyncio.get_running_loop().time() + LINGER
-    with contextlib.suppress(OSError, TimeoutError):
-        while dropped < LINGER_BYTES:
-            left = deadline - asyncio.get_running_loop().time()
-            data = await asyncio.wait_for(reader.read(READ), max(left, 0))
-            if not data:
-                break
-            dropped += len(data)
 
 
 DRAIN_ABOVE = 64 * 1024  # what a writer may hold before the proxy waits for it to drain
@@ -743,6 +1038,3 @@ async def _splice(
 
     await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
     up_writer.close()
-
-
-Connector = Callable[[Context, tuple[str, int]], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]

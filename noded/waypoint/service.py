@@ -26,7 +26,6 @@ import structlog
 from noded.observe import LOG_FORMAT
 from noded.tunnel.h2conn import InProcess
 from noded.tunnel.policy import Connection, Request
-from noded.tunnel.relay import spawn
 from noded.waypoint import telemetry as request_telemetry
 from noded.waypoint.http1 import Context, Decision, Proxy, RequestRecord, Upstream
 from noded.waypoint.registry import TCP, Registry, Waypoint
@@ -34,7 +33,6 @@ from noded.waypoint.routes import choose
 
 log = structlog.get_logger("noded.waypoint")
 MAX_CONNECTIONS = 4096  # client connections through this node's waypoint at once; past it, refused
-READ_LIMIT = 256 * 1024  # what the proxy's reader holds before the stream's window is held back
 WORKLOAD_CACHE_SECONDS = 5.0
 WORKLOAD_CACHE_SIZE = 4096
 
@@ -52,7 +50,10 @@ class Target:
 class Origin:
     """How backends are reached from the pod whose listener accepted the connection."""
 
-    dial: Callable[[str | None, tuple[str, int]], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+    dial: Callable[
+        [str | None, tuple[str, int], Callable[[], asyncio.Protocol]],
+        Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]],
+    ]  # (identity, backend address, protocol factory), as loop.create_connection
 
 
 class WaypointService(Upstream):
@@ -61,11 +62,11 @@ class WaypointService(Upstream):
         self.registry = registry
         self.proxy = Proxy(self, self._recorded)
         self.telemetry = request_telemetry.RequestTelemetry()
-        self.tasks: set[asyncio.Task] = set()
         self.counts = {"connections": 0, "refused": 0, "requests": 0, "denied": 0}
         self.access_log = request_telemetry.AccessLog(LOG_FORMAT["json"])
         self._workload_cache: dict[tuple, tuple] = {}
-        self._labels: dict[tuple, tuple[str, ...]] = {}  # the metrics' label tuples, by what makes them
+        self._per_request: dict[tuple, tuple] = {}  # a request's labels and identities, by what makes them
+        self._facts_since = 0.0
         self._cache_since = 0.0
         self._backends: dict[tuple[str, str, int], tuple] = {}  # (ns, name, port) -> endpoints, per model generation
         self._backends_generation = -1
@@ -103,12 +104,7 @@ class WaypointService(Upstream):
             target.vip,
             origin,
         )
-        reader = asyncio.StreamReader(limit=READ_LIMIT)
-
-        def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            spawn(self.tasks, self.proxy.serve(r, w, ctx))
-
-        return InProcess(asyncio.StreamReaderProtocol(reader, connected))
+        return InProcess(self.proxy.protocol(ctx))
 
     # -- what the proxy asks ---------------------------------------------------------------------
     def authorize(self, ctx: Context, request: Request) -> tuple[bool, str | None]:
@@ -170,42 +166,34 @@ class WaypointService(Upstream):
             self._backends[key] = found
         return found
 
-    async def connect(
-        self, ctx: Context, address: tuple[str, int]
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open(
+        self, ctx: Context, address: tuple[str, int], factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         waypoint = Waypoint(ctx.namespace, ctx.waypoint)
-        return await ctx.origin.dial(self.identity(waypoint), address)
+        return await ctx.origin.dial(self.identity(waypoint), address, factory)
 
     # -- telemetry -------------------------------------------------------------------------------
     def _recorded(self, record: RequestRecord) -> None:
         self.counts["requests"] += 1
         ctx = record.ctx
         address = record.address
-        source, destination = self._workloads(ctx.client_ip, ctx.principal, address[0] if address else None)
         backend = record.backend or f"{ctx.namespace}/{ctx.service}:{ctx.port}"
-        namespace, _, rest = backend.partition("/")
-        service = (rest.rsplit(":", 1)[0], namespace)
-        label_key = (source, destination, service, record.status, record.flags, ctx.principal, record.grpc_status)
-        labels = self._labels.get(label_key)
-        if labels is None:
-            if len(self._labels) > WORKLOAD_CACHE_SIZE:
-                self._labels.clear()
-            labels = self._labels[label_key] = request_telemetry.key(
-                source,
-                destination,
-                service,
-                record.status,
-                record.flags,
-                ctx.principal is not None,
-                record.grpc_status,
-                "grpc" if record.grpc_status is not None else "http",
-            )
+        # what a request's labels and identities depend on, all strings: cheap to hash, kept as the workloads
+        key = (ctx.client_ip, ctx.principal, address, backend, record.status, record.flags, record.grpc_status)
+        now = time.monotonic()
+        if now - self._facts_since > WORKLOAD_CACHE_SECONDS or len(self._per_request) > WORKLOAD_CACHE_SIZE:
+            self._per_request.clear()
+            self._facts_since = now
+        found = self._per_request.get(key)
+        if found is None:
+            found = self._per_request[key] = self._request_facts(ctx, address, backend, record)
+        labels, source, destination, upstream = found
         self.telemetry.record(labels, record.duration_ms, record.request_bytes, record.response_bytes)
         self.access_log.add(
             (  # request_telemetry.ACCESS_FIELDS
                 record.attempts,
                 record.authority,
-                destination.principal,
+                destination,
                 backend,
                 round(record.duration_ms, 2),
                 record.flags,
@@ -216,11 +204,30 @@ class WaypointService(Upstream):
                 record.request_id,
                 record.status,
                 record.route,
-                source.principal,
+                source,
                 ctx.client_ip,
-                f"{address[0]}:{address[1]}" if address else None,
+                upstream,
             )
         )
+
+    def _request_facts(
+        self, ctx: Context, address: tuple[str, int] | None, backend: str, record: RequestRecord
+    ) -> tuple[tuple[str, ...], str, str, str | None]:
+        """(metric labels, source principal, destination principal, upstream) of a request like `record`."""
+        source, destination = self._workloads(ctx.client_ip, ctx.principal, address[0] if address else None)
+        namespace, _, rest = backend.partition("/")
+        labels = request_telemetry.key(
+            source,
+            destination,
+            (rest.rsplit(":", 1)[0], namespace),
+            record.status,
+            record.flags,
+            ctx.principal is not None,
+            record.grpc_status,
+            "grpc" if record.grpc_status is not None else "http",
+        )
+        upstream = f"{address[0]}:{address[1]}" if address else None
+        return labels, source.principal, destination.principal, upstream
 
     def _workloads(self, client_ip: str, principal: str | None, backend_ip: str | None) -> tuple:
         """(source, destination) workloads for telemetry, kept a few seconds (pods change rarely; a request

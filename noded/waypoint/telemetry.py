@@ -43,10 +43,11 @@ ACCESS_FIELDS = (  # alphabetical, as the daemon's other lines
     "upstream",
 )
 _TEXT_LINE = (
-    "{} [info     ] request                        ["
+    "%s [info     ] request                        ["
     + LOGGER
     + "] "
-    + " ".join(f"{name}={{}}" for name in ACCESS_FIELDS)
+    + " ".join(f"{name}=%s" for name in ACCESS_FIELDS)
+    + "\n"
 )  # as the daemon's console lines
 
 LABELS = (*TCP_LABELS, "response_code", "grpc_response_status")
@@ -124,9 +125,9 @@ class AccessLog:
         if self.json:
             fields = dict(zip(ACCESS_FIELDS, values, strict=True))
             line = json.dumps({**fields, "event": "request", "level": "info", "logger": LOGGER, "timestamp": stamp})
+            self.lines.append(line + "\n")
         else:
-            line = _TEXT_LINE.format(stamp, *["-" if v is None else v for v in values])
-        self.lines.append(line + "\n")
+            self.lines.append(_TEXT_LINE % (stamp, *["-" if v is None else v for v in values]))
         if len(self.lines) >= FLUSH_LINES:
             self.flush()
         elif self.timer is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import uuid
 
 import pytest
@@ -47,6 +48,13 @@ class Backend:
                     return
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 self.requests += 1
+                if path.startswith("/big/"):  # a large body, written as fast as the connection takes it
+                    size = int(path[5:])
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+                    for i in range(0, size, 1 << 16):
+                        writer.write(bytes([i >> 16 & 0xFF]) * min(1 << 16, size - i))
+                        await writer.drain()
+                    continue
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 if self.requests <= self.fail_first:
@@ -78,16 +86,16 @@ class FakeUpstream(Upstream):
     def route(self, ctx, request, query):
         return Decision(address=self.address, backend="default/echo:80", **self.decision)
 
-    async def connect(self, ctx, address):
+    async def open(self, ctx, address, factory):
         self.connects += 1
-        return await asyncio.open_connection(*address)
+        return await asyncio.get_running_loop().create_connection(factory, *address)
 
 
 async def _proxy(upstream: Upstream) -> tuple[Proxy, tuple[str, int], list[RequestRecord]]:
     records: list[RequestRecord] = []
     proxy = Proxy(upstream, records.append)
     ctx = Context("10.0.0.9", "cluster.local/ns/default/sa/shell", "default", "echo", 80, "waypoint")
-    server = await asyncio.start_server(lambda r, w: proxy.serve(r, w, ctx), "127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(lambda: proxy.protocol(ctx), "127.0.0.1", 0)
     return proxy, server.sockets[0].getsockname()[:2], records
 
 
@@ -354,5 +362,76 @@ def test_a_slow_head_and_an_idle_client_are_closed(monkeypatch):
         assert await asyncio.wait_for(idle_reader.read(), 3) == b""  # closed once idle past the limit
         await asyncio.sleep(0.05)
         assert proxy.active == 0
+
+    run(main())
+
+
+def test_a_large_response_to_a_slow_client_holds_the_backend_back_and_its_connection_is_reused():
+    """The response is streamed at the client's pace: the backend's reading is paused while the client's
+    connection is full (the proxy holds little), given back after, and the connection serves the next
+    request."""
+
+    async def main():
+        backend = Backend()
+        upstream = FakeUpstream(await backend.start())
+        proxy = Proxy(upstream)
+        ctx = Context("10.0.0.9", None, "default", "echo", 80, "waypoint")
+        sides = []
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: sides.append(proxy.protocol(ctx)) or sides[-1], "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2], limit=1 << 16)
+        size = 8 << 20
+        writer.write(b"GET /big/%d HTTP/1.1\r\nHost: echo\r\n\r\n" % size)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: %d" % size in head
+        got, held = 0, 0
+        while got < size:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), 5)
+            assert chunk
+            got += len(chunk)
+            if got < size // 2:
+                await asyncio.sleep(0.001)  # a slow reader for the first half
+                held = max(held, sides[0].transport.get_write_buffer_size())
+        assert held < 2 << 20  # back-pressure: the proxy never held the body
+        writer.write(b"GET /after HTTP/1.1\r\nHost: echo\r\n\r\n")
+        assert b'"/after"' in await _response(reader)
+        assert upstream.connects == 1
+        writer.close()
+
+    run(main())
+
+
+def test_a_client_leaving_mid_response_takes_the_backend_connection_with_it():
+    async def main():
+        backend = Backend(delay=0.2)
+        upstream = FakeUpstream(await backend.start())
+        proxy, address, _ = await _proxy(upstream)
+        _, writer = await asyncio.open_connection(*address)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: echo\r\n\r\n")
+        await asyncio.sleep(0.05)
+        sock = writer.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # reset, not a half-close (after which the answer would still go out)
+        await asyncio.sleep(0.4)
+        assert proxy.active == 0
+        assert not any(proxy.idle.values())  # not put back: its answer had nowhere to go
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"GET /next HTTP/1.1\r\nHost: echo\r\n\r\n")
+        assert b'"/next"' in await _response(reader)
+        assert upstream.connects == 2
+        writer.close()
+
+    run(main())
+
+
+def test_garbage_after_a_pipelined_request_is_answered_400_after_it():
+    async def main():
+        backend = Backend()
+        _, address, _ = await _proxy(FakeUpstream(await backend.start()))
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: echo\r\n\r\n\x16\x03\x01 garbage\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5)  # to EOF
+        first, _, rest = raw.partition(b"HTTP/1.1 400")
+        assert first.startswith(b"HTTP/1.1 200") and b'"/first"' in first and rest
 
     run(main())

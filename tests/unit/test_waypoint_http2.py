@@ -54,7 +54,7 @@ async def proxied(upstream):
     records = []
     proxy = Proxy(upstream, records.append)
     ctx = Context("10.0.0.9", "cluster.local/ns/default/sa/shell", "default", "echo", 80, "waypoint")
-    server = await asyncio.start_server(lambda r, w: proxy.serve(r, w, ctx), "127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(lambda: proxy.protocol(ctx), "127.0.0.1", 0)
     return server.sockets[0].getsockname()[1], records
 
 
