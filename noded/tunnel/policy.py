@@ -92,6 +92,9 @@ class Decision:
     reason: str
 
 
+NO_ALLOW_POLICY = Decision(True, None, "no ALLOW policy applies")  # the common answer, made once
+
+
 @dataclass
 class _Rule:
     sources: list[dict[str, list[str]]]  # each: field -> values (L4 ones)
@@ -465,7 +468,7 @@ def _decide(applicable: list[Policy], conn: Connection) -> Decision:
             return Decision(False, p.key, "denied by a DENY policy")
     allows = [p for p in applicable if p.action == "ALLOW"]
     if not allows:
-        return Decision(True, None, "no ALLOW policy applies")
+        return NO_ALLOW_POLICY
     for p in allows:
         if p.matches(conn):
             return Decision(True, p.key, "allowed by an ALLOW policy")

@@ -89,7 +89,7 @@ class Context:
     origin: object = None  # the daemon's: how backends are reached from where the connection came in
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """What the route gives one request: a backend address, or a status to answer."""
 
@@ -131,7 +131,7 @@ class Upstream:
         return reader, asyncio.StreamWriter(transport, protocol, reader, asyncio.get_running_loop())
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     method: str
     authority: str
