@@ -137,7 +137,13 @@ def make_source(config: NodedConfiguration, sink: ModelSink):
     if config.capture.enabled:
         kinds += ("Pod", "Namespace", "AuthorizationPolicy", "Gateway", "HTTPRoute")
     api = api_client(config.source.kubeconfig, config.source.inCluster, config.source.apiServer)
-    return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName)
+    return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName, own_pods_only=pods_from_ca(config))
+
+
+def pods_from_ca(config: NodedConfiguration) -> bool:
+    """Whether other nodes' pods come from the CA node's workload stream (a node asking a remote CA), the
+    source then watching this node's Pods only; a node holding the CA key watches every Pod."""
+    return config.capture.enabled and bool(config.tunnel.caAddress) and not config.tunnel.caKey
 
 
 def make_proxier(config: NodedConfiguration, model: ServiceModel) -> Proxier:
@@ -187,7 +193,7 @@ class Daemon:
         self.config = config
         self.model = ServiceModel(node_name=config.nodeName)
         self.health_checks = HealthCheckServers(healthy=lambda: self.model.node_eligible)
-        self.enrollment = Enrollment(config.nodeName)
+        self.enrollment = Enrollment(config.nodeName, remote_from_stream=pods_from_ca(config))
         self.sink = ModelSink(self.model, self.enrollment)
         self.pods = None  # PodManager, when capture is enabled
         self.proxy = None  # CaptureProxy, when capture is enabled
@@ -328,11 +334,13 @@ class Daemon:
         return True
 
     def _wait_for_enrollment(self) -> bool:
-        """Enrollment comes from Pods and Namespaces: until both are listed (True) no pod's capture is
-        changed (a pod not known yet would look not enrolled: its capture must not be dropped on a restart);
-        False: noded is stopping."""
+        """Enrollment comes from Pods and Namespaces (and the workload stream): until all are in (True) no
+        pod's capture is changed (a pod not known yet would look not enrolled: its capture must not be
+        dropped on a restart); False: noded is stopping."""
         kind_synced = getattr(self.source, "kind_synced", None)
-        while kind_synced and not (kind_synced("Pod") and kind_synced("Namespace")):
+        while (kind_synced and not (kind_synced("Pod") and kind_synced("Namespace"))) or not (
+            self.enrollment.remote_synced
+        ):  # and the other nodes' pods, when they come from the CA node
             if self.stopping.wait(0.2):
                 return False
         return True

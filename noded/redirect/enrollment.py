@@ -3,11 +3,17 @@
 Istio ambient's rule: the pod label `istio.io/dataplane-mode` decides when set (`ambient` in, `none`
 out); otherwise the namespace label does. hostNetwork pods never are. It also knows which of this
 node's pods holds an address (status.podIPs), for the DNS listener's client check and search path.
+
+Other nodes' pods (the tunnel's facts: address, service account, labels) come from the source like this
+node's, or, with `remote_from_stream`, only from the CA node's workload stream (tunnel/workloads.py), the
+source then watching this node's Pods alone: what a node receives no longer grows with the cluster.
+Listeners hear of every pod change (the CA node's feed).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 LABEL = "istio.io/dataplane-mode"
@@ -40,12 +46,15 @@ def workload_name(meta: dict) -> str:
 
 
 class Enrollment:
-    def __init__(self, node_name: str | None = None) -> None:
+    def __init__(self, node_name: str | None = None, remote_from_stream: bool = False) -> None:
         self.node_name = node_name  # this node (None: every pod counts as local)
+        self.remote_from_stream = remote_from_stream  # other nodes' pods: from the stream, never the source
+        self.remote_synced = not remote_from_stream  # the stream's first snapshot is in
         self._pods: dict[PodKey, PodInfo] = {}
         self._by_address: dict[str, PodKey] = {}  # every pod's address (hostNetwork ones aside)
         self._namespaces: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
+        self.listeners: list[Callable[[PodKey, PodInfo | None], None]] = []  # told of each pod change
 
     def upsert(self, obj: dict) -> bool:
         """Track a Pod or Namespace; True when it is one of those kinds."""
@@ -54,36 +63,68 @@ class Enrollment:
         labels = meta.get("labels") or {}
         if not isinstance(labels, dict):
             labels = {}
+        if kind == "Pod":
+            spec = obj.get("spec") or {}
+            host = bool(spec.get("hostNetwork"))
+            key = (meta.get("namespace") or "default", meta.get("name", ""))
+            local = not self.node_name or spec.get("nodeName") == self.node_name
+            if not local and self.remote_from_stream:
+                return True  # another node's pod: the workload stream's to tell
+            ips = () if host else tuple(_pod_ips(obj.get("status") or {}))
+            account = spec.get("serviceAccountName") or "default"
+            info = PodInfo(labels, host, local, spec.get("nodeName") or "", ips, account, workload_name(meta))
+            self._set(key, info)
+            return True
         with self._lock:
-            if kind == "Pod":
-                spec = obj.get("spec") or {}
-                host = bool(spec.get("hostNetwork"))
-                key = (meta.get("namespace") or "default", meta.get("name", ""))
-                local = not self.node_name or spec.get("nodeName") == self.node_name
-                ips = () if host else tuple(_pod_ips(obj.get("status") or {}))
-                self._forget(key)
-                account = spec.get("serviceAccountName") or "default"
-                workload = workload_name(meta)
-                self._pods[key] = PodInfo(labels, host, local, spec.get("nodeName") or "", ips, account, workload)
-                self._by_address.update(dict.fromkeys(ips, key))
-                return True
             if kind == "Namespace":
                 self._namespaces[meta.get("name", "")] = labels
                 return True
         return False
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
+        if kind == "Pod":
+            pod = self._pods.get((namespace, name))
+            if pod is not None and (pod.local or not self.remote_from_stream):
+                self._set((namespace, name), None)
+            return
         with self._lock:
-            if kind == "Pod":
-                self._forget((namespace, name))
-            elif kind == "Namespace":
+            if kind == "Namespace":
                 self._namespaces.pop(name, None)
 
-    def _forget(self, key: PodKey) -> None:
-        old = self._pods.pop(key, None)
-        for ip in old.ips if old else ():
-            if self._by_address.get(ip) == key:
-                del self._by_address[ip]
+    # -- other nodes' pods, from the workload stream ---------------------------------------------
+    def set_remote(self, key: PodKey, info: PodInfo | None) -> None:
+        """Another node's pod (None: gone), as the stream tells it; this node's own are the source's."""
+        held = self._pods.get(key)
+        if info is not None and (info.local or info.node == self.node_name):
+            return
+        if held is not None and held.local:
+            return
+        self._set(key, info)
+
+    def replace_remote(self, pods: dict[PodKey, PodInfo]) -> None:
+        """The stream's snapshot: other nodes' pods are exactly these from now on."""
+        for key in [k for k, p in list(self._pods.items()) if not p.local and k not in pods]:
+            self._set(key, None)
+        for key, info in pods.items():
+            self.set_remote(key, info)
+        self.remote_synced = True
+
+    def snapshot(self) -> list[tuple[PodKey, PodInfo]]:
+        with self._lock:
+            return list(self._pods.items())
+
+    def _set(self, key: PodKey, info: PodInfo | None) -> None:
+        with self._lock:
+            old = self._pods.pop(key, None)
+            for ip in old.ips if old else ():
+                if self._by_address.get(ip) == key:
+                    del self._by_address[ip]
+            if info is not None:
+                self._pods[key] = info
+                self._by_address.update(dict.fromkeys(info.ips, key))
+        if (info is not None or old is not None) and info != old:
+            for listener in self.listeners:
+                listener(key, info)
 
     def namespace_of(self, address: str) -> str | None:
         """The namespace of this node's pod holding `address`, or None."""

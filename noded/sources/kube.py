@@ -100,7 +100,8 @@ KINDS = {
         "discovery.k8s.io/v1",
         lambda api, _n: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
     ),
-    # every pod, as ztunnel knows every workload: the tunnel must tell a meshed pod on another node
+    # every pod, as ztunnel knows every workload: the tunnel must tell a meshed pod on another node (a node
+    # that takes other nodes' pods from the CA node's stream watches its own only: OWN_PODS)
     "Pod": WatchedKind("Pod", "v1", lambda api, _n: client.CoreV1Api(api).list_pod_for_all_namespaces),
     "AuthorizationPolicy": _custom("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
     "Namespace": WatchedKind("Namespace", "v1", lambda api, _n: client.CoreV1Api(api).list_namespace),
@@ -115,6 +116,14 @@ KINDS = {
     ),
 }
 
+
+OWN_PODS = WatchedKind(
+    "Pod",
+    "v1",
+    lambda api, node: functools.partial(
+        client.CoreV1Api(api).list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"
+    ),
+)
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -336,14 +345,16 @@ class KubeSource:
         kinds: tuple[str, ...] = ("Service", "EndpointSlice", "Node"),
         max_backoff: float = 30.0,
         node_name: str = "",
+        own_pods_only: bool = False,
     ) -> None:
         self.sink = sink
         self._stop = threading.Event()
+        watched = {**KINDS, "Pod": OWN_PODS} if own_pods_only and node_name else KINDS
         self._pending = set(kinds) & set(ESSENTIAL) or set(kinds)  # the others arrive as they list
         self.synced_kinds: set[str] = set()
         self._lock = threading.Lock()
         self.watchers = {
-            k: KindWatcher(api, KINDS[k], sink, lambda k=k: self._kind_synced(k), self._stop, max_backoff, node_name)
+            k: KindWatcher(api, watched[k], sink, lambda k=k: self._kind_synced(k), self._stop, max_backoff, node_name)
             for k in kinds
         }
         self._threads = [

@@ -7,6 +7,7 @@ and gets `{"cert": PEM}` or `{"error": ...}` back. The node name comes from the 
 from the request, so the Issuer's node restriction holds cryptographically: a node can only obtain the
 identities of pods scheduled on it. `{"node": true, "publicKey": PEM}` renews the asking node's own
 certificate (node certificates last NODE_CERT_TTL and are renewed at half life, as workload ones).
+`{"workloads": true}` turns the connection into the workload stream (noded/tunnel/workloads.py).
 
 Both ends check the other: the CA service refuses a node certificate whose serial or node is listed in
 `revoked` (a file, one hex serial or node name a line, re-read when it changes); the node accepts only a
@@ -40,6 +41,7 @@ from noded.tunnel.ca import (
 from noded.tunnel.ca import public_pem as public_key_pem
 from noded.tunnel.certs import WorkloadCert
 from noded.tunnel.tls import context, peer_uris
+from noded.tunnel.workloads import WorkloadFeed
 
 log = structlog.get_logger("noded.tunnel.ca")
 NODE_CERT_TTL = datetime.timedelta(days=30)
@@ -112,8 +114,9 @@ async def serve(
     root_pem: bytes,
     key_dir: str,
     revoked: Revocations | None = None,
+    feed: WorkloadFeed | None = None,
 ):
-    """Serve certificate requests on host:port; the asyncio server."""
+    """Serve certificate requests on host:port (and, with `feed`, the workload stream); the asyncio server."""
     trust_domain = issuer.ca.trust_domain
     revoked = revoked or Revocations()
 
@@ -130,6 +133,9 @@ async def serve(
                     req = json.loads(line)
                     if not isinstance(req, dict):
                         raise ValueError("a request is a JSON object")
+                    if req.get("workloads") is True and feed is not None:  # the connection is the stream's now
+                        await feed.serve(writer, node)
+                        return
                     if req.get("node") is True:  # the node's own certificate, renewed
                         cert = issuer.ca.issue_node(node, str(req["publicKey"]).encode(), NODE_CERT_TTL)
                         what = node_id(trust_domain, node)

@@ -4,7 +4,8 @@ With `tunnel.caKey` set, this node issues them itself through `Issuer`, which ap
 restriction against the pods each node runs, and with `tunnel.caListen` serves the other nodes
 (noded/tunnel/caservice.py). With `tunnel.caAddress` instead, it asks that service with its node
 certificate. Synced every `SYNC_PERIOD` seconds on the shared loop (key generation and signing in a
-worker thread).
+worker thread). The CA service also serves the other nodes' pods (tunnel/workloads.py): a node asking it
+takes them from there, its source then watching only its own Pods.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from noded.tunnel.caservice import (
 )
 from noded.tunnel.certs import CertManager, WorkloadCert
 from noded.tunnel.tls import present
+from noded.tunnel.workloads import WorkloadFeed, WorkloadStream
 
 log = structlog.get_logger("noded.tunnel")
 SYNC_PERIOD = 5.0
@@ -55,6 +57,9 @@ class IdentityService:
         self.certs: CertManager | None = None
         self.error: str | None = None
         self._task: asyncio.Task | None = None
+        self._stream_task: asyncio.Task | None = None
+        self.feed: WorkloadFeed | None = None  # the CA node: other nodes' pods served to them
+        self.stream: WorkloadStream | None = None  # a node asking the CA node: other nodes' pods from it
 
     def wanted(self, node: str | None = None) -> set[str]:
         """The identities of the enrolled pods of this node (or of `node`), and of the waypoints of the
@@ -85,6 +90,11 @@ class IdentityService:
                 )
                 self.certs = CertManager(remote.request)
                 self.issuer_kind = f"remote {cfg.caAddress}"
+                if self.enrollment.remote_from_stream:  # other nodes' pods from the CA node, not the API
+                    self.stream = WorkloadStream(
+                        split_hostport(cfg.caAddress), lambda: remote.context, remote.trust_domain, self.enrollment
+                    )
+                    self._stream_task = self.loop.spawn(self.stream.run())
             else:
                 self.error = "neither tunnel.caKey nor tunnel.caAddress: no certificate issuer"
                 log.warning("workload certificates disabled", reason=self.error)
@@ -108,7 +118,8 @@ class IdentityService:
             creds = self._ca_credentials()
             host, port = split_hostport(cfg.caListen)
             revoked = Revocations(cfg.caRevoked)
-            self.ca_server = self.loop.run(serve(host, port, issuer, creds, root, self.key_dir, revoked))
+            self.feed = WorkloadFeed(self.enrollment, self.loop.loop)
+            self.ca_server = self.loop.run(serve(host, port, issuer, creds, root, self.key_dir, revoked, self.feed))
             self._ca_creds = creds
             self.issuer_kind = f"local, serving {cfg.caListen}"
             log.info("CA serving certificate requests", address=cfg.caListen)
@@ -136,8 +147,9 @@ class IdentityService:
             await asyncio.sleep(SYNC_PERIOD)
 
     def stop(self) -> None:
-        if self._task is not None:
-            self.loop.loop.call_soon_threadsafe(self._task.cancel)
+        for task in (self._task, self._stream_task):
+            if task is not None:
+                self.loop.loop.call_soon_threadsafe(task.cancel)
         if self.ca_server is not None:
             self.loop.loop.call_soon_threadsafe(self.ca_server.close)
 
@@ -148,4 +160,6 @@ class IdentityService:
             "certificates": self.certs.status() if self.certs else [],
             "errors": {**(self.certs.errors if self.certs else {}), **({"issuer": self.error} if self.error else {})},
             "rootCert": self.config.rootCert if os.path.exists(self.config.rootCert) else None,
+            **({"workloadFeed": self.feed.status()} if self.feed else {}),
+            **({"workloadStream": self.stream.status()} if self.stream else {}),
         }

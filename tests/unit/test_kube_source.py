@@ -242,6 +242,30 @@ def test_authorization_policies_and_every_nodes_pods_are_watched(api):
         src.stop()
 
 
+def test_a_node_taking_other_nodes_pods_from_the_ca_watches_its_own_pods_only(api):
+    """Issue 19's cluster scale: with own_pods_only the Pod list and watch carry the field selector
+    spec.nodeName, so another node's pod (and its changes) never reaches this node from the API server."""
+    api.put(pod("here", "node1"))
+    api.put(pod("there", "node2"))
+    sink = RecordingSink()
+    cfg = client.Configuration(host=api.url)
+    src = kube.KubeSource(
+        client.ApiClient(cfg), sink, kinds=("Service", "EndpointSlice", "Pod"), node_name="node1", own_pods_only=True
+    )
+    src.start()
+    try:
+        wait_for(lambda: src.kind_synced("Pod"))
+        api.put(pod("there-too", "node2"))
+        api.put(pod("here-too", "node1"))
+        wait_for(lambda: ("Pod", "here-too") in sink.others)
+        assert set(sink.others) == {("Pod", "here"), ("Pod", "here-too")}
+        pod_requests = [r for r in api.requests if r.startswith("/api/v1/pods")]
+        assert pod_requests and all("fieldSelector=spec.nodeName%3Dnode1" in r for r in pod_requests)
+        assert any("watch=true" in r for r in pod_requests)
+    finally:
+        src.stop()
+
+
 def test_a_cluster_without_the_policy_crd_still_syncs_and_finds_it_later(api):
     path = "/apis/security.istio.io/v1/authorizationpolicies"
     api.hidden.add(path)
