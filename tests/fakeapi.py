@@ -11,6 +11,8 @@ does; `fail(path, status, times, headers)` makes the next requests to a path fai
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import json
 import socket
@@ -68,6 +70,9 @@ class FakeApiServer:
         # (verb, API group, resource, namespace, name), as RBAC sees them ("" where the request has none)
         self.calls: set[tuple[str, str, str, str, str]] = set()
         self.daemonsets: dict[tuple[str, str], dict] = {}  # read one at a time (GET), never listed
+        # bytes of list and watch bodies sent, by (path, fieldSelector): what each kind of client costs
+        self.bytes_sent: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._sorted: dict[str, tuple[int, list]] = {}  # path -> (rv, objects sorted by key): big lists
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
 
@@ -130,6 +135,15 @@ class FakeApiServer:
             self.objects[path][key] = obj
             self.events[path].append((self.rv, etype, json.loads(json.dumps(obj))))
             self.cond.notify_all()
+
+    def load(self, objects: list[dict]) -> None:
+        """Objects that exist before any client lists (no watch event each: a big cluster, quickly)."""
+        with self.cond:
+            for obj in objects:
+                self.rv += 1
+                meta = obj.setdefault("metadata", {})
+                meta["resourceVersion"] = str(self.rv)
+                self.objects[self._path(obj["kind"])][(meta.get("namespace", "default"), meta["name"])] = obj
 
     def remove(self, kind: str, namespace: str, name: str) -> None:
         path = self._path(kind)
@@ -203,7 +217,7 @@ class FakeApiServer:
         else:
             self._list(h, url.path, q)
 
-    def _json(self, h: BaseHTTPRequestHandler, code: int, body: dict, headers: dict | None = None) -> None:
+    def _json(self, h: BaseHTTPRequestHandler, code: int, body: dict, headers: dict | None = None) -> int:
         data = json.dumps(body).encode()
         h.send_response(code)
         for key, value in (headers or {}).items():
@@ -212,12 +226,16 @@ class FakeApiServer:
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
+        return len(data)
 
     def _list(self, h: BaseHTTPRequestHandler, path: str, q: dict) -> None:
         _kind, api_version, list_kind = PATHS[path]
         with self.cond:
-            items = sorted((k, o) for k, o in self.objects[path].items() if _selected(o, q))
             rv = self.rv
+            held = self._sorted.get(path)
+            if held is None or held[0] != rv:  # a paginated list of a big kind sorts once, not per page
+                held = self._sorted[path] = (rv, sorted(self.objects[path].items(), key=lambda item: item[0]))
+            items = [(k, o) for k, o in held[1] if _selected(o, q)]
         start = int(q.get("continue") or 0)
         limit = int(q.get("limit") or 0) or len(items)
         page = [obj for _k, obj in items[start : start + limit]]
@@ -227,7 +245,8 @@ class FakeApiServer:
             meta["remainingItemCount"] = len(items) - start - limit  # as the API server sends with a limit
         # Items in a list carry no kind, as the real API server's don't.
         stripped = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in page]
-        self._json(h, 200, {"kind": list_kind, "apiVersion": api_version, "metadata": meta, "items": stripped})
+        body = {"kind": list_kind, "apiVersion": api_version, "metadata": meta, "items": stripped}
+        self.bytes_sent[(path, q.get("fieldSelector", ""))] += self._json(h, 200, body)
 
     def _watch(self, h: BaseHTTPRequestHandler, path: str, q: dict) -> None:
         since = int(q.get("resourceVersion") or 0)
@@ -237,10 +256,13 @@ class FakeApiServer:
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
 
+        counted = (path, q.get("fieldSelector", ""))
+
         def send(event: dict) -> None:
             data = (json.dumps(event) + "\n").encode()
             h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             h.wfile.flush()
+            self.bytes_sent[counted] += len(data)
 
         with self.cond:
             self.watch_conns.append(h.connection)
@@ -264,7 +286,8 @@ class FakeApiServer:
             sent = since
             while True:
                 with self.cond:
-                    pending = [e for e in self.events[path] if e[0] > sent]
+                    events = self.events[path]  # in resourceVersion order
+                    pending = events[bisect.bisect_right(events, sent, key=lambda e: e[0]) :]
                     if not pending:
                         if h.connection not in self.watch_conns:
                             return

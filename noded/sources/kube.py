@@ -247,8 +247,12 @@ class KindWatcher:
         self._stop.wait(self._max_backoff)
 
     def relist(self) -> None:
+        """List (paginated), then make the sink see exactly that. The first list of a kind is applied page
+        by page (nothing to delete yet): the whole list is never held at once, which at 150,000 pods is
+        gigabytes. Later lists (after a 410, a 403) are applied whole: deletions first."""
         self.verb = "list"
         fresh: dict[ObjectKey, dict] = {}
+        incremental = not self.known
         cont = None
         started = time.monotonic()
         reported = started
@@ -262,7 +266,12 @@ class KindWatcher:
                 item.setdefault("kind", self.kind.kind)
                 item.setdefault("apiVersion", self.kind.api_version)
                 key = object_key(item)
-                if key is not None:
+                if key is None:
+                    continue
+                if incremental:  # known as it is applied: a list broken off is finished by the next, whole
+                    self.known[key] = fingerprint(item)
+                    self.sink.upsert(item)
+                else:
                     fresh[key] = item
             meta = body.get("metadata") or {}
             cont = meta.get("continue")
@@ -272,14 +281,16 @@ class KindWatcher:
             if time.monotonic() - reported >= PROGRESS_EVERY:  # a long initial list shows it is moving
                 reported = time.monotonic()
                 left = meta.get("remainingItemCount")
-                log.info("listing", kind=self.kind.kind, objects=len(fresh), remaining=left, seconds=_since(started))
+                count = len(self.known) if incremental else len(fresh)
+                log.info("listing", kind=self.kind.kind, objects=count, remaining=left, seconds=_since(started))
         listed = time.monotonic()
-        self.known = apply_snapshot(self.sink, self.known, fresh)
+        if not incremental:
+            self.known = apply_snapshot(self.sink, self.known, fresh)
         if time.monotonic() - started >= PROGRESS_EVERY or not self.synced:
             log.info(
                 "listed",
                 kind=self.kind.kind,
-                objects=len(fresh),
+                objects=len(self.known),
                 list_seconds=_since(started, listed),
                 apply_seconds=_since(listed),
             )
