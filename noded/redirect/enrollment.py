@@ -20,7 +20,7 @@ LABEL = "istio.io/dataplane-mode"
 PodKey = tuple[str, str]  # (namespace, name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodInfo:
     labels: dict[str, str]
     host_network: bool

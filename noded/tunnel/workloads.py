@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import sys
 import time
 from collections.abc import Callable
 
@@ -95,8 +96,16 @@ def decode(line: bytes) -> tuple[str, object]:
             k in TUNNEL_LABELS and isinstance(v, str) and len(v) <= 63 for k, v in labels.items()
         ):
             raise ValueError("w: labels")
-        info = PodInfo(dict(labels), host, False, node, () if host else tuple(ips), account or "default", workload)
-        return "pod", ((namespace, name), info)
+        info = PodInfo(
+            _shared_labels(labels),
+            host,
+            False,
+            sys.intern(node),
+            () if host else tuple(ips),
+            sys.intern(account or "default"),
+            sys.intern(workload),
+        )
+        return "pod", ((sys.intern(namespace), name), info)
     if "gone" in msg:
         key = msg["gone"]
         if not isinstance(key, list) or len(key) != 2:
@@ -105,6 +114,22 @@ def decode(line: bytes) -> tuple[str, object]:
     if "synced" in msg and isinstance(msg["synced"], int):
         return "synced", msg["synced"]
     raise ValueError(f"unknown line {next(iter(msg))!r}")
+
+
+_LABEL_SETS: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+MAX_LABEL_SETS = 65536
+
+
+def _shared_labels(labels: dict[str, str]) -> dict[str, str]:
+    """One dict for each distinct label set (a Deployment's pods share theirs): 150,000 pods hold a few
+    thousand dicts, not 150,000. Never mutated (PodInfo's labels are read only)."""
+    key = tuple(sorted(labels.items()))
+    found = _LABEL_SETS.get(key)
+    if found is None:
+        if len(_LABEL_SETS) >= MAX_LABEL_SETS:
+            return {sys.intern(k): v for k, v in key}
+        found = _LABEL_SETS[key] = {sys.intern(k): sys.intern(v) for k, v in key}
+    return found
 
 
 class WorkloadFeed:
