@@ -319,6 +319,20 @@ static __always_inline int reply_key_free(const struct noded_nat_key *rk, __u64 
 	return !v || v->state == NODED_CT_CLOSING;
 }
 
+/* rk's destination port set to a port of the NAT range that makes it free (NAT_PORT_TRIES random tries);
+ * -1 when none was. */
+static __always_inline int free_reply_port(struct noded_nat_key *rk, __u64 now)
+{
+	__u32 base = bpf_get_prandom_u32(), i;
+
+	for (i = 0; i < NAT_PORT_TRIES; i++) {
+		rk->dport = bpf_htons(NAT_PORT_MIN + (base + i) % NAT_PORT_SPAN);
+		if (reply_key_free(rk, now))
+			return 0;
+	}
+	return -1;
+}
+
 /* The key of the flow's other entry: the packet this entry produces, seen coming back. */
 static __always_inline void nat_partner(const struct noded_nat_key *k, const struct noded_nat_val *v,
 					struct noded_nat_key *p)
@@ -555,7 +569,7 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 	struct noded_backend *be;
 	struct bpf_fib_lookup p = {};
 	struct flow f = {};
-	__u32 backend_id, base, i;
+	__u32 backend_id;
 	__u64 now;
 	int est;
 
@@ -635,16 +649,8 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 		addr_copy(rk.daddr, f.saddr);
 		rk.dport = f.sport;
 		rk.dir = NODED_NAT_DIR_EGRESS;
-		if (!reply_key_free(&rk, now)) {
-			base = bpf_get_prandom_u32();
-			for (i = 0; i < NAT_PORT_TRIES; i++) {
-				rk.dport = bpf_htons(NAT_PORT_MIN + (base + i) % NAT_PORT_SPAN);
-				if (reply_key_free(&rk, now))
-					break;
-			}
-			if (i == NAT_PORT_TRIES)
-				return TC_ACT_SHOT;
-		}
+		if (!reply_key_free(&rk, now) && free_reply_port(&rk, now))
+			return TC_ACT_SHOT;
 		fwd->sport = rk.dport;
 	} else {
 		/* another node's backend: source-NAT to this node so replies come back here */
@@ -653,13 +659,7 @@ int noded_nodeport_ingress(struct __sk_buff *skb)
 		rev->flags |= NODED_NAT_REDIRECT;
 		addr_copy(rk.daddr, fwd->saddr);
 		rk.dir = NODED_NAT_DIR_INGRESS;
-		base = bpf_get_prandom_u32();
-		for (i = 0; i < NAT_PORT_TRIES; i++) {
-			rk.dport = bpf_htons(NAT_PORT_MIN + (base + i) % NAT_PORT_SPAN);
-			if (reply_key_free(&rk, now))
-				break;
-		}
-		if (i == NAT_PORT_TRIES)
+		if (free_reply_port(&rk, now))
 			return TC_ACT_SHOT;
 		fwd->sport = rk.dport;
 	}

@@ -557,20 +557,18 @@ class _ClientSide(asyncio.Protocol):
         return True  # the response in flight still goes out
 
     def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-            return
-        self.writing_paused = True
-        if self.exchange is not None:
-            self.exchange.pause()
+        self._writable(False)
 
     def resume_writing(self) -> None:
+        self._writable(True)
+
+    def _writable(self, writable: bool) -> None:
         if self.inner is not None:
-            self.inner.resume_writing()
+            (self.inner.resume_writing if writable else self.inner.pause_writing)()
             return
-        self.writing_paused = False
-        if self.exchange is not None:
-            self.exchange.resume()
+        self.writing_paused = not writable
+        if self.exchange is not None and self.exchange.backend is not None:
+            self.exchange.backend.pause(not writable)  # the response waits in the backend's socket
 
     def close(self) -> None:
         """The deadline sweep's: the client took too long."""
@@ -887,14 +885,6 @@ class _Exchange:
         if self.record.status:
             self.record.duration_ms = (time.monotonic() - self.started) * 1000
             self.client.proxy.on_request(self.record)
-
-    def pause(self) -> None:
-        if self.backend is not None:
-            self.backend.pause(True)
-
-    def resume(self) -> None:
-        if self.backend is not None:
-            self.backend.pause(False)
 
 
 class _BackendSide(asyncio.Protocol):
