@@ -211,9 +211,14 @@ class _RequestParsing:
 
 
 class _ResponseParsing:
-    """httptools callbacks for one backend response, handed on as it arrives."""
+    """httptools callbacks for one backend response, handed on as it arrives (`reset` for the next)."""
+
+    head_only = False  # the answer to a HEAD: complete at its head
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -233,17 +238,21 @@ class _ResponseParsing:
             raise ProxyError(502, "upstream response head too large")
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
             self.headers = []  # an interim answer (100 Continue): the client had ours already
             return
-        self.head_done = True
+        self.status, self.head_done = status, True
+        if self.head_only:  # a HEAD's answer has no body
+            self.complete = True
+            self.keep_alive = _header(self.headers, b"connection") != b"close"
 
     def on_body(self, body: bytes) -> None:
-        self.chunks.append(bytes(body))
+        if not self.complete:
+            self.chunks.append(bytes(body))
 
     def on_message_complete(self) -> None:
-        if self.head_done:
+        if self.head_done and not self.complete:
             self.complete = True
             self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the feed returns
 
@@ -887,32 +896,23 @@ class _Exchange:
             self.client.proxy.on_request(self.record)
 
 
-class _BackendSide(asyncio.Protocol):
+class _BackendSide(_ResponseParsing, asyncio.Protocol):
     """One backend connection: an exchange's response parsed (a new parser per response), kept alive in the
     proxy's pool between exchanges."""
 
     def __init__(self, key: tuple[str, int, str]) -> None:
+        super().__init__()
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.exchange: _Exchange | None = None
         self.closed = False
         self.reading_paused = False
         self.since = 0.0
-        self.parser: httptools.HttpResponseParser | None = None
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
-        self.head_done = False
-        self.complete = False
-        self.keep_alive = False
-        self.chunks: list[bytes] = []
 
     def begin(self, exchange: _Exchange) -> None:
         self.exchange = exchange
-        self.parser = httptools.HttpResponseParser(self)
-        self.status, self.headers, self.head_size = 0, [], 0
-        self.head_done = self.complete = self.keep_alive = False
-        self.chunks = []
+        self.head_only = exchange.head_only
+        self.reset()
 
     def close(self) -> None:
         self.closed = True
@@ -950,32 +950,6 @@ class _BackendSide(asyncio.Protocol):
             exchange.failed(self, e)
             return
         exchange.received(self)
-
-    # -- httptools callbacks ---------------------------------------------------------------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        self.head_size += len(name) + len(value)
-        if self.head_size > MAX_HEAD or len(self.headers) > MAX_HEADERS:
-            raise ProxyError(502, "upstream response head too large")
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self.headers = []  # an interim answer (100 Continue): the client had ours already
-            return
-        self.status, self.head_done = status, True
-        if self.exchange is not None and self.exchange.head_only:  # a HEAD's answer has no body
-            self.complete = True
-            self.keep_alive = _header(self.headers, b"connection") != b"close"
-
-    def on_body(self, body: bytes) -> None:
-        if not self.complete:
-            self.chunks.append(bytes(body))
-
-    def on_message_complete(self) -> None:
-        if self.head_done and not self.complete:
-            self.complete = True
-            self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the feed returns
 
 
 def _expects_continue(message: _Message) -> bool:
