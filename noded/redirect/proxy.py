@@ -437,7 +437,7 @@ class CaptureProxy:
         """A connection from the waypoint to a backend, from the pod whose 15008 took the client's, as the
         waypoint's identity: to a mesh pod of this node, its L4 policy decided here and the app dialed in its
         netns (no TLS to itself; the app sees the accepting pod's address, as over HBONE); to a meshed backend
-        elsewhere, HBONE (pooled like the pods' own); to any other, plain TCP. asyncio streams over it."""
+        elsewhere, HBONE (pooled like the pods' own); to any other, plain TCP; `factory`'s protocol over it."""
         tunnel = self.tunnel
         loop = asyncio.get_running_loop()
         local = self._local_pod(address[0])

@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import structlog
 from cryptography import x509
@@ -41,7 +42,9 @@ from noded.tunnel.ca import (
 from noded.tunnel.ca import public_pem as public_key_pem
 from noded.tunnel.certs import WorkloadCert
 from noded.tunnel.tls import context, peer_uris
-from noded.tunnel.workloads import WorkloadFeed
+
+if TYPE_CHECKING:
+    from noded.tunnel.workloads import WorkloadFeed
 
 log = structlog.get_logger("noded.tunnel.ca")
 NODE_CERT_TTL = datetime.timedelta(days=30)
@@ -71,11 +74,17 @@ def load_credentials_pem(cert_pem: bytes, key: bytes) -> WorkloadCert:
     return WorkloadCert(identity, cert_pem, key, cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
-def _peer_node(writer: asyncio.StreamWriter, trust_domain: str, revoked: Revocations) -> str:
-    uris = peer_uris(writer.get_extra_info("peercert"))
+def node_of(cert: dict | None, trust_domain: str) -> str:
+    """The node a verified peer certificate (ssl's getpeercert()) names; ValueError for anything else than
+    one node identity of the trust domain (a workload's certificate never passes for a node's)."""
+    uris = peer_uris(cert)
     if len(uris) != 1:
-        raise ValueError("the client certificate has no single URI name")
-    node = parse_node(uris[0], trust_domain)
+        raise ValueError(f"the certificate has {len(uris)} URI names, not one")
+    return parse_node(uris[0], trust_domain)
+
+
+def _peer_node(writer: asyncio.StreamWriter, trust_domain: str, revoked: Revocations) -> str:
+    node = node_of(writer.get_extra_info("peercert"), trust_domain)
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     serial = x509.load_der_x509_certificate(der).serial_number
     if revoked.revoked(node, serial):
@@ -189,11 +198,8 @@ class RemoteIssuer:
     def _ask(self, message: dict, timeout: float) -> bytes:
         raw = socket.create_connection(self.address, timeout=timeout)
         with self.context.wrap_socket(raw, server_hostname=self.address[0]) as tls:
-            uris = peer_uris(tls.getpeercert())
             try:  # the CA service is a node (istiod's is istiod): a workload certificate never passes for it
-                if len(uris) != 1:
-                    raise ValueError(f"{len(uris)} URI names")
-                parse_node(uris[0], self.trust_domain)
+                node_of(tls.getpeercert(), self.trust_domain)
             except ValueError as e:
                 raise NotAuthorized(f"the CA service at {self.address[0]}:{self.address[1]} is no node: {e}") from None
             tls.sendall(json.dumps(message).encode() + b"\n")

@@ -20,7 +20,6 @@ from the stream are checked like any input: a malformed one is counted and skipp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 import sys
@@ -30,7 +29,7 @@ from collections.abc import Callable
 import structlog
 
 from noded.redirect.enrollment import LABEL, Enrollment, PodInfo, PodKey
-from noded.tunnel.ca import parse_node
+from noded.tunnel.caservice import node_of
 
 log = structlog.get_logger("noded.tunnel.workloads")
 
@@ -156,17 +155,14 @@ class WorkloadFeed:
                 self.counts["dropped"] += 1
                 log.warning("workload stream subscriber too slow, dropped", node=node)
                 self.subscribers.pop(node, None)
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.get_nowait()
-                    queue.put_nowait(None)
+                _end(queue)
 
     async def serve(self, writer: asyncio.StreamWriter, node: str) -> None:
         """One node's stream, until it goes (or falls behind)."""
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE)
         old = self.subscribers.get(node)
         if old is not None:  # the node connected again: its older stream ends
-            with contextlib.suppress(asyncio.QueueFull):
-                old.put_nowait(None)
+            _end(old)
         self.subscribers[node] = queue  # first: no change is missed while the snapshot is made
         self.counts["subscribed"] += 1
         try:
@@ -197,6 +193,13 @@ class WorkloadFeed:
 
     def status(self) -> dict:
         return {**self.counts, "nodes": sorted(self.subscribers)}
+
+
+def _end(queue: asyncio.Queue[bytes | None]) -> None:
+    """Tell a subscriber's stream to end (a line dropped to make room: it is ending anyway)."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(None)
 
 
 class WorkloadStream:
@@ -241,7 +244,7 @@ class WorkloadStream:
             asyncio.open_connection(host, port, ssl=self.context(), server_hostname=host, limit=MAX_LINE), 10
         )
         try:
-            self._check_peer(writer)
+            node_of(writer.get_extra_info("peercert"), self.trust_domain)  # the CA service is a node
             self.counts["connects"] += 1
             self.connected = True
             writer.write(REQUEST)
@@ -273,14 +276,6 @@ class WorkloadStream:
                     self.enrollment.set_remote(value, None)
         finally:
             writer.close()
-
-    def _check_peer(self, writer: asyncio.StreamWriter) -> None:
-        """The CA service is a node (istiod's is istiod): a workload certificate never passes for it."""
-        obj = writer.get_extra_info("ssl_object")
-        uris = [v for kind, v in (obj.getpeercert() or {}).get("subjectAltName", ()) if kind == "URI"]
-        if len(uris) != 1:
-            raise ValueError(f"the CA service presents {len(uris)} URI names")
-        parse_node(uris[0], self.trust_domain)
 
     def status(self) -> dict:
         return {

@@ -358,7 +358,11 @@ class Proxy:
         task.add_done_callback(ended)
 
     # -- one request -----------------------------------------------------------------------------
-    def _prepare(self, message: _Message) -> tuple[Request, dict[str, str], str, list[tuple[str, str]]]:
+    def _prepare(
+        self, message: _Message, ctx: Context
+    ) -> tuple[Request, dict[str, str], list[tuple[str, str]], RequestRecord]:
+        """A parsed request as the policy and routes read it, its headers, and its record (request ID
+        taken from the client or made)."""
         url = message.url.decode("latin-1")
         if url.startswith(("http://", "https://")):
             parsed = httptools.parse_url(bytes(message.url))
@@ -372,7 +376,8 @@ class Proxy:
         for n, v in headers:
             lowered.setdefault(n.lower(), v)
         request = Request(message.method.decode("latin-1"), lowered.get("host", ""), path, lowered)
-        return request, query, url, headers
+        request_id = lowered.get("x-request-id") or new_request_id()
+        return request, query, headers, RequestRecord(request.method, request.host, url, 0, 0.0, request_id, ctx)
 
     def decide(self, ctx: Context, request: Request, query: dict[str, str], record: RequestRecord) -> Decision:
         """The L7 policy, then the route, for one request (HTTP/1.1 or HTTP/2); what they chose goes into
@@ -414,15 +419,12 @@ class Proxy:
     ) -> None:
         """An Upgrade request (WebSocket): forwarded; a 101 turns both connections into a splice."""
         started = time.monotonic()
-        request, query, raw_path, headers = self._prepare(message)
-        request_id = request.headers.get("x-request-id") or new_request_id()
-        record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
+        request, query, headers, record = self._prepare(message, ctx)
         try:
             decision = self.decide(ctx, request, query, record)
-            forwarded = self._forward_headers(headers, request, request_id, ctx, decision)
+            forwarded = self._forward_headers(headers, request, record.request_id, ctx, decision)
             upgrade = request.headers.get("upgrade", "")
-            head = f"{request.method} {raw_path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in forwarded)
-            head += f"connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
+            head = _request_head(record, forwarded) + f"connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
             try:
                 up_reader, up_writer = await self.upstream.connect(ctx, decision.address)
             except (OSError, TimeoutError):
@@ -645,9 +647,7 @@ class _ClientSide(asyncio.Protocol):
         """One request: answered here (False), or on its way to a backend (True)."""
         started = time.monotonic()
         proxy, ctx = self.proxy, self.ctx
-        request, query, raw_path, headers = proxy._prepare(message)
-        request_id = request.headers.get("x-request-id") or new_request_id()
-        record = RequestRecord(request.method, request.host, raw_path, 0, 0.0, request_id, ctx)
+        request, query, headers, record = proxy._prepare(message, ctx)
         record.request_bytes = len(message.body)
         try:
             decision = proxy.decide(ctx, request, query, record)
@@ -660,16 +660,15 @@ class _ClientSide(asyncio.Protocol):
                 self.closing = True
                 self.transport.close()
             return False
-        forwarded = proxy._forward_headers(headers, request, request_id, ctx, decision)
-        head = f"{request.method} {raw_path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in forwarded)
+        forwarded = proxy._forward_headers(headers, request, record.request_id, ctx, decision)
+        head = _request_head(record, forwarded)
         body = message.body
         if body or request.method in ("POST", "PUT", "PATCH"):
             head += f"content-length: {len(body)}\r\n\r\n"
         else:
             head += "\r\n"
         payload = head.encode("latin-1") + bytes(body) if body else head.encode("latin-1")
-        self.exchange = _Exchange(self, payload, request.method == "HEAD", decision, record, started)
-        self.exchange.keep = message.keep_alive
+        self.exchange = _Exchange(self, payload, message.keep_alive, decision, record, started)
         self.exchange.attempt()
         return True
 
@@ -718,18 +717,18 @@ class _Exchange:
         self,
         client: _ClientSide,
         payload: bytes,
-        head_only: bool,
+        keep: bool,
         decision: Decision,
         record: RequestRecord,
         started: float,
     ) -> None:
         self.client = client
         self.payload = payload
-        self.head_only = head_only
+        self.head_only = record.method == "HEAD"
         self.decision = decision
         self.record = record
         self.started = started
-        self.keep = True  # the client's connection, if the response ends cleanly
+        self.keep = keep  # the client's connection, if the response ends cleanly
         self.backend: _BackendSide | None = None
         self.reused = False
         self.head_sent = False
@@ -950,6 +949,11 @@ class _BackendSide(_ResponseParsing, asyncio.Protocol):
             exchange.failed(self, e)
             return
         exchange.received(self)
+
+
+def _request_head(record: RequestRecord, headers: list[tuple[str, str]]) -> str:
+    """A request's line and headers as they go to the backend (the blank line not yet)."""
+    return f"{record.method} {record.path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
 
 
 def _expects_continue(message: _Message) -> bool:

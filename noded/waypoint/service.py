@@ -64,10 +64,8 @@ class WaypointService(Upstream):
         self.telemetry = request_telemetry.RequestTelemetry()
         self.counts = {"connections": 0, "refused": 0, "requests": 0, "denied": 0}
         self.access_log = request_telemetry.AccessLog(LOG_FORMAT["json"])
-        self._workload_cache: dict[tuple, tuple] = {}
         self._per_request: dict[tuple, tuple] = {}  # a request's labels and identities, by what makes them
         self._facts_since = 0.0
-        self._cache_since = 0.0
         self._backends: dict[tuple[str, str, int], tuple] = {}  # (ns, name, port) -> endpoints, per model generation
         self._backends_generation = -1
 
@@ -178,7 +176,7 @@ class WaypointService(Upstream):
         ctx = record.ctx
         address = record.address
         backend = record.backend or f"{ctx.namespace}/{ctx.service}:{ctx.port}"
-        # what a request's labels and identities depend on, all strings: cheap to hash, kept as the workloads
+        # what a request's labels and identities depend on, all strings: cheap to hash
         key = (ctx.client_ip, ctx.principal, address, backend, record.status, record.flags, record.grpc_status)
         now = time.monotonic()
         if now - self._facts_since > WORKLOAD_CACHE_SECONDS or len(self._per_request) > WORKLOAD_CACHE_SIZE:
@@ -213,8 +211,13 @@ class WaypointService(Upstream):
     def _request_facts(
         self, ctx: Context, address: tuple[str, int] | None, backend: str, record: RequestRecord
     ) -> tuple[tuple[str, ...], str, str, str | None]:
-        """(metric labels, source principal, destination principal, upstream) of a request like `record`."""
-        source, destination = self._workloads(ctx.client_ip, ctx.principal, address[0] if address else None)
+        """(metric labels, source principal, destination principal, upstream) of a request like `record`:
+        asked once per such request in WORKLOAD_CACHE_SECONDS (pods change rarely; a request should not
+        walk the enrollment)."""
+        source = self.tunnel.workload_at(ctx.client_ip)
+        if ctx.principal:
+            source = dataclasses.replace(source, principal=f"spiffe://{ctx.principal}")
+        destination = self.tunnel.workload_at(address[0]) if address else request_telemetry.Workload()
         namespace, _, rest = backend.partition("/")
         labels = request_telemetry.key(
             source,
@@ -228,23 +231,6 @@ class WaypointService(Upstream):
         )
         upstream = f"{address[0]}:{address[1]}" if address else None
         return labels, source.principal, destination.principal, upstream
-
-    def _workloads(self, client_ip: str, principal: str | None, backend_ip: str | None) -> tuple:
-        """(source, destination) workloads for telemetry, kept a few seconds (pods change rarely; a request
-        should not walk the enrollment twice)."""
-        now = time.monotonic()
-        if now - self._cache_since > WORKLOAD_CACHE_SECONDS or len(self._workload_cache) > WORKLOAD_CACHE_SIZE:
-            self._workload_cache.clear()
-            self._cache_since = now
-        key = (client_ip, principal, backend_ip)
-        found = self._workload_cache.get(key)
-        if found is None:
-            source = self.tunnel.workload_at(client_ip)
-            if principal:
-                source = dataclasses.replace(source, principal=f"spiffe://{principal}")
-            destination = self.tunnel.workload_at(backend_ip) if backend_ip else request_telemetry.Workload()
-            found = self._workload_cache[key] = (source, destination)
-        return found
 
     def status(self) -> dict:
         return {**self.registry.status(), **self.counts, "active": self.proxy.active}
