@@ -18,6 +18,7 @@ from noded.dns import listen
 from noded.dns.resolver import Client, Resolver
 from noded.dns.server import serve
 from noded.dns.upstream import Upstreams
+from noded.memory import release_memory
 from noded.model.tracker import ServiceModel
 
 
@@ -43,10 +44,12 @@ async def main(args: argparse.Namespace) -> None:
     for obj in service_objects(args.services):
         model.upsert(obj)
     model.take_changes()  # as the daemon's first sync leaves the model (no change pending)
+    release_memory()  # as the daemon does after its first sync
     print(f"model-rss-kib={rss_kib()}", flush=True)  # the model alone: what the proxiers share with DNS
     host, port = args.upstream.rsplit(":", 1)
     resolver = Resolver(model, Upstreams([(host, int(port))]), "cluster.local")
     resolver.zone.address_records()  # the index built before the first query
+    release_memory()  # as the daemon does after the fast path's first full sync
     if args.no_metrics:  # bench/metrics_cost.py: the same server without its per-query metrics
         resolver.stats.record = lambda *_args: None
     udp, tcp = listen.sockets(args.listen, 53)

@@ -7,9 +7,6 @@ leaves every kernel object in place so a restart disrupts nothing.
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import signal
@@ -22,6 +19,7 @@ from noded import __version__, graph
 from noded.config import NodedConfiguration, split_hostport
 from noded.files import write_atomic
 from noded.loopthread import LoopThread
+from noded.memory import release_memory
 from noded.metrics import CONTENT_TYPE, DaemonMetrics
 from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
@@ -127,14 +125,6 @@ class ModelSink:
 def _named(obj: dict) -> str:
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     return f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
-
-
-def release_memory() -> None:
-    """What the start parsed and dropped (manifests, the first lists, a full sync's plan) given back to the
-    system: a collection, then glibc's malloc_trim (CPython frees its own arenas only once empty)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def make_source(config: NodedConfiguration, sink: ModelSink):

@@ -24,6 +24,7 @@ from noded.dns.resolver import Resolver, read_resolv_conf
 from noded.dns.server import Clients, serve
 from noded.dns.upstream import Upstreams
 from noded.loopthread import LoopThread
+from noded.memory import release_memory
 from noded.model.tracker import ServiceModel
 
 log = structlog.get_logger("noded.dns")
@@ -190,6 +191,7 @@ class DnsService:
                     changes.take()
                     writes = self.fast.sync(zone.address_records(), zone.ttl)
                     synced = True
+                    release_memory()  # the whole zone's records, built once for the map
                 else:
                     writes = 0
                 if writes:
