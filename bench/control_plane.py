@@ -1,5 +1,6 @@
 """Control plane at scale, per services mode: program N services x M endpoints from scratch, time single
-EndpointSlice changes, and a real `noded run` on a manifest directory for cold start and RSS.
+EndpointSlice changes (an endpoint replaced; one endpoint more), and a real `noded run` on a manifest
+directory for cold start and RSS.
 
 In-process runs use the test suite's environments: a netns (and cgroup) of their own with the proxier
 of that mode programming the real kernel (pinned maps, nft table, iptables chains).
@@ -72,11 +73,21 @@ def in_process(mode: str, n: int, m: int, changes: int) -> dict:
             env.model.upsert(slice_(f"s{i}", eps))
             env.proxier.sync()
             lat.append((time.perf_counter() - start) * 1000)
+        grow = []  # the other kind of change: one endpoint more (the nftables mode rewrites a rule for it)
+        for k in range(changes):
+            i = (k * 7919 + 1) % n
+            eps = [*endpoints(i, m), endpoint(f"172.98.{k // 256 % 256}.{k % 256}")]
+            start = time.perf_counter()
+            env.model.upsert(slice_(f"s{i}", eps))
+            env.proxier.sync()
+            grow.append((time.perf_counter() - start) * 1000)
         return {
             "model_s": t1 - t0,
             "program_s": t2 - t1,
             "lat_p50_ms": median(lat),
             "lat_p99_ms": pct(lat, 99),
+            "grow_p50_ms": median(grow),
+            "grow_p99_ms": pct(grow, 99),
             "rss_delta_mib": rss_mib() - rss0,
         }
     finally:
@@ -165,6 +176,7 @@ def main() -> None:
                     f"{r['program_s']:.2f}",
                     f"{r['lat_p50_ms']:.2f}",
                     f"{r['lat_p99_ms']:.2f}",
+                    f"{r['grow_p50_ms']:.2f} / {r['grow_p99_ms']:.2f}",
                     f"{d['cold_start_s']:.2f}",
                     f"{dj['cold_start_s']:.2f}",
                     f"{d['rss_mib']:.0f}",
@@ -182,6 +194,7 @@ def main() -> None:
                 "full sync s",
                 "change p50 ms",
                 "change p99 ms",
+                "one endpoint more p50 / p99 ms",
                 "daemon cold start s (YAML)",
                 "(JSON)",
                 "daemon RSS MiB (YAML)",

@@ -27,6 +27,7 @@ class NftError(RuntimeError):
     pass
 
 
+ELEMENTS_PER_COMMAND = 10_000
 NFT = ("nft",)  # the command; tests prefix it with nsenter to work in a namespace of their own
 
 
@@ -42,7 +43,10 @@ def nft_json(*args: str, cmd: tuple[str, ...] = NFT) -> dict:
 
 
 def table_exists(cmd: tuple[str, ...] = NFT, table: str = TABLE) -> bool:
-    return subprocess.run([*cmd, "list", "table", *table.split()], capture_output=True).returncode == 0
+    """Whether the table is there, from the list of tables (not a listing of its whole contents)."""
+    family, name = table.split()
+    tables = nft_json("list", "tables", family, cmd=cmd).get("nftables", [])
+    return any(item.get("table", {}).get("name") == name for item in tables)
 
 
 def delete_table(cmd: tuple[str, ...] = NFT) -> bool:
@@ -68,6 +72,7 @@ class NftProxier(NetfilterExtras):
         self.transactions = 0
         self.last_script = ""
         self.hairpin_refs: Counter[str] = Counter()  # endpoint IP -> frontends using it
+        self.pick_chains: set[str] = set()  # shared pick chains in the table (a partial sync only adds them)
 
     def sync(self, full: bool = False) -> int:
         desired_by_key = self.mirror.changes(full)
@@ -75,12 +80,17 @@ class NftProxier(NetfilterExtras):
         if full:
             after = self.mirror.after(desired_by_key)
             script, hairpin_refs = self._full_script(after), Counter(ip for r in after.values() for ip in r.hairpin)
+            picks = {name for r in after.values() for name, _rule in r.picks}
         else:
             script, delta = self._partial_script(desired_by_key)
+            picks = self.pick_chains | {
+                name for d in desired_by_key.values() for r in d.values() for name, _ in r.picks
+            }
         if script:
             nft(script, self.cmd)
             self.transactions += 1
             self.last_script = script
+        self.pick_chains = picks
         self.mirror.commit(desired_by_key)
         self.conntrack.clear(self.mirror.touched_udp)
         if delta is None:
@@ -100,7 +110,10 @@ class NftProxier(NetfilterExtras):
         # Order matters in one transaction: elements go first (so chains are unreferenced), then
         # additions, then chains (flushed, then deleted) and sets nobody uses any more.
         element_dels: list[str] = []
+        new_picks: dict[str, str] = {}  # shared pick chains not in the table yet: made before what goes to them
         adds: list[str] = []
+        endpoint_dels: dict[str, list[str]] = {}  # shared endpoint map -> keys going (or changing)
+        endpoint_adds: dict[str, list[str]] = {}  # shared endpoint map -> elements coming (or changed)
         chain_dels: list[str] = []
         set_dels: list[str] = []
         hairpin_delta: Counter[str] = Counter()
@@ -112,10 +125,12 @@ class NftProxier(NetfilterExtras):
                     continue
                 hairpin_delta.update(b.hairpin if b else ())
                 hairpin_delta.subtract(a.hairpin if a else ())
+                _element_changes(a, b, endpoint_dels, endpoint_adds)
                 if a is not None and (b is None or a.element != b.element):
                     key_text = nftrules.element_key(a.element)
                     element_dels.append(f"delete element {TABLE} {a.element_map} {{ {key_text} }}")
                 if b is not None:
+                    new_picks.update((name, rule) for name, rule in b.picks if name not in self.pick_chains)
                     adds += [f"add set {TABLE} {name} {spec}" for name, spec in b.sets.items()]
                     for name, rules in b.chains.items():
                         prev = a.chains.get(name) if a else None
@@ -133,7 +148,9 @@ class NftProxier(NetfilterExtras):
                 adds.append(f"add element {TABLE} {hairpin_set} {{ {element} }}")
             elif before > 0 and before + delta == 0:
                 element_dels.append(f"delete element {TABLE} {hairpin_set} {{ {element} }}")
-        cmds = element_dels + adds
+        element_dels += _element_commands("delete", endpoint_dels)
+        adds += _element_commands("add", endpoint_adds)
+        cmds = element_dels + [c for name, rule in new_picks.items() for c in _pick_commands(name, rule)] + adds
         cmds += [f"flush chain {TABLE} {name}" for name in chain_dels]
         cmds += [f"delete chain {TABLE} {name}" for name in chain_dels]
         cmds += [f"delete set {TABLE} {name}" for name in set_dels]
@@ -146,20 +163,28 @@ class NftProxier(NetfilterExtras):
             cmds += nftrules.chain_commands(name, tuple(rules), new=False)
         cmds += [f"flush map {TABLE} {name}" for name in nftrules.MAPS]
         cmds += [f"flush set {TABLE} {name}" for name in nftrules.HAIRPIN_SETS]
-        wanted_chains: set[str] = set()
+        there = set(existing["chains"])  # a chain made now needs no flush (10,000 commands fewer at a start)
+        picks = dict(pick for rules in desired.values() for pick in rules.picks)
+        cmds += [c for name, rule in sorted(picks.items()) for c in _pick_commands(name, rule, name not in there)]
+        wanted_chains: set[str] = set(picks)
         wanted_sets: set[str] = set()
         for rules in desired.values():
             for name, spec in rules.sets.items():
                 cmds.append(f"add set {TABLE} {name} {spec}")
                 wanted_sets.add(name)
             for name, chain_rules in rules.chains.items():
-                cmds += [f"add chain {TABLE} {name}", *nftrules.chain_commands(name, chain_rules, new=False)]
+                cmds += nftrules.chain_commands(name, chain_rules, new=name not in there)
                 wanted_chains.add(name)
+        cmds += [f"flush map {TABLE} {name}" for name in nftrules.ENDPOINT_MAPS]
+        elements: dict[str, list[str]] = {}
         for rules in desired.values():
-            cmds.append(f"add element {TABLE} {rules.element_map} {{ {rules.element} }}")
+            elements.setdefault(rules.element_map, []).append(rules.element)
+            if rules.endpoints:
+                elements.setdefault(rules.endpoint_map, []).extend(rules.endpoints)
         for ip in sorted({ip for rules in desired.values() for ip in rules.hairpin}):
             hairpin_set, element = nftrules.hairpin_element(ip)
-            cmds.append(f"add element {TABLE} {hairpin_set} {{ {element} }}")
+            elements.setdefault(hairpin_set, []).append(element)
+        cmds += _element_commands("add", elements)
         stale_chains = [c for c in existing["chains"] if c not in nftrules.BASE_CHAINS and c not in wanted_chains]
         cmds += [f"flush chain {TABLE} {c}" for c in stale_chains]
         cmds += [f"delete chain {TABLE} {c}" for c in stale_chains]
@@ -168,13 +193,45 @@ class NftProxier(NetfilterExtras):
         return "\n".join(cmds) + "\n"
 
     def _existing_objects(self) -> dict[str, list[str]]:
+        """The table's chain and set names, without their rules or elements (listing the whole table at 10,000
+        services is 46 MB of JSON: 6 s for nft and more to parse)."""
+        family, name = TABLE.split()
         out: dict[str, list[str]] = {"chains": [], "sets": []}
-        for item in nft_json("list", "table", *TABLE.split(), cmd=self.cmd).get("nftables", []):
-            if "chain" in item:
-                out["chains"].append(item["chain"]["name"])
-            elif "set" in item:
-                out["sets"].append(item["set"]["name"])
+        for what, kind, terse in (("chains", "chain", ()), ("sets", "set", ("-t",))):
+            for item in nft_json(*terse, "list", what, family, cmd=self.cmd).get("nftables", []):
+                if kind in item and item[kind].get("table") == name:
+                    out[what].append(item[kind]["name"])
         return out
+
+
+def _pick_commands(name: str, rule: str, new: bool = True) -> list[str]:
+    """A shared pick chain made (or, not `new`, re-asserted) with its one rule."""
+    return nftrules.chain_commands(name, (rule,), new)
+
+
+def _element_changes(
+    old: FrontendRules | None, new: FrontendRules | None, dels: dict[str, list[str]], adds: dict[str, list[str]]
+) -> None:
+    """One frontend's endpoint elements that change: keys to delete (gone, or given another endpoint) and
+    elements to add, by shared map (a frontend's map never changes: it follows its address family)."""
+    before = {nftrules.element_key(e): e for e in old.endpoints} if old else {}
+    after = {nftrules.element_key(e): e for e in new.endpoints} if new else {}
+    for key, element in before.items():
+        if after.get(key) != element:
+            dels.setdefault(old.endpoint_map, []).append(key)
+    for key, element in after.items():
+        if before.get(key) != element:
+            adds.setdefault(new.endpoint_map, []).append(element)
+
+
+def _element_commands(verb: str, items_by_set: dict[str, list[str]]) -> list[str]:
+    """`add`/`delete element` commands, one per set and up to ELEMENTS_PER_COMMAND items each: nft parses
+    and evaluates a command per line, and 110,000 one-element commands took seconds."""
+    return [
+        f"{verb} element {TABLE} {name} {{ {', '.join(items[i : i + ELEMENTS_PER_COMMAND])} }}"
+        for name, items in items_by_set.items()
+        for i in range(0, len(items), ELEMENTS_PER_COMMAND)
+    ]
 
 
 def describe(doc: dict) -> list[ProgrammedView]:
@@ -185,6 +242,15 @@ def describe(doc: dict) -> list[ProgrammedView]:
         if "rule" in item:
             rules.setdefault(item["rule"]["chain"], []).append(item["rule"])
     timeouts = {i["set"]["name"]: i["set"].get("timeout", 0) for i in items if "set" in i}
+    slots: dict[tuple[str, str, int], dict[int, tuple[str, int]]] = {}  # frontend -> slot -> endpoint
+    for item in items:
+        m = item.get("map")
+        if m and m["name"] in nftrules.ENDPOINT_MAPS:
+            proto = m["name"].rpartition("-")[2]
+            for key, data in m.get("elem", []):
+                ip, port, slot = key["concat"]
+                addr, to_port = data["concat"]
+                slots.setdefault((ip, proto, int(port)), {})[int(slot)] = (addr, int(to_port))
     views = []
     for item in items:
         m = item.get("map")
@@ -197,7 +263,7 @@ def describe(doc: dict) -> list[ProgrammedView]:
             terminating: list = []
             affinity = 0
             for rule in rules.get(chain, []):
-                for backend, fallback in _backends(rule, rules):
+                for backend, fallback in _backends(rule, rules, slots.get((ip, proto, int(port)), {})):
                     if backend not in ready + terminating:
                         (terminating if fallback else ready).append(backend)
                 for e in rule["expr"]:
@@ -208,19 +274,25 @@ def describe(doc: dict) -> list[ProgrammedView]:
     return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))
 
 
-def _backends(rule: dict, rules: dict[str, list[dict]]) -> list[tuple[tuple[str, int], bool]]:
-    """The backends one service-chain rule DNATs to, itself or through endpoint chains."""
-    fallback = rule.get("comment") == "serving-terminating"
+def _backends(
+    rule: dict, rules: dict[str, list[dict]], slots: dict[int, tuple[str, int]], fallback: bool = False
+) -> list[tuple[tuple[str, int], bool]]:
+    """The backends one service-chain rule DNATs to: itself, through a pick chain and the shared endpoint
+    map (the frontend's `slots`, drawn by the pick rule's numgen), or through endpoint chains."""
+    fallback = fallback or rule.get("comment") == "serving-terminating"
     out = []
     for e in rule["expr"]:
         dnat = e.get("dnat")
         if dnat and isinstance(dnat["addr"], str):
             out.append(((dnat["addr"], int(dnat["port"])), fallback))
-        elif dnat:  # addr . port to numgen random mod n map { i : addr . port }
-            out += [((a, int(p)), fallback) for _i, c in dnat["addr"]["map"]["data"]["set"] for a, p in [c["concat"]]]
+        elif dnat:  # frontend address . port . numgen random mod n offset k map @endpoints-<proto>
+            key = dnat["addr"]["map"]["key"]["concat"]
+            draw = next(k["numgen"] for k in key if isinstance(k, dict) and "numgen" in k)
+            first = draw.get("offset", 0)
+            out += [(slots[slot], fallback) for slot in range(first, first + draw["mod"]) if slot in slots]
         targets = [e["goto"]["target"]] if "goto" in e else []
         targets += [v["goto"]["target"] for _i, v in e.get("vmap", {}).get("data", {}).get("set", [])]
         for target in targets:
-            if target.startswith("endpoint-"):
-                out += [b for ep_rule in rules.get(target, []) for b in _backends(ep_rule, rules)]
+            if target.startswith(("endpoint-", "pick")):
+                out += [b for ep_rule in rules.get(target, []) for b in _backends(ep_rule, rules, slots, fallback)]
     return out

@@ -1,8 +1,15 @@
 """The nftables ruleset noded wants, as nft commands, after kube-proxy's nftables mode. Pure: no kernel.
 
 One `table inet noded`; service VIPs are looked up in verdict maps (O(1) in the
-number of services); each service port has a chain that picks an endpoint chain
-with `numgen random`, and each endpoint chain DNATs.
+number of services); each service port has a chain that masquerades as needed and goes to a shared pick
+chain, `pick-tcp-N`, whose one rule DNATs to `ip daddr . tcp dport . numgen random mod N` looked up in one
+map of every frontend's endpoints per family and protocol (`endpoints-tcp`, `endpoints6-udp`, …; nft 1.0.6
+cannot read back a map typed by `th dport`). So an endpoint replaced is two map elements and no rule: a
+rule added makes the kernel re-validate the whole table (~40 ms at 10,000 services); only a change in the
+number of endpoints rewrites the service chain's one goto. Pick chains are shared by every frontend with
+that many endpoints because the kernel checks each element against every rule bound to its map (10,000
+bindings made 100,000 elements take 20 s). With session affinity each endpoint has a chain of its own, as
+in kube-proxy.
 """
 
 from __future__ import annotations
@@ -35,9 +42,18 @@ MAPS = {
     "no-endpoint-services": "ipv4_addr . inet_proto . inet_service : verdict",
     "no-endpoint-services6": "ipv6_addr . inet_proto . inet_service : verdict",
 }
+# frontend address . port . slot -> endpoint, by family and protocol; a frontend's own pick uses slots 0..N-1,
+# the Local policy's short-circuit (what pods and the node get) slots CLUSTER_SLOTS.. (numgen's offset)
+ENDPOINT_MAPS = {
+    f"endpoints{suffix}-{proto}": f"typeof {fam} daddr . {proto} dport . numgen random mod 1"
+    f" : {fam} daddr . {proto} dport"
+    for suffix, fam in (("", "ip"), ("6", "ip6"))
+    for proto in ("tcp", "udp", "sctp")
+}
+CLUSTER_SLOTS = 1 << 24
 HAIRPIN_SETS = {"hairpin": "ipv4_addr . ipv4_addr", "hairpin6": "ipv6_addr . ipv6_addr"}  # endpoint . itself
-OWNED_PREFIXES = ("service-", "endpoint-", "affinity-")
-CASCADE_MAX = 32  # endpoints chosen by a rule cascade; more than this by an anonymous verdict map
+OWNED_PREFIXES = ("service-", "endpoint-", "affinity-", "pick")
+CASCADE_MAX = 32  # affinity: endpoint chains chosen by a rule cascade; more than this by an anonymous verdict map
 
 
 def base_rules() -> dict[str, list[str]]:
@@ -73,6 +89,7 @@ def base_commands() -> list[str]:
     """Create-if-missing every base object (idempotent `add`s)."""
     cmds = [f"add table {TABLE}"]
     cmds += [f"add map {TABLE} {name} {{ type {spec} ; }}" for name, spec in MAPS.items()]
+    cmds += [f"add map {TABLE} {name} {{ {spec} ; }}" for name, spec in ENDPOINT_MAPS.items()]
     cmds += [f"add set {TABLE} {name} {{ type {spec} ; }}" for name, spec in HAIRPIN_SETS.items()]
     cmds += [f"add chain {TABLE} {name} {spec}".rstrip() for name, spec in BASE_CHAINS.items()]
     return cmds
@@ -104,6 +121,9 @@ class FrontendRules:
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sets: dict[str, str] = field(default_factory=dict)  # affinity set name -> spec
     hairpin: frozenset[str] = frozenset()  # endpoint IPs, masqueraded when they reach themselves
+    endpoint_map: str = ""  # the shared map holding its endpoint elements
+    endpoints: tuple[str, ...] = ()  # "frontend . slot : endpoint" elements of endpoint_map
+    picks: frozenset[tuple[str, str]] = frozenset()  # the shared pick chains it goes to: (name, their one rule)
 
 
 def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
@@ -118,6 +138,8 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     pods = f"{{ {', '.join(p.pod_cidrs)} }}" if p.pod_cidrs else ""
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
+    elements: list[str] = []
+    picks: set[tuple[str, str]] = set()
     rules: list[str] = []
     if p.masquerade == "off-cluster" and pods:  # e.g. the node itself reaching a cluster IP
         rules.append(f"{fam} saddr != {pods} jump mark-for-masquerade")
@@ -127,40 +149,62 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
         # externalTrafficPolicy Local: pods and the node itself still reach every endpoint; everyone
         # else keeps its address and gets this node's endpoints, or nothing
         cluster_chain = _quote(f"service-{_hash(fe, 'cluster')}-{sp.name.namespace}/{sp.name.name}/cluster")
-        chains[cluster_chain] = tuple(_pick_endpoint(fe, state, p.short_circuit, chains, sets))
+        chains[cluster_chain] = tuple(_pick_endpoint(fe, state, p.short_circuit, chains, sets, elements, picks))
         if pods:
             if p.masquerade_pods:
                 rules.append(f"{fam} saddr {pods} jump mark-for-masquerade")
             rules.append(f"{fam} saddr {pods} goto {cluster_chain}")
         rules += ["fib saddr type local jump mark-for-masquerade", f"fib saddr type local goto {cluster_chain}"]
     if p.pick:
-        rules += _pick_endpoint(fe, state, p.pick, chains, sets)
+        rules += _pick_endpoint(fe, state, p.pick, chains, sets, elements, picks)
     else:
         rules.append('drop comment "no local endpoints"')
     svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
     chains[svc_chain] = tuple(rules)
     endpoint_ips = frozenset(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends)
-    return FrontendRules(f"service-ips{suffix}", f"{key} : goto {svc_chain}", chains, sets, endpoint_ips)
+    return FrontendRules(
+        f"service-ips{suffix}",
+        f"{key} : goto {svc_chain}",
+        chains,
+        sets,
+        endpoint_ips,
+        f"endpoints{suffix}-{fe.protocol.lower()}",
+        tuple(elements),
+        frozenset(picks),
+    )
 
 
 def _pick_endpoint(
-    fe: Frontend, state: FrontendState, pick: Pick, chains: dict[str, tuple[str, ...]], sets: dict[str, str]
+    fe: Frontend,
+    state: FrontendState,
+    pick: Pick,
+    chains: dict[str, tuple[str, ...]],
+    sets: dict[str, str],
+    elements: list[str],
+    picks: set[tuple[str, str]],
 ) -> list[str]:
     """Rules choosing one backend (affinity first, then at random) and DNATing to it.
 
-    Without affinity the service chain DNATs itself: no chain per endpoint, because `nft` reads every
-    chain of the table before each transaction and the kernel's chain dump is quadratic in their number.
+    Without affinity: a goto to the shared pick chain for this many endpoints (added to `picks`), which
+    DNATs through the shared endpoint map (the frontend's elements go to `elements`). No chain per
+    endpoint, because `nft` reads every chain of the table before each transaction and the kernel's chain
+    dump is quadratic in their number.
     """
     sp = state.service
     fam = _ipfam(fe.ip)
     note = ' comment "serving-terminating"' if pick.fallback else ""
-    dnat = f"meta l4proto {fe.protocol.lower()} dnat {fam}"
+    proto = fe.protocol.lower()
+    dnat = f"meta l4proto {proto} dnat {fam}"
     if not sp.affinity_timeout:
-        if len(pick.backends) > CASCADE_MAX:
-            targets = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(pick.backends))
-            n = len(pick.backends)
-            return [f"{dnat} addr . port to numgen random mod {n} map {{ {targets} }}{note}"]
-        return _random_choice([f"{dnat} to {_addr(ip)}:{port}{note}" for ip, port in pick.backends])
+        first = CLUSTER_SLOTS if pick.tag == "cluster" else 0
+        offset = f" offset {first}" if first else ""
+        suffix = "6" if _v6(fe.ip) else ""
+        elements += [f"{fe.ip} . {fe.port} . {first + i} : {ip} . {port}" for i, (ip, port) in enumerate(pick.backends)]
+        n = len(pick.backends)
+        name = f"pick{suffix}-{proto}-{n}{'-cluster' if first else ''}"
+        key = f"{fam} daddr . {proto} dport . numgen random mod {n}{offset}"
+        picks.add((name, f"{dnat} to {key} map @endpoints{suffix}-{proto}"))
+        return [f"goto {name}{note}"]
     rules: list[str] = []
     gotos = []
     addr_type = "ipv6_addr" if _v6(fe.ip) else "ipv4_addr"
@@ -174,8 +218,8 @@ def _pick_endpoint(
         chains[ep_chain] = (f"update @{aff} {{ {fam} saddr }}", f"{dnat} to {_addr(ip)}:{port}{note}")
         gotos.append(f"goto {ep_chain}")
     if len(gotos) > CASCADE_MAX:
-        picks = ", ".join(f"{i} : {g}" for i, g in enumerate(gotos))
-        return [*rules, f"numgen random mod {len(gotos)} vmap {{ {picks} }}"]
+        targets = ", ".join(f"{i} : {g}" for i, g in enumerate(gotos))
+        return [*rules, f"numgen random mod {len(gotos)} vmap {{ {targets} }}"]
     return rules + _random_choice(gotos)
 
 

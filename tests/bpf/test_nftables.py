@@ -17,17 +17,29 @@ def test_partial_sync_touches_only_the_changed_frontend(nft_lb):
     for i in range(50):
         objs += [service(f"s{i}", f"10.96.1.{i + 1}"), slice_(f"s{i}", [endpoint(f"10.244.{i}.{j}") for j in (1, 2)])]
     nft_lb.apply(*objs)
+    # an endpoint replaced: its elements in the shared endpoint map (and the hairpin set), no rule
     nft_lb.apply(slice_("s7", [endpoint("10.244.7.1"), endpoint("10.244.7.9")]))
     script = nft_lb.proxier.last_script
-    assert "default/s7/" in script
+    assert script.split("\n")[:-1] == [
+        "delete element inet noded hairpin { 10.244.7.2 . 10.244.7.2 }",
+        "delete element inet noded endpoints-tcp { 10.96.1.8 . 80 . 1 }",
+        "add element inet noded hairpin { 10.244.7.9 . 10.244.7.9 }",
+        "add element inet noded endpoints-tcp { 10.96.1.8 . 80 . 1 : 10.244.7.9 . 8080 }",
+    ]
+
+    def views():
+        doc = nftables.nft_json("list", "table", "inet", "noded", cmd=cmd(nft_lb))
+        return {str(v.frontend): v for v in nftables.describe(doc)}
+
+    assert len(views()) == 50
+    assert sorted(a for a, _ in views()["10.96.1.8:80/TCP"].ready) == ["10.244.7.1", "10.244.7.9"]
+    # a third endpoint: the service chain's one rule draws from three slots now
+    nft_lb.apply(slice_("s7", [endpoint(f"10.244.7.{j}") for j in (1, 9, 5)]))
+    script = nft_lb.proxier.last_script
+    assert "default/s7/" in script and "numgen random mod 3 map @endpoints-tcp" in script
     assert not any(f"default/s{i}/" in script for i in range(50) if i != 7)
     assert "flush map" not in script  # not a full sync
-    views = {
-        str(v.frontend): v
-        for v in nftables.describe(nftables.nft_json("list", "table", "inet", "noded", cmd=cmd(nft_lb)))
-    }
-    assert len(views) == 50
-    assert sorted(a for a, _ in views["10.96.1.8:80/TCP"].ready) == ["10.244.7.1", "10.244.7.9"]
+    assert sorted(a for a, _ in views()["10.96.1.8:80/TCP"].ready) == ["10.244.7.1", "10.244.7.5", "10.244.7.9"]
 
 
 def test_full_resync_repairs_tampering(nft_lb):

@@ -24,7 +24,7 @@ def test_no_endpoints_goes_to_the_reject_map():
     assert r.chains == {}
 
 
-def test_random_choice_dnats_in_the_service_chain_and_hairpin_goes_to_the_set():
+def test_random_choice_draws_from_the_shared_endpoint_map_and_hairpin_goes_to_the_set():
     backends = [("10.244.1.2", 8080), ("10.244.2.2", 8080), ("10.244.3.2", 8080)]
     r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state(backends), ["10.244.0.0/16"])
     assert r.element_map == "service-ips"
@@ -32,32 +32,41 @@ def test_random_choice_dnats_in_the_service_chain_and_hairpin_goes_to_the_set():
     assert name.startswith("service-") and NAME_OK.match(name)
     assert svc == (
         "ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade",
-        "numgen random mod 3 0 meta l4proto tcp dnat ip to 10.244.1.2:8080",
-        "numgen random mod 2 0 meta l4proto tcp dnat ip to 10.244.2.2:8080",
-        "meta l4proto tcp dnat ip to 10.244.3.2:8080",
+        "goto pick-tcp-3",
+    )
+    # the pick chain every TCP frontend with three endpoints shares
+    rule = "meta l4proto tcp dnat ip to ip daddr . tcp dport . numgen random mod 3 map @endpoints-tcp"
+    assert r.picks == {("pick-tcp-3", rule)}
+    assert r.endpoint_map == "endpoints-tcp"
+    assert r.endpoints == (
+        "10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080",
+        "10.96.0.10 . 80 . 1 : 10.244.2.2 . 8080",
+        "10.96.0.10 . 80 . 2 : 10.244.3.2 . 8080",
     )
     assert r.hairpin == {"10.244.1.2", "10.244.2.2", "10.244.3.2"}
     assert nftrules.hairpin_element("10.244.1.2") == ("hairpin", "10.244.1.2 . 10.244.1.2")
-
-
-def test_many_endpoints_use_one_dnat_map():
-    backends = [(f"10.244.1.{i}", 8080) for i in range(1, nftrules.CASCADE_MAX + 2)]
-    r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state(backends), [])
-    ((_name, svc),) = r.chains.items()
-    n = nftrules.CASCADE_MAX + 1
-    assert svc[-1].startswith(
-        f"meta l4proto tcp dnat ip addr . port to numgen random mod {n} map {{ 0 : 10.244.1.1 . 8080"
+    # an endpoint replaced changes elements only; a count change changes the rule
+    swapped = nftrules.frontend_rules(
+        Frontend("10.96.0.10", 80, "TCP"), state([backends[0], ("10.244.9.9", 8080), backends[2]]), ["10.244.0.0/16"]
     )
+    assert swapped.chains == r.chains and swapped.endpoints[1] == "10.96.0.10 . 80 . 1 : 10.244.9.9 . 8080"
+    many = [(f"10.244.1.{i}", 8080) for i in range(1, 101)]
+    r = nftrules.frontend_rules(Frontend("10.96.0.10", 53, "UDP"), state(many), [])
+    assert r.chains[next(iter(r.chains))][-1] == "goto pick-udp-100"
+    ((_pick, rule),) = r.picks
+    assert rule.endswith("numgen random mod 100 map @endpoints-udp")
+    assert len(r.endpoints) == 100 and r.endpoint_map == "endpoints-udp"
 
 
 def test_terminating_fallback_is_marked_and_used_only_without_ready():
     r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state([], [("10.244.1.9", 8080)]), [])
     ((_name, svc),) = r.chains.items()
-    assert svc[-1].endswith('dnat ip to 10.244.1.9:8080 comment "serving-terminating"')
+    assert svc[-1] == 'goto pick-tcp-1 comment "serving-terminating"'
+    assert r.endpoints == ("10.96.0.10 . 80 . 0 : 10.244.1.9 . 8080",)
     r = nftrules.frontend_rules(
         Frontend("10.96.0.10", 80, "TCP"), state([("10.244.1.2", 8080)], [("10.244.1.9", 8080)]), []
     )
-    assert not any("10.244.1.9" in rule for rules in r.chains.values() for rule in rules)
+    assert not any("10.244.1.9" in e for e in r.endpoints)
 
 
 def test_affinity_sets_and_ipv6():
@@ -92,6 +101,13 @@ def test_local_policy_short_circuits_pods_and_drops_the_rest_in_both_renderers()
     assert svc[0] == "ip saddr { 10.244.0.0/16 } jump mark-for-masquerade"  # pods addressed this node
     assert svc[1].startswith("ip saddr { 10.244.0.0/16 } goto service-")
     assert svc[-1] == 'drop comment "no local endpoints"'
+    # the short-circuit's pick draws from slots of its own in the same map
+    cluster = next(rules for name, rules in nft.chains.items() if name.endswith("/cluster"))
+    offset = nftrules.CLUSTER_SLOTS
+    assert cluster == ("goto pick-tcp-1-cluster",)
+    rule = f"meta l4proto tcp dnat ip to ip daddr . tcp dport . numgen random mod 1 offset {offset} map @endpoints-tcp"
+    assert ("pick-tcp-1-cluster", rule) in nft.picks
+    assert nft.endpoints == (f"192.0.2.11 . 30080 . {offset} : 10.244.2.2 . 8080",)
     ipt = iptrules.frontend_rules(fe, st, ["10.244.0.0/16"])
     assert ipt.filter_rule.endswith("-j DROP") and "--dport 30080" in ipt.filter_rule
     fe_chain = next(rules for name, rules in ipt.chains.items() if name.startswith("NODED-FE-"))
