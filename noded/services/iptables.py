@@ -140,7 +140,7 @@ class IptablesProxier(NetfilterExtras):
         nat = ["*nat", *(f":{c} - [0:0]" for c in iptrules.NAT_CHAINS if full or c == "NODED-SERVICES")]
         nat += [f":{c} - [0:0]" for c in (*write, *stale)]
         if full:
-            nat += [f"-A {c} {rule}" for c, rules in iptrules.base_rules().items() for rule in rules]
+            nat += [f"-A {c} {rule}" for c, rules in iptrules.base_rules(version).items() for rule in rules]
         nat += [f"-A NODED-SERVICES {r.nat_service_rule}" for r in new_v.values() if r.nat_service_rule]
         nat += [f"-A {c} {rule}" for c, rules in write.items() for rule in rules]
         nat += [f"-X {c}" for c in stale]
@@ -194,12 +194,11 @@ def describe(nat: str, filt: str) -> list[ProgrammedView]:
             if "-s " in fe_rule or "--src-type" in fe_rule:
                 continue  # masquerade and the Local policy's short-circuit
             target = re.search(r"-j (NODED-SEP-\w+)", fe_rule)
-            if target:
-                for sep_rule in rules.get(target.group(1), []):
-                    dnat = re.search(r"--to-destination \[?([^\]\s]+?)\]?:(\d+)$", sep_rule)
-                    if dnat:
-                        backend = (dnat.group(1), int(dnat.group(2)))
-                        (terminating if "serving-terminating" in sep_rule else ready).append(backend)
+            for rule in rules.get(target.group(1), []) if target else [fe_rule]:  # affinity: endpoint chains
+                dnat = re.search(r"--to-destination \[?([^\]\s]+?)\]?:(\d+)$", rule)
+                if dnat:
+                    backend = (dnat.group(1), int(dnat.group(2)))
+                    (terminating if "serving-terminating" in rule else ready).append(backend)
         views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
     reject_re = re.compile(r"-d (\S+?)/\d+ -p (\w+) -m \w+ --dport (\d+) .*-j REJECT")
     for line in filt.split("\n"):

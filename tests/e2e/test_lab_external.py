@@ -248,6 +248,13 @@ def test_pod_reaches_itself_through_its_service(lab):
     wait_programmed(lab, "node1", "10.96.211.1:80/TCP", ready=1)
     out = probe(lab, "default/echo-1", "tcp", "10.96.211.1", 80, count=5)
     assert out["answers"] == {"echo-1": 5}
+    # IPv6 too (the iptables mode's hairpin match compares the 128-bit addresses word by word)
+    e1_6 = next(ip for ip in lab.state()["pods"]["default/echo-1"]["ips"] if ":" in ip)
+    svc6 = service("self6", "fd96::211:1", ipFamilies=["IPv6"])
+    write_manifest(lab, "self6.yaml", [svc6, slice_("self6", [endpoint(e1_6)], ports=ports, address_type="IPv6")])
+    wait_programmed(lab, "node1", "[fd96::211:1]:80/TCP", ready=1)
+    out = probe(lab, "default/echo-1", "tcp", "fd96::211:1", 80, count=5)
+    assert out["answers"] == {"echo-1": 5}
 
 
 @pytest.fixture(autouse=True)
