@@ -14,7 +14,10 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import datetime
+import ipaddress
 import json
+import pathlib
 import socket
 import ssl
 import threading
@@ -22,6 +25,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pyroute2.netns import popns, pushns
 
 PATHS = {
@@ -72,7 +79,8 @@ class FakeApiServer:
         self.daemonsets: dict[tuple[str, str], dict] = {}  # read one at a time (GET), never listed
         # bytes of list and watch bodies sent, by (path, fieldSelector): what each kind of client costs
         self.bytes_sent: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._sorted: dict[str, tuple[int, list]] = {}  # path -> (rv, objects sorted by key): big lists
+        # (path, field selector, label selector) -> (rv, the objects selected, sorted by key): big lists
+        self._sorted: dict[tuple[str, str, str], tuple[int, list]] = {}
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
 
@@ -232,10 +240,13 @@ class FakeApiServer:
         _kind, api_version, list_kind = PATHS[path]
         with self.cond:
             rv = self.rv
-            held = self._sorted.get(path)
-            if held is None or held[0] != rv:  # a paginated list of a big kind sorts once, not per page
-                held = self._sorted[path] = (rv, sorted(self.objects[path].items(), key=lambda item: item[0]))
-            items = [(k, o) for k, o in held[1] if _selected(o, q)]
+            # a paginated list of a big kind is sorted and filtered once per version, not per page
+            selection = (path, q.get("fieldSelector", ""), q.get("labelSelector", ""))
+            held = self._sorted.get(selection)
+            if held is None or held[0] != rv:
+                ordered = sorted(self.objects[path].items(), key=lambda item: item[0])
+                held = self._sorted[selection] = (rv, [(k, o) for k, o in ordered if _selected(o, q)])
+            items = held[1]
         start = int(q.get("continue") or 0)
         limit = int(q.get("limit") or 0) or len(items)
         page = [obj for _k, obj in items[start : start + limit]]
@@ -317,3 +328,39 @@ class FakeApiServer:
             with self.cond:
                 if h.connection in self.watch_conns:
                     self.watch_conns.remove(h.connection)
+
+
+def serving_cert(directory: pathlib.Path) -> tuple[str, str, str]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca file, cert file, key file)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-apiserver-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = [directory / "ca.crt", directory / "server.crt", directory / "server.key"]
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return tuple(str(p) for p in paths)

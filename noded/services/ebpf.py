@@ -134,9 +134,12 @@ class MapWrites:
         self.deletes: list[tuple[object, bytes]] = []
 
     def update(self, phase: str, m, key: bytes, value: bytes) -> None:
-        _m, keys, values = self.updates[phase].setdefault(id(m), (m, [], []))
-        keys.append(key)
-        values.append(value)
+        by_map = self.updates[phase]
+        pending = by_map.get(id(m))
+        if pending is None:  # (not setdefault: it would build the default for each of 200,000 writes)
+            pending = by_map[id(m)] = (m, [], [])
+        pending[1].append(key)
+        pending[2].append(value)
 
     def delete(self, m, key: bytes) -> None:
         self.deletes.append((m, key))

@@ -17,12 +17,13 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from kubernetes import client
 from kubernetes import config as kube_config
 
-from noded.sources.base import ObjectKey, Sink, apply_snapshot, fingerprint, object_key
+from noded.sources.base import ObjectKey, Sink, api_fingerprint, apply_snapshot, object_key
 
 log = structlog.get_logger("noded.sources.kube")
 
@@ -246,22 +247,28 @@ class KindWatcher:
             self._on_synced()
         self._stop.wait(self._max_backoff)
 
+    def _page(self, cont: str | None) -> dict:
+        """One page of the list, parsed (the first with cont None)."""
+        kwargs = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
+        if cont:
+            kwargs["_continue"] = cont
+        return json.loads(self._list(**kwargs).data)
+
     def relist(self) -> None:
         """List (paginated), then make the sink see exactly that. The first list of a kind is applied page
         by page (nothing to delete yet): the whole list is never held at once, which at 150,000 pods is
-        gigabytes. Later lists (after a 410, a 403) are applied whole: deletions first."""
+        gigabytes. Later lists (after a 410, a 403) are applied whole: deletions first. The next page is
+        asked for while this one is applied (never more than two pages held)."""
         self.verb = "list"
         fresh: dict[ObjectKey, dict] = {}
         incremental = not self.known
-        cont = None
         started = time.monotonic()
         reported = started
+        body = self._page(None)
         while True:
-            kwargs = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
-            if cont:
-                kwargs["_continue"] = cont
-            resp = self._list(**kwargs)
-            body = json.loads(resp.data)
+            meta = body.get("metadata") or {}
+            cont = meta.get("continue")
+            ahead = _Ahead(self._page, cont) if cont else None
             for item in body.get("items") or []:
                 item.setdefault("kind", self.kind.kind)
                 item.setdefault("apiVersion", self.kind.api_version)
@@ -269,13 +276,11 @@ class KindWatcher:
                 if key is None:
                     continue
                 if incremental:  # known as it is applied: a list broken off is finished by the next, whole
-                    self.known[key] = fingerprint(item)
+                    self.known[key] = api_fingerprint(item)
                     self.sink.upsert(item)
                 else:
                     fresh[key] = item
-            meta = body.get("metadata") or {}
-            cont = meta.get("continue")
-            if not cont:
+            if ahead is None:
                 self.resource_version = meta.get("resourceVersion", "")
                 break
             if time.monotonic() - reported >= PROGRESS_EVERY:  # a long initial list shows it is moving
@@ -283,9 +288,10 @@ class KindWatcher:
                 left = meta.get("remainingItemCount")
                 count = len(self.known) if incremental else len(fresh)
                 log.info("listing", kind=self.kind.kind, objects=count, remaining=left, seconds=_since(started))
+            body = ahead.result()
         listed = time.monotonic()
         if not incremental:
-            self.known = apply_snapshot(self.sink, self.known, fresh)
+            self.known = apply_snapshot(self.sink, self.known, fresh, api_fingerprint)
         if time.monotonic() - started >= PROGRESS_EVERY or not self.synced:
             log.info(
                 "listed",
@@ -335,7 +341,7 @@ class KindWatcher:
         if key is None:
             log.error("watch event without a usable object", kind=self.kind.kind, type=etype)
         elif etype in ("ADDED", "MODIFIED"):
-            self.known[key] = fingerprint(obj)
+            self.known[key] = api_fingerprint(obj)
             self.sink.upsert(obj)
         elif etype == "DELETED":
             self.known.pop(key, None)
@@ -418,3 +424,28 @@ class KubeSource:
 
 def _since(start: float, end: float | None = None) -> float:
     return round((end if end is not None else time.monotonic()) - start, 3)
+
+
+class _Ahead:
+    """A call made now on a thread of its own, its result (or what it raised) taken later: the next page of
+    a list on its way while this one is applied, so the API server's time and ours overlap."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fn, args), name="list-ahead", daemon=True).start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to whoever takes the result, as if the call were theirs
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value

@@ -4,14 +4,8 @@ in cluster over HTTPS with the service account's token and CA, and each error cl
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import time
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from kubernetes import client
 
 from noded.daemon import ModelSink
@@ -19,48 +13,12 @@ from noded.model.tracker import ServiceModel
 from noded.redirect.enrollment import Enrollment
 from noded.sources import kube
 from noded.tunnel.policy import Authorizer
-from tests.fakeapi import FakeApiServer
+from tests.fakeapi import FakeApiServer, serving_cert
 from tests.objects import endpoint, service, slice_
 from tests.unit.test_kube_source import wait_for
 
 SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
 NODES = "/api/v1/nodes"
-
-
-def serving_cert(directory) -> tuple[str, str, str]:
-    """A CA and a server certificate for 127.0.0.1 signed by it: (ca file, cert file, key file)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-apiserver-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = [directory / "ca.crt", directory / "server.crt", directory / "server.key"]
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return tuple(str(p) for p in paths)
 
 
 def sink() -> ModelSink:
