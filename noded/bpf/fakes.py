@@ -40,10 +40,10 @@ class DictMap:
     def update(self, key, value) -> None:
         self._write(bytes(key), bytes(value))
 
-    def update_raw(self, keys: bytes, values: bytes, count: int) -> None:
+    def update_raw(self, keys: bytes | memoryview, values: bytes | memoryview, count: int) -> None:
         ksize, vsize = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
         for i in range(count):
-            self._write(keys[i * ksize : (i + 1) * ksize], values[i * vsize : (i + 1) * vsize])
+            self._write(bytes(keys[i * ksize : (i + 1) * ksize]), bytes(values[i * vsize : (i + 1) * vsize]))
 
     def lookup(self, key):
         raw = self.entries.get(bytes(key))

@@ -179,7 +179,7 @@ class Map(Generic[K, V]):
                 return
             token_in[0], first = token_out[0], False
 
-    def update_raw(self, keys: bytes, values: bytes, count: int) -> None:
+    def update_raw(self, keys: bytes | memoryview, values: bytes | memoryview, count: int) -> None:
         """Write `count` packed keys and values in one syscall."""
         if not count:
             return

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -19,26 +20,109 @@ SUFFIXES = (".yaml", ".yml", ".json")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
 
 
-def parse_manifests(text: str, origin: str) -> list[dict]:
-    """The objects in one file (multi-document YAML, `kind: List` expanded). Raises yaml.YAMLError. A
-    `.json` file is read by the json module first (JSON is YAML too, but libyaml reads ~3 MB/s: 4 s for
-    10,000 Services with their slices, json 0.2 s); one that is not a single JSON value goes to YAML."""
+def parse_manifests(text: str, origin: str) -> list[Any]:
+    """The objects in one file (multi-document YAML, `kind: List` expanded). Raises yaml.YAMLError or
+    ValueError (malformed JSON)."""
+    return list(iter_manifests(text, origin))
+
+
+def iter_manifests(text: str, origin: str) -> Iterator[Any]:
+    """The objects in one file, each as it is parsed (a 10,000-service List is never held whole: parsed
+    whole, it left the daemon 70 MiB of fragmented arenas). A `.json` file is read by the json module (JSON
+    is YAML too, but libyaml reads ~3 MB/s: 4 s for 10,000 Services with their slices, json 0.2 s); one that
+    is not JSON at all goes to YAML. Raises yaml.YAMLError, or ValueError for JSON broken part-way."""
     if origin.endswith(".json"):
+        stream = _json_documents(text)
         try:
-            docs: Iterable[Any] = [json.loads(text)]
+            first = next(stream, _END)
         except ValueError:
-            docs = yaml.load_all(text, Loader=_Loader)
-    else:
-        docs = yaml.load_all(text, Loader=_Loader)
-    out: list[dict] = []
-    for doc in docs:
+            first = _NOT_JSON
+        if first is not _NOT_JSON:
+            if first is not _END:
+                yield first
+                yield from stream
+            return
+    for doc in yaml.load_all(text, Loader=_Loader):
         if doc is None:
             continue
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-            out.extend(doc["items"])
+            yield from doc["items"]
         else:
-            out.append(doc)
-    return out
+            yield doc
+
+
+_END, _NOT_JSON = object(), object()
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_documents(text: str) -> Iterator[Any]:
+    """One JSON value's documents: a `kind: List` object's items one at a time, else the value itself (null:
+    none). The top-level object is read field by field (json's C decoder for each value): its items are
+    handed out as they are decoded, or, when `kind` comes after them (kubectl's order), decoded and dropped
+    once to find the kind, then again one at a time. Raises ValueError (json.JSONDecodeError)."""
+    i = _SPACE.match(text).end()
+    if not text.startswith("{", i):
+        value = json.loads(text)
+        if value is not None:
+            yield value
+        return
+    fields: dict[str, Any] = {}
+    items_at, streamed = -1, False
+    i = _SPACE.match(text, i + 1).end()
+    while not (text.startswith("}", i) and not fields and items_at < 0):  # {} ends at once
+        key, i = _DECODER.raw_decode(text, i)
+        i = _SPACE.match(text, i).end()
+        if not isinstance(key, str) or not text.startswith(":", i):
+            raise json.JSONDecodeError("expected a key and ':'", text, i)
+        i = _SPACE.match(text, i + 1).end()
+        if key == "items" and text.startswith("[", i):
+            items_at, streamed, end = i, fields.get("kind") == "List", [i]
+            for item in _json_array(text, i, end):
+                if streamed:
+                    yield item
+            i = end[0]
+        else:
+            fields[key], i = _DECODER.raw_decode(text, i)
+        i = _SPACE.match(text, i).end()
+        if text.startswith(",", i):
+            i = _SPACE.match(text, i + 1).end()
+        elif text.startswith("}", i):
+            break
+        else:
+            raise json.JSONDecodeError("expected ',' or '}'", text, i)
+    if _SPACE.match(text, i + 1).end() != len(text):
+        raise json.JSONDecodeError("extra data", text, i + 1)
+    if streamed:
+        if fields.get("kind") != "List":  # a second `kind` after the items: ambiguous, refused
+            raise json.JSONDecodeError("kind changed after the items", text, i)
+        return
+    if items_at >= 0 and fields.get("kind") == "List":
+        yield from _json_array(text, items_at, [items_at])
+        return
+    if items_at >= 0:
+        fields["items"] = list(_json_array(text, items_at, [items_at]))
+    yield fields
+
+
+def _json_array(text: str, i: int, end: list[int]) -> Iterator[Any]:
+    """The elements of the JSON array at text[i] ('['), one at a time; end[0] is then past its ']'."""
+    i = _SPACE.match(text, i + 1).end()
+    if text.startswith("]", i):
+        end[0] = i + 1
+        return
+    while True:
+        value, i = _DECODER.raw_decode(text, i)
+        i = _SPACE.match(text, i).end()
+        if text.startswith(",", i):
+            yield value
+            i = _SPACE.match(text, i + 1).end()
+        elif text.startswith("]", i):
+            end[0] = i + 1
+            yield value
+            return
+        else:
+            raise json.JSONDecodeError("expected ',' or ']'", text, i)
 
 
 class DirectorySource:
@@ -102,6 +186,8 @@ class DirectorySource:
             stamps[entry.path] = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamps == self._stamps:
             return False
+        if not self._stamps and not self._known:
+            return self._first_read(stamps)
         for path in self._by_file.keys() - stamps.keys():
             del self._by_file[path]
         parsed: dict[str, dict[ObjectKey, dict]] = {}
@@ -135,23 +221,63 @@ class DirectorySource:
             self.last_error = f"{key[0]} {key[1]}/{key[2]}: {type(e).__name__}: {e}"
             log.error("object rejected", object=f"{key[0]} {key[1]}/{key[2]}", error=f"{type(e).__name__}: {e}")
 
+    def _first_read(self, stamps: dict[str, tuple[int, int, int]]) -> bool:
+        """The first scan: each file's objects go to the sink as they are parsed, never a whole file held
+        (the start's memory peak, and the arenas it left fragmented). A file that fails part-way takes back
+        what it handed (an earlier file's object for the same key is handed again), so the sink ends with
+        each file whole or not at all, as after later scans; the source is not synced before this ends."""
+        for path in sorted(stamps):
+            prints: dict[ObjectKey, bytes] = {}
+            try:
+                with open(path) as f:
+                    text = f.read()
+                for i, doc in enumerate(iter_manifests(text, path)):
+                    key = self._watched_key(doc, path, i)
+                    if key is not None:
+                        prints[key] = fingerprint(doc)
+                        self._hand(self.sink.upsert, key, doc)
+            except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+                self._file_rejected(path, e)
+                self._take_back(prints)
+                continue
+            self._by_file[path] = prints
+        self._stamps = stamps
+        self._known = {key: p for path in sorted(self._by_file) for key, p in self._by_file[path].items()}
+        return True
+
+    def _take_back(self, handed: dict[ObjectKey, bytes]) -> None:
+        """Undo a failed file's objects: the latest earlier file's object for that key again, else delete."""
+        for key in handed:
+            earlier = [path for path in sorted(self._by_file) if key in self._by_file[path]]
+            objects = self._read_file(earlier[-1]) if earlier else None
+            if objects and key in objects:
+                self._hand(self.sink.upsert, key, objects[key])
+            else:
+                self._hand(self.sink.delete, key, *key)
+
+    def _file_rejected(self, path: str, e: Exception) -> None:
+        self.last_error = f"{path}: {e}"
+        log.error("manifest file rejected, keeping its last good objects", file=path, error=str(e))
+
+    def _watched_key(self, doc: Any, path: str, i: int) -> ObjectKey | None:
+        """A document's key when it is a kind noded watches; None (a malformed one logged) otherwise."""
+        key = object_key(doc)
+        if key is None:
+            log.error("manifest rejected: not a Kubernetes object with kind and metadata.name", file=path, document=i)
+            return None
+        return key if key[0] in WATCHED_KINDS else None
+
     def _read_file(self, path: str) -> dict[ObjectKey, dict] | None:
         """The file's watched objects; None (logged) when it cannot be read or parsed."""
         try:
             with open(path) as f:
                 docs = parse_manifests(f.read(), path)
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-            self.last_error = f"{path}: {e}"
-            log.error("manifest file rejected, keeping its last good objects", file=path, error=str(e))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+            self._file_rejected(path, e)
             return None
         objects: dict[ObjectKey, dict] = {}
         for i, doc in enumerate(docs):
-            key = object_key(doc)
-            if key is None:
-                log.error(
-                    "manifest rejected: not a Kubernetes object with kind and metadata.name", file=path, document=i
-                )
-                continue
-            if key[0] in WATCHED_KINDS:
+            key = self._watched_key(doc, path, i)
+            if key is not None:
                 objects[key] = doc
         return objects

@@ -1,3 +1,5 @@
+import json
+
 import yaml
 
 from noded.sources.directory import DirectorySource
@@ -178,3 +180,49 @@ def test_json_manifests_are_read_by_the_json_module_and_yaml_streams_still_parse
     assert parse_manifests(listed, "x/all.json") == [{"kind": "Service", "metadata": {"name": "a"}}]
     two_docs = '{"kind": "Service", "metadata": {"name": "a"}}\n---\n{"kind": "Service", "metadata": {"name": "b"}}\n'
     assert [d["metadata"]["name"] for d in parse_manifests(two_docs, "x/two.json")] == ["a", "b"]
+
+
+def test_json_lists_are_read_one_item_at_a_time_in_either_field_order():
+    """kubectl writes `items` before `kind`; a List is streamed either way, and a `kind` that changes after
+    its items were handed out is refused (the whole file), never half-read as a List."""
+    import pytest
+
+    from noded.sources.directory import iter_manifests
+
+    items = [service("a"), service("b", "10.96.0.2")]
+    for doc in (
+        {"apiVersion": "v1", "kind": "List", "items": items},
+        {"apiVersion": "v1", "items": items, "kind": "List", "metadata": {}},
+    ):
+        assert list(iter_manifests(json.dumps(doc, indent=1), "all.json")) == items
+    not_a_list = {"kind": "Service", "metadata": {"name": "x"}, "items": [1, 2]}
+    assert list(iter_manifests(json.dumps(not_a_list), "x.json")) == [not_a_list]
+    assert list(iter_manifests("null", "x.json")) == [] and list(iter_manifests("{}", "x.json")) == [{}]
+    stream = iter_manifests('{"kind": "List", "items": [{"kind": "Service"}], "kind": "Service"}', "x.json")
+    assert next(stream) == {"kind": "Service"}
+    with pytest.raises(ValueError):
+        next(stream)
+    truncated = iter_manifests(json.dumps({"kind": "List", "items": items})[:-30], "x.json")
+    with pytest.raises(ValueError):
+        list(truncated)
+
+
+def test_a_file_broken_part_way_on_the_first_read_takes_back_what_it_handed(tmp_path):
+    """The first read hands objects over as they are parsed; a file that then fails leaves the sink as if
+    it had never been read: its objects deleted, or an earlier file's object for the same key again."""
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(service("web")))
+    broken = yaml.safe_dump_all([service("web", "10.96.0.99"), service("only-b", "10.96.0.3")])
+    (tmp_path / "b.yaml").write_text(broken + "---\nkind: Service\nmetadata: {name: x\n")
+    (tmp_path / "c.json").write_text('{"kind": "List", "items": [' + json.dumps(service("c")) + ", {")
+    sink = Recorder()
+    src = DirectorySource(str(tmp_path), sink)
+    assert src.scan()
+    assert sink.objects == {("Service", "default", "web"): service("web")}
+    assert ("upsert", ("Service", "default", "only-b")) in sink.log  # handed, then taken back
+    assert sink.log[-1] == ("delete", ("Service", "default", "c"))
+    assert "c.json" in src.last_error
+    # fixed files are read whole on the next scan
+    (tmp_path / "b.yaml").write_text(broken)
+    src.scan()
+    assert sink.objects[("Service", "default", "web")] == service("web", "10.96.0.99")
+    assert ("Service", "default", "only-b") in sink.objects

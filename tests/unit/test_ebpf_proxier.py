@@ -29,7 +29,7 @@ def expected(n: int = 3) -> dict[str, list]:
 def no_orphans(maps) -> bool:
     """Every backend entry is named by a slot, and every slot names a backend entry."""
     frontends, _s, _b = read_maps(maps)
-    named = {bid for p in frontends.values() for bid, _t in p.backends.values()}
+    named = {abs(code) for p in frontends.values() for code in p.backends.values()}
     held = {int(k.value) for k in maps.backends.keys()}  # noqa: SIM118 (a map, not a dict)
     slots = {bid for p in frontends.values() for bid in p.ready + p.terminating}
     return named == held == slots
