@@ -337,12 +337,12 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice | None:
         pname = _get(p, "name", str, at, "")
         if pname:
             check_name(pname, _DNS1123_LABEL, 63, "a DNS-1123 label", f"{at}.name")
-        ports.append((pname, proto, _port(p.get("port"), f"{at}.port")))
+        ports.append((sys.intern(pname), proto, _port(p.get("port"), f"{at}.port")))
     endpoints = tuple(
         _plain_endpoint(ep, address_type) or _parse_endpoint(ep, f"{where}.endpoints[{i}]", address_type)
         for i, ep in enumerate(_get(obj, "endpoints", list, where, []) or [])
     )
-    return EndpointSlice(namespace, name, service, address_type, tuple(ports), endpoints)
+    return EndpointSlice(namespace, name, service, address_type, _shared(tuple(ports)), endpoints)
 
 
 def _plain_endpoint(ep: Any, address_type: str) -> Endpoint | None:
