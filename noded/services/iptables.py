@@ -33,7 +33,8 @@ class IptablesError(RuntimeError):
 
 @dataclass(frozen=True)
 class Tools:
-    """The iptables commands of one backend, run with a prefix (tests enter a netns of their own)."""
+    """The iptables commands of one backend, run with a prefix (tests enter a netns of their own): where
+    the proxier reaches the kernel. noded/services/fakes.py has a recording stand-in for unit tests."""
 
     backend: str  # nft | legacy
     prefix: tuple[str, ...] = ()
@@ -89,10 +90,11 @@ class IptablesProxier(NetfilterExtras):
         prefix: tuple[str, ...] = (),
         backend: str | None = None,
         conntrack: ConntrackCleaner | None = None,
+        tools: Tools | None = None,
     ) -> None:
         self.mirror = RuleMirror(model, cluster_cidrs, iptrules.frontend_rules)
         self.conntrack = conntrack or ConntrackCleaner()
-        self.tools = Tools(backend or detect_backend(prefix), prefix)
+        self.tools = tools or Tools(backend or detect_backend(prefix), prefix)
         self.transactions = 0
         self.last_scripts: dict[int, str] = {}
         log.info("iptables backend", backend=self.tools.backend)

@@ -42,6 +42,20 @@ def nft_json(*args: str, cmd: tuple[str, ...] = NFT) -> dict:
     return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {"nftables": []}
 
 
+class NftCommand:
+    """The nft binary, run with a prefix (tests enter a netns of their own): where the proxier reaches the
+    kernel. noded/services/fakes.py has a recording stand-in for unit tests without root."""
+
+    def __init__(self, cmd: tuple[str, ...] = NFT) -> None:
+        self.cmd = cmd
+
+    def run(self, script: str) -> None:
+        nft(script, self.cmd)
+
+    def json(self, *args: str) -> dict:
+        return nft_json(*args, cmd=self.cmd)
+
+
 def table_exists(cmd: tuple[str, ...] = NFT, table: str = TABLE) -> bool:
     """Whether the table is there, from the list of tables (not a listing of its whole contents)."""
     family, name = table.split()
@@ -65,9 +79,11 @@ class NftProxier(NetfilterExtras):
         cluster_cidrs: list[str],
         cmd: tuple[str, ...] = NFT,
         conntrack: ConntrackCleaner | None = None,
+        tool: NftCommand | None = None,
     ) -> None:
         self.mirror = RuleMirror(model, cluster_cidrs, nftrules.frontend_rules)
         self.cmd = cmd
+        self.tool = tool or NftCommand(cmd)
         self.conntrack = conntrack or ConntrackCleaner()
         self.transactions = 0
         self.last_script = ""
@@ -87,7 +103,7 @@ class NftProxier(NetfilterExtras):
                 name for d in desired_by_key.values() for r in d.values() for name, _ in r.picks
             }
         if script:
-            nft(script, self.cmd)
+            self.tool.run(script)
             self.transactions += 1
             self.last_script = script
         self.pick_chains = picks
@@ -198,7 +214,7 @@ class NftProxier(NetfilterExtras):
         family, name = TABLE.split()
         out: dict[str, list[str]] = {"chains": [], "sets": []}
         for what, kind, terse in (("chains", "chain", ()), ("sets", "set", ("-t",))):
-            for item in nft_json(*terse, "list", what, family, cmd=self.cmd).get("nftables", []):
+            for item in self.tool.json(*terse, "list", what, family).get("nftables", []):
                 if kind in item and item[kind].get("table") == name:
                     out[what].append(item[kind]["name"])
         return out
