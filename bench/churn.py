@@ -1,10 +1,12 @@
-"""Churn: EndpointSlice changes at a steady rate on a large cluster while DNS queries run, in eBPF mode.
+"""Churn: EndpointSlice changes at a steady rate on a large cluster while DNS queries run, in one services
+mode (`--mode`: eBPF, nftables or legacy iptables).
 
-N services (a tenth of them headless) × 10 endpoints are programmed into a real eBPF environment (a netns
-and cgroup of its own, pinned maps), then for `--seconds` one endpoint of a random service is replaced
-`--rate` times a second, as a source would hand the changes in, with the daemon's bounded-frequency runner
-syncing them (`--min-sync`). Meanwhile a client on loopback asks the userspace resolver for random service
-names (headless ones included, whose answers change with the churn) at a steady rate.
+N services (a tenth of them headless) × 10 endpoints are programmed into a real environment of that mode (a
+netns and cgroup of its own: pinned maps, the nft table, the iptables chains), then for `--seconds` one
+endpoint of a random service is replaced `--rate` times a second, as a source would hand the changes in,
+with the daemon's bounded-frequency runner syncing them (`--min-sync`). Meanwhile a client on loopback asks
+the userspace resolver for random service names (headless ones included, whose answers change with the
+churn) at a steady rate.
 
 Reported: network programming latency (a change's arrival to the end of the sync that programmed it,
 kube-proxy's network_programming_duration), sync durations, and DNS latency p50/p99 in a quiet phase
@@ -26,12 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dns.message
 
 from bench.common import pct, table
+from bench.control_plane import ENVS
 from noded.dns.resolver import Client, Resolver
 from noded.dns.server import serve
 from noded.dns.upstream import Upstreams
 from noded.loopthread import LoopThread
 from noded.services.runner import BoundedFrequencyRunner
-from tests.bpf.conftest import LbEnv, open_env, unique_tag
+from tests.bpf.conftest import open_env, unique_tag
 from tests.objects import endpoint, service, slice_
 
 DNS_PORT = 5399
@@ -73,6 +76,7 @@ def dns_client(names: list[str], rate: float, stop: threading.Event, out: list[t
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="ebpf", choices=["ebpf", "nftables", "iptables-legacy"])
     p.add_argument("--services", type=int, default=10000)
     p.add_argument("--rate", type=float, default=100.0, help="EndpointSlice changes per second")
     p.add_argument("--seconds", type=float, default=60.0)
@@ -81,8 +85,9 @@ def main() -> None:
     p.add_argument("--min-sync", type=float, default=1.0, help="the runner's minimum gap (minSyncPeriod)")
     a = p.parse_args()
 
-    env = open_env(LbEnv, f"churn-{unique_tag()}")
-    env.terminator.tcp = False  # the daemon's default
+    env = open_env(ENVS[a.mode], f"churn-{unique_tag()}")
+    if getattr(env, "terminator", None) is not None:  # eBPF: the daemon's default
+        env.terminator.tcp = False
     loop = LoopThread("churn-dns")
     try:
         for i in range(a.services):
@@ -159,7 +164,7 @@ def main() -> None:
             ],
         ]
         title = (
-            f"churn: {a.services} services x 10 endpoints (a tenth headless), eBPF, {a.rate:.0f} EndpointSlice"
+            f"churn: {a.services} services x 10 endpoints (a tenth headless), {a.mode}, {a.rate:.0f} EndpointSlice"
             f" changes/s for {a.seconds:.0f} s, DNS {a.dns_rate:.0f} q/s on the userspace resolver"
         )
         print(table(title, ["", "measured", ""], rows))

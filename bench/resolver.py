@@ -9,8 +9,9 @@ process of its own) and the servers' packets are handled. Query files: N cluster
 (`ext-i.example.org A`, forwarded by everyone to one dnsmasq upstream on the node's loopback, warmed into
 each cache first). QPS from a `dnsperf -c 4 -l SECONDS` run; p50/p99 latency from a second, verbose run
 of 3 s at saturation (each server at its own rate: one that drops queries keeps fewer in flight, which
-flatters its latency), and p99 from a third at one offered rate for every server (`--rate`). Memory: each server's RSS with 1,000 and with 10,000 services once answering, per 1,000; for noded
-also less the service model it holds for the proxiers anyway (its RSS printed before any DNS structure).
+flatters its latency), and p99 from a third at one offered rate for every server (`--rate`). Memory: each
+server's RSS with 1,000 and with 10,000 services once answering, per 1,000; for noded also less the service
+model it holds for the proxiers anyway (its RSS printed before any DNS structure).
 """
 
 from __future__ import annotations
