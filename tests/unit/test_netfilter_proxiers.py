@@ -9,16 +9,9 @@ from noded.services.fakes import RecordingConntrack, RecordingIptables, Recordin
 from noded.services.iptables import IptablesError, IptablesProxier
 from noded.services.nftables import NftError, NftProxier
 from tests.objects import endpoint, service, slice_
+from tests.unit.test_ebpf_proxier import cluster  # 3 services x 3 endpoints
 
 CIDRS = ["10.244.0.0/16"]
-
-
-def cluster(n: int = 3) -> ServiceModel:
-    model = ServiceModel()
-    for i in range(n):
-        model.upsert(service(f"s{i}", f"10.96.0.{i + 1}"))
-        model.upsert(slice_(f"s{i}", [endpoint(f"10.244.{i}.{j}") for j in range(1, 4)]))
-    return model
 
 
 def nft_proxier(model):
