@@ -329,8 +329,10 @@ class ServiceModel:
         for sp in ports:
             for family in {_family(ip) for ip in sp.cluster_ips}:
                 eps = _endpoints(sp, [s for s in slices if s.address_type == family])
-                local = _pick(eps, lambda ep: ep.node_name == self.node_name)
                 cluster = _pick(eps, _topology_filter(eps, self.node_zone))
+                local = cluster  # only a Local policy looks at which endpoints are on this node
+                if sp.internal_traffic_local or sp.external_traffic_local:
+                    local = _pick(eps, lambda ep: ep.node_name == self.node_name)
                 internal = local if sp.internal_traffic_local else cluster
                 external = local if sp.external_traffic_local else cluster
                 in_cluster = internal if sp.external_traffic_local else None
@@ -446,19 +448,26 @@ def _endpoints(sp: ServicePort, slices: list[EndpointSlice]) -> list[tuple[Backe
     return sorted(out.items())
 
 
-def _topology_filter(eps: list[tuple[Backend, Endpoint]], zone: str | None) -> Callable[[Endpoint], bool]:
+def _topology_filter(eps: list[tuple[Backend, Endpoint]], zone: str | None) -> Callable[[Endpoint], bool] | None:
     """kube-proxy's zone-hint rule: use hints only when the node has a zone, every ready endpoint carries
-    hints, and at least one is hinted for this zone; otherwise every endpoint."""
+    hints, and at least one is hinted for this zone; otherwise every endpoint (None: no filter)."""
+    if not zone:
+        return None
     ready = [ep for _b, ep in eps if ep.ready]
-    if zone and ready and all(ep.zone_hints for ep in ready) and any(zone in ep.zone_hints for ep in ready):
+    if ready and all(ep.zone_hints for ep in ready) and any(zone in ep.zone_hints for ep in ready):
         return lambda ep: zone in ep.zone_hints
-    return lambda ep: True
+    return None
 
 
-def _pick(eps: list[tuple[Backend, Endpoint]], keep: Callable[[Endpoint], bool]) -> Backends:
-    """Ready backends among those kept, and the serving-terminating fallback (kube-proxy's rules)."""
-    ready = tuple(b for b, ep in eps if keep(ep) and ep.ready)
-    terminating = tuple(b for b, ep in eps if keep(ep) and not ep.ready and ep.serving and ep.terminating)
+def _pick(eps: list[tuple[Backend, Endpoint]], keep: Callable[[Endpoint], bool] | None) -> Backends:
+    """Ready backends among those kept (all: keep None), and the serving-terminating fallback (kube-proxy's
+    rules)."""
+    if keep is None:
+        ready = tuple(b for b, ep in eps if ep.ready)
+        terminating = tuple(b for b, ep in eps if not ep.ready and ep.serving and ep.terminating)
+    else:
+        ready = tuple(b for b, ep in eps if keep(ep) and ep.ready)
+        terminating = tuple(b for b, ep in eps if keep(ep) and not ep.ready and ep.serving and ep.terminating)
     return ready, terminating
 
 

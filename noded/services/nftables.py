@@ -126,7 +126,7 @@ class NftProxier(NetfilterExtras):
         # Order matters in one transaction: elements go first (so chains are unreferenced), then
         # additions, then chains (flushed, then deleted) and sets nobody uses any more.
         element_dels: list[str] = []
-        new_picks: dict[str, str] = {}  # shared pick chains not in the table yet: made before what goes to them
+        new_picks: dict[str, tuple[str, ...]] = {}  # shared pick chains not in the table yet: made first
         adds: list[str] = []
         endpoint_dels: dict[str, list[str]] = {}  # shared endpoint map -> keys going (or changing)
         endpoint_adds: dict[str, list[str]] = {}  # shared endpoint map -> elements coming (or changed)
@@ -146,7 +146,7 @@ class NftProxier(NetfilterExtras):
                     key_text = nftrules.element_key(a.element)
                     element_dels.append(f"delete element {TABLE} {a.element_map} {{ {key_text} }}")
                 if b is not None:
-                    new_picks.update((name, rule) for name, rule in b.picks if name not in self.pick_chains)
+                    new_picks.update((name, rules) for name, rules in b.picks if name not in self.pick_chains)
                     adds += [f"add set {TABLE} {name} {spec}" for name, spec in b.sets.items()]
                     for name, rules in b.chains.items():
                         prev = a.chains.get(name) if a else None
@@ -166,7 +166,8 @@ class NftProxier(NetfilterExtras):
                 element_dels.append(f"delete element {TABLE} {hairpin_set} {{ {element} }}")
         element_dels += _element_commands("delete", endpoint_dels)
         adds += _element_commands("add", endpoint_adds)
-        cmds = element_dels + [c for name, rule in new_picks.items() for c in _pick_commands(name, rule)] + adds
+        made = [c for name, rules in new_picks.items() for c in nftrules.chain_commands(name, rules, new=True)]
+        cmds = element_dels + made + adds
         cmds += [f"flush chain {TABLE} {name}" for name in chain_dels]
         cmds += [f"delete chain {TABLE} {name}" for name in chain_dels]
         cmds += [f"delete set {TABLE} {name}" for name in set_dels]
@@ -181,7 +182,8 @@ class NftProxier(NetfilterExtras):
         cmds += [f"flush set {TABLE} {name}" for name in nftrules.HAIRPIN_SETS]
         there = set(existing["chains"])  # a chain made now needs no flush (10,000 commands fewer at a start)
         picks = dict(pick for rules in desired.values() for pick in rules.picks)
-        cmds += [c for name, rule in sorted(picks.items()) for c in _pick_commands(name, rule, name not in there)]
+        for name, rules in sorted(picks.items()):
+            cmds += nftrules.chain_commands(name, rules, new=name not in there)
         wanted_chains: set[str] = set(picks)
         wanted_sets: set[str] = set()
         for rules in desired.values():
@@ -218,11 +220,6 @@ class NftProxier(NetfilterExtras):
                 if kind in item and item[kind].get("table") == name:
                     out[what].append(item[kind]["name"])
         return out
-
-
-def _pick_commands(name: str, rule: str, new: bool = True) -> list[str]:
-    """A shared pick chain made (or, not `new`, re-asserted) with its one rule."""
-    return nftrules.chain_commands(name, (rule,), new)
 
 
 def _element_changes(

@@ -1,15 +1,17 @@
 """The nftables ruleset noded wants, as nft commands, after kube-proxy's nftables mode. Pure: no kernel.
 
 One `table inet noded`; service VIPs are looked up in verdict maps (O(1) in the
-number of services); each service port has a chain that masquerades as needed and goes to a shared pick
-chain, `pick-tcp-N`, whose one rule DNATs to `ip daddr . tcp dport . numgen random mod N` looked up in one
-map of every frontend's endpoints per family and protocol (`endpoints-tcp`, `endpoints6-udp`, …; nft 1.0.6
-cannot read back a map typed by `th dport`). So an endpoint replaced is two map elements and no rule: a
-rule added makes the kernel re-validate the whole table (~40 ms at 10,000 services); only a change in the
-number of endpoints rewrites the service chain's one goto. Pick chains are shared by every frontend with
-that many endpoints because the kernel checks each element against every rule bound to its map (10,000
-bindings made 100,000 elements take 20 s). With session affinity each endpoint has a chain of its own, as
-in kube-proxy.
+number of services). A frontend's element goes straight to a shared pick chain, `pick-tcp-3-offcluster`:
+masquerade as kube-proxy would (here: sources outside the cluster CIDRs), then DNAT to
+`ip daddr . tcp dport . numgen random mod 3` looked up in one map of every frontend's endpoints per
+family and protocol (`endpoints-tcp`, `endpoints6-udp`, …; nft 1.0.6 cannot read back a map typed by
+`th dport`). Pick chains are shared by every frontend with as many endpoints and the same masquerading
+(a handful of chains, not one per service: nft reads every chain before each transaction, and the kernel
+checks a map's elements against every rule bound to it, 10,000 bindings made 100,000 elements take 20 s).
+So an endpoint replaced is two map elements and no rule (a rule added makes the kernel re-validate the
+whole table, ~40 ms at 10,000 services); a change in the number of endpoints changes the frontend's
+element. Frontends with a Local policy's short-circuit or session affinity keep a service chain (and,
+with affinity, endpoint chains and sets, as in kube-proxy).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class FrontendRules:
     hairpin: frozenset[str] = frozenset()  # endpoint IPs, masqueraded when they reach themselves
     endpoint_map: str = ""  # the shared map holding its endpoint elements
     endpoints: tuple[str, ...] = ()  # "frontend . slot : endpoint" elements of endpoint_map
-    picks: frozenset[tuple[str, str]] = frozenset()  # the shared pick chains it goes to: (name, their one rule)
+    picks: frozenset[tuple[str, tuple[str, ...]]] = frozenset()  # the shared pick chains it uses: (name, rules)
 
 
 def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
@@ -139,12 +141,29 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
     elements: list[str] = []
-    picks: set[tuple[str, str]] = set()
+    picks: set[tuple[str, tuple[str, ...]]] = set()
     rules: list[str] = []
+    masquerade, masquerade_rule = "", None
     if p.masquerade == "off-cluster" and pods:  # e.g. the node itself reaching a cluster IP
-        rules.append(f"{fam} saddr != {pods} jump mark-for-masquerade")
+        masquerade, masquerade_rule = "offcluster", f"{fam} saddr != {pods} jump mark-for-masquerade"
     elif p.masquerade == "all":
-        rules.append("jump mark-for-masquerade")
+        masquerade, masquerade_rule = "masq", "jump mark-for-masquerade"
+    endpoint_ips = frozenset(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends)
+    endpoint_map = f"endpoints{suffix}-{fe.protocol.lower()}"
+    if p.pick and not p.short_circuit and not sp.affinity_timeout:  # most frontends: no chain of their own
+        name, pick_rules = _pick_chain(fe, p.pick, elements, masquerade, masquerade_rule)
+        return FrontendRules(
+            f"service-ips{suffix}",
+            f"{key} : goto {name}",
+            {},
+            {},
+            endpoint_ips,
+            endpoint_map,
+            tuple(elements),
+            frozenset({(name, pick_rules)}),
+        )
+    if masquerade_rule:
+        rules.append(masquerade_rule)
     if p.short_circuit:
         # externalTrafficPolicy Local: pods and the node itself still reach every endpoint; everyone
         # else keeps its address and gets this node's endpoints, or nothing
@@ -161,17 +180,34 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
         rules.append('drop comment "no local endpoints"')
     svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
     chains[svc_chain] = tuple(rules)
-    endpoint_ips = frozenset(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends)
     return FrontendRules(
         f"service-ips{suffix}",
         f"{key} : goto {svc_chain}",
         chains,
         sets,
         endpoint_ips,
-        f"endpoints{suffix}-{fe.protocol.lower()}",
+        endpoint_map,
         tuple(elements),
         frozenset(picks),
     )
+
+
+def _pick_chain(
+    fe: Frontend, pick: Pick, elements: list[str], masquerade: str = "", masquerade_rule: str | None = None
+) -> tuple[str, tuple[str, ...]]:
+    """The shared pick chain for this many endpoints (and masquerading, and fallback), its rules, and the
+    frontend's endpoint elements (added to `elements`): a Local policy's short-circuit draws from slots of
+    its own (numgen's offset)."""
+    fam, proto, suffix = _ipfam(fe.ip), fe.protocol.lower(), "6" if _v6(fe.ip) else ""
+    first = CLUSTER_SLOTS if pick.tag == "cluster" else 0
+    elements += [f"{fe.ip} . {fe.port} . {first + i} : {ip} . {port}" for i, (ip, port) in enumerate(pick.backends)]
+    n = len(pick.backends)
+    parts = [f"pick{suffix}", proto, str(n)] + ["cluster"] * bool(first) + [masquerade] * bool(masquerade)
+    parts += ["terminating"] * pick.fallback
+    key = f"{fam} daddr . {proto} dport . numgen random mod {n}{f' offset {first}' if first else ''}"
+    note = ' comment "serving-terminating"' if pick.fallback else ""
+    dnat = f"meta l4proto {proto} dnat {fam} to {key} map @endpoints{suffix}-{proto}{note}"
+    return "-".join(parts), (*([masquerade_rule] if masquerade_rule else []), dnat)
 
 
 def _pick_endpoint(
@@ -181,7 +217,7 @@ def _pick_endpoint(
     chains: dict[str, tuple[str, ...]],
     sets: dict[str, str],
     elements: list[str],
-    picks: set[tuple[str, str]],
+    picks: set[tuple[str, tuple[str, ...]]],
 ) -> list[str]:
     """Rules choosing one backend (affinity first, then at random) and DNATing to it.
 
@@ -190,21 +226,14 @@ def _pick_endpoint(
     endpoint, because `nft` reads every chain of the table before each transaction and the kernel's chain
     dump is quadratic in their number.
     """
+    if not state.service.affinity_timeout:
+        name, rules = _pick_chain(fe, pick, elements)
+        picks.add((name, rules))
+        return [f"goto {name}"]
     sp = state.service
     fam = _ipfam(fe.ip)
     note = ' comment "serving-terminating"' if pick.fallback else ""
-    proto = fe.protocol.lower()
-    dnat = f"meta l4proto {proto} dnat {fam}"
-    if not sp.affinity_timeout:
-        first = CLUSTER_SLOTS if pick.tag == "cluster" else 0
-        offset = f" offset {first}" if first else ""
-        suffix = "6" if _v6(fe.ip) else ""
-        elements += [f"{fe.ip} . {fe.port} . {first + i} : {ip} . {port}" for i, (ip, port) in enumerate(pick.backends)]
-        n = len(pick.backends)
-        name = f"pick{suffix}-{proto}-{n}{'-cluster' if first else ''}"
-        key = f"{fam} daddr . {proto} dport . numgen random mod {n}{offset}"
-        picks.add((name, f"{dnat} to {key} map @endpoints{suffix}-{proto}"))
-        return [f"goto {name}{note}"]
+    dnat = f"meta l4proto {fe.protocol.lower()} dnat {fam}"
     rules: list[str] = []
     gotos = []
     addr_type = "ipv6_addr" if _v6(fe.ip) else "ipv4_addr"

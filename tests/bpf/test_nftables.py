@@ -33,11 +33,12 @@ def test_partial_sync_touches_only_the_changed_frontend(nft_lb):
 
     assert len(views()) == 50
     assert sorted(a for a, _ in views()["10.96.1.8:80/TCP"].ready) == ["10.244.7.1", "10.244.7.9"]
-    # a third endpoint: the service chain's one rule draws from three slots now
+    # a third endpoint: the frontend's element goes to the pick chain for three (made now), no rule of its own
     nft_lb.apply(slice_("s7", [endpoint(f"10.244.7.{j}") for j in (1, 9, 5)]))
     script = nft_lb.proxier.last_script
-    assert "default/s7/" in script and "numgen random mod 3 map @endpoints-tcp" in script
-    assert not any(f"default/s{i}/" in script for i in range(50) if i != 7)
+    assert "add element inet noded service-ips { 10.96.1.8 . tcp . 80 : goto pick-tcp-3-offcluster }" in script
+    assert "add chain inet noded pick-tcp-3-offcluster" in script
+    assert not any(f"10.96.1.{i + 1} " in script for i in range(50) if i != 7)
     assert "flush map" not in script  # not a full sync
     assert sorted(a for a, _ in views()["10.96.1.8:80/TCP"].ready) == ["10.244.7.1", "10.244.7.5", "10.244.7.9"]
 
@@ -47,9 +48,9 @@ def test_full_resync_repairs_tampering(nft_lb):
     nft_lb.apply(service("web"), slice_("web", [endpoint("192.0.2.1")], ports=[{"name": "http", "port": 9001}]))
     assert nft_lb.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}
     rules = next(iter(nft_lb.proxier.mirror.programmed.values()))
-    svc_chain = next(c for c in rules.chains if c.startswith("service-"))
+    ((pick_chain, _rules),) = rules.picks
     nftables.nft(
-        f"flush chain inet noded {svc_chain}\nadd chain inet noded rogue\nflush map inet noded service-ips\n",
+        f"flush chain inet noded {pick_chain}\nadd chain inet noded rogue\nflush map inet noded service-ips\n",
         cmd(nft_lb),
     )
     assert nft_lb.client("tcp", "10.96.0.10", 80, count=1, timeout=1)["answers"] == {}

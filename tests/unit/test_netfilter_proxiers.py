@@ -24,8 +24,9 @@ def test_nftables_full_sync_then_an_endpoint_replaced_is_two_elements():
     proxier, nft = nft_proxier(model)
     assert proxier.sync(full=True) == 3
     (full,) = nft.scripts
-    assert "add chain inet noded pick-tcp-3" in full
-    assert full.count("goto pick-tcp-3") == 3  # one shared pick chain for every 3-endpoint frontend
+    assert full.count("add chain inet noded pick-tcp-3-offcluster\n") == 1
+    assert full.count(": goto pick-tcp-3-offcluster,") + full.count(": goto pick-tcp-3-offcluster }") == 3  # shared
+    assert "add chain inet noded service-" not in full  # no chain of their own
     assert "10.96.0.2 . 80 . 1 : 10.244.1.2 . 8080" in full
     # (endpoints take slots in address order: 10.244.1.25 takes 10.244.1.2's)
     model.upsert(slice_("s1", [endpoint("10.244.1.1"), endpoint("10.244.1.25"), endpoint("10.244.1.3")]))
@@ -46,11 +47,12 @@ def test_nftables_a_new_endpoint_count_makes_its_pick_chain_once():
     four = [endpoint(f"10.244.9.{j}") for j in range(1, 5)]
     model.upsert(slice_("s0", four))
     proxier.sync()
-    assert nft.scripts[-1].count("add chain inet noded pick-tcp-4") == 1
-    assert "goto pick-tcp-4" in nft.scripts[-1]
+    assert nft.scripts[-1].count("add chain inet noded pick-tcp-4-offcluster") == 1
+    assert "10.96.0.1 . tcp . 80 : goto pick-tcp-4-offcluster" in nft.scripts[-1]
     model.upsert(slice_("s2", [endpoint(f"10.244.8.{j}") for j in range(1, 5)]))
     proxier.sync()
-    assert "pick-tcp-4" in nft.scripts[-1] and "add chain inet noded pick-tcp-4" not in nft.scripts[-1]
+    assert "10.96.0.3 . tcp . 80 : goto pick-tcp-4-offcluster" in nft.scripts[-1]
+    assert "add chain" not in nft.scripts[-1]
 
 
 def test_nftables_a_refused_transaction_changes_nothing_and_the_full_retry_converges():
@@ -66,7 +68,7 @@ def test_nftables_a_refused_transaction_changes_nothing_and_the_full_retry_conve
     nft.chains.add("service-deadbeef-default/gone/tcp/http")  # left behind (another run, or tampering)
     assert proxier.sync(full=True) == 3  # what the runner does after a failure
     full = nft.scripts[-1]
-    assert "10.96.0.2 . 80 . 0 : 10.244.1.7 . 8080" in full and "add chain inet noded pick-tcp-1" in full
+    assert "10.96.0.2 . 80 . 0 : 10.244.1.7 . 8080" in full and "add chain inet noded pick-tcp-1-offcluster" in full
     assert "delete chain inet noded service-deadbeef-default/gone/tcp/http" in full
     assert "flush map inet noded endpoints-tcp" in full  # a full sync rewrites the shared maps whole
 

@@ -28,15 +28,13 @@ def test_random_choice_draws_from_the_shared_endpoint_map_and_hairpin_goes_to_th
     backends = [("10.244.1.2", 8080), ("10.244.2.2", 8080), ("10.244.3.2", 8080)]
     r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state(backends), ["10.244.0.0/16"])
     assert r.element_map == "service-ips"
-    ((name, svc),) = r.chains.items()  # no chain per endpoint
-    assert name.startswith("service-") and NAME_OK.match(name)
-    assert svc == (
-        "ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade",
-        "goto pick-tcp-3",
-    )
-    # the pick chain every TCP frontend with three endpoints shares
-    rule = "meta l4proto tcp dnat ip to ip daddr . tcp dport . numgen random mod 3 map @endpoints-tcp"
-    assert r.picks == {("pick-tcp-3", rule)}
+    assert r.chains == {}  # no chain of its own: its element goes to the pick chain it shares
+    assert r.element == "10.96.0.10 . tcp . 80 : goto pick-tcp-3-offcluster"
+    # every TCP frontend with three endpoints masqueraded from outside the cluster shares this one
+    masquerade = "ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade"
+    dnat = "meta l4proto tcp dnat ip to ip daddr . tcp dport . numgen random mod 3 map @endpoints-tcp"
+    assert r.picks == {("pick-tcp-3-offcluster", (masquerade, dnat))}
+    assert all(NAME_OK.match(name) for name, _ in r.picks)
     assert r.endpoint_map == "endpoints-tcp"
     assert r.endpoints == (
         "10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080",
@@ -49,19 +47,21 @@ def test_random_choice_draws_from_the_shared_endpoint_map_and_hairpin_goes_to_th
     swapped = nftrules.frontend_rules(
         Frontend("10.96.0.10", 80, "TCP"), state([backends[0], ("10.244.9.9", 8080), backends[2]]), ["10.244.0.0/16"]
     )
-    assert swapped.chains == r.chains and swapped.endpoints[1] == "10.96.0.10 . 80 . 1 : 10.244.9.9 . 8080"
+    assert (swapped.element, swapped.picks) == (r.element, r.picks)
+    assert swapped.endpoints[1] == "10.96.0.10 . 80 . 1 : 10.244.9.9 . 8080"
     many = [(f"10.244.1.{i}", 8080) for i in range(1, 101)]
     r = nftrules.frontend_rules(Frontend("10.96.0.10", 53, "UDP"), state(many), [])
-    assert r.chains[next(iter(r.chains))][-1] == "goto pick-udp-100"
-    ((_pick, rule),) = r.picks
+    assert r.element == "10.96.0.10 . udp . 53 : goto pick-udp-100"  # no cluster CIDR: no masquerading
+    ((_pick, (rule,)),) = r.picks
     assert rule.endswith("numgen random mod 100 map @endpoints-udp")
     assert len(r.endpoints) == 100 and r.endpoint_map == "endpoints-udp"
 
 
 def test_terminating_fallback_is_marked_and_used_only_without_ready():
     r = nftrules.frontend_rules(Frontend("10.96.0.10", 80, "TCP"), state([], [("10.244.1.9", 8080)]), [])
-    ((_name, svc),) = r.chains.items()
-    assert svc[-1] == 'goto pick-tcp-1 comment "serving-terminating"'
+    assert r.element.endswith("goto pick-tcp-1-terminating")
+    ((_name, (dnat,)),) = r.picks
+    assert dnat.endswith('map @endpoints-tcp comment "serving-terminating"')
     assert r.endpoints == ("10.96.0.10 . 80 . 0 : 10.244.1.9 . 8080",)
     r = nftrules.frontend_rules(
         Frontend("10.96.0.10", 80, "TCP"), state([("10.244.1.2", 8080)], [("10.244.1.9", 8080)]), []
@@ -106,7 +106,7 @@ def test_local_policy_short_circuits_pods_and_drops_the_rest_in_both_renderers()
     offset = nftrules.CLUSTER_SLOTS
     assert cluster == ("goto pick-tcp-1-cluster",)
     rule = f"meta l4proto tcp dnat ip to ip daddr . tcp dport . numgen random mod 1 offset {offset} map @endpoints-tcp"
-    assert ("pick-tcp-1-cluster", rule) in nft.picks
+    assert ("pick-tcp-1-cluster", (rule,)) in nft.picks
     assert nft.endpoints == (f"192.0.2.11 . 30080 . {offset} : 10.244.2.2 . 8080",)
     ipt = iptrules.frontend_rules(fe, st, ["10.244.0.0/16"])
     assert ipt.filter_rule.endswith("-j DROP") and "--dport 30080" in ipt.filter_rule
