@@ -122,7 +122,8 @@ class FrontendRules:
     element: str  # "key : verdict"
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sets: dict[str, str] = field(default_factory=dict)  # affinity set name -> spec
-    hairpin: frozenset[str] = frozenset()  # endpoint IPs, masqueraded when they reach themselves
+    # endpoint IPs, masqueraded when they reach themselves (a tuple: a frozenset of ten was 1 KiB a frontend)
+    hairpin: tuple[str, ...] = ()
     endpoint_map: str = ""  # the shared map holding its endpoint elements
     endpoints: tuple[str, ...] = ()  # "frontend . slot : endpoint" elements of endpoint_map
     picks: frozenset[tuple[str, tuple[str, ...]]] = frozenset()  # the shared pick chains it uses: (name, rules)
@@ -148,7 +149,7 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
         masquerade, masquerade_rule = "offcluster", f"{fam} saddr != {pods} jump mark-for-masquerade"
     elif p.masquerade == "all":
         masquerade, masquerade_rule = "masq", "jump mark-for-masquerade"
-    endpoint_ips = frozenset(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends)
+    endpoint_ips = tuple(dict.fromkeys(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends))
     endpoint_map = f"endpoints{suffix}-{fe.protocol.lower()}"
     if p.pick and not p.short_circuit and not sp.affinity_timeout:  # most frontends: no chain of their own
         name, pick_rules = _pick_chain(fe, p.pick, elements, masquerade, masquerade_rule)

@@ -41,7 +41,7 @@ def test_random_choice_draws_from_the_shared_endpoint_map_and_hairpin_goes_to_th
         "10.96.0.10 . 80 . 1 : 10.244.2.2 . 8080",
         "10.96.0.10 . 80 . 2 : 10.244.3.2 . 8080",
     )
-    assert r.hairpin == {"10.244.1.2", "10.244.2.2", "10.244.3.2"}
+    assert r.hairpin == ("10.244.1.2", "10.244.2.2", "10.244.3.2")
     assert nftrules.hairpin_element("10.244.1.2") == ("hairpin", "10.244.1.2 . 10.244.1.2")
     # an endpoint replaced changes elements only; a count change changes the rule
     swapped = nftrules.frontend_rules(
