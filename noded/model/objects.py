@@ -162,8 +162,12 @@ NAME_RULES = {  # kind -> (pattern, max length, what the API server calls it)
 }
 
 
+def _name_ok(value: str, pattern: re.Pattern, limit: int) -> bool:
+    return len(value) <= limit and pattern.fullmatch(value) is not None
+
+
 def check_name(value: str, pattern: re.Pattern, limit: int, what: str, where: str) -> str:
-    if len(value) > limit or not pattern.fullmatch(value):
+    if not _name_ok(value, pattern, limit):
         raise ManifestError(f"{where}: {value[:80]!r} is not {what}")
     return value
 
@@ -373,11 +377,11 @@ def _plain_endpoint(ep: Any, address_type: str) -> Endpoint | None:
         return None
     node_name, zone = ep.get("nodeName"), ep.get("zone")
     if node_name is not None:
-        if type(node_name) is not str or len(node_name) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(node_name):
+        if type(node_name) is not str or not _name_ok(node_name, _DNS1123_SUBDOMAIN, 253):
             return None
         node_name = sys.intern(node_name)  # a handful of nodes among 100,000 endpoints
     if zone is not None:
-        if type(zone) is not str or len(zone) > 63 or not _LABEL_VALUE.fullmatch(zone):
+        if type(zone) is not str or not _name_ok(zone, _LABEL_VALUE, 63):
             return None
         zone = sys.intern(zone)
     return Endpoint(address, ready, serving, terminating, node_name, zone)

@@ -462,12 +462,9 @@ def _topology_filter(eps: list[tuple[Backend, Endpoint]], zone: str | None) -> C
 def _pick(eps: list[tuple[Backend, Endpoint]], keep: Callable[[Endpoint], bool] | None) -> Backends:
     """Ready backends among those kept (all: keep None), and the serving-terminating fallback (kube-proxy's
     rules)."""
-    if keep is None:
-        ready = tuple(b for b, ep in eps if ep.ready)
-        terminating = tuple(b for b, ep in eps if not ep.ready and ep.serving and ep.terminating)
-    else:
-        ready = tuple(b for b, ep in eps if keep(ep) and ep.ready)
-        terminating = tuple(b for b, ep in eps if keep(ep) and not ep.ready and ep.serving and ep.terminating)
+    kept = eps if keep is None else [(b, ep) for b, ep in eps if keep(ep)]
+    ready = tuple(b for b, ep in kept if ep.ready)
+    terminating = tuple(b for b, ep in kept if not ep.ready and ep.serving and ep.terminating)
     return ready, terminating
 
 

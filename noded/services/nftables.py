@@ -95,8 +95,9 @@ class NftProxier(NetfilterExtras):
         delta: Counter[str] | None = None
         if full:
             after = self.mirror.after(desired_by_key)
-            script, hairpin_refs = self._full_script(after), Counter(ip for r in after.values() for ip in r.hairpin)
-            picks = {name for r in after.values() for name, _rule in r.picks}
+            hairpin_refs = Counter(ip for r in after.values() for ip in r.hairpin)
+            pick_rules = dict(pick for r in after.values() for pick in r.picks)
+            script, picks = self._full_script(after, pick_rules, hairpin_refs), set(pick_rules)
         else:
             script, delta = self._partial_script(desired_by_key)
             picks = self.pick_chains | {
@@ -173,7 +174,10 @@ class NftProxier(NetfilterExtras):
         cmds += [f"delete set {TABLE} {name}" for name in set_dels]
         return ("\n".join(cmds) + "\n" if cmds else ""), hairpin_delta
 
-    def _full_script(self, desired: dict[Frontend, FrontendRules]) -> str:
+    def _full_script(
+        self, desired: dict[Frontend, FrontendRules], picks: dict[str, tuple[str, ...]], hairpin: Counter[str]
+    ) -> str:
+        """Everything re-asserted: the frontends, the shared pick chains they use and the hairpin endpoints."""
         existing = self._existing_objects()
         cmds = nftrules.base_commands()
         for name, rules in nftrules.base_rules().items():
@@ -181,7 +185,6 @@ class NftProxier(NetfilterExtras):
         cmds += [f"flush map {TABLE} {name}" for name in nftrules.MAPS]
         cmds += [f"flush set {TABLE} {name}" for name in nftrules.HAIRPIN_SETS]
         there = set(existing["chains"])  # a chain made now needs no flush (10,000 commands fewer at a start)
-        picks = dict(pick for rules in desired.values() for pick in rules.picks)
         for name, rules in sorted(picks.items()):
             cmds += nftrules.chain_commands(name, rules, new=name not in there)
         wanted_chains: set[str] = set(picks)
@@ -199,7 +202,7 @@ class NftProxier(NetfilterExtras):
             elements.setdefault(rules.element_map, []).append(rules.element)
             if rules.endpoints:
                 elements.setdefault(rules.endpoint_map, []).extend(rules.endpoints)
-        for ip in sorted({ip for rules in desired.values() for ip in rules.hairpin}):
+        for ip in sorted(hairpin):
             hairpin_set, element = nftrules.hairpin_element(ip)
             elements.setdefault(hairpin_set, []).append(element)
         cmds += _element_commands("add", elements)

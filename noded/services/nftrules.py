@@ -54,7 +54,6 @@ ENDPOINT_MAPS = {
 }
 CLUSTER_SLOTS = 1 << 24
 HAIRPIN_SETS = {"hairpin": "ipv4_addr . ipv4_addr", "hairpin6": "ipv6_addr . ipv6_addr"}  # endpoint . itself
-OWNED_PREFIXES = ("service-", "endpoint-", "affinity-", "pick")
 CASCADE_MAX = 32  # affinity: endpoint chains chosen by a rule cascade; more than this by an anonymous verdict map
 
 
@@ -143,51 +142,41 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     sets: dict[str, str] = {}
     elements: list[str] = []
     picks: set[tuple[str, tuple[str, ...]]] = set()
-    rules: list[str] = []
     masquerade, masquerade_rule = "", None
     if p.masquerade == "off-cluster" and pods:  # e.g. the node itself reaching a cluster IP
         masquerade, masquerade_rule = "offcluster", f"{fam} saddr != {pods} jump mark-for-masquerade"
     elif p.masquerade == "all":
         masquerade, masquerade_rule = "masq", "jump mark-for-masquerade"
-    endpoint_ips = tuple(dict.fromkeys(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends))
-    endpoint_map = f"endpoints{suffix}-{fe.protocol.lower()}"
     if p.pick and not p.short_circuit and not sp.affinity_timeout:  # most frontends: no chain of their own
-        name, pick_rules = _pick_chain(fe, p.pick, elements, masquerade, masquerade_rule)
-        return FrontendRules(
-            f"service-ips{suffix}",
-            f"{key} : goto {name}",
-            {},
-            {},
-            endpoint_ips,
-            endpoint_map,
-            tuple(elements),
-            frozenset({(name, pick_rules)}),
-        )
-    if masquerade_rule:
-        rules.append(masquerade_rule)
-    if p.short_circuit:
-        # externalTrafficPolicy Local: pods and the node itself still reach every endpoint; everyone
-        # else keeps its address and gets this node's endpoints, or nothing
-        cluster_chain = _quote(f"service-{_hash(fe, 'cluster')}-{sp.name.namespace}/{sp.name.name}/cluster")
-        chains[cluster_chain] = tuple(_pick_endpoint(fe, state, p.short_circuit, chains, sets, elements, picks))
-        if pods:
-            if p.masquerade_pods:
-                rules.append(f"{fam} saddr {pods} jump mark-for-masquerade")
-            rules.append(f"{fam} saddr {pods} goto {cluster_chain}")
-        rules += ["fib saddr type local jump mark-for-masquerade", f"fib saddr type local goto {cluster_chain}"]
-    if p.pick:
-        rules += _pick_endpoint(fe, state, p.pick, chains, sets, elements, picks)
-    else:
-        rules.append('drop comment "no local endpoints"')
-    svc_chain = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{fe.protocol.lower()}/{sp.name.port}")
-    chains[svc_chain] = tuple(rules)
+        target, pick_rules = _pick_chain(fe, p.pick, elements, masquerade, masquerade_rule)
+        picks.add((target, pick_rules))
+    else:  # a chain of its own: a Local policy's short-circuit, or session affinity
+        rules = [masquerade_rule] if masquerade_rule else []
+        if p.short_circuit:
+            # externalTrafficPolicy Local: pods and the node itself still reach every endpoint; everyone
+            # else keeps its address and gets this node's endpoints, or nothing
+            cluster_chain = _quote(f"service-{_hash(fe, 'cluster')}-{sp.name.namespace}/{sp.name.name}/cluster")
+            chains[cluster_chain] = tuple(_pick_endpoint(fe, state, p.short_circuit, chains, sets, elements, picks))
+            if pods:
+                if p.masquerade_pods:
+                    rules.append(f"{fam} saddr {pods} jump mark-for-masquerade")
+                rules.append(f"{fam} saddr {pods} goto {cluster_chain}")
+            rules += ["fib saddr type local jump mark-for-masquerade", f"fib saddr type local goto {cluster_chain}"]
+        if p.pick:
+            rules += _pick_endpoint(fe, state, p.pick, chains, sets, elements, picks)
+        else:
+            rules.append('drop comment "no local endpoints"')
+        proto = fe.protocol.lower()
+        target = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{proto}/{sp.name.port}")
+        chains[target] = tuple(rules)
+    endpoint_ips = tuple(dict.fromkeys(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends))
     return FrontendRules(
         f"service-ips{suffix}",
-        f"{key} : goto {svc_chain}",
+        f"{key} : goto {target}",
         chains,
         sets,
         endpoint_ips,
-        endpoint_map,
+        f"endpoints{suffix}-{fe.protocol.lower()}",
         tuple(elements),
         frozenset(picks),
     )

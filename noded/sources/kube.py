@@ -428,7 +428,9 @@ def _since(start: float, end: float | None = None) -> float:
 
 class _Ahead:
     """A call made now on a thread of its own, its result (or what it raised) taken later: the next page of
-    a list on its way while this one is applied, so the API server's time and ours overlap."""
+    a list on its way while this one is applied, so the API server's time and ours overlap. A daemon thread,
+    not an executor's worker, which the interpreter joins at exit: a stopping noded never waits out a
+    request's 60 s timeout."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self._done = threading.Event()
