@@ -22,6 +22,7 @@ from noded.bpf.libbpf import BPF_TCX_INGRESS, Map, Object, attach_tcx_pinned
 from noded.bpf.sock_lb import LINKS_DIR, ensure_bpffs, object_path
 from noded.dns.wire import question_name_end
 from noded.model.tracker import ServiceKey
+from noded.reconcile import held_by_name, reconcile
 
 log = structlog.get_logger("noded.bpf.dns")
 OBJECT = "dns.o"
@@ -127,6 +128,7 @@ class DnsFastPath:
         self.stats_map = Map.open_pinned(
             f"{bpffs}/noded_dns_stats", ctypes.c_uint32, ctypes.c_uint64 * _possible_cpus()
         )
+        self._linked: set[str] = set()  # link pins this object attached (its program)
         self._held: dict[ServiceKey, tuple[bytes, ...]] = {}  # each service's map keys, as written
         self.writes = 0
         self.cached = 0  # answers put into noded_dns_cache
@@ -138,58 +140,78 @@ class DnsFastPath:
         for host, port in addresses:
             if not ipaddress.ip_address(host).is_unspecified:
                 key = structs.DnsListenKey(addr=structs.pack_addr(host), port=structs.net_port(port))
-                wanted[bytes(key)] = key
-        for key in list(self.listen.keys()) if prune else ():
-            if bytes(key) not in wanted:
-                self.listen.delete(key)
-        for key in wanted.values():
-            self.listen.update(key, ctypes.c_uint32(1))
+                wanted[bytes(key)] = 1
+        table = self.listen
+        reconcile(
+            {bytes(key): int(value.value) for key, value in table.items()},
+            wanted,
+            lambda raw, one: table.update(structs.DnsListenKey.from_buffer_copy(raw), ctypes.c_uint32(one)),
+            lambda raw: table.delete(structs.DnsListenKey.from_buffer_copy(raw)),
+            prune,
+        )
 
     def attach(self, interfaces: dict[str, int]) -> list[str]:
         """The program on the ingress of exactly these interfaces {name: ifindex}; what changed."""
         links = f"{self.bpffs}/{LINKS_DIR}"
         wanted = {f"{LINK_PREFIX}{name}-{index}": index for name, index in interfaces.items()}
-        changed = []
-        for pin in os.listdir(links):
-            if pin.startswith(LINK_PREFIX) and pin not in wanted:
-                os.unlink(f"{links}/{pin}")
-                changed.append(f"detached {pin}")
-        for pin, index in sorted(wanted.items()):
-            if not os.path.exists(f"{links}/{pin}"):
-                changed.append(f"{attach_tcx_pinned(self.program, index, BPF_TCX_INGRESS, f'{links}/{pin}')} {pin}")
+        # a pin names its interface, but one this object did not attach may hold an earlier run's program:
+        # not known, so updated in place once
+        present = [pin for pin in os.listdir(links) if pin.startswith(LINK_PREFIX)]
+        held = held_by_name((pin for pin in present if pin in self._linked), wanted)
+        held.update((pin, None) for pin in present if pin not in self._linked)
+        changed: list[str] = []
+
+        def attach(pin: str, index: int) -> None:
+            changed.append(f"{attach_tcx_pinned(self.program, index, BPF_TCX_INGRESS, f'{links}/{pin}')} {pin}")
+            self._linked.add(pin)
+
+        def detach(pin: str) -> None:
+            os.unlink(f"{links}/{pin}")
+            self._linked.discard(pin)
+            changed.append(f"detached {pin}")
+
+        reconcile(held, dict(sorted(wanted.items())), attach, detach)
         return changed
 
     def sync(self, records: dict[ServiceKey, dict[tuple[str, int], list[str]]], ttl: int) -> int:
         """Make noded_dns hold exactly these records, by service (those the program can answer); the map
         writes made. Entries an earlier run left that no service names any more are deleted."""
-        held = {bytes(k) for k in self.records.keys()}  # noqa: SIM118 (a map, not a dict)
-        self._held = {}
-        writes = self.update(records, ttl)
-        wanted = {raw for raws in self._held.values() for raw in raws}
-        for raw in held - wanted:
-            self.records.delete(structs.DnsKey.from_buffer_copy(raw))
-            writes += 1
-        self.writes += len(held - wanted)
+        by_service = {service: self._entries(named, ttl) for service, named in records.items()}
+        wanted = {raw: val for entries in by_service.values() for raw, val in entries.items()}
+        held = dict.fromkeys(bytes(k) for k in self.records.keys())  # noqa: SIM118 (a map, not a dict)
+        writes = len(reconcile(held, wanted, self._write_record, self._delete_record))
+        self._held = {service: tuple(entries) for service, entries in by_service.items() if entries}
+        self.writes += writes
         return writes
 
     def update(self, records: dict[ServiceKey, dict[tuple[str, int], list[str]]], ttl: int) -> int:
-        """Replace the records of just these services (one with none: its entries deleted); map writes made."""
+        """Replace the records of just these services (one with none: its entries deleted); map writes made.
+        What each service's entries hold is not kept (memory), so every wanted one is written again."""
         writes = 0
         for service, named in records.items():
-            old = self._held.pop(service, ())
-            keys = []
-            for (name, qtype), addresses in named.items():
-                key, val = record_key(name, qtype), record_value(addresses, ttl)
-                if key is not None and val is not None:
-                    self.records.update(key, val)
-                    keys.append(bytes(key))
-            for raw in set(old) - set(keys):
-                self.records.delete(structs.DnsKey.from_buffer_copy(raw))
-            writes += len(keys) + len(set(old) - set(keys))
-            if keys:
-                self._held[service] = tuple(keys)
+            wanted = self._entries(named, ttl)
+            old = dict.fromkeys(self._held.pop(service, ()))
+            writes += len(reconcile(old, wanted, self._write_record, self._delete_record))
+            if wanted:
+                self._held[service] = tuple(wanted)
         self.writes += writes
         return writes
+
+    @staticmethod
+    def _entries(named: dict[tuple[str, int], list[str]], ttl: int) -> dict[bytes, structs.DnsVal]:
+        """One service's entries the program can answer: {packed key: value}."""
+        out = {}
+        for (name, qtype), addresses in named.items():
+            key, val = record_key(name, qtype), record_value(addresses, ttl)
+            if key is not None and val is not None:
+                out[bytes(key)] = val
+        return out
+
+    def _write_record(self, raw: bytes, val: structs.DnsVal) -> None:
+        self.records.update(structs.DnsKey.from_buffer_copy(raw), val)
+
+    def _delete_record(self, raw: bytes) -> None:
+        self.records.delete(structs.DnsKey.from_buffer_copy(raw))
 
     def learned(self, reply: bytes, stored: float, expires: float) -> bool:
         """Put an answer the resolver learned upstream into the in-kernel cache (its reply to a plain query,

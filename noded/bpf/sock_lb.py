@@ -21,6 +21,7 @@ from noded.bpf.libbpf import (
     attach_cgroup_pinned,
     attach_tcx_pinned,
 )
+from noded.reconcile import changes
 
 log = structlog.get_logger("noded.bpf")
 
@@ -153,22 +154,23 @@ def external_links_missing(bpffs: str, interfaces: dict[str, int]) -> bool:
 
 def attach_external(bpffs: str, interfaces: dict[str, int]) -> list[str]:
     """Attach the NodePort programs (ingress and egress) to interfaces {name: ifindex} with pinned tcx links,
-    and detach them from every other interface. Returns what changed."""
+    and detach them from every other interface. Returns what changed. A link already pinned is updated in
+    place to this object's program (it may hold an earlier run's): held links count as not known."""
     links = f"{bpffs}/{LINKS_DIR}"
-    wanted = external_link_pins(interfaces)
+    held = dict.fromkeys(pin for pin in os.listdir(links) if pin.startswith(TC_LINK_PREFIX))
+    todo = changes(held, dict(sorted(external_link_pins(interfaces).items())))
     changed = []
-    for pin in os.listdir(links):
-        if pin.startswith(TC_LINK_PREFIX) and pin not in wanted:
-            os.unlink(f"{links}/{pin}")
-            changed.append(f"detached {pin}")
-    if not wanted:
+    for pin in todo.delete:
+        os.unlink(f"{links}/{pin}")
+        changed.append(f"detached {pin}")
+    if not todo.write:
         return changed
     obj = Object(object_path(NODEPORT_OBJECT))
     try:
         obj.pin_maps_under(bpffs)
         obj.load()
         programs = {name: prog for name, _section, prog in obj.programs()}
-        for pin, (index, attach_type, program) in sorted(wanted.items()):
+        for pin, (index, attach_type, program) in todo.write.items():
             what = attach_tcx_pinned(programs[program], index, attach_type, f"{links}/{pin}")
             changed.append(f"{what} {pin}")
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -19,6 +20,7 @@ from noded.bpf.nat_gc import NatCollector
 from noded.bpf.sock_lb import LbMaps, attach_external, cgroup_links, external_links_missing, repair
 from noded.bpf.sock_term import Removed, SocketTerminator
 from noded.model.tracker import Backend, Frontend, FrontendState, ServiceKey, ServiceModel
+from noded.reconcile import reconcile
 from noded.services.slots import plan_slots
 from noded.services.view import ProgrammedView
 
@@ -64,6 +66,39 @@ def map_frontends(frontends: dict[Frontend, FrontendState]) -> dict[Frontend, Fr
         if st.external:
             out[replace(fe, scope=structs.SCOPE_EXTERNAL)] = st
     return out
+
+
+def plan_frontend(
+    cur: Programmed | None, state: FrontendState, new_svc_id: Callable[[], int], new_backend_id: Callable[[], int]
+) -> Programmed:
+    """The plan step: a frontend as it should stand in the maps, from how it stands (None: not yet). Ids are
+    kept (a backend's too when only its terminating flag changes); slots move as few as they can."""
+    backends: dict[Backend, int] = {}
+    held = cur.backends if cur is not None else {}
+    for terminating, members in ((False, state.ready), (True, state.terminating)):
+        for be in members:
+            old = held.get(be)
+            bid = abs(old) if old is not None else new_backend_id()
+            backends[be] = -bid if terminating else bid
+    new = Programmed(cur.svc_id if cur is not None else new_svc_id(), state.service.affinity_timeout)
+    new.ready = plan_slots(cur.ready if cur else [], [backends[b] for b in state.ready])
+    new.terminating = plan_slots(cur.terminating if cur else [], [-backends[b] for b in state.terminating])
+    new.backends = backends
+    # no endpoint anywhere, for anyone: refused (a Local-policy frontend with only remote ones drops)
+    new.flags = 0 if state.serving else structs.SVC_NO_ENDPOINTS
+    return new
+
+
+def frontend_tables(p: Programmed | None) -> tuple[dict, dict, dict]:
+    """A frontend's entries as the reconciler's tables: {backend id: (backend, terminating)}, {slot: backend
+    id}, {0: its master's (ready, terminating, affinity timeout, flags)}; none for None."""
+    if p is None:
+        return {}, {}, {}
+    return (
+        {abs(code): (be, code < 0) for be, code in p.backends.items()},
+        dict(enumerate(p.ready + p.terminating, 1)),
+        {0: (len(p.ready), len(p.terminating), p.affinity_timeout, p.flags)},
+    )
 
 
 def read_maps(maps: LbMaps) -> tuple[dict[Frontend, Programmed], int, int]:
@@ -306,12 +341,15 @@ class EbpfProxier:
             net = ipaddress.ip_network(cidr, strict=False)
             key = structs.CidrKey(prefixlen=net.prefixlen + (96 if net.version == 4 else 0))
             key.addr = structs.pack_addr(str(net.network_address))
-            wanted[bytes(key)] = key
-        for key in list(self.maps.cluster_cidrs.keys()):
-            if bytes(key) not in wanted:
-                self.maps.cluster_cidrs.delete(key)
-        for key in wanted.values():
-            self.maps.cluster_cidrs.update(key, ctypes.c_uint32(1))
+            wanted[bytes(key)] = 1
+        table = self.maps.cluster_cidrs
+        held = {bytes(key): int(value.value) for key, value in table.items()}
+        reconcile(
+            held,
+            wanted,
+            lambda raw, one: table.update(structs.CidrKey.from_buffer_copy(raw), ctypes.c_uint32(one)),
+            lambda raw: table.delete(structs.CidrKey.from_buffer_copy(raw)),
+        )
 
     # -- one frontend -----------------------------------------------------------
     def _program_frontend(self, key: ServiceKey, fe: Frontend, state: FrontendState) -> None:
@@ -326,55 +364,42 @@ class EbpfProxier:
             return
         services = self._by_service.setdefault(key, {})
         cur = services.get(fe) or self._unclaimed.pop(fe, None)
-        new = cur is None
-        if cur is None:
-            cur = Programmed(self._alloc_svc_id())
-        # 1. backend entries (new ones, and flag changes)
-        want: dict[Backend, bool] = {b: False for b in state.ready}
-        want.update({b: True for b in state.terminating})
-        backends: dict[Backend, int] = {}
-        for be, terminating in want.items():
-            old = cur.backends.get(be)
-            if old is not None and (old < 0) == terminating:
-                backends[be] = old
-                continue
-            bid = abs(old) if old is not None else self._alloc_backend_id()
-            self._write_backend(bid, be, fe.protocol, terminating)
-            backends[be] = -bid if terminating else bid
-        # 2. slots
-        addr = structs.addr_bytes(fe.ip)
-        ready = plan_slots(cur.ready, [backends[b] for b in state.ready])
-        terminating = plan_slots(cur.terminating, [-backends[b] for b in state.terminating])
-        old_slots = cur.ready + cur.terminating
-        new_slots = ready + terminating
-        for i, bid in enumerate(new_slots):
-            if i >= len(old_slots) or old_slots[i] != bid:
-                slot = SVC_VAL.pack(bid, cur.svc_id, 0, 0, 0, 0)
-                self._write_later("slots", self.maps.svc, _packed_svc_key(fe, i + 1, addr), slot)
-        # 3. master
-        timeout = state.service.affinity_timeout
-        # no endpoint anywhere, for anyone: refused (a Local-policy frontend with only remote ones drops)
-        flags = 0 if state.serving else structs.SVC_NO_ENDPOINTS
-        if (
-            new
-            or len(ready) != len(cur.ready)
-            or len(terminating) != len(cur.terminating)
-            or timeout != cur.affinity_timeout
-            or flags != cur.flags
-        ):
-            master = SVC_VAL.pack(0, cur.svc_id, len(ready), len(terminating), timeout, flags)
-            self._write_later("masters", self.maps.svc, _packed_svc_key(fe, 0, addr), master)
-        # 4. slots past the end, 5. backends no longer wanted
-        for i in range(len(new_slots), len(old_slots)):
-            self._delete_later(self.maps.svc, _packed_svc_key(fe, i + 1, addr))
-        for be, code in cur.backends.items():
-            if be not in backends:
-                self._delete_later(self.maps.backends, BACKEND_ID.pack(abs(code)))
-                self._backend_left(fe, cur.svc_id, be)
-        cur.ready, cur.terminating, cur.backends, cur.affinity_timeout = ready, terminating, backends, timeout
-        cur.flags = flags
-        services[fe] = cur
+        new = plan_frontend(cur, state, self._alloc_svc_id, self._alloc_backend_id)
+        self._reconcile_frontend(fe, cur, new, self._write_later, self._delete_later)
+        services[fe] = new
         self._owner[fe] = key
+
+    def _reconcile_frontend(self, fe: Frontend, cur: Programmed | None, new: Programmed | None, write, delete) -> None:
+        """Bring a frontend's entries from `cur` to `new` (None: none) through the one reconciler, table by
+        table: slots, backends, then its master (a removal: its master first). `write`/`delete` queue (a sync)
+        or apply (a removal)."""
+        held, wanted = frontend_tables(cur), frontend_tables(new)
+        svc_id = new.svc_id if new is not None else cur.svc_id if cur is not None else 0
+        addr = structs.addr_bytes(fe.ip)
+        backends, slots, master = self.maps.backends, self.maps.svc, self.maps.svc
+
+        def write_backend(bid: int, value: tuple[Backend, bool]) -> None:
+            self._write_backend(bid, value[0], fe.protocol, value[1])
+
+        def delete_backend(bid: int) -> None:
+            delete(backends, BACKEND_ID.pack(bid))
+            self._backend_left(fe, svc_id, held[0][bid][0])
+
+        def write_slot(slot: int, bid: int) -> None:
+            write("slots", slots, _packed_svc_key(fe, slot, addr), SVC_VAL.pack(bid, svc_id, 0, 0, 0, 0))
+
+        def write_master(slot: int, value: tuple[int, int, int, int]) -> None:
+            write("masters", master, _packed_svc_key(fe, slot, addr), SVC_VAL.pack(0, svc_id, *value))
+
+        def delete_slot(slot: int) -> None:  # slot 0: the master (the VIP stops translating)
+            delete(slots, _packed_svc_key(fe, slot, addr))
+
+        if new is None:  # removed: the master goes first, then what it counted
+            reconcile(held[2], {}, write_master, delete_slot)
+        reconcile(held[1], wanted[1], write_slot, delete_slot)
+        reconcile(held[0], wanted[0], write_backend, delete_backend)
+        if new is not None:
+            reconcile(held[2], wanted[2], write_master, delete_slot)
 
     def _remove_frontend(self, key: ServiceKey, fe: Frontend) -> None:
         p = self._by_service[key].pop(fe)
@@ -382,13 +407,7 @@ class EbpfProxier:
         self._delete_programmed(fe, p)
 
     def _delete_programmed(self, fe: Frontend, p: Programmed) -> None:
-        addr = structs.addr_bytes(fe.ip)
-        self._delete(self.maps.svc, _packed_svc_key(fe, 0, addr))  # the VIP stops translating first
-        for i in range(len(p.ready) + len(p.terminating)):
-            self._delete(self.maps.svc, _packed_svc_key(fe, i + 1, addr))
-        for be, code in p.backends.items():
-            self._delete(self.maps.backends, BACKEND_ID.pack(abs(code)))
-            self._backend_left(fe, p.svc_id, be)
+        self._reconcile_frontend(fe, p, None, self._write_later, lambda m, key: self._delete(m, key))
 
     def _backend_left(self, fe: Frontend, svc_id: int, be: Backend) -> None:
         if fe.scope == structs.SCOPE_SOCKET:  # only the socket hooks connect sockets to a backend
