@@ -631,3 +631,15 @@ def test_property_kernel_answers_are_the_resolvers_byte_for_byte(env):
     # not vacuous: the kernel did answer a good part of them (usually ~46 of ~300; 25 in one run of the whole
     # directory, which this property does not depend on)
     assert fast.stats()["answered"] - before > 10
+
+
+def test_a_restarted_fast_path_updates_the_links_an_earlier_run_pinned_once_then_leaves_them(env):
+    fast, _resolver, _model, bridge = env
+    again = DnsFastPath(BPFFS)  # as a restarted daemon opens it: its own program, the pinned maps
+    try:
+        with podns.entered(f"/run/netns/{NODE}"):
+            first, second = again.attach(bridge), again.attach(bridge)
+        assert first == [f"updated dns-br0-{bridge['br0']}"] and second == []
+        assert ask(QUERIES[:1])[0]["answer"]  # answered by the program the link holds now
+    finally:
+        again.close()  # the link keeps its program
