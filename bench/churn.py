@@ -33,7 +33,7 @@ from noded.dns.resolver import Client, Resolver
 from noded.dns.server import serve
 from noded.dns.upstream import Upstreams
 from noded.loopthread import LoopThread
-from noded.services.runner import BoundedFrequencyRunner
+from noded.runner import BoundedFrequencyRunner
 from tests.bpf.conftest import open_env, unique_tag
 from tests.objects import endpoint, service, slice_
 

@@ -70,7 +70,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, NODED_DNS_STATS);
-	__type(key, __u32);
+	__type(key, enum noded_dns_stat);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } noded_dns_stats SEC(".maps");
@@ -148,7 +148,7 @@ static long walk_name(__u32 i, void *ctx)
 	return 0;
 }
 
-static __always_inline void count(__u32 k)
+static __always_inline void count(enum noded_dns_stat k)
 {
 	__u64 *n = bpf_map_lookup_elem(&noded_dns_stats, &k);
 

@@ -25,12 +25,15 @@ from noded.model.tracker import ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import liveness, rfc3339, sd_notify, serve
 from noded.redirect.enrollment import Enrollment
+from noded.runner import BoundedFrequencyRunner
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.proxier import Proxier
-from noded.services.runner import BoundedFrequencyRunner
 from noded.tunnel.policy import Authorizer
 
 log = structlog.get_logger("noded.daemon")
+PODS_MIN_SYNC = 0.1  # the capture follows enrollment changes (labels) this soon at most
+PODS_RETRY = 5.0  # a pod whose capture failed is tried again this often
+PODS_RESYNC = 60.0  # and every pod checked this often
 
 
 class ModelSink:
@@ -203,6 +206,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.proxier: Proxier | None = None
         self.runner: BoundedFrequencyRunner | None = None
+        self.pods_runner: BoundedFrequencyRunner | None = None  # the capture follows enrollment (labels)
         self.source = None
         self.started = time.time()
         self.status_path = os.path.join(os.path.dirname(config.api.socket), "status.json")
@@ -224,6 +228,12 @@ class Daemon:
             log.info("node port addresses", addresses=addrs)
         if self.proxier is not None:
             self.proxier.set_external_interfaces(dict(local[a] for a in addrs if local[a][0] != "lo"))
+
+    def _pods_changed(self) -> None:
+        assert self.pods_runner is not None
+        self.pods_runner.run()
+        if self.identities is not None:
+            self.identities.changed()
 
     def _queue_sync(self) -> None:
         self.metrics.proxy.queued()
@@ -298,14 +308,19 @@ class Daemon:
             self.runner.start()
             if self.pods and self._wait_for_enrollment():
                 self.pods.restore()
-                self.sink.on_pods_change = self.pods.reconcile
-                self.pods.reconcile()
+                self.pods_runner = BoundedFrequencyRunner(
+                    "pods", lambda _full: self.pods.reconcile(), PODS_MIN_SYNC, PODS_RESYNC, PODS_RETRY
+                )
+                self.sink.on_pods_change = self._pods_changed
+                self.pods_runner.start()
         self.stopping.wait()
         log.info("noded stopping")
         if self.api:
             self.api.stop(1)
         self.source.stop()
         self.runner.stop()
+        if self.pods_runner is not None:
+            self.pods_runner.stop()
         self.health_checks.close()
         self.dns.stop()
         if self.identities:

@@ -13,11 +13,15 @@
 #define NODED_DNS_CACHE_DATA 512	/* the sections after the question; longer answers stay in userspace */
 #define NODED_DNS_CACHE_TTLS 16		/* records whose TTL is aged; more records: left to userspace */
 #define NODED_DNS_LISTEN_SIZE 64
-#define NODED_DNS_STAT_ANSWERED 0	/* cluster names answered from noded_dns */
-#define NODED_DNS_STAT_PASSED   1	/* queries to a served address left to userspace */
-#define NODED_DNS_STAT_CACHED   2	/* external names answered from noded_dns_cache */
-#define NODED_DNS_STAT_EXPIRED  3	/* cache entries found expired (deleted, the query passed) */
-#define NODED_DNS_STATS         4
+
+/* noded_dns_stats' keys (an enum the map's key is typed by: in BTF, mirrored by noded/bpf/dns_fast.py) */
+enum noded_dns_stat : __u32 {
+	NODED_DNS_STAT_ANSWERED = 0,	/* cluster names answered from noded_dns */
+	NODED_DNS_STAT_PASSED = 1,	/* queries to a served address left to userspace */
+	NODED_DNS_STAT_CACHED = 2,	/* external names answered from noded_dns_cache */
+	NODED_DNS_STAT_EXPIRED = 3,	/* cache entries found expired (deleted, the query passed) */
+	NODED_DNS_STATS = 4,		/* how many */
+};
 
 struct noded_dns_key {
 	__u16 qtype;		/* 1 (A) or 28 (AAAA), host order */

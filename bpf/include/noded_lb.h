@@ -21,22 +21,33 @@
 #define NODED_SOCK_TERM_MAP_SIZE 65536
 #define NODED_MESH_NETNS_MAP_SIZE 4096
 
+/* Flags and kinds are enums with the width of the field that carries them (a
+ * fixed underlying type), not #defines: the fields are typed by them, so the
+ * object's BTF holds every value and noded/bpf/structs.py's mirrors are checked
+ * against it (tests/bpf/test_btf_layout.py), as the structs are. */
+
 /* noded_backend.flags */
-#define NODED_BACKEND_TERMINATING 0x1
+enum noded_backend_flags : __u8 {
+	NODED_BACKEND_TERMINATING = 0x1,
+};
 
 /* noded_svc_val.flags (master entry) */
-#define NODED_SVC_NO_ENDPOINTS 0x1	/* none anywhere: refuse; (Local policy without local ones: drop) */
+enum noded_svc_flags : __u32 {
+	NODED_SVC_NO_ENDPOINTS = 0x1,	/* none anywhere: refuse; (Local policy without local ones: drop) */
+};
 
 /* noded_svc_key.scope: who a frontend entry serves */
-#define NODED_SCOPE_SOCKET   0	/* sockets on this node (cgroup hooks): pods and the node itself */
-#define NODED_SCOPE_EXTERNAL 1	/* packets arriving from outside the node (tc on its interfaces) */
+enum noded_scope : __u8 {
+	NODED_SCOPE_SOCKET = 0,		/* sockets on this node (cgroup hooks): pods and the node itself */
+	NODED_SCOPE_EXTERNAL = 1,	/* packets arriving from outside the node (tc on its interfaces) */
+};
 
 /* A service frontend (slot 0, the master entry) or one of its backend slots. */
 struct noded_svc_key {
 	__u32 addr[4];
 	__u16 port;		/* network order */
 	__u8  proto;		/* IPPROTO_TCP or IPPROTO_UDP */
-	__u8  scope;		/* NODED_SCOPE_* */
+	enum noded_scope scope;
 	__u16 slot;		/* 0: master entry; 1..: backend slots */
 	__u16 pad2;
 };
@@ -50,7 +61,7 @@ struct noded_svc_val {
 	__u16 ready;
 	__u16 terminating;
 	__u32 affinity_timeout;	/* seconds; 0: no session affinity */
-	__u32 flags;
+	enum noded_svc_flags flags;
 };
 
 /* A backend belongs to exactly one service port: an id in this map is also
@@ -59,7 +70,7 @@ struct noded_backend {
 	__u32 addr[4];
 	__u16 port;		/* network order */
 	__u8  proto;
-	__u8  flags;
+	enum noded_backend_flags flags;
 };
 
 /* Reverse translation for recvmsg/getpeername: socket + backend -> VIP. */
@@ -112,15 +123,22 @@ struct noded_affinity_val {
  * FIN or RST makes a flow closing. A UDP flow whose backend (backend_id) left
  * its service is ended at its next packet and chosen anew, as kube-proxy
  * deletes the conntrack entries of UDP endpoints that left. */
-#define NODED_NAT_DIR_INGRESS 0
-#define NODED_NAT_DIR_EGRESS  1
-#define NODED_NAT_REDIRECT    0x1	/* after the rewrite, send it back out (fib lookup) */
-#define NODED_NAT_REPLY       0x2	/* the flow's reply entry (rewrites back to the client) */
+enum noded_nat_dir : __u8 {
+	NODED_NAT_DIR_INGRESS = 0,
+	NODED_NAT_DIR_EGRESS = 1,
+};
 
-#define NODED_CT_NEW         0	/* not proven two-way yet (in noded_nat_new) */
-#define NODED_CT_REPLIED     1	/* a reply entry in noded_nat_new that a reply has passed */
-#define NODED_CT_ESTABLISHED 2
-#define NODED_CT_CLOSING     3	/* a FIN or RST was seen */
+enum noded_nat_flags : __u16 {
+	NODED_NAT_REDIRECT = 0x1,	/* after the rewrite, send it back out (fib lookup) */
+	NODED_NAT_REPLY = 0x2,		/* the flow's reply entry (rewrites back to the client) */
+};
+
+enum noded_ct_state : __u8 {
+	NODED_CT_NEW = 0,		/* not proven two-way yet (in noded_nat_new) */
+	NODED_CT_REPLIED = 1,		/* a reply entry in noded_nat_new that a reply has passed */
+	NODED_CT_ESTABLISHED = 2,
+	NODED_CT_CLOSING = 3,		/* a FIN or RST was seen */
+};
 
 #define NODED_SEC 1000000000ULL
 #define NODED_CT_NEW_TIMEOUT_TCP  (60 * NODED_SEC)	/* an unanswered SYN (nf_conntrack: 60 s SYN_RECV) */
@@ -135,7 +153,7 @@ struct noded_nat_key {
 	__u16 sport;
 	__u16 dport;
 	__u8  proto;
-	__u8  dir;		/* NODED_NAT_DIR_* */
+	enum noded_nat_dir dir;
 	__u16 pad;
 };
 
@@ -144,8 +162,8 @@ struct noded_nat_val {
 	__u32 daddr[4];
 	__u16 sport;
 	__u16 dport;
-	__u16 flags;		/* NODED_NAT_* */
-	__u8  state;		/* NODED_CT_* */
+	enum noded_nat_flags flags;
+	enum noded_ct_state state;
 	__u8  pad;
 	__u64 seen_ns;		/* bpf_ktime_get_ns() of its last packet (kept to the second) */
 	__u32 seq;		/* a reply entry's SYN-ACK sequence number (network order) */

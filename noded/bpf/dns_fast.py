@@ -28,7 +28,12 @@ log = structlog.get_logger("noded.bpf.dns")
 OBJECT = "dns.o"
 LINK_PREFIX = "dns-"
 A, AAAA = 1, 28
-STATS = ("answered", "passed", "cachedAnswered", "cacheExpired")  # noded_dns_stats' indexes (noded_dns.h)
+STATS = {  # noded_dns_stats' keys (noded_dns.h's enum, mirrored in structs.py)
+    "answered": structs.DNS_STAT_ANSWERED,
+    "passed": structs.DNS_STAT_PASSED,
+    "cachedAnswered": structs.DNS_STAT_CACHED,
+    "cacheExpired": structs.DNS_STAT_EXPIRED,
+}
 
 
 def _possible_cpus() -> int:
@@ -225,7 +230,7 @@ class DnsFastPath:
 
     def stats(self) -> dict[str, int]:
         out = {}
-        for index, name in enumerate(STATS):
+        for name, index in STATS.items():
             per_cpu = self.stats_map.lookup(ctypes.c_uint32(index))
             out[name] = sum(per_cpu) if per_cpu is not None else 0
         return {**out, "records": sum(len(keys) for keys in self._held.values())}

@@ -189,6 +189,36 @@ DNS_MIRRORS: dict[str, type[ctypes.Structure]] = {
     "noded_dns_listen_key": DnsListenKey,
 }
 
+NAT_DIR_INGRESS, NAT_DIR_EGRESS = 0, 1  # noded_nat_key.dir
+NAT_REDIRECT, NAT_REPLY = 0x1, 0x2  # noded_nat_val.flags
+# noded_dns_stats' keys, in index order (noded/bpf/dns_fast.py names them)
+DNS_STAT_ANSWERED, DNS_STAT_PASSED, DNS_STAT_CACHED, DNS_STAT_EXPIRED, DNS_STATS = range(5)
+
+# The enums of bpf/include, member for member (tests/bpf/test_btf_layout.py checks each against the object's
+# BTF, which holds them because the fields and map keys they describe are typed by them).
+ENUM_MIRRORS: dict[str, dict[str, int]] = {
+    "noded_backend_flags": {"NODED_BACKEND_TERMINATING": BACKEND_TERMINATING},
+    "noded_svc_flags": {"NODED_SVC_NO_ENDPOINTS": SVC_NO_ENDPOINTS},
+    "noded_scope": {"NODED_SCOPE_SOCKET": SCOPE_SOCKET, "NODED_SCOPE_EXTERNAL": SCOPE_EXTERNAL},
+    "noded_nat_dir": {"NODED_NAT_DIR_INGRESS": NAT_DIR_INGRESS, "NODED_NAT_DIR_EGRESS": NAT_DIR_EGRESS},
+    "noded_nat_flags": {"NODED_NAT_REDIRECT": NAT_REDIRECT, "NODED_NAT_REPLY": NAT_REPLY},
+    "noded_ct_state": {
+        "NODED_CT_NEW": CT_NEW,
+        "NODED_CT_REPLIED": CT_REPLIED,
+        "NODED_CT_ESTABLISHED": CT_ESTABLISHED,
+        "NODED_CT_CLOSING": CT_CLOSING,
+    },
+}
+DNS_ENUM_MIRRORS: dict[str, dict[str, int]] = {
+    "noded_dns_stat": {
+        "NODED_DNS_STAT_ANSWERED": DNS_STAT_ANSWERED,
+        "NODED_DNS_STAT_PASSED": DNS_STAT_PASSED,
+        "NODED_DNS_STAT_CACHED": DNS_STAT_CACHED,
+        "NODED_DNS_STAT_EXPIRED": DNS_STAT_EXPIRED,
+        "NODED_DNS_STATS": DNS_STATS,
+    },
+}
+
 
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 _CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}

@@ -3,16 +3,15 @@ and the eBPF fast path kept in step with the model.
 
 Built from `dns` in the config: upstreams from it or the host's resolv.conf (and the node's search
 domains for the search-path shortcut), the cache caps, the zone TTL. Serves on the shared loop thread.
-The fast path's records follow every model change as it happens: the model wakes it (a change tracker of its
-own; only the services that changed are rewritten); it sits on the ingress of
-the interfaces holding an address inside the cluster CIDRs (the pods' bridge), checked every
-`INTERFACE_CHECK` seconds since the bridge appears with the node's first pod.
+The fast path's records follow every model change as it happens: the model wakes their runner
+(noded/runner.py; a change tracker of its own, so only the services that changed are rewritten); it sits on
+the ingress of the interfaces holding an address inside the cluster CIDRs (the pods' bridge), checked every
+`INTERFACE_CHECK` seconds by a second runner since the bridge appears with the node's first pod.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 
 import structlog
@@ -26,9 +25,11 @@ from noded.dns.upstream import Upstreams
 from noded.loopthread import LoopThread
 from noded.memory import release_memory
 from noded.model.tracker import ServiceModel
+from noded.runner import AsyncRunner, NotYet
 
 log = structlog.get_logger("noded.dns")
-FAST_SYNC = 0.1
+FAST_SYNC = 0.1  # until the sources have synced, and after a failure: the records retried this often
+RECORDS_RESYNC = 3600.0  # the whole zone rewritten (repairing what was changed behind noded's back)
 INTERFACE_CHECK = 2.0
 
 
@@ -72,7 +73,11 @@ class DnsService:
         self.fast_path_bpffs = fast_path_bpffs
         self.cluster_cidrs = cluster_cidrs or []
         self.fast = None  # DnsFastPath
-        self._tasks: list[asyncio.Task] = []
+        # the fast path's two loops, on the shared runner: records (each change; the whole zone at first, on a
+        # failure and every RECORDS_RESYNC) and links (every INTERFACE_CHECK)
+        self._records = AsyncRunner("dns-records", self._sync_records, 0.0, RECORDS_RESYNC, FAST_SYNC)
+        self._links = AsyncRunner("dns-links", self._attach, 0.0, INTERFACE_CHECK, INTERFACE_CHECK)
+        self._records_synced = False
         self.cluster_dns: dict[tuple[str, int], list] = {}  # the cluster DNS addresses served too -> closers
         self._pruned = False  # the fast path's listen map still holds what the last run left
 
@@ -150,68 +155,53 @@ class DnsService:
             log.error("DNS fast path not loaded; the resolver answers every query", error=str(e))
             return
         self.resolver.learned = self.fast.learned  # answers learned upstream: into the in-kernel cache too
-        self._tasks = [self.loop.spawn(self._keep_attached()), self.loop.spawn(self.keep_records_in_step())]
+        self.keep_records()
+        self._links.start(self.loop.loop)
 
-    async def _keep_attached(self) -> None:
-        """The program on the pods' interfaces, checked every INTERFACE_CHECK seconds (the bridge appears with
-        the node's first pod)."""
+    def keep_records(self) -> None:
+        """Start keeping noded_dns in step: the model wakes the records' runner as each change arrives."""
+        self._changes = self.resolver.zone.model.dns_changes(wake=self._records.run)
+        self._records.start(self.loop.loop)
+
+    async def _attach(self, _full: bool) -> None:
+        """The program on the pods' interfaces (the bridge appears with the node's first pod)."""
         from noded.nodeaddrs import local_addresses
 
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                addresses = await loop.run_in_executor(None, local_addresses)  # pyroute2 runs its own loop
-                attached = self.fast.attach(pod_interfaces(addresses, self.cluster_cidrs))
-                if attached:
-                    log.info("DNS fast path attachments", changed=attached)
-                self.errors.pop("fastPathAttach", None)
-            except Exception as e:  # logged and retried
-                if self.errors.get("fastPathAttach") != str(e):
-                    log.error("DNS fast path attachment failed", error=str(e))
-                self.errors["fastPathAttach"] = str(e)
-            await asyncio.sleep(INTERFACE_CHECK)
+        addresses = await asyncio.get_running_loop().run_in_executor(None, local_addresses)  # pyroute2's own loop
+        attached = self.fast.attach(pod_interfaces(addresses, self.cluster_cidrs))
+        if attached:
+            log.info("DNS fast path attachments", changed=attached)
 
-    async def keep_records_in_step(self) -> None:
-        """noded_dns as the zone answers: the whole zone once the sources have synced (pruning what the last
-        run left), then the services that changed, woken by the model as each change arrives (nothing polls
-        it). Not before the sources have synced: an empty model would empty the map, and a restarted daemon's
-        fast path would stop answering what the last one left it."""
-        loop = asyncio.get_running_loop()
-        changed = asyncio.Event()
+    async def _sync_records(self, full: bool) -> None:
+        """noded_dns as the zone answers: the whole zone when full (pruning what the last run left), else the
+        services that changed. Not before the sources have synced: an empty model would empty the map, and a
+        restarted daemon's fast path would stop answering what the last one left it."""
         zone = self.resolver.zone
-        changes = zone.model.dns_changes(wake=lambda: loop.call_soon_threadsafe(changed.set))
-        synced = False
-        while True:
-            changed.clear()
-            try:
-                if synced:
-                    keys = changes.take()
-                    writes = self.fast.update(zone.address_records(keys), zone.ttl) if keys else 0
-                elif self.resolver.ready():
-                    changes.take()
-                    writes = self.fast.sync(zone.address_records(), zone.ttl)
-                    synced = True
-                    release_memory()  # the whole zone's records, built once for the map
-                else:
-                    writes = 0
-                if writes:
-                    log.debug("DNS fast path records", writes=writes)
-                self.errors.pop("fastPathSync", None)
-            except Exception as e:  # logged and retried; userspace keeps answering meanwhile
-                if self.errors.get("fastPathSync") != str(e):
-                    log.error("DNS fast path sync failed", error=str(e))
-                self.errors["fastPathSync"] = str(e)
-                synced = False  # the next round makes the map whole again
-            with contextlib.suppress(TimeoutError):  # until the sources are ready: checked every FAST_SYNC
-                await asyncio.wait_for(changed.wait(), None if synced else FAST_SYNC)
+        if full:
+            if not self.resolver.ready():
+                raise NotYet("the sources have not synced")
+            self._changes.take()
+            writes = self.fast.sync(zone.address_records(), zone.ttl)
+            if not self._records_synced:
+                self._records_synced = True
+                release_memory()  # the whole zone's records, built once for the map
+        else:
+            keys = self._changes.take()
+            writes = self.fast.update(zone.address_records(keys), zone.ttl) if keys else 0
+        if writes:
+            log.debug("DNS fast path records", writes=writes, full=full)
 
     def stop(self) -> None:
-        for task in self._tasks:
-            self.loop.loop.call_soon_threadsafe(task.cancel)
+        for runner in (self._records, self._links):
+            runner.stop()
         for closer in self.closers + [c for closers in self.cluster_dns.values() for c in closers]:
             self.loop.loop.call_soon_threadsafe(closer.close)
 
     def status(self) -> dict:
         fast = self.fast.stats() if self.fast else None
         served = [f"{h}:{p}" for h, p in sorted(self.cluster_dns)]
-        return {**self.resolver.status(), "fastPath": fast, "clusterDNS": served, "errors": self.errors}
+        errors = {**self.errors}
+        for what, runner in (("fastPathSync", self._records), ("fastPathAttach", self._links)):
+            if runner.last_error is not None:
+                errors[what] = runner.last_error
+        return {**self.resolver.status(), "fastPath": fast, "clusterDNS": served, "errors": errors}

@@ -155,8 +155,13 @@ class PodManager:
                     os.unlink(path)
 
     def reconcile(self) -> None:
-        """Enrollment may have changed (labels): re-install where it did."""
-        self._reapply(lambda cid, r: self.enrollment.enrolled(r["namespace"], r["name"]) != self._applied.get(cid))
+        """Enrollment may have changed (labels): re-install where it did. Raises when a pod's failed (after
+        trying every other), so the runner retries it: its applied state is unchanged, still differing."""
+        failed = self._reapply(
+            lambda cid, r: self.enrollment.enrolled(r["namespace"], r["name"]) != self._applied.get(cid)
+        )
+        if failed:
+            raise RuntimeError(f"capture update failed for {len(failed)} pods: {', '.join(sorted(failed)[:5])}")
 
     def set_cluster_dns(self, addresses: tuple[str, ...]) -> None:
         """The cluster DNS addresses changed (the kube-dns Service appeared or moved): every pod's rules."""
@@ -167,9 +172,10 @@ class PodManager:
             self.cluster_dns = addresses
             self._reapply(lambda _cid, _record: True)
 
-    def _reapply(self, needed: Callable[[str, dict], bool]) -> None:
+    def _reapply(self, needed: Callable[[str, dict], bool]) -> list[str]:
         """Install again the capture of every pod `needed(container id, record)` names; a failure is logged
-        and the others go on."""
+        and the others go on. The pods that failed."""
+        failed = []
         with self._lock:
             for cid, record in list(self.pods.items()):
                 if needed(cid, record):
@@ -177,6 +183,8 @@ class PodManager:
                         self._apply(record)
                     except (podns.CaptureError, OSError) as e:
                         log.error("capture update failed", pod=cid, error=str(e))
+                        failed.append(cid)
+        return failed
 
     def _apply(self, record: dict) -> bool:
         enrolled = self.enrollment.enrolled(record["namespace"], record["name"])

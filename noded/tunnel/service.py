@@ -3,9 +3,10 @@
 With `tunnel.caKey` set, this node issues them itself through `Issuer`, which applies the node
 restriction against the pods each node runs, and with `tunnel.caListen` serves the other nodes
 (noded/tunnel/caservice.py). With `tunnel.caAddress` instead, it asks that service with its node
-certificate. Synced every `SYNC_PERIOD` seconds on the shared loop (key generation and signing in a
-worker thread). The CA service also serves the other nodes' pods (tunnel/workloads.py): a node asking it
-takes them from there, its source then watching only its own Pods.
+certificate. Synced by the shared runner (noded/runner.py) on the shared loop every `SYNC_PERIOD` seconds
+and when this node's pods change, a failure retried (key generation and signing in a worker thread). The CA
+service also serves the other nodes' pods (tunnel/workloads.py): a node asking it takes them from there, its
+source then watching only its own Pods.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import structlog
 from noded.config import TunnelConfig, split_hostport
 from noded.loopthread import LoopThread
 from noded.redirect.enrollment import Enrollment
+from noded.runner import AsyncRunner
 from noded.tunnel.ca import CertificateAuthority, Issuer, key_pem, new_key, public_pem, spiffe_id
 from noded.tunnel.caservice import (
     NODE_CERT_TTL,
@@ -34,6 +36,7 @@ from noded.tunnel.workloads import WorkloadFeed, WorkloadStream
 
 log = structlog.get_logger("noded.tunnel")
 SYNC_PERIOD = 5.0
+MIN_SYNC_GAP = 0.5
 
 
 class IdentityService:
@@ -56,7 +59,8 @@ class IdentityService:
         self.loop = loop
         self.certs: CertManager | None = None
         self.error: str | None = None
-        self._task: asyncio.Task | None = None
+        # on the shared runner: every SYNC_PERIOD, and sooner when this node's pods change (`changed`)
+        self.runner = AsyncRunner("certificates", self._sync, MIN_SYNC_GAP, SYNC_PERIOD, SYNC_PERIOD)
         self._stream_task: asyncio.Task | None = None
         self.feed: WorkloadFeed | None = None  # the CA node: other nodes' pods served to them
         self.stream: WorkloadStream | None = None  # a node asking the CA node: other nodes' pods from it
@@ -103,7 +107,7 @@ class IdentityService:
             self.error = f"certificate issuer not usable: {e}"
             log.error("workload certificates disabled", reason=self.error)
             return
-        self._task = self.loop.spawn(self._keep())
+        self.runner.start(self.loop.loop)
 
     def _start_local(self, root: bytes) -> None:
         cfg = self.config
@@ -137,19 +141,22 @@ class IdentityService:
         present(self.ca_server.tls_context, self._ca_creds, self.key_dir)
         log.info("CA service certificate renewed", until=str(self._ca_creds.not_after))
 
-    async def _keep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            done = await loop.run_in_executor(None, lambda: self.certs.sync(self.wanted()))
-            if done:
-                log.info("workload certificates", changes=done)
-            self._renew_ca_server()
-            await asyncio.sleep(SYNC_PERIOD)
+    def changed(self) -> None:
+        """This node's pods or their enrollment changed: the certificates sooner than the next period."""
+        self.runner.run()
+
+    async def _sync(self, _full: bool) -> None:
+        certs = self.certs
+        assert certs is not None
+        done = await asyncio.get_running_loop().run_in_executor(None, lambda: certs.sync(self.wanted()))
+        if done:
+            log.info("workload certificates", changes=done)
+        self._renew_ca_server()
 
     def stop(self) -> None:
-        for task in (self._task, self._stream_task):
-            if task is not None:
-                self.loop.loop.call_soon_threadsafe(task.cancel)
+        self.runner.stop()
+        if self._stream_task is not None:
+            self.loop.loop.call_soon_threadsafe(self._stream_task.cancel)
         if self.ca_server is not None:
             self.loop.loop.call_soon_threadsafe(self.ca_server.close)
 
@@ -158,7 +165,11 @@ class IdentityService:
             "trustDomain": self.config.trustDomain,
             "issuer": self.issuer_kind,
             "certificates": self.certs.status() if self.certs else [],
-            "errors": {**(self.certs.errors if self.certs else {}), **({"issuer": self.error} if self.error else {})},
+            "errors": {
+                **(self.certs.errors if self.certs else {}),
+                **({"issuer": self.error} if self.error else {}),
+                **({"sync": self.runner.last_error} if self.runner.last_error else {}),
+            },
             "rootCert": self.config.rootCert if os.path.exists(self.config.rootCert) else None,
             **({"workloadFeed": self.feed.status()} if self.feed else {}),
             **({"workloadStream": self.stream.status()} if self.stream else {}),

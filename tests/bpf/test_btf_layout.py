@@ -31,6 +31,21 @@ def test_every_mirror_matches_btf(obj, mirrors):
         assert py_fields == btf_fields, name
 
 
+@pytest.mark.parametrize(
+    ("obj", "mirrors"),
+    [("sock_lb.o", structs.ENUM_MIRRORS), ("nodeport.o", structs.ENUM_MIRRORS), ("dns.o", structs.DNS_ENUM_MIRRORS)],
+)
+def test_every_enum_mirror_matches_btf_member_for_member(obj, mirrors):
+    """The flags and kinds the programs and noded share: a value changed, added or dropped on either side fails."""
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", sock_lb.object_path(obj)], capture_output=True, text=True, check=True
+    )
+    enums = {t["name"]: t for t in json.loads(out.stdout)["types"] if t.get("kind") == "ENUM"}
+    for name, members in mirrors.items():
+        assert name in enums, f"{name} is not in {obj}'s BTF (is a field or map key still typed by it?)"
+        assert {m["name"]: m["val"] for m in enums[name]["values"]} == members, name
+
+
 def test_map_value_sizes_match_the_maps_libbpf_creates(ebpf_lb):
     lb = ebpf_lb
     for m, key, value in (

@@ -473,7 +473,7 @@ def test_a_deleted_service_is_never_answered_once_the_model_has_dropped_it_even_
     task_loop = env_loop()
     dns_service = DnsService(resolver, task_loop, [], clients=None)  # type: ignore[arg-type]
     dns_service.fast = fast
-    task = task_loop.spawn(dns_service.keep_records_in_step())
+    dns_service.keep_records()
     stop = threading.Event()
 
     def churn() -> None:
@@ -509,7 +509,7 @@ def test_a_deleted_service_is_never_answered_once_the_model_has_dropped_it_even_
         out = json.loads(proc.communicate(timeout=30)[0])
     finally:
         stop.set()
-        task_loop.loop.call_soon_threadsafe(task.cancel)
+        dns_service.stop()
     assert out and all(rcode == 0 for sent, rcode, _a in out if sent < dropped)  # answered until then
     first_nx = min(sent for sent, rcode, _a in out if rcode == 3)
     assert first_nx - dropped < 0.1, first_nx - dropped
@@ -634,7 +634,7 @@ def test_property_kernel_answers_are_the_resolvers_byte_for_byte(env):
 
 
 def test_a_restarted_fast_path_updates_the_links_an_earlier_run_pinned_once_then_leaves_them(env):
-    fast, _resolver, _model, bridge = env
+    _fast, _resolver, _model, bridge = env
     again = DnsFastPath(BPFFS)  # as a restarted daemon opens it: its own program, the pinned maps
     try:
         with podns.entered(f"/run/netns/{NODE}"):

@@ -1,9 +1,10 @@
 """The bounded-frequency runner: its schedule on a fake clock, and the thread around it."""
 
+import asyncio
 import threading
 import time
 
-from noded.services.runner import BoundedFrequencyRunner, Schedule
+from noded.runner import AsyncRunner, BoundedFrequencyRunner, NotYet, Schedule
 
 
 def after_first_sync(min_interval: float, ended: float, ok: bool = True) -> Schedule:
@@ -93,3 +94,54 @@ def test_the_runner_coalesces_a_burst_into_few_syncs_and_retries_failures():
         assert len(calls) <= 4 and runner.last_error is None
     finally:
         runner.stop()
+
+
+def test_the_async_runner_waits_quietly_until_it_can_then_syncs_on_requests_from_other_threads():
+    calls: list[bool] = []
+    ready = threading.Event()
+
+    async def sync(full: bool) -> None:
+        if not ready.is_set():
+            raise NotYet("sources not synced")
+        calls.append(full)
+
+    async def scenario() -> AsyncRunner:
+        runner = AsyncRunner("test", sync, min_interval=0.05, max_interval=60, retry_interval=0.05)
+        runner.start(asyncio.get_running_loop())
+        await asyncio.sleep(0.2)
+        assert calls == [] and runner.syncs == 0 and runner.last_error is None  # not yet: no sync, no error
+        ready.set()
+        await asyncio.sleep(0.2)
+        assert calls == [True]  # the first that runs is full
+        threading.Thread(target=lambda: [runner.run() for _ in range(20)]).start()  # a burst from a thread
+        await asyncio.sleep(0.3)
+        runner.stop()
+        await asyncio.sleep(0)
+        return runner
+
+    runner = asyncio.run(scenario())
+    # coalesced: the burst's first request at once, the rest after the minimum gap at most
+    assert calls[0] is True and calls[1:] in ([False], [False, False]) and runner.syncs == len(calls)
+
+
+def test_a_failing_async_sync_is_an_error_retried_as_a_full_one():
+    calls: list[bool] = []
+
+    async def sync(full: bool) -> None:
+        calls.append(full)
+        if len(calls) == 2:
+            raise RuntimeError("map full")
+
+    async def scenario() -> AsyncRunner:
+        runner = AsyncRunner("test", sync, min_interval=0.0, max_interval=60, retry_interval=0.1)
+        runner.start(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        runner.run()
+        await asyncio.sleep(0.05)
+        assert calls == [True, False] and runner.last_error == "map full"
+        await asyncio.sleep(0.2)
+        runner.stop()
+        return runner
+
+    runner = asyncio.run(scenario())
+    assert calls == [True, False, True] and runner.last_error is None
