@@ -21,5 +21,4 @@ def test_the_collector_uses_the_programs_timeouts():
     assert nat_gc.timeout(structs.CT_ESTABLISHED, nat_gc.TCP) == c["TCP_TIMEOUT"]
     assert nat_gc.timeout(structs.CT_ESTABLISHED, nat_gc.UDP) == c["UDP_TIMEOUT"]
     assert nat_gc.timeout(structs.CT_CLOSING, nat_gc.TCP) == c["CLOSING_TIMEOUT"]
-    for state, name in ((0, "NEW"), (1, "REPLIED"), (2, "ESTABLISHED"), (3, "CLOSING")):
-        assert re.search(rf"#define NODED_CT_{name}\s+{state}\b", text), name
+    # the states' values themselves: enum noded_ct_state, checked against BTF (tests/bpf/test_btf_layout.py)
