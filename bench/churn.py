@@ -115,10 +115,11 @@ def main() -> None:
             env.proxier.sync(full)
             end = time.monotonic()
             durations.append(end - start)
-            if env.model.taken_since is not None:
-                programming.append(end - env.model.taken_since)
+            if env.proxier.tracker.taken_since is not None:
+                programming.append(end - env.proxier.tracker.taken_since)
 
         runner = BoundedFrequencyRunner("churn", sync, a.min_sync, 3600)
+        env.proxier.tracker.wake = runner.run  # as the daemon: the model wakes the runner
         runner.start()
         names = [f"s{i}.default.svc.cluster.local" for i in range(a.services)]
         answers: list[tuple[float, float]] = []
@@ -132,7 +133,6 @@ def main() -> None:
             i = random.randrange(a.services)
             gen += 1
             env.model.upsert(slice_(f"s{i}", endpoints(i, gen)))
-            runner.run()
             changes += 1
             next_at += 1.0 / a.rate
             time.sleep(max(0.0, next_at - time.monotonic()))

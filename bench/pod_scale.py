@@ -136,7 +136,7 @@ def make_pod(i: int, node: str, rng: random.Random, generation: int = 0) -> dict
 
 # -- the roles, each a process -------------------------------------------------------------------
 class _Sink:
-    """What noded's ModelSink does with Pods and Namespaces: the enrollment; counted."""
+    """What noded's hub (noded/model/hub.py) does with Pods and Namespaces: the enrollment; counted."""
 
     def __init__(self, enrollment) -> None:
         self.enrollment = enrollment
@@ -168,7 +168,7 @@ def role(args: argparse.Namespace) -> None:
 
     from kubernetes import client
 
-    from noded.redirect.enrollment import Enrollment
+    from noded.model.pods import Enrollment
     from noded.sources.kube import KubeSource
 
     loop = asyncio.new_event_loop()

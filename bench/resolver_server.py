@@ -43,7 +43,6 @@ async def main(args: argparse.Namespace) -> None:
     model = ServiceModel()
     for obj in service_objects(args.services):
         model.upsert(obj)
-    model.take_changes()  # as the daemon's first sync leaves the model (no change pending)
     release_memory()  # as the daemon does after its first sync
     print(f"model-rss-kib={rss_kib()}", flush=True)  # the model alone: what the proxiers share with DNS
     host, port = args.upstream.rsplit(":", 1)

@@ -6,7 +6,6 @@ leaves every kernel object in place so a restart disrupts nothing.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -21,14 +20,14 @@ from noded.files import write_atomic
 from noded.loopthread import LoopThread
 from noded.memory import release_memory
 from noded.metrics import CONTENT_TYPE, DaemonMetrics
-from noded.model.tracker import ServiceModel
+from noded.model.hub import Hub
+from noded.model.pods import Enrollment
+from noded.model.tracker import KeyChanges, ServiceModel
 from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import liveness, rfc3339, sd_notify, serve
-from noded.redirect.enrollment import Enrollment
 from noded.runner import BoundedFrequencyRunner
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.proxier import Proxier
-from noded.tunnel.policy import Authorizer
 
 log = structlog.get_logger("noded.daemon")
 PODS_MIN_SYNC = 0.1  # the capture follows enrollment changes (labels) this soon at most
@@ -36,101 +35,7 @@ PODS_RETRY = 5.0  # a pod whose capture failed is tried again this often
 PODS_RESYNC = 60.0  # and every pod checked this often
 
 
-class ModelSink:
-    """Feeds the model (and the pods' enrollment) and asks for a sync when it changed."""
-
-    def __init__(self, model: ServiceModel, enrollment: Enrollment, policies: Authorizer | None = None) -> None:
-        from noded.waypoint.registry import Registry
-
-        self.model = model
-        self.enrollment = enrollment
-        self.policies = policies or Authorizer()
-        self.waypoints = Registry()  # Gateways, use-waypoint labels, appProtocols, HTTPRoutes
-        self.on_change = lambda: None
-        self.on_pods_change = lambda: None
-        self.synced_sources: set[str] = set()
-        self.all_synced = threading.Event()
-        self.expected: set[str] = set()
-        self.rejected_by_kind: collections.Counter[str] = collections.Counter()  # parser failures, by kind
-        self.last_rejected: dict[str, str] = {}  # "Kind ns/name" -> why, the newest 50
-
-    def upsert(self, obj: dict) -> bool:
-        """Hand an object to its owner. Whatever its content, it is rejected alone: an owner's parser that
-        raises (a bug) rejects that object, logged and counted, and never reaches the source, whose watch
-        would otherwise retry the same event forever and never sync."""
-        try:
-            return self._upsert(obj)
-        except Exception as e:
-            self._rejected(obj, f"{type(e).__name__}: {e}")
-            return False
-
-    def _rejected(self, obj: object, error: str) -> None:
-        meta = obj.get("metadata") if isinstance(obj, dict) else None
-        meta = meta if isinstance(meta, dict) else {}
-        kind = str(obj.get("kind")) if isinstance(obj, dict) else type(obj).__name__
-        self.rejected_by_kind[kind] += 1
-        name = f"{kind} {meta.get('namespace') or ''}/{meta.get('name')}"
-        self.last_rejected[name] = error[:300]
-        while len(self.last_rejected) > 50:  # bounded: the newest 50
-            self.last_rejected.pop(next(iter(self.last_rejected)))
-        log.error("object rejected", object=name, error=error[:300])
-
-    def _upsert(self, obj: dict) -> bool:
-        if isinstance(obj, dict) and obj.get("kind") in ("Gateway", "HTTPRoute"):
-            ok = bool(self.waypoints.upsert(obj))
-            if not ok:
-                self._rejected(obj, self.waypoints.status()["rejected"].get(_named(obj), "not a waypoint object"))
-            return ok
-        if isinstance(obj, dict) and obj.get("kind") in ("Service", "Namespace"):
-            self.waypoints.upsert(obj)  # its use-waypoint label and appProtocols; the model and enrollment too
-        if isinstance(obj, dict) and self.enrollment.upsert(obj):
-            self.on_pods_change()
-            return True
-        if isinstance(obj, dict) and obj.get("kind") == "AuthorizationPolicy":
-            ok = self.policies.upsert(obj)
-            if not ok:
-                meta = obj.get("metadata") or {}
-                key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
-                self.rejected_by_kind["AuthorizationPolicy"] += 1
-                log.warning(
-                    "AuthorizationPolicy rejected; in force failing closed",
-                    name=meta.get("name"),
-                    namespace=meta.get("namespace"),
-                    error=self.policies.rejected.get(key),
-                )
-            return ok
-        ok = self.model.upsert(obj)
-        self.on_change()
-        return ok
-
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        if kind in ("Gateway", "HTTPRoute", "Service", "Namespace"):
-            self.waypoints.delete(kind, namespace, name)
-            if kind in ("Gateway", "HTTPRoute"):
-                return
-        if kind in ("Pod", "Namespace"):
-            self.enrollment.delete(kind, namespace, name)
-            self.on_pods_change()
-            return
-        if kind == "AuthorizationPolicy":
-            self.policies.delete(namespace, name)
-            return
-        self.model.delete(kind, namespace, name)
-        self.on_change()
-
-    def synced(self, source: str) -> None:
-        self.synced_sources.add(source)
-        log.info("source synced", source=source)
-        if self.expected <= self.synced_sources:
-            self.all_synced.set()
-
-
-def _named(obj: dict) -> str:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    return f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
-
-
-def make_source(config: NodedConfiguration, sink: ModelSink):
+def make_source(config: NodedConfiguration, sink: Hub):
     if config.source.directory:
         from noded.sources.directory import DirectorySource
 
@@ -198,7 +103,7 @@ class Daemon:
         self.model = ServiceModel(node_name=config.nodeName)
         self.health_checks = HealthCheckServers(healthy=lambda: self.model.node_eligible)
         self.enrollment = Enrollment(config.nodeName, remote_from_stream=pods_from_ca(config))
-        self.sink = ModelSink(self.model, self.enrollment)
+        self.sink = Hub(self.model, self.enrollment)  # what every source feeds
         self.pods = None  # PodManager, when capture is enabled
         self.proxy = None  # CaptureProxy, when capture is enabled
         self.api = None
@@ -206,6 +111,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.proxier: Proxier | None = None
         self.runner: BoundedFrequencyRunner | None = None
+        self.changes: KeyChanges | None = None
         self.pods_runner: BoundedFrequencyRunner | None = None  # the capture follows enrollment (labels)
         self.source = None
         self.started = time.time()
@@ -245,12 +151,12 @@ class Daemon:
         self._serve_cluster_dns()
         start = time.perf_counter()
         try:
-            n = self.proxier.sync(full) if self.proxier else 0
+            n = self.proxier.sync(full) if self.proxier else len(self.changes.take())
         except Exception:
             self.metrics.proxy.failures.inc()
             raise
         took = time.perf_counter() - start
-        self.metrics.proxy.observe_sync(took, full, self.model.taken_since)
+        self.metrics.proxy.observe_sync(took, full, self.changes.taken_since if self.changes else None)
         if self.proxier:
             self.health_checks.update(self.model.health_checks())
         if self.pods is not None:
@@ -286,6 +192,8 @@ class Daemon:
         cfg = self.config
         log.info("noded starting", node=cfg.nodeName, mode=cfg.services.mode, bpffs=cfg.bpffsPath)
         self.proxier = make_proxier(cfg, self.model)
+        # the services' change tracker: the proxier's own (mode none: one for the DNS and capture side of a sync)
+        self.changes = self.proxier.tracker if self.proxier else self.model.frontend_changes()
         self._ready_on_restored_state()
         self.runner = BoundedFrequencyRunner(
             "services", self._sync, cfg.services.minSyncPeriod, cfg.services.syncPeriod
@@ -302,7 +210,7 @@ class Daemon:
         self._write_status(waiting=True)
         self.source = make_source(cfg, self.sink)
         self.sink.expected = {self.source.name}
-        self.sink.on_change = self._queue_sync
+        self.changes.wake = self._queue_sync  # the model wakes the runner as a change arrives
         self.source.start()
         if self._wait_for_sources():
             self.runner.start()
@@ -311,7 +219,7 @@ class Daemon:
                 self.pods_runner = BoundedFrequencyRunner(
                     "pods", lambda _full: self.pods.reconcile(), PODS_MIN_SYNC, PODS_RESYNC, PODS_RETRY
                 )
-                self.sink.on_pods_change = self._pods_changed
+                self.enrollment.watchers.append(self._pods_changed)
                 self.pods_runner.start()
         self.stopping.wait()
         log.info("noded stopping")
@@ -521,7 +429,7 @@ class Daemon:
 
         def livez() -> tuple[int, str, str]:
             answer = liveness(
-                self.model.pending_since(),
+                self.changes.since if self.changes else None,
                 self.metrics.proxy.last_sync_timestamp,
                 self.runner.last_error if self.runner else None,
                 self.started,

@@ -49,7 +49,7 @@ def register_pulled(daemon: Any) -> None:
             "gauge",
             f"Pending proxy rules {name.capitalize()} changes",
             (),
-            lambda: {(): model.pending_changes()},
+            lambda: {(): daemon.changes.pending() if daemon.changes else 0},
         )
     add(
         "kubeproxy_sync_proxy_rules_no_local_endpoints_total",

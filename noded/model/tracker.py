@@ -76,25 +76,52 @@ class FrontendState:
 
 class KeyChanges:
     """The service keys changed since their consumer last took them (kube-proxy's per-consumer change
-    tracker); filled by the model under its lock. Bounded by the number of services."""
+    tracker): each consumer (a proxier, the DNS zone, the DNS fast path) has its own, filled by the model under
+    its lock, and compares what it holds with the model's current state for just those keys. Bounded by the
+    number of services. `since`: when the oldest key not yet taken arrived; `taken_since`: that of the batch
+    last taken (where network programming latency starts)."""
 
     def __init__(self, lock: threading.Lock, wake: Callable[[], None] | None = None) -> None:
         self._lock = lock
         self.keys: set[ServiceKey] = set()
         self.wake = wake  # called (under the model's lock: keep it short) when the first key of a batch arrives
+        self.since: float | None = None
+        self.taken_since: float | None = None
 
     def add(self, key: ServiceKey) -> None:
-        if not self.keys and self.wake is not None:
-            try:
-                self.wake()
-            except RuntimeError:  # the consumer's loop has closed (noded stopping): nobody to wake
-                self.wake = None
+        """(The model, under its lock.)"""
+        if not self.keys:
+            self._first()
         self.keys.add(key)
+
+    def add_all(self, keys: set[ServiceKey], wake: bool = True) -> None:
+        """(The model, under its lock: every service changed.)"""
+        if keys and not self.keys:
+            self._first(wake)
+        self.keys |= keys
 
     def take(self) -> set[ServiceKey]:
         with self._lock:
             keys, self.keys = self.keys, set()
+            self.taken_since, self.since = self.since, None
         return keys
+
+    def take_all(self, keys: Callable[[], set[ServiceKey]]) -> set[ServiceKey]:
+        """A full sync's batch: every key `keys()` gives (read under the model's lock) and what was pending."""
+        with self._lock:
+            self.add_all(keys(), wake=False)
+        return self.take()
+
+    def pending(self) -> int:
+        return len(self.keys)
+
+    def _first(self, wake: bool = True) -> None:
+        self.since = time.monotonic()
+        if wake and self.wake is not None:
+            try:
+                self.wake()
+            except RuntimeError:  # the consumer's loop has closed (noded stopping): nobody to wake
+                self.wake = None
 
 
 class ServiceModel:
@@ -104,7 +131,6 @@ class ServiceModel:
         self.node_name = node_name
         self.node_ips: tuple[str, ...] = tuple(node_ips)  # where NodePorts listen
         self.node_zone: str | None = None  # from this node's Node object
-        self.taken_since: float | None = None  # when the oldest change in the last take_changes() arrived
         self._lock = threading.Lock()
         self._services: dict[ServiceKey, tuple[ServicePort, ...]] = {}
         self._vips: dict[tuple[str, int, str], ServiceKey] = {}
@@ -112,8 +138,7 @@ class ServiceModel:
         self._slices: dict[ServiceKey, EndpointSlice] = {}
         # a service's slices: a tuple (one or a few; a set per service was 2.4 MiB at 10,000 services)
         self._slices_of: dict[ServiceKey, tuple[ServiceKey, ...]] = {}
-        self._dirty: set[ServiceKey] = set()
-        self._dirty_since: float | None = None  # monotonic time of the oldest change not yet taken
+        self._frontend_consumers: list[KeyChanges] = []  # each proxier's change tracker
         self._health_checked: set[ServiceKey] = set()  # services with a healthCheckNodePort to serve
         self._dns: dict[ServiceKey, DnsService] = {}  # every Service as DNS sees it (headless, ExternalName too)
         self.generation = 0  # bumped on every change to services or slices
@@ -245,25 +270,26 @@ class ServiceModel:
         with self._lock:
             return self._dns.get(key), [self._slices[s] for s in self._slices_of.get(key, ())]
 
-    # -- output to the sync runner -------------------------------------------
+    # -- output to the proxiers -------------------------------------------------
     def _touch(self, key: ServiceKey) -> None:
-        self._dirty.add(key)
-        if self._dirty_since is None:
-            self._dirty_since = time.monotonic()
+        for consumer in self._frontend_consumers:
+            consumer.add(key)
 
-    def take_changes(self) -> set[ServiceKey]:
+    def frontend_changes(self, wake: Callable[[], None] | None = None) -> KeyChanges:
+        """A change tracker of its own for one proxier: the services whose frontends may have changed since it
+        last took them; `wake` is called when a change arrives after it took the last ones."""
+        tracker = KeyChanges(self._lock, wake)
         with self._lock:
-            dirty, self._dirty = self._dirty, set()
-            self.taken_since, self._dirty_since = self._dirty_since, None
-        return dirty
+            self._frontend_consumers.append(tracker)
+        return tracker
+
+    def service_keys(self) -> set[ServiceKey]:
+        """Every service with frontends or endpoints (a proxier's full sync); call under the model's lock."""
+        return set(self._services) | {k for k, v in self._slices_of.items() if v}
 
     @property
     def rejected(self) -> int:
         return sum(self.rejected_by_kind.values())
-
-    def pending_changes(self) -> int:
-        """Services changed and not yet taken by a sync (kube-proxy's changes pending)."""
-        return len(self._dirty)
 
     def no_local_endpoints(self) -> dict[tuple[str, str], int]:
         """(traffic policy, IP family) -> service ports with that policy Local and no serving endpoint on this
@@ -287,10 +313,6 @@ class ServiceModel:
                         out[(policy, family)] = out.get((policy, family), 0) + 1
         return out
 
-    def pending_since(self) -> float | None:
-        """Monotonic time of the oldest change no sync has taken yet (None: nothing pending)."""
-        return self._dirty_since
-
     def set_served_locally(self, pairs: frozenset[tuple[str, int]]) -> bool:
         """Change the cluster IP:port pairs the node answers itself; True (every service to sync) when changed."""
         if pairs == self.served_locally:
@@ -300,8 +322,11 @@ class ServiceModel:
         return True
 
     def mark_all_changed(self) -> None:
+        """Every service changed for every proxier (the node's addresses or zone, the pairs served locally)."""
         with self._lock:
-            self._dirty |= set(self._services) | {k for k, v in self._slices_of.items() if v}
+            keys = self.service_keys()
+            for consumer in self._frontend_consumers:
+                consumer.add_all(keys)
 
     def cluster_ips(self, namespace: str, name: str) -> tuple[str, ...]:
         """The ClusterIPs of one service (empty: no such service, or headless)."""

@@ -218,6 +218,7 @@ class EbpfProxier:
         collector: NatCollector | None = None,
     ) -> None:
         self.model = model
+        self.tracker = model.frontend_changes()  # this proxier's own change tracker
         self.terminator = terminator
         self.collector = collector
         self._removed: list[Removed] = []  # backends left by their frontend in this sync
@@ -256,11 +257,9 @@ class EbpfProxier:
             if self.bpffs and self.cgroup_path:
                 for what in repair(self.bpffs, self.cgroup_path, self.maps, self.expected_links):
                     log.warning("removed behind noded's back; repaired", what=what)
-            self.model.mark_all_changed()
-            stale_keys = set(self._by_service)
+            changed = self.tracker.take_all(self.model.service_keys) | set(self._by_service)
         else:
-            stale_keys = set()
-        changed = self.model.take_changes() | stale_keys
+            changed = self.tracker.take()
         try:
             self._apply(changed, full)
         except Exception:

@@ -18,6 +18,7 @@ class RuleMirror(Generic[R]):
         self, model: ServiceModel, cluster_cidrs: list[str], build: Callable[[Frontend, FrontendState, list[str]], R]
     ) -> None:
         self.model = model
+        self.tracker = model.frontend_changes()  # this proxier's own change tracker
         self.cluster_cidrs = cluster_cidrs
         self._build = build
         self.programmed: dict[Frontend, R] = {}
@@ -27,8 +28,9 @@ class RuleMirror(Generic[R]):
     def changes(self, full: bool) -> dict[ServiceKey, dict[Frontend, R]]:
         """The desired rules of every service to look at: the changed ones, or all of them when full."""
         if full:
-            self.model.mark_all_changed()
-        changed = self.model.take_changes() | (set(self._by_service) if full else set())
+            changed = self.tracker.take_all(self.model.service_keys) | set(self._by_service)
+        else:
+            changed = self.tracker.take()
         self.touched_udp = {}
         desired = {}
         for key in changed:

@@ -1,7 +1,9 @@
 """What the daemon asks of a services mode: the `Proxier` protocol the eBPF, nftables and iptables proxiers
 implement, so the daemon calls them alike (no probing for attributes).
 
-- `sync(full)`: apply the model's pending changes (every service when full, repairing what was changed
+- `tracker`: its own change tracker (the model's `frontend_changes()`): the services changed since its last
+  sync; the daemon sets its `wake` to ask the runner for a sync.
+- `sync(full)`: apply the changes its tracker holds (every service when full, repairing what was changed
   behind noded's back); the number of services synced. Raises when the kernel refused; the runner retries
   with a full sync.
 - `set_external_interfaces(interfaces)`: where packets from outside arrive (eBPF attaches its tc programs
@@ -15,11 +17,17 @@ implement, so the daemon calls them alike (no probing for attributes).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from noded.model.tracker import KeyChanges
+
+if TYPE_CHECKING:
+    from noded.services.mirror import RuleMirror
 
 
 class Proxier(Protocol):
     name: str
+    tracker: KeyChanges
 
     def sync(self, full: bool = False) -> int: ...
 
@@ -31,7 +39,13 @@ class Proxier(Protocol):
 
 
 class NetfilterExtras:
-    """The hooks the netfilter proxiers have nothing to do for."""
+    """The hooks the netfilter proxiers have nothing to do for; their tracker is their rule mirror's."""
+
+    mirror: RuleMirror
+
+    @property
+    def tracker(self) -> KeyChanges:
+        return self.mirror.tracker
 
     def set_mesh_netns(self, cookie: int, mesh: bool) -> None:
         return None

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from noded.model.pods import Enrollment, PodKey
 from noded.model.tracker import ServiceModel
-from noded.redirect.enrollment import Enrollment, PodKey
 from noded.tunnel.ca import spiffe_id
 from noded.tunnel.certs import WorkloadCert
 from noded.tunnel.policy import Authorizer, Connection

@@ -19,7 +19,7 @@ import structlog
 
 from noded.config import TunnelConfig, split_hostport
 from noded.loopthread import LoopThread
-from noded.redirect.enrollment import Enrollment
+from noded.model.pods import Enrollment
 from noded.runner import AsyncRunner
 from noded.tunnel.ca import CertificateAuthority, Issuer, key_pem, new_key, public_pem, spiffe_id
 from noded.tunnel.caservice import (

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import structlog
 
-from noded.redirect.enrollment import LABEL, Enrollment, PodInfo, PodKey
+from noded.model.pods import LABEL, Enrollment, PodInfo, PodKey
 from noded.tunnel.caservice import node_of
 
 log = structlog.get_logger("noded.tunnel.workloads")

@@ -83,7 +83,7 @@ def test_unreachable_daemon_fails_closed_for_every_pod_unless_fail_policy_open(t
 
 def test_the_daemon_refuses_a_pod_it_has_not_seen_yet_and_the_plugin_says_try_again(tmp_path):
     """Issue 17, item 8: with the Pod/Namespace not yet seen, the pod got DNS-only capture after 2 s."""
-    from noded.redirect.enrollment import Enrollment
+    from noded.model.pods import Enrollment
     from noded.redirect.manager import PodManager
 
     manager = PodManager(str(tmp_path), Enrollment("node1"), None, wait_for_pod=lambda _ns, _name: False)

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from kubernetes import client
 
-from noded.daemon import ModelSink
+from noded.model.hub import Hub
+from noded.model.pods import Enrollment
 from noded.model.tracker import ServiceModel
-from noded.redirect.enrollment import Enrollment
 from noded.sources import kube
 from noded.tunnel.policy import Authorizer, Connection, parse_policy
 from tests.objects import endpoint, service, slice_
@@ -133,14 +133,14 @@ def mutated(draw) -> dict:
     return obj
 
 
-def fresh_sink() -> ModelSink:
-    sink = ModelSink(ServiceModel(node_name=NODE), Enrollment(NODE), Authorizer())
+def fresh_sink() -> Hub:
+    sink = Hub(ServiceModel(node_name=NODE), Enrollment(NODE), Authorizer())
     for obj in GOOD:
         assert sink.upsert(copy.deepcopy(obj)), obj["kind"]
     return sink
 
 
-def observed(sink: ModelSink) -> tuple:
+def observed(sink: Hub) -> tuple:
     """What the good objects make the node do."""
     decision = sink.policies.check(Connection("good", {"app": "db"}, 5432, "10.1.2.3", "10.244.1.9", ECHO))
     other = sink.policies.check(Connection("good", {"app": "db"}, 5432, "10.1.2.3", "10.244.1.9", "x/ns/y/sa/z"))
@@ -250,7 +250,7 @@ def test_a_policy_that_broke_the_parser_does_not_stop_the_source_from_syncing(ap
     api.put(service("web", "10.96.0.50"))
     api.put(slice_("web", [endpoint("10.244.1.2")]))
     api.put(policy("bad", "default", {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["²"]}}]}]}))
-    sink = ModelSink(ServiceModel(node_name=NODE), Enrollment(NODE), Authorizer())
+    sink = Hub(ServiceModel(node_name=NODE), Enrollment(NODE), Authorizer())
     src = start(api, sink)
     try:
         wait_for(lambda: src.synced and src.kind_synced("AuthorizationPolicy"))
@@ -267,7 +267,7 @@ def test_a_policy_that_broke_the_parser_does_not_stop_the_source_from_syncing(ap
 def test_a_404_on_policies_after_the_first_sync_keeps_them(api):
     """Issue 17, item 4a: the CRD briefly absent while an API server restarts emptied every policy."""
     api.put(policy("deny-db", "default", {"action": "DENY", "rules": [{}]}))  # an empty rule matches all
-    sink = ModelSink(ServiceModel(node_name=NODE), Enrollment(NODE), Authorizer())
+    sink = Hub(ServiceModel(node_name=NODE), Enrollment(NODE), Authorizer())
     src = start(api, sink)
     try:
         wait_for(lambda: src.synced and "default/deny-db" in sink.policies.policies)

@@ -8,9 +8,9 @@ import time
 
 from kubernetes import client
 
-from noded.daemon import ModelSink
+from noded.model.hub import Hub
+from noded.model.pods import Enrollment
 from noded.model.tracker import ServiceModel
-from noded.redirect.enrollment import Enrollment
 from noded.sources import kube
 from noded.tunnel.policy import Authorizer
 from tests.fakeapi import FakeApiServer, serving_cert
@@ -21,8 +21,8 @@ SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
 NODES = "/api/v1/nodes"
 
 
-def sink() -> ModelSink:
-    return ModelSink(ServiceModel(node_name="node1"), Enrollment("node1"), Authorizer())
+def sink() -> Hub:
+    return Hub(ServiceModel(node_name="node1"), Enrollment("node1"), Authorizer())
 
 
 def start(api_client, model_sink, kinds=("Service", "EndpointSlice", "Node")):

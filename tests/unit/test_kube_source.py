@@ -19,7 +19,7 @@ def wait_for(cond, timeout=10.0):
     raise AssertionError("condition not met in time")
 
 
-class ModelSink:
+class FakeSink:
     def __init__(self):
         self.model = ServiceModel()
         self.synced_sources = []
@@ -48,7 +48,7 @@ def frontends(sink, name):
 def test_list_then_watch_add_modify_delete(api):
     api.put(service("web"))
     api.put(slice_("web", [endpoint("10.244.1.2")]))
-    sink = ModelSink()
+    sink = FakeSink()
     src = start_source(api, sink)
     try:
         wait_for(lambda: src.synced)
@@ -71,7 +71,7 @@ def node(name, zone):
 def test_only_this_nodes_node_object_is_watched_for_its_zone(api):
     api.put(node("node1", "zone-a"))
     api.put(node("node2", "zone-b"))
-    sink = ModelSink()
+    sink = FakeSink()
     sink.model.node_name = "node1"
     src = start_source(api, sink)
     try:
@@ -89,7 +89,7 @@ def test_only_this_nodes_node_object_is_watched_for_its_zone(api):
 def test_paginated_list(api):
     for i in range(1, 1201):
         api.put(service(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}"))
-    sink = ModelSink()
+    sink = FakeSink()
     src = start_source(api, sink)
     try:
         wait_for(lambda: src.synced)
@@ -103,7 +103,7 @@ def test_a_long_list_logs_its_progress_and_timing(api, monkeypatch):
     for i in range(1, 1201):
         api.put(service(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}"))
     monkeypatch.setattr(kube, "PROGRESS_EVERY", 0.0)  # every page counts as slow
-    sink = ModelSink()
+    sink = FakeSink()
     with structlog.testing.capture_logs() as logs:
         src = start_source(api, sink)
         try:
@@ -118,7 +118,7 @@ def test_a_long_list_logs_its_progress_and_timing(api, monkeypatch):
 
 
 def test_bookmark_moves_resource_version(api):
-    sink = ModelSink()
+    sink = FakeSink()
     src = start_source(api, sink)
     try:
         wait_for(lambda: src.synced)
@@ -133,7 +133,7 @@ def test_bookmark_moves_resource_version(api):
 def test_410_gone_relists_and_applies_the_difference(api):
     api.put(service("keep", "10.96.0.1"))
     api.put(service("gone", "10.96.0.2"))
-    sink = ModelSink()
+    sink = FakeSink()
     src = start_source(api, sink)
     try:
         wait_for(lambda: src.synced)
@@ -154,7 +154,7 @@ def test_410_gone_relists_and_applies_the_difference(api):
 
 def test_reconnect_resumes_from_last_version_without_relist(api):
     api.put(service("web"))
-    sink = ModelSink()
+    sink = FakeSink()
     src = start_source(api, sink)
     try:
         wait_for(lambda: src.synced)
@@ -172,7 +172,7 @@ def test_malformed_object_from_api_rejected_alone(api):
     bad = service("bad", "10.96.0.2")
     bad["spec"]["ports"][0]["protocol"] = "QUIC"
     api.put(bad)
-    sink = ModelSink()
+    sink = FakeSink()
     src = start_source(api, sink)
     try:
         wait_for(lambda: src.synced)
@@ -183,7 +183,7 @@ def test_malformed_object_from_api_rejected_alone(api):
         src.stop()
 
 
-class RecordingSink(ModelSink):
+class RecordingSink(FakeSink):
     def __init__(self):
         super().__init__()
         self.others = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from noded.metrics import DaemonMetrics, LatencyHistogram
-from noded.redirect.enrollment import workload_name
+from noded.model.pods import workload_name
 from noded.tunnel import telemetry
 
 

@@ -137,25 +137,39 @@ def test_port_matching_by_name_and_protocol():
 
 def test_change_tracking_marks_only_touched_services():
     m = ServiceModel()
+    woken: list[int] = []
+    changes = m.frontend_changes(wake=lambda: woken.append(1))
     m.upsert(service("a", "10.96.0.1"))
     m.upsert(service("b", "10.96.0.2"))
-    assert m.take_changes() == {("default", "a"), ("default", "b")}
+    assert changes.pending() == 2 and changes.since is not None and len(woken) == 1  # woken once per batch
+    assert changes.take() == {("default", "a"), ("default", "b")} and changes.since is None
     m.upsert(service("a", "10.96.0.1"))  # unchanged
-    assert m.take_changes() == set()
+    assert changes.take() == set()
     m.upsert(slice_("b", [endpoint("10.244.1.9")]))
-    assert m.take_changes() == {("default", "b")}
+    assert changes.take() == {("default", "b")} and len(woken) == 2
     m.delete("EndpointSlice", "default", "b-abc")
-    assert m.take_changes() == {("default", "b")}
+    assert changes.take() == {("default", "b")}
+
+
+def test_each_proxier_has_its_own_tracker_and_a_full_sync_takes_every_service():
+    m = ServiceModel()
+    first, second = m.frontend_changes(), m.frontend_changes()
+    m.upsert(service("a", "10.96.0.1"))
+    assert first.take() == {("default", "a")}
+    m.upsert(service("b", "10.96.0.2"))
+    assert second.take() == {("default", "a"), ("default", "b")}  # its own: untouched by the first's take
+    assert first.take_all(m.service_keys) == {("default", "a"), ("default", "b")} and first.take() == set()
 
 
 def test_malformed_object_rejected_alone_keeping_last_good_version():
     m = ServiceModel()
+    changes = m.frontend_changes()
     assert m.upsert(service("a", "10.96.0.1"))
-    m.take_changes()
+    changes.take()
     broken = service("a", "10.96.0.1")
     broken["spec"]["ports"][0]["port"] = "eighty"
     assert not m.upsert(broken)
-    assert m.rejected == 1 and m.take_changes() == set()
+    assert m.rejected == 1 and changes.take() == set()
     assert Frontend("10.96.0.1", 80, "TCP") in m.frontends_of(("default", "a"))
 
 
@@ -207,8 +221,8 @@ def test_nodeport_lb_and_external_ips_are_frontends_of_their_kind():
 
 def test_nodeports_follow_the_node_addresses():
     m = external_model(type="NodePort")
-    m.take_changes()
-    assert m.set_node_ips(["192.0.2.12", NODE_IP]) and m.take_changes() == {("default", "web")}
+    changes = m.frontend_changes()
+    assert m.set_node_ips(["192.0.2.12", NODE_IP]) and changes.take() == {("default", "web")}
     assert not m.set_node_ips([NODE_IP, "192.0.2.12"])
     nodeports = sorted(fe.ip for fe, st in m.frontends_of(("default", "web")).items() if st.kind == "NodePort")
     assert nodeports == [NODE_IP, "192.0.2.12"]

@@ -121,3 +121,18 @@ def test_iptables_a_refused_restore_is_retried_whole():
     proxier.sync(full=True)
     script = next(s for v, s in reversed(ipt.scripts) if v == 4)
     assert "-d 10.96.0.4/32" in script and "-X NODED-SEP-STALE" in script
+
+
+@pytest.mark.parametrize("mode", ["nftables", "iptables"])
+def test_a_change_wakes_the_proxier_s_own_tracker_and_its_next_sync_takes_just_that(mode):
+    model = cluster()
+    if mode == "nftables":
+        proxier, _nft = nft_proxier(model)
+    else:
+        proxier = IptablesProxier(model, CIDRS, conntrack=RecordingConntrack(), tools=RecordingIptables())
+    proxier.sync(full=True)
+    woken: list[int] = []
+    proxier.tracker.wake = lambda: woken.append(1)  # as the daemon sets it: the runner's run()
+    model.upsert(slice_("s1", [endpoint("10.244.1.9")]))
+    assert woken == [1] and proxier.tracker.pending() == 1
+    assert proxier.sync() == 1 and proxier.tracker.pending() == 0

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from noded.redirect.enrollment import Enrollment, PodInfo
+from noded.model.pods import Enrollment, PodInfo
 from noded.tunnel import ca as ca_mod
 from noded.tunnel import workloads
 from noded.tunnel.ca import CertificateAuthority, Issuer, create_root

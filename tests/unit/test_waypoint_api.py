@@ -372,11 +372,11 @@ def test_a_broken_targeted_policy_fails_closed_for_the_waypoint_only():
 
 
 def test_the_daemons_sink_feeds_the_registry_and_rejects_a_bad_route_alone():
-    from noded.daemon import ModelSink
+    from noded.model.hub import Hub
+    from noded.model.pods import Enrollment
     from noded.model.tracker import ServiceModel
-    from noded.redirect.enrollment import Enrollment
 
-    sink = ModelSink(ServiceModel(), Enrollment())
+    sink = Hub(ServiceModel(), Enrollment())
     sink.upsert(namespace("default", {"istio.io/use-waypoint": "waypoint"}))
     sink.upsert(gateway())
     assert sink.upsert(route([{"backendRefs": [{"name": "v1", "port": 80}]}], name="good"))
@@ -394,7 +394,7 @@ def test_the_daemons_sink_feeds_the_registry_and_rejects_a_bad_route_alone():
 
 def test_a_node_is_issued_the_waypoint_identity_only_where_it_runs_an_enrolled_pod_of_its_namespace():
     from noded.config import TunnelConfig
-    from noded.redirect.enrollment import Enrollment
+    from noded.model.pods import Enrollment
     from noded.tunnel.service import IdentityService
 
     enrollment = Enrollment("node1")

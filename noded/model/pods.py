@@ -7,7 +7,8 @@ node's pods holds an address (status.podIPs), for the DNS listener's client chec
 Other nodes' pods (the tunnel's facts: address, service account, labels) come from the source like this
 node's, or, with `remote_from_stream`, only from the CA node's workload stream (tunnel/workloads.py), the
 source then watching this node's Pods alone: what a node receives no longer grows with the cluster.
-Listeners hear of every pod change (the CA node's feed).
+Listeners hear of every pod change (the CA node's feed); watchers of every change to this node's pods or to
+a namespace (the capture and the certificates follow enrollment). One of the model's owners (hub.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Enrollment:
         self._namespaces: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
         self.listeners: list[Callable[[PodKey, PodInfo | None], None]] = []  # told of each pod change
+        self.watchers: list[Callable[[], None]] = []  # told when this node's pods or a namespace changed
 
     def upsert(self, obj: dict) -> bool:
         """Track a Pod or Namespace; True when it is one of those kinds."""
@@ -75,10 +77,14 @@ class Enrollment:
             info = PodInfo(labels, host, local, spec.get("nodeName") or "", ips, account, workload_name(meta))
             self._set(key, info)
             return True
-        with self._lock:
-            if kind == "Namespace":
-                self._namespaces[meta.get("name", "")] = labels
-                return True
+        if kind == "Namespace":
+            with self._lock:
+                name = meta.get("name", "")
+                changed = self._namespaces.get(name) != labels
+                self._namespaces[name] = labels
+            if changed:
+                self._changed()
+            return True
         return False
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
@@ -87,9 +93,11 @@ class Enrollment:
             if pod is not None and (pod.local or not self.remote_from_stream):
                 self._set((namespace, name), None)
             return
-        with self._lock:
-            if kind == "Namespace":
-                self._namespaces.pop(name, None)
+        if kind == "Namespace":
+            with self._lock:
+                gone = self._namespaces.pop(name, None) is not None
+            if gone:
+                self._changed()
 
     # -- other nodes' pods, from the workload stream ---------------------------------------------
     def set_remote(self, key: PodKey, info: PodInfo | None) -> None:
@@ -125,6 +133,12 @@ class Enrollment:
         if (info is not None or old is not None) and info != old:
             for listener in self.listeners:
                 listener(key, info)
+            if (info is not None and info.local) or (old is not None and old.local):
+                self._changed()
+
+    def _changed(self) -> None:
+        for watcher in self.watchers:
+            watcher()
 
     def namespace_of(self, address: str) -> str | None:
         """The namespace of this node's pod holding `address`, or None."""
