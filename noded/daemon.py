@@ -308,7 +308,7 @@ class Daemon:
 
         proxy = self.proxy
         return {
-            "refusedPeers": proxy.refused_peers if proxy else 0,
+            "refusedPeers": proxy.hbone.refused_peers if proxy and proxy.hbone else 0,
             "selfCalls": proxy.self_calls if proxy else 0,
             "endedConnections": dict(REFUSALS),
         }

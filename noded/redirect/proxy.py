@@ -1,8 +1,9 @@
 """The listeners inside each captured pod's netns, served by one asyncio loop in the daemon.
 
 15001 (outbound) reads the original destination with SO_ORIGINAL_DST: a meshed destination (noded/tunnel/
-node.py decides) gets HBONE to its 15008 with the pod's certificate, any other plain TCP from inside the
-pod on a socket marked 0x539 (not captured again). 15006 (inbound plaintext, TPROXY) and 15008 (HBONE)
+node.py decides) gets HBONE to its 15008 with the pod's certificate (the tunnel's client side,
+noded/tunnel/outbound.py, dialing from the pod's netns), any other plain TCP from inside the pod on a
+socket marked 0x539 (not captured again). 15006 (inbound plaintext, TPROXY) and 15008 (HBONE)
 apply the destination pod's AuthorizationPolicies and reach the application from the client's own address
 (a transparent bind; its replies come back through the ct mark 0x111 and table 100). 15053 (UDP and TCP)
 hands DNS to the resolver (noded/dns), which knows the pod's namespace.
@@ -27,12 +28,11 @@ from noded.dns.server import serve as serve_dns
 from noded.loopthread import LoopThread
 from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
-from noded.tunnel.h2conn import Stream
-from noded.tunnel.hbone import Pool, ServerConnection, TunnelRefused, authority, connect, serve
+from noded.tunnel.hbone import ServerConnection, authority, serve
 from noded.tunnel.node import Tunnel
+from noded.tunnel.outbound import ConnectFrom, HboneClient
 from noded.tunnel.relay import Acceptor, finish_connect, spawn, splice_sockets, start_connect
 from noded.tunnel.telemetry import UNKNOWN, TcpTelemetry
-from noded.tunnel.tls import PeerRejected
 from noded.waypoint.service import Origin
 
 log = structlog.get_logger("noded.redirect.proxy")
@@ -98,12 +98,12 @@ class CaptureProxy:
     def __init__(self, dns_handler: DnsHandler, loop: LoopThread, tunnel: Tunnel | None = None) -> None:
         self.dns_handler = dns_handler
         self.tunnel = tunnel
-        self.pool = Pool()  # HBONE client connections, shared by a pod's connections to one destination
         self.thread = loop
         self.pods: dict[str, PodListeners] = {}
         self.tasks: set[asyncio.Task] = set()
         self.self_calls = 0  # connections refused because they were addressed to a capture listener
-        self.refused_peers = 0  # HBONE servers that presented another identity than the destination's
+        # the tunnel's client side: HBONE connections pooled per pod and peer
+        self.hbone = HboneClient(tunnel.telemetry, tunnel.counts, self.tasks) if tunnel is not None else None
         # told when a mesh pod's netns comes and goes (cookie, mesh): the eBPF socket LB leaves its TCP to us
         self.on_mesh_netns: Callable[[int, bool], None] = lambda _cookie, _mesh: None
 
@@ -187,7 +187,8 @@ class CaptureProxy:
         pod = self.pods.pop(key, None)
         if pod is None:
             return False
-        self.pool.drop(lambda k: k[0] == pod.netns)
+        if self.hbone is not None:
+            self.hbone.drop(pod.netns)
         for server in pod.servers:
             server.close()
         for acceptor in pod.acceptors:
@@ -268,30 +269,8 @@ class CaptureProxy:
         record["telemetry"] = tunnel.telemetry.key(
             "source", tunnel.workload_of(pod.key), tunnel.workload_at(route.ip), tunnel.service_at(*dst), True
         )
-        # pooled per expected identity too: a connection verified for one workload never carries another's
         key = (pod.netns, route.ip, route.peer_identity)
-        stream = self.pool.stream_now(key, id(ctx), target)
-        if stream is not None:
-            self._splice_stream(stream, sock, record)
-            return
-
-        async def dial() -> object:  # from the pod itself: its own address
-            up = await self._pod_connected(pod, (route.ip, HBONE_PORT))
-            return await connect(route.ip, HBONE_PORT, ctx, up, expect=route.peer_identity)
-
-        async def new_connection() -> None:
-            try:
-                stream = await self.pool.stream(key, id(ctx), target, dial)
-            except (TimeoutError, OSError, ConnectionError, podns.CaptureError, PeerRejected) as e:
-                record["error"] = repr(e)
-                if isinstance(e, PeerRejected):
-                    self.refused_peers += 1
-                    log.warning("HBONE server identity refused", error=str(e))
-                sock.close()
-                return
-            self._splice_stream(stream, sock, record)
-
-        spawn(self.tasks, new_connection())
+        self.hbone.carry(sock, key, ctx, (route.ip, route.peer_identity), target, self._from(pod), record)
 
     def _refuse_self_call(self, sock: socket.socket, record: dict) -> None:
         record["error"] = "self-call refused"
@@ -304,30 +283,6 @@ class CaptureProxy:
                 total=self.self_calls,
             )
         sock.close()
-
-    def _splice_stream(self, stream: Stream, sock: socket.socket, record: dict) -> None:
-        """The app's connection spliced to its HBONE stream; what the app has sent goes at once."""
-        self.tunnel.counts["hbone_out"] += 1
-
-        def answered(response: asyncio.Future) -> None:
-            if not response.cancelled() and not response.exception():
-                status = response.result().get(":status")
-                if status != "200":
-                    record["error"] = repr(TunnelRefused(status or "?"))
-
-        stream.response.add_done_callback(answered)
-        stream.send_first(sock)
-        telemetry = self.tunnel.telemetry
-        key = telemetry.open(record["telemetry"]) if "telemetry" in record else None
-
-        async def spliced() -> None:
-            try:
-                await stream.attach(sock)
-            finally:
-                if key is not None:
-                    telemetry.close(key, stream.bytes_out, stream.bytes_in)
-
-        spawn(self.tasks, spliced())
 
     async def _plain_out(
         self, pod: PodListeners, sock: socket.socket, dst: tuple, record: dict, asked: tuple | None = None
@@ -455,20 +410,21 @@ class CaptureProxy:
         if ctx is None:  # fail closed: no certificate for the waypoint yet, no plaintext either
             raise ConnectionRefusedError(f"no certificate yet for {identity}")
 
-        async def dial_hbone() -> object:
-            up = await self._pod_connected(pod, (route.ip, HBONE_PORT))
-            return await connect(route.ip, HBONE_PORT, ctx, up, expect=route.peer_identity)
-
         key = (pod.netns, route.ip, route.peer_identity, identity)
-        try:
-            stream = await self.pool.stream(key, id(ctx), authority(route.ip, route.port), dial_hbone)
-        except PeerRejected as e:
-            self.refused_peers += 1
-            raise ConnectionRefusedError(str(e)) from None
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        spawn(self.tasks, stream.attach(ours))
+        peer, target = (route.ip, route.peer_identity), authority(route.ip, route.port)
+        theirs = await self.hbone.socket_to(key, ctx, peer, target, self._from(pod))
         return await loop.create_connection(factory, sock=theirs)
+
+    def _from(self, pod: PodListeners) -> ConnectFrom:
+        """Connections made from inside the pod's netns (an OSError when it cannot be entered)."""
+
+        async def connect_from(address: tuple[str, int]) -> socket.socket:
+            try:
+                return await self._pod_connected(pod, address)
+            except podns.CaptureError as e:
+                raise ConnectionRefusedError(f"pod netns not usable: {e}") from e
+
+        return connect_from
 
 
 async def counted_splice(
