@@ -30,7 +30,10 @@ ConnectFrom = Callable[[tuple[str, int]], Awaitable[socket.socket]]  # a connect
 
 
 class HboneClient:
-    def __init__(self, telemetry: TcpTelemetry, counts: dict[str, int], tasks: set[asyncio.Task]) -> None:
+    def __init__(
+        self, telemetry: TcpTelemetry, counts: dict[str, int], tasks: set[asyncio.Task], port: int = HBONE_PORT
+    ) -> None:
+        self.port = port  # the peers' HBONE port
         self.telemetry = telemetry
         self.counts = counts  # the tunnel's: hbone_out counted here
         self.tasks = tasks
@@ -87,13 +90,12 @@ class HboneClient:
         """A pod went: its connections with it."""
         self.pool.drop(lambda k: k[0] == netns)
 
-    @staticmethod
-    def _dialer(ctx: ssl.SSLContext, peer: tuple[str, str], connect_from: ConnectFrom):
+    def _dialer(self, ctx: ssl.SSLContext, peer: tuple[str, str], connect_from: ConnectFrom):
         address, identity = peer
 
         async def dial() -> object:  # from the pod itself: its own address
-            up = await connect_from((address, HBONE_PORT))
-            return await connect(address, HBONE_PORT, ctx, up, expect=identity)
+            up = await connect_from((address, self.port))
+            return await connect(address, self.port, ctx, up, expect=identity)
 
         return dial
 
