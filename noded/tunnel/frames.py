@@ -11,17 +11,32 @@ from __future__ import annotations
 
 import enum
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-HEADER_SIZE = 9
+from noded.h2wire import (  # noqa: F401 (the tunnel's frame vocabulary, re-exported: h2conn.py, hbone.py use f.X)
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADER_SIZE,
+    HEADERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+    header,
+    literal,
+)
+
 DEFAULT_WINDOW = 65535
 DEFAULT_FRAME = 16384
 MAX_WINDOW = 2**31 - 1
-
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM = ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
 
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 1, 2, 3, 4, 5
 
@@ -45,20 +60,6 @@ class H2Error(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
-
-
-def header(buf: bytearray | memoryview, length: int, ftype: int, flags: int, stream_id: int) -> None:
-    """Write a frame header into buf[0:9]."""
-    buf[0:3] = length.to_bytes(3, "big")
-    buf[3] = ftype
-    buf[4] = flags
-    buf[5:9] = stream_id.to_bytes(4, "big")
-
-
-def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    out = bytearray(HEADER_SIZE)
-    header(out, len(payload), ftype, flags, stream_id)
-    return bytes(out + payload)
 
 
 def settings(values: dict[int, int]) -> bytes:
@@ -86,32 +87,11 @@ _STATIC_NAMES = {":authority": 1, ":method": 2, ":path": 4, ":scheme": 6, ":stat
 _TABLE_SIZE_ZERO = b"\x20"  # dynamic table size update to 0 (RFC 7541 §6.3)
 
 
-def _integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    """RFC 7541 §5.1: `value` with an N-bit prefix, `first` holding the bits above it."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append(value % 128 + 128)
-        value //= 128
-    out.append(value)
-    return bytes(out)
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return _integer(len(raw), 7) + raw
-
-
 def header_block(fields: list[tuple[str, str]], first: bool) -> bytes:
     """The HPACK block for `fields`; `first`: the connection's first block (it starts with the size update)."""
     out = bytearray(_TABLE_SIZE_ZERO if first else b"")
     for name, value in fields:
-        index = _STATIC_NAMES.get(name)
-        out += _integer(index, 4) if index else b"\x00" + _string(name)
-        out += _string(value)
+        out += literal(_STATIC_NAMES.get(name) or name, value)
     return bytes(out)
 
 
