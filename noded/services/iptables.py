@@ -20,7 +20,6 @@ from noded.services.conntrack import ConntrackCleaner
 from noded.services.iptrules import FrontendRules
 from noded.services.mirror import RuleMirror
 from noded.services.proxier import NetfilterExtras
-from noded.services.view import ProgrammedView
 
 log = structlog.get_logger("noded.services.iptables")
 
@@ -172,39 +171,3 @@ def remove_all(prefix: tuple[str, ...] = ()) -> list[str]:
             if script:
                 tools.restore(version, "\n".join(script) + "\n")
     return removed
-
-
-def describe(nat: str, filt: str) -> list[ProgrammedView]:
-    """Frontends and endpoints as iptables-save shows noded's chains."""
-    rules: dict[str, list[str]] = {}
-    for line in nat.split("\n"):
-        if line.startswith("-A NODED-"):
-            chain, _, rest = line[3:].partition(" ")
-            rules.setdefault(chain, []).append(rest)
-    views = []
-    frontend_re = re.compile(r"-d (\S+?)/\d+ -p (\w+) -m \w+ --dport (\d+) .*-j (NODED-FE-\w+)")
-    for rule in rules.get("NODED-SERVICES", []):
-        m = frontend_re.search(rule)
-        if not m:
-            continue
-        ip, proto, port, chain = m.groups()
-        ready, terminating, affinity = [], [], 0
-        for fe_rule in rules.get(chain, []):
-            if (seconds := re.search(r"--seconds (\d+)", fe_rule)) is not None:
-                affinity = int(seconds.group(1))
-                continue
-            if "-s " in fe_rule or "--src-type" in fe_rule:
-                continue  # masquerade and the Local policy's short-circuit
-            target = re.search(r"-j (NODED-SEP-\w+)", fe_rule)
-            for rule in rules.get(target.group(1), []) if target else [fe_rule]:  # affinity: endpoint chains
-                dnat = re.search(r"--to-destination \[?([^\]\s]+?)\]?:(\d+)$", rule)
-                if dnat:
-                    backend = (dnat.group(1), int(dnat.group(2)))
-                    (terminating if "serving-terminating" in rule else ready).append(backend)
-        views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
-    reject_re = re.compile(r"-d (\S+?)/\d+ -p (\w+) -m \w+ --dport (\d+) .*-j REJECT")
-    for line in filt.split("\n"):
-        m = reject_re.search(line) if line.startswith("-A NODED-SERVICES") else None
-        if m:
-            views.append(ProgrammedView(Frontend(m.group(1), int(m.group(3)), m.group(2).upper()), 0, 0, [], []))
-    return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))

@@ -18,7 +18,6 @@ from noded.services.conntrack import ConntrackCleaner
 from noded.services.mirror import RuleMirror
 from noded.services.nftrules import TABLE, FrontendRules
 from noded.services.proxier import NetfilterExtras
-from noded.services.view import ProgrammedView
 
 log = structlog.get_logger("noded.services.nftables")
 
@@ -248,67 +247,3 @@ def _element_commands(verb: str, items_by_set: dict[str, list[str]]) -> list[str
         for name, items in items_by_set.items()
         for i in range(0, len(items), ELEMENTS_PER_COMMAND)
     ]
-
-
-def describe(doc: dict) -> list[ProgrammedView]:
-    """Frontends and their endpoints as `nft -j list table inet noded` shows them."""
-    items = doc.get("nftables", [])
-    rules: dict[str, list[dict]] = {}
-    for item in items:
-        if "rule" in item:
-            rules.setdefault(item["rule"]["chain"], []).append(item["rule"])
-    timeouts = {i["set"]["name"]: i["set"].get("timeout", 0) for i in items if "set" in i}
-    slots: dict[tuple[str, str, int], dict[int, tuple[str, int]]] = {}  # frontend -> slot -> endpoint
-    for item in items:
-        m = item.get("map")
-        if m and m["name"] in nftrules.ENDPOINT_MAPS:
-            proto = m["name"].rpartition("-")[2]
-            for key, data in m.get("elem", []):
-                ip, port, slot = key["concat"]
-                addr, to_port = data["concat"]
-                slots.setdefault((ip, proto, int(port)), {})[int(slot)] = (addr, int(to_port))
-    views = []
-    for item in items:
-        m = item.get("map")
-        if not m or not m["name"].startswith(("service-ips", "no-endpoint-services")):
-            continue
-        for key, verdict in m.get("elem", []):
-            ip, proto, port = key["concat"]
-            chain = verdict["goto"]["target"]  # reject-chain for a frontend with no endpoints
-            ready: list = []
-            terminating: list = []
-            affinity = 0
-            for rule in rules.get(chain, []):
-                for backend, fallback in _backends(rule, rules, slots.get((ip, proto, int(port)), {})):
-                    if backend not in ready + terminating:
-                        (terminating if fallback else ready).append(backend)
-                for e in rule["expr"]:
-                    affinity_set = e.get("match", {}).get("right")
-                    if isinstance(affinity_set, str) and affinity_set.startswith("@affinity-"):
-                        affinity = timeouts.get(affinity_set[1:], 0)
-            views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
-    return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))
-
-
-def _backends(
-    rule: dict, rules: dict[str, list[dict]], slots: dict[int, tuple[str, int]], fallback: bool = False
-) -> list[tuple[tuple[str, int], bool]]:
-    """The backends one service-chain rule DNATs to: itself, through a pick chain and the shared endpoint
-    map (the frontend's `slots`, drawn by the pick rule's numgen), or through endpoint chains."""
-    fallback = fallback or rule.get("comment") == "serving-terminating"
-    out = []
-    for e in rule["expr"]:
-        dnat = e.get("dnat")
-        if dnat and isinstance(dnat["addr"], str):
-            out.append(((dnat["addr"], int(dnat["port"])), fallback))
-        elif dnat:  # frontend address . port . numgen random mod n offset k map @endpoints-<proto>
-            key = dnat["addr"]["map"]["key"]["concat"]
-            draw = next(k["numgen"] for k in key if isinstance(k, dict) and "numgen" in k)
-            first = draw.get("offset", 0)
-            out += [(slots[slot], fallback) for slot in range(first, first + draw["mod"]) if slot in slots]
-        targets = [e["goto"]["target"]] if "goto" in e else []
-        targets += [v["goto"]["target"] for _i, v in e.get("vmap", {}).get("data", {}).get("set", [])]
-        for target in targets:
-            if target.startswith(("endpoint-", "pick")):
-                out += [b for ep_rule in rules.get(target, []) for b in _backends(ep_rule, rules, slots, fallback)]
-    return out

@@ -11,7 +11,8 @@ checks a map's elements against every rule bound to it, 10,000 bindings made 100
 So an endpoint replaced is two map elements and no rule (a rule added makes the kernel re-validate the
 whole table, ~40 ms at 10,000 services); a change in the number of endpoints changes the frontend's
 element. Frontends with a Local policy's short-circuit or session affinity keep a service chain (and,
-with affinity, endpoint chains and sets, as in kube-proxy).
+with affinity, endpoint chains and sets, as in kube-proxy). `describe` reads the table back (`nft -j list
+table`) into what each frontend DNATs to: the renderer and its parser sit together.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from noded.model.tracker import Frontend, FrontendState
 from noded.services.plan import Pick, plan
+from noded.services.view import ProgrammedView
 
 TABLE = "inet noded"
 MASQ_MARK = 0x4000
@@ -271,3 +273,68 @@ def element_key(element: str) -> str:
 def hairpin_element(ip: str) -> tuple[str, str]:
     """The hairpin set and element for one endpoint IP."""
     return ("hairpin6" if _v6(ip) else "hairpin"), f"{ip} . {ip}"
+
+
+# -- the parser that reads this renderer's output back (`noded services`) --------------------------
+def describe(doc: dict) -> list[ProgrammedView]:
+    """Frontends and their endpoints as `nft -j list table inet noded` shows them."""
+    items = doc.get("nftables", [])
+    rules: dict[str, list[dict]] = {}
+    for item in items:
+        if "rule" in item:
+            rules.setdefault(item["rule"]["chain"], []).append(item["rule"])
+    timeouts = {i["set"]["name"]: i["set"].get("timeout", 0) for i in items if "set" in i}
+    slots: dict[tuple[str, str, int], dict[int, tuple[str, int]]] = {}  # frontend -> slot -> endpoint
+    for item in items:
+        m = item.get("map")
+        if m and m["name"] in ENDPOINT_MAPS:
+            proto = m["name"].rpartition("-")[2]
+            for key, data in m.get("elem", []):
+                ip, port, slot = key["concat"]
+                addr, to_port = data["concat"]
+                slots.setdefault((ip, proto, int(port)), {})[int(slot)] = (addr, int(to_port))
+    views = []
+    for item in items:
+        m = item.get("map")
+        if not m or not m["name"].startswith(("service-ips", "no-endpoint-services")):
+            continue
+        for key, verdict in m.get("elem", []):
+            ip, proto, port = key["concat"]
+            chain = verdict["goto"]["target"]  # reject-chain for a frontend with no endpoints
+            ready: list = []
+            terminating: list = []
+            affinity = 0
+            for rule in rules.get(chain, []):
+                for backend, fallback in _backends(rule, rules, slots.get((ip, proto, int(port)), {})):
+                    if backend not in ready + terminating:
+                        (terminating if fallback else ready).append(backend)
+                for e in rule["expr"]:
+                    affinity_set = e.get("match", {}).get("right")
+                    if isinstance(affinity_set, str) and affinity_set.startswith("@affinity-"):
+                        affinity = timeouts.get(affinity_set[1:], 0)
+            views.append(ProgrammedView(Frontend(ip, int(port), proto.upper()), 0, affinity, ready, terminating))
+    return sorted(views, key=lambda v: (v.frontend.ip, v.frontend.port, v.frontend.protocol))
+
+
+def _backends(
+    rule: dict, rules: dict[str, list[dict]], slots: dict[int, tuple[str, int]], fallback: bool = False
+) -> list[tuple[tuple[str, int], bool]]:
+    """The backends one service-chain rule DNATs to: itself, through a pick chain and the shared endpoint
+    map (the frontend's `slots`, drawn by the pick rule's numgen), or through endpoint chains."""
+    fallback = fallback or rule.get("comment") == "serving-terminating"
+    out = []
+    for e in rule["expr"]:
+        dnat = e.get("dnat")
+        if dnat and isinstance(dnat["addr"], str):
+            out.append(((dnat["addr"], int(dnat["port"])), fallback))
+        elif dnat:  # frontend address . port . numgen random mod n offset k map @endpoints-<proto>
+            key = dnat["addr"]["map"]["key"]["concat"]
+            draw = next(k["numgen"] for k in key if isinstance(k, dict) and "numgen" in k)
+            first = draw.get("offset", 0)
+            out += [(slots[slot], fallback) for slot in range(first, first + draw["mod"]) if slot in slots]
+        targets = [e["goto"]["target"]] if "goto" in e else []
+        targets += [v["goto"]["target"] for _i, v in e.get("vmap", {}).get("data", {}).get("set", [])]
+        for target in targets:
+            if target.startswith(("endpoint-", "pick")):
+                out += [b for ep_rule in rules.get(target, []) for b in _backends(ep_rule, rules, slots, fallback)]
+    return out

@@ -23,20 +23,20 @@ def programmed_views(mode: str, bpffs: str, prefix: tuple[str, ...] = ()) -> lis
     (prefix, e.g. nsenter, picks it).
     """
     if mode == "nftables":
-        from noded.services import nftables
+        from noded.services import nftables, nftrules
 
         nft_cmd = (*prefix, "nft")
         if not nftables.table_exists(nft_cmd):
             return None
-        return nftables.describe(nftables.nft_json("list", "table", *nftables.TABLE.split(), cmd=nft_cmd))
+        return nftrules.describe(nftables.nft_json("list", "table", *nftables.TABLE.split(), cmd=nft_cmd))
     if mode == "iptables":
-        from noded.services import iptables
+        from noded.services import iptables, iptrules
 
         tools = iptables.Tools(iptables.detect_backend(prefix), prefix)
         nat = "".join(tools.save(v, "nat") for v in iptables.VERSIONS)
         if "NODED-SERVICES" not in nat:
             return None
-        return iptables.describe(nat, "".join(tools.save(v, "filter") for v in iptables.VERSIONS))
+        return iptrules.describe(nat, "".join(tools.save(v, "filter") for v in iptables.VERSIONS))
     import os
 
     from noded.bpf.sock_lb import LbMaps

@@ -2,7 +2,7 @@
 detection, cleanup."""
 
 from noded.lab import netns
-from noded.services import iptables
+from noded.services import iptables, iptrules
 from tests.bpf.conftest import IptEnv, env_fixture
 from tests.objects import endpoint, service, slice_
 
@@ -36,7 +36,7 @@ def chains_of(env, ip):
 
 def describe(env):
     tools = env.proxier.tools
-    return iptables.describe(tools.save(4, "nat") + tools.save(6, "nat"), tools.save(4, "filter"))
+    return iptrules.describe(tools.save(4, "nat") + tools.save(6, "nat"), tools.save(4, "filter"))
 
 
 def test_full_resync_repairs_tampering(ipt_lb):

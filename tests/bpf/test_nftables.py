@@ -1,7 +1,7 @@
 """nftables mode on a real ruleset in a netns of the test's own: partial syncs, tamper repair, cleanup."""
 
 from noded.lab import netns
-from noded.services import nftables
+from noded.services import nftables, nftrules
 from tests.bpf.conftest import NftEnv, env_fixture
 from tests.objects import endpoint, service, slice_
 
@@ -29,7 +29,7 @@ def test_partial_sync_touches_only_the_changed_frontend(nft_lb):
 
     def views():
         doc = nftables.nft_json("list", "table", "inet", "noded", cmd=cmd(nft_lb))
-        return {str(v.frontend): v for v in nftables.describe(doc)}
+        return {str(v.frontend): v for v in nftrules.describe(doc)}
 
     assert len(views()) == 50
     assert sorted(a for a, _ in views()["10.96.1.8:80/TCP"].ready) == ["10.244.7.1", "10.244.7.9"]
