@@ -16,7 +16,7 @@ import socket
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from noded import libnft
+from noded import nft
 
 INTERFACE = "noded-dns"
 TABLE = "noded-dns"
@@ -68,7 +68,7 @@ def prepare(addresses: list[tuple[str, int]]) -> list[str]:
                 )
                 added.append(str(ip))
     if any(not ipaddress.ip_address(h).is_unspecified for h, _ in addresses):
-        libnft.run(_notrack_script(addresses))
+        nft.run(_notrack_script(addresses))
     return added
 
 
@@ -128,8 +128,8 @@ def remove() -> list[str]:
                 ipr.addr("del", index=addr["index"], address=ip, prefixlen=addr["prefixlen"])
                 removed.append(f"address {ip}")
     try:
-        libnft.run(f"delete table inet {TABLE}")
+        nft.run(f"delete table inet {TABLE}")
         removed.append(f"nft table inet {TABLE}")
-    except libnft.LibnftError:
+    except nft.NftError:
         pass
     return removed

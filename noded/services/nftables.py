@@ -6,13 +6,12 @@ and frontend and deletes noded chains nobody wants, which repairs tampering.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections import Counter
 
 import structlog
 
 from noded.model.tracker import Frontend, ServiceKey, ServiceModel
+from noded.nft import NFT, NftCommand, nft, nft_json
 from noded.services import nftrules
 from noded.services.conntrack import ConntrackCleaner
 from noded.services.mirror import RuleMirror
@@ -20,39 +19,9 @@ from noded.services.nftrules import TABLE, FrontendRules
 from noded.services.proxier import NetfilterExtras
 
 log = structlog.get_logger("noded.services.nftables")
-
-
-class NftError(RuntimeError):
-    pass
-
+ELEMENTS_PER_COMMAND = 10_000
 
 ELEMENTS_PER_COMMAND = 10_000
-NFT = ("nft",)  # the command; tests prefix it with nsenter to work in a namespace of their own
-
-
-def nft(script: str, cmd: tuple[str, ...] = NFT) -> None:
-    proc = subprocess.run([*cmd, "-f", "-"], input=script, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NftError(proc.stderr.strip()[:4000])
-
-
-def nft_json(*args: str, cmd: tuple[str, ...] = NFT) -> dict:
-    proc = subprocess.run([*cmd, "-j", *args], capture_output=True, text=True)
-    return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {"nftables": []}
-
-
-class NftCommand:
-    """The nft binary, run with a prefix (tests enter a netns of their own): where the proxier reaches the
-    kernel. noded/services/fakes.py has a recording stand-in for unit tests without root."""
-
-    def __init__(self, cmd: tuple[str, ...] = NFT) -> None:
-        self.cmd = cmd
-
-    def run(self, script: str) -> None:
-        nft(script, self.cmd)
-
-    def json(self, *args: str) -> dict:
-        return nft_json(*args, cmd=self.cmd)
 
 
 def table_exists(cmd: tuple[str, ...] = NFT, table: str = TABLE) -> bool:

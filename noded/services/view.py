@@ -23,12 +23,13 @@ def programmed_views(mode: str, bpffs: str, prefix: tuple[str, ...] = ()) -> lis
     (prefix, e.g. nsenter, picks it).
     """
     if mode == "nftables":
+        from noded.nft import nft_json
         from noded.services import nftables, nftrules
 
         nft_cmd = (*prefix, "nft")
         if not nftables.table_exists(nft_cmd):
             return None
-        return nftrules.describe(nftables.nft_json("list", "table", *nftables.TABLE.split(), cmd=nft_cmd))
+        return nftrules.describe(nft_json("list", "table", *nftables.TABLE.split(), cmd=nft_cmd))
     if mode == "iptables":
         from noded.services import iptables, iptrules
 

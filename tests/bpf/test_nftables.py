@@ -1,6 +1,7 @@
 """nftables mode on a real ruleset in a netns of the test's own: partial syncs, tamper repair, cleanup."""
 
 from noded.lab import netns
+from noded.nft import nft, nft_json
 from noded.services import nftables, nftrules
 from tests.bpf.conftest import NftEnv, env_fixture
 from tests.objects import endpoint, service, slice_
@@ -28,7 +29,7 @@ def test_partial_sync_touches_only_the_changed_frontend(nft_lb):
     ]
 
     def views():
-        doc = nftables.nft_json("list", "table", "inet", "noded", cmd=cmd(nft_lb))
+        doc = nft_json("list", "table", "inet", "noded", cmd=cmd(nft_lb))
         return {str(v.frontend): v for v in nftrules.describe(doc)}
 
     assert len(views()) == 50
@@ -49,7 +50,7 @@ def test_full_resync_repairs_tampering(nft_lb):
     assert nft_lb.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}
     rules = next(iter(nft_lb.proxier.mirror.programmed.values()))
     ((pick_chain, _rules),) = rules.picks
-    nftables.nft(
+    nft(
         f"flush chain inet noded {pick_chain}\nadd chain inet noded rogue\nflush map inet noded service-ips\n",
         cmd(nft_lb),
     )
@@ -58,7 +59,7 @@ def test_full_resync_repairs_tampering(nft_lb):
     assert nft_lb.client("tcp", "10.96.0.10", 80, count=3)["answers"] == {"a": 3}
     chains = [
         i["chain"]["name"]
-        for i in nftables.nft_json("list", "table", "inet", "noded", cmd=cmd(nft_lb))["nftables"]
+        for i in nft_json("list", "table", "inet", "noded", cmd=cmd(nft_lb))["nftables"]
         if "chain" in i
     ]
     assert "rogue" not in chains

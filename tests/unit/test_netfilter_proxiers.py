@@ -5,9 +5,10 @@ proxiers program real kernels in tests/bpf and the lab; these pin down their tra
 import pytest
 
 from noded.model.tracker import ServiceModel
+from noded.nft import NftError
 from noded.services.fakes import RecordingConntrack, RecordingIptables, RecordingNft
 from noded.services.iptables import IptablesError, IptablesProxier
-from noded.services.nftables import NftError, NftProxier
+from noded.services.nftables import NftProxier
 from tests.objects import endpoint, service, slice_
 from tests.unit.test_ebpf_proxier import cluster  # 3 services x 3 endpoints
 
