@@ -70,7 +70,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, NODED_DNS_STATS);
-	__type(key, enum noded_dns_stat);
+	__type(key, __u32);		/* enum noded_dns_stat (an array map's key must be an int in BTF) */
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } noded_dns_stats SEC(".maps");
@@ -79,6 +79,7 @@ struct {
 struct scratch {
 	struct noded_dns_key key;
 	__u8 buf[256];		/* SCRATCH used; the length read is masked to 0xff for the verifier */
+	enum noded_dns_stat unused;	/* never read: it puts the stats' enum in BTF (checked against structs.py) */
 };
 
 struct {

@@ -14,7 +14,7 @@
 #define NODED_DNS_CACHE_TTLS 16		/* records whose TTL is aged; more records: left to userspace */
 #define NODED_DNS_LISTEN_SIZE 64
 
-/* noded_dns_stats' keys (an enum the map's key is typed by: in BTF, mirrored by noded/bpf/dns_fast.py) */
+/* noded_dns_stats' keys (in BTF through dns.c's scratch struct; mirrored in noded/bpf/structs.py) */
 enum noded_dns_stat : __u32 {
 	NODED_DNS_STAT_ANSWERED = 0,	/* cluster names answered from noded_dns */
 	NODED_DNS_STAT_PASSED = 1,	/* queries to a served address left to userspace */

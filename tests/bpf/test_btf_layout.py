@@ -106,3 +106,24 @@ def test_the_nat_collector_reads_entries_as_the_kernel_lays_them_out():
     assert nat_gc._VALUE.size == ctypes.sizeof(structs.NatVal)
     offsets = [structs.NatVal.state.offset, structs.NatVal.seen_ns.offset]
     assert offsets == [38, 40]  # where _VALUE's fields 5 and 7 sit
+
+
+@pytest.mark.parametrize("obj", ["sock_lb.o", "nodeport.o", "sock_term.o", "dns.o"])
+def test_every_object_loads_with_its_btf_and_no_libbpf_warning(obj):
+    """libbpf retries a map without BTF when the kernel refuses its BTF (an array map keyed by an enum, say):
+    the load still works, so only its warning tells. There must be none."""
+    from structlog.testing import capture_logs
+
+    from tests.bpf.conftest import unique_tag
+
+    bpffs = f"/sys/fs/bpf/noded/test-{unique_tag()}"
+    sock_lb.ensure_bpffs(bpffs)
+    loaded = libbpf.Object(sock_lb.object_path(obj))
+    try:
+        with capture_logs() as logs:
+            loaded.pin_maps_under(bpffs)
+            loaded.load()
+        assert [e for e in logs if e["event"] == "libbpf"] == []
+    finally:
+        loaded.close()
+        sock_lb.remove(bpffs)
