@@ -125,6 +125,13 @@ def _json_array(text: str, i: int, end: list[int]) -> Iterator[Any]:
             raise json.JSONDecodeError("expected ',' or ']'", text, i)
 
 
+def _first_read_print(path: str) -> bytes:
+    """What stands for a fingerprint of an object as the first read found it: the same for every object of
+    the file, never equal to a digest (16 bytes) nor to another file's (a key moving between files is
+    handed again)."""
+    return b"\0first read of " + path.encode(errors="surrogateescape")
+
+
 class DirectorySource:
     """Polls a directory; a file that fails to parse keeps its last good objects, an object the sink
     cannot take is rejected alone (the rest of its file and the files after it still apply), and the
@@ -225,16 +232,19 @@ class DirectorySource:
         """The first scan: each file's objects go to the sink as they are parsed, never a whole file held
         (the start's memory peak, and the arenas it left fragmented). A file that fails part-way takes back
         what it handed (an earlier file's object for the same key is handed again), so the sink ends with
-        each file whole or not at all, as after later scans; the source is not synced before this ends."""
+        each file whole or not at all, as after later scans; the source is not synced before this ends.
+        Objects are not digested here (json.dumps of every one: 0.3 s of a 10,000-service start): each stands
+        as its file's first read until the file changes, when its objects are handed again and digested."""
         for path in sorted(stamps):
             prints: dict[ObjectKey, bytes] = {}
+            as_read = _first_read_print(path)
             try:
                 with open(path) as f:
                     text = f.read()
                 for i, doc in enumerate(iter_manifests(text, path)):
                     key = self._watched_key(doc, path, i)
                     if key is not None:
-                        prints[key] = fingerprint(doc)
+                        prints[key] = as_read
                         self._hand(self.sink.upsert, key, doc)
             except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
                 self._file_rejected(path, e)

@@ -226,3 +226,32 @@ def test_a_file_broken_part_way_on_the_first_read_takes_back_what_it_handed(tmp_
     src.scan()
     assert sink.objects[("Service", "default", "web")] == service("web", "10.96.0.99")
     assert ("Service", "default", "only-b") in sink.objects
+
+
+def test_the_first_read_digests_nothing_its_file_s_first_change_hands_every_object_again_then_only_changes(
+    tmp_path,
+):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([service("one"), service("two", "10.96.0.2")]))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump_all([service("three", "10.96.0.3")]))
+    sink = Recorder()
+    src = DirectorySource(str(tmp_path), sink)
+    src.scan()
+    sink.log.clear()
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([service("one"), service("two", "10.96.0.22")]))
+    src.scan()  # not digested at the first read: both handed again (the model finds "one" unchanged)
+    assert sink.log == [("upsert", ("Service", "default", "one")), ("upsert", ("Service", "default", "two"))]
+    sink.log.clear()
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([service("one"), service("two", "10.96.0.23")]))
+    src.scan()
+    assert sink.log == [("upsert", ("Service", "default", "two"))]
+    sink.log.clear()
+    # a later file takes a key from a first-read one, then gives it back
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump_all([service("three", "10.96.0.33")]))
+    src.scan()
+    assert sink.log == [("upsert", ("Service", "default", "three"))]
+    assert sink.objects[("Service", "default", "three")]["spec"]["clusterIP"] == "10.96.0.33"
+    sink.log.clear()
+    (tmp_path / "c.yaml").unlink()  # b.yaml's object (as first read, never digested) wins the key again
+    src.scan()
+    assert sink.log == [("upsert", ("Service", "default", "three"))]
+    assert sink.objects[("Service", "default", "three")]["spec"]["clusterIP"] == "10.96.0.3"
