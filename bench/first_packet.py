@@ -35,7 +35,7 @@ def measure(mode: str, n: int, rounds: int, per_round: int) -> dict:
         env.proxier.sync(full=True)
         target = vip(n - 1)
         if mode == "iptables":
-            target = re.findall(r"^-A NODED-SERVICES -d (\S+)/32", env.proxier.last_scripts[4], re.M)[-1]
+            target = re.findall(r"^-A NODED-SERVICES -d (\S+)/32", env.proxier.tools.save(4, "nat"), re.M)[-1]
         targets = {"vip": [target, 80], "direct": [LINK_ADDRESS, PORT]}
         out = env.python(
             f"import runpy, sys; sys.argv = ['c', {json.dumps(json.dumps(targets))}, '{rounds}', '{per_round}'];"

@@ -26,8 +26,10 @@ def _config(path: str | None) -> NodedConfiguration:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from noded.daemon import Daemon
+    from noded.memory import fixed_mmap_threshold
     from noded.observe import setup_logging
 
+    fixed_mmap_threshold()
     setup_logging(args.log_level, args.json_logs, args.verbose)
     return Daemon(_config(args.config)).run()
 

@@ -24,6 +24,7 @@ from noded.services.proxier import NetfilterExtras
 log = structlog.get_logger("noded.services.iptables")
 
 VERSIONS = (4, 6)
+KEEP_SCRIPT = 1 << 20  # bytes: a larger script is not kept after it ran (10,000 services: tens of MiB)
 
 
 class IptablesError(RuntimeError):
@@ -95,7 +96,7 @@ class IptablesProxier(NetfilterExtras):
         self.conntrack = conntrack or ConntrackCleaner()
         self.tools = tools or Tools(backend or detect_backend(prefix), prefix)
         self.transactions = 0
-        self.last_scripts: dict[int, str] = {}
+        self.last_scripts: dict[int, str] = {}  # the last transactions when small (tests read them)
         log.info("iptables backend", backend=self.tools.backend)
 
     def sync(self, full: bool = False) -> int:
@@ -107,7 +108,7 @@ class IptablesProxier(NetfilterExtras):
             if script:
                 self.tools.restore(version, script)
                 self.transactions += 1
-                self.last_scripts[version] = script
+                self.last_scripts[version] = script if len(script) <= KEEP_SCRIPT else ""
         self.mirror.commit(desired_by_key)
         self.conntrack.clear(self.mirror.touched_udp)
         return len(desired_by_key)

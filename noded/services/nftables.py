@@ -20,8 +20,10 @@ from noded.services.proxier import NetfilterExtras
 
 log = structlog.get_logger("noded.services.nftables")
 ELEMENTS_PER_COMMAND = 10_000
+KEEP_SCRIPT = 1 << 20  # bytes: a larger script is not kept after it ran (10,000 services: 12 MiB)
 
 ELEMENTS_PER_COMMAND = 10_000
+KEEP_SCRIPT = 1 << 20  # bytes: a larger script is not kept after it ran (10,000 services: 12 MiB)
 
 
 def table_exists(cmd: tuple[str, ...] = NFT, table: str = TABLE) -> bool:
@@ -54,7 +56,7 @@ class NftProxier(NetfilterExtras):
         self.tool = tool or NftCommand(cmd)
         self.conntrack = conntrack or ConntrackCleaner()
         self.transactions = 0
-        self.last_script = ""
+        self.last_script = ""  # the last transaction when small (tests read it; a full sync's is megabytes)
         self.hairpin_refs: Counter[str] = Counter()  # endpoint IP -> frontends using it
         self.pick_chains: set[str] = set()  # shared pick chains in the table (a partial sync only adds them)
 
@@ -74,7 +76,7 @@ class NftProxier(NetfilterExtras):
         if script:
             self.tool.run(script)
             self.transactions += 1
-            self.last_script = script
+            self.last_script = script if len(script) <= KEEP_SCRIPT else ""
         self.pick_chains = picks
         self.mirror.commit(desired_by_key)
         self.conntrack.clear(self.mirror.touched_udp)
