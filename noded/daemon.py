@@ -123,6 +123,7 @@ class Daemon:
         self.ready_notified = False
         self.restored_frontends = 0  # what the dataplane serves from the last run until the first sync
         self.first_synced = False
+        self.first_sync_tried = False  # a services sync has run (ok or not)
         self.node_addresses: set[str] = set()  # every address of this node: DNS clients it answers
 
     def _refresh_node_addresses(self) -> None:
@@ -155,6 +156,8 @@ class Daemon:
         except Exception:
             self.metrics.proxy.failures.inc()
             raise
+        finally:
+            self.first_sync_tried = True  # the DNS fast path's first full sync waits for this one
         took = time.perf_counter() - start
         self.metrics.proxy.observe_sync(took, full, self.changes.taken_since if self.changes else None)
         if self.proxier:
@@ -292,6 +295,9 @@ class Daemon:
         cfg = self.config
         fast_bpffs = cfg.bpffsPath if cfg.dns.fastPath else None
         self.dns = DnsService(resolver, self.loop, cfg.dns.listen, clients, fast_bpffs, cfg.clusterCIDRs)
+        # the services' first sync goes first: userspace answers meanwhile, and the two no longer share the
+        # CPU and the memory peak of a start
+        self.dns.fast_path_after = lambda: self.first_sync_tried
         self.dns.start()
         self.node_addresses = set(local_addresses())  # with the node-local DNS addresses now added
 

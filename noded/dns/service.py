@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable
 
 import structlog
 
@@ -78,6 +79,7 @@ class DnsService:
         self._records = AsyncRunner("dns-records", self._sync_records, 0.0, RECORDS_RESYNC, FAST_SYNC)
         self._links = AsyncRunner("dns-links", self._attach, 0.0, INTERFACE_CHECK, INTERFACE_CHECK)
         self._records_synced = False
+        self.fast_path_after: Callable[[], bool] = lambda: True  # the first full sync waits for this too
         self.cluster_dns: dict[tuple[str, int], list] = {}  # the cluster DNS addresses served too -> closers
         self._pruned = False  # the fast path's listen map still holds what the last run left
 
@@ -180,6 +182,8 @@ class DnsService:
         if full:
             if not self.resolver.ready():
                 raise NotYet("the sources have not synced")
+            if not self._records_synced and not self.fast_path_after():
+                raise NotYet("waiting for the services' first sync")
             self._changes.take()
             writes = self.fast.sync(zone.address_records(), zone.ttl)
             if not self._records_synced:
