@@ -108,11 +108,11 @@ def fuzz_h2(n: int, seed: int) -> tuple[int, list[str]]:
             conn.transport = _Transport()  # what connection_made sets, without the TLS
             try:
                 for start in range(0, len(data), 97):  # in pieces, as TLS reads hand it over
-                    view = h2conn.scratch(len(conn.carry) + 97)
+                    view = h2conn.scratch(len(conn.input.carry) + 97)
                     piece = data[start : start + 97]
-                    view[: len(conn.carry)] = conn.carry
-                    view[len(conn.carry) : len(conn.carry) + len(piece)] = piece
-                    conn._take_input(view, len(conn.carry) + len(piece))
+                    view[: len(conn.input.carry)] = conn.input.carry
+                    view[len(conn.input.carry) : len(conn.input.carry) + len(piece)] = piece
+                    conn.input.feed(view, len(conn.input.carry) + len(piece))
             except (H2Error, hpack.HPACKError):
                 pass  # the connection would end with GOAWAY: what is wanted
             except Exception as e:

@@ -1,6 +1,8 @@
 """HTTP/2 (RFC 9113) as HBONE uses it: `Connection`, an asyncio protocol under a TLS transport, and its
 `Stream`s, each spliced to one TCP socket (`_AppSide`) or to a protocol of this process (`_InProcessApp`, the
-waypoint's proxy: no socket pair in between). Frames are built and parsed by frames.py.
+waypoint's proxy: no socket pair in between): the asyncio adapter around the input side sans I/O
+(h2input.FrameReader, which cuts the input into checked frames and calls this connection back), with the
+streams, the windows, the output and the timers. Frames are built and parsed by frames.py.
 
 The input is cut into frames as it is decrypted: the payload of a DATA frame goes straight from the TLS
 buffer to its stream's socket; on the way out a stream's socket is read into a buffer 9 bytes in, the DATA
@@ -26,18 +28,18 @@ import structlog
 
 from noded.tunnel import frames as f
 from noded.tunnel.frames import ErrorCode, H2Error
+from noded.tunnel.h2input import FRAME, FrameReader
 from noded.tunnel.relay import READ_SIZE, keep_alive, live, no_delay, scratch
 
 log = structlog.get_logger("noded.tunnel.h2conn")
 
 WINDOW = 4 * 1024 * 1024
-FRAME = 1024 * 1024  # the largest frame we take and DATA frame we send: one read of a stream's socket
+# FRAME (h2input.py): the largest frame we take and DATA frame we send: one read of a stream's socket
 LINGER = 10  # seconds a refused stream's socket waits for the application to end its side
 MAX_STREAMS = 1000  # concurrent streams a client may open on one connection to us
 POOL_IDLE = 300.0  # seconds a client connection is kept without a stream
 TLS_READ = 2 * READ_SIZE  # more than one read of the TLS socket decrypts to: taken in one go
 # What one peer may make a server hold (the bounds h2 servers keep; beyond: GOAWAY ENHANCE_YOUR_CALM)
-MAX_HEADER_BLOCK = 64 * 1024  # a header block, CONTINUATIONs included (nghttp2's CONTINUATION-flood guard)
 MAX_EARLY_STREAM = 1024 * 1024  # bytes a stream holds while its application socket is being dialed
 MAX_EARLY = 8 * 1024 * 1024  # the same, all streams of a connection together
 # streams the peer resets before they are answered (or opens while too many dials are pending), per
@@ -455,15 +457,9 @@ class Connection(asyncio.BufferedProtocol):
         self.write_paused = False
         self.out: list[bytes] = []  # control frames waiting for the next write
         self.flush_later: asyncio.TimerHandle | None = None
-        self.carry = b""  # input not taken yet (a frame not whole): it goes in front of the next read
-        self.preface = not client
-        self.need = 0  # a frame this long is waiting to be read whole
-        self.continued: tuple[int, int, list[bytes]] | None = None  # a header block awaiting CONTINUATION
+        self.input = FrameReader(self, server=not client)  # the input side, sans I/O: calls the methods below
         self.data_stream: Stream | None = None  # the stream whose DATA payload is being passed through
-        self.data_left = 0
-        self.pad_left = 0
         self.data_flags = 0
-        self.data_id = 0
         self.early = 0  # bytes streams hold for applications not connected yet
         self.resets: list[float] = []  # when the peer reset a stream before it was answered (bounded)
 
@@ -484,14 +480,14 @@ class Connection(asyncio.BufferedProtocol):
             self.idle = asyncio.get_running_loop().call_later(SERVER_IDLE, self._idle_end)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        carried = len(self.carry)
-        view = scratch(carried + max(TLS_READ, self.need))
-        view[:carried] = self.carry
-        return view[carried : carried + max(TLS_READ, self.need - carried)]
+        carry, need = self.input.carry, self.input.need
+        view = scratch(len(carry) + max(TLS_READ, need))
+        view[: len(carry)] = carry
+        return view[len(carry) : len(carry) + max(TLS_READ, need - len(carry))]
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            self._take_input(scratch(0), len(self.carry) + nbytes)
+            self.input.feed(scratch(0), len(self.input.carry) + nbytes)
         except (H2Error, hpack.HPACKError) as e:
             code = e.code if isinstance(e, H2Error) else ErrorCode.COMPRESSION_ERROR
             REFUSALS[ErrorCode(code).name] += 1
@@ -524,111 +520,8 @@ class Connection(asyncio.BufferedProtocol):
         for stream in list(self.streams.values()):
             stream.close("HBONE connection closed")
 
-    # -- input -------------------------------------------------------------------------------
-    def _take_input(self, view: memoryview, end: int) -> None:
-        """Frames from view[:end] (what was carried, then what was read)."""
-        pos = self.need = 0
-        if self.preface:  # the server reads the client's connection preface first, not a frame
-            if end < len(f.PREFACE):
-                self.carry = bytes(view[:end])
-                return
-            if view[: len(f.PREFACE)] != f.PREFACE:
-                raise H2Error(ErrorCode.PROTOCOL_ERROR, "no HTTP/2 connection preface")
-            pos, self.preface = len(f.PREFACE), False
-        while True:
-            if self.data_id:
-                if self.data_left:
-                    k = min(self.data_left, end - pos)
-                    if not k:
-                        break
-                    if self.data_stream is not None:
-                        self.data_stream.receive(view[pos : pos + k])
-                    pos += k
-                    self.data_left -= k
-                    continue
-                if self.pad_left:
-                    k = min(self.pad_left, end - pos)
-                    if not k:
-                        break
-                    pos += k
-                    self.pad_left -= k
-                    continue
-                self._data_done()
-                continue
-            if end - pos < 9:
-                break
-            length = int.from_bytes(view[pos : pos + 3], "big")
-            ftype, flags = view[pos + 3], view[pos + 4]
-            stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & f.MAX_WINDOW
-            if length > FRAME:
-                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
-            if self.continued is not None and (ftype != f.CONTINUATION or stream_id != self.continued[0]):
-                raise H2Error(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
-            if ftype == f.DATA:  # the payload is passed on as it arrives, not read whole first
-                if flags & f.PADDED and end - pos < 10:
-                    break
-                self._data_start(stream_id, length, flags, view[pos + 9] if flags & f.PADDED else 0)
-                pos += 10 if flags & f.PADDED else 9
-                continue
-            if end - pos < 9 + length:
-                self.need = 9 + length
-                break
-            self._frame(ftype, flags, stream_id, view[pos + 9 : pos + 9 + length])
-            pos += 9 + length
-        self.carry = bytes(view[pos:end])
-
-    def _frame(self, ftype: int, flags: int, stream_id: int, payload: memoryview) -> None:
-        """Every frame but DATA, read whole."""
-        if ftype == f.HEADERS:
-            if not stream_id:
-                raise H2Error(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
-            fragment = f.header_fragment(flags, payload)
-            if len(fragment) > MAX_HEADER_BLOCK:
-                raise H2Error(ErrorCode.ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes")
-            if flags & f.END_HEADERS:
-                self._headers(stream_id, flags, fragment)
-            else:
-                self.continued = (stream_id, flags, [fragment])
-        elif ftype == f.CONTINUATION:
-            if self.continued is None:
-                raise H2Error(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
-            self.continued[2].append(bytes(payload))
-            if sum(len(part) for part in self.continued[2]) > MAX_HEADER_BLOCK:
-                raise H2Error(ErrorCode.ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes")
-            if flags & f.END_HEADERS:
-                stream_id, first_flags, parts = self.continued
-                self.continued = None
-                self._headers(stream_id, first_flags, b"".join(parts))
-        elif ftype == f.WINDOW_UPDATE:
-            if len(payload) != 4:
-                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of another size than 4")
-            self._window_update(stream_id, int.from_bytes(payload, "big") & f.MAX_WINDOW)
-        elif ftype == f.SETTINGS:
-            if stream_id:
-                raise H2Error(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
-            if not flags & f.ACK:
-                self._settings(f.parse_settings(payload))
-                self.out.append(f.frame(f.SETTINGS, f.ACK, 0))
-        elif ftype == f.PING:
-            if len(payload) != 8:
-                raise H2Error(ErrorCode.FRAME_SIZE_ERROR, "PING of another size than 8")
-            if not flags & f.ACK:
-                self.out.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
-        elif ftype == f.RST_STREAM:
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                if not self.client and stream.app is None:  # reset before it was answered: counted
-                    self.count_reset()
-                stream.close("HBONE stream reset")
-        elif ftype == f.GOAWAY:
-            if len(payload) < 8 or stream_id:
-                raise H2Error(ErrorCode.PROTOCOL_ERROR, "GOAWAY shorter than 8 bytes, or on a stream")
-            self._goaway(int.from_bytes(payload[0:4], "big") & f.MAX_WINDOW, int.from_bytes(payload[4:8], "big"))
-        elif ftype == f.PUSH_PROMISE:
-            raise H2Error(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE (push is off)")
-        # PRIORITY and frame types we do not know are ignored, as RFC 9113 says
-
-    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
+    # -- input: FrameReader's calls (h2input.FrameHandler) --------------------------------------------
+    def headers(self, stream_id: int, flags: int, block: bytes) -> None:
         fields = dict(self.decoder.decode(block))  # always decoded: the peer's HPACK table moves on
         stream = self.streams.get(stream_id)
         if stream is not None:
@@ -675,7 +568,17 @@ class Connection(asyncio.BufferedProtocol):
         elif stream.early_bytes > MAX_EARLY_STREAM:
             self.reset(stream, ErrorCode.ENHANCE_YOUR_CALM)
 
-    def _settings(self, pairs: list[tuple[int, int]]) -> None:
+    def ping(self, payload: bytes) -> None:
+        self.out.append(f.frame(f.PING, f.ACK, 0, payload))
+
+    def rst_stream(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            if not self.client and stream.app is None:  # reset before it was answered: counted
+                self.count_reset()
+            stream.close("HBONE stream reset")
+
+    def settings(self, pairs: list[tuple[int, int]]) -> None:
         for key, value in pairs:
             if key == f.INITIAL_WINDOW_SIZE:
                 for stream in self.streams.values():
@@ -686,8 +589,9 @@ class Connection(asyncio.BufferedProtocol):
             elif key == f.MAX_CONCURRENT_STREAMS:
                 self.peer_streams = value
         self._resume_senders()
+        self.out.append(f.frame(f.SETTINGS, f.ACK, 0))
 
-    def _goaway(self, last_id: int, code: int) -> None:
+    def goaway(self, last_id: int, code: int) -> None:
         self.closed = True  # no new streams here; ours above last_id were never taken
         for stream in [s for i, s in self.streams.items() if i > last_id and (i % 2 == 1) == self.client]:
             stream.close("HBONE connection going away")
@@ -696,11 +600,7 @@ class Connection(asyncio.BufferedProtocol):
             log.info("HBONE connection ended by the peer", error=ErrorCode(code).name if known else code)
             self.transport.close()
 
-    def _data_start(self, stream_id: int, length: int, flags: int, pad: int) -> None:
-        if flags & f.PADDED and pad >= length:
-            raise H2Error(ErrorCode.PROTOCOL_ERROR, f"DATA frame of {length} bytes with padding {pad}")
-        if not stream_id:
-            raise H2Error(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+    def data_start(self, stream_id: int, length: int, flags: int, pad: int) -> None:
         self.recv_window -= length
         if self.recv_window < 0:
             raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the connection window")
@@ -714,18 +614,20 @@ class Connection(asyncio.BufferedProtocol):
                 raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the stream window")
             if flags & f.PADDED:  # padding counts against the window; it is given back with the data
                 stream.unacked += 1 + pad
-        self.data_stream, self.data_id, self.data_flags = stream, stream_id, flags
-        self.data_left = length - (1 + pad if flags & f.PADDED else 0)
-        self.pad_left = pad
+        self.data_stream, self.data_flags = stream, flags
 
-    def _data_done(self) -> None:
+    def data(self, payload: memoryview) -> None:
+        if self.data_stream is not None:
+            self.data_stream.receive(payload)
+
+    def data_done(self) -> None:
         stream, flags = self.data_stream, self.data_flags
-        self.data_stream, self.data_id = None, 0
+        self.data_stream = None
         if stream is not None and flags & f.END_STREAM:
             stream.ended_by_peer()
         self.ack(stream)
 
-    def _window_update(self, stream_id: int, increment: int) -> None:
+    def window_update(self, stream_id: int, increment: int) -> None:
         if stream_id == 0:
             self.send_window += increment
             if self.send_window > f.MAX_WINDOW:

@@ -251,9 +251,9 @@ def test_fuzz_findings_in_the_frame_reader_end_the_connection_with_goaway():
             view[: len(data)] = data
             if raises:
                 with pytest.raises(H2Error):
-                    conn._take_input(view, len(data))
+                    conn.input.feed(view, len(data))
             else:
-                conn._take_input(view, len(data))
+                conn.input.feed(view, len(data))
                 assert conn.transport.closed
 
     asyncio.run(main())
