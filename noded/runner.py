@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -67,12 +68,20 @@ class NotYet(Exception):
 
 
 class _Runs:
-    """What both adapters share: the schedule behind a lock, and each sync's outcome."""
+    """What both adapters share: the sync (`fn(full)`: a function, or for AsyncRunner a coroutine function),
+    the schedule behind a lock, and each sync's outcome."""
 
     def __init__(
-        self, name: str, min_interval: float, max_interval: float, retry_interval: float, clock: Callable[[], float]
+        self,
+        name: str,
+        fn: Callable[[bool], Any],
+        min_interval: float,
+        max_interval: float,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self._fn = fn
         self._clock = clock
         self.schedule = Schedule(min_interval, max_interval, retry_interval, clock())
         self._lock = threading.Lock()
@@ -112,20 +121,13 @@ class _Runs:
 class BoundedFrequencyRunner(_Runs):
     """The schedule driving a sync on its own thread (`run()` from any thread)."""
 
-    def __init__(
-        self,
-        name: str,
-        fn: Callable[[bool], object],
-        min_interval: float,
-        max_interval: float,
-        retry_interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(name, min_interval, max_interval, retry_interval, clock)
-        self._fn = fn
+    _fn: Callable[[bool], object]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"sync-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"sync-{self.name}", daemon=True)
 
     def start(self) -> None:
         self._request()  # the first sync is always a full one
@@ -161,17 +163,10 @@ class BoundedFrequencyRunner(_Runs):
 class AsyncRunner(_Runs):
     """The schedule driving an async sync as a task on an event loop (`run()` from any thread)."""
 
-    def __init__(
-        self,
-        name: str,
-        fn: Callable[[bool], Awaitable[object]],
-        min_interval: float,
-        max_interval: float,
-        retry_interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(name, min_interval, max_interval, retry_interval, clock)
-        self._fn = fn
+    _fn: Callable[[bool], Awaitable[object]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
