@@ -88,7 +88,9 @@ def _safe(text: str) -> str:
     return _UNSAFE.sub("_", text)[:200]
 
 
-def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
+def frontend_rules(
+    fe: Frontend, state: FrontendState, cluster_cidrs: list[str], _old: FrontendRules | None = None
+) -> FrontendRules:
     sp = state.service
     p = plan(fe, state, cluster_cidrs)
     version = 6 if ":" in fe.ip else 4  # normalised by the model

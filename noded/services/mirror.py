@@ -15,7 +15,10 @@ RULE_PROTOCOLS = ("TCP", "UDP")
 
 class RuleMirror(Generic[R]):
     def __init__(
-        self, model: ServiceModel, cluster_cidrs: list[str], build: Callable[[Frontend, FrontendState, list[str]], R]
+        self,
+        model: ServiceModel,
+        cluster_cidrs: list[str],
+        build: Callable[[Frontend, FrontendState, list[str], R | None], R],  # the last: what is programmed
     ) -> None:
         self.model = model
         self.tracker = model.frontend_changes()  # this proxier's own change tracker
@@ -42,7 +45,7 @@ class RuleMirror(Generic[R]):
                 {(fe.ip, fe.port): st.serving for fe, st in frontends.items() if fe.protocol == "UDP"}
             )
             desired[key] = {
-                fe: self._build(fe, st, self.cluster_cidrs)
+                fe: self._build(fe, st, self.cluster_cidrs, self.programmed.get(fe))
                 for fe, st in frontends.items()
                 if fe.protocol in RULE_PROTOCOLS
             }

@@ -21,8 +21,9 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from noded.model.tracker import Frontend, FrontendState
+from noded.model.tracker import Backend, Frontend, FrontendState
 from noded.services.plan import Pick, plan
+from noded.services.slots import plan_slots
 from noded.services.view import ProgrammedView
 
 TABLE = "inet noded"
@@ -130,9 +131,14 @@ class FrontendRules:
     picks: frozenset[tuple[str, tuple[str, ...]]] = frozenset()  # the shared pick chains it uses: (name, rules)
 
 
-def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str]) -> FrontendRules:
-    """The chains, sets and map element of one frontend (kube-proxy's nftables layout)."""
+def frontend_rules(
+    fe: Frontend, state: FrontendState, cluster_cidrs: list[str], old: FrontendRules | None = None
+) -> FrontendRules:
+    """The chains, sets and map element of one frontend (kube-proxy's nftables layout). With `old` (what is
+    programmed), endpoints keep their slots where they can (plan_slots, as the eBPF maps): an endpoint
+    replaced takes the slot of the one it replaces, one element changed."""
     sp = state.service
+    held = _held_slots(old)
     p = plan(fe, state, cluster_cidrs)
     key = f"{fe.ip} . {fe.protocol.lower()} . {fe.port}"
     suffix = "6" if _v6(fe.ip) else ""
@@ -150,7 +156,7 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     elif p.masquerade == "all":
         masquerade, masquerade_rule = "masq", "jump mark-for-masquerade"
     if p.pick and not p.short_circuit and not sp.affinity_timeout:  # most frontends: no chain of their own
-        target, pick_rules = _pick_chain(fe, p.pick, elements, masquerade, masquerade_rule)
+        target, pick_rules = _pick_chain(fe, p.pick, elements, held, masquerade, masquerade_rule)
         picks.add((target, pick_rules))
     else:  # a chain of its own: a Local policy's short-circuit, or session affinity
         rules = [masquerade_rule] if masquerade_rule else []
@@ -158,14 +164,15 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
             # externalTrafficPolicy Local: pods and the node itself still reach every endpoint; everyone
             # else keeps its address and gets this node's endpoints, or nothing
             cluster_chain = _quote(f"service-{_hash(fe, 'cluster')}-{sp.name.namespace}/{sp.name.name}/cluster")
-            chains[cluster_chain] = tuple(_pick_endpoint(fe, state, p.short_circuit, chains, sets, elements, picks))
+            short = _pick_endpoint(fe, state, p.short_circuit, chains, sets, elements, picks, held)
+            chains[cluster_chain] = tuple(short)
             if pods:
                 if p.masquerade_pods:
                     rules.append(f"{fam} saddr {pods} jump mark-for-masquerade")
                 rules.append(f"{fam} saddr {pods} goto {cluster_chain}")
             rules += ["fib saddr type local jump mark-for-masquerade", f"fib saddr type local goto {cluster_chain}"]
         if p.pick:
-            rules += _pick_endpoint(fe, state, p.pick, chains, sets, elements, picks)
+            rules += _pick_endpoint(fe, state, p.pick, chains, sets, elements, picks, held)
         else:
             rules.append('drop comment "no local endpoints"')
         proto = fe.protocol.lower()
@@ -184,15 +191,32 @@ def frontend_rules(fe: Frontend, state: FrontendState, cluster_cidrs: list[str])
     )
 
 
+def _held_slots(old: FrontendRules | None) -> dict[int, Backend]:
+    """{slot: endpoint} of what is programmed (read back from its elements)."""
+    held = {}
+    for element in old.endpoints if old is not None else ():
+        key, _, value = element.partition(" : ")
+        ip, _, port = value.rpartition(" . ")
+        held[int(key.rpartition(" . ")[2])] = (ip, int(port))
+    return held
+
+
 def _pick_chain(
-    fe: Frontend, pick: Pick, elements: list[str], masquerade: str = "", masquerade_rule: str | None = None
+    fe: Frontend,
+    pick: Pick,
+    elements: list[str],
+    held: dict[int, Backend],
+    masquerade: str = "",
+    masquerade_rule: str | None = None,
 ) -> tuple[str, tuple[str, ...]]:
     """The shared pick chain for this many endpoints (and masquerading, and fallback), its rules, and the
-    frontend's endpoint elements (added to `elements`): a Local policy's short-circuit draws from slots of
-    its own (numgen's offset)."""
+    frontend's endpoint elements (added to `elements`, each endpoint in the slot `held` gives it where it
+    can): a Local policy's short-circuit draws from slots of its own (numgen's offset)."""
     fam, proto, suffix = _ipfam(fe.ip), fe.protocol.lower(), "6" if _v6(fe.ip) else ""
     first = CLUSTER_SLOTS if pick.tag == "cluster" else 0
-    elements += [f"{fe.ip} . {fe.port} . {first + i} : {ip} . {port}" for i, (ip, port) in enumerate(pick.backends)]
+    was = [held[slot] for slot in sorted(held) if first <= slot < first + CLUSTER_SLOTS]
+    order = plan_slots(was, list(pick.backends)) if was else pick.backends
+    elements += [f"{fe.ip} . {fe.port} . {first + i} : {ip} . {port}" for i, (ip, port) in enumerate(order)]
     n = len(pick.backends)
     parts = [f"pick{suffix}", proto, str(n)] + ["cluster"] * bool(first) + [masquerade] * bool(masquerade)
     parts += ["terminating"] * pick.fallback
@@ -210,6 +234,7 @@ def _pick_endpoint(
     sets: dict[str, str],
     elements: list[str],
     picks: set[tuple[str, tuple[str, ...]]],
+    held: dict[int, Backend],
 ) -> list[str]:
     """Rules choosing one backend (affinity first, then at random) and DNATing to it.
 
@@ -219,7 +244,7 @@ def _pick_endpoint(
     dump is quadratic in their number.
     """
     if not state.service.affinity_timeout:
-        name, rules = _pick_chain(fe, pick, elements)
+        name, rules = _pick_chain(fe, pick, elements, held)
         picks.add((name, rules))
         return [f"goto {name}"]
     sp = state.service

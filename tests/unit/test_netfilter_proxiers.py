@@ -29,16 +29,18 @@ def test_nftables_full_sync_then_an_endpoint_replaced_is_two_elements():
     assert full.count(": goto pick-tcp-3-offcluster,") + full.count(": goto pick-tcp-3-offcluster }") == 3  # shared
     assert "add chain inet noded service-" not in full  # no chain of their own
     assert "10.96.0.2 . 80 . 1 : 10.244.1.2 . 8080" in full
-    # (endpoints take slots in address order: 10.244.1.25 takes 10.244.1.2's)
-    model.upsert(slice_("s1", [endpoint("10.244.1.1"), endpoint("10.244.1.25"), endpoint("10.244.1.3")]))
+    # the new endpoint sorts last, yet takes the slot of the one it replaces (plan_slots, as in eBPF)
+    model.upsert(slice_("s1", [endpoint("10.244.1.1"), endpoint("10.244.1.99"), endpoint("10.244.1.3")]))
     assert proxier.sync() == 1
     assert nft.scripts[-1].splitlines() == [
         "delete element inet noded hairpin { 10.244.1.2 . 10.244.1.2 }",
         "delete element inet noded endpoints-tcp { 10.96.0.2 . 80 . 1 }",
-        "add element inet noded hairpin { 10.244.1.25 . 10.244.1.25 }",
-        "add element inet noded endpoints-tcp { 10.96.0.2 . 80 . 1 : 10.244.1.25 . 8080 }",
+        "add element inet noded hairpin { 10.244.1.99 . 10.244.1.99 }",
+        "add element inet noded endpoints-tcp { 10.96.0.2 . 80 . 1 : 10.244.1.99 . 8080 }",
     ]
     assert proxier.sync() == 0 and len(nft.scripts) == 2  # nothing pending: no transaction
+    proxier.sync(full=True)  # a full resync keeps the slots as they are
+    assert "10.96.0.2 . 80 . 1 : 10.244.1.99 . 8080" in nft.scripts[-1]
 
 
 def test_nftables_a_new_endpoint_count_makes_its_pick_chain_once():
