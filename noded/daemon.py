@@ -17,13 +17,13 @@ import structlog
 from noded import __version__, graph
 from noded.config import NodedConfiguration, split_hostport
 from noded.files import write_atomic
+from noded.kernel.addresses import local_addresses, nodeport_addresses
 from noded.loopthread import LoopThread
 from noded.memory import release_memory
 from noded.metrics import CONTENT_TYPE, DaemonMetrics
 from noded.model.hub import Hub
 from noded.model.pods import Enrollment
 from noded.model.tracker import KeyChanges, ServiceModel
-from noded.nodeaddrs import local_addresses, nodeport_addresses
 from noded.observe import liveness, rfc3339, sd_notify, serve
 from noded.runner import BoundedFrequencyRunner
 from noded.services.healthcheck import HealthCheckServers

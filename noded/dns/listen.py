@@ -16,7 +16,7 @@ import socket
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from noded import nft
+from noded.kernel import nft
 
 INTERFACE = "noded-dns"
 TABLE = "noded-dns"

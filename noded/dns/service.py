@@ -167,7 +167,7 @@ class DnsService:
 
     async def _attach(self, _full: bool) -> None:
         """The program on the pods' interfaces (the bridge appears with the node's first pod)."""
-        from noded.nodeaddrs import local_addresses
+        from noded.kernel.addresses import local_addresses
 
         addresses = await asyncio.get_running_loop().run_in_executor(None, local_addresses)  # pyroute2's own loop
         attached = self.fast.attach(pod_interfaces(addresses, self.cluster_cidrs))

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from noded import nft as libnft
+from noded.kernel import nft as libnft
 from noded.redirect.rules import CONN_MARK, MARK_MASK, ROUTE_TABLE, TABLE, capture_script, remove_script
 
 CLONE_NEWNET = 0x40000000
@@ -27,7 +27,7 @@ class CaptureError(RuntimeError):
 
 
 def nft(netns_path: str, script: str) -> str:
-    """One nft transaction inside the pod's netns (noded/nft.py: libnftables on this thread, no fork per pod)."""
+    """One nft transaction inside the pod's netns (noded/kernel/nft.py: libnftables on this thread, no fork per pod)."""
     try:
         with entered(netns_path):
             return libnft.run(script)

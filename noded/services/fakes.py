@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-from noded.nft import NftError
-from noded.services.conntrack import Serving
-from noded.services.iptables import IptablesError
+from noded.kernel.conntrack import Serving
+from noded.kernel.iptables import IptablesError
+from noded.kernel.nft import NftError
 
 _NFT_OBJECT = re.compile(r"^(add|delete) (chain|set|map) inet noded (\S+)")
 

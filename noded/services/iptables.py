@@ -9,67 +9,20 @@ chains nobody wants and restores noded's jumps from the built-in chains, which r
 from __future__ import annotations
 
 import re
-import subprocess
-from dataclasses import dataclass
 
 import structlog
 
+from noded.kernel.conntrack import ConntrackCleaner
+from noded.kernel.iptables import VERSIONS, Tools, detect_backend
 from noded.model.tracker import Frontend, ServiceModel
 from noded.services import iptrules
-from noded.services.conntrack import ConntrackCleaner
 from noded.services.iptrules import FrontendRules
 from noded.services.mirror import RuleMirror
 from noded.services.proxier import NetfilterExtras
 
 log = structlog.get_logger("noded.services.iptables")
 
-VERSIONS = (4, 6)
 KEEP_SCRIPT = 1 << 20  # bytes: a larger script is not kept after it ran (10,000 services: tens of MiB)
-
-
-class IptablesError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Tools:
-    """The iptables commands of one backend, run with a prefix (tests enter a netns of their own): where
-    the proxier reaches the kernel. noded/services/fakes.py has a recording stand-in for unit tests."""
-
-    backend: str  # nft | legacy
-    prefix: tuple[str, ...] = ()
-
-    def argv(self, version: int, what: str) -> list[str]:
-        return [*self.prefix, f"ip{'6' if version == 6 else ''}tables-{self.backend}-{what}"]
-
-    def save(self, version: int, table: str) -> str:
-        proc = subprocess.run([*self.argv(version, "save"), "-t", table], capture_output=True, text=True)
-        return proc.stdout if proc.returncode == 0 else ""
-
-    def restore(self, version: int, script: str) -> None:
-        proc = subprocess.run(
-            [*self.argv(version, "restore"), "--noflush", "-w", "5"], input=script, capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise IptablesError(f"ip{'6' if version == 6 else ''}tables-restore: {proc.stderr.strip()[:4000]}")
-
-
-def _rule_count(tools: Tools) -> int:
-    return sum(
-        line.startswith("-A ")
-        for v in VERSIONS
-        for t in ("nat", "filter", "mangle")
-        for line in tools.save(v, t).split("\n")
-    )
-
-
-def detect_backend(prefix: tuple[str, ...] = ()) -> str:
-    """kube-proxy's rule: the backend that already has more rules wins; a tie goes to the system's iptables."""
-    legacy, nft = _rule_count(Tools("legacy", prefix)), _rule_count(Tools("nft", prefix))
-    if legacy != nft:
-        return "legacy" if legacy > nft else "nft"
-    version = subprocess.run([*prefix, "iptables", "--version"], capture_output=True, text=True).stdout
-    return "legacy" if "legacy" in version else "nft"
 
 
 def noded_chains(saved: str) -> list[str]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from noded.kernel.conntrack import Serving
 from noded.model.tracker import Frontend, FrontendState, ServiceKey, ServiceModel
-from noded.services.conntrack import Serving
 
 R = TypeVar("R")
 RULE_PROTOCOLS = ("TCP", "UDP")

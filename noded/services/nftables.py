@@ -10,10 +10,10 @@ from collections import Counter
 
 import structlog
 
+from noded.kernel.conntrack import ConntrackCleaner
+from noded.kernel.nft import NFT, NftCommand, nft, nft_json
 from noded.model.tracker import Frontend, ServiceKey, ServiceModel
-from noded.nft import NFT, NftCommand, nft, nft_json
 from noded.services import nftrules
-from noded.services.conntrack import ConntrackCleaner
 from noded.services.mirror import RuleMirror
 from noded.services.nftrules import TABLE, FrontendRules
 from noded.services.proxier import NetfilterExtras

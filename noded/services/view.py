@@ -23,7 +23,7 @@ def programmed_views(mode: str, bpffs: str, prefix: tuple[str, ...] = ()) -> lis
     (prefix, e.g. nsenter, picks it).
     """
     if mode == "nftables":
-        from noded.nft import nft_json
+        from noded.kernel.nft import nft_json
         from noded.services import nftables, nftrules
 
         nft_cmd = (*prefix, "nft")
@@ -31,13 +31,14 @@ def programmed_views(mode: str, bpffs: str, prefix: tuple[str, ...] = ()) -> lis
             return None
         return nftrules.describe(nft_json("list", "table", *nftables.TABLE.split(), cmd=nft_cmd))
     if mode == "iptables":
-        from noded.services import iptables, iptrules
+        from noded.kernel.iptables import VERSIONS, Tools, detect_backend
+        from noded.services import iptrules
 
-        tools = iptables.Tools(iptables.detect_backend(prefix), prefix)
-        nat = "".join(tools.save(v, "nat") for v in iptables.VERSIONS)
+        tools = Tools(detect_backend(prefix), prefix)
+        nat = "".join(tools.save(v, "nat") for v in VERSIONS)
         if "NODED-SERVICES" not in nat:
             return None
-        return iptrules.describe(nat, "".join(tools.save(v, "filter") for v in iptables.VERSIONS))
+        return iptrules.describe(nat, "".join(tools.save(v, "filter") for v in VERSIONS))
     import os
 
     from noded.bpf.sock_lb import LbMaps

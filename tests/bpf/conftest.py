@@ -14,9 +14,9 @@ import pytest
 from noded.bpf import sock_lb
 from noded.bpf.nat_gc import NatCollector
 from noded.bpf.sock_term import SocketTerminator
+from noded.kernel.conntrack import ConntrackCleaner
 from noded.lab import netns
 from noded.model.tracker import ServiceModel
-from noded.services.conntrack import ConntrackCleaner
 from noded.services.ebpf import EbpfProxier
 from noded.services.iptables import IptablesProxier
 from noded.services.nftables import NftProxier

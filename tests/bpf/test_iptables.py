@@ -1,6 +1,7 @@
 """iptables mode on real rulesets in a netns of the test's own: partial syncs, tamper repair, backend
 detection, cleanup."""
 
+from noded.kernel.iptables import detect_backend
 from noded.lab import netns
 from noded.services import iptables, iptrules
 from tests.bpf.conftest import IptEnv, env_fixture
@@ -60,10 +61,10 @@ def test_backend_detection_follows_existing_rules(ipt_lb):
     prefix = tuple(netns.nsenter_argv(ipt_lb.ns, []))
     iptables.remove_all(prefix)
     system_default = "legacy" if "legacy" in run(ipt_lb, "iptables", "--version") else "nft"
-    assert iptables.detect_backend(prefix) == system_default
+    assert detect_backend(prefix) == system_default
     for _ in range(3):
         run(ipt_lb, "iptables-legacy", "-t", "filter", "-A", "INPUT", "-s", "198.51.100.1", "-j", "ACCEPT")
-    assert iptables.detect_backend(prefix) == "legacy"
+    assert detect_backend(prefix) == "legacy"
     run(ipt_lb, "iptables-legacy", "-t", "filter", "-F", "INPUT")
 
 

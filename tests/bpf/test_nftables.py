@@ -1,7 +1,7 @@
 """nftables mode on a real ruleset in a netns of the test's own: partial syncs, tamper repair, cleanup."""
 
+from noded.kernel.nft import nft, nft_json
 from noded.lab import netns
-from noded.nft import nft, nft_json
 from noded.services import nftables, nftrules
 from tests.bpf.conftest import NftEnv, env_fixture
 from tests.objects import endpoint, service, slice_

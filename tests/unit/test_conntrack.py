@@ -1,4 +1,4 @@
-from noded.services.conntrack import Flow, stale
+from noded.kernel.conntrack import Flow, stale
 
 VIP = ("10.96.0.10", 53)
 

@@ -291,7 +291,7 @@ def test_health_checks_count_local_ready_endpoints():
 
 
 def test_nodeport_addresses_default_and_configured():
-    from noded.nodeaddrs import nodeport_addresses
+    from noded.kernel.addresses import nodeport_addresses
 
     addrs = ["127.0.0.1", "::1", "192.0.2.11", "10.244.1.1", "fe80::1", "2001:db8::11"]
     assert nodeport_addresses(addrs, [], ["10.244.0.0/16"]) == ["192.0.2.11", "2001:db8::11"]

@@ -4,10 +4,11 @@ proxiers program real kernels in tests/bpf and the lab; these pin down their tra
 
 import pytest
 
+from noded.kernel.iptables import IptablesError
+from noded.kernel.nft import NftError
 from noded.model.tracker import ServiceModel
-from noded.nft import NftError
 from noded.services.fakes import RecordingConntrack, RecordingIptables, RecordingNft
-from noded.services.iptables import IptablesError, IptablesProxier
+from noded.services.iptables import IptablesProxier
 from noded.services.nftables import NftProxier
 from tests.objects import endpoint, service, slice_
 from tests.unit.test_ebpf_proxier import cluster  # 3 services x 3 endpoints

@@ -21,7 +21,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from noded.metrics import SYNC_BUCKETS, LatencyHistogram
 
-log = structlog.get_logger("noded.services.conntrack")
+log = structlog.get_logger("noded.kernel.conntrack")
 
 Addr = tuple[str, int]
 Serving = dict[Addr, frozenset[Addr]]  # UDP frontend -> the backends that serve it now (empty: gone)
