@@ -94,10 +94,10 @@ class KeyChanges:
             self._first()
         self.keys.add(key)
 
-    def add_all(self, keys: set[ServiceKey], wake: bool = True) -> None:
+    def add_all(self, keys: set[ServiceKey]) -> None:
         """(The model, under its lock: every service changed.)"""
         if keys and not self.keys:
-            self._first(wake)
+            self._first()
         self.keys |= keys
 
     def take(self) -> set[ServiceKey]:
@@ -107,17 +107,18 @@ class KeyChanges:
         return keys
 
     def take_all(self, keys: Callable[[], set[ServiceKey]]) -> set[ServiceKey]:
-        """A full sync's batch: every key `keys()` gives (read under the model's lock) and what was pending."""
+        """A full sync's batch: every key `keys()` gives (read under the model's lock) and what was pending.
+        Only what was pending is a change (`since`): the rest neither wakes anyone nor counts as waiting."""
         with self._lock:
-            self.add_all(keys(), wake=False)
+            self.keys |= keys()
         return self.take()
 
     def pending(self) -> int:
         return len(self.keys)
 
-    def _first(self, wake: bool = True) -> None:
+    def _first(self) -> None:
         self.since = time.monotonic()
-        if wake and self.wake is not None:
+        if self.wake is not None:
             try:
                 self.wake()
             except RuntimeError:  # the consumer's loop has closed (noded stopping): nobody to wake

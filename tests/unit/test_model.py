@@ -159,6 +159,8 @@ def test_each_proxier_has_its_own_tracker_and_a_full_sync_takes_every_service():
     m.upsert(service("b", "10.96.0.2"))
     assert second.take() == {("default", "a"), ("default", "b")}  # its own: untouched by the first's take
     assert first.take_all(m.service_keys) == {("default", "a"), ("default", "b")} and first.take() == set()
+    # a periodic full sync with nothing pending: every service, but no change waited (no programming latency)
+    assert first.take_all(m.service_keys) == {("default", "a"), ("default", "b")} and first.taken_since is None
 
 
 def test_malformed_object_rejected_alone_keeping_last_good_version():
