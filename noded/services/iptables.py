@@ -17,12 +17,10 @@ from noded.kernel.iptables import VERSIONS, Tools, detect_backend
 from noded.model.tracker import Frontend, ServiceModel
 from noded.services import iptrules
 from noded.services.iptrules import FrontendRules
-from noded.services.mirror import RuleMirror
+from noded.services.mirror import RuleMirror, kept
 from noded.services.proxier import NetfilterExtras
 
 log = structlog.get_logger("noded.services.iptables")
-
-KEEP_SCRIPT = 1 << 20  # bytes: a larger script is not kept after it ran (10,000 services: tens of MiB)
 
 
 def noded_chains(saved: str) -> list[str]:
@@ -49,7 +47,7 @@ class IptablesProxier(NetfilterExtras):
         self.conntrack = conntrack or ConntrackCleaner()
         self.tools = tools or Tools(backend or detect_backend(prefix), prefix)
         self.transactions = 0
-        self.last_scripts: dict[int, str] = {}  # the last transactions when small (tests read them)
+        self.last_scripts: dict[int, str] = {}  # the last transactions, when small (mirror.kept)
         log.info("iptables backend", backend=self.tools.backend)
 
     def sync(self, full: bool = False) -> int:
@@ -61,7 +59,7 @@ class IptablesProxier(NetfilterExtras):
             if script:
                 self.tools.restore(version, script)
                 self.transactions += 1
-                self.last_scripts[version] = script if len(script) <= KEEP_SCRIPT else ""
+                self.last_scripts[version] = kept(script)
         self.mirror.commit(desired_by_key)
         self.conntrack.clear(self.mirror.touched_udp)
         return len(desired_by_key)

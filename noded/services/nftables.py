@@ -14,16 +14,12 @@ from noded.kernel.conntrack import ConntrackCleaner
 from noded.kernel.nft import NFT, NftCommand, nft, nft_json
 from noded.model.tracker import Frontend, ServiceKey, ServiceModel
 from noded.services import nftrules
-from noded.services.mirror import RuleMirror
+from noded.services.mirror import RuleMirror, kept
 from noded.services.nftrules import TABLE, FrontendRules
 from noded.services.proxier import NetfilterExtras
 
 log = structlog.get_logger("noded.services.nftables")
 ELEMENTS_PER_COMMAND = 10_000
-KEEP_SCRIPT = 1 << 20  # bytes: a larger script is not kept after it ran (10,000 services: 12 MiB)
-
-ELEMENTS_PER_COMMAND = 10_000
-KEEP_SCRIPT = 1 << 20  # bytes: a larger script is not kept after it ran (10,000 services: 12 MiB)
 
 
 def table_exists(cmd: tuple[str, ...] = NFT, table: str = TABLE) -> bool:
@@ -56,7 +52,7 @@ class NftProxier(NetfilterExtras):
         self.tool = tool or NftCommand(cmd)
         self.conntrack = conntrack or ConntrackCleaner()
         self.transactions = 0
-        self.last_script = ""  # the last transaction when small (tests read it; a full sync's is megabytes)
+        self.last_script = ""  # the last transaction, when small (mirror.kept)
         self.hairpin_refs: Counter[str] = Counter()  # endpoint IP -> frontends using it
         self.pick_chains: set[str] = set()  # shared pick chains in the table (a partial sync only adds them)
 
@@ -76,7 +72,7 @@ class NftProxier(NetfilterExtras):
         if script:
             self.tool.run(script)
             self.transactions += 1
-            self.last_script = script if len(script) <= KEEP_SCRIPT else ""
+            self.last_script = kept(script)
         self.pick_chains = picks
         self.mirror.commit(desired_by_key)
         self.conntrack.clear(self.mirror.touched_udp)
