@@ -61,6 +61,20 @@ def reconcile(
     return todo
 
 
+def reconcile_map(table, wanted: Mapping[bytes, bytes], prune: bool = True) -> Changes[bytes, bytes]:
+    """A BPF map (noded/bpf/libbpf.Map, or its dict-backed fake) made to hold `wanted`, {packed key: packed
+    value}, against what it holds read back whole: for the small maps written as a set (cluster CIDRs, the
+    DNS listen addresses)."""
+    key_type, value_type = table.key_type, table.value_type
+    return reconcile(
+        {bytes(key): bytes(value) for key, value in table.items()},
+        wanted,
+        lambda raw, value: table.update(key_type.from_buffer_copy(raw), value_type.from_buffer_copy(value)),
+        lambda raw: table.delete(key_type.from_buffer_copy(raw)),
+        prune,
+    )
+
+
 def held_by_name(present: Iterable[K], wanted: Mapping[K, V]) -> dict[K, V | None]:
     """A table whose keys name their values: what is present is as wanted (unwanted keys' values unknown)."""
     return {key: wanted.get(key) for key in present}

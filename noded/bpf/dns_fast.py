@@ -22,7 +22,7 @@ from noded.bpf.libbpf import BPF_TCX_INGRESS, Map, Object, attach_tcx_pinned
 from noded.bpf.sock_lb import LINKS_DIR, ensure_bpffs, object_path
 from noded.dns.wire import question_name_end
 from noded.model.tracker import ServiceKey
-from noded.reconcile import held_by_name, reconcile
+from noded.reconcile import held_by_name, reconcile, reconcile_map
 
 log = structlog.get_logger("noded.bpf.dns")
 OBJECT = "dns.o"
@@ -145,15 +145,8 @@ class DnsFastPath:
         for host, port in addresses:
             if not ipaddress.ip_address(host).is_unspecified:
                 key = structs.DnsListenKey(addr=structs.pack_addr(host), port=structs.net_port(port))
-                wanted[bytes(key)] = 1
-        table = self.listen
-        reconcile(
-            {bytes(key): int(value.value) for key, value in table.items()},
-            wanted,
-            lambda raw, one: table.update(structs.DnsListenKey.from_buffer_copy(raw), ctypes.c_uint32(one)),
-            lambda raw: table.delete(structs.DnsListenKey.from_buffer_copy(raw)),
-            prune,
-        )
+                wanted[bytes(key)] = bytes(ctypes.c_uint32(1))
+        reconcile_map(self.listen, wanted, prune)
 
     def attach(self, interfaces: dict[str, int]) -> list[str]:
         """The program on the ingress of exactly these interfaces {name: ifindex}; what changed."""

@@ -20,7 +20,7 @@ from noded.bpf.nat_gc import NatCollector
 from noded.bpf.sock_lb import LbMaps, attach_external, cgroup_links, external_links_missing, repair
 from noded.bpf.sock_term import Removed, SocketTerminator
 from noded.model.tracker import Backend, Frontend, FrontendState, ServiceKey, ServiceModel
-from noded.reconcile import reconcile
+from noded.reconcile import reconcile, reconcile_map
 from noded.services.slots import plan_slots
 from noded.services.view import ProgrammedView
 
@@ -340,15 +340,8 @@ class EbpfProxier:
             net = ipaddress.ip_network(cidr, strict=False)
             key = structs.CidrKey(prefixlen=net.prefixlen + (96 if net.version == 4 else 0))
             key.addr = structs.pack_addr(str(net.network_address))
-            wanted[bytes(key)] = 1
-        table = self.maps.cluster_cidrs
-        held = {bytes(key): int(value.value) for key, value in table.items()}
-        reconcile(
-            held,
-            wanted,
-            lambda raw, one: table.update(structs.CidrKey.from_buffer_copy(raw), ctypes.c_uint32(one)),
-            lambda raw: table.delete(structs.CidrKey.from_buffer_copy(raw)),
-        )
+            wanted[bytes(key)] = bytes(ctypes.c_uint32(1))
+        reconcile_map(self.maps.cluster_cidrs, wanted)
 
     # -- one frontend -----------------------------------------------------------
     def _program_frontend(self, key: ServiceKey, fe: Frontend, state: FrontendState) -> None:
@@ -375,7 +368,7 @@ class EbpfProxier:
         held, wanted = frontend_tables(cur), frontend_tables(new)
         svc_id = new.svc_id if new is not None else cur.svc_id if cur is not None else 0
         addr = structs.addr_bytes(fe.ip)
-        backends, slots, master = self.maps.backends, self.maps.svc, self.maps.svc
+        backends, svc = self.maps.backends, self.maps.svc
 
         def write_backend(bid: int, value: tuple[Backend, bool]) -> None:
             self._write_backend(bid, value[0], fe.protocol, value[1])
@@ -385,13 +378,13 @@ class EbpfProxier:
             self._backend_left(fe, svc_id, held[0][bid][0])
 
         def write_slot(slot: int, bid: int) -> None:
-            write("slots", slots, _packed_svc_key(fe, slot, addr), SVC_VAL.pack(bid, svc_id, 0, 0, 0, 0))
+            write("slots", svc, _packed_svc_key(fe, slot, addr), SVC_VAL.pack(bid, svc_id, 0, 0, 0, 0))
 
         def write_master(slot: int, value: tuple[int, int, int, int]) -> None:
-            write("masters", master, _packed_svc_key(fe, slot, addr), SVC_VAL.pack(0, svc_id, *value))
+            write("masters", svc, _packed_svc_key(fe, slot, addr), SVC_VAL.pack(0, svc_id, *value))
 
         def delete_slot(slot: int) -> None:  # slot 0: the master (the VIP stops translating)
-            delete(slots, _packed_svc_key(fe, slot, addr))
+            delete(svc, _packed_svc_key(fe, slot, addr))
 
         if new is None:  # removed: the master goes first, then what it counted
             reconcile(held[2], {}, write_master, delete_slot)
@@ -406,7 +399,7 @@ class EbpfProxier:
         self._delete_programmed(fe, p)
 
     def _delete_programmed(self, fe: Frontend, p: Programmed) -> None:
-        self._reconcile_frontend(fe, p, None, self._write_later, lambda m, key: self._delete(m, key))
+        self._reconcile_frontend(fe, p, None, self._write_later, self._delete)
 
     def _backend_left(self, fe: Frontend, svc_id: int, be: Backend) -> None:
         if fe.scope == structs.SCOPE_SOCKET:  # only the socket hooks connect sockets to a backend
