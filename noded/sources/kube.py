@@ -101,7 +101,7 @@ class Get:
     def __init__(self, api: client.ApiClient, path: str, **fixed: object) -> None:
         self.api, self.path, self.fixed = api, path, fixed
 
-    def __call__(self, _preload_content: bool = False, _request_timeout: object = None, **params: object) -> Any:
+    def __call__(self, _request_timeout: object = None, **params: object) -> Any:
         query = [(self.QUERY[k], _query_value(v)) for k, v in {**self.fixed, **params}.items() if v is not None]
         request = self.api.param_serialize(
             "GET",
@@ -276,7 +276,7 @@ class KindWatcher:
 
     def _page(self, cont: str | None) -> dict:
         """One page of the list, parsed (the first with cont None)."""
-        kwargs = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
+        kwargs: dict[str, object] = {"limit": PAGE_SIZE, "_request_timeout": 60}
         if cont:
             kwargs["_continue"] = cont
         return json.loads(self._list(**kwargs).data)
@@ -340,7 +340,6 @@ class KindWatcher:
             resource_version=self.resource_version,
             allow_watch_bookmarks=True,
             timeout_seconds=WATCH_TIMEOUT_SECONDS,
-            _preload_content=False,
             _request_timeout=(10, WATCH_TIMEOUT_SECONDS + 30),
         )
         try:
