@@ -103,7 +103,9 @@ class CaptureProxy:
         self.tasks: set[asyncio.Task] = set()
         self.self_calls = 0  # connections refused because they were addressed to a capture listener
         # the tunnel's client side: HBONE connections pooled per pod and peer
-        self.hbone = HboneClient(tunnel.telemetry, tunnel.counts, self.tasks) if tunnel is not None else None
+        self.hbone = (
+            HboneClient(tunnel.telemetry, tunnel.counts, self.tasks, HBONE_PORT) if tunnel is not None else None
+        )
         # told when a mesh pod's netns comes and goes (cookie, mesh): the eBPF socket LB leaves its TCP to us
         self.on_mesh_netns: Callable[[int, bool], None] = lambda _cookie, _mesh: None
 

@@ -25,15 +25,12 @@ from noded.tunnel.tls import PeerRejected
 
 log = structlog.get_logger("noded.tunnel.outbound")
 
-HBONE_PORT = 15008
 ConnectFrom = Callable[[tuple[str, int]], Awaitable[socket.socket]]  # a connected socket, from the pod's netns
 
 
 class HboneClient:
-    def __init__(
-        self, telemetry: TcpTelemetry, counts: dict[str, int], tasks: set[asyncio.Task], port: int = HBONE_PORT
-    ) -> None:
-        self.port = port  # the peers' HBONE port
+    def __init__(self, telemetry: TcpTelemetry, counts: dict[str, int], tasks: set[asyncio.Task], port: int) -> None:
+        self.port = port  # the peers' HBONE port (the capture's: noded/redirect/rules.py)
         self.telemetry = telemetry
         self.counts = counts  # the tunnel's: hbone_out counted here
         self.tasks = tasks
