@@ -25,13 +25,15 @@ def _config(path: str | None) -> NodedConfiguration:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from noded.memory import StartupCollection, fixed_mmap_threshold
+
+    collection = StartupCollection()  # before the daemon's imports, which are the start's first objects
+    fixed_mmap_threshold()
     from noded.daemon import Daemon
-    from noded.memory import fixed_mmap_threshold
     from noded.observe import setup_logging
 
-    fixed_mmap_threshold()
     setup_logging(args.log_level, args.json_logs, args.verbose)
-    return Daemon(_config(args.config)).run()
+    return Daemon(_config(args.config), collection).run()
 
 
 def cmd_services(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -19,7 +20,7 @@ from noded.config import NodedConfiguration, split_hostport
 from noded.files import write_atomic
 from noded.kernel.addresses import local_addresses, nodeport_addresses
 from noded.loopthread import LoopThread
-from noded.memory import release_memory
+from noded.memory import StartupCollection, release_memory
 from noded.metrics import CONTENT_TYPE, DaemonMetrics
 from noded.model.hub import Hub
 from noded.model.pods import Enrollment
@@ -28,6 +29,7 @@ from noded.observe import liveness, rfc3339, sd_notify, serve
 from noded.runner import BoundedFrequencyRunner
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.proxier import Proxier
+from noded.sources.base import Source
 
 log = structlog.get_logger("noded.daemon")
 PODS_MIN_SYNC = 0.1  # the capture follows enrollment changes (labels) this soon at most
@@ -47,6 +49,33 @@ def make_source(config: NodedConfiguration, sink: Hub):
         kinds += ("Pod", "Namespace", "AuthorizationPolicy", "Gateway", "HTTPRoute")
     api = api_client(config.source.kubeconfig, config.source.inCluster, config.source.apiServer)
     return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName, own_pods_only=pods_from_ca(config))
+
+
+class _Starting:
+    """A source made and started on a thread of its own; `result()` is the source, or raises what its making
+    raised (a kubeconfig that cannot be read stops the start as before)."""
+
+    def __init__(self, make: Callable[[NodedConfiguration, Hub], Source], config: NodedConfiguration, sink: Hub):
+        self._source: Source | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(make, config, sink), name="source", daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[NodedConfiguration, Hub], Source], config: NodedConfiguration, sink: Hub):
+        try:
+            source = make(config, sink)
+            sink.expected = {source.name}
+            source.start()
+            self._source = source
+        except BaseException as e:  # raised again in the daemon's thread
+            self._error = e
+
+    def result(self) -> Source:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._source is not None
+        return self._source
 
 
 def pods_from_ca(config: NodedConfiguration) -> bool:
@@ -98,8 +127,9 @@ def make_proxier(config: NodedConfiguration, model: ServiceModel) -> Proxier:
 
 
 class Daemon:
-    def __init__(self, config: NodedConfiguration) -> None:
+    def __init__(self, config: NodedConfiguration, collection: StartupCollection | None = None) -> None:
         self.config = config
+        self.collection = collection  # the collector paused for the start (`noded run`), resumed at the first sync
         self.model = ServiceModel(node_name=config.nodeName)
         self.health_checks = HealthCheckServers(healthy=lambda: self.model.node_eligible)
         self.enrollment = Enrollment(config.nodeName, remote_from_stream=pods_from_ca(config))
@@ -168,7 +198,10 @@ class Daemon:
             log.info("services synced", full=full, services=n, seconds=round(took, 4))
         if not self.first_synced:
             self.first_synced = True
-            release_memory()
+            if self.collection is not None:
+                self.collection.resume()
+            else:
+                release_memory()
         self._write_status()
         if not self.ready_notified:  # systemd (Type=notify): dependants start once the dataplane is programmed
             self.ready_notified = True
@@ -201,8 +234,11 @@ class Daemon:
         self.runner = BoundedFrequencyRunner(
             "services", self._sync, cfg.services.minSyncPeriod, cfg.services.syncPeriod
         )
-        # what pods use locally first (health, DNS, the capture and CNI sockets): the API client after them
-        # takes seconds of imports on a small node
+        self.changes.wake = self._queue_sync  # the model wakes the runner as a change arrives
+        # the source lists on a thread of its own while what pods use locally (health, DNS, the capture and
+        # CNI sockets) is set up here: neither waits for the other (the API client's imports alone take
+        # seconds on a small node, and the first list waits on the API server)
+        source = _Starting(make_source, cfg, self.sink)
         self._serve()
         self.loop.start()
         self._start_dns()
@@ -211,10 +247,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self._write_status(waiting=True)
-        self.source = make_source(cfg, self.sink)
-        self.sink.expected = {self.source.name}
-        self.changes.wake = self._queue_sync  # the model wakes the runner as a change arrives
-        self.source.start()
+        self.source = source.result()
         if self._wait_for_sources():
             self.runner.start()
             if self.pods and self._wait_for_enrollment():

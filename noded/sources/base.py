@@ -20,6 +20,22 @@ class Sink(Protocol):
     def synced(self, source: str) -> None: ...
 
 
+class Source(Protocol):
+    """What the daemon runs: a source of objects feeding a sink from its own threads."""
+
+    name: str
+
+    @property
+    def synced(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 def object_key(obj: Any) -> ObjectKey | None:
     """(kind, namespace, name) of a well-formed object; None when it cannot be keyed."""
     if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str):
