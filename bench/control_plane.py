@@ -41,8 +41,16 @@ def vip(i: int) -> str:
     return f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}"
 
 
+NODES = 100  # the cluster's nodes the endpoints run on; the daemon's node ({TAG}-daemon) is one of them
+
+
 def endpoints(i: int, m: int) -> list[dict]:
-    return [endpoint(f"172.{16 + j}.{(i // 256) % 256}.{i % 256}") for j in range(m)]
+    """m endpoints, each naming its node as the EndpointSlice controller writes them (1 in NODES is here)."""
+    return [endpoint(f"172.{16 + j}.{(i // 256) % 256}.{i % 256}", node=_node(i + j)) for j in range(m)]
+
+
+def _node(n: int) -> str:
+    return f"{TAG}-daemon" if n % NODES == 0 else f"node-{n % NODES}"
 
 
 def objects(n: int, m: int) -> list[dict]:
@@ -69,7 +77,7 @@ def in_process(mode: str, n: int, m: int, changes: int) -> dict:
         for k in range(changes):
             i = (k * 7919) % n
             eps = endpoints(i, m)
-            eps[k % m] = endpoint(f"172.99.{k // 256 % 256}.{k % 256}")  # one endpoint replaced
+            eps[k % m] = endpoint(f"172.99.{k // 256 % 256}.{k % 256}", node=_node(k))  # one endpoint replaced
             start = time.perf_counter()
             env.model.upsert(slice_(f"s{i}", eps))
             env.proxier.sync()
@@ -77,7 +85,7 @@ def in_process(mode: str, n: int, m: int, changes: int) -> dict:
         grow = []  # the other kind of change: one endpoint more (the nftables mode rewrites a rule for it)
         for k in range(changes):
             i = (k * 7919 + 1) % n
-            eps = [*endpoints(i, m), endpoint(f"172.98.{k // 256 % 256}.{k % 256}")]
+            eps = [*endpoints(i, m), endpoint(f"172.98.{k // 256 % 256}.{k % 256}", node=_node(k))]
             start = time.perf_counter()
             env.model.upsert(slice_(f"s{i}", eps))
             env.proxier.sync()

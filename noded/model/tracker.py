@@ -62,6 +62,9 @@ class FrontendState:
     # and traffic from inside the cluster gets `in_cluster` instead (kube-proxy's short-circuit)
     local_external: bool = False
     in_cluster: Backends | None = None
+    # endpoint addresses that may be pods of this node (their nodeName is this node's, or unset): the only
+    # ones a connection through this node can be DNATed back to its own source from (hairpin); None: any
+    here: tuple[str, ...] | None = None
 
     @property
     def external(self) -> bool:
@@ -355,6 +358,7 @@ class ServiceModel:
         for sp in ports:
             for family in {_family(ip) for ip in sp.cluster_ips}:
                 eps = _endpoints(sp, [s for s in slices if s.address_type == family])
+                here = tuple(dict.fromkeys(b[0] for b, ep in eps if self._maybe_here(ep)))
                 cluster = _pick(eps, _topology_filter(eps, self.node_zone))
                 local = cluster  # only a Local policy looks at which endpoints are on this node
                 if sp.internal_traffic_local or sp.external_traffic_local:
@@ -367,12 +371,22 @@ class ServiceModel:
                     if _family(ip) != family:
                         continue
                     if kind == "ClusterIP":
-                        out[Frontend(ip, port, proto)] = FrontendState(sp, *internal)
+                        out[Frontend(ip, port, proto)] = FrontendState(sp, *internal, here=here)
                     else:
                         out[Frontend(ip, port, proto)] = FrontendState(
-                            sp, *external, kind=kind, local_external=sp.external_traffic_local, in_cluster=in_cluster
+                            sp,
+                            *external,
+                            kind=kind,
+                            local_external=sp.external_traffic_local,
+                            in_cluster=in_cluster,
+                            here=here,
                         )
         return out
+
+    def _maybe_here(self, ep: Endpoint) -> bool:
+        """Whether an endpoint may be a pod of this node: its nodeName says so, or it has none (an endpoint
+        written by hand), or this node's name is not known."""
+        return not ep.node_name or not self.node_name or ep.node_name == self.node_name
 
     def _addresses(self, sp: ServicePort) -> list[tuple[str, int, str]]:
         """Where one service port is reached, (address, port, kind): its cluster IPs (those this node does not

@@ -178,7 +178,15 @@ def frontend_rules(
         proto = fe.protocol.lower()
         target = _quote(f"service-{_hash(fe)}-{sp.name.namespace}/{sp.name.name}/{proto}/{sp.name.port}")
         chains[target] = tuple(rules)
-    endpoint_ips = tuple(dict.fromkeys(ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends))
+    # hairpin: only endpoints that may be this node's pods can be DNATed back to their own source here (an
+    # endpoint on another node is reached from its own node's translation); in real slices every pod's
+    # endpoint names its node, so the set holds this node's pods, not the cluster's
+    here = None if state.here is None else set(state.here)
+    endpoint_ips = tuple(
+        dict.fromkeys(
+            ip for pick in (p.pick, p.short_circuit) if pick for ip, _ in pick.backends if here is None or ip in here
+        )
+    )
     return FrontendRules(
         f"service-ips{suffix}",
         f"{key} : goto {target}",

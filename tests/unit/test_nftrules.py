@@ -2,8 +2,9 @@ import dataclasses
 import re
 
 from noded.model.objects import parse_service
-from noded.model.tracker import Frontend, FrontendState
+from noded.model.tracker import Frontend, FrontendState, ServiceModel
 from noded.services import nftrules
+from tests.objects import endpoint, service, slice_
 
 NAME_OK = re.compile(r"^[A-Za-z][A-Za-z0-9/_.\-]*$")  # what nft 1.0 takes unquoted
 
@@ -172,3 +173,22 @@ def test_names_that_could_carry_rule_text_are_rejected_by_the_model_and_never_re
     for line in lines:
         assert "\n" not in line and "flush ruleset" not in line and line.count('"') % 2 == 0, line
     assert any("p_flush_ruleset" in line for line in lines)  # the name is there, made harmless
+
+
+def test_hairpin_holds_only_endpoints_that_may_be_this_nodes_pods():
+    """A connection is DNATed back to its own source only on its own node: the hairpin set holds this node's
+    endpoints and those naming no node, not the cluster's (in real slices every pod endpoint names its node)."""
+    model = ServiceModel(node_name="n1")
+    model.upsert(service("web", "10.96.0.10"))
+    eps = [endpoint("10.244.1.2", node="n1"), endpoint("10.244.2.2", node="n2"), endpoint("10.244.3.2")]
+    model.upsert(slice_("web", eps))
+    ((fe, st),) = model.frontends_of(("default", "web")).items()
+    r = nftrules.frontend_rules(fe, st, ["10.244.0.0/16"])
+    assert len(r.endpoints) == 3  # every endpoint is still reached
+    assert r.hairpin == ("10.244.1.2", "10.244.3.2")
+    # a model that does not know its node's name cannot tell: every endpoint
+    anywhere = ServiceModel()
+    anywhere.upsert(service("web", "10.96.0.10"))
+    anywhere.upsert(slice_("web", eps))
+    ((fe, st),) = anywhere.frontends_of(("default", "web")).items()
+    assert nftrules.frontend_rules(fe, st, ["10.244.0.0/16"]).hairpin == ("10.244.1.2", "10.244.2.2", "10.244.3.2")
