@@ -166,17 +166,16 @@ def role(args: argparse.Namespace) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
 
-    from kubernetes import client
-
     from noded.model.pods import Enrollment
     from noded.sources.kube import KubeSource
+    from noded.sources.kubeclient import ApiClient
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     node = "ca-node" if args.role == "ca" else NODE
     enrollment = Enrollment(node, remote_from_stream=args.role == "own")
     sink = _Sink(enrollment)
-    api = client.ApiClient(client.Configuration(host=args.api))
+    api = ApiClient(args.api)
     source = KubeSource(api, sink, kinds=("Pod", "Namespace"), node_name=node, own_pods_only=args.role == "own")
     source.start()
     stream = feed = None

@@ -59,10 +59,15 @@ def _selected(obj: dict, q: dict) -> bool:
 
 class FakeApiServer:
     def __init__(
-        self, netns_name: str | None = None, tls: tuple[str, str] | None = None, token: str | None = None
+        self,
+        netns_name: str | None = None,
+        tls: tuple[str, str] | None = None,
+        token: str | None = None,
+        client_ca: str | None = None,
     ) -> None:
         self.netns_name = netns_name  # listen on loopback inside this network namespace
         self.tls = tls  # (cert file, key file): HTTPS
+        self.client_ca = client_ca  # with tls: a client certificate signed by this CA is required
         self.token = token  # required as "Authorization: Bearer <token>"
         self.failures: dict[str, list[tuple[int, dict[str, str]]]] = {}  # path -> statuses to answer next
         self.delay = 0.0
@@ -109,6 +114,9 @@ class FakeApiServer:
         if self.tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(*self.tls)
+            if self.client_ca:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(self.client_ca)
             self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -332,9 +340,19 @@ class FakeApiServer:
 
 def serving_cert(directory: pathlib.Path) -> tuple[str, str, str]:
     """A CA and a server certificate for 127.0.0.1 signed by it: (ca file, cert file, key file)."""
+    return _signed(directory, "server", "kube-apiserver", "test-apiserver-ca")
+
+
+def client_cert(directory: pathlib.Path) -> tuple[str, str, str]:
+    """A client CA and a client certificate signed by it (a user of group noded:nodes, as kubeadm makes them):
+    (ca file, cert file, key file)."""
+    return _signed(directory, "client", "noded:node:n1", "test-client-ca")
+
+
+def _signed(directory: pathlib.Path, role: str, subject: str, ca_subject: str) -> tuple[str, str, str]:
     now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-apiserver-ca")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_subject)])
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -346,18 +364,21 @@ def serving_cert(directory: pathlib.Path) -> tuple[str, str, str]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(2)
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
     )
-    paths = [directory / "ca.crt", directory / "server.crt", directory / "server.key"]
+    if role == "server":
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        builder = builder.add_extension(san, False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    ca_file = "ca.crt" if role == "server" else f"{role}-ca.crt"
+    paths = [directory / ca_file, directory / f"{role}.crt", directory / f"{role}.key"]
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(

@@ -1,4 +1,4 @@
-"""The Kubernetes API source: list then watch per kind with the official client.
+"""The Kubernetes API source: list then watch per kind (the client: kubeclient.py).
 
 Watches resume from the last resourceVersion (kept fresh by bookmarks), relist
 on 410 Gone, and reconnect with capped exponential backoff. A relist is applied
@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import structlog
-from kubernetes import client
-from kubernetes import config as kube_config
-from kubernetes.client.exceptions import ApiException
 
 from noded.sources.base import ObjectKey, Sink, api_fingerprint, apply_snapshot, object_key
+from noded.sources.kubeclient import SERVICE_ACCOUNT_DIR, ApiClient, load
 
 log = structlog.get_logger("noded.sources.kube")
 
@@ -40,7 +36,7 @@ class Gone(Exception):
 class WatchedKind:
     kind: str
     api_version: str
-    lister: Callable[[client.ApiClient, str], Callable[..., object]]  # (api, node name) -> list function
+    lister: Callable[[ApiClient, str], Callable[..., object]]  # (api, node name) -> list function
     optional: bool = False  # a CRD the cluster may not have: 404 counts as synced and empty (retried)
 
     @property
@@ -83,10 +79,8 @@ class WatchError(Exception):
 
 
 class Get:
-    """A list (or watch) of one resource: GET `path` through the API client (its configuration, TLS and
-    auth), the query from the generated methods' keyword names, the body not read (their
-    `_preload_content=False`): the urllib3 response. Not the generated API classes: importing CoreV1Api
-    took 0.45 s of a start and every call went through pydantic's argument validation."""
+    """A list (or watch) of one resource: GET `path` through the API client, the query from keyword names
+    (client-go's list options), the body not read: the urllib3 response."""
 
     QUERY: ClassVar[dict[str, str]] = {
         "limit": "limit",
@@ -98,23 +92,12 @@ class Get:
         "field_selector": "fieldSelector",
     }
 
-    def __init__(self, api: client.ApiClient, path: str, **fixed: object) -> None:
+    def __init__(self, api: ApiClient, path: str, **fixed: object) -> None:
         self.api, self.path, self.fixed = api, path, fixed
 
-    def __call__(self, _request_timeout: object = None, **params: object) -> Any:
-        query = [(self.QUERY[k], _query_value(v)) for k, v in {**self.fixed, **params}.items() if v is not None]
-        request = self.api.param_serialize(
-            "GET",
-            self.path,
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        response = self.api.call_api(*request, _request_timeout=_request_timeout)
-        if not 200 <= response.status <= 299:  # as the generated methods raise it
-            response.read()
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.response
+    def __call__(self, _request_timeout: Any = None, **params: object) -> Any:
+        query = {self.QUERY[k]: _query_value(v) for k, v in {**self.fixed, **params}.items() if v is not None}
+        return self.api.get(self.path, query, _request_timeout)
 
 
 def _query_value(value: object) -> str:
@@ -153,26 +136,12 @@ KINDS = {
 
 OWN_PODS = WatchedKind("Pod", "v1", _listed("/api/v1/pods", lambda node: f"spec.nodeName={node}"))
 
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
 
 def api_client(
     kubeconfig: str | None, in_cluster: bool, api_server: str = "", secrets: str = SERVICE_ACCOUNT_DIR
-) -> client.ApiClient:
-    """The API client. In cluster: the service account's token and CA (re-read as the token rotates), and
-    the API server at `api_server`, else KUBERNETES_SERVICE_HOST/PORT (which the DaemonSet sets to the real
-    address: the `kubernetes` ClusterIP would need noded to have programmed it first)."""
-    if in_cluster:
-        cfg = client.Configuration()
-        env: Mapping[str, str] = os.environ
-        if api_server:  # the loader takes the address from these (and sets it again at each token refresh)
-            url = urllib.parse.urlsplit(api_server)
-            env = {"KUBERNETES_SERVICE_HOST": url.hostname or "", "KUBERNETES_SERVICE_PORT": str(url.port or 443)}
-        kube_config.incluster_config.InClusterConfigLoader(
-            token_filename=f"{secrets}/token", cert_filename=f"{secrets}/ca.crt", environ=env
-        ).load_and_set(cfg)
-        return client.ApiClient(cfg)
-    return kube_config.new_client_from_config(config_file=kubeconfig)
+) -> ApiClient:
+    """The API client: the service account in cluster (kubeclient.in_cluster), else the kubeconfig."""
+    return load(kubeconfig, in_cluster, api_server, secrets)
 
 
 def _lines(resp) -> Iterator[bytes]:
@@ -192,7 +161,7 @@ class KindWatcher:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: ApiClient,
         kind: WatchedKind,
         sink: Sink,
         on_synced: Callable[[], None],
@@ -383,7 +352,7 @@ class KubeSource:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: ApiClient,
         sink: Sink,
         kinds: tuple[str, ...] = ("Service", "EndpointSlice", "Node"),
         max_backoff: float = 30.0,

@@ -78,22 +78,19 @@ def _removed_in_directory(path: str, ref: tuple[str, str]) -> bool | None:
 
 
 def _removed_in_api(source: SourceConfig, ref: tuple[str, str]) -> bool | None:
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    from noded.sources.kube import api_client
+    from noded.sources.kubeclient import ApiError, load
 
     namespace, name = ref
     try:
-        api = client.AppsV1Api(api_client(source.kubeconfig, source.inCluster, source.apiServer))
+        api = load(source.kubeconfig, source.inCluster, source.apiServer)
     except Exception as e:  # no token, no kubeconfig: nobody to ask
         log.warning("cannot ask the API server whether noded is being uninstalled", error=str(e))
         return None
     for attempt in range(ATTEMPTS):
         try:
-            resp = api.read_namespaced_daemon_set(name, namespace, _request_timeout=TIMEOUT, _preload_content=False)
+            resp = api.get(f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}", timeout=TIMEOUT)
             return _is_deleted(json.loads(resp.data) or {})
-        except ApiException as e:
+        except ApiError as e:
             if e.status == 404:
                 return True
             error = f"{e.status} {e.reason}"

@@ -12,12 +12,12 @@ import time
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from kubernetes import client
 
 from noded.model.hub import Hub
 from noded.model.pods import Enrollment
 from noded.model.tracker import ServiceModel
 from noded.sources import kube
+from noded.sources.kubeclient import ApiClient
 from noded.tunnel.policy import Authorizer, Connection, parse_policy
 from tests.objects import endpoint, service, slice_
 from tests.unit.test_kube_source import wait_for
@@ -237,9 +237,8 @@ def test_a_destination_whose_labels_are_not_known_yet_is_denied_when_policies_se
 
 # -- through the API source ------------------------------------------------------------------------
 def start(api, sink):
-    cfg = client.Configuration(host=api.url)
     kinds = ("Service", "EndpointSlice", "Node", "Pod", "Namespace", "AuthorizationPolicy")
-    src = kube.KubeSource(client.ApiClient(cfg), sink, kinds=kinds, max_backoff=0.3, node_name=NODE)
+    src = kube.KubeSource(ApiClient(api.url), sink, kinds=kinds, max_backoff=0.3, node_name=NODE)
     src.start()
     return src
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import time
 
-from kubernetes import client
-
 from noded.model.hub import Hub
 from noded.model.pods import Enrollment
 from noded.model.tracker import ServiceModel
 from noded.sources import kube
+from noded.sources.kubeclient import ApiClient
 from noded.tunnel.policy import Authorizer
 from tests.fakeapi import FakeApiServer, serving_cert
 from tests.objects import endpoint, service, slice_
@@ -32,7 +31,7 @@ def start(api_client, model_sink, kinds=("Service", "EndpointSlice", "Node")):
 
 
 def plain(api):
-    return client.ApiClient(client.Configuration(host=api.url))
+    return ApiClient(api.url)
 
 
 def web_source(api):

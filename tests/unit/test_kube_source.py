@@ -3,10 +3,10 @@
 import time
 
 import structlog.testing
-from kubernetes import client
 
 from noded.model.tracker import ZONE_LABEL, Frontend, ServiceModel
 from noded.sources import kube
+from noded.sources.kubeclient import ApiClient
 from tests.objects import endpoint, service, slice_
 
 
@@ -35,8 +35,7 @@ class FakeSink:
 
 
 def start_source(api, sink, node_name="node1"):
-    cfg = client.Configuration(host=api.url)
-    src = kube.KubeSource(client.ApiClient(cfg), sink, max_backoff=0.5, node_name=node_name)
+    src = kube.KubeSource(ApiClient(api.url), sink, max_backoff=0.5, node_name=node_name)
     src.start()
     return src
 
@@ -200,9 +199,8 @@ class RecordingSink(FakeSink):
 
 
 def mesh_source(api, sink):
-    cfg = client.Configuration(host=api.url)
     kinds = ("Service", "Pod", "AuthorizationPolicy")
-    src = kube.KubeSource(client.ApiClient(cfg), sink, kinds=kinds, max_backoff=0.5, node_name="node1")
+    src = kube.KubeSource(ApiClient(api.url), sink, kinds=kinds, max_backoff=0.5, node_name="node1")
     src.start()
     return src
 
@@ -248,9 +246,8 @@ def test_a_node_taking_other_nodes_pods_from_the_ca_watches_its_own_pods_only(ap
     api.put(pod("here", "node1"))
     api.put(pod("there", "node2"))
     sink = RecordingSink()
-    cfg = client.Configuration(host=api.url)
     src = kube.KubeSource(
-        client.ApiClient(cfg), sink, kinds=("Service", "EndpointSlice", "Pod"), node_name="node1", own_pods_only=True
+        ApiClient(api.url), sink, kinds=("Service", "EndpointSlice", "Pod"), node_name="node1", own_pods_only=True
     )
     src.start()
     try:
@@ -303,8 +300,7 @@ def test_a_first_list_is_applied_page_by_page_and_one_broken_off_is_finished_who
             return super().upsert(obj)
 
     sink = Sink()
-    cfg = client.Configuration(host=api.url)
-    src = kube.KubeSource(client.ApiClient(cfg), sink, kinds=("Service", "Pod"), max_backoff=0.2, node_name="n")
+    src = kube.KubeSource(ApiClient(api.url), sink, kinds=("Service", "Pod"), max_backoff=0.2, node_name="n")
     src.start()
     try:
         wait_for(lambda: src.kind_synced("Pod"))
