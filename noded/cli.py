@@ -27,8 +27,8 @@ def _config(path: str | None) -> NodedConfiguration:
 def cmd_run(args: argparse.Namespace) -> int:
     from noded.memory import StartupCollection, fixed_mmap_threshold
 
+    fixed_mmap_threshold()  # before any thread
     collection = StartupCollection()  # before the daemon's imports, which are the start's first objects
-    fixed_mmap_threshold()
     from noded.daemon import Daemon
     from noded.observe import setup_logging
 
