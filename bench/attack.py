@@ -116,7 +116,7 @@ def hbone_attacks(lab: Lab, target: str, vip: str) -> dict:
     """Run from the external host's netns (a mesh peer elsewhere): raw HTTP/2 over mTLS to target:15008."""
     import hpack
 
-    from noded.redirect.podns import entered
+    from noded.kernel.podns import entered
     from noded.tunnel import frames as f
 
     ctx = attacker_context(lab)

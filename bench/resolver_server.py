@@ -14,10 +14,10 @@ import socket
 import time
 from collections.abc import Iterator
 
-from noded.dns import listen
 from noded.dns.resolver import Client, Resolver
 from noded.dns.server import serve
 from noded.dns.upstream import Upstreams
+from noded.kernel import dnslisten as listen
 from noded.memory import release_memory
 from noded.model.tracker import ServiceModel
 

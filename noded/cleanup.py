@@ -16,7 +16,7 @@ import os
 
 from noded.bpf.sock_lb import remove as remove_bpf
 from noded.config import NodedConfiguration
-from noded.dns import listen as dns_listen
+from noded.kernel import dnslisten as dns_listen
 from noded.services import iptables, nftables
 
 DNS_PINS = ("noded_dns", "dns-")
@@ -38,7 +38,7 @@ def cleanup(config: NodedConfiguration, keep: str | None = None) -> list[str]:
 
 def remove_pod_capture(state_dir: str) -> list[str]:
     """The capture table and reply routing in the netns of every pod noded has a record of."""
-    from noded.redirect import podns
+    from noded.kernel import podns
     from noded.redirect.rules import TABLE
 
     removed = []

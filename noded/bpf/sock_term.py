@@ -24,7 +24,7 @@ import structlog
 
 from noded.bpf import structs
 from noded.bpf.libbpf import BpfError, IterLink, Map, Object
-from noded.redirect.podns import CaptureError, entered
+from noded.kernel.podns import CaptureError, entered
 
 log = structlog.get_logger("noded.bpf.sock_term")
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import structlog
 
 from noded.config import NodedConfiguration, split_hostport
-from noded.dns import listen
 from noded.dns.cache import AnswerCache
 from noded.dns.resolver import Resolver, read_resolv_conf
 from noded.dns.server import Clients, serve
 from noded.dns.upstream import Upstreams
+from noded.kernel import dnslisten as listen
 from noded.loopthread import LoopThread
 from noded.memory import release_memory
 from noded.model.tracker import ServiceModel

@@ -3,8 +3,8 @@
 - `run(script)`: libnftables through ctypes, in the calling thread's network namespace, without a fork. Per
   pod setup, `nsenter … nft -f` costs two execs (~10 ms); the library call costs well under a millisecond.
   A context is made per call: its netlink socket opens in the namespace the thread is in at that moment,
-  which is what lets a thread that has entered a pod's netns program that pod (redirect/podns.py) and the
-  DNS listener's NOTRACK table (dns/listen.py).
+  which is what lets a thread that has entered a pod's netns program that pod (kernel/podns.py) and the
+  DNS listener's NOTRACK table (kernel/dnslisten.py).
 - `NftCommand`: the nft binary, for the services table (services/nftables.py). Measured at 10,000 services
   x 10 endpoints (a scratch netns, the proxier with each executor): the same speed (full sync 1.72 s both;
   one endpoint replaced 16.0 / 28.5 ms p50 / p99 through the binary, 14.9 / 32.0 in process), but libnftables

@@ -18,8 +18,8 @@ import structlog
 
 from noded.cni.plugin import valid_container_id
 from noded.files import write_atomic
+from noded.kernel import podns
 from noded.model.pods import Enrollment
-from noded.redirect import podns
 from noded.redirect.proxy import CaptureProxy
 
 log = structlog.get_logger("noded.redirect")

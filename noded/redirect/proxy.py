@@ -25,8 +25,8 @@ import structlog
 
 from noded.dns.resolver import Client
 from noded.dns.server import serve as serve_dns
+from noded.kernel import podns
 from noded.loopthread import LoopThread
-from noded.redirect import podns
 from noded.redirect.rules import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK
 from noded.tunnel.hbone import ServerConnection, authority, serve
 from noded.tunnel.node import Tunnel

@@ -15,13 +15,13 @@ import pytest
 
 from noded.bpf import sock_lb
 from noded.bpf.dns_fast import DnsFastPath
-from noded.dns import listen
 from noded.dns.resolver import Client, Resolver
 from noded.dns.server import serve
 from noded.dns.upstream import Upstreams
+from noded.kernel import dnslisten as listen
+from noded.kernel import podns
 from noded.lab import netns
 from noded.loopthread import LoopThread
-from noded.redirect import podns
 from tests.dnsfixtures import FakeUpstream, Z, cluster_model
 from tests.objects import endpoint, service, slice_
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
+from noded.kernel import podns
 from noded.lab import lab as lab_mod
 from noded.lab.workloads import node_status, pod_capture, start_echo
-from noded.redirect import podns
 from tests.e2e.conftest import fresh_lab
 from tests.e2e.test_lab_services import pod_ip, write_manifest
 from tests.objects import endpoint, service, slice_

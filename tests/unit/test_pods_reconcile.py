@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from noded.kernel import podns
 from noded.model.pods import LABEL, Enrollment
-from noded.redirect import podns
 from noded.redirect.manager import PodManager
 
 
