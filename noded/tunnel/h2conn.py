@@ -1,18 +1,18 @@
 """HTTP/2 (RFC 9113) as HBONE uses it: `Connection`, an asyncio protocol under a TLS transport, and its
 `Stream`s, each spliced to one TCP socket (`_AppSide`) or to a protocol of this process (`_InProcessApp`, the
-waypoint's proxy: no socket pair in between): the asyncio adapter around the input side sans I/O
-(h2input.FrameReader, which cuts the input into checked frames and calls this connection back), with the
-streams, the windows, the output and the timers. Frames are built and parsed by frames.py.
+waypoint's proxy: no socket pair in between): the asyncio adapter around two parts sans I/O, the input side
+(h2input.FrameReader, which cuts the input into checked frames and calls this connection back) and flow
+control (h2flow.FlowControl: 4 MiB windows both ways, given back when half is used, a stream's only once its
+socket has taken the data), with the streams, the output and the timers. Frames are built and parsed by
+frames.py.
 
 The input is cut into frames as it is decrypted: the payload of a DATA frame goes straight from the TLS
 buffer to its stream's socket; on the way out a stream's socket is read into a buffer 9 bytes in, the DATA
 frame header written in front, and the whole goes to TLS as one write: no copy in Python either way, and
-the one buffer is the thread's (relay.scratch), not the connection's. Flow control: 4 MiB windows (64 KiB,
-HTTP/2's default, would cap a stream at one window per round trip), given back when half is used and, for a
-stream, only once its socket has taken the data (a slow reader holds back its own stream, never the
-connection's others). Control frames wait to go out with the next frame written, so a CONNECT leaves with
-the application's first bytes. A response other than 200 refuses the stream (CONNECT, RFC 9113 §8.5).
-What HBONE does with the streams (authorization, dialing, pooling) is hbone.py's.
+the one buffer is the thread's (relay.scratch), not the connection's. FlowControl's answers become
+WINDOW_UPDATEs and paused or resumed sockets here. Control frames wait to go out with the next frame
+written, so a CONNECT leaves with the application's first bytes. A response other than 200 refuses the
+stream (CONNECT, RFC 9113 §8.5). What HBONE does with the streams (authorization, dialing, pooling) is hbone.py's.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import structlog
 
 from noded.tunnel import frames as f
 from noded.tunnel.frames import ErrorCode, H2Error
+from noded.tunnel.h2flow import WINDOW, FlowControl
 from noded.tunnel.h2input import FRAME, FrameReader
 from noded.tunnel.relay import READ_SIZE, keep_alive, live, no_delay, scratch
 
 log = structlog.get_logger("noded.tunnel.h2conn")
 
-WINDOW = 4 * 1024 * 1024
+# WINDOW (h2flow.py): what we let the peer send per stream and per connection
 # FRAME (h2input.py): the largest frame we take and DATA frame we send: one read of a stream's socket
 LINGER = 10  # seconds a refused stream's socket waits for the application to end its side
 MAX_STREAMS = 1000  # concurrent streams a client may open on one connection to us
@@ -62,9 +63,7 @@ class Stream:
     def __init__(self, conn: Connection, stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
-        self.send_window = conn.peer_window
-        self.recv_window = WINDOW
-        self.unacked = 0  # received and delivered, not yet given back to the peer
+        self.windows = conn.flow.stream(stream_id)
         self.app: _AppSide | None = None
         self.sock: socket.socket | None = None  # the socket it is spliced to, until its transport is made
         self.early: list[bytes] = []
@@ -80,7 +79,7 @@ class Stream:
 
     @property
     def credit(self) -> int:
-        return min(self.send_window, self.conn.send_window)
+        return self.conn.flow.credit(self.windows)
 
     def release_early(self) -> None:
         self.conn.early -= self.early_bytes
@@ -167,7 +166,7 @@ class Stream:
                 self.early.append(bytes(data[sent:]))
                 self.early_bytes += len(data) - sent
                 self.conn.hold_early(self, len(data) - sent)
-        self.unacked += len(data)
+        self.conn.flow.delivered(self.windows, len(data))
         self.bytes_in += len(data)
         self.received = True
 
@@ -445,12 +444,9 @@ class Connection(asyncio.BufferedProtocol):
         self.encoded_once = False  # our first header block carries the table size update
         self.next_id = 1  # the next stream a client opens
         self.last_peer_id = 0  # the highest stream the peer opened
-        self.peer_window = f.DEFAULT_WINDOW  # the peer's INITIAL_WINDOW_SIZE: a new stream's send window
+        self.flow = FlowControl(WINDOW)  # the windows, both ways (sans I/O)
         self.peer_frame = f.DEFAULT_FRAME
         self.peer_streams = 2**31  # the peer's MAX_CONCURRENT_STREAMS
-        self.send_window = f.DEFAULT_WINDOW  # the peer's connection window for us; WINDOW_UPDATEs grow it
-        self.recv_window = WINDOW
-        self.unacked = 0
         self.closed = False  # no new streams (closed, or GOAWAY either way)
         self.retiring = False  # closes once its last stream is over
         self.idle: asyncio.TimerHandle | None = None  # a client connection without streams closes when it fires
@@ -475,7 +471,7 @@ class Connection(asyncio.BufferedProtocol):
         ours = {f.INITIAL_WINDOW_SIZE: WINDOW, f.MAX_FRAME_SIZE: FRAME}
         ours.update({f.ENABLE_PUSH: 0} if self.client else {f.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
         preface = f.PREFACE if self.client else b""
-        self.flush(preface + f.settings(ours) + f.window_update(0, WINDOW - f.DEFAULT_WINDOW))
+        self.flush(preface + f.settings(ours) + f.window_update(0, self.flow.opening_update()))
         if not self.client:  # a server connection nobody opens a stream on ends too
             self.idle = asyncio.get_running_loop().call_later(SERVER_IDLE, self._idle_end)
 
@@ -581,9 +577,7 @@ class Connection(asyncio.BufferedProtocol):
     def settings(self, pairs: list[tuple[int, int]]) -> None:
         for key, value in pairs:
             if key == f.INITIAL_WINDOW_SIZE:
-                for stream in self.streams.values():
-                    stream.send_window += value - self.peer_window
-                self.peer_window = value
+                self.flow.peer_initial_window(value, [stream.windows for stream in self.streams.values()])
             elif key == f.MAX_FRAME_SIZE:
                 self.peer_frame = value
             elif key == f.MAX_CONCURRENT_STREAMS:
@@ -601,19 +595,11 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
     def data_start(self, stream_id: int, length: int, flags: int, pad: int) -> None:
-        self.recv_window -= length
-        if self.recv_window < 0:
-            raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the connection window")
-        self.unacked += length
         stream = self.streams.get(stream_id)
         if stream is not None and stream.remote_ended:
             stream = None  # a stream the peer had ended: dropped (its window is given back to the connection)
-        if stream is not None:
-            stream.recv_window -= length
-            if stream.recv_window < 0:
-                raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer sent DATA beyond the stream window")
-            if flags & f.PADDED:  # padding counts against the window; it is given back with the data
-                stream.unacked += 1 + pad
+        padding = 1 + pad if flags & f.PADDED else 0
+        self.flow.data_arrives(stream.windows if stream is not None else None, length, padding)
         self.data_stream, self.data_flags = stream, flags
 
     def data(self, payload: memoryview) -> None:
@@ -629,15 +615,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def window_update(self, stream_id: int, increment: int) -> None:
         if stream_id == 0:
-            self.send_window += increment
-            if self.send_window > f.MAX_WINDOW:
-                raise H2Error(ErrorCode.FLOW_CONTROL_ERROR, "connection window beyond 2^31-1")
+            self.flow.connection_update(increment)
         else:
             stream = self.streams.get(stream_id)
             if stream is None:
                 return
-            stream.send_window += increment
-            if stream.send_window > f.MAX_WINDOW:
+            if not self.flow.stream_update(stream.windows, increment):
                 self.reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
                 return
         self._resume_senders()
@@ -671,38 +654,32 @@ class Connection(asyncio.BufferedProtocol):
             return
         f.header(view, nbytes, f.DATA, 0, stream.id)
         self.flush(view[: 9 + nbytes])  # after the control frames waiting; encrypted at once: the buffer is free
-        stream.send_window -= nbytes
+        self.flow.sent(stream.windows, nbytes)
         stream.bytes_out += nbytes
-        self.send_window -= nbytes
-        if self.send_window <= 0:
+        if self.flow.send <= 0:
             for other in self.streams.values():
                 if other.app is not None and other.app.transport is not None:
                     other.app.transport.pause_reading()
-        elif stream.send_window <= 0 and stream.app is not None:
+        elif stream.windows.send <= 0 and stream.app is not None:
             stream.app.transport.pause_reading()
 
     def _resume_senders(self) -> None:
-        if self.write_paused or self.send_window <= 0:
+        if self.write_paused or self.flow.send <= 0:
             return
         for stream in self.streams.values():
             app = stream.app
-            if app is not None and live(app.transport) and stream.send_window > 0 and not stream.local_ended:
+            if app is not None and live(app.transport) and stream.windows.send > 0 and not stream.local_ended:
                 app.transport.resume_reading()
 
     def ack(self, stream: Stream | None) -> None:
-        """Give back the window the peer used once half of it is: the connection's at once, a stream's only
-        while its socket keeps up."""
-        if self.unacked >= WINDOW // 2:
-            self.out.append(f.window_update(0, self.unacked))
-            self.recv_window += self.unacked
-            self.unacked = 0
-        if stream is not None and stream.unacked and not stream.remote_ended:
-            app = stream.app
-            due = stream.unacked >= WINDOW // 2 or stream.recv_window < WINDOW // 2
-            if due and app is not None and not app.write_paused:
-                self.out.append(f.window_update(stream.id, stream.unacked))
-                stream.recv_window += stream.unacked
-                stream.unacked = 0
+        """Give back the window the peer used (h2flow.FlowControl.due): a stream's only while its socket keeps
+        up."""
+        if stream is None:
+            updates = self.flow.due(None, False, False)
+        else:
+            keeping_up = stream.app is not None and not stream.app.write_paused
+            updates = self.flow.due(stream.windows, not stream.remote_ended, keeping_up)
+        self.out += [f.window_update(stream_id, increment) for stream_id, increment in updates]
 
     def give_back(self, stream: Stream) -> None:
         """ack() outside the reading of input (which flushes when it is done): out at once."""
