@@ -65,6 +65,7 @@ def in_process(mode: str, n: int, m: int, changes: int) -> dict:
     if getattr(env, "terminator", None) is not None:  # the daemon's default (services.terminateTCPConnections)
         env.terminator.tcp = False
     try:
+        env.model.node_name = f"{TAG}-daemon"  # the node the objects place 1 in NODES endpoints on, as daemon()
         objs = objects(n, m)
         rss0 = rss_mib()
         t0 = time.perf_counter()

@@ -30,11 +30,14 @@ from typing import Any
 import urllib3
 import yaml
 
+from noded import __version__
+
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_FILE_REREAD = 60.0  # seconds: a token file is read again this often (client-go's cached file source)
 EXEC_TIMEOUT = 30.0  # seconds an exec credential plugin may take
 POOL_SIZE = 16  # connections kept per API server: a watch per kind, and a list page ahead
 Timeout = float | tuple[float, float] | None
+USER_AGENT = f"noded/{__version__}"  # what the API server's audit log names the client
 
 
 class ConfigError(Exception):
@@ -82,7 +85,7 @@ class ApiClient:
         """The urllib3 response of GET path?query, its body not read (a watch streams); ApiError outside 2xx,
         after which credentials that may have expired are renewed (client-go renews on a 401)."""
         url = self.server + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        headers = {"Accept": "application/json", "User-Agent": "noded", **self.credentials.headers()}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT, **self.credentials.headers()}
         response = self.http.request(
             "GET", url, headers=headers, preload_content=False, timeout=_timeout(timeout), retries=False
         )
@@ -251,6 +254,13 @@ def from_kubeconfig(path: str | None = None) -> ApiClient:
     if user.get("auth-provider"):
         name = (user["auth-provider"] or {}).get("name", "?")
         raise ConfigError(f"kubeconfig {path}: auth-provider {name!r} is not supported (use a token or exec plugin)")
+    _one_of(path, cluster, "certificate-authority", "certificate-authority-data")
+    _one_of(path, user, "client-certificate", "client-certificate-data")
+    _one_of(path, user, "client-key", "client-key-data")
+    given = {"token": ("token", "tokenFile"), "basic auth": ("username", "password"), "exec": ("exec",)}
+    methods = [name for name, keys in given.items() if any(user.get(k) for k in keys)]
+    if len(methods) > 1:  # clientcmd's rule (a token file is read only without a token)
+        raise ConfigError(f"kubeconfig {path}: more than one authentication method ({', '.join(methods)})")
     tls = None
     if server.startswith("https://"):
         tls = _tls(
@@ -269,6 +279,12 @@ def from_kubeconfig(path: str | None = None) -> ApiClient:
     )
     proxy = cluster.get("proxy-url") or None
     return ApiClient(server, tls, credentials, proxy=proxy, server_hostname=cluster.get("tls-server-name") or None)
+
+
+def _one_of(path: str, section: dict, a: str, b: str) -> None:
+    """As clientcmd's validation: a file and inline data for the same thing is an error, not a choice."""
+    if section.get(a) and section.get(b):
+        raise ConfigError(f"kubeconfig {path}: {a} and {b} are both given")
 
 
 def _named(doc: dict, section: str, name: object, path: str, what: str) -> dict:

@@ -174,6 +174,9 @@ def test_in_cluster_token_file_read_again_as_it_rotates(https, tmp_path, monkeyp
         ({"certificate-authority": "/nonexistent/ca.crt"}, {}, "TLS"),
         ({}, {"client-certificate-data": base64.b64encode(b"x").decode()}, "both its certificate and its key"),
         ({}, {"exec": {"args": ["x"]}}, "exec: no command"),
+        ({"certificate-authority": "ca.crt", "certificate-authority-data": "Zm9v"}, {}, "are both given"),
+        ({}, {"client-key": "k", "client-key-data": "Zm9v"}, "client-key and client-key-data are both given"),
+        ({}, {"token": "t", "username": "u", "password": "p"}, "more than one authentication method"),
     ],
 )
 def test_a_kubeconfig_that_cannot_work_is_refused_saying_why(tmp_path, cluster, user, message):
