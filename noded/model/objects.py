@@ -162,6 +162,10 @@ NAME_RULES = {  # kind -> (pattern, max length, what the API server calls it)
 }
 
 
+NODE_NAMES_KEPT = 65536  # valid node names remembered (bounded: names are input)
+_NODE_NAMES: dict[str, str] = {}  # a valid node name -> its interned self
+
+
 def _name_ok(value: str, pattern: re.Pattern, limit: int) -> bool:
     return len(value) <= limit and pattern.fullmatch(value) is not None
 
@@ -377,9 +381,16 @@ def _plain_endpoint(ep: Any, address_type: str) -> Endpoint | None:
         return None
     node_name, zone = ep.get("nodeName"), ep.get("zone")
     if node_name is not None:
-        if type(node_name) is not str or not _name_ok(node_name, _DNS1123_SUBDOMAIN, 253):
+        if type(node_name) is not str:
             return None
-        node_name = sys.intern(node_name)  # a handful of nodes among 100,000 endpoints
+        known = _NODE_NAMES.get(node_name)
+        if known is None:  # a node met before is not checked again: a few thousand nodes, 100,000 endpoints
+            if not _name_ok(node_name, _DNS1123_SUBDOMAIN, 253):
+                return None
+            if len(_NODE_NAMES) >= NODE_NAMES_KEPT:
+                _NODE_NAMES.clear()
+            known = _NODE_NAMES[node_name] = sys.intern(node_name)
+        node_name = known
     if zone is not None:
         if type(zone) is not str or not _name_ok(zone, _LABEL_VALUE, 63):
             return None
