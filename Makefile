@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 linux-libc-dev gcc libc6-dev bpftool nftables iptables iproute2 util-linux \
-                containernetworking-plugins python3-venv procps chromium-headless-shell busybox-static
+                containernetworking-plugins python3-venv procps chromium-headless-shell busybox-static libyaml-dev
 BENCH_APT_PACKAGES := dnsperf unbound dnsmasq-base knot-resolver haproxy wrk
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,noded/bpf/obj/%.o,$(BPF_SRC))
@@ -21,12 +21,16 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-bpf: deps $(BPF_OBJ) noded/cni/bin/noded-cni
+bpf: deps $(BPF_OBJ) noded/cni/bin/noded-cni noded/sources/libnoded_yaml.so
 
 # noded-cni as a DaemonSet installs it on a host: static, no interpreter, no library
 noded/cni/bin/noded-cni: cni/noded-cni.c
 	@mkdir -p $(dir $@)
 	gcc -static -O2 -Wall -Wextra -Werror $< -o $@
+
+# manifests' YAML read to JSON in C (noded/sources/yamlfast.py); libyaml linked in: nothing to install with it
+noded/sources/libnoded_yaml.so: native/yamljson.c
+	gcc -O2 -Wall -Wextra -Werror -shared -fPIC $< -o $@ -Wl,--no-undefined -l:libyaml.a
 
 noded/bpf/obj/%.o: bpf/%.c $(wildcard bpf/include/*.h)
 	@mkdir -p $(dir $@)
