@@ -236,8 +236,7 @@ class Daemon:
         )
         self.changes.wake = self._queue_sync  # the model wakes the runner as a change arrives
         # the source lists on a thread of its own while what pods use locally (health, DNS, the capture and
-        # CNI sockets) is set up here: neither waits for the other (the API client's imports alone take
-        # seconds on a small node, and the first list waits on the API server)
+        # CNI sockets) is set up here: neither waits for the other (the first list waits on the API server)
         source = _Starting(make_source, cfg, self.sink)
         self._serve()
         self.loop.start()
