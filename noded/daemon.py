@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 import structlog
 
@@ -29,7 +28,7 @@ from noded.observe import liveness, rfc3339, sd_notify, serve
 from noded.runner import BoundedFrequencyRunner
 from noded.services.healthcheck import HealthCheckServers
 from noded.services.proxier import Proxier
-from noded.sources.base import Source
+from noded.sources.base import Ahead, Source
 
 log = structlog.get_logger("noded.daemon")
 PODS_MIN_SYNC = 0.1  # the capture follows enrollment changes (labels) this soon at most
@@ -51,31 +50,12 @@ def make_source(config: NodedConfiguration, sink: Hub):
     return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName, own_pods_only=pods_from_ca(config))
 
 
-class _Starting:
-    """A source made and started on a thread of its own; `result()` is the source, or raises what its making
-    raised (a kubeconfig that cannot be read stops the start as before)."""
-
-    def __init__(self, make: Callable[[NodedConfiguration, Hub], Source], config: NodedConfiguration, sink: Hub):
-        self._source: Source | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(make, config, sink), name="source", daemon=True)
-        self._thread.start()
-
-    def _run(self, make: Callable[[NodedConfiguration, Hub], Source], config: NodedConfiguration, sink: Hub):
-        try:
-            source = make(config, sink)
-            sink.expected = {source.name}
-            source.start()
-            self._source = source
-        except BaseException as e:  # raised again in the daemon's thread
-            self._error = e
-
-    def result(self) -> Source:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._source is not None
-        return self._source
+def start_source(config: NodedConfiguration, sink: Hub) -> Source:
+    """The source the config names, started, its name what the sink waits for."""
+    source = make_source(config, sink)
+    sink.expected = {source.name}
+    source.start()
+    return source
 
 
 def pods_from_ca(config: NodedConfiguration) -> bool:
@@ -237,7 +217,7 @@ class Daemon:
         self.changes.wake = self._queue_sync  # the model wakes the runner as a change arrives
         # the source lists on a thread of its own while what pods use locally (health, DNS, the capture and
         # CNI sockets) is set up here: neither waits for the other (the first list waits on the API server)
-        source = _Starting(make_source, cfg, self.sink)
+        source = Ahead(start_source, cfg, self.sink, name="source")
         self._serve()
         self.loop.start()
         self._start_dns()

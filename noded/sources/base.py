@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -34,6 +35,33 @@ class Source(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class Ahead:
+    """A call made now on a thread of its own, its result (or what it raised) taken later: the next page of
+    a list on its way while this one is applied, a source started while the daemon sets up the rest. A daemon
+    thread, not an executor's worker, which the interpreter joins at exit: a stopping noded never waits out a
+    request's 60 s timeout."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, name: str) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True).start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to whoever takes the result, as if the call were theirs
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def object_key(obj: Any) -> ObjectKey | None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from noded.sources.base import ObjectKey, Sink, api_fingerprint, apply_snapshot, object_key
+from noded.sources.base import Ahead, ObjectKey, Sink, api_fingerprint, apply_snapshot, object_key
 from noded.sources.kubeclient import SERVICE_ACCOUNT_DIR, ApiClient, load
 
 log = structlog.get_logger("noded.sources.kube")
@@ -264,7 +264,7 @@ class KindWatcher:
         while True:
             meta = body.get("metadata") or {}
             cont = meta.get("continue")
-            ahead = _Ahead(self._page, cont) if cont else None
+            ahead = Ahead(self._page, cont, name="list-ahead") if cont else None
             for item in body.get("items") or []:
                 item.setdefault("kind", self.kind.kind)
                 item.setdefault("apiVersion", self.kind.api_version)
@@ -419,30 +419,3 @@ class KubeSource:
 
 def _since(start: float, end: float | None = None) -> float:
     return round((end if end is not None else time.monotonic()) - start, 3)
-
-
-class _Ahead:
-    """A call made now on a thread of its own, its result (or what it raised) taken later: the next page of
-    a list on its way while this one is applied, so the API server's time and ours overlap. A daemon thread,
-    not an executor's worker, which the interpreter joins at exit: a stopping noded never waits out a
-    request's 60 s timeout."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._done = threading.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-        threading.Thread(target=self._run, args=(fn, args), name="list-ahead", daemon=True).start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # handed to whoever takes the result, as if the call were theirs
-            self._error = e
-        finally:
-            self._done.set()
-
-    def result(self) -> Any:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
