@@ -44,7 +44,8 @@ def iter_manifests(text: str, origin: str) -> Iterator[Any]:
                 yield first
                 yield from stream
             return
-    for doc in yamlfast.documents(text) or yaml.load_all(text, Loader=_Loader):
+    converted = yamlfast.to_json(text)  # the documents as one JSON array, each decoded as it is taken
+    for doc in yaml.load_all(text, Loader=_Loader) if converted is None else _json_array(converted, 0, [0]):
         if doc is None:
             continue
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):

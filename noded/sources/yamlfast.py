@@ -12,15 +12,12 @@ YAML 1.1 reads true, true and 493.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import cffi
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libnoded_yaml.so")
-DECLINED, ERROR, NOMEM = 1, 2, 3  # native/yamljson.c's results
 
 _ffi = cffi.FFI()
 _ffi.cdef(
@@ -31,7 +28,6 @@ _ffi.cdef(
 )
 _lib: Any = None
 _loaded = False
-_DECODER = json.JSONDecoder()
 
 
 def available() -> bool:
@@ -67,23 +63,3 @@ def to_json(text: str) -> str | None:
         return bytes(_ffi.buffer(out[0], length[0])).decode("utf-8")
     finally:
         lib.noded_yaml_free(out[0])
-
-
-def documents(text: str) -> Iterator[Any] | None:
-    """The stream's documents one at a time (each parsed as it is taken: the stream's objects are never all
-    held at once), or None: PyYAML is to read it."""
-    converted = to_json(text)
-    return None if converted is None else _items(converted)
-
-
-def _items(array: str) -> Iterator[Any]:
-    """The elements of a JSON array as yamljson.c writes it (no spaces)."""
-    if array == "[]":
-        return
-    i = 1
-    while True:
-        value, i = _DECODER.raw_decode(array, i)
-        yield value
-        if array[i] == "]":
-            return
-        i += 1
