@@ -41,12 +41,13 @@ def make_source(config: NodedConfiguration, sink: Hub):
         from noded.sources.directory import DirectorySource
 
         return DirectorySource(config.source.directory, sink)
-    from noded.sources.kube import KubeSource, api_client
+    from noded.sources.kube import KubeSource
+    from noded.sources.kubeclient import load
 
     kinds = ("Service", "EndpointSlice", "Node")
     if config.capture.enabled:
         kinds += ("Pod", "Namespace", "AuthorizationPolicy", "Gateway", "HTTPRoute")
-    api = api_client(config.source.kubeconfig, config.source.inCluster, config.source.apiServer)
+    api = load(config.source.kubeconfig, config.source.inCluster, config.source.apiServer)
     return KubeSource(api, sink, kinds=kinds, node_name=config.nodeName, own_pods_only=pods_from_ca(config))
 
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import structlog
 
 from noded.sources.base import Ahead, ObjectKey, Sink, api_fingerprint, apply_snapshot, object_key
-from noded.sources.kubeclient import SERVICE_ACCOUNT_DIR, ApiClient, load
+from noded.sources.kubeclient import ApiClient
 
 log = structlog.get_logger("noded.sources.kube")
 
@@ -135,13 +135,6 @@ KINDS = {
 
 
 OWN_PODS = WatchedKind("Pod", "v1", _listed("/api/v1/pods", lambda node: f"spec.nodeName={node}"))
-
-
-def api_client(
-    kubeconfig: str | None, in_cluster: bool, api_server: str = "", secrets: str = SERVICE_ACCOUNT_DIR
-) -> ApiClient:
-    """The API client: the service account in cluster (kubeclient.in_cluster), else the kubeconfig."""
-    return load(kubeconfig, in_cluster, api_server, secrets)
 
 
 def _lines(resp) -> Iterator[bytes]:

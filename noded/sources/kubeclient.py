@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import json
 import os
+import pathlib
 import ssl
 import subprocess
 import tempfile
@@ -214,7 +215,7 @@ class ExecPlugin:
         return token, time.monotonic() + max(left - 10.0, 0.0)  # renewed a little before it runs out
 
 
-def in_cluster(
+def from_service_account(
     api_server: str = "", secrets: str = SERVICE_ACCOUNT_DIR, environ: Mapping[str, str] | None = None
 ) -> ApiClient:
     """The pod's service account: its token (read again as it rotates) and CA; the API server at `api_server`,
@@ -339,8 +340,8 @@ def _load_client_cert(
     if cert[0] and key[0]:
         ctx.load_cert_chain(cert[0], key[0])
         return
-    cert_pem = cert[1] if cert[1] is not None else (open(cert[0], "rb").read() if cert[0] else b"")  # noqa: SIM115
-    key_pem = key[1] if key[1] is not None else (open(key[0], "rb").read() if key[0] else b"")  # noqa: SIM115
+    cert_pem = cert[1] if cert[1] is not None else (pathlib.Path(cert[0]).read_bytes() if cert[0] else b"")
+    key_pem = key[1] if key[1] is not None else (pathlib.Path(key[0]).read_bytes() if key[0] else b"")
     if not cert_pem or not key_pem:
         raise ValueError("a client certificate needs both its certificate and its key")
     fd, scratch = tempfile.mkstemp(prefix="noded-client-", suffix=".pem")
@@ -352,8 +353,10 @@ def _load_client_cert(
         os.unlink(scratch)
 
 
-def load(kubeconfig: str | None, in_cluster_: bool, api_server: str = "", secrets: str = SERVICE_ACCOUNT_DIR):
+def load(
+    kubeconfig: str | None, in_cluster: bool, api_server: str = "", secrets: str = SERVICE_ACCOUNT_DIR
+) -> ApiClient:
     """The client a source config names: the service account in cluster, else the kubeconfig."""
-    if in_cluster_:
-        return in_cluster(api_server, secrets)
+    if in_cluster:
+        return from_service_account(api_server, secrets)
     return from_kubeconfig(kubeconfig)

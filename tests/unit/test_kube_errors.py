@@ -9,7 +9,7 @@ import time
 from noded.model.hub import Hub
 from noded.model.pods import Enrollment
 from noded.model.tracker import ServiceModel
-from noded.sources import kube
+from noded.sources import kube, kubeclient
 from noded.sources.kubeclient import ApiClient
 from noded.tunnel.policy import Authorizer
 from tests.fakeapi import FakeApiServer, serving_cert
@@ -56,7 +56,7 @@ def test_in_cluster_over_https_with_the_service_account_token_and_ca(tmp_path):
         api.put(service("web"))
         api.put(slice_("web", [endpoint("10.244.1.2")]))
         s = sink()
-        src = start(kube.api_client(None, True, api_server=api.url, secrets=str(secrets)), s)
+        src = start(kubeclient.load(None, True, api_server=api.url, secrets=str(secrets)), s)
         try:
             wait_for(lambda: src.synced)
             assert s.model.frontends_of(("default", "web"))
@@ -65,7 +65,7 @@ def test_in_cluster_over_https_with_the_service_account_token_and_ca(tmp_path):
         # the wrong token: 401 on every kind, counted, nothing synced
         (secrets / "token").write_text("stale")
         s = sink()
-        src = start(kube.api_client(None, True, api_server=api.url, secrets=str(secrets)), s)
+        src = start(kubeclient.load(None, True, api_server=api.url, secrets=str(secrets)), s)
         try:
             wait_for(lambda: src.watchers["Service"].errors["401"] >= 2)
             assert not src.synced and "401 on list services" in src.last_error

@@ -15,7 +15,7 @@ import urllib3
 import yaml
 
 from noded.sources import kubeclient
-from noded.sources.kubeclient import ApiError, ConfigError, from_kubeconfig, in_cluster
+from noded.sources.kubeclient import ApiError, ConfigError, from_kubeconfig, from_service_account
 from tests.fakeapi import FakeApiServer, client_cert, serving_cert
 from tests.objects import service
 
@@ -154,7 +154,7 @@ def test_in_cluster_token_file_read_again_as_it_rotates(https, tmp_path, monkeyp
     secrets.mkdir()
     (secrets / "ca.crt").write_bytes(open(ca, "rb").read())  # noqa: SIM115
     (secrets / "token").write_text("t0k3n\n")
-    client = in_cluster(api.url, str(secrets))
+    client = from_service_account(api.url, str(secrets))
     assert names(client) == ["web"]
     api.token = "next"
     (secrets / "token").write_text("next")
@@ -163,7 +163,7 @@ def test_in_cluster_token_file_read_again_as_it_rotates(https, tmp_path, monkeyp
     # the address from the environment, as a pod has it
     host, port = api.url.removeprefix("https://").split(":")
     env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
-    assert names(in_cluster("", str(secrets), env)) == ["web"]
+    assert names(from_service_account("", str(secrets), env)) == ["web"]
 
 
 @pytest.mark.parametrize(
@@ -192,9 +192,9 @@ def test_missing_pieces_are_named(tmp_path):
     with pytest.raises(ConfigError, match="is not http"):
         from_kubeconfig(kubeconfig(tmp_path, "127.0.0.1:6443"))
     with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
-        in_cluster("", str(tmp_path), {})
+        from_service_account("", str(tmp_path), {})
     with pytest.raises(ConfigError, match="token file"):
-        in_cluster("https://127.0.0.1:6443", str(tmp_path / "none"), {})
+        from_service_account("https://127.0.0.1:6443", str(tmp_path / "none"), {})
 
 
 def test_an_exec_plugin_that_fails_is_named(https, tmp_path):
