@@ -25,9 +25,9 @@ def _config(path: str | None) -> NodedConfiguration:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from noded.memory import StartupCollection, fixed_mmap_threshold
+    from noded.memory import StartupCollection, tune_malloc
 
-    fixed_mmap_threshold()  # before any thread
+    tune_malloc()  # before any thread
     collection = StartupCollection()  # before the daemon's imports, which are the start's first objects
     from noded.daemon import Daemon
     from noded.observe import setup_logging

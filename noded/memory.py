@@ -1,8 +1,9 @@
 """Giving memory back to the system after a start's one-off work (the first lists, a full sync's plan, the DNS
 zone's first build): a collection, then glibc's malloc_trim, since CPython frees its own arenas only once empty.
-And `fixed_mmap_threshold`: glibc raises its mmap threshold to the size of any large block freed (up to 32 MiB),
-so after a full sync's 12 MiB script had gone, every later large block came from the heap and stayed there:
-the nftables daemon at 10,000 services held 7.6 MiB more for having freed its script."""
+And `tune_malloc`, glibc's settings for a daemon: a fixed mmap threshold (glibc raises it to the size of any
+large block freed, up to 32 MiB, so after a full sync's 12 MiB script had gone, every later large block came
+from the heap and stayed there: the nftables daemon at 10,000 services held 7.6 MiB more for having freed its
+script), and two malloc arenas for all threads. `StartupCollection`: the cyclic collector during a start."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ MMAP_THRESHOLD = 256 * 1024  # bytes: larger blocks are mapped on their own, and
 ARENAS = 2  # glibc's default is 8 per core, one per thread that allocates: each kept its own free memory
 
 
-def fixed_mmap_threshold() -> None:
+def tune_malloc() -> None:
     """Large blocks always mapped on their own (setting the threshold turns its dynamic raising off), and the
     daemon's threads (a watch per kind, a list page ahead, the API's workers) sharing ARENAS malloc arenas:
     3 MiB less RSS at 10,000 services from the API list, no slower. Before any thread starts."""
